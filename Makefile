@@ -1,0 +1,79 @@
+# The product's entry points. Every target depends on `setup`, so on a fresh clone
+# `make deploy` and `make test` work with nothing typed first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 8000
+RUN_DIR ?= run
+# The serving image's install steps, run outside Docker (see `serving-env`).
+SERVE_VENV ?= build/serve-venv
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup params repro deploy undeploy rollback serve test test-fast bench lint \
+        serving-env docker mlflow-ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[pipeline,dev]'
+	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install everything (idempotent)
+
+params: setup  ## recompose conf/ into params.yaml (make params OVERRIDES="model=lstm")
+	$(PY) -m pipeline.config $(OVERRIDES)
+
+repro: setup  ## run the pipeline stages that are out of date
+	dvc repro
+
+deploy: repro  ## bring the pipeline up to date and serve the champion on PORT
+	$(PY) -m serving.control up --bundle models/current --port $(PORT) --run-dir $(RUN_DIR)
+
+undeploy: setup  ## stop the service started by `make deploy` (safe when none runs)
+	$(PY) -m serving.control down --run-dir $(RUN_DIR)
+
+rollback: setup  ## move champion and models/current back to the previous blessed version
+	$(PY) -m pipeline.deploy rollback
+
+serve: setup  ## run the service in the foreground on models/current
+	TEXTOPS_BUNDLE=models/current TEXTOPS_PORT=$(PORT) $(PY) -m serving
+
+test: setup  ## run the test suite
+	$(PY) -m pytest
+
+test-fast: setup  ## the tests that take seconds, not minutes
+	$(PY) -m pytest -m "not slow"
+
+bench: setup  ## benchmarks (bench/): ratios against baselines measured in the same run
+	$(PY) bench/run_all.py
+
+lint: setup  ## ruff and hadolint
+	$(VENV)/bin/ruff check pipeline serving tests bench
+	$(VENV)/bin/hadolint Dockerfile
+
+serving-env:  ## install the serving image's dependencies into $(SERVE_VENV), as the Dockerfile does, and check them
+	rm -rf $(SERVE_VENV) build/serve-src && mkdir -p build/serve-src
+	cp -r pyproject.toml README.md serving build/serve-src/
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet --no-cache-dir './build/serve-src[serve]'
+	$(SERVE_VENV)/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the serving image'"
+	cd build && ../$(SERVE_VENV)/bin/python -c "import serving.app, serving.bundle; print('serving image dependencies: ok')"
+
+docker:  ## build a self-contained serving image with the champion bundle (needs a Docker engine)
+	docker build --build-arg BUNDLE=$$(realpath --relative-to=. models/current) -t textops-serving:latest .
+
+mlflow-ui: setup  ## the MLflow UI on http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:  ## remove pipeline outputs (not the venv, not the MLflow database)
+	rm -rf data/raw data/processed models reports run build

@@ -1,0 +1,83 @@
+"""The LightningModule: a model from pipeline.models, its loss, metrics and optimiser."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import get_cosine_schedule_with_warmup
+
+from pipeline.models import build_model
+
+
+class TextClassifier(pl.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        vocab_size: int,
+        num_classes: int,
+        max_length: int,
+        pad_id: int,
+        label_names: list[str],
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        # Everything needed to rebuild the model from a checkpoint alone.
+        self.save_hyperparameters()
+        self.model = build_model(model, vocab_size, num_classes, max_length, pad_id)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }
+        )
+        self.train_metrics = metrics.clone(prefix="train_")
+        self.val_metrics = metrics.clone(prefix="val_")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask)
+
+    def _step(self, batch: dict, metrics: MetricCollection, prefix: str) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(
+            logits, batch["labels"], label_smoothing=self.hparams.label_smoothing
+        )
+        metrics.update(logits, batch["labels"])
+        size = batch["labels"].numel()
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=size,
+                 sync_dist=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, self.train_metrics, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, self.val_metrics, "val")
+
+    def configure_optimizers(self):
+        # No weight decay on biases, norms and embeddings (the usual AdamW practice).
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            plain = param.ndim < 2 or "embedding" in name or "norm" in name
+            (no_decay if plain else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, int(self.hparams.warmup_ratio * total_steps), total_steps
+        )
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -1,0 +1,331 @@
+"""collect: read the configured source into raw Arrow splits and a manifest.
+
+Sources (`data.source` in conf/data/):
+- `files`: local csv / tsv / jsonl / parquet files, optionally gzip-compressed;
+- `hub`: a Hugging Face Hub data set id, or a local data set directory, through
+  `datasets.load_dataset`.
+
+Every row is checked on the way in. A missing file, a missing column, an empty file,
+a missing or unknown label or bytes that are not UTF-8 stop the stage with a
+`CollectError` naming the file and the row or column, and nothing is written.
+
+Output (`data/raw/`): a `datasets.DatasetDict` with `text` (str), `label` (ClassLabel)
+and `source_row` (the row's 1-based number in its file, for tracing), and
+`manifest.json`: source, label names, rows per split and a content hash.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import atomic
+from pipeline.config import RAW_DIR, load_params
+from pipeline.splits import column
+
+FORMATS = ("csv", "tsv", "jsonl", "parquet")
+
+
+class CollectError(ValueError):
+    """Bad input: the message names the file and the row or column."""
+
+
+@dataclass
+class RawSplit:
+    """One split as read: where it came from, and its rows in source order."""
+
+    origin: str
+    texts: list[str]
+    labels: list[str]  # raw label values, as strings
+    rows: list[int]  # 1-based row numbers in the source
+    sha256: str | None = None  # of the source file's bytes, when it is a file
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def infer_format(path: Path) -> str:
+    suffixes = [s.lstrip(".") for s in path.suffixes if s != ".gz"]
+    fmt = suffixes[-1] if suffixes else ""
+    fmt = {"jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl", "txt": "tsv"}.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise CollectError(f"{path}: cannot tell the format from the name; set data.format")
+    return fmt
+
+
+def read_text(path: Path) -> tuple[str, str]:
+    """The file decoded as UTF-8, and the sha256 of its bytes."""
+    if not path.is_file():
+        raise CollectError(f"{path}: file not found")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    try:
+        return data.decode("utf-8"), digest
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CollectError(
+            f"{path}, line {line}: bytes that are not UTF-8 ({data[err.start:err.end]!r})"
+        ) from None
+
+
+def iter_delimited(
+    text: str, path: Path, delimiter: str, header: bool, columns: list[str] | None
+) -> Iterator[tuple[int, dict]]:
+    # SST-2 and similar files are written without quoting: QUOTE_NONE keeps a stray
+    # quote character from swallowing the following lines.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+    if header:
+        names = next(reader, None)
+        if names is None:
+            raise CollectError(f"{path}: empty file")
+    elif columns:
+        names = list(columns)
+    else:
+        raise CollectError(f"{path}: data.header is false, so data.columns must name the columns")
+    for values in reader:
+        if not values:
+            continue  # blank line
+        if len(values) != len(names):
+            raise CollectError(
+                f"{path}, line {reader.line_num}: {len(values)} fields, expected {len(names)}"
+            )
+        yield reader.line_num, dict(zip(names, values, strict=True))
+
+
+def iter_jsonl(text: str, path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CollectError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise CollectError(f"{path}, line {number}: expected a JSON object")
+        yield number, record
+
+
+def iter_file_rows(path: Path, data: DictConfig) -> tuple[Iterator[tuple[int, dict]], str]:
+    fmt = data.format or infer_format(path)
+    if fmt == "parquet":
+        if not path.is_file():
+            raise CollectError(f"{path}: file not found")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        records = pq.read_table(path).to_pylist()
+        return enumerate(records, start=1), digest
+    text, digest = read_text(path)
+    if fmt == "jsonl":
+        return iter_jsonl(text, path), digest
+    delimiter = "\t" if fmt == "tsv" else ","
+    columns = OmegaConf.to_container(data.columns) if data.columns else None
+    return iter_delimited(text, path, delimiter, data.header, columns), digest
+
+
+def as_label(value: object) -> str:
+    """Raw labels compare as strings, so `1`, `"1"` and a CSV's 1 are the same class."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def collect_rows(rows: Iterator[tuple[int, dict]], origin: str, data: DictConfig) -> RawSplit:
+    """Pick the text and label out of each row, checking columns and labels are present."""
+    # Plain locals: OmegaConf attribute access is slow enough to dominate this loop.
+    text_columns, label_column = list(data.text_columns), str(data.label_column)
+    texts, labels, numbers = [], [], []
+    for number, record in rows:
+        for name in [*text_columns, label_column]:
+            if name not in record:
+                raise CollectError(
+                    f"{origin}, row {number}: no column {name!r} "
+                    f"(columns: {', '.join(map(str, record))})"
+                )
+        label = as_label(record[label_column])
+        if not label:
+            raise CollectError(f"{origin}, row {number}: missing label in {label_column!r}")
+        parts = [record[c] for c in text_columns]
+        texts.append(" ".join(str(p) for p in parts if p is not None))
+        labels.append(label)
+        numbers.append(number)
+    if not texts:
+        raise CollectError(f"{origin}: empty file (no data rows)")
+    return RawSplit(origin=origin, texts=texts, labels=labels, rows=numbers)
+
+
+def read_files(data: DictConfig, root: Path) -> dict[str, RawSplit]:
+    splits = {}
+    for split, relpath in data.splits.items():
+        path = root / relpath
+        rows, digest = iter_file_rows(path, data)
+        raw = collect_rows(rows, str(relpath), data)
+        raw.sha256 = digest
+        splits[split] = raw
+    return splits
+
+
+# ---------------------------------------------------------------- reading the Hub
+
+
+def read_hub(data: DictConfig) -> tuple[dict[str, RawSplit], list[str] | None]:
+    """Load through `datasets.load_dataset`; a ClassLabel feature supplies the names."""
+    from datasets import load_dataset
+
+    try:
+        loaded = load_dataset(data.path, name=data.config_name, revision=data.revision)
+    except Exception as err:  # the library raises many types; all mean "cannot load"
+        raise CollectError(f"{data.path}: cannot load the data set ({err})") from err
+    splits, class_names = {}, None
+    for split, their_split in data.splits.items():
+        if their_split not in loaded:
+            raise CollectError(
+                f"{data.path}: no split {their_split!r} (splits: {', '.join(loaded)})"
+            )
+        ds = loaded[their_split]
+        origin = f"{data.path}[{their_split}]"
+        if data.label_column not in ds.column_names:
+            raise CollectError(
+                f"{origin}: no column {data.label_column!r} (columns: {', '.join(ds.column_names)})"
+            )
+        raw = collect_rows(enumerate(ds, start=1), origin, data)
+        feature = ds.features[data.label_column]
+        if isinstance(feature, ClassLabel):
+            class_names = list(feature.names)
+            raw.labels = [class_name(feature, value, origin, row)
+                          for value, row in zip(raw.labels, raw.rows, strict=True)]
+        splits[split] = raw
+    return splits, class_names
+
+
+def class_name(feature: ClassLabel, value: str, origin: str, row: int) -> str:
+    """A ClassLabel index as its name; -1 is how the Hub marks an unlabelled row."""
+    index = int(value)
+    if not 0 <= index < feature.num_classes:
+        raise CollectError(f"{origin}, row {row}: missing label (class index {index})")
+    return feature.names[index]
+
+
+# ---------------------------------------------------------------- labels and output
+
+
+def resolve_label_names(
+    data: DictConfig, splits: dict[str, RawSplit], class_names: list[str] | None
+) -> tuple[list[str], dict[str, int]]:
+    """Class names in order, and the map from raw label value to class index."""
+    if data.labels:
+        mapping = {as_label(k): str(v) for k, v in data.labels.items()}
+        names = list(dict.fromkeys(mapping.values()))
+        return names, {raw: names.index(name) for raw, name in mapping.items()}
+    if class_names:
+        return class_names, {name: i for i, name in enumerate(class_names)}
+    found = set(splits["train"].labels)
+    numeric = all(v.lstrip("-").isdigit() for v in found)
+    names = sorted(found, key=int) if numeric else sorted(found)
+    return names, {name: i for i, name in enumerate(names)}
+
+
+def encode_labels(raw: RawSplit, index: dict[str, int]) -> list[int]:
+    ids = []
+    for label, row in zip(raw.labels, raw.rows, strict=True):
+        if label not in index:
+            raise CollectError(
+                f"{raw.origin}, row {row}: unknown label {label!r} "
+                f"(known: {', '.join(sorted(index))})"
+            )
+        ids.append(index[label])
+    return ids
+
+
+def sample_rows(raw: RawSplit, max_rows: int | None, seed: int) -> RawSplit:
+    """A seeded sample of at most `max_rows` rows, kept in source order."""
+    if not max_rows or len(raw.texts) <= max_rows:
+        return raw
+    keep = sorted(random.Random(seed).sample(range(len(raw.texts)), max_rows))
+    return RawSplit(
+        origin=raw.origin,
+        texts=[raw.texts[i] for i in keep],
+        labels=[raw.labels[i] for i in keep],
+        rows=[raw.rows[i] for i in keep],
+        sha256=raw.sha256,
+    )
+
+
+def content_hash(dataset: DatasetDict) -> str:
+    """sha256 over every split's rows: changes exactly when the collected data does."""
+    digest = hashlib.sha256()
+    for split in sorted(dataset):
+        ds = dataset[split]
+        names = ds.features["label"].names
+        for text, label in zip(column(ds, "text"), column(ds, "label"), strict=True):
+            digest.update(f"{split}\t{names[label]}\t{text}\n".encode())
+    return digest.hexdigest()
+
+
+def collect(data: DictConfig, seed: int, out_dir: Path = RAW_DIR, root: Path = Path(".")) -> dict:
+    """Read the source, check it, and write `out_dir` atomically. Returns the manifest."""
+    datasets.disable_progress_bars()
+    if "train" not in data.splits:
+        raise CollectError("data.splits must include a `train` split")
+    if data.source == "files":
+        splits, class_names = read_files(data, root), None
+    elif data.source == "hub":
+        splits, class_names = read_hub(data)
+    else:
+        raise CollectError(f"data.source: unknown source {data.source!r} (files, hub)")
+
+    names, index = resolve_label_names(data, splits, class_names)
+    features = Features(
+        {"text": Value("string"), "label": ClassLabel(names=names), "source_row": Value("int64")}
+    )
+    dataset = DatasetDict()
+    for split, raw in splits.items():
+        raw = sample_rows(raw, data.max_rows, seed)
+        dataset[split] = Dataset.from_dict(
+            {"text": raw.texts, "label": encode_labels(raw, index), "source_row": raw.rows},
+            features=features,
+        )
+
+    manifest = {
+        "name": data.name,
+        "source": OmegaConf.to_container(data, resolve=True),
+        "label_names": names,
+        "splits": {
+            split: {"origin": raw.origin, "rows": dataset[split].num_rows, "sha256": raw.sha256}
+            for split, raw in splits.items()
+        },
+        "content_hash": content_hash(dataset),
+    }
+    with atomic.atomic_dir(out_dir) as tmp:
+        dataset.save_to_disk(str(tmp / "dataset"))
+        atomic.write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def main() -> None:
+    cfg = load_params()
+    try:
+        manifest = collect(cfg.data, cfg.seed)
+    except CollectError as err:
+        sys.exit(f"collect: {err}")
+    rows = ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())
+    print(f"collect: {manifest['name']}: {rows} rows, classes {manifest['label_names']}")
+
+
+if __name__ == "__main__":
+    main()

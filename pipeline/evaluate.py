@@ -1,0 +1,258 @@
+"""evaluate: score the best checkpoint on the test split, then judge it at the gate.
+
+Metrics (torchmetrics): accuracy, macro and per-class precision / recall / F1, the
+confusion matrix, ROC-AUC and PR-AUC (one-vs-rest, macro-averaged, for more than two
+classes) and the expected calibration error.
+
+The gate blesses a candidate when it meets every floor in `gate.floors` and, when the
+MLflow registry already holds a `champion` for this model name, falls behind it by no
+more than `gate.max_regression`. The champion is scored on *this* test split through
+its own served bundle, so both are judged on the same rows.
+
+Output: `reports/metrics.json` (DVC metrics), `reports/plots/` (confusion, ROC and PR
+data: DVC plots) and `reports/gate.json` (the verdict with every reason); all of it
+is also logged to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import torchmetrics.functional.classification as tm
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
+
+from pipeline import atomic
+from pipeline.classifier import TextClassifier
+from pipeline.config import (
+    BEST_CHECKPOINT,
+    GATE_FILE,
+    METRICS_FILE,
+    PLOTS_DIR,
+    PROCESSED_DIR,
+    TRAIN_REPORT,
+    load_params,
+    tracking_uri,
+)
+from pipeline.datamodule import collate
+from pipeline.splits import column, load_splits
+
+CHAMPION = "champion"
+
+
+# ---------------------------------------------------------------- predictions
+
+
+@torch.inference_mode()
+def predict_logits(module: TextClassifier, rows: list[list[int]], batch_size: int) -> np.ndarray:
+    """Logits for token id lists, batched by length, returned in the input order."""
+    module.eval()
+    pad_id = module.hparams.pad_id
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    logits = np.zeros((len(rows), module.hparams.num_classes), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate([(rows[i], 0) for i in chunk], pad_id)
+        logits[chunk] = module(batch["input_ids"], batch["attention_mask"]).float().numpy()
+    return logits
+
+
+def load_module(checkpoint: Path = BEST_CHECKPOINT) -> TextClassifier:
+    return TextClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def compute_metrics(probs: np.ndarray, labels: np.ndarray, label_names: list[str],
+                    calibration_bins: int = 15) -> dict:
+    p, y = torch.from_numpy(probs).float(), torch.from_numpy(labels).long()
+    k = len(label_names)
+    per_class = {
+        "precision": tm.multiclass_precision(p, y, k, average=None),
+        "recall": tm.multiclass_recall(p, y, k, average=None),
+        "f1": tm.multiclass_f1_score(p, y, k, average=None),
+    }
+    support = torch.bincount(y, minlength=k)
+    if k == 2:
+        roc_auc = tm.binary_auroc(p[:, 1], y)
+        pr_auc = tm.binary_average_precision(p[:, 1], y)
+    else:
+        roc_auc = tm.multiclass_auroc(p, y, k, average="macro")
+        pr_auc = tm.multiclass_average_precision(p, y, k, average="macro")
+    return {
+        "rows": int(len(y)),
+        "accuracy": float(tm.multiclass_accuracy(p, y, k, average="micro")),
+        "precision_macro": float(per_class["precision"].mean()),
+        "recall_macro": float(per_class["recall"].mean()),
+        "f1_macro": float(per_class["f1"].mean()),
+        "roc_auc": float(roc_auc),
+        "pr_auc": float(pr_auc),
+        "ece": float(tm.multiclass_calibration_error(p, y, k, n_bins=calibration_bins)),
+        "per_class": {
+            name: {
+                "precision": float(per_class["precision"][i]),
+                "recall": float(per_class["recall"][i]),
+                "f1": float(per_class["f1"][i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(label_names)
+        },
+        "confusion_matrix": tm.multiclass_confusion_matrix(p, y, k).tolist(),
+    }
+
+
+def curve_rows(probs: np.ndarray, labels: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """ROC and precision-recall points: of the positive class for two classes, else
+    micro-averaged over the one-vs-rest problems (one curve either way)."""
+    p, y = torch.from_numpy(probs).float(), torch.from_numpy(labels).long()
+    if p.shape[1] == 2:
+        scores, targets = p[:, 1], y
+    else:
+        scores = p.flatten()
+        targets = torch.nn.functional.one_hot(y, p.shape[1]).flatten()
+    fpr, tpr, _ = tm.binary_roc(scores, targets)
+    precision, recall, _ = tm.binary_precision_recall_curve(scores, targets)
+    roc = [{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr, strict=True)]
+    pr = [{"recall": float(r), "precision": float(q)}
+          for r, q in zip(recall, precision, strict=True)]
+    return roc, pr
+
+
+def write_plots(plots_dir: Path, probs: np.ndarray, labels: np.ndarray, names: list[str]) -> None:
+    roc, pr = curve_rows(probs, labels)
+    predicted = probs.argmax(axis=1)
+    confusion = [{"actual": names[a], "predicted": names[b]}
+                 for a, b in zip(labels, predicted, strict=True)]
+    with atomic.atomic_dir(plots_dir) as tmp:
+        atomic.write_json(tmp / "confusion.json", confusion)
+        atomic.write_json(tmp / "roc.json", roc)
+        atomic.write_json(tmp / "pr.json", pr)
+
+
+# ---------------------------------------------------------------- the gate
+
+
+def judge(metrics: dict, gate: DictConfig, champion: dict | None) -> dict:
+    """The verdict: blessed only if every check passes; every check is a reason."""
+    checks = []
+    for metric, floor in gate.floors.items():
+        value = metrics[metric]
+        checks.append({
+            "rule": "floor", "metric": metric, "value": value, "threshold": floor,
+            "passed": value >= floor,
+            "reason": f"{metric} {value:.4f} {'>=' if value >= floor else '<'} floor {floor}",
+        })
+    if champion is not None and "error" in champion:
+        checks.append({"rule": "champion", "passed": False,
+                       "reason": f"the champion could not be scored: {champion['error']}"})
+    elif champion is not None:
+        for metric, margin in gate.max_regression.items():
+            value, best = metrics[metric], champion["metrics"][metric]
+            passed = value >= best - margin
+            checks.append({
+                "rule": "no_regression", "metric": metric, "value": value,
+                "champion_value": best, "margin": margin, "passed": passed,
+                "reason": f"{metric} {value:.4f} vs champion v{champion['version']} "
+                          f"{best:.4f}: {'within' if passed else 'behind by more than'} "
+                          f"the margin {margin}",
+            })
+    else:
+        checks.append({"rule": "champion", "passed": True,
+                       "reason": "no champion yet: floors only"})
+    return {
+        "blessed": all(c["passed"] for c in checks),
+        "reasons": [c["reason"] for c in checks],
+        "checks": checks,
+        "champion": champion,
+    }
+
+
+def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
+                   label_names: list[str], bins: int) -> dict | None:
+    """The registry's champion scored on these rows through its bundle, or None."""
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None  # no such model or no champion alias yet
+    from serving.bundle import Bundle
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model_name}@{CHAMPION}", dst_path=tmp
+            )
+            bundle = Bundle.load(Path(local) / "artifacts" / "bundle", precision="fp32")
+            if bundle.label_names != label_names:
+                raise ValueError(f"its classes {bundle.label_names} differ from {label_names}")
+            probs = bundle.predict_proba(texts)
+    except Exception as err:  # noqa: BLE001 - any failure is reported at the gate
+        return {"version": str(version.version), "error": str(err)}
+    return {"version": str(version.version),
+            "metrics": compute_metrics(probs, labels, label_names, bins)}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def evaluate(cfg: DictConfig, checkpoint: Path = BEST_CHECKPOINT,
+             processed_dir: Path = PROCESSED_DIR) -> tuple[dict, dict]:
+    """Score, plot, judge and log. Returns (metrics, verdict)."""
+    test = load_splits(processed_dir)["test"]
+    label_names = test.features["label"].names
+    labels = np.asarray(column(test, "label"))
+    module = load_module(checkpoint)
+    logits = predict_logits(module, column(test, "input_ids"), cfg.evaluate.batch_size)
+    probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+
+    bins = cfg.evaluate.calibration_bins
+    metrics = compute_metrics(probs, labels, label_names, bins)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    champion = score_champion(cfg.deploy.model_name, column(test, "text"), labels,
+                              label_names, bins)
+    verdict = {"model_name": cfg.deploy.model_name, **judge(metrics, cfg.gate, champion)}
+
+    atomic.write_json(METRICS_FILE, metrics)
+    write_plots(PLOTS_DIR, probs, labels, label_names)
+    atomic.write_json(GATE_FILE, verdict)
+    log_to_run(metrics, verdict)
+    return metrics, verdict
+
+
+def log_to_run(metrics: dict, verdict: dict) -> None:
+    """Add the test results to the training run, so one MLflow run tells the story."""
+    run_id = atomic.read_json(TRAIN_REPORT)["run_id"]
+    flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
+    for name, values in metrics["per_class"].items():
+        flat.update({f"test_{metric}_{name}": values[metric]
+                     for metric in ("precision", "recall", "f1")})
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({mlflow_safe(k): v for k, v in flat.items()})
+        mlflow.log_artifact(str(METRICS_FILE), "evaluation")
+        mlflow.log_artifact(str(GATE_FILE), "evaluation")
+        mlflow.log_artifacts(str(PLOTS_DIR), "evaluation/plots")
+        mlflow.set_tag("gate_blessed", str(verdict["blessed"]).lower())
+
+
+def mlflow_safe(name: str) -> str:
+    """MLflow metric names allow letters, digits and _-. /: class names may not."""
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in name)
+
+
+def main() -> None:
+    metrics, verdict = evaluate(load_params())
+    print(f"evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}, "
+          f"ROC-AUC {metrics['roc_auc']:.4f}, ECE {metrics['ece']:.4f}")
+    print(f"gate: {'BLESSED' if verdict['blessed'] else 'NOT blessed'}")
+    for reason in verdict["reasons"]:
+        print(f"  - {reason}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

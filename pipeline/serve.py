@@ -1,0 +1,101 @@
+"""serve: check the new bundle in the real service before it goes live.
+
+Starts the service (`python -m serving`) on a free loopback port against the
+candidate bundle, waits for readiness, sends canary texts from the test split over
+HTTP one request each, and checks every answer against the bundle's offline
+predictions: the same label, probabilities within `CANARY_TOLERANCE`. Records
+latency percentiles, stops the service and writes `reports/serve.json`. A mismatch,
+an error answer or a service that never becomes ready fails the stage.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import atomic
+from pipeline.config import CANDIDATE_BUNDLE, PROCESSED_DIR, SERVE_REPORT, load_params
+from pipeline.splits import column, load_splits
+from serving import control
+from serving.bundle import Bundle
+
+# Served and offline answers go through the same ONNX model, alone or in a batch;
+# static quantisation and masked padding keep a text's answer batch-independent.
+CANARY_TOLERANCE = 1e-5
+
+
+class CanaryError(RuntimeError):
+    pass
+
+
+def canary(url: str, texts: list[str], expected: np.ndarray, labels: list[str]) -> dict:
+    """Send each text alone; compare with `expected` probabilities; time each request."""
+    latencies, mismatches, max_diff = [], [], 0.0
+    for i, text in enumerate(texts):
+        started = time.perf_counter()
+        status, body = control.http_json("POST", f"{url}/predict", {"texts": [text]})
+        latencies.append((time.perf_counter() - started) * 1000)
+        if status != 200:
+            raise CanaryError(f"canary row {i}: HTTP {status} {body}")
+        answer = body["predictions"][0]
+        served = np.array([answer["probabilities"][name] for name in labels])
+        max_diff = max(max_diff, float(np.abs(served - expected[i]).max()))
+        if answer["label"] != labels[int(expected[i].argmax())] or max_diff > CANARY_TOLERANCE:
+            mismatches.append(i)
+    ms = np.asarray(latencies)
+    return {
+        "rows": len(texts),
+        "mismatches": len(mismatches),
+        "first_mismatch": mismatches[0] if mismatches else None,
+        "max_abs_prob_diff": max_diff,
+        "latency_ms": {p: round(float(np.percentile(ms, q)), 2)
+                       for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "latency_ms_mean": round(float(ms.mean()), 2),
+    }
+
+
+def check_service(cfg: DictConfig, bundle_dir: Path = CANDIDATE_BUNDLE,
+                  processed_dir: Path = PROCESSED_DIR) -> dict:
+    texts = column(load_splits(processed_dir)["test"], "text")[: cfg.serve.canary_rows]
+    bundle = Bundle.load(bundle_dir, cfg.serve.precision)
+    expected = bundle.predict_proba(texts)
+    port = control.free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        service = control.start(bundle_dir, port, Path(tmp) / "service.log",
+                                env={"TEXTOPS_PRECISION": cfg.serve.precision})
+        try:
+            ready = control.wait_ready(service.url, cfg.serve.ready_timeout_s, service.process)
+            result = canary(service.url, texts, expected, bundle.label_names)
+        except (RuntimeError, OSError) as err:
+            raise CanaryError(f"{err}\n--- service log ---\n{service.log_tail()}") from None
+        finally:
+            exit_code = control.stop(service.process)
+    if ready.get("model_version") != bundle.version:
+        raise CanaryError(f"the service reports version {ready.get('model_version')}, "
+                          f"the bundle is {bundle.version}")
+    if result["mismatches"]:
+        raise CanaryError(f"{result['mismatches']} of {result['rows']} canary answers differ "
+                          f"from the offline predictions (first: row {result['first_mismatch']})")
+    report = {"bundle_version": bundle.version, "precision": cfg.serve.precision,
+              "service_exit_code": exit_code, **result}
+    atomic.write_json(SERVE_REPORT, report)
+    return report
+
+
+def main() -> None:
+    try:
+        report = check_service(load_params())
+    except CanaryError as err:
+        sys.exit(f"serve: {err}")
+    lat = report["latency_ms"]
+    print(f"serve: {report['rows']} canary answers over HTTP equal the offline predictions; "
+          f"latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Reading the processed splits: what train, evaluate and deploy share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from pipeline.config import PROCESSED_DIR
+
+
+def column(ds: Dataset, name: str) -> list:
+    """A whole column as a Python list. (`ds[name]` in datasets 5 is a lazy column
+    that decodes row by row, about a hundred times slower.)"""
+    return ds.with_format("arrow")[name].to_pylist()
+
+
+def load_splits(processed_dir: Path = PROCESSED_DIR) -> DatasetDict:
+    return load_from_disk(str(Path(processed_dir) / "dataset"))

@@ -1,0 +1,193 @@
+"""train: fit the configured model with PyTorch Lightning, tracked in MLflow.
+
+Checkpoints are written to a work directory (`models/train-work/`) while training
+runs. If a run is killed, the next run with the same configuration and data resumes
+from its last checkpoint, in the same MLflow run. When training ends, the best and
+last checkpoints are moved to `models/checkpoints/` in one atomic step and the work
+directory is removed.
+
+Output: `models/checkpoints/{best,last}.ckpt`, `reports/train.json` (MLflow run id,
+best score, epochs, throughput); an MLflow run with every resolved parameter, the
+per-epoch curves, the git commit, the data hash, and the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+from tokenizers import Tokenizer
+
+from pipeline import atomic
+from pipeline.classifier import TextClassifier
+from pipeline.config import (
+    CHECKPOINT_DIR,
+    PARAMS_FILE,
+    PROCESSED_DIR,
+    TRAIN_REPORT,
+    git_commit,
+    load_params,
+    tracking_uri,
+)
+from pipeline.datamodule import TextDataModule
+from pipeline.preprocess import PAD
+
+WORK_DIR = Path("models/train-work")
+
+
+def fingerprint(cfg: DictConfig, data_hash: str) -> str:
+    """What a resumable run must share with the run it resumes."""
+    relevant = {k: OmegaConf.to_container(cfg[k]) for k in ("model", "train", "trainer")}
+    relevant["seed"] = cfg.seed
+    relevant["data"] = data_hash
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_work_dir(work_dir: Path, key: str) -> tuple[Path | None, str | None]:
+    """The checkpoint and MLflow run to resume, if an interrupted run left them."""
+    state_file = work_dir / "state.json"
+    if state_file.exists():
+        state = atomic.read_json(state_file)
+        last = work_dir / "last.ckpt"
+        if state.get("fingerprint") == key and last.exists():
+            return last, state.get("run_id")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return None, None
+
+
+def build_module(cfg: DictConfig, tokenizer: Tokenizer, profile: dict) -> TextClassifier:
+    return TextClassifier(
+        model=OmegaConf.to_container(cfg.model),
+        vocab_size=tokenizer.get_vocab_size(),
+        num_classes=len(profile["label_names"]),
+        max_length=profile["max_length"],
+        pad_id=tokenizer.token_to_id(PAD),
+        label_names=profile["label_names"],
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_ratio=cfg.train.warmup_ratio,
+        label_smoothing=cfg.train.label_smoothing,
+    )
+
+
+def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path) -> pl.Trainer:
+    monitor = cfg.train.monitor
+    mode = "min" if monitor.endswith("loss") else "max"
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=work_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+            save_last=True,
+        ),
+        EarlyStopping(monitor=monitor, mode=mode, patience=cfg.train.patience),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    return pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer),
+        max_epochs=cfg.train.max_epochs,
+        limit_train_batches=cfg.train.limit_train_batches,
+        gradient_clip_val=cfg.train.gradient_clip_val,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=work_dir,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=50,
+    )
+
+
+def fit(
+    cfg: DictConfig,
+    processed_dir: Path = PROCESSED_DIR,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
+    report_path: Path = TRAIN_REPORT,
+    work_dir: Path = WORK_DIR,
+) -> dict | None:
+    """Train; on rank 0 return (and write) the report, on other ranks return None."""
+    pl.seed_everything(cfg.seed, workers=True)
+    tokenizer = Tokenizer.from_file(str(processed_dir / "tokenizer.json"))
+    profile = atomic.read_json(processed_dir / "profile.json")
+    data_hash = profile["data"]["content_hash"]
+    resume_from, run_id = prepare_work_dir(work_dir, fingerprint(cfg, data_hash))
+
+    logger = MLFlowLogger(
+        experiment_name=cfg.mlflow.experiment,
+        run_name=f"{cfg.data.name}-{cfg.model.name}",
+        tracking_uri=tracking_uri(cfg),
+        run_id=run_id,
+        tags={"git_commit": git_commit(), "data_hash": data_hash, "data": cfg.data.name},
+    )
+    trainer = build_trainer(cfg, logger, work_dir)
+    datamodule = TextDataModule(
+        pad_id=tokenizer.token_to_id(PAD),
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+        num_workers=cfg.train.num_workers,
+        processed_dir=processed_dir,
+    )
+    module = build_module(cfg, tokenizer, profile)
+    if trainer.is_global_zero:
+        logger.log_hyperparams(OmegaConf.to_container(cfg))
+        atomic.write_json(
+            work_dir / "state.json",
+            {"fingerprint": fingerprint(cfg, data_hash), "run_id": logger.run_id},
+        )
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    seconds = time.perf_counter() - started
+    if not trainer.is_global_zero:
+        return None
+    return finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path,
+                  seconds, resume_from)
+
+
+def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path, seconds,
+           resume_from) -> dict:
+    """Move the checkpoints into place, log them, and write the report (rank 0)."""
+    checkpoint = trainer.checkpoint_callback
+    with atomic.atomic_dir(checkpoint_dir) as tmp:
+        shutil.copy2(checkpoint.best_model_path, tmp / "best.ckpt")
+        shutil.copy2(work_dir / "last.ckpt", tmp / "last.ckpt")
+    run = logger.experiment
+    run.log_artifact(logger.run_id, str(checkpoint_dir / "best.ckpt"), "checkpoints")
+    if PARAMS_FILE.exists():
+        run.log_artifact(logger.run_id, str(PARAMS_FILE))
+    epochs = trainer.current_epoch
+    report = {
+        "run_id": logger.run_id,
+        "experiment_id": logger.experiment_id,
+        "monitor": cfg.train.monitor,
+        "best_score": float(checkpoint.best_model_score),
+        "best_checkpoint": str(checkpoint_dir / "best.ckpt"),
+        "epochs": epochs,
+        "global_step": trainer.global_step,
+        "stopped_early": trainer.early_stopping_callback.stopped_epoch > 0,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "train_rows": len(datamodule.rows["train"]),
+        "wall_time_s": round(seconds, 1),
+        # Optimizer steps x batch size over the whole fit, validation included.
+        "sequences_per_s": round(trainer.global_step * cfg.train.batch_size / seconds, 1),
+    }
+    atomic.write_json(report_path, report)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return report
+
+
+def main() -> None:
+    report = fit(load_params())
+    if report:
+        print(f"train: best {report['monitor']} {report['best_score']:.4f} after "
+              f"{report['epochs']} epochs in {report['wall_time_s']} s "
+              f"(MLflow run {report['run_id']})")
+
+
+if __name__ == "__main__":
+    main()

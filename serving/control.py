@@ -1,0 +1,220 @@
+"""Starting, checking and stopping the service as a process.
+
+Used by the serve stage (a throw-away service on a free loopback port), by
+`make deploy` / `make undeploy` (a long-running service, its pid and log in a run
+directory, or a container when a Docker engine is available), and by the tests.
+
+    python -m serving.control up   [--bundle models/current] [--port 8000] [--run-dir run]
+    python -m serving.control down [--run-dir run]
+    python -m serving.control status [--run-dir run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+CONTAINER = "textops-serving"
+IMAGE = "textops-serving:latest"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_json(method: str, url: str, body=None, timeout: float = 10.0,
+              headers: dict | None = None) -> tuple[int, dict]:
+    """One HTTP request with the standard library; returns (status, JSON body)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        payload = err.read()
+        try:
+            return err.code, json.loads(payload)
+        except json.JSONDecodeError:
+            return err.code, {"error": payload.decode(errors="replace")}
+
+
+@dataclass
+class Service:
+    """A service process started by `start`; `url` is its base address."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def start(bundle: str | Path, port: int, log_path: Path, host: str = "127.0.0.1",
+          env: dict | None = None, detach: bool = False) -> Service:
+    """Start `python -m serving` on host:port; `detach` puts it in its own session so
+    it outlives the caller (make deploy)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, "TEXTOPS_BUNDLE": str(bundle), "TEXTOPS_HOST": host,
+                   "TEXTOPS_PORT": str(port), "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serving"], env=environment, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=detach,
+        )
+    return Service(process=process, url=f"http://{host}:{port}", log_path=log_path)
+
+
+def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> dict:
+    """Poll /health/ready until 200; raise RuntimeError on timeout or early exit."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the service exited with code {process.returncode}")
+        try:
+            status, body = http_json("GET", f"{url}/health/ready", timeout=2)
+            if status == 200:
+                return body
+            last = f"{status} {body}"
+        except OSError as err:
+            last = str(err)
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s ({last})")
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM (the service drains in-flight requests), then SIGKILL after `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+# ---------------------------------------------------------------- make deploy / undeploy
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_pid(run_dir: Path) -> int | None:
+    pid_file = run_dir / "service.pid"
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text().split()[0])
+    return pid if pid_alive(pid) else None
+
+
+def down(run_dir: Path) -> str:
+    """Stop what `up` started; fine when nothing runs."""
+    if (run_dir / "container").exists():
+        subprocess.run(["docker", "rm", "-f", CONTAINER], capture_output=True)
+        (run_dir / "container").unlink()
+        return f"stopped container {CONTAINER}"
+    pid = running_pid(run_dir)
+    (run_dir / "service.pid").unlink(missing_ok=True)
+    if pid is None:
+        return "nothing was running"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return f"stopped service (pid {pid})"
+
+
+def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float) -> str:
+    """(Re)start the service on `bundle` and wait until it is ready."""
+    if not Path(bundle).exists():
+        raise RuntimeError(f"{bundle}: no bundle; run `dvc repro` first (a blessed model "
+                           "is needed for models/current)")
+    down(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    url = f"http://{host}:{port}"
+    if docker_available():
+        models = Path(bundle).resolve().parent
+        subprocess.run(["docker", "build", "--target", "runtime", "-t", IMAGE, "."], check=True)
+        subprocess.run(
+            ["docker", "run", "-d", "--name", CONTAINER, "-p", f"{host}:{port}:8000",
+             "-v", f"{models}:/models:ro", "-e", f"TEXTOPS_BUNDLE=/models/{Path(bundle).name}",
+             IMAGE], check=True,
+        )
+        (run_dir / "container").write_text(CONTAINER)
+        wait_ready(url, timeout)
+        return url
+    service = start(bundle, port, run_dir / "service.log", host=host, detach=True)
+    (run_dir / "service.pid").write_text(f"{service.process.pid}\n")
+    try:
+        wait_ready(url, timeout, service.process)
+    except RuntimeError as err:
+        down(run_dir)
+        raise RuntimeError(f"{err}\n{service.log_tail()}") from None
+    return url
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--bundle", type=Path, default=Path("models/current"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--run-dir", type=Path, default=Path("run"))
+    parser.add_argument("--timeout", type=float, default=120)
+    args = parser.parse_args()
+    if args.action == "down":
+        print(down(args.run_dir))
+    elif args.action == "status":
+        pid = running_pid(args.run_dir)
+        print(f"running (pid {pid})" if pid else "not running")
+    else:
+        try:
+            url = up(args.bundle, args.port, args.run_dir, args.host, args.timeout)
+        except RuntimeError as err:
+            sys.exit(f"deploy: {err}")
+        _, meta = http_json("GET", f"{url}/metadata")
+        print(f"\nThe model {meta.get('model_name')} {meta.get('version')} answers at {url}")
+        print(f"  docs:  {url}/docs")
+        print(f"  try:   curl -s -X POST {url}/predict -H 'Content-Type: application/json' "
+              "-d '{\"texts\": [\"a gripping, beautifully acted film\"]}'")
+        print(f"  stop:  make undeploy   (log: {args.run_dir}/service.log)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Shared fixtures.
+
+`smoke_repo` is the expensive one: a temporary copy of the repository in which
+`dvc repro` has run the smoke experiment through all six stages. Tests that need a
+trained model, a bundle or a registry reuse it instead of training their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+HAS_GPU = torch.cuda.is_available()
+GPUS = torch.cuda.device_count()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu(n)`: skipped unless n CUDA devices are present (RunIf-style)."""
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        needed = marker.args[0] if marker.args else 1
+        if GPUS < needed:
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} GPU(s), found {GPUS}"))
+
+
+def compose(*overrides: str):
+    """conf/ composed with overrides, resolved, as the stages would read it."""
+    from pipeline.config import compose_params
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        compose_params(list(overrides), out, conf_dir=ROOT / "conf")
+        return OmegaConf.load(out)
+
+
+@pytest.fixture
+def smoke_cfg():
+    return compose("experiment=smoke")
+
+
+def copy_repo(dest: Path) -> Path:
+    """Tracked and untracked-but-not-ignored files: what a fresh clone would hold."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 600, env: dict | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                   **(env or {})}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env=environment)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def git_init(repo: Path) -> None:
+    run(["git", "init", "-q", "-b", "main"], repo)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], repo)
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory) -> Path:
+    """A repository copy where `dvc repro` ran the smoke experiment end to end."""
+    repo = copy_repo(tmp_path_factory.mktemp("smoke") / "repo")
+    run([sys.executable, "-m", "pipeline.config", "experiment=smoke"], repo)
+    git_init(repo)
+    result = run(["dvc", "repro"], repo, timeout=900)
+    (repo / "repro.log").write_text(result.stdout + result.stderr)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A working directory where preprocess, train (2 epochs) and evaluate ran on a
+    small synthetic data set, tracked in the directory's own MLflow database.
+
+    Yields (path, cfg). Tests that use it chdir into it (stage functions use the
+    repository-relative default paths).
+    """
+    from helpers import synthetic_rows, write_raw
+
+    from pipeline.evaluate import evaluate
+    from pipeline.preprocess import preprocess
+    from pipeline.train import fit
+
+    path = tmp_path_factory.mktemp("workspace")
+    cfg = compose("experiment=smoke")
+    cfg.preprocess.tokenizer.vocab_size = 300
+    cfg.preprocess.tokenizer.min_frequency = 1
+    cfg.train.max_epochs = 2
+    cfg.train.lr = 5e-3
+    cfg.mlflow.tracking_uri = f"sqlite:///{path}/mlflow.db"
+    cfg.deploy.model_name = "synthetic-classifier"
+    previous = Path.cwd()
+    os.chdir(path)
+    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        write_raw(path / "data" / "raw", {"train": synthetic_rows(400),
+                                          "test": synthetic_rows(60, seed=1)})
+        preprocess(cfg.preprocess, cfg.seed)
+        fit(cfg)
+        evaluate(cfg)
+    finally:
+        os.chdir(previous)
+    yield path, cfg
+    if saved_uri is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+
+
+@pytest.fixture(scope="session")
+def built_bundle(workspace):
+    """(bundle directory, bundle.json) exported once from the workspace's model."""
+    from pipeline import deploy
+
+    path, cfg = workspace
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        meta = deploy.build_bundle(cfg)
+    finally:
+        os.chdir(previous)
+    return path / "models/candidate", meta
+
+
+@pytest.fixture(scope="module")
+def live_service(built_bundle, tmp_path_factory):
+    """The real service (uvicorn) on a free loopback port, serving the built bundle."""
+    from serving import control
+
+    bundle_dir, _ = built_bundle
+    log = tmp_path_factory.mktemp("service") / "service.log"
+    service = control.start(bundle_dir, control.free_port(), log,
+                            env={"TEXTOPS_MAX_TEXTS": "8", "TEXTOPS_MAX_CHARS": "200",
+                                 "TEXTOPS_MAX_BODY_BYTES": "4000"})
+    try:
+        control.wait_ready(service.url, 60, service.process)
+        yield service
+    finally:
+        control.stop(service.process)

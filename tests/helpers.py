@@ -1,0 +1,39 @@
+"""Small data builders that several test modules share."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"]),
+                     "source_row": Value("int64")})
+
+
+def write_raw(path, splits: dict[str, list[tuple[str, int]]]):
+    """A data/raw directory as collect would write it."""
+    DatasetDict({
+        name: Dataset.from_dict(
+            {"text": [t for t, _ in rows], "label": [y for _, y in rows],
+             "source_row": list(range(1, len(rows) + 1))}, features=FEATURES)
+        for name, rows in splits.items()
+    }).save_to_disk(str(path / "dataset"))
+    (path / "manifest.json").write_text(json.dumps({"name": "t", "content_hash": "abc"}))
+    return path
+
+
+WORDS = ("good great fine lovely superb awful bad dull boring weak film movie plot cast "
+         "acting story").split()
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(WORDS[:5] if label else WORDS[5:10], 2) + rng.sample(WORDS[10:], 3)
+        rows.append((" ".join(words) + f" number{i}", label))
+    return rows
+
+

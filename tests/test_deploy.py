@@ -1,0 +1,132 @@
+"""deploy: export parity, the bundle contract, and promotion through the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from pipeline import deploy
+from pipeline.evaluate import score_champion
+from pipeline.splits import column, load_splits
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "pipeline", "pytorch_lightning"):
+            raise ImportError(f"{name} is blocked in this process")
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.fixture
+def bundle(built_bundle):
+    return built_bundle
+
+
+def test_bundle_contents_and_parity(bundle, workspace):
+    bundle_dir, meta = bundle
+    _, cfg = workspace
+    assert {p.name for p in bundle_dir.iterdir()} == {
+        "model.onnx", "model.int8.onnx", "tokenizer.json", "bundle.json", "MODEL_CARD.md"}
+    saved = json.loads((bundle_dir / "bundle.json").read_text())
+    assert saved == meta
+    for key in ("version", "label_names", "max_length", "metrics", "gate", "lineage",
+                "created_at", "profile", "parity"):
+        assert key in saved, key
+    assert saved["lineage"]["data_hash"] == "abc" and saved["lineage"]["mlflow_run_id"]
+    parity = saved["parity"]
+    assert parity["tokenizer_mismatches"] == 0
+    assert parity["fp32_max_abs_diff"] <= cfg.deploy.fp32_max_abs_diff
+    assert parity["int8_label_agreement"] >= cfg.deploy.int8_min_agreement
+    # a text's answer does not depend on what else is in its batch, int8 included
+    assert parity["batch_invariance_max_abs_diff"]["int8"] <= 1e-5
+    card = (bundle_dir / "MODEL_CARD.md").read_text()
+    assert "## Intended use" in card and "## Limitations" in card and meta["version"] in card
+
+
+def test_bundle_serves_where_torch_cannot_be_imported(bundle):
+    bundle_dir, meta = bundle
+    script = BLOCK_TORCH + f"""
+from serving.bundle import Bundle
+for precision in ("fp32", "int8"):
+    b = Bundle.load({str(bundle_dir)!r}, precision)
+    probs = b.predict_proba(["great superb film", "awful dull plot"])
+    assert probs.shape == (2, 2) and abs(probs.sum() - 2) < 1e-5
+assert "torch" not in sys.modules
+import serving.app  # the service module too
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_broken_parity_fails_and_leaves_the_old_bundle(workspace, bundle, monkeypatch):
+    path, cfg = workspace
+    monkeypatch.chdir(path)
+    before = (path / "models/candidate/bundle.json").read_text()
+    strict = cfg.copy()
+    strict.deploy.int8_min_agreement = 1.01
+    with pytest.raises(deploy.DeployError, match="int8 labels agree with PyTorch on"):
+        deploy.build_bundle(strict)
+    assert (path / "models/candidate/bundle.json").read_text() == before
+
+
+def register_as(meta: dict, blessed: bool, bundle_dir) -> str:
+    meta = json.loads(json.dumps(meta))
+    meta["gate"] = {"blessed": blessed,
+                    "reasons": ["test: blessed" if blessed else "accuracy 0.1 < floor 0.75"]}
+    return deploy.register(bundle_dir, meta)
+
+
+def test_gate_registry_alias_current_and_rollback(workspace, bundle, monkeypatch):
+    path, cfg = workspace
+    monkeypatch.chdir(path)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    client = mlflow.MlflowClient()
+    bundle_dir, meta = bundle
+    name = meta["model_name"]
+    current = path / "models/current"
+
+    v1 = register_as(meta, True, bundle_dir)
+    deploy.promote(name, v1, bundle_dir)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert os.readlink(current) == f"bundles/{v1}"
+    assert json.loads((current / "bundle.json").read_text())["version"] == meta["version"]
+
+    v2 = register_as(meta, False, bundle_dir)  # an unblessed model: recorded, not promoted
+    tags = client.get_model_version(name, v2).tags
+    assert tags["blessed"] == "false" and "accuracy 0.1 < floor 0.75" in tags["gate_reasons"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert os.readlink(current) == f"bundles/{v1}"
+
+    v3 = register_as(meta, True, bundle_dir)
+    deploy.promote(name, v3, bundle_dir)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v3
+    assert os.readlink(current) == f"bundles/{v3}"
+
+    # the champion scored on the test split through its bundle, for the gate
+    test = load_splits(path / "data/processed")["test"]
+    labels = np.asarray(column(test, "label"))
+    scored = score_champion(name, column(test, "text"), labels, ["neg", "pos"], 15)
+    assert scored["version"] == v3 and "error" not in scored, scored
+    assert scored["metrics"]["accuracy"] == pytest.approx(meta["metrics"]["accuracy"], abs=0.02)
+
+    # rollback skips the unblessed v2 and goes to v1, even with v1's bundle gone from disk
+    import shutil
+    shutil.rmtree(path / "models/bundles" / v1)
+    assert deploy.rollback(name) == v1
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert os.readlink(current) == f"bundles/{v1}"
+    assert (current / "model.int8.onnx").exists()
+    with pytest.raises(deploy.DeployError, match="is the first blessed version"):
+        deploy.rollback(name)

@@ -1,0 +1,133 @@
+"""End to end, in a temporary copy of the repository: `dvc repro` of the smoke
+experiment through all six stages, DVC's view of it, `make deploy` / `make undeploy`,
+and MLflow's own scoring server on the registered champion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import run
+
+from serving import control
+from serving.bundle import Bundle
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["collect", "preprocess", "train", "evaluate", "deploy", "serve"]
+VENV = Path(sys.prefix)
+
+
+def test_repro_runs_all_six_stages(smoke_repo):
+    log = (smoke_repo / "repro.log").read_text()
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log
+    metrics = json.loads((smoke_repo / "reports/metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1
+    gate = json.loads((smoke_repo / "reports/gate.json").read_text())
+    assert gate["blessed"]  # the smoke gate has zero floors
+    deployed = json.loads((smoke_repo / "reports/deploy.json").read_text())
+    assert deployed["promoted"] and deployed["registry_version"] == "1"
+    assert os.readlink(smoke_repo / "models/current") == "bundles/1"
+    served = json.loads((smoke_repo / "reports/serve.json").read_text())
+    assert served["mismatches"] == 0 and served["rows"] == 50
+    assert served["latency_ms"]["p50"] > 0
+
+
+def test_second_repro_is_a_no_op(smoke_repo):
+    started = time.monotonic()
+    result = run(["dvc", "repro"], smoke_repo)
+    assert "Running stage" not in result.stdout
+    assert time.monotonic() - started < 30
+
+
+def test_dvc_metrics_and_plots(smoke_repo):
+    metrics = run(["dvc", "metrics", "show", "--json"], smoke_repo).stdout
+    shown = json.loads(metrics)
+    assert "accuracy" in json.dumps(shown)
+    run(["dvc", "plots", "show", "-o", "plots-html"], smoke_repo)
+    html = (smoke_repo / "plots-html" / "index.html").read_text()
+    for title in ("Confusion matrix", "ROC", "Precision-recall"):
+        assert title in html
+
+
+def test_a_train_param_change_reruns_only_train_and_after(smoke_repo):
+    result = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "train.lr=0.002"],
+                 smoke_repo, timeout=600)
+    output = result.stdout + result.stderr
+    for stage in ("collect", "preprocess"):
+        assert f"Running stage '{stage}'" not in output
+    for stage in ("train", "evaluate", "deploy", "serve"):
+        assert f"Running stage '{stage}'" in output
+    # the new model was judged against the champion and registered as version 2
+    gate = json.loads((smoke_repo / "reports/gate.json").read_text())
+    assert gate["champion"]["version"] == "1"
+    assert any("vs champion v1" in reason for reason in gate["reasons"])
+    assert json.loads((smoke_repo / "reports/deploy.json").read_text())["registry_version"] == "2"
+    assert "0.002" in run(["dvc", "exp", "show", "--csv"], smoke_repo).stdout
+
+
+def test_make_deploy_curl_and_undeploy(smoke_repo):
+    port = control.free_port()
+    make = ["make", "-o", f"{VENV}/.installed", f"VENV={VENV}", f"PORT={port}"]
+    result = run([*make, "deploy"], smoke_repo, timeout=600)
+    try:
+        assert f"http://127.0.0.1:{port}" in result.stdout
+        assert "curl" in result.stdout
+        curl = subprocess.run(
+            ["curl", "-s", "-X", "POST", f"http://127.0.0.1:{port}/predict",
+             "-H", "Content-Type: application/json",
+             "-d", '{"texts": ["a gripping, beautifully acted film"]}'],
+            capture_output=True, text=True, timeout=30, check=True)
+        answer = json.loads(curl.stdout)
+        assert answer["predictions"][0]["label"] in ("negative", "positive")
+        # deploying again replaces the running service
+        again = run([*make, "deploy"], smoke_repo, timeout=600)
+        assert f"http://127.0.0.1:{port}" in again.stdout
+    finally:
+        down = run([*make, "undeploy"], smoke_repo)
+    assert "stopped" in down.stdout
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2)
+    assert "nothing was running" in run([*make, "undeploy"], smoke_repo).stdout
+
+
+def test_mlflow_models_serve_answers_with_the_champion(smoke_repo, tmp_path):
+    port = control.free_port()
+    name = json.loads((smoke_repo / "reports/deploy.json").read_text())["model_name"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+           "PATH": f"{VENV}/bin:{os.environ['PATH']}"}
+    log = open(tmp_path / "mlflow.log", "wb")
+    process = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"models:/{name}@champion", "--env-manager",
+         "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=smoke_repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
+            time.sleep(0.2)
+        texts = ["a gripping, beautifully acted film", "dull and lifeless"]
+        response = httpx.post(f"{url}/invocations", timeout=30, json={
+            "dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}})
+        assert response.status_code == 200, response.text
+        rows = response.json()["predictions"]
+        expected = Bundle.load(smoke_repo / "models/current", "int8").predict_proba(texts)
+        for row, probs in zip(rows, expected, strict=True):
+            assert row["p_positive"] == pytest.approx(float(probs[1]), abs=1e-6)
+            assert row["label"] == ["negative", "positive"][int(probs.argmax())]
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(30)
+        log.close()

@@ -1,0 +1,105 @@
+"""evaluate: the metrics, the DVC metrics and plots, the gate, and MLflow logging."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from pipeline.evaluate import compute_metrics, curve_rows, judge
+
+
+def random_predictions(n: int, k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), labels] += 1.5  # better than chance, not perfect
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return probs.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_metrics_match_scikit_learn(k):
+    probs, labels = random_predictions(500, k)
+    names = [f"c{i}" for i in range(k)]
+    m = compute_metrics(probs, labels, names)
+    predicted = probs.argmax(1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, predicted), abs=1e-6)
+    assert m["f1_macro"] == pytest.approx(f1_score(labels, predicted, average="macro"), abs=1e-5)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted)
+    for i, name in enumerate(names):
+        assert m["per_class"][name]["precision"] == pytest.approx(precision[i], abs=1e-5)
+        assert m["per_class"][name]["recall"] == pytest.approx(recall[i], abs=1e-5)
+        assert m["per_class"][name]["support"] == support[i]
+    assert m["confusion_matrix"] == confusion_matrix(labels, predicted).tolist()
+    if k == 2:
+        assert m["roc_auc"] == pytest.approx(roc_auc_score(labels, probs[:, 1]), abs=1e-5)
+        assert m["pr_auc"] == pytest.approx(average_precision_score(labels, probs[:, 1]),
+                                            abs=1e-4)
+    else:
+        assert m["roc_auc"] == pytest.approx(
+            roc_auc_score(labels, probs, multi_class="ovr", average="macro"), abs=1e-4)
+    # calibration error: perfect confidence on correct answers is 0; this is not
+    assert 0 < m["ece"] < 1
+
+
+def test_curves_are_monotone_and_complete():
+    probs, labels = random_predictions(300, 3)
+    roc, pr = curve_rows(probs, labels)
+    fpr = [p["fpr"] for p in roc]
+    assert fpr == sorted(fpr) and fpr[0] == 0 and fpr[-1] == 1
+    assert {"recall", "precision"} == set(pr[0])
+
+
+GATE = OmegaConf.create({"floors": {"accuracy": 0.8, "f1_macro": 0.7},
+                         "max_regression": {"accuracy": 0.01}})
+
+
+def test_gate_floors_and_no_champion():
+    verdict = judge({"accuracy": 0.85, "f1_macro": 0.84}, GATE, None)
+    assert verdict["blessed"]
+    assert verdict["reasons"][-1] == "no champion yet: floors only"
+    verdict = judge({"accuracy": 0.79, "f1_macro": 0.84}, GATE, None)
+    assert not verdict["blessed"]
+    assert "accuracy 0.7900 < floor 0.8" in verdict["reasons"]
+
+
+def test_gate_against_a_champion():
+    champion = {"version": "3", "metrics": {"accuracy": 0.86, "f1_macro": 0.85}}
+    within = judge({"accuracy": 0.851, "f1_macro": 0.84}, GATE, champion)
+    assert within["blessed"]
+    behind = judge({"accuracy": 0.849, "f1_macro": 0.84}, GATE, champion)
+    assert not behind["blessed"]
+    assert any("champion v3 0.8600: behind by more than the margin 0.01" in r
+               for r in behind["reasons"])
+    broken = judge({"accuracy": 0.9, "f1_macro": 0.9}, GATE, {"version": "3", "error": "gone"})
+    assert not broken["blessed"]  # a champion that cannot be scored blocks, not waves through
+
+
+def test_stage_outputs_and_mlflow(workspace, monkeypatch):
+    path, cfg = workspace
+    monkeypatch.chdir(path)
+    metrics = json.loads((path / "reports/metrics.json").read_text())
+    assert metrics["rows"] == 60 and set(metrics["per_class"]) == {"neg", "pos"}
+    gate = json.loads((path / "reports/gate.json").read_text())
+    assert gate["blessed"] is True and gate["model_name"] == "synthetic-classifier"
+    confusion = json.loads((path / "reports/plots/confusion.json").read_text())
+    assert len(confusion) == 60 and set(confusion[0]) == {"actual", "predicted"}
+    assert (path / "reports/plots/roc.json").exists() and (path / "reports/plots/pr.json").exists()
+
+    run_id = json.loads((path / "reports/train.json").read_text())["run_id"]
+    run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert "test_f1_pos" in run.data.metrics
+    assert run.data.tags["gate_blessed"] == "true"

@@ -1,0 +1,52 @@
+"""train: checkpoints, the report and the MLflow run (on the shared workspace)."""
+
+from __future__ import annotations
+
+import mlflow
+import torch
+
+from pipeline import atomic
+from pipeline.datamodule import TextDataModule, collate
+
+
+def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):
+    path, cfg = workspace
+    monkeypatch.chdir(path)
+    report = atomic.read_json("reports/train.json")
+    assert (path / "models/checkpoints/best.ckpt").exists()
+    assert (path / "models/checkpoints/last.ckpt").exists()
+    assert not (path / "models/train-work").exists()  # finished: nothing to resume
+    assert report["epochs"] == 2 and report["global_step"] > 0
+    assert report["best_score"] > 0.9  # the synthetic task is easy
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    run = client.get_run(report["run_id"])
+    assert run.data.params["train/lr"] == str(cfg.train.lr)
+    assert run.data.params["model/d_model"] == str(cfg.model.d_model)
+    assert run.data.tags["data_hash"] == "abc"
+    assert run.data.tags["git_commit"]
+    for metric in ("train_loss", "train_acc", "train_f1", "val_loss", "val_acc", "val_f1"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == 2, metric
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert artifacts == ["checkpoints/best.ckpt"]
+
+
+def test_batches_are_padded_per_batch_and_grouped_by_length(workspace):
+    path, cfg = workspace
+    dm = TextDataModule(pad_id=0, batch_size=16, seed=1, processed_dir=path / "data/processed")
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["labels"]) for b in batches) == len(dm.rows["train"])
+    for batch in batches:
+        # padded to this batch's longest row, not to max_length
+        assert batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1]
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    total = sum(b["input_ids"].numel() for b in batches)
+    assert real / total > 0.9
+
+
+def test_collate_masks_padding():
+    batch = collate([([2, 5, 6], 1), ([2, 7], 0)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[2, 5, 6], [2, 7, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert torch.equal(batch["labels"], torch.tensor([1, 0]))
