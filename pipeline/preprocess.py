@@ -185,20 +185,34 @@ def train_tokenizer(texts: list[str], cfg: DictConfig) -> Tokenizer:
     return finish_tokenizer(tokenizer, cfg)
 
 
-def finish_tokenizer(tokenizer: Tokenizer, cfg: DictConfig) -> Tokenizer:
+def pretrained_tokenizer(cfg: DictConfig) -> Tokenizer:
+    """A pre-trained model's own tokenizer, with our normalisation and masking put
+    around its normalizer, so they still reach serving through tokenizer.json."""
+    from pipeline.models.pretrained import tokenizer_file
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file(cfg.tokenizer.path)))
+    tokenizer.normalizer = build_normalizer(cfg, model_normalizer=tokenizer.normalizer)
+    return finish_tokenizer(tokenizer, cfg, own_template=False)
+
+
+def finish_tokenizer(tokenizer: Tokenizer, cfg: DictConfig, own_template: bool = True
+                     ) -> Tokenizer:
     """Placeholders as whole tokens, [CLS] in front, truncation to max_length."""
     if cfg.mask_pii:
         tokenizer.add_tokens([AddedToken(p, normalized=True) for p in PLACEHOLDERS])
-    cls_id = tokenizer.token_to_id(CLS)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{CLS} $A", special_tokens=[(CLS, cls_id)]
-    )
+    if own_template:  # a pre-trained tokenizer keeps the template its model expects
+        cls_id = tokenizer.token_to_id(CLS)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A", special_tokens=[(CLS, cls_id)]
+        )
     tokenizer.enable_truncation(max_length=cfg.max_length)
     tokenizer.no_padding()  # batches are padded to their own longest text
     return tokenizer
 
 
 def build_tokenizer(train_texts: list[str], cfg: DictConfig) -> Tokenizer:
+    if cfg.tokenizer.type == "pretrained":
+        return pretrained_tokenizer(cfg)
     return train_tokenizer(train_texts, cfg)
 
 

@@ -119,6 +119,10 @@ class Bundle:
     def version(self) -> str:
         return str(self.meta["version"])
 
+    @property
+    def unk_id(self) -> int | None:
+        return self.tokenizer.token_to_id(self.meta.get("unk_token", "[UNK]"))
+
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, normalised, masked and truncated exactly as in training."""
         return [e.ids for e in self.tokenizer.encode_batch(texts)]
@@ -131,6 +135,9 @@ class Bundle:
         for i, ids in enumerate(batch):
             input_ids[i, : len(ids)] = ids
             attention_mask[i, : len(ids)] = 1
+        return self.run_arrays(input_ids, attention_mask)
+
+    def run_arrays(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(
             ["logits"], {"input_ids": input_ids, "attention_mask": attention_mask}
         )

@@ -159,14 +159,43 @@ def down(run_dir: Path) -> str:
     return f"stopped service (pid {pid})"
 
 
+def bundle_version(bundle: Path) -> str:
+    return json.loads((Path(bundle) / "bundle.json").read_text())["version"]
+
+
+def switched_in_place(url: str, version: str, timeout: float) -> bool:
+    """Whether a service already answering at `url` serves `version` within `timeout`.
+
+    A running service follows its bundle link and swaps in a new champion by itself,
+    without a restart; this waits for that to happen.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = http_json("GET", f"{url}/health/ready", timeout=2)
+        except OSError:
+            return False
+        if status == 200 and body.get("model_version") == version:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float) -> str:
-    """(Re)start the service on `bundle` and wait until it is ready."""
-    if not Path(bundle).exists():
+    """Serve `bundle` on host:port and wait until it is ready.
+
+    If this run directory's service is already up, it switches to the new bundle
+    without a restart; only if it does not is it replaced.
+    """
+    if not (Path(bundle) / "bundle.json").exists():
         raise RuntimeError(f"{bundle}: no bundle; run `dvc repro` first (a blessed model "
                            "is needed for models/current)")
+    url = f"http://{host}:{port}"
+    running = running_pid(run_dir) or (run_dir / "container").exists()
+    if running and switched_in_place(url, bundle_version(bundle), timeout=15):
+        return url
     down(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    url = f"http://{host}:{port}"
     if docker_available():
         models = Path(bundle).resolve().parent
         subprocess.run(["docker", "build", "--target", "runtime", "-t", IMAGE, "."], check=True)

@@ -1,11 +1,15 @@
 """Service settings, from environment variables prefixed `TEXTOPS_`.
 
-Example: `TEXTOPS_BUNDLE=models/current TEXTOPS_PORT=8000 uvicorn serving.app:app`.
+Example: `TEXTOPS_BUNDLE=models/current TEXTOPS_PORT=8000 python -m serving`.
+`TEXTOPS_BUNDLE` is a bundle directory (or a symlink to one, such as
+`models/current`) or a registry URI `models:/<name>@<alias>`, fetched through MLflow
+from `MLFLOW_TRACKING_URI`. Either way the service follows it: when the link or the
+alias moves, the new bundle is loaded, warmed up and swapped in without a restart.
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.bundle import RuntimeOptions
@@ -14,21 +18,42 @@ from serving.bundle import RuntimeOptions
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEXTOPS_", extra="ignore")
 
-    bundle: str = Field("models/current", description="bundle directory to serve")
+    bundle: str = Field("models/current", description="bundle directory or models:/ URI")
     precision: str = Field("int8", pattern="^(int8|fp32)$")
     host: str = "127.0.0.1"
     port: int = 8000
+    watch_interval_s: float = Field(2.0, ge=0, description="0: do not follow the bundle")
+    cache_dir: str = Field(".bundle-cache", description="where registry bundles are fetched")
 
     # Input limits: a request over any of them is refused before it reaches the model.
     max_texts: int = Field(64, ge=1, description="texts per request")
     max_chars: int = Field(2000, ge=1, description="characters per text")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body size")
 
+    # Dynamic batching and backpressure.
+    batching: bool = True
+    max_batch_size: int = Field(64, ge=1, description="texts per model call")
+    max_wait_ms: float = Field(2.0, ge=0, description="wait for companions, under load only")
+    max_queue: int = Field(512, ge=1, description="texts waiting; more is answered 503")
+    request_timeout_s: float = Field(10.0, gt=0, description="answered 504 after this")
+
     # onnxruntime
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization: str = Field("all", pattern="^(disable|basic|extended|all)$")
     spin_wait: bool = False
+
+    # Security: both off by default.
+    admin_token: str | None = Field(None, description="enables POST /admin/reload")
+    api_keys: str | None = Field(None, description="comma-separated keys for prediction routes")
+
+    drift_window: int = Field(2000, ge=10, description="recent texts compared with training")
+
+    @model_validator(mode="after")
+    def _limits_fit_the_queue(self):
+        if self.max_texts > self.max_queue:
+            raise ValueError("max_texts must not exceed max_queue")
+        return self
 
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(
@@ -37,3 +62,6 @@ class Settings(BaseSettings):
             graph_optimization=self.graph_optimization,
             spin_wait=self.spin_wait,
         )
+
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in (self.api_keys or "").split(",") if key.strip()]

@@ -7,6 +7,7 @@ trained model, a bundle or a registry reuse it instead of training their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -148,18 +149,26 @@ def built_bundle(workspace):
     return path / "models/candidate", meta
 
 
-@pytest.fixture(scope="module")
-def live_service(built_bundle, tmp_path_factory):
-    """The real service (uvicorn) on a free loopback port, serving the built bundle."""
+@contextlib.contextmanager
+def running_service(bundle, log_dir: Path, wait: bool = True, **env):
+    """The real service (`python -m serving` on uvicorn) on a free loopback port;
+    keyword arguments become TEXTOPS_* settings. Always stopped afterwards."""
     from serving import control
 
-    bundle_dir, _ = built_bundle
-    log = tmp_path_factory.mktemp("service") / "service.log"
-    service = control.start(bundle_dir, control.free_port(), log,
-                            env={"TEXTOPS_MAX_TEXTS": "8", "TEXTOPS_MAX_CHARS": "200",
-                                 "TEXTOPS_MAX_BODY_BYTES": "4000"})
+    settings = {f"TEXTOPS_{k.upper()}": str(v) for k, v in env.items()}
+    service = control.start(bundle, control.free_port(), log_dir / "service.log", env=settings)
     try:
-        control.wait_ready(service.url, 60, service.process)
+        if wait:
+            control.wait_ready(service.url, 60, service.process)
         yield service
     finally:
         control.stop(service.process)
+
+
+@pytest.fixture(scope="module")
+def live_service(built_bundle, tmp_path_factory):
+    """The service on the built bundle, with small input limits to test against."""
+    bundle_dir, _ = built_bundle
+    with running_service(bundle_dir, tmp_path_factory.mktemp("service"), max_texts=8,
+                         max_chars=200, max_body_bytes=4000) as service:
+        yield service

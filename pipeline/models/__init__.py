@@ -13,7 +13,12 @@ def build_model(cfg: dict, vocab_size: int, num_classes: int, max_length: int, p
                 ) -> nn.Module:
     options = {k: v for k, v in cfg.items() if k != "name"}
     if cfg["name"] == "transformer":
-        from pipeline.models.transformer import TransformerClassifier
-
-        return TransformerClassifier(vocab_size, num_classes, max_length, pad_id, **options)
-    raise ValueError(f"model.name: unknown model {cfg['name']!r}")
+        from pipeline.models.transformer import TransformerClassifier as model_class
+    elif cfg["name"] == "lstm":
+        from pipeline.models.lstm import LSTMClassifier as model_class
+    elif cfg["name"] == "pretrained":
+        from pipeline.models.pretrained import PretrainedClassifier as model_class
+    else:
+        raise ValueError(f"model.name: unknown model {cfg['name']!r} "
+                         "(transformer, lstm, pretrained)")
+    return model_class(vocab_size, num_classes, max_length, pad_id, **options)

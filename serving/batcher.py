@@ -1,0 +1,197 @@
+"""Dynamic micro-batching: concurrent requests share one model call.
+
+Requests put their texts on a bounded queue and await a future. One inference
+thread takes everything that is waiting (up to `max_batch_size` texts), tokenizes it,
+groups it by length so that short texts do not pay for long ones' padding, runs the
+groups through onnxruntime and resolves each request's future. The event loop only
+queues and awaits: tokenization and inference never run on it.
+
+- Idle and alone, a request runs at once: the thread waits `max_wait_ms` for
+  companions only while the previous batch had several requests (that is, under load).
+- A full queue refuses new work at once (`QueueFull`, answered 503 with Retry-After)
+  instead of growing without bound; work that was accepted is always completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serving.bundle import Bundle, softmax
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` texts already."""
+
+
+@dataclass
+class Job:
+    texts: list[str]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchStats:
+    """What one model call did, for the metrics."""
+
+    texts: int
+    requests: int
+    groups: int
+    real_tokens: int
+    padded_tokens: int
+    seconds: float
+    lengths: list[int]  # per text, for drift monitoring
+    unknown: list[int]  # unknown tokens per text
+    predicted: list[int]  # predicted class per text
+
+
+def length_groups(lengths: list[int], max_padding: float = 1.25) -> list[list[int]]:
+    """Indices grouped by length: in each group, padded tokens (longest x count) stay
+    within `max_padding` x the real tokens, so no group is mostly padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups, current, real = [], [], 0
+    for i in order:
+        longest = lengths[i]  # ascending: the newcomer is the longest
+        if current and longest * (len(current) + 1) > max_padding * (real + longest):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += longest
+    if current:
+        groups.append(current)
+    return groups
+
+
+def infer(bundle: Bundle, texts: list[str]) -> tuple[np.ndarray, BatchStats]:
+    """Probabilities for texts, run as length groups; the rows come back in order."""
+    started = time.perf_counter()
+    encoded = bundle.encode(texts)
+    lengths = [len(ids) for ids in encoded]
+    probs = np.empty((len(texts), len(bundle.label_names)), dtype=np.float32)
+    groups = length_groups(lengths)
+    padded = 0
+    for group in groups:
+        probs[group] = softmax(bundle.run([encoded[i] for i in group]))
+        padded += max(lengths[i] for i in group) * len(group)
+    unk = bundle.unk_id
+    stats = BatchStats(texts=len(texts), requests=1, groups=len(groups),
+                       real_tokens=sum(lengths), padded_tokens=padded,
+                       seconds=time.perf_counter() - started, lengths=lengths,
+                       unknown=[ids.count(unk) for ids in encoded],
+                       predicted=probs.argmax(axis=1).tolist())
+    return probs, stats
+
+
+class Batcher:
+    """Runs jobs on one inference thread, batching what arrives together."""
+
+    def __init__(self, get_bundle: Callable[[], Bundle], max_batch_size: int = 64,
+                 max_wait_ms: float = 2.0, max_queue: int = 1024,
+                 on_batch: Callable[[BatchStats], None] | None = None, enabled: bool = True):
+        self.get_bundle = get_bundle
+        self.enabled = enabled  # False: each request runs alone, in a worker thread
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch = on_batch or (lambda stats: None)
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.queued_texts = 0  # texts accepted and not yet taken by the thread
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self.thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self.queued_texts
+
+    async def submit(self, texts: list[str]) -> np.ndarray:
+        """Probabilities for `texts`; raises QueueFull when the queue is at its bound."""
+        with self.lock:
+            if self.queued_texts + len(texts) > self.max_queue:
+                raise QueueFull(f"{self.queued_texts} texts queued (limit {self.max_queue})")
+            self.queued_texts += len(texts)
+        if not self.enabled:
+            return await self._alone(texts)
+        loop = asyncio.get_running_loop()
+        job = Job(texts=texts, future=loop.create_future(), loop=loop)
+        self.jobs.put(job)
+        return await job.future
+
+    async def _alone(self, texts: list[str]) -> np.ndarray:
+        try:
+            probs, stats = await asyncio.to_thread(infer, self.get_bundle(), texts)
+        finally:
+            with self.lock:
+                self.queued_texts -= len(texts)
+        self.on_batch(stats)
+        return probs
+
+    def close(self) -> None:
+        """Finish what was accepted, then stop the thread."""
+        self.jobs.put(None)
+        self.thread.join()
+
+    # ------------------------------------------------------------ the inference thread
+
+    def _take(self, first: Job, under_load: bool) -> tuple[list[Job], bool]:
+        """`first` plus whatever else is waiting, up to max_batch_size texts."""
+        batch, size, stop = [first], len(first.texts), False
+        deadline = time.perf_counter() + (self.max_wait if under_load else 0.0)
+        while size < self.max_batch_size:
+            timeout = deadline - time.perf_counter()
+            try:
+                job = self.jobs.get(timeout=timeout) if timeout > 0 else self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                stop = True
+                break
+            batch.append(job)
+            size += len(job.texts)
+        return batch, stop
+
+    def _loop(self) -> None:
+        under_load, stop = False, False
+        while not stop:
+            first = self.jobs.get()
+            if first is None:
+                break
+            batch, stop = self._take(first, under_load)
+            under_load = len(batch) > 1
+            with self.lock:
+                self.queued_texts -= sum(len(job.texts) for job in batch)
+            self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        texts = [text for job in batch for text in job.texts]
+        try:
+            probs, stats = infer(self.get_bundle(), texts)
+        except Exception as err:  # noqa: BLE001 - every waiting request gets the error
+            for job in batch:
+                job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+            return
+        stats.requests = len(batch)
+        start = 0
+        for job in batch:
+            rows = probs[start : start + len(job.texts)]
+            start += len(job.texts)
+            job.loop.call_soon_threadsafe(_set_result, job.future, rows)
+        self.on_batch(stats)
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():  # the request may have timed out and gone
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, err: Exception) -> None:
+    if not future.done():
+        future.set_exception(err)

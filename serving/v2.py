@@ -1,0 +1,167 @@
+"""The Open Inference Protocol (KServe V2) REST API, beside `/predict`.
+
+The model takes a BYTES input `text` (one text per element) and returns
+`probabilities` (FP32, [n, classes]) and `label` (BYTES, [n]). Errors are
+`{"error": message}`, as the protocol says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from serving.bundle import Bundle
+
+OUTPUTS = ("probabilities", "label")
+
+
+class V2Error(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+def parse_request(body: bytes) -> InferRequest:
+    try:
+        return InferRequest.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            raise V2Error(400, "the request body is not valid JSON") from None
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise V2Error(400, f"{where}: {first['msg']}") from None
+
+
+def flatten(data: list) -> list:
+    """V2 tensors may be sent flat or nested in row-major order."""
+    flat = []
+    for item in data:
+        flat.extend(flatten(item) if isinstance(item, list) else [item])
+    return flat
+
+
+def texts_from(request: InferRequest, max_texts: int) -> list[str]:
+    if len(request.inputs) != 1 or request.inputs[0].name != "text":
+        raise V2Error(400, "expected exactly one input, named 'text'")
+    tensor = request.inputs[0]
+    if tensor.datatype != "BYTES":
+        raise V2Error(400, f"input 'text' must be BYTES, not {tensor.datatype}")
+    texts = flatten(tensor.data)
+    count = 1
+    for dim in tensor.shape:
+        count *= dim
+    if count != len(texts):
+        raise V2Error(400, f"input 'text' has shape {tensor.shape} but {len(texts)} elements")
+    if not texts or len(texts) > max_texts:
+        raise V2Error(400, f"input 'text' must hold 1 to {max_texts} texts, not {len(texts)}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise V2Error(400, f"input 'text' element {i} must be a non-empty string")
+    return texts
+
+
+def model_metadata(bundle: Bundle) -> dict:
+    return {
+        "name": bundle.meta["model_name"],
+        "versions": [bundle.version],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32",
+             "shape": [-1, len(bundle.label_names)]},
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        ],
+        "parameters": {"label_names": bundle.label_names},
+    }
+
+
+def v2_router(service, require_key) -> APIRouter:
+    """Routes over `service` (serving.app.Service); `require_key` guards inference."""
+    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+
+    def bundle_named(name: str) -> Bundle:
+        bundle = service.state.bundle
+        if bundle is None:
+            raise V2Error(503, service.state.error or "the model is still loading")
+        if name != bundle.meta["model_name"]:
+            raise V2Error(404, f"unknown model {name!r} (serving {bundle.meta['model_name']!r})")
+        return bundle
+
+    @router.get("")
+    async def server_metadata() -> dict:
+        return {"name": "textops", "version": "1", "extensions": []}
+
+    @router.get("/health/live")
+    async def live() -> dict:
+        return {"live": True}
+
+    @router.get("/health/ready")
+    async def ready():
+        ok = service.state.bundle is not None
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @router.get("/models/{name}")
+    @router.get("/models/{name}/versions/{version}")
+    async def metadata(name: str, version: str | None = None) -> dict:
+        return model_metadata(bundle_named(name))
+
+    @router.get("/models/{name}/ready")
+    @router.get("/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None):
+        bundle_named(name)
+        return {"name": name, "ready": True}
+
+    # The body is parsed here rather than by FastAPI: V2 clients (tritonclient among
+    # them) send JSON without a Content-Type header.
+    body_schema = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": InferRequest.model_json_schema()}}}}
+
+    @router.post("/models/{name}/infer", dependencies=[Depends(require_key)],
+                 openapi_extra=body_schema)
+    @router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)],
+                 openapi_extra=body_schema)
+    async def infer(name: str, raw: Request, version: str | None = None) -> dict:
+        bundle = bundle_named(name)
+        request = parse_request(await raw.body())
+        texts = texts_from(request, service.settings.max_texts)
+        wanted = [o.name for o in request.outputs] if request.outputs else list(OUTPUTS)
+        unknown = [o for o in wanted if o not in OUTPUTS]
+        if unknown:
+            raise V2Error(400, f"unknown output {unknown[0]!r} (outputs: {', '.join(OUTPUTS)})")
+        probs = await service.predict(texts)
+        tensors = {
+            "probabilities": {"name": "probabilities", "datatype": "FP32",
+                              "shape": list(probs.shape), "data": probs.ravel().tolist()},
+            "label": {"name": "label", "datatype": "BYTES", "shape": [len(texts)],
+                      "data": [bundle.label_names[i] for i in probs.argmax(axis=1)]},
+        }
+        response = {"model_name": name, "model_version": bundle.version,
+                    "outputs": [tensors[o] for o in wanted]}
+        if request.id is not None:
+            response["id"] = request.id
+        return response
+
+    return router

@@ -1,0 +1,281 @@
+"""Serving under production conditions: batching, backpressure, timeouts, draining,
+zero-downtime reload, security, the Open Inference Protocol, metrics and explanations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from conftest import running_service
+
+from serving.batcher import Batcher, infer, length_groups
+from serving.bundle import Bundle
+
+TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story and the acting",
+         "lovely", "weak weak weak film with a boring cast " * 3, "fine movie", "bad",
+         "superb acting and a great story but a dull plot"]
+TOLERANCE = 1e-5  # batched vs single: same labels, probabilities within this
+
+
+def copy_bundle(src, dest, version: str):
+    """The same model under another version: a 'new' bundle for reload tests."""
+    shutil.copytree(src, dest)
+    meta = json.loads((dest / "bundle.json").read_text())
+    meta["version"] = version
+    (dest / "bundle.json").write_text(json.dumps(meta))
+    return dest
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_length_groups_bound_the_padding():
+    lengths = [3, 60, 4, 58, 5, 3, 61, 30]
+    groups = length_groups(lengths, max_padding=1.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        real = sum(lengths[i] for i in group)
+        assert max(lengths[i] for i in group) * len(group) <= 1.25 * real
+    assert len(groups) < len(lengths)  # similar lengths do share a call
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_batched_answers_equal_single_answers(built_bundle, precision):
+    bundle = Bundle.load(built_bundle[0], precision)
+    single = np.concatenate([infer(bundle, [t])[0] for t in TEXTS])
+    batched, stats = infer(bundle, TEXTS)
+    assert (single.argmax(1) == batched.argmax(1)).all()
+    assert np.abs(single - batched).max() <= TOLERANCE
+    assert stats.padded_tokens <= 1.25 * stats.real_tokens
+
+
+def test_batcher_merges_concurrent_requests(built_bundle):
+    bundle = Bundle.load(built_bundle[0], "int8")
+    seen = []
+    batcher = Batcher(lambda: bundle, max_batch_size=64, max_wait_ms=20, on_batch=seen.append)
+
+    async def many():
+        return await asyncio.gather(*(batcher.submit([t]) for t in TEXTS * 8))
+
+    try:
+        results = asyncio.run(many())
+    finally:
+        batcher.close()
+    expected = np.concatenate([infer(bundle, [t])[0] for t in TEXTS * 8])
+    assert np.abs(np.concatenate(results) - expected).max() <= TOLERANCE
+    assert sum(s.texts for s in seen) == 64
+    assert max(s.requests for s in seen) > 1  # requests did share model calls
+
+
+# ---------------------------------------------------------------- backpressure
+
+
+def post_many(url, bodies, workers=32, headers=None):
+    with httpx.Client(base_url=url, timeout=60, headers=headers) as client, \
+            ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda body: client.post("/predict", json=body), bodies))
+
+
+def test_full_queue_answers_503_with_retry_after_and_drops_nothing(built_bundle, tmp_path):
+    long_texts = [TEXTS[4] * 2] * 8
+    with running_service(built_bundle[0], tmp_path, max_queue=16, max_texts=8,
+                         max_batch_size=8, max_wait_ms=0) as service:
+        responses = post_many(service.url, [{"texts": long_texts}] * 64, workers=48)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused, "the queue never filled"
+    assert refused[0].headers["Retry-After"] == "1"
+    assert refused[0].json()["code"] == "overloaded"
+    accepted = [r for r in responses if r.status_code == 200]
+    assert accepted and all(len(r.json()["predictions"]) == 8 for r in accepted)
+
+
+def test_slow_answer_times_out_with_504(built_bundle, tmp_path):
+    with running_service(built_bundle[0], tmp_path, request_timeout_s=0.0005) as service:
+        response = httpx.post(f"{service.url}/predict", json={"texts": TEXTS * 8}, timeout=30)
+    assert response.status_code == 504
+    assert response.json()["code"] == "timeout"
+
+
+def queued_texts(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("textops_queue_depth")))
+
+
+def test_sigterm_finishes_requests_in_flight(built_bundle, tmp_path):
+    """SIGTERM: stop accepting, answer every request already accepted, then exit."""
+    with running_service(built_bundle[0], tmp_path, max_batch_size=8, max_texts=64,
+                         max_queue=2048) as service:
+        with ThreadPoolExecutor(24) as pool:
+            futures = [pool.submit(httpx.post, f"{service.url}/predict",
+                                   json={"texts": TEXTS * 8}, timeout=60) for _ in range(24)]
+            deadline = time.monotonic() + 10
+            while queued_texts(service.url) == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert queued_texts(service.url) > 0  # accepted and waiting for the model
+            service.process.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]
+        service.process.wait(30)
+        log = service.log_tail(20)
+    assert [r.status_code for r in results] == [200] * 24
+    assert all(len(r.json()["predictions"]) == 64 for r in results)
+    assert "Application shutdown complete" in log and "Finished server process" in log
+
+
+# ---------------------------------------------------------------- reload
+
+
+def test_reload_under_load_fails_no_request(built_bundle, tmp_path):
+    old = copy_bundle(built_bundle[0], tmp_path / "bundles" / "1", "v-old")
+    new = copy_bundle(built_bundle[0], tmp_path / "bundles" / "2", "v-new")
+    current = tmp_path / "current"
+    current.symlink_to(old)
+    with running_service(current, tmp_path, watch_interval_s=0.2) as service:
+        stop, statuses, versions = threading.Event(), [], []
+
+        def load():
+            with httpx.Client(base_url=service.url, timeout=30) as client:
+                while not stop.is_set():
+                    r = client.post("/predict", json={"texts": TEXTS})
+                    statuses.append(r.status_code)
+                    versions.append(r.json().get("model_version"))
+
+        workers = [threading.Thread(target=load) for _ in range(8)]
+        for w in workers:
+            w.start()
+        time.sleep(1)
+        link = tmp_path / "current.tmp"
+        link.symlink_to(new)
+        os.replace(link, current)  # what the deploy stage does
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "v-new" not in versions[-8:]:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join()
+        metrics = httpx.get(f"{service.url}/metrics").text
+    assert statuses and set(statuses) == {200}
+    assert "v-old" in versions and versions[-1] == "v-new"
+    assert 'textops_model_info{model_name="synthetic-classifier",precision="int8",' \
+           'version="v-new"} 1.0' in metrics
+
+
+def test_admin_reload_token_and_broken_bundle_refused(built_bundle, tmp_path):
+    other = copy_bundle(built_bundle[0], tmp_path / "other", "v-other")
+    broken = copy_bundle(built_bundle[0], tmp_path / "broken", "v-broken")
+    (broken / "model.int8.onnx").write_bytes(b"not an onnx model")
+    with running_service(built_bundle[0], tmp_path, admin_token="s3cret",
+                         watch_interval_s=0) as service:
+        url = f"{service.url}/admin/reload"
+        assert httpx.post(url).status_code == 401
+        assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        refused = httpx.post(url, headers=auth, json={"bundle": str(broken)}, timeout=30)
+        assert refused.status_code == 422
+        assert "model.int8.onnx: onnxruntime cannot load it" in refused.json()["error"]
+        missing = httpx.post(url, headers=auth, json={"bundle": str(tmp_path / "nope")})
+        assert missing.status_code == 422 and "no such bundle directory" in missing.text
+        # the old model kept serving through both
+        assert httpx.get(f"{service.url}/health/ready").json()["model_version"] \
+            == built_bundle[1]["version"]
+        done = httpx.post(url, headers=auth, json={"bundle": str(other)}, timeout=30)
+        assert done.status_code == 200
+        assert done.json() == {"model_version": "v-other",
+                               "previous_version": built_bundle[1]["version"]}
+        assert httpx.get(f"{service.url}/metadata").json()["version"] == "v-other"
+    with running_service(built_bundle[0], tmp_path) as service:  # no token: no admin API
+        assert httpx.post(f"{service.url}/admin/reload").status_code == 404
+
+
+def test_api_keys_guard_prediction_routes_only(built_bundle, tmp_path):
+    with running_service(built_bundle[0], tmp_path, api_keys="k1,k2") as service:
+        with httpx.Client(base_url=service.url) as c:
+            body = {"texts": ["great"]}
+            assert c.post("/predict", json=body).status_code == 401
+            assert c.post("/predict", json=body, headers={"X-API-Key": "nope"}).status_code \
+                == 401
+            assert c.post("/predict", json=body, headers={"X-API-Key": "k2"}).status_code == 200
+            assert c.post("/predict", json=body,
+                          headers={"Authorization": "Bearer k1"}).status_code == 200
+            assert c.post("/explain", json={"text": "great"}).status_code == 401
+            assert c.get("/health/ready").status_code == 200  # probes need no key
+            assert c.get("/metadata").status_code == 200
+
+
+# ---------------------------------------------------------------- interfaces
+
+
+def test_open_inference_protocol_with_tritonclient(live_service, built_bundle):
+    import tritonclient.http as triton
+
+    name = built_bundle[1]["model_name"]
+    client = triton.InferenceServerClient(live_service.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(name)
+    metadata = client.get_model_metadata(name)
+    assert metadata["inputs"][0] == {"name": "text", "datatype": "BYTES", "shape": [-1]}
+    texts = ["great superb film", "awful dull boring plot"]
+    tensor = triton.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array(texts, dtype=object), binary_data=False)
+    result = client.infer(name, [tensor], outputs=[
+        triton.InferRequestedOutput("probabilities", binary_data=False),
+        triton.InferRequestedOutput("label", binary_data=False)])
+    probs = result.as_numpy("probabilities")
+    expected = Bundle.load(built_bundle[0], "int8").predict_proba(texts)
+    assert probs.shape == (2, 2) and np.abs(probs - expected).max() <= TOLERANCE
+    assert [label.decode() if isinstance(label, bytes) else label
+            for label in result.as_numpy("label")] == ["pos", "neg"]
+    with pytest.raises(triton.InferenceServerException, match="unknown model 'nope'"):
+        client.infer("nope", [tensor])
+    bad = httpx.post(f"{live_service.url}/v2/models/{name}/infer",
+                     json={"inputs": [{"name": "text", "shape": [1], "datatype": "FP32",
+                                       "data": [1.0]}]})
+    assert bad.status_code == 400 and bad.json() == {"error": "input 'text' must be BYTES, "
+                                                              "not FP32"}
+
+
+def test_metrics_expose_traffic_batches_and_drift(live_service):
+    with httpx.Client(base_url=live_service.url) as c:
+        for text in TEXTS:
+            c.post("/predict", json={"texts": [text]})
+        c.post("/predict", json={"texts": []})
+        text = c.get("/metrics").text
+    for needle in (
+        'textops_requests_total{method="POST",route="/predict",status="200"}',
+        'textops_requests_total{method="POST",route="/predict",status="422"}',
+        "textops_request_seconds_bucket", "textops_queue_depth", "textops_batch_texts_bucket",
+        "textops_inference_seconds_bucket", "textops_model_info{",
+        "textops_drift_length_psi", "textops_drift_unknown_token_psi",
+        "textops_unknown_token_rate", "textops_drift_predicted_class_psi",
+        'textops_predicted_class_share{label="pos"}',
+    ):
+        assert needle in text, needle
+    psi = float(next(line.split()[-1] for line in text.splitlines()
+                     if line.startswith("textops_drift_length_psi")))
+    assert psi >= 0
+
+
+def test_explain_attributes_the_label_to_its_tokens(live_service):
+    response = httpx.post(f"{live_service.url}/explain",
+                          json={"text": "superb film, awful plot"}, timeout=30)
+    assert response.status_code == 200
+    body = response.json()
+    tokens = {t["token"]: t["attribution"] for t in body["tokens"]}
+    assert {"superb", "film", "awful", "plot"} <= set(tokens)
+    supporting = "superb" if body["label"] == "pos" else "awful"
+    opposing = "awful" if body["label"] == "pos" else "superb"
+    assert tokens[supporting] > 0 > tokens[opposing]
+    first = body["tokens"][0]
+    assert "superb film, awful plot"[first["start"]:first["end"]] == first["token"]
