@@ -77,6 +77,16 @@ def compose_params(overrides: list[str], output: str | Path = PARAMS_FILE, conf_
     compose_and_dump(output, conf, None, "config", str(Path(conf).parent), overrides)
 
 
+def compose(overrides: list[str], conf_dir: str | Path = "conf") -> DictConfig:
+    """conf/ composed with `overrides`, resolved: what params.yaml would hold."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        compose_params(list(overrides), out, conf_dir)
+        return load_params(out)
+
+
 if __name__ == "__main__":  # `make params` / `python -m pipeline.config model=lstm ...`
     import sys
 

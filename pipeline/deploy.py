@@ -30,6 +30,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnxruntime as ort
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
@@ -76,31 +77,36 @@ class DeployError(RuntimeError):
 
 
 def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> None:
-    """ONNX with dynamic batch and sequence axes, weights inside the one file."""
+    """ONNX with dynamic batch and sequence axes, weights inside the one file.
+
+    The torch.export-based exporter is the default; a model whose graph it cannot
+    keep dynamic says `onnx_exporter = "torchscript"` (the LSTM: torch.export
+    specialises nn.LSTM to the example's shape).
+    """
     model.eval()
     input_ids = torch.full((2, 8), pad_id + 1, dtype=torch.long)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 5:] = 0  # trace the padded case too
     axes = {0: "batch", 1: "sequence"}
-    torch.onnx.export(
-        model,
-        (input_ids, attention_mask),
-        str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
+    common = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"],
+              "opset_version": opset}
+    if getattr(model, "onnx_exporter", "dynamo") == "torchscript":
+        torch.onnx.export(model, (input_ids, attention_mask), str(path), dynamo=False,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                        "logits": {0: "batch"}}, **common)
+        return
+    torch.onnx.export(model, (input_ids, attention_mask), str(path), dynamo=True,
+                      dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+                      external_data=False, verbose=False, **common)
 
 
 class Calibration(CalibrationDataReader):
     """Padded batches of validation rows for static int8 calibration."""
 
-    def __init__(self, rows: list[list[int]], pad_id: int, batch_size: int = 32):
-        rows = sorted(rows, key=len)  # batches of similar length, as served
+    def __init__(self, rows: list[list[int]], pad_id: int, batch_size: int = 32,
+                 sort: bool = True):
+        if sort:
+            rows = sorted(rows, key=len)  # batches of similar length, as served
         self.batches = [self._pad(rows[i : i + batch_size], pad_id)
                         for i in range(0, len(rows), batch_size)]
         self.position = 0
@@ -121,23 +127,57 @@ class Calibration(CalibrationDataReader):
         return self.batches[self.position - 1]
 
 
-def quantize_int8(fp32: Path, int8: Path, calibration: Calibration) -> None:
+# Activation schemes tried for int8: symmetric int8 suits the small Transformer,
+# asymmetric uint8 the pre-trained encoders, whose activations are skewed. Both are
+# static (fixed scales), so a text's answer never depends on its batch companions.
+INT8_SCHEMES = {
+    "symmetric": {"activation_type": QuantType.QInt8,
+                  "extra_options": {"ActivationSymmetric": True}},
+    "asymmetric": {"activation_type": QuantType.QUInt8, "extra_options": {}},
+}
+
+
+def quantize_int8(prepared: Path, int8: Path, calibration: Calibration, scheme: str) -> None:
     """Static QDQ int8 of the matrix multiplications, per-channel weights."""
+    quantize_static(
+        str(prepared), str(int8), calibration,
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        calibrate_method=CalibrationMethod.MinMax,
+        **INT8_SCHEMES[scheme],
+    )
+
+
+def onnx_logits(model: Path, rows: list[list[int]], pad_id: int) -> np.ndarray:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run(["logits"], batch)[0]
+                           for batch in Calibration(rows, pad_id, sort=False).batches])
+
+
+def quantize_best(fp32: Path, int8: Path, module, val_rows: list[list[int]], cfg: DictConfig
+                  ) -> dict:
+    """Calibrate on some validation rows, compare the schemes on others, keep the one
+    whose labels agree best with PyTorch."""
+    pad_id = module.hparams.pad_id
+    calibration_rows = val_rows[: cfg.deploy.calibration_rows]
+    check_rows = val_rows[cfg.deploy.calibration_rows :][:1024] or calibration_rows
+    reference = predict_logits(module, check_rows, cfg.evaluate.batch_size).argmax(1)
+    agreement = {}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # Symbolic shape inference cannot follow the exporter's dynamic shapes; the
         # ONNX shape inference and graph optimisation steps still apply.
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared), str(int8), calibration,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": True},
-        )
+        for scheme in INT8_SCHEMES:
+            candidate = Path(tmp) / f"{scheme}.onnx"
+            quantize_int8(prepared, candidate, Calibration(calibration_rows, pad_id), scheme)
+            labels = onnx_logits(candidate, check_rows, pad_id).argmax(1)
+            agreement[scheme] = float((labels == reference).mean())
+        best = max(agreement, key=agreement.get)
+        shutil.move(Path(tmp) / f"{best}.onnx", int8)
+    return {"scheme": best, "validation_agreement": agreement}
 
 
 # ---------------------------------------------------------------- checks
@@ -282,14 +322,14 @@ def build_bundle(cfg: DictConfig, out_dir: Path = CANDIDATE_BUNDLE,
                        profile, pad_id)
     with atomic.atomic_dir(out_dir) as tmp:
         export_onnx(module.model, tmp / MODEL_FILES["fp32"], cfg.deploy.opset, pad_id)
-        val_ids = column(splits["val"], "input_ids")[: cfg.deploy.calibration_rows]
-        quantize_int8(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"],
-                      Calibration(val_ids, pad_id))
+        int8 = quantize_best(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], module,
+                             column(splits["val"], "input_ids"), cfg)
         shutil.copy2(processed_dir / "tokenizer.json", tmp / "tokenizer.json")
         atomic.write_json(tmp / "bundle.json", meta)
         test = splits["test"]
         meta["parity"] = check_parity(tmp, module, column(test, "text"),
                                       column(test, "input_ids"), cfg)
+        meta["int8"] = int8
         atomic.write_json(tmp / "bundle.json", meta)
         atomic.write_text(tmp / "MODEL_CARD.md", model_card(meta))
     return meta

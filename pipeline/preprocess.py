@@ -20,7 +20,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-from datasets import Dataset, DatasetDict, load_from_disk
+from datasets import Dataset, DatasetDict
 from omegaconf import DictConfig
 from tokenizers import (
     AddedToken,
@@ -35,7 +35,7 @@ from tokenizers import (
 
 from pipeline import atomic
 from pipeline.config import PROCESSED_DIR, RAW_DIR, load_params
-from pipeline.splits import column
+from pipeline.splits import column, load_dataset_dir
 
 PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
 SPECIAL_TOKENS = [PAD, UNK, CLS]
@@ -319,7 +319,7 @@ def preprocess(
 ) -> dict:
     """Run the whole stage; write `out_dir` atomically, only if validation passes."""
     datasets.disable_progress_bars()
-    raw = load_from_disk(str(raw_dir / "dataset"))
+    raw = load_dataset_dir(raw_dir / "dataset")
     manifest = atomic.read_json(raw_dir / "manifest.json")
     label_names = raw["train"].features["label"].names
 

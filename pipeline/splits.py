@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from pipeline.config import PROCESSED_DIR
@@ -15,5 +16,15 @@ def column(ds: Dataset, name: str) -> list:
     return ds.with_format("arrow")[name].to_pylist()
 
 
+def load_dataset_dir(path: Path) -> DatasetDict:
+    """A saved DatasetDict, opened so that nothing is ever written back into it.
+
+    `datasets` caches the results of map/select/split next to the source files by
+    default, which would change another stage's output behind DVC's back.
+    """
+    datasets.disable_caching()
+    return load_from_disk(str(path))
+
+
 def load_splits(processed_dir: Path = PROCESSED_DIR) -> DatasetDict:
-    return load_from_disk(str(Path(processed_dir) / "dataset"))
+    return load_dataset_dir(Path(processed_dir) / "dataset")

@@ -20,8 +20,14 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
 from pytorch_lightning.loggers import MLFlowLogger
 from tokenizers import Tokenizer
 
@@ -42,6 +48,19 @@ from pipeline.preprocess import PAD
 WORK_DIR = Path("models/train-work")
 
 
+class EpochSummary(Callback):
+    """One line per epoch on stdout, since the progress bar is off in stage logs."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        shown = "  ".join(f"{k} {float(metrics[k]):.4f}" for k in
+                          ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1")
+                          if k in metrics)
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown}", flush=True)
+
+
 def fingerprint(cfg: DictConfig, data_hash: str) -> str:
     """What a resumable run must share with the run it resumes."""
     relevant = {k: OmegaConf.to_container(cfg[k]) for k in ("model", "train", "trainer")}
@@ -50,17 +69,22 @@ def fingerprint(cfg: DictConfig, data_hash: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def prepare_work_dir(work_dir: Path, key: str) -> tuple[Path | None, str | None]:
-    """The checkpoint and MLflow run to resume, if an interrupted run left them."""
-    state_file = work_dir / "state.json"
-    if state_file.exists():
+def prepare_work_dir(work_dir: Path, key: str) -> tuple[Path | None, str | None, dict | None]:
+    """The checkpoint, MLflow run and position to resume, if an interrupted run with
+    the same configuration and data left them; otherwise a clean work directory."""
+    state_file, last = work_dir / "state.json", work_dir / "last.ckpt"
+    if state_file.exists() and last.exists():
         state = atomic.read_json(state_file)
-        last = work_dir / "last.ckpt"
-        if state.get("fingerprint") == key and last.exists():
-            return last, state.get("run_id")
+        try:
+            saved = torch.load(last, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - killed while writing it: start over
+            saved = None
+        if state.get("fingerprint") == key and saved is not None:
+            position = {"epoch": saved["epoch"], "global_step": saved["global_step"]}
+            return last, state.get("run_id"), position
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    return None, None
+    return None, None, None
 
 
 def build_module(cfg: DictConfig, tokenizer: Tokenizer, profile: dict) -> TextClassifier:
@@ -78,7 +102,8 @@ def build_module(cfg: DictConfig, tokenizer: Tokenizer, profile: dict) -> TextCl
     )
 
 
-def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
+                  extra_callbacks: list[Callback] = ()) -> pl.Trainer:
     monitor = cfg.train.monitor
     mode = "min" if monitor.endswith("loss") else "max"
     callbacks = [
@@ -88,6 +113,8 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path) -> pl.T
         ),
         EarlyStopping(monitor=monitor, mode=mode, patience=cfg.train.patience),
         LearningRateMonitor(logging_interval="epoch"),
+        EpochSummary(),
+        *extra_callbacks,
     ]
     return pl.Trainer(
         **OmegaConf.to_container(cfg.trainer),
@@ -109,22 +136,28 @@ def fit(
     checkpoint_dir: Path = CHECKPOINT_DIR,
     report_path: Path = TRAIN_REPORT,
     work_dir: Path = WORK_DIR,
+    callbacks: list[Callback] = (),
+    tags: dict | None = None,
 ) -> dict | None:
-    """Train; on rank 0 return (and write) the report, on other ranks return None."""
+    """Train; on rank 0 return (and write) the report, on other ranks return None.
+
+    `callbacks` join the trainer's; `tags` join the MLflow run's (hyperparameter
+    search nests its trials under a parent run this way)."""
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer = Tokenizer.from_file(str(processed_dir / "tokenizer.json"))
     profile = atomic.read_json(processed_dir / "profile.json")
     data_hash = profile["data"]["content_hash"]
-    resume_from, run_id = prepare_work_dir(work_dir, fingerprint(cfg, data_hash))
+    resume_from, run_id, position = prepare_work_dir(work_dir, fingerprint(cfg, data_hash))
 
     logger = MLFlowLogger(
         experiment_name=cfg.mlflow.experiment,
         run_name=f"{cfg.data.name}-{cfg.model.name}",
         tracking_uri=tracking_uri(cfg),
         run_id=run_id,
-        tags={"git_commit": git_commit(), "data_hash": data_hash, "data": cfg.data.name},
+        tags={"git_commit": git_commit(), "data_hash": data_hash, "data": cfg.data.name,
+              **(tags or {})},
     )
-    trainer = build_trainer(cfg, logger, work_dir)
+    trainer = build_trainer(cfg, logger, work_dir, callbacks)
     datamodule = TextDataModule(
         pad_id=tokenizer.token_to_id(PAD),
         batch_size=cfg.train.batch_size,
@@ -145,12 +178,13 @@ def fit(
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return None
+    resumed = {"from": resume_from, "at": position}
     return finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path,
-                  seconds, resume_from)
+                  seconds, resumed)
 
 
 def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path, seconds,
-           resume_from) -> dict:
+           resumed) -> dict:
     """Move the checkpoints into place, log them, and write the report (rank 0)."""
     checkpoint = trainer.checkpoint_callback
     with atomic.atomic_dir(checkpoint_dir) as tmp:
@@ -170,7 +204,8 @@ def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_pa
         "epochs": epochs,
         "global_step": trainer.global_step,
         "stopped_early": trainer.early_stopping_callback.stopped_epoch > 0,
-        "resumed_from": str(resume_from) if resume_from else None,
+        "resumed_from": str(resumed["from"]) if resumed["from"] else None,
+        "resumed_at": resumed["at"],
         "train_rows": len(datamodule.rows["train"]),
         "wall_time_s": round(seconds, 1),
         # Optimizer steps x batch size over the whole fit, validation included.

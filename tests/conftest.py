@@ -12,15 +12,16 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+# Tests choose their own tracking databases; an outer setting must not leak in.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 HAS_GPU = torch.cuda.is_available()
 GPUS = torch.cuda.device_count()
@@ -39,12 +40,9 @@ def pytest_collection_modifyitems(config, items):
 
 def compose(*overrides: str):
     """conf/ composed with overrides, resolved, as the stages would read it."""
-    from pipeline.config import compose_params
+    from pipeline.config import compose as compose_conf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "params.yaml"
-        compose_params(list(overrides), out, conf_dir=ROOT / "conf")
-        return OmegaConf.load(out)
+    return compose_conf(list(overrides), ROOT / "conf")
 
 
 @pytest.fixture
@@ -118,20 +116,29 @@ def workspace(tmp_path_factory):
     cfg.train.lr = 5e-3
     cfg.mlflow.tracking_uri = f"sqlite:///{path}/mlflow.db"
     cfg.deploy.model_name = "synthetic-classifier"
-    previous = Path.cwd()
-    os.chdir(path)
-    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
+    with inside(path):
         write_raw(path / "data" / "raw", {"train": synthetic_rows(400),
                                           "test": synthetic_rows(60, seed=1)})
         preprocess(cfg.preprocess, cfg.seed)
         fit(cfg)
         evaluate(cfg)
+    return path, cfg
+
+
+@contextlib.contextmanager
+def inside(path: Path):
+    """Run stage functions in `path`, leaving no working directory or tracking URI
+    behind (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which the stages
+    read first)."""
+    previous, saved_uri = Path.cwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(path)
+    try:
+        yield
     finally:
         os.chdir(previous)
-    yield path, cfg
-    if saved_uri is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if saved_uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
 
 
 @pytest.fixture(scope="session")
@@ -140,12 +147,8 @@ def built_bundle(workspace):
     from pipeline import deploy
 
     path, cfg = workspace
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
+    with inside(path):
         meta = deploy.build_bundle(cfg)
-    finally:
-        os.chdir(previous)
     return path / "models/candidate", meta
 
 
@@ -172,3 +175,14 @@ def live_service(built_bundle, tmp_path_factory):
     with running_service(bundle_dir, tmp_path_factory.mktemp("service"), max_texts=8,
                          max_chars=200, max_body_bytes=4000) as service:
         yield service
+
+
+@pytest.fixture(autouse=True)
+def _restore_tracking_uri():
+    """mlflow.set_tracking_uri() sets MLFLOW_TRACKING_URI, which wins over a config's
+    URI: undo it after every test so no test tracks into another's database."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved

@@ -73,6 +73,25 @@ def test_a_train_param_change_reruns_only_train_and_after(smoke_repo):
     assert "0.002" in run(["dvc", "exp", "show", "--csv"], smoke_repo).stdout
 
 
+@pytest.mark.parametrize("model,extra", [
+    ("lstm", []),
+    # the pre-trained encoder brings its own tokenizer: preprocess reruns too
+    ("minilm", ["-S", "data.max_rows=300"]),
+])
+def test_every_model_goes_through_all_six_stages(smoke_repo, model, extra):
+    result = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", f"model={model}",
+                  *extra], smoke_repo, timeout=900)
+    output = result.stdout + result.stderr
+    for stage in ("train", "evaluate", "deploy", "serve"):
+        assert f"Running stage '{stage}'" in output, stage
+    bundle = json.loads((smoke_repo / "models/candidate/bundle.json").read_text())
+    assert bundle["model"]["name"] == {"lstm": "lstm", "minilm": "pretrained"}[model]
+    assert bundle["parity"]["tokenizer_mismatches"] == 0
+    assert bundle["parity"]["batch_invariance_max_abs_diff"]["int8"] <= 1e-5
+    served = json.loads((smoke_repo / "reports/serve.json").read_text())
+    assert served["bundle_version"] == bundle["version"] and served["mismatches"] == 0
+
+
 def test_make_deploy_curl_and_undeploy(smoke_repo):
     port = control.free_port()
     make = ["make", "-o", f"{VENV}/.installed", f"VENV={VENV}", f"PORT={port}"]

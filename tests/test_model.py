@@ -54,3 +54,19 @@ def test_it_learns_a_separable_task():
         optimizer.step()
     accuracy = (net.eval()(ids, torch.ones_like(ids)).argmax(1) == labels).float().mean()
     assert accuracy > 0.95
+
+
+def test_lstm_reads_each_text_backwards_from_its_own_end():
+    """The backward LSTM must not start in the padding: no batch dependence."""
+    from pipeline.models.lstm import LSTMClassifier, reverse_within_length
+
+    x = torch.arange(10.0).view(2, 5, 1)
+    lengths = torch.tensor([5, 3])
+    assert reverse_within_length(x, lengths)[:, :, 0].tolist() == [[4, 3, 2, 1, 0],
+                                                                    [7, 6, 5, 8, 9]]
+    torch.manual_seed(0)
+    net = LSTMClassifier(50, 3, 16, 0, embedding_dim=8, hidden_size=8).eval()
+    alone = net(torch.tensor([[2, 5, 6]]), torch.ones(1, 3, dtype=torch.long))
+    padded = net(torch.tensor([[2, 5, 6, 0, 0], [2, 9, 9, 9, 9]]),
+                 torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    assert torch.allclose(alone[0], padded[0], atol=1e-6)

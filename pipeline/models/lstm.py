@@ -22,6 +22,10 @@ def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
 
 
 class LSTMClassifier(nn.Module):
+    # torch.export fixes nn.LSTM to the example's batch and length; the TorchScript
+    # exporter keeps both dynamic (pipeline/deploy.py reads this).
+    onnx_exporter = "torchscript"
+
     def __init__(
         self,
         vocab_size: int,
