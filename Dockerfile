@@ -1,4 +1,5 @@
-# The serving image: onnxruntime + tokenizers + FastAPI, no torch, no pipeline code.
+# The serving image: onnxruntime + tokenizers + FastAPI (+ mlflow-skinny to follow a
+# registry alias), no torch, no pipeline code.
 # Its install steps are the ones `make serving-env` runs and checks outside Docker.
 #
 # Bundle mounted at run time (what `make deploy` does when a Docker engine runs):
@@ -13,7 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY serving ./serving
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir './[serve]'
+    && /opt/venv/bin/pip install --no-cache-dir './[serve,registry]'
 
 FROM python:3.11-slim AS runtime
 RUN useradd --create-home --uid 10001 --user-group app

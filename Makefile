@@ -15,7 +15,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup params repro deploy undeploy rollback serve test test-fast bench lint \
+.PHONY: help setup params repro deploy undeploy rollback serve test test-fast bench tune lint \
         serving-env docker mlflow-ui clean
 
 help:  ## list the targets
@@ -54,8 +54,13 @@ test: setup  ## run the test suite
 test-fast: setup  ## the tests that take seconds, not minutes
 	$(PY) -m pytest -m "not slow"
 
-bench: setup  ## benchmarks (bench/): ratios against baselines measured in the same run
-	$(PY) bench/run_all.py
+bench: repro  ## benchmarks (bench/): ratios against baselines measured in the same run
+	$(PY) bench/training.py
+	$(PY) bench/serving.py
+
+tune: setup  ## Optuna search; writes conf/experiment/tuned.yaml (make tune OVERRIDES="...")
+	dvc repro preprocess
+	$(PY) -m pipeline.tune $(OVERRIDES)
 
 lint: setup  ## ruff and hadolint
 	$(VENV)/bin/ruff check pipeline serving tests bench
@@ -65,7 +70,7 @@ serving-env:  ## install the serving image's dependencies into $(SERVE_VENV), as
 	rm -rf $(SERVE_VENV) build/serve-src && mkdir -p build/serve-src
 	cp -r pyproject.toml README.md serving build/serve-src/
 	$(PYTHON) -m venv $(SERVE_VENV)
-	$(SERVE_VENV)/bin/pip install --quiet --no-cache-dir './build/serve-src[serve]'
+	$(SERVE_VENV)/bin/pip install --quiet --no-cache-dir './build/serve-src[serve,registry]'
 	$(SERVE_VENV)/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the serving image'"
 	cd build && ../$(SERVE_VENV)/bin/python -c "import serving.app, serving.bundle; print('serving image dependencies: ok')"
 

@@ -158,27 +158,26 @@ def split_rows(
 # ---------------------------------------------------------------- tokenizer
 
 
+TOKENIZER_KINDS = {
+    "wordpiece": (models.WordPiece, trainers.WordPieceTrainer),
+    "bpe": (models.BPE, trainers.BpeTrainer),
+}
+
+
 def train_tokenizer(texts: list[str], cfg: DictConfig) -> Tokenizer:
     """A WordPiece or BPE tokenizer trained on `texts` (the training split only)."""
     kind = cfg.tokenizer.type
-    if kind == "wordpiece":
-        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=cfg.tokenizer.vocab_size,
-            min_frequency=cfg.tokenizer.min_frequency,
-            special_tokens=SPECIAL_TOKENS,
-            show_progress=False,
-        )
-    elif kind == "bpe":
-        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-        trainer = trainers.BpeTrainer(
-            vocab_size=cfg.tokenizer.vocab_size,
-            min_frequency=cfg.tokenizer.min_frequency,
-            special_tokens=SPECIAL_TOKENS,
-            show_progress=False,
-        )
-    else:
-        raise ValueError(f"preprocess.tokenizer.type: unknown type {kind!r} (wordpiece, bpe)")
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"preprocess.tokenizer.type: unknown type {kind!r} "
+                         f"({', '.join(TOKENIZER_KINDS)}, pretrained)")
+    model_class, trainer_class = TOKENIZER_KINDS[kind]
+    tokenizer = Tokenizer(model_class(unk_token=UNK))
+    trainer = trainer_class(
+        vocab_size=cfg.tokenizer.vocab_size,
+        min_frequency=cfg.tokenizer.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+    )
     tokenizer.normalizer = build_normalizer(cfg)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.train_from_iterator(texts, trainer=trainer)

@@ -279,3 +279,72 @@ def test_explain_attributes_the_label_to_its_tokens(live_service):
     assert tokens[supporting] > 0 > tokens[opposing]
     first = body["tokens"][0]
     assert "superb film, awful plot"[first["start"]:first["end"]] == first["token"]
+
+
+# ---------------------------------------------------------------- following the registry
+
+
+def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, tmp_path):
+    """A service started from models:/<name>@champion, against a real `mlflow server`,
+    switches by itself when another version becomes champion."""
+    import subprocess
+    import sys
+
+    import mlflow
+    from conftest import inside
+
+    from pipeline import deploy
+    from serving import control
+
+    bundle_dir, meta = built_bundle
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    with inside(tmp_path):
+        mlflow.set_tracking_uri(db)
+        run = mlflow.MlflowClient().create_run(
+            mlflow.MlflowClient().create_experiment("replicas")).info.run_id
+        first = json.loads(json.dumps(meta))
+        first["lineage"]["mlflow_run_id"] = run
+        v1 = deploy.register(bundle_dir, first)
+        mlflow.MlflowClient().set_registered_model_alias(meta["model_name"], "champion", v1)
+
+    port = control.free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, stdout=open(tmp_path / "mlflow.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    tracking = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{tracking}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking  # the replica's environment
+        with running_service(f"models:/{meta['model_name']}@champion", tmp_path,
+                             watch_interval_s=0.5, cache_dir=tmp_path / "cache") as service:
+            ready = httpx.get(f"{service.url}/health/ready").json()
+            assert ready["model_version"] == meta["version"]
+            assert httpx.get(f"{service.url}/metadata").json()["identity"] == \
+                f"{meta['model_name']}/{v1}"
+
+            second = copy_bundle(bundle_dir, tmp_path / "second", "v-second")
+            with inside(tmp_path):
+                mlflow.set_tracking_uri(db)
+                newer = json.loads((second / "bundle.json").read_text())
+                newer["lineage"]["mlflow_run_id"] = run
+                v2 = deploy.register(second, newer)
+                mlflow.MlflowClient().set_registered_model_alias(meta["model_name"],
+                                                                 "champion", v2)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if httpx.get(f"{service.url}/health/ready").json()["model_version"] \
+                        == "v-second":
+                    break
+                time.sleep(0.2)
+            assert httpx.get(f"{service.url}/metadata").json()["identity"] == \
+                f"{meta['model_name']}/{v2}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
