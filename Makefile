@@ -55,8 +55,8 @@ test-fast: setup  ## the tests that take seconds, not minutes
 	$(PY) -m pytest -m "not slow"
 
 bench: repro  ## benchmarks (bench/): ratios against baselines measured in the same run
-	$(PY) bench/training.py
-	$(PY) bench/serving.py
+	$(PY) bench/bench_training.py
+	$(PY) bench/bench_serving.py
 
 tune: setup  ## Optuna search; writes conf/experiment/tuned.yaml (make tune OVERRIDES="...")
 	dvc repro preprocess

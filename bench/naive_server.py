@@ -28,6 +28,10 @@ def create_app(checkpoint: str, tokenizer_file: str) -> FastAPI:
     pad_id = module.hparams.pad_id
     app = FastAPI()
 
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
     @app.post("/predict")
     def predict(request: PredictRequest) -> dict:  # sync: FastAPI runs it in a thread
         encoded = [e.ids for e in tokenizer.encode_batch(request.texts)]

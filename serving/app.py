@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -122,12 +123,13 @@ def check_texts(texts: list[str], settings: Settings) -> None:
                            limit="max_chars", value=settings.max_chars, item=i)
 
 
-def predictions(names: list[str], probs: np.ndarray) -> list[Prediction]:
+def predictions(names: list[str], probs: np.ndarray) -> list[dict]:
+    """One {label, score, probabilities} per row, as PredictResponse documents it."""
     out = []
     for row in probs.tolist():
         best = max(range(len(row)), key=row.__getitem__)
-        out.append(Prediction(label=names[best], score=row[best],
-                              probabilities=dict(zip(names, row, strict=True))))
+        out.append({"label": names[best], "score": row[best],
+                    "probabilities": dict(zip(names, row, strict=True))})
     return out
 
 
@@ -170,7 +172,7 @@ class Service:
         s = self.settings
         self.batcher = Batcher(lambda: self.state.bundle, s.max_batch_size, s.max_wait_ms,
                                s.max_queue, on_batch=self.metrics.observe_batch,
-                               enabled=s.batching)
+                               enabled=s.batching, workers=s.inference_threads)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         try:
             await self.reload()
@@ -279,6 +281,32 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+class RequestMetrics:
+    """ASGI middleware: count and time every request by route template and status.
+    (Plain ASGI: FastAPI's `@app.middleware("http")` costs far more per request.)"""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(path, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
 def secret_matches(offered: str | None, secrets: list[str]) -> bool:
     """Constant-time comparison, so response timing does not leak the secret."""
     if not offered:
@@ -302,21 +330,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await service.stop()  # uvicorn has finished the requests in flight by now
 
+    # FastAPI's own OpenTelemetry instrumentation costs a span per request; the
+    # service reports through Prometheus instead.
     app = FastAPI(title="textops text classifier",
                   description="Classifies texts with the deployed model bundle.",
-                  lifespan=lifespan)
+                  lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False,
+                             "operation_spans": False})
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        service.metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        service.metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics, metrics=service.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
@@ -342,25 +365,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"error": error.message}, status_code=400)
         return error.response()
 
-    async def require_key(authorization: str | None = Header(None),
-                          x_api_key: str | None = Header(None)) -> None:
-        keys = settings.api_key_list()
-        if keys and not secret_matches(x_api_key or bearer(authorization), keys):
+    keys = settings.api_key_list()
+
+    async def check_key(authorization: str | None = Header(None),
+                        x_api_key: str | None = Header(None)) -> None:
+        if not secret_matches(x_api_key or bearer(authorization), keys):
             raise ApiError(401, "unauthorized", "a valid API key is required "
                            "(Authorization: Bearer <key>, or X-API-Key)")
+
+    async def no_key() -> None:
+        """API keys are off: nothing to check, and no header parsing per request."""
+
+    require_key = check_key if keys else no_key
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def demo() -> str:
         return resources.files("serving").joinpath("static/index.html").read_text("utf-8")
 
     @app.post("/predict", response_model=PredictResponse, dependencies=[Depends(require_key)])
-    async def predict(request: PredictRequest) -> PredictResponse:
+    async def predict(request: PredictRequest) -> Response:
         """Classify up to `max_texts` texts: label, score and every class probability."""
         check_texts(request.texts, settings)
         bundle = service.state.bundle
         probs = await service.predict(request.texts)
-        return PredictResponse(model_version=bundle.version,
-                               predictions=predictions(bundle.label_names, probs))
+        # Serialised directly (orjson): the hot path skips re-validating its own output.
+        body = {"model_version": bundle.version,
+                "predictions": predictions(bundle.label_names, probs)}
+        return Response(orjson.dumps(body), media_type="application/json")
 
     @app.post("/explain", response_model=ExplainResponse, dependencies=[Depends(require_key)])
     async def explain_text(request: ExplainRequest) -> ExplainResponse:

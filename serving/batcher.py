@@ -95,7 +95,8 @@ class Batcher:
 
     def __init__(self, get_bundle: Callable[[], Bundle], max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, max_queue: int = 1024,
-                 on_batch: Callable[[BatchStats], None] | None = None, enabled: bool = True):
+                 on_batch: Callable[[BatchStats], None] | None = None, enabled: bool = True,
+                 workers: int = 1):
         self.get_bundle = get_bundle
         self.enabled = enabled  # False: each request runs alone, in a worker thread
         self.max_batch_size = max_batch_size
@@ -105,8 +106,10 @@ class Batcher:
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.queued_texts = 0  # texts accepted and not yet taken by the thread
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._loop, name="inference", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._loop, name=f"inference-{i}", daemon=True)
+                        for i in range(workers)]
+        for thread in self.threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -136,8 +139,10 @@ class Batcher:
 
     def close(self) -> None:
         """Finish what was accepted, then stop the thread."""
-        self.jobs.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.jobs.put(None)
+        for thread in self.threads:
+            thread.join()
 
     # ------------------------------------------------------------ the inference thread
 

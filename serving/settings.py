@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0, description="wait for companions, under load only")
     max_queue: int = Field(512, ge=1, description="texts waiting; more is answered 503")
     request_timeout_s: float = Field(10.0, gt=0, description="answered 504 after this")
+    inference_threads: int = Field(1, ge=1, description="batches run in parallel")
 
     # onnxruntime
     intra_op_threads: int = 0

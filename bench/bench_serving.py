@@ -1,6 +1,6 @@
 """Serving benchmark: this service against the in-process limit and the alternatives.
 
-    python bench/serving.py [--seconds 6] [--concurrency 1 8 32 128]   (make bench)
+    python bench/bench_serving.py [--seconds 6] [--concurrency 1 8 32 128]   (make bench)
 
 Measured in one run, interleaved (the machine's speed drifts over minutes), with
 SST-2 dev texts, one text and 16 texts per request, loopback only:
@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -90,10 +91,11 @@ def server(command: list[str], port: int, ready_path: str, log: Path, env: dict 
             if process.poll() is not None:
                 raise RuntimeError(f"{command[:3]} exited: {log.read_text()[-2000:]}")
             try:
-                if control.http_json("GET", f"http://{HOST}:{port}{ready_path}",
-                                     timeout=2)[0] == 200:
-                    break
-            except (OSError, json.JSONDecodeError):
+                with urllib.request.urlopen(f"http://{HOST}:{port}{ready_path}",
+                                            timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
                 pass
             time.sleep(0.3)
         else:
@@ -137,7 +139,7 @@ def main() -> None:
                                   {"TEXTOPS_BATCHING": "false"}),
         "naive FastAPI + PyTorch": ("naive", [python, "bench/naive_server.py",
                                               args.checkpoint, str(bundle_dir / "tokenizer.json")],
-                                    "/docs", {"PYTHONPATH": str(ROOT)}),
+                                    "/health", {"PYTHONPATH": str(ROOT)}),
         "mlflow models serve": ("mlflow", [str(Path(python).parent / "mlflow"), "models",
                                            "serve", "-m",
                                            f"models:/{bundle.meta['model_name']}@champion",

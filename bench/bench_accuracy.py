@@ -1,7 +1,7 @@
 """Accuracy and wall time of a configuration, from a clean start.
 
-    python bench/accuracy.py model=lstm                     # one configuration
-    python bench/accuracy.py data=ag_news model=lstm
+    python bench/bench_accuracy.py model=lstm                     # one configuration
+    python bench/bench_accuracy.py data=ag_news model=lstm
 
 Copies the repository to a temporary directory (so the workspace, its registry and
 its outputs are untouched), composes params.yaml with the overrides, and times

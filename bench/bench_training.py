@@ -1,6 +1,6 @@
 """Training benchmark: the Lightning train stage against a plain PyTorch loop.
 
-    python bench/training.py [--steps 300] [--repeats 2] [--no-repro]   (make bench)
+    python bench/bench_training.py [--steps 300] [--repeats 2] [--no-repro]   (make bench)
 
 Both train the configured model (params.yaml) on the processed training split with
 the same length-grouped batches, optimiser, schedule and clipping, for the same
