@@ -188,7 +188,8 @@ class Service:
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
 
-    async def predict(self, texts: list[str]) -> np.ndarray:
+    async def predict(self, texts: list[str]) -> tuple[np.ndarray, Bundle]:
+        """Probabilities and the bundle that computed them."""
         if self.state.bundle is None:
             raise ApiError(503, "not_ready", self.state.error or "the model is still loading")
         try:
@@ -386,8 +387,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def predict(request: PredictRequest) -> Response:
         """Classify up to `max_texts` texts: label, score and every class probability."""
         check_texts(request.texts, settings)
-        bundle = service.state.bundle
-        probs = await service.predict(request.texts)
+        probs, bundle = await service.predict(request.texts)
         # Serialised directly (orjson): the hot path skips re-validating its own output.
         body = {"model_version": bundle.version,
                 "predictions": predictions(bundle.label_names, probs)}

@@ -115,8 +115,9 @@ class Batcher:
     def depth(self) -> int:
         return self.queued_texts
 
-    async def submit(self, texts: list[str]) -> np.ndarray:
-        """Probabilities for `texts`; raises QueueFull when the queue is at its bound."""
+    async def submit(self, texts: list[str]) -> tuple[np.ndarray, Bundle]:
+        """Probabilities for `texts` and the bundle that computed them (a reload may
+        swap bundles between requests); raises QueueFull when the queue is full."""
         with self.lock:
             if self.queued_texts + len(texts) > self.max_queue:
                 raise QueueFull(f"{self.queued_texts} texts queued (limit {self.max_queue})")
@@ -128,14 +129,15 @@ class Batcher:
         self.jobs.put(job)
         return await job.future
 
-    async def _alone(self, texts: list[str]) -> np.ndarray:
+    async def _alone(self, texts: list[str]) -> tuple[np.ndarray, Bundle]:
+        bundle = self.get_bundle()
         try:
-            probs, stats = await asyncio.to_thread(infer, self.get_bundle(), texts)
+            probs, stats = await asyncio.to_thread(infer, bundle, texts)
         finally:
             with self.lock:
                 self.queued_texts -= len(texts)
         self.on_batch(stats)
-        return probs
+        return probs, bundle
 
     def close(self) -> None:
         """Finish what was accepted, then stop the thread."""
@@ -177,8 +179,9 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> None:
         texts = [text for job in batch for text in job.texts]
+        bundle = self.get_bundle()
         try:
-            probs, stats = infer(self.get_bundle(), texts)
+            probs, stats = infer(bundle, texts)
         except Exception as err:  # noqa: BLE001 - every waiting request gets the error
             for job in batch:
                 job.loop.call_soon_threadsafe(_set_exception, job.future, err)
@@ -188,7 +191,7 @@ class Batcher:
         for job in batch:
             rows = probs[start : start + len(job.texts)]
             start += len(job.texts)
-            job.loop.call_soon_threadsafe(_set_result, job.future, rows)
+            job.loop.call_soon_threadsafe(_set_result, job.future, (rows, bundle))
         self.on_batch(stats)
 
 

@@ -151,7 +151,7 @@ def v2_router(service, require_key) -> APIRouter:
         unknown = [o for o in wanted if o not in OUTPUTS]
         if unknown:
             raise V2Error(400, f"unknown output {unknown[0]!r} (outputs: {', '.join(OUTPUTS)})")
-        probs = await service.predict(texts)
+        probs, bundle = await service.predict(texts)
         tensors = {
             "probabilities": {"name": "probabilities", "datatype": "FP32",
                               "shape": list(probs.shape), "data": probs.ravel().tolist()},

@@ -71,7 +71,8 @@ def test_batcher_merges_concurrent_requests(built_bundle):
     finally:
         batcher.close()
     expected = np.concatenate([infer(bundle, [t])[0] for t in TEXTS * 8])
-    assert np.abs(np.concatenate(results) - expected).max() <= TOLERANCE
+    assert np.abs(np.concatenate([probs for probs, _ in results]) - expected).max() <= TOLERANCE
+    assert all(used is bundle for _, used in results)
     assert sum(s.texts for s in seen) == 64
     assert max(s.requests for s in seen) > 1  # requests did share model calls
 
