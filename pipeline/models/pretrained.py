@@ -45,6 +45,9 @@ class PretrainedClassifier(nn.Module):
         from transformers import AutoModel
 
         self.encoder = AutoModel.from_pretrained(resolve(path))
+        # from_pretrained returns the model in eval mode, and Lightning keeps a submodule's
+        # mode: without this the encoder's own dropout would be off while fine-tuning.
+        self.encoder.train()
         if vocab_size > self.encoder.get_input_embeddings().num_embeddings:
             self.encoder.resize_token_embeddings(vocab_size)
         self.dropout = nn.Dropout(dropout)
