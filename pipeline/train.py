@@ -49,16 +49,33 @@ WORK_DIR = Path("models/train-work")
 
 
 class EpochSummary(Callback):
-    """One line per epoch on stdout, since the progress bar is off in stage logs."""
+    """One line per epoch on stdout, since the progress bar is off in stage logs.
+
+    Printed when the next epoch starts or training ends: Lightning calls callbacks'
+    on_train_epoch_end before the LightningModule's, which logs the training metrics.
+    """
+
+    def __init__(self):
+        self.finished_epoch: int | None = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
+        self.finished_epoch = trainer.current_epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self._print(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self._print(trainer)
+
+    def _print(self, trainer: pl.Trainer) -> None:
+        if self.finished_epoch is None or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k} {float(metrics[k]):.4f}" for k in
                           ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1")
                           if k in metrics)
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {shown}", flush=True)
+        print(f"epoch {self.finished_epoch + 1}/{trainer.max_epochs}: {shown}", flush=True)
+        self.finished_epoch = None
 
 
 def fingerprint(cfg: DictConfig, data_hash: str) -> str:
