@@ -74,6 +74,7 @@ def test_a_train_param_change_reruns_only_train_and_after(smoke_repo):
 
 
 @pytest.mark.parametrize("model,extra", [
+    ("transformer_base", ["-S", "model.n_layers=2"]),  # another size (kept small: smoke)
     ("lstm", []),
     # the pre-trained encoder brings its own tokenizer: preprocess reruns too
     ("minilm", ["-S", "data.max_rows=300"]),
@@ -85,7 +86,8 @@ def test_every_model_goes_through_all_six_stages(smoke_repo, model, extra):
     for stage in ("train", "evaluate", "deploy", "serve"):
         assert f"Running stage '{stage}'" in output, stage
     bundle = json.loads((smoke_repo / "models/candidate/bundle.json").read_text())
-    assert bundle["model"]["name"] == {"lstm": "lstm", "minilm": "pretrained"}[model]
+    assert bundle["model"]["name"] == {"transformer_base": "transformer", "lstm": "lstm",
+                                       "minilm": "pretrained"}[model]
     assert bundle["parity"]["tokenizer_mismatches"] == 0
     assert bundle["parity"]["batch_invariance_max_abs_diff"]["int8"] <= 1e-5
     served = json.loads((smoke_repo / "reports/serve.json").read_text())
@@ -115,6 +117,27 @@ def test_make_deploy_curl_and_undeploy(smoke_repo):
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2)
     assert "nothing was running" in run([*make, "undeploy"], smoke_repo).stdout
+
+
+def test_make_rollback_moves_champion_and_current_back(smoke_repo):
+    import mlflow
+
+    # A permissive gate (a gate change reruns only evaluate, deploy and serve) blesses
+    # the last candidate, so there is a champion with a blessed version before it.
+    run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "gate.max_regression.accuracy=1",
+         "-S", "gate.max_regression.f1_macro=1"], smoke_repo, timeout=600)
+    deployed = json.loads((smoke_repo / "reports/deploy.json").read_text())
+    assert deployed["promoted"]
+    name, champion = deployed["model_name"], int(deployed["registry_version"])
+    client = mlflow.MlflowClient(f"sqlite:///{smoke_repo}/mlflow.db")
+    previous = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")
+                   if v.tags.get("blessed") == "true" and int(v.version) < champion)
+
+    make = ["make", "-o", f"{VENV}/.installed", f"VENV={VENV}"]
+    result = run([*make, "rollback"], smoke_repo)
+    assert f"champion is now v{previous}" in result.stdout
+    assert os.readlink(smoke_repo / "models/current") == f"bundles/{previous}"
+    assert int(client.get_model_version_by_alias(name, "champion").version) == previous
 
 
 def test_mlflow_models_serve_answers_with_the_champion(smoke_repo, tmp_path):
