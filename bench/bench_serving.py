@@ -144,7 +144,9 @@ def main() -> None:
                                            "serve", "-m",
                                            f"models:/{bundle.meta['model_name']}@champion",
                                            "--env-manager", "local", "-h", HOST],
-                                "/ping", {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}),
+                                # it starts `uvicorn` from PATH: the venv's, not activated
+                                "/ping", {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
+                                          "PATH": f"{Path(python).parent}:{os.environ['PATH']}"}),
     }
     setups = {k: v for k, v in setups.items() if v[0] not in args.skip}
     results: dict = {"in-process limit": {}, **{name: {} for name in setups}}
