@@ -47,7 +47,9 @@ def test_bundle_contents_and_parity(bundle, workspace):
     assert parity["fp32_max_abs_diff"] <= cfg.deploy.fp32_max_abs_diff
     assert parity["int8_label_agreement"] >= cfg.deploy.int8_min_agreement
     # a text's answer does not depend on what else is in its batch, int8 included
-    assert parity["batch_invariance_max_abs_diff"]["int8"] <= 1e-5
+    invariance = parity["batch_invariance_max_abs_diff"]
+    assert invariance["fp32"] <= cfg.deploy.fp32_max_abs_diff
+    assert invariance["int8"] <= cfg.deploy.int8_batch_max_abs_diff
     card = (bundle_dir / "MODEL_CARD.md").read_text()
     assert "## Intended use" in card and "## Limitations" in card and meta["version"] in card
 
@@ -78,6 +80,21 @@ def test_broken_parity_fails_and_leaves_the_old_bundle(workspace, bundle, monkey
     strict.deploy.int8_min_agreement = 1.01
     with pytest.raises(deploy.DeployError, match="int8 labels agree with PyTorch on"):
         deploy.build_bundle(strict)
+    assert (path / "models/candidate/bundle.json").read_text() == before
+
+
+def test_batch_dependent_int8_fails_the_stage(workspace, bundle, monkeypatch):
+    """Dynamic quantisation, which scales activations per batch, is what the
+    batch-invariance check exists to catch."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path, cfg = workspace
+    monkeypatch.chdir(path)
+    monkeypatch.setattr(deploy, "quantize_int8", lambda prepared, int8, *_: quantize_dynamic(
+        str(prepared), str(int8), weight_type=QuantType.QInt8))
+    before = (path / "models/candidate/bundle.json").read_text()
+    with pytest.raises(deploy.DeployError, match="int8: a text's logits change with its batch"):
+        deploy.build_bundle(cfg)
     assert (path / "models/candidate/bundle.json").read_text() == before
 
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import running_service
+from conftest import compose, running_service
 
 from serving.batcher import Batcher, infer, length_groups
 from serving.bundle import Bundle
@@ -23,7 +23,10 @@ from serving.bundle import Bundle
 TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story and the acting",
          "lovely", "weak weak weak film with a boring cast " * 3, "fine movie", "bad",
          "superb acting and a great story but a dull plot"]
-TOLERANCE = 1e-5  # batched vs single: same labels, probabilities within this
+# A text scored alone vs inside a batch may differ by the deploy stage's bounds: int8
+# can cross one rounding step where the fp32 ops between its layers round differently.
+DEPLOY = compose().deploy
+TOLERANCE = {"fp32": DEPLOY.fp32_max_abs_diff, "int8": DEPLOY.int8_batch_max_abs_diff}
 
 
 def copy_bundle(src, dest, version: str):
@@ -53,8 +56,11 @@ def test_batched_answers_equal_single_answers(built_bundle, precision):
     bundle = Bundle.load(built_bundle[0], precision)
     single = np.concatenate([infer(bundle, [t])[0] for t in TEXTS])
     batched, stats = infer(bundle, TEXTS)
-    assert (single.argmax(1) == batched.argmax(1)).all()
-    assert np.abs(single - batched).max() <= TOLERANCE
+    assert np.abs(single - batched).max() <= TOLERANCE[precision]
+    top_two = np.sort(single, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 2 * TOLERANCE[precision]  # not a near-tie
+    assert clear.sum() >= len(TEXTS) // 2
+    assert (single.argmax(1) == batched.argmax(1))[clear].all()
     assert stats.padded_tokens <= 1.25 * stats.real_tokens
 
 
@@ -71,7 +77,8 @@ def test_batcher_merges_concurrent_requests(built_bundle):
     finally:
         batcher.close()
     expected = np.concatenate([infer(bundle, [t])[0] for t in TEXTS * 8])
-    assert np.abs(np.concatenate([probs for probs, _ in results]) - expected).max() <= TOLERANCE
+    merged = np.concatenate([probs for probs, _ in results])
+    assert np.abs(merged - expected).max() <= TOLERANCE["int8"]
     assert all(used is bundle for _, used in results)
     assert sum(s.texts for s in seen) == 64
     assert max(s.requests for s in seen) > 1  # requests did share model calls
@@ -235,7 +242,7 @@ def test_open_inference_protocol_with_tritonclient(live_service, built_bundle):
         triton.InferRequestedOutput("label", binary_data=False)])
     probs = result.as_numpy("probabilities")
     expected = Bundle.load(built_bundle[0], "int8").predict_proba(texts)
-    assert probs.shape == (2, 2) and np.abs(probs - expected).max() <= TOLERANCE
+    assert probs.shape == (2, 2) and np.abs(probs - expected).max() <= TOLERANCE["int8"]
     assert [label.decode() if isinstance(label, bytes) else label
             for label in result.as_numpy("label")] == ["pos", "neg"]
     with pytest.raises(triton.InferenceServerException, match="unknown model 'nope'"):
