@@ -1,0 +1,54 @@
+"""serve: the canary against the real service, called directly."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import numpy as np
+import pytest
+from conftest import inside
+
+from pipeline import serve
+from pipeline.config import SERVE_REPORT
+from pipeline.splits import load_splits
+from serving.bundle import Bundle
+
+
+def test_canary_answers_equal_the_offline_predictions(workspace, built_bundle):
+    path, cfg = workspace
+    bundle_dir, meta = built_bundle
+    with inside(path):
+        report = serve.check_service(cfg, bundle_dir)
+        saved = json.loads(SERVE_REPORT.read_text())
+        test_rows = len(load_splits()["test"])
+    assert saved == report
+    assert report["bundle_version"] == meta["version"]
+    assert report["rows"] == min(cfg.serve.canary_rows, test_rows)
+    assert report["mismatches"] == 0 and report["max_abs_prob_diff"] <= serve.CANARY_TOLERANCE
+    # stopped by SIGTERM (uvicorn re-raises it after draining), never by SIGKILL
+    assert report["service_exit_code"] in (0, -signal.SIGTERM)
+    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+
+
+def test_canary_counts_every_answer_that_differs(live_service, built_bundle):
+    bundle = Bundle.load(built_bundle[0], "int8")
+    texts = ["great superb film", "awful dull boring plot", "fine movie"]
+    right = np.concatenate([bundle.predict_proba([t]) for t in texts])
+    assert serve.canary(live_service.url, texts, right, bundle.label_names)["mismatches"] == 0
+    swapped = right[:, ::-1]  # as if the service ran another model
+    result = serve.canary(live_service.url, texts, swapped, bundle.label_names)
+    assert result["mismatches"] == 3 and result["first_mismatch"] == 0
+
+
+def test_a_service_that_answers_otherwise_fails_the_stage(workspace, built_bundle,
+                                                          monkeypatch):
+    path, cfg = workspace
+    with inside(path):
+        SERVE_REPORT.unlink(missing_ok=True)
+        offline = Bundle.predict_proba
+        monkeypatch.setattr(Bundle, "predict_proba",
+                            lambda self, texts: offline(self, texts) * 0.5)
+        with pytest.raises(serve.CanaryError, match="canary answers differ from the offline"):
+            serve.check_service(cfg, built_bundle[0])
+        assert not SERVE_REPORT.exists()  # no report claims a pass
