@@ -3,8 +3,12 @@ splitting, the profile and the validation step."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
-from conftest import compose
+from conftest import ROOT, compose
 from datasets import Dataset
 from helpers import FEATURES, synthetic_rows, write_raw
 from tokenizers import Tokenizer
@@ -119,3 +123,25 @@ def test_validation_fails_and_writes_nothing(tmp_path, cfg, setup, message):
     with pytest.raises(ValidationError, match=message):
         preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+TRAIN_IN_A_FRESH_PROCESS = """
+import gzip, sys
+from conftest import ROOT, compose
+from pipeline.preprocess import train_tokenizer
+lines = gzip.open("data/external/sst2/train.tsv.gz", "rt").read().splitlines()[1:3001]
+cfg = compose("preprocess.tokenizer.type=bpe", "preprocess.tokenizer.vocab_size=2000")
+sys.stdout.write(train_tokenizer([line.split("\\t")[0] for line in lines], cfg.preprocess).to_str())
+"""
+
+
+def test_bpe_tokenizer_is_the_same_in_every_run():
+    """BPE is the choice for bit-for-bit reproducible runs from nothing. (WordPiece
+    training is not: the trainer numbers '##' tokens in hash-map order and breaks
+    count ties by those numbers, huggingface/tokenizers#1794.) Hash seeds differ per
+    process, so the comparison needs two processes."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    runs = [subprocess.run([sys.executable, "-c", TRAIN_IN_A_FRESH_PROCESS], cwd=ROOT, env=env,
+                           capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert Tokenizer.from_str(runs[0]).get_vocab_size() > 1000
