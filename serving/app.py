@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -457,6 +458,7 @@ def main() -> None:
     import uvicorn
 
     settings = Settings()
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)  # process-wide: set here only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level="info", access_log=False,
