@@ -252,7 +252,7 @@ def check_parity(bundle_dir: Path, module, texts: list[str], ids: list[list[int]
     if agreement < cfg.deploy.int8_min_agreement:
         problems.append(f"int8 labels agree with PyTorch on {agreement:.4f} of test rows "
                         f"(required {cfg.deploy.int8_min_agreement})")
-    allowed = {"fp32": cfg.deploy.fp32_max_abs_diff, "int8": cfg.deploy.int8_batch_max_abs_diff}
+    allowed = batch_tolerances(cfg)
     for precision, diff in report["batch_invariance_max_abs_diff"].items():
         if diff > allowed[precision]:
             problems.append(f"{precision}: a text's logits change with its batch by {diff:.2e} "
@@ -260,6 +260,11 @@ def check_parity(bundle_dir: Path, module, texts: list[str], ids: list[list[int]
     if problems:
         raise DeployError("; ".join(problems))
     return report
+
+
+def batch_tolerances(cfg: DictConfig) -> dict[str, float]:
+    """How far a text's logits may move between being scored alone and in a batch."""
+    return {"fp32": cfg.deploy.fp32_max_abs_diff, "int8": cfg.deploy.int8_batch_max_abs_diff}
 
 
 def batch_invariance(bundle: Bundle, texts: list[str]) -> float:

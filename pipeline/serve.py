@@ -4,9 +4,9 @@ Starts the service (`python -m serving`) on a free loopback port against the
 candidate bundle, waits for readiness, sends canary texts from the test split over
 HTTP one request each, and checks every answer against the bundle's offline
 prediction for that text alone: the same label, probabilities within
-`CANARY_TOLERANCE`. Records
-latency percentiles, stops the service and writes `reports/serve.json`. A mismatch,
-an error answer or a service that never becomes ready fails the stage.
+`CANARY_TOLERANCE`. Records latency percentiles, stops the service and writes
+`reports/serve.json`. A mismatch, an error answer or a service that never becomes
+ready fails the stage.
 """
 
 from __future__ import annotations

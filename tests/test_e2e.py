@@ -15,6 +15,7 @@ import httpx
 import pytest
 from conftest import compose, run
 
+from pipeline.deploy import batch_tolerances
 from serving import control
 from serving.bundle import Bundle
 
@@ -90,7 +91,7 @@ def test_every_model_goes_through_all_six_stages(smoke_repo, model, extra):
                                        "minilm": "pretrained"}[model]
     assert bundle["parity"]["tokenizer_mismatches"] == 0
     assert (bundle["parity"]["batch_invariance_max_abs_diff"]["int8"]
-            <= compose("experiment=smoke").deploy.int8_batch_max_abs_diff)
+            <= batch_tolerances(compose("experiment=smoke"))["int8"])
     served = json.loads((smoke_repo / "reports/serve.json").read_text())
     assert served["bundle_version"] == bundle["version"] and served["mismatches"] == 0
 

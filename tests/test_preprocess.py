@@ -127,7 +127,7 @@ def test_validation_fails_and_writes_nothing(tmp_path, cfg, setup, message):
 
 TRAIN_IN_A_FRESH_PROCESS = """
 import gzip, sys
-from conftest import ROOT, compose
+from conftest import compose
 from pipeline.preprocess import train_tokenizer
 lines = gzip.open("data/external/sst2/train.tsv.gz", "rt").read().splitlines()[1:3001]
 cfg = compose("preprocess.tokenizer.type=bpe", "preprocess.tokenizer.vocab_size=2000")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import compose
 
+from pipeline.deploy import batch_tolerances
 from serving import control
 from serving.bundle import Bundle
 
@@ -42,7 +43,7 @@ def test_predict_answers_like_the_bundle_offline(client, built_bundle):
         assert set(prediction["probabilities"]) == {"neg", "pos"}
         served = np.array([prediction["probabilities"]["neg"], prediction["probabilities"]["pos"]])
         # the service may batch these texts otherwise than predict_proba does
-        assert np.abs(served - probs).max() <= compose().deploy.int8_batch_max_abs_diff
+        assert np.abs(served - probs).max() <= batch_tolerances(compose())["int8"]
         assert prediction["label"] == ["neg", "pos"][int(served.argmax())]
         assert prediction["score"] == pytest.approx(served.max(), abs=1e-6)
     assert body["predictions"][0]["label"] == "pos" and body["predictions"][1]["label"] == "neg"

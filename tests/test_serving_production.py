@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import compose, running_service
 
+from pipeline.deploy import batch_tolerances
 from serving.batcher import Batcher, infer, length_groups
 from serving.bundle import Bundle
 
@@ -25,8 +26,7 @@ TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story and
          "superb acting and a great story but a dull plot"]
 # A text scored alone vs inside a batch may differ by the deploy stage's bounds: int8
 # can cross one rounding step where the fp32 ops between its layers round differently.
-DEPLOY = compose().deploy
-TOLERANCE = {"fp32": DEPLOY.fp32_max_abs_diff, "int8": DEPLOY.int8_batch_max_abs_diff}
+TOLERANCE = batch_tolerances(compose())
 
 
 def copy_bundle(src, dest, version: str):
@@ -57,10 +57,10 @@ def test_batched_answers_equal_single_answers(built_bundle, precision):
     single = np.concatenate([infer(bundle, [t])[0] for t in TEXTS])
     batched, stats = infer(bundle, TEXTS)
     assert np.abs(single - batched).max() <= TOLERANCE[precision]
+    # no text is a near-tie within the tolerance, so every label must be identical
     top_two = np.sort(single, axis=1)[:, -2:]
-    clear = top_two[:, 1] - top_two[:, 0] > 2 * TOLERANCE[precision]  # not a near-tie
-    assert clear.sum() >= len(TEXTS) // 2
-    assert (single.argmax(1) == batched.argmax(1))[clear].all()
+    assert (top_two[:, 1] - top_two[:, 0] > 2 * TOLERANCE[precision]).all()
+    assert (single.argmax(1) == batched.argmax(1)).all()
     assert stats.padded_tokens <= 1.25 * stats.real_tokens
 
 
