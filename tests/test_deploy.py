@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnx
 import pytest
 from conftest import ROOT
+from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import deploy
 from pipeline.evaluate import score_champion
@@ -29,6 +35,31 @@ sys.meta_path.insert(0, Block())
 @pytest.fixture
 def bundle(built_bundle):
     return built_bundle
+
+
+def repoint_tracking(db: Path, old: Path, new: Path) -> None:
+    """Rewrite every absolute path under `old` in an MLflow sqlite database to `new`
+    (experiments' and runs' artifact locations), so the copy logs into itself."""
+    with sqlite3.connect(db) as conn:
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for _, column, kind, *_ in conn.execute(f"PRAGMA table_info('{table}')"):
+                if any(t in kind.upper() for t in ("CHAR", "TEXT", "CLOB")):
+                    conn.execute(f'UPDATE "{table}" SET "{column}" = '
+                                 f'replace("{column}", ?, ?)', (str(old), str(new)))
+
+
+@pytest.fixture
+def own_workspace(workspace, built_bundle, tmp_path):
+    """A private copy of the session workspace (its candidate bundle and its own MLflow
+    database included): what a test builds, registers or promotes here, no other test
+    sees. Yields (path, cfg) like `workspace`."""
+    source, cfg = workspace
+    path = Path(shutil.copytree(source, tmp_path / "workspace", symlinks=True))
+    repoint_tracking(path / "mlflow.db", source, path)
+    cfg = copy.deepcopy(cfg)
+    cfg.mlflow.tracking_uri = f"sqlite:///{path}/mlflow.db"
+    return path, cfg
 
 
 def test_bundle_contents_and_parity(bundle, workspace):
@@ -71,29 +102,59 @@ print("ok")
     assert result.stdout.strip() == "ok"
 
 
-def test_broken_parity_fails_and_leaves_the_old_bundle(workspace, bundle, monkeypatch):
-    path, cfg = workspace
+def test_broken_parity_fails_and_leaves_the_old_bundle(own_workspace, monkeypatch):
+    path, cfg = own_workspace
     monkeypatch.chdir(path)
     before = (path / "models/candidate/bundle.json").read_text()
-    strict = cfg.copy()
-    strict.deploy.int8_min_agreement = 1.01
+    cfg.deploy.int8_min_agreement = 1.01
     with pytest.raises(deploy.DeployError, match="int8 labels agree with PyTorch on"):
-        deploy.build_bundle(strict)
+        deploy.build_bundle(cfg)
     assert (path / "models/candidate/bundle.json").read_text() == before
 
 
-def test_batch_dependent_int8_fails_the_stage(workspace, bundle, monkeypatch):
-    """Dynamic quantisation, which scales activations per batch, is what the
-    batch-invariance check exists to catch."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+BATCH_STEP = 0.1  # logit shift per batch companion in `batch_dependent`
 
-    path, cfg = workspace
+
+def batch_dependent(prepared, int8, *_) -> None:
+    """In place of int8 quantisation: the fp32 graph with every logit raised by
+    BATCH_STEP * (batch size - 1). A text scored alone is unchanged (so labels still
+    agree with PyTorch); inside a batch of n it moves by exactly BATCH_STEP * (n - 1),
+    on any CPU, since it does not rest on any kernel's rounding."""
+    model = onnx.load(str(prepared))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["logits_alone" if o == "logits" else o for o in node.output]
+        node.input[:] = ["logits_alone" if i == "logits" else i for i in node.input]
+    graph.initializer.extend([numpy_helper.from_array(np.array([1.0], np.float32), "bd_one"),
+                              numpy_helper.from_array(np.array([BATCH_STEP], np.float32),
+                                                      "bd_step")])
+    graph.node.extend([
+        helper.make_node("Shape", ["input_ids"], ["bd_batch_i"], start=0, end=1),
+        helper.make_node("Cast", ["bd_batch_i"], ["bd_batch"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["bd_batch", "bd_one"], ["bd_companions"]),
+        helper.make_node("Mul", ["bd_companions", "bd_step"], ["bd_shift"]),
+        helper.make_node("Add", ["logits_alone", "bd_shift"], ["logits"]),
+    ])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(int8))
+
+
+def test_batch_dependent_int8_fails_the_stage(own_workspace, monkeypatch):
+    """An int8 model whose answer depends on its batch companions (as dynamic
+    quantisation's per-batch scales make it) is what the batch-invariance check
+    exists to catch: here one that does so by construction, by a known amount."""
+    path, cfg = own_workspace
     monkeypatch.chdir(path)
-    monkeypatch.setattr(deploy, "quantize_int8", lambda prepared, int8, *_: quantize_dynamic(
-        str(prepared), str(int8), weight_type=QuantType.QInt8))
+    monkeypatch.setattr(deploy, "quantize_int8", batch_dependent)
     before = (path / "models/candidate/bundle.json").read_text()
-    with pytest.raises(deploy.DeployError, match="int8: a text's logits change with its batch"):
+    # the check scores the test split's 60 rows alone and as one batch of 60
+    shift = BATCH_STEP * (60 - 1)
+    assert shift > cfg.deploy.int8_batch_max_abs_diff
+    with pytest.raises(deploy.DeployError) as failed:
         deploy.build_bundle(cfg)
+    message = str(failed.value)
+    assert f"int8: a text's logits change with its batch by {shift:.2e}" in message, message
+    assert "fp32:" not in message and "int8 labels agree" not in message, message
     assert (path / "models/candidate/bundle.json").read_text() == before
 
 
@@ -104,12 +165,12 @@ def register_as(meta: dict, blessed: bool, bundle_dir) -> str:
     return deploy.register(bundle_dir, meta)
 
 
-def test_gate_registry_alias_current_and_rollback(workspace, bundle, monkeypatch):
-    path, cfg = workspace
+def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeypatch):
+    path, cfg = own_workspace
     monkeypatch.chdir(path)
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient()
-    bundle_dir, meta = bundle
+    bundle_dir, meta = path / "models/candidate", bundle[1]
     name = meta["model_name"]
     current = path / "models/current"
 
@@ -138,7 +199,6 @@ def test_gate_registry_alias_current_and_rollback(workspace, bundle, monkeypatch
     assert scored["metrics"]["accuracy"] == pytest.approx(meta["metrics"]["accuracy"], abs=0.02)
 
     # rollback skips the unblessed v2 and goes to v1, even with v1's bundle gone from disk
-    import shutil
     shutil.rmtree(path / "models/bundles" / v1)
     assert deploy.rollback(name) == v1
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
