@@ -43,7 +43,7 @@ undeploy: setup  ## stop the service started by `make deploy` (safe when none ru
 	$(PY) -m serving.control down --run-dir $(RUN_DIR)
 
 rollback: setup  ## move champion and models/current back to the previous blessed version
-	$(PY) -m pipeline.deploy rollback
+	$(PY) -m pipeline.registry rollback
 
 serve: setup  ## run the service in the foreground on models/current
 	TEXTOPS_BUNDLE=models/current TEXTOPS_PORT=$(PORT) $(PY) -m serving

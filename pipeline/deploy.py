@@ -1,58 +1,35 @@
-"""deploy: export the best checkpoint to a self-contained bundle, check it, register
-it in the MLflow Model Registry, and promote it when the gate blessed it.
+"""deploy: the stage that turns the best checkpoint into a checked, registered bundle.
 
-1. Export to ONNX with dynamic batch and sequence axes, and an int8 variant made by
-   *static* quantisation calibrated on validation rows. (Dynamic quantisation picks
-   activation scales per batch, so a text's answer would shift with its batch
-   companions; fixed scales do not.)
+1. Export to ONNX, fp32 and static int8 (pipeline/export.py).
 2. Parity checks on the test split fail the stage: the saved tokenizer reproduces the
    training token ids; fp32 ONNX logits match PyTorch within `fp32_max_abs_diff`;
    int8 labels agree with PyTorch on at least `int8_min_agreement` of rows; a text's
    logits alone match its logits inside a padded batch (fp32 within
    `fp32_max_abs_diff`, int8 within `int8_batch_max_abs_diff`).
 3. The bundle (`models/candidate/`): both models, tokenizer.json, bundle.json and
-   MODEL_CARD.md.
-4. A new version of the registered pyfunc model, tagged with the gate's verdict.
-   Only a blessed version gets the `champion` alias and becomes `models/current`
-   (a symlink into `models/bundles/`, swapped atomically).
+   MODEL_CARD.md, written atomically.
+4. A new version of the registered pyfunc model, tagged with the gate's verdict
+   (pipeline/registry.py). Only a blessed version gets the `champion` alias and
+   becomes `models/current`.
 
-`python -m pipeline.deploy rollback` (`make rollback`) moves `champion` and `current`
-back to the previous blessed version.
+Rollback is `python -m pipeline.registry rollback` (`make rollback`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import onnx
-import onnxruntime as ort
-import pandas as pd
-import torch
-from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from omegaconf import DictConfig
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline import atomic
 from pipeline.config import (
     BEST_CHECKPOINT,
-    BUNDLE_STORE,
     CANDIDATE_BUNDLE,
-    CURRENT_BUNDLE,
     DEPLOY_REPORT,
     GATE_FILE,
     METRICS_FILE,
@@ -62,159 +39,15 @@ from pipeline.config import (
     load_params,
     tracking_uri,
 )
-from pipeline.evaluate import CHAMPION, load_module, predict_logits
+from pipeline.export import export_onnx, quantize_best
+from pipeline.inference import load_module, predict_logits
+from pipeline.registry import promote, prune_store, register
 from pipeline.splits import column, load_splits
 from serving.bundle import MODEL_FILES, Bundle
-
-SERVE_REQUIREMENTS = [
-    "numpy==2.4.6", "onnxruntime==1.32.0", "tokenizers==0.23.3", "pandas==3.1.1",
-]
 
 
 class DeployError(RuntimeError):
     """A check failed: nothing was registered or promoted."""
-
-
-# ---------------------------------------------------------------- export
-
-
-def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> None:
-    """ONNX with dynamic batch and sequence axes, weights inside the one file.
-
-    The torch.export-based exporter is the default; a model whose graph it cannot
-    keep dynamic says `onnx_exporter = "torchscript"` (the LSTM: torch.export
-    specialises nn.LSTM to the example's shape).
-    """
-    model.eval()
-    input_ids = torch.full((2, 8), pad_id + 1, dtype=torch.long)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 5:] = 0  # trace the padded case too
-    axes = {0: "batch", 1: "sequence"}
-    common = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"],
-              "opset_version": opset}
-    if getattr(model, "onnx_exporter", "dynamo") == "torchscript":
-        torch.onnx.export(model, (input_ids, attention_mask), str(path), dynamo=False,
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes,
-                                        "logits": {0: "batch"}}, **common)
-        return
-    torch.onnx.export(model, (input_ids, attention_mask), str(path), dynamo=True,
-                      dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-                      external_data=False, verbose=False, **common)
-
-
-class Calibration(CalibrationDataReader):
-    """Padded batches of validation rows for static int8 calibration."""
-
-    def __init__(self, rows: list[list[int]], pad_id: int, batch_size: int = 32,
-                 sort: bool = True):
-        if sort:
-            rows = sorted(rows, key=len)  # batches of similar length, as served
-        self.batches = [self._pad(rows[i : i + batch_size], pad_id)
-                        for i in range(0, len(rows), batch_size)]
-        self.position = 0
-
-    @staticmethod
-    def _pad(rows: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
-        longest = max(map(len, rows))
-        ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)], mask[i, : len(row)] = row, 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-    def get_next(self) -> dict | None:
-        if self.position == len(self.batches):
-            return None
-        self.position += 1
-        return self.batches[self.position - 1]
-
-
-# Activation schemes tried for int8: symmetric int8 or asymmetric uint8 (skewed
-# activations, as in pre-trained encoders, fit the latter better). Both are static
-# (fixed scales), so a text's answer never depends on its batch companions.
-INT8_SCHEMES = {
-    "symmetric": {"activation_type": QuantType.QInt8,
-                  "extra_options": {"ActivationSymmetric": True}},
-    "asymmetric": {"activation_type": QuantType.QUInt8, "extra_options": {}},
-}
-
-
-def activation_products(model: Path) -> list[str]:
-    """MatMul nodes that multiply two activations (attention scores and their use):
-    their ranges vary with every input, so fixed int8 scales fit them badly."""
-    graph = onnx.load(str(model)).graph
-    constant = {i.name for i in graph.initializer}
-    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in graph.node
-            if n.op_type == "MatMul" and not any(i in constant for i in n.input)]
-
-
-def quantize_int8(prepared: Path, int8: Path, calibration: Calibration, scheme: str) -> None:
-    """Static QDQ int8 of the weight matrix multiplications, per-channel weights.
-
-    `reduce_range` keeps weights to 7 bits: without VNNI (AVX2 only, as here) the
-    u8 x s8 kernels accumulate pairs in int16 and saturate otherwise.
-    """
-    quantize_static(
-        str(prepared), str(int8), calibration,
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        reduce_range=True,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        nodes_to_exclude=activation_products(prepared),
-        calibrate_method=CalibrationMethod.MinMax,
-        **INT8_SCHEMES[scheme],
-    )
-
-
-def onnx_logits(model: Path, rows: list[list[int]], pad_id: int) -> np.ndarray:
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(["logits"], batch)[0]
-                           for batch in Calibration(rows, pad_id, sort=False).batches])
-
-
-def length_stratified(rows: list[list[int]], count: int, seed: int, bands: int = 8
-                      ) -> tuple[list[list[int]], list[list[int]]]:
-    """About `count` rows spread evenly over the range of lengths, and the rest.
-
-    Calibrating on rows as they come under-represents long texts (most SST-2 training
-    phrases are short, its test sentences are not), and their activation ranges are
-    then clipped; equal shares per length band cover them.
-    """
-    rng = np.random.default_rng(seed)
-    lengths = np.array([len(r) for r in rows])
-    edges = np.linspace(lengths.min(), lengths.max() + 1, bands + 1)
-    chosen = []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        band = np.flatnonzero((lengths >= low) & (lengths < high))
-        chosen += rng.choice(band, min(len(band), count // bands), replace=False).tolist()
-    taken = set(chosen)
-    return [rows[i] for i in chosen], [r for i, r in enumerate(rows) if i not in taken]
-
-
-def quantize_best(fp32: Path, int8: Path, module, val_rows: list[list[int]], cfg: DictConfig
-                  ) -> dict:
-    """Calibrate on some validation rows, compare the schemes on others, keep the one
-    whose labels agree best with PyTorch."""
-    pad_id = module.hparams.pad_id
-    calibration_rows, rest = length_stratified(val_rows, cfg.deploy.calibration_rows, cfg.seed)
-    check_rows = length_stratified(rest, 1024, cfg.seed)[0] if rest else calibration_rows
-    reference = predict_logits(module, check_rows, cfg.evaluate.batch_size).argmax(1)
-    agreement = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        # Symbolic shape inference cannot follow the exporter's dynamic shapes; the
-        # ONNX shape inference and graph optimisation steps still apply.
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        for scheme in INT8_SCHEMES:
-            candidate = Path(tmp) / f"{scheme}.onnx"
-            quantize_int8(prepared, candidate, Calibration(calibration_rows, pad_id), scheme)
-            labels = onnx_logits(candidate, check_rows, pad_id).argmax(1)
-            agreement[scheme] = float((labels == reference).mean())
-        best = max(agreement, key=agreement.get)
-        shutil.move(Path(tmp) / f"{best}.onnx", int8)
-    return {"scheme": best, "validation_agreement": agreement}
 
 
 # ---------------------------------------------------------------- checks
@@ -379,118 +212,6 @@ def build_bundle(cfg: DictConfig, out_dir: Path = CANDIDATE_BUNDLE,
     return meta
 
 
-# ---------------------------------------------------------------- registry
-
-
-def register(bundle_dir: Path, meta: dict) -> str:
-    """Log the bundle as a pyfunc model in the training run; returns the version."""
-    serving_dir = Path(__file__).resolve().parent.parent / "serving"
-    example = pd.DataFrame({"text": ["a charming and often affecting journey"]})
-    bundle = Bundle.load(bundle_dir, "fp32")
-    probs = bundle.predict_proba(example["text"].tolist())
-    output = pd.DataFrame({"label": [bundle.label_names[int(probs[0].argmax())]],
-                           "score": [float(probs[0].max())],
-                           **{f"p_{n}": [float(p)] for n, p in zip(bundle.label_names, probs[0],
-                                                                   strict=True)}})
-    with tempfile.TemporaryDirectory() as tmp, \
-            mlflow.start_run(run_id=meta["lineage"]["mlflow_run_id"]):
-        # MLflow names the artifact after the directory: make it `artifacts/bundle`.
-        staged = shutil.copytree(bundle_dir, Path(tmp) / "bundle")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(serving_dir / "pyfunc.py"),
-            artifacts={"bundle": str(staged)},
-            code_paths=[str(serving_dir)],
-            signature=infer_signature(example, output),
-            input_example=example,
-            pip_requirements=SERVE_REQUIREMENTS,
-            registered_model_name=meta["model_name"],
-        )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    tags = {
-        "bundle_version": meta["version"],
-        "blessed": str(meta["gate"]["blessed"]).lower(),
-        "gate_reasons": " | ".join(meta["gate"]["reasons"])[:5000],
-        "data_hash": meta["lineage"]["data_hash"],
-        "git_commit": meta["lineage"]["git_commit"],
-        "accuracy": f"{meta['metrics']['accuracy']:.4f}",
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(meta["model_name"], version, key, value)
-    return version
-
-
-def store_bundle(bundle_dir: Path, version: str, store: Path = BUNDLE_STORE) -> Path:
-    """Copy a bundle into the store as `<store>/<registry version>`, atomically."""
-    target = store / version
-    if not target.exists():
-        with atomic.atomic_dir(target) as tmp:
-            shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
-    return target
-
-
-def point_current(target: Path, current: Path = CURRENT_BUNDLE) -> None:
-    """Swap the `current` symlink in one rename: readers see the old or the new."""
-    current.parent.mkdir(parents=True, exist_ok=True)
-    link = current.with_name(f".{current.name}.tmp-{os.getpid()}")
-    link.unlink(missing_ok=True)
-    link.symlink_to(os.path.relpath(target.resolve(), current.parent.resolve()))
-    os.replace(link, current)
-
-
-def promote(model_name: str, version: str, bundle_dir: Path,
-            store: Path = BUNDLE_STORE, current: Path = CURRENT_BUNDLE) -> Path:
-    """Make `version` the champion and the current bundle."""
-    target = store_bundle(bundle_dir, version, store)
-    client = mlflow.MlflowClient()
-    client.set_registered_model_alias(model_name, CHAMPION, version)
-    client.set_model_version_tag(model_name, version, "promoted_at",
-                                 dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-    point_current(target, current)
-    return target
-
-
-def rollback(model_name: str, store: Path = BUNDLE_STORE,
-             current: Path = CURRENT_BUNDLE) -> str:
-    """Return champion and current to the blessed version before the champion."""
-    client = mlflow.MlflowClient()
-    try:
-        champion = int(client.get_model_version_by_alias(model_name, CHAMPION).version)
-    except MlflowException:
-        raise DeployError(f"{model_name} has no champion to roll back from") from None
-    earlier = [
-        int(v.version)
-        for v in client.search_model_versions(f"name = '{model_name}'")
-        if v.tags.get("blessed") == "true" and int(v.version) < champion
-    ]
-    if not earlier:
-        raise DeployError(f"{model_name} v{champion} is the first blessed version")
-    previous = str(max(earlier))
-    client.set_model_version_tag(model_name, str(champion), "rolled_back", "true")
-    target = store / previous
-    if not target.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{model_name}/{previous}", dst_path=tmp
-            )
-            store_bundle(Path(local) / "artifacts" / "bundle", previous, store)
-    client.set_registered_model_alias(model_name, CHAMPION, previous)
-    point_current(target, current)
-    return previous
-
-
-def prune_store(model_name: str, keep: int, store: Path = BUNDLE_STORE) -> None:
-    """Keep the newest `keep` bundles on disk; older ones stay in the registry."""
-    if not store.exists():
-        return
-    live = Path(os.path.realpath(CURRENT_BUNDLE)).name if CURRENT_BUNDLE.exists() else None
-    versions = sorted((p for p in store.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    for old in versions[:-keep]:
-        if old.name != live:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -501,7 +222,7 @@ def deploy(cfg: DictConfig) -> dict:
     blessed = meta["gate"]["blessed"]
     if blessed:
         promote(meta["model_name"], version, CANDIDATE_BUNDLE)
-        prune_store(meta["model_name"], cfg.deploy.keep_bundles)
+        prune_store(cfg.deploy.keep_bundles)
     report = {
         "model_name": meta["model_name"],
         "registry_version": version,
@@ -518,12 +239,6 @@ def deploy(cfg: DictConfig) -> dict:
 def main() -> None:
     cfg = load_params()
     try:
-        if sys.argv[1:] == ["rollback"]:
-            mlflow.set_tracking_uri(tracking_uri(cfg))
-            version = rollback(cfg.deploy.model_name)
-            print(f"rollback: {cfg.deploy.model_name} champion is now v{version}; "
-                  f"{CURRENT_BUNDLE} -> {os.readlink(CURRENT_BUNDLE)}")
-            return
         report = deploy(cfg)
     except DeployError as err:
         sys.exit(f"deploy: {err}")

@@ -28,7 +28,6 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from pipeline import atomic
-from pipeline.classifier import TextClassifier
 from pipeline.config import (
     BEST_CHECKPOINT,
     GATE_FILE,
@@ -39,32 +38,10 @@ from pipeline.config import (
     load_params,
     tracking_uri,
 )
-from pipeline.datamodule import collate
+from pipeline.inference import load_module, predict_logits
+from pipeline.registry import CHAMPION, download_bundle
 from pipeline.splits import column, load_splits
-
-CHAMPION = "champion"
-
-
-# ---------------------------------------------------------------- predictions
-
-
-@torch.inference_mode()
-def predict_logits(module: TextClassifier, rows: list[list[int]], batch_size: int) -> np.ndarray:
-    """Logits for token id lists, batched by length, returned in the input order."""
-    module.eval()
-    pad_id = module.hparams.pad_id
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    logits = np.zeros((len(rows), module.hparams.num_classes), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate([(rows[i], 0) for i in chunk], pad_id)
-        logits[chunk] = module(batch["input_ids"], batch["attention_mask"]).float().numpy()
-    return logits
-
-
-def load_module(checkpoint: Path = BEST_CHECKPOINT) -> TextClassifier:
-    return TextClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu")
-
+from serving.bundle import Bundle
 
 # ---------------------------------------------------------------- metrics
 
@@ -181,14 +158,9 @@ def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
         version = client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         return None  # no such model or no champion alias yet
-    from serving.bundle import Bundle
-
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{model_name}@{CHAMPION}", dst_path=tmp
-            )
-            bundle = Bundle.load(Path(local) / "artifacts" / "bundle", precision="fp32")
+            bundle = Bundle.load(download_bundle(model_name, Path(tmp)), precision="fp32")
             if bundle.label_names != label_names:
                 raise ValueError(f"its classes {bundle.label_names} differ from {label_names}")
             probs = bundle.predict_proba(texts)

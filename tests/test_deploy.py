@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline import deploy
+from pipeline import deploy, export, registry
 from pipeline.evaluate import score_champion
 from pipeline.splits import column, load_splits
 
@@ -145,7 +145,7 @@ def test_batch_dependent_int8_fails_the_stage(own_workspace, monkeypatch):
     exists to catch: here one that does so by construction, by a known amount."""
     path, cfg = own_workspace
     monkeypatch.chdir(path)
-    monkeypatch.setattr(deploy, "quantize_int8", batch_dependent)
+    monkeypatch.setattr(export, "quantize_int8", batch_dependent)
     before = (path / "models/candidate/bundle.json").read_text()
     # the check scores the test split's 60 rows alone and as one batch of 60
     shift = BATCH_STEP * (60 - 1)
@@ -162,7 +162,7 @@ def register_as(meta: dict, blessed: bool, bundle_dir) -> str:
     meta = json.loads(json.dumps(meta))
     meta["gate"] = {"blessed": blessed,
                     "reasons": ["test: blessed" if blessed else "accuracy 0.1 < floor 0.75"]}
-    return deploy.register(bundle_dir, meta)
+    return registry.register(bundle_dir, meta)
 
 
 def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeypatch):
@@ -175,7 +175,7 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeyp
     current = path / "models/current"
 
     v1 = register_as(meta, True, bundle_dir)
-    deploy.promote(name, v1, bundle_dir)
+    registry.promote(name, v1, bundle_dir)
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     assert os.readlink(current) == f"bundles/{v1}"
     assert json.loads((current / "bundle.json").read_text())["version"] == meta["version"]
@@ -187,7 +187,7 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeyp
     assert os.readlink(current) == f"bundles/{v1}"
 
     v3 = register_as(meta, True, bundle_dir)
-    deploy.promote(name, v3, bundle_dir)
+    registry.promote(name, v3, bundle_dir)
     assert str(client.get_model_version_by_alias(name, "champion").version) == v3
     assert os.readlink(current) == f"bundles/{v3}"
 
@@ -200,9 +200,9 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeyp
 
     # rollback skips the unblessed v2 and goes to v1, even with v1's bundle gone from disk
     shutil.rmtree(path / "models/bundles" / v1)
-    assert deploy.rollback(name) == v1
+    assert registry.rollback(name) == v1
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     assert os.readlink(current) == f"bundles/{v1}"
     assert (current / "model.int8.onnx").exists()
-    with pytest.raises(deploy.DeployError, match="is the first blessed version"):
-        deploy.rollback(name)
+    with pytest.raises(registry.RegistryError, match="is the first blessed version"):
+        registry.rollback(name)
