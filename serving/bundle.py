@@ -21,6 +21,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from serving.tensors import in_length_order, pad
+
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 REQUIRED_META = ("version", "label_names", "max_length", "pad_id")
 
@@ -129,13 +131,7 @@ class Bundle:
 
     def run(self, batch: list[list[int]]) -> np.ndarray:
         """Logits for a batch of token id lists, padded to the batch's longest."""
-        longest = max(len(ids) for ids in batch)
-        input_ids = np.full((len(batch), longest), self.meta["pad_id"], dtype=np.int64)
-        attention_mask = np.zeros((len(batch), longest), dtype=np.int64)
-        for i, ids in enumerate(batch):
-            input_ids[i, : len(ids)] = ids
-            attention_mask[i, : len(ids)] = 1
-        return self.run_arrays(input_ids, attention_mask)
+        return self.run_arrays(*pad(batch, self.meta["pad_id"]))
 
     def run_arrays(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run(
@@ -145,13 +141,8 @@ class Bundle:
 
     def predict_logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Logits for any number of texts, batched by length, in the input order."""
-        encoded = self.encode(texts)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        logits = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            logits[chunk] = self.run([encoded[i] for i in chunk])
-        return logits
+        return in_length_order(self.encode(texts), batch_size, len(self.label_names),
+                               self.run)
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         return softmax(self.predict_logits(texts, batch_size))

@@ -12,9 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from serving.bundle import Bundle, softmax
+from serving.predictions import prediction
 
 
 def explain(bundle: Bundle, text: str, batch_size: int = 64) -> dict:
+    """{label, score, probabilities, tokens}: the prediction for `text` and each
+    token's attribution with its character offsets."""
     encoding = bundle.tokenizer.encode(text)
     ids = np.asarray(encoding.ids, dtype=np.int64)
     mask = np.ones_like(ids)
@@ -36,9 +39,4 @@ def explain(bundle: Bundle, text: str, batch_size: int = 64) -> dict:
          "end": encoding.offsets[i][1], "attribution": float(probs[predicted] - occluded[k])}
         for k, i in enumerate(positions)
     ]
-    return {
-        "label": bundle.label_names[predicted],
-        "score": float(probs[predicted]),
-        "probabilities": dict(zip(bundle.label_names, probs.tolist(), strict=True)),
-        "tokens": tokens,
-    }
+    return {**prediction(bundle.label_names, probs.tolist()), "tokens": tokens}

@@ -15,6 +15,7 @@ import mlflow
 import pandas as pd
 
 from serving.bundle import Bundle
+from serving.predictions import predictions
 
 
 class BundleModel(mlflow.pyfunc.PythonModel):
@@ -26,14 +27,12 @@ class BundleModel(mlflow.pyfunc.PythonModel):
         texts = [str(t) for t in model_input["text"].tolist()]
         probs = self.bundle.predict_proba(texts)
         names = self.bundle.label_names
-        best = probs.argmax(axis=1)
-        frame = pd.DataFrame({
-            "label": [names[i] for i in best],
-            "score": probs[range(len(best)), best].astype(float),
-        })
-        for i, name in enumerate(names):
-            frame[f"p_{name}"] = probs[:, i].astype(float)
-        return frame
+        rows = []
+        for answer in predictions(names, probs):
+            per_class = {f"p_{name}": p for name, p in answer["probabilities"].items()}
+            rows.append({"label": answer["label"], "score": answer["score"], **per_class})
+        # columns named even for no rows, so the output schema never depends on the input
+        return pd.DataFrame(rows, columns=["label", "score", *(f"p_{n}" for n in names)])
 
 
 mlflow.models.set_model(BundleModel())
