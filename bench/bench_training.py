@@ -34,7 +34,7 @@ from repo import clone_to, sh  # noqa: E402
 from pipeline import atomic  # noqa: E402
 from pipeline.config import PROCESSED_DIR, load_params  # noqa: E402
 from pipeline.datamodule import TextDataModule  # noqa: E402
-from pipeline.preprocess import PAD  # noqa: E402
+from pipeline.tokenizer import PAD  # noqa: E402
 from pipeline.train import build_module  # noqa: E402
 
 

@@ -9,8 +9,10 @@ Every row is checked on the way in. A missing file, a missing column, an empty f
 a missing or unknown label or bytes that are not UTF-8 stop the stage with a
 `CollectError` naming the file and the row or column, and nothing is written.
 
-Output (`data/raw/`): a `datasets.DatasetDict` with `text` (str), `label` (ClassLabel)
-and `source_row` (the row's 1-based number in its file, for tracing), and
+Output (`data/raw/`): a `datasets.DatasetDict` with `text` (str), `label` (ClassLabel),
+`source_row` (the row's 1-based number in its file, for tracing) and, when
+`data.group_column` names one, `group` (str: rows of a group never straddle two
+splits), and
 `manifest.json`: source, label names, rows per split and a content hash.
 """
 
@@ -50,6 +52,7 @@ class RawSplit:
     texts: list[str]
     labels: list[str]  # raw label values, as strings
     rows: list[int]  # 1-based row numbers in the source
+    groups: list[str] | None = None  # `data.group_column`'s values, when one is set
     sha256: str | None = None  # of the source file's bytes, when it is a file
 
 
@@ -149,9 +152,11 @@ def collect_rows(rows: Iterator[tuple[int, dict]], origin: str, data: DictConfig
     """Pick the text and label out of each row, checking columns and labels are present."""
     # Plain locals: OmegaConf attribute access is slow enough to dominate this loop.
     text_columns, label_column = list(data.text_columns), str(data.label_column)
-    texts, labels, numbers = [], [], []
+    group_column = data.get("group_column")
+    texts, labels, numbers, groups = [], [], [], []
+    required = [*text_columns, label_column, *([group_column] if group_column else [])]
     for number, record in rows:
-        for name in [*text_columns, label_column]:
+        for name in required:
             if name not in record:
                 raise CollectError(
                     f"{origin}, row {number}: no column {name!r} "
@@ -164,9 +169,12 @@ def collect_rows(rows: Iterator[tuple[int, dict]], origin: str, data: DictConfig
         texts.append(" ".join(str(p) for p in parts if p is not None))
         labels.append(label)
         numbers.append(number)
+        if group_column:
+            groups.append(as_label(record[group_column]))
     if not texts:
         raise CollectError(f"{origin}: empty file (no data rows)")
-    return RawSplit(origin=origin, texts=texts, labels=labels, rows=numbers)
+    return RawSplit(origin=origin, texts=texts, labels=labels, rows=numbers,
+                    groups=groups if group_column else None)
 
 
 def read_files(data: DictConfig, root: Path) -> dict[str, RawSplit]:
@@ -262,6 +270,7 @@ def sample_rows(raw: RawSplit, max_rows: int | None, seed: int) -> RawSplit:
         texts=[raw.texts[i] for i in keep],
         labels=[raw.labels[i] for i in keep],
         rows=[raw.rows[i] for i in keep],
+        groups=[raw.groups[i] for i in keep] if raw.groups is not None else None,
         sha256=raw.sha256,
     )
 
@@ -293,13 +302,15 @@ def collect(data: DictConfig, seed: int, out_dir: Path = RAW_DIR, root: Path = P
     features = Features(
         {"text": Value("string"), "label": ClassLabel(names=names), "source_row": Value("int64")}
     )
+    if data.get("group_column"):
+        features["group"] = Value("string")
     dataset = DatasetDict()
     for split, raw in splits.items():
         raw = sample_rows(raw, data.max_rows, seed)
-        dataset[split] = Dataset.from_dict(
-            {"text": raw.texts, "label": encode_labels(raw, index), "source_row": raw.rows},
-            features=features,
-        )
+        columns = {"text": raw.texts, "label": encode_labels(raw, index), "source_row": raw.rows}
+        if raw.groups is not None:
+            columns["group"] = raw.groups
+        dataset[split] = Dataset.from_dict(columns, features=features)
 
     manifest = {
         "name": data.name,

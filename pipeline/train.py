@@ -43,7 +43,7 @@ from pipeline.config import (
     tracking_uri,
 )
 from pipeline.datamodule import TextDataModule
-from pipeline.preprocess import PAD
+from pipeline.tokenizer import PAD
 
 WORK_DIR = Path("models/train-work")
 

@@ -11,14 +11,21 @@ FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=["neg", 
                      "source_row": Value("int64")})
 
 
-def write_raw(path, splits: dict[str, list[tuple[str, int]]]):
-    """A data/raw directory as collect would write it."""
-    DatasetDict({
-        name: Dataset.from_dict(
-            {"text": [t for t, _ in rows], "label": [y for _, y in rows],
-             "source_row": list(range(1, len(rows) + 1))}, features=FEATURES)
-        for name, rows in splits.items()
-    }).save_to_disk(str(path / "dataset"))
+def write_raw(path, splits: dict[str, list[tuple]]):
+    """A data/raw directory as collect would write it. Rows are (text, label), or
+    (text, label, group) as collect writes them when data.group_column is set."""
+    grouped = any(len(row) == 3 for rows in splits.values() for row in rows)
+    features = Features({**FEATURES, "group": Value("string")}) if grouped else FEATURES
+
+    def columns(rows):
+        found = {"text": [r[0] for r in rows], "label": [r[1] for r in rows],
+                 "source_row": list(range(1, len(rows) + 1))}
+        if grouped:
+            found["group"] = [r[2] for r in rows]
+        return found
+
+    DatasetDict({name: Dataset.from_dict(columns(rows), features=features)
+                 for name, rows in splits.items()}).save_to_disk(str(path / "dataset"))
     (path / "manifest.json").write_text(json.dumps({"name": "t", "content_hash": "abc"}))
     return path
 

@@ -140,6 +140,8 @@ BAD_INPUTS = [
     ("fields.csv", b"text,label\na,0,extra\n", {}, ["fields.csv", "line 2", "3 fields"]),
     ("broken.jsonl", b'{"text": "a", "label": 0}\n{"text": \n', {},
      ["broken.jsonl", "line 2", "invalid JSON"]),
+    ("nogroup.csv", b"text,label\na,0\n", {"group_column": "review_id"},
+     ["nogroup.csv", "row 2", "no column 'review_id'"]),
 ]
 
 
@@ -157,6 +159,15 @@ def test_bad_input_names_file_and_row_and_writes_nothing(tmp_path, name, content
         assert word in str(err.value)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temp left
+
+
+def test_a_group_column_is_collected_as_group(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label,review\ngreat,1,7\nnot great,0,7\nok,1,9\n")
+    cfg = files_cfg(**{"splits": {"train": "train.csv"}, "group_column": "review"})
+    manifest, ds = run_collect(cfg, tmp_path)
+    assert column(ds["train"], "group") == ["7", "7", "9"]
+    assert "group" not in run_collect(files_cfg(**{"splits": {"train": "train.csv"}}),
+                                      tmp_path)[1]["train"].column_names
 
 
 def test_bad_test_split_keeps_the_previous_output(tmp_path):

@@ -13,16 +13,11 @@ from datasets import Dataset
 from helpers import FEATURES, synthetic_rows, write_raw
 from tokenizers import Tokenizer
 
-from pipeline.preprocess import (
-    EMAIL,
-    PHONE,
-    URL,
-    ValidationError,
-    build_normalizer,
-    clean_split,
-    preprocess,
-)
+from pipeline.grouping import containment_groups, leakage
+from pipeline.preprocess import clean_split, preprocess
+from pipeline.profile import ValidationError
 from pipeline.splits import column, load_splits
+from pipeline.tokenizer import EMAIL, PHONE, URL, build_normalizer
 
 
 @pytest.fixture
@@ -79,8 +74,8 @@ def test_cleaning_counts_each_kind(cfg):
     ds = Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows],
                             "source_row": list(range(len(rows)))}, features=FEATURES)
     normalize = build_normalizer(cfg).normalize_str
-    kept, report = clean_split(ds, normalize, exclude={"in test"})
-    assert column(kept, "text") == ["good film", "bad"]
+    kept, normalized, report = clean_split(ds, normalize, exclude={"in test"})
+    assert column(kept, "text") == ["good film", "bad"] and normalized == ["good film", "bad"]
     assert report == {"rows_in": 8, "empty": 1, "exact_duplicates": 1,
                       "normalized_duplicates": 1, "conflicting_labels": 2,
                       "overlap_with_held_out": 1, "rows_out": 2}
@@ -125,23 +120,119 @@ def test_validation_fails_and_writes_nothing(tmp_path, cfg, setup, message):
     assert not (tmp_path / "out").exists()
 
 
-TRAIN_IN_A_FRESH_PROCESS = """
-import gzip, sys
+# ---------------------------------------------------------------- groups and leakage
+
+
+SENTENCE = "the plot is thin but the cast is lovely and the score is superb"
+
+
+def test_containment_groups_put_each_phrase_with_the_sentence_holding_it():
+    texts = [
+        "the cast is lovely",                    # 0: inside sentence 3
+        "lovely",                                 # 1: inside 0, so inside 3
+        "a dull and boring film",                 # 2: a root
+        SENTENCE,                                 # 3: a root
+        "the cast",                               # 4: inside 0 and 3
+        "cast is lov",                            # 5: not whole words: its own root
+        "boring film",                            # 6: inside 2
+    ]
+    assert containment_groups(texts) == [3, 3, 2, 3, 3, 5, 2]
+
+
+def test_leakage_counts_each_kind_and_names_an_example():
+    train = [SENTENCE, "an awful , dull film ."]
+    found = leakage(["the cast is lovely", SENTENCE, "an awful dull film", "brand new"], train)
+    assert (found["rows"], found["equal"], found["contained"], found["near_duplicate"],
+            found["leaked"]) == (4, 1, 1, 1, 3)
+    assert found["share"] == 0.75
+    assert found["example"] == {"kind": "contained", "row": "the cast is lovely",
+                                "train_row": SENTENCE}
+
+
+def phrase_rows(sentences: int) -> list[tuple[str, int]]:
+    """Like SST-2's training split: each sentence and phrases cut from it, as rows."""
+    rows = []
+    for text, label in synthetic_rows(sentences):  # each ends in its own "number<i>"
+        words = f"{text} and then some more words".split()
+        rows.append((" ".join(words), label))
+        rows += [(" ".join(words[k:k + 3]), label) for k in (3, 4, 5)]  # with "number<i>"
+    return rows
+
+
+def test_a_validation_row_inside_a_training_row_fails_the_stage(tmp_path, cfg):
+    write_raw(tmp_path / "raw", {"train": phrase_rows(120), "test": synthetic_rows(40, 1)})
+    cfg.groups, cfg.held_out_rows = "none", "all"  # rows drawn one by one, as before
+    with pytest.raises(ValidationError) as err:
+        preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    message = str(err.value)
+    assert "split 'val':" in message and "leak from train, over the bound 1.0%" in message
+    assert "is contained in training row" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_containment_groups_keep_phrases_out_of_validation(tmp_path, cfg):
+    write_raw(tmp_path / "raw", {"train": phrase_rows(120), "test": synthetic_rows(40, 1)})
+    profile = preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    assert profile["leakage"]["val"]["leaked"] == 0
+    assert profile["splitting"]["groups"] == 120
+    splits = load_splits(tmp_path / "out")
+    val = column(splits["val"], "text")
+    assert len(val) == 12 and all(len(t.split()) > 3 for t in val)  # whole sentences only
+    # the phrases of validation sentences are neither scored nor trained on
+    train = column(splits["train"], "text")
+    assert not [t for t in train if any(f" {t} " in f" {v} " for v in val)]
+    assert profile["splitting"]["val_group_members_dropped"] == 12 * 3
+
+
+def test_a_group_column_keeps_every_group_in_one_split(tmp_path, cfg):
+    rows = [(f"{text} take {k}", label, f"g{i}")
+            for i, (text, label) in enumerate(synthetic_rows(300)) for k in range(3)]
+    test = [(text, label, f"t{i}") for i, (text, label) in enumerate(synthetic_rows(30, 1))]
+    test[0] = (test[0][0], test[0][1], "g7")  # a group the source also has in train
+    write_raw(tmp_path / "raw", {"train": rows, "test": test})
+    cfg.held_out_rows = "all"
+    profile = preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    splits = load_splits(tmp_path / "out")
+    group_of = {text: group for text, _, group in rows + test}
+    groups = {name: {group_of[t] for t in column(ds, "text")} for name, ds in splits.items()}
+    assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
+    assert "g7" not in groups["train"]
+    assert profile["splitting"]["train_rows_in_a_held_out_group"] == 3
+    # 10% of the 150 + 149 groups left, by label, and every row of each
+    assert profile["splits"]["val"]["rows"] == (15 + 15) * 3
+
+
+# ---------------------------------------------------------------- bit for bit
+
+
+COLLECT_AND_PREPROCESS = """
+import sys
+from pathlib import Path
 from conftest import compose
-from pipeline.preprocess import train_tokenizer
-lines = gzip.open("data/external/sst2/train.tsv.gz", "rt").read().splitlines()[1:3001]
-cfg = compose("preprocess.tokenizer.type=bpe", "preprocess.tokenizer.vocab_size=2000")
-sys.stdout.write(train_tokenizer([line.split("\\t")[0] for line in lines], cfg.preprocess).to_str())
+from pipeline.collect import collect
+from pipeline.preprocess import preprocess
+cfg = compose("data.max_rows=4000", "preprocess.tokenizer.type=" + sys.argv[2])
+out = Path(sys.argv[1])
+collect(cfg.data, cfg.seed, out_dir=out / "raw", root=Path("{root}"))
+preprocess(cfg.preprocess, cfg.seed, raw_dir=out / "raw", out_dir=out / "processed")
 """
 
 
-def test_bpe_tokenizer_is_the_same_in_every_run():
-    """BPE is the choice for bit-for-bit reproducible runs from nothing. (WordPiece
-    training is not: the trainer numbers '##' tokens in hash-map order and breaks
-    count ties by those numbers, huggingface/tokenizers#1794.) Hash seeds differ per
-    process, so the comparison needs two processes."""
+def tree_bytes(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("tokenizer", ["wordpiece", "bpe"])
+def test_collect_and_preprocess_repeat_byte_for_byte(tmp_path, tokenizer):
+    """Two processes (so two hash seeds, which is what broke WordPiece:
+    huggingface/tokenizers#1794) write the very same files."""
+    script = COLLECT_AND_PREPROCESS.format(root=ROOT)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-    runs = [subprocess.run([sys.executable, "-c", TRAIN_IN_A_FRESH_PROCESS], cwd=ROOT, env=env,
-                           capture_output=True, text=True, check=True).stdout for _ in range(2)]
-    assert runs[0] == runs[1]
-    assert Tokenizer.from_str(runs[0]).get_vocab_size() > 1000
+    for run, seed in (("a", "1"), ("b", "2")):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / run), tokenizer],
+                       cwd=ROOT, env={**env, "PYTHONHASHSEED": seed}, check=True)
+    first, second = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
+    assert first.keys() == second.keys() and "processed/tokenizer.json" in first
+    assert [name for name in first if first[name] != second[name]] == []
+    assert Tokenizer.from_str(first["processed/tokenizer.json"].decode()).get_vocab_size() > 1000
