@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,23 +20,65 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARAMS_FILE = Path("params.yaml")
 
 # Stage outputs, relative to the repository root (dvc.yaml declares the same paths).
+# The stages that read these constants as defaults; the rest go through `Paths`.
 RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
-TOKENIZER_FILE = PROCESSED_DIR / "tokenizer.json"
-PROFILE_FILE = PROCESSED_DIR / "profile.json"
 CHECKPOINT_DIR = Path("models/checkpoints")
-BEST_CHECKPOINT = CHECKPOINT_DIR / "best.ckpt"
-LAST_CHECKPOINT = CHECKPOINT_DIR / "last.ckpt"
-REPORTS_DIR = Path("reports")
-TRAIN_REPORT = REPORTS_DIR / "train.json"
-METRICS_FILE = REPORTS_DIR / "metrics.json"
-PLOTS_DIR = REPORTS_DIR / "plots"
-GATE_FILE = REPORTS_DIR / "gate.json"
-CANDIDATE_BUNDLE = Path("models/candidate")
-BUNDLE_STORE = Path("models/bundles")
-CURRENT_BUNDLE = Path("models/current")
-DEPLOY_REPORT = REPORTS_DIR / "deploy.json"
-SERVE_REPORT = REPORTS_DIR / "serve.json"
+TRAIN_REPORT = Path("reports/train.json")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where evaluate, deploy, the registry and serve read and write, under `root`:
+    the repository by default (what the stages' main() use), or a test's directory."""
+
+    root: Path = Path(".")
+
+    @property
+    def processed(self) -> Path:
+        return self.root / PROCESSED_DIR
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_DIR / "best.ckpt"
+
+    @property
+    def train_report(self) -> Path:
+        return self.root / TRAIN_REPORT
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "reports/metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "reports/plots"
+
+    @property
+    def gate(self) -> Path:
+        return self.root / "reports/gate.json"
+
+    @property
+    def candidate(self) -> Path:
+        return self.root / "models/candidate"
+
+    @property
+    def store(self) -> Path:
+        """Promoted bundles, one directory per registry version."""
+        return self.root / "models/bundles"
+
+    @property
+    def current(self) -> Path:
+        """The symlink into `store` that names the live bundle."""
+        return self.root / "models/current"
+
+    @property
+    def deploy_report(self) -> Path:
+        return self.root / "reports/deploy.json"
+
+    @property
+    def serve_report(self) -> Path:
+        return self.root / "reports/serve.json"
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:

@@ -27,18 +27,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import atomic
-from pipeline.config import (
-    BEST_CHECKPOINT,
-    CANDIDATE_BUNDLE,
-    DEPLOY_REPORT,
-    GATE_FILE,
-    METRICS_FILE,
-    PROCESSED_DIR,
-    TRAIN_REPORT,
-    git_commit,
-    load_params,
-    tracking_uri,
-)
+from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.export import export_onnx, quantize_best
 from pipeline.inference import load_module, predict_logits
 from pipeline.registry import promote, prune_store, register
@@ -186,22 +175,21 @@ created {meta['created_at']}.
 """
 
 
-def build_bundle(cfg: DictConfig, out_dir: Path = CANDIDATE_BUNDLE,
-                 checkpoint: Path = BEST_CHECKPOINT,
-                 processed_dir: Path = PROCESSED_DIR) -> dict:
-    """Export, quantise, check and write the bundle atomically. Returns bundle.json."""
-    module = load_module(checkpoint)
+def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
+    """Export, quantise, check and write the bundle to `paths.candidate` atomically.
+    Returns bundle.json."""
+    module = load_module(paths.checkpoint)
     pad_id = module.hparams.pad_id
-    splits = load_splits(processed_dir)
-    profile = atomic.read_json(processed_dir / "profile.json")
-    meta = bundle_meta(cfg, module, atomic.read_json(TRAIN_REPORT),
-                       atomic.read_json(METRICS_FILE), atomic.read_json(GATE_FILE),
+    splits = load_splits(paths.processed)
+    profile = atomic.read_json(paths.processed / "profile.json")
+    meta = bundle_meta(cfg, module, atomic.read_json(paths.train_report),
+                       atomic.read_json(paths.metrics), atomic.read_json(paths.gate),
                        profile, pad_id)
-    with atomic.atomic_dir(out_dir) as tmp:
+    with atomic.atomic_dir(paths.candidate) as tmp:
         export_onnx(module.model, tmp / MODEL_FILES["fp32"], cfg.deploy.opset, pad_id)
         int8 = quantize_best(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], module,
                              column(splits["val"], "input_ids"), cfg)
-        shutil.copy2(processed_dir / "tokenizer.json", tmp / "tokenizer.json")
+        shutil.copy2(paths.processed / "tokenizer.json", tmp / "tokenizer.json")
         atomic.write_json(tmp / "bundle.json", meta)
         test = splits["test"]
         meta["parity"] = check_parity(tmp, module, column(test, "text"),
@@ -215,14 +203,14 @@ def build_bundle(cfg: DictConfig, out_dir: Path = CANDIDATE_BUNDLE,
 # ---------------------------------------------------------------- the stage
 
 
-def deploy(cfg: DictConfig) -> dict:
+def deploy(cfg: DictConfig, paths: Paths) -> dict:
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    meta = build_bundle(cfg)
-    version = register(CANDIDATE_BUNDLE, meta)
+    meta = build_bundle(cfg, paths)
+    version = register(paths.candidate, meta)
     blessed = meta["gate"]["blessed"]
     if blessed:
-        promote(meta["model_name"], version, CANDIDATE_BUNDLE)
-        prune_store(cfg.deploy.keep_bundles)
+        promote(meta["model_name"], version, paths.candidate, paths)
+        prune_store(cfg.deploy.keep_bundles, paths)
     report = {
         "model_name": meta["model_name"],
         "registry_version": version,
@@ -232,14 +220,14 @@ def deploy(cfg: DictConfig) -> dict:
         "reasons": meta["gate"]["reasons"],
         "parity": meta["parity"],
     }
-    atomic.write_json(DEPLOY_REPORT, report)
+    atomic.write_json(paths.deploy_report, report)
     return report
 
 
 def main() -> None:
     cfg = load_params()
     try:
-        report = deploy(cfg)
+        report = deploy(cfg, Paths())
     except DeployError as err:
         sys.exit(f"deploy: {err}")
     p = report["parity"]

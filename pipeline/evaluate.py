@@ -28,16 +28,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from pipeline import atomic
-from pipeline.config import (
-    BEST_CHECKPOINT,
-    GATE_FILE,
-    METRICS_FILE,
-    PLOTS_DIR,
-    PROCESSED_DIR,
-    TRAIN_REPORT,
-    load_params,
-    tracking_uri,
-)
+from pipeline.config import Paths, load_params, tracking_uri
 from pipeline.inference import load_module, predict_logits
 from pipeline.registry import CHAMPION, download_bundle
 from pipeline.splits import column, load_splits
@@ -173,13 +164,13 @@ def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
 # ---------------------------------------------------------------- the stage
 
 
-def evaluate(cfg: DictConfig, checkpoint: Path = BEST_CHECKPOINT,
-             processed_dir: Path = PROCESSED_DIR) -> tuple[dict, dict]:
-    """Score, plot, judge and log. Returns (metrics, verdict)."""
-    test = load_splits(processed_dir)["test"]
+def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
+    """Score `paths.checkpoint` on the test split, plot, judge and log. Returns
+    (metrics, verdict)."""
+    test = load_splits(paths.processed)["test"]
     label_names = test.features["label"].names
     labels = np.asarray(column(test, "label"))
-    module = load_module(checkpoint)
+    module = load_module(paths.checkpoint)
     logits = predict_logits(module, column(test, "input_ids"), cfg.evaluate.batch_size)
     probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
@@ -190,25 +181,25 @@ def evaluate(cfg: DictConfig, checkpoint: Path = BEST_CHECKPOINT,
                               label_names, bins)
     verdict = {"model_name": cfg.deploy.model_name, **judge(metrics, cfg.gate, champion)}
 
-    atomic.write_json(METRICS_FILE, metrics)
-    write_plots(PLOTS_DIR, probs, labels, label_names)
-    atomic.write_json(GATE_FILE, verdict)
-    log_to_run(metrics, verdict)
+    atomic.write_json(paths.metrics, metrics)
+    write_plots(paths.plots, probs, labels, label_names)
+    atomic.write_json(paths.gate, verdict)
+    log_to_run(metrics, verdict, paths)
     return metrics, verdict
 
 
-def log_to_run(metrics: dict, verdict: dict) -> None:
+def log_to_run(metrics: dict, verdict: dict, paths: Paths) -> None:
     """Add the test results to the training run, so one MLflow run tells the story."""
-    run_id = atomic.read_json(TRAIN_REPORT)["run_id"]
+    run_id = atomic.read_json(paths.train_report)["run_id"]
     flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
     for name, values in metrics["per_class"].items():
         flat.update({f"test_{metric}_{name}": values[metric]
                      for metric in ("precision", "recall", "f1")})
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({mlflow_safe(k): v for k, v in flat.items()})
-        mlflow.log_artifact(str(METRICS_FILE), "evaluation")
-        mlflow.log_artifact(str(GATE_FILE), "evaluation")
-        mlflow.log_artifacts(str(PLOTS_DIR), "evaluation/plots")
+        mlflow.log_artifact(str(paths.metrics), "evaluation")
+        mlflow.log_artifact(str(paths.gate), "evaluation")
+        mlflow.log_artifacts(str(paths.plots), "evaluation/plots")
         mlflow.set_tag("gate_blessed", str(verdict["blessed"]).lower())
 
 
@@ -218,7 +209,7 @@ def mlflow_safe(name: str) -> str:
 
 
 def main() -> None:
-    metrics, verdict = evaluate(load_params())
+    metrics, verdict = evaluate(load_params(), Paths())
     print(f"evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}, "
           f"ROC-AUC {metrics['roc_auc']:.4f}, ECE {metrics['ece']:.4f}")
     print(f"gate: {'BLESSED' if verdict['blessed'] else 'NOT blessed'}")

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from pipeline import atomic
-from pipeline.config import BUNDLE_STORE, CURRENT_BUNDLE, load_params, tracking_uri
+from pipeline.config import Paths, load_params, tracking_uri
 from serving.bundle import Bundle
 
 CHAMPION = "champion"
@@ -86,7 +86,7 @@ def register(bundle_dir: Path, meta: dict) -> str:
     return version
 
 
-def store_bundle(bundle_dir: Path, version: str, store: Path = BUNDLE_STORE) -> Path:
+def store_bundle(bundle_dir: Path, version: str, store: Path) -> Path:
     """Copy a bundle into the store as `<store>/<registry version>`, atomically."""
     target = store / version
     if not target.exists():
@@ -95,7 +95,7 @@ def store_bundle(bundle_dir: Path, version: str, store: Path = BUNDLE_STORE) -> 
     return target
 
 
-def point_current(target: Path, current: Path = CURRENT_BUNDLE) -> None:
+def point_current(target: Path, current: Path) -> None:
     """Swap the `current` symlink in one rename: readers see the old or the new."""
     current.parent.mkdir(parents=True, exist_ok=True)
     link = current.with_name(f".{current.name}.tmp-{os.getpid()}")
@@ -104,20 +104,18 @@ def point_current(target: Path, current: Path = CURRENT_BUNDLE) -> None:
     os.replace(link, current)
 
 
-def promote(model_name: str, version: str, bundle_dir: Path,
-            store: Path = BUNDLE_STORE, current: Path = CURRENT_BUNDLE) -> Path:
+def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths) -> Path:
     """Make `version` the champion and the current bundle."""
-    target = store_bundle(bundle_dir, version, store)
+    target = store_bundle(bundle_dir, version, paths.store)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(model_name, CHAMPION, version)
     client.set_model_version_tag(model_name, version, "promoted_at",
                                  dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-    point_current(target, current)
+    point_current(target, paths.current)
     return target
 
 
-def rollback(model_name: str, store: Path = BUNDLE_STORE,
-             current: Path = CURRENT_BUNDLE) -> str:
+def rollback(model_name: str, paths: Paths) -> str:
     """Return champion and current to the blessed version before the champion.
 
     A bundle pruned from disk is downloaded again from the registry, into a temporary
@@ -138,22 +136,23 @@ def rollback(model_name: str, store: Path = BUNDLE_STORE,
         raise RegistryError(f"{model_name} v{champion} is the first blessed version")
     previous = str(max(earlier))
     client.set_model_version_tag(model_name, str(champion), "rolled_back", "true")
-    target = store / previous
+    target = paths.store / previous
     if not target.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            store_bundle(download_bundle(model_name, Path(tmp), previous), previous, store)
+            store_bundle(download_bundle(model_name, Path(tmp), previous), previous, paths.store)
     client.set_registered_model_alias(model_name, CHAMPION, previous)
-    point_current(target, current)
+    point_current(target, paths.current)
     return previous
 
 
-def prune_store(keep: int, store: Path = BUNDLE_STORE, current: Path = CURRENT_BUNDLE) -> None:
-    """Keep the newest `keep` bundles on disk, and the live one whatever its age; older
-    ones stay in the registry."""
-    if not store.exists():
+def prune_store(keep: int, paths: Paths) -> None:
+    """Keep the newest `keep` bundles in `paths.store`, and the live one whatever its
+    age; older ones stay in the registry."""
+    if not paths.store.exists():
         return
-    live = Path(os.path.realpath(current)).name if current.exists() else None
-    versions = sorted((p for p in store.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    live = Path(os.path.realpath(paths.current)).name if paths.current.exists() else None
+    versions = sorted((p for p in paths.store.iterdir() if p.name.isdigit()),
+                      key=lambda p: int(p.name))
     for old in versions[: max(len(versions) - keep, 0)]:
         if old.name != live:
             shutil.rmtree(old, ignore_errors=True)
@@ -162,14 +161,14 @@ def prune_store(keep: int, store: Path = BUNDLE_STORE, current: Path = CURRENT_B
 def main() -> None:
     if sys.argv[1:] != ["rollback"]:
         sys.exit("usage: python -m pipeline.registry rollback")
-    cfg = load_params()
+    cfg, paths = load_params(), Paths()
     mlflow.set_tracking_uri(tracking_uri(cfg))
     try:
-        version = rollback(cfg.deploy.model_name)
+        version = rollback(cfg.deploy.model_name, paths)
     except RegistryError as err:
         sys.exit(f"rollback: {err}")
     print(f"rollback: {cfg.deploy.model_name} champion is now v{version}; "
-          f"{CURRENT_BUNDLE} -> {os.readlink(CURRENT_BUNDLE)}")
+          f"{paths.current} -> {os.readlink(paths.current)}")
 
 
 if __name__ == "__main__":

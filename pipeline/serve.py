@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import atomic
-from pipeline.config import CANDIDATE_BUNDLE, PROCESSED_DIR, SERVE_REPORT, load_params
+from pipeline.config import Paths, load_params
 from pipeline.splits import column, load_splits
 from serving import control
 from serving.bundle import Bundle
@@ -62,9 +62,10 @@ def canary(url: str, texts: list[str], expected: np.ndarray, labels: list[str]) 
     }
 
 
-def check_service(cfg: DictConfig, bundle_dir: Path = CANDIDATE_BUNDLE,
-                  processed_dir: Path = PROCESSED_DIR) -> dict:
-    texts = column(load_splits(processed_dir)["test"], "text")[: cfg.serve.canary_rows]
+def check_service(cfg: DictConfig, paths: Paths) -> dict:
+    """The canary against the service on `paths.candidate`; writes `paths.serve_report`."""
+    bundle_dir = paths.candidate
+    texts = column(load_splits(paths.processed)["test"], "text")[: cfg.serve.canary_rows]
     bundle = Bundle.load(bundle_dir, cfg.serve.precision)
     expected = np.concatenate([bundle.predict_proba([text]) for text in texts])
     port = control.free_port()
@@ -86,13 +87,13 @@ def check_service(cfg: DictConfig, bundle_dir: Path = CANDIDATE_BUNDLE,
                           f"from the offline predictions (first: row {result['first_mismatch']})")
     report = {"bundle_version": bundle.version, "precision": cfg.serve.precision,
               "service_exit_code": exit_code, **result}
-    atomic.write_json(SERVE_REPORT, report)
+    atomic.write_json(paths.serve_report, report)
     return report
 
 
 def main() -> None:
     try:
-        report = check_service(load_params())
+        report = check_service(load_params(), Paths())
     except CanaryError as err:
         sys.exit(f"serve: {err}")
     lat = report["latency_ms"]

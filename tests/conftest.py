@@ -99,11 +99,12 @@ def workspace(tmp_path_factory):
     """A working directory where preprocess, train (2 epochs) and evaluate ran on a
     small synthetic data set, tracked in the directory's own MLflow database.
 
-    Yields (path, cfg). Tests that use it chdir into it (stage functions use the
-    repository-relative default paths).
+    Yields (path, cfg). Evaluate, deploy and serve take `Paths(path)`; preprocess
+    and train write to the repository-relative default paths, so they run inside it.
     """
     from helpers import synthetic_rows, write_raw
 
+    from pipeline.config import Paths
     from pipeline.evaluate import evaluate
     from pipeline.preprocess import preprocess
     from pipeline.train import fit
@@ -121,7 +122,7 @@ def workspace(tmp_path_factory):
                                           "test": synthetic_rows(60, seed=1)})
         preprocess(cfg.preprocess, cfg.seed)
         fit(cfg)
-        evaluate(cfg)
+    evaluate(cfg, Paths(path))
     return path, cfg
 
 
@@ -145,11 +146,11 @@ def inside(path: Path):
 def built_bundle(workspace):
     """(bundle directory, bundle.json) exported once from the workspace's model."""
     from pipeline import deploy
+    from pipeline.config import Paths
 
     path, cfg = workspace
-    with inside(path):
-        meta = deploy.build_bundle(cfg)
-    return path / "models/candidate", meta
+    meta = deploy.build_bundle(cfg, Paths(path))
+    return Paths(path).candidate, meta
 
 
 @contextlib.contextmanager

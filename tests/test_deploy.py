@@ -19,6 +19,7 @@ from conftest import ROOT
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import deploy, export, registry
+from pipeline.config import Paths
 from pipeline.evaluate import score_champion
 from pipeline.splits import column, load_splits
 
@@ -102,13 +103,12 @@ print("ok")
     assert result.stdout.strip() == "ok"
 
 
-def test_broken_parity_fails_and_leaves_the_old_bundle(own_workspace, monkeypatch):
+def test_broken_parity_fails_and_leaves_the_old_bundle(own_workspace):
     path, cfg = own_workspace
-    monkeypatch.chdir(path)
     before = (path / "models/candidate/bundle.json").read_text()
     cfg.deploy.int8_min_agreement = 1.01
     with pytest.raises(deploy.DeployError, match="int8 labels agree with PyTorch on"):
-        deploy.build_bundle(cfg)
+        deploy.build_bundle(cfg, Paths(path))
     assert (path / "models/candidate/bundle.json").read_text() == before
 
 
@@ -144,14 +144,13 @@ def test_batch_dependent_int8_fails_the_stage(own_workspace, monkeypatch):
     quantisation's per-batch scales make it) is what the batch-invariance check
     exists to catch: here one that does so by construction, by a known amount."""
     path, cfg = own_workspace
-    monkeypatch.chdir(path)
     monkeypatch.setattr(export, "quantize_int8", batch_dependent)
     before = (path / "models/candidate/bundle.json").read_text()
     # the check scores the test split's 60 rows alone and as one batch of 60
     shift = BATCH_STEP * (60 - 1)
     assert shift > cfg.deploy.int8_batch_max_abs_diff
     with pytest.raises(deploy.DeployError) as failed:
-        deploy.build_bundle(cfg)
+        deploy.build_bundle(cfg, Paths(path))
     message = str(failed.value)
     assert f"int8: a text's logits change with its batch by {shift:.2e}" in message, message
     assert "fp32:" not in message and "int8 labels agree" not in message, message
@@ -165,9 +164,9 @@ def register_as(meta: dict, blessed: bool, bundle_dir) -> str:
     return registry.register(bundle_dir, meta)
 
 
-def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeypatch):
+def test_gate_registry_alias_current_and_rollback(own_workspace, bundle):
     path, cfg = own_workspace
-    monkeypatch.chdir(path)
+    paths = Paths(path)
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient()
     bundle_dir, meta = path / "models/candidate", bundle[1]
@@ -175,7 +174,7 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeyp
     current = path / "models/current"
 
     v1 = register_as(meta, True, bundle_dir)
-    registry.promote(name, v1, bundle_dir)
+    registry.promote(name, v1, bundle_dir, paths)
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     assert os.readlink(current) == f"bundles/{v1}"
     assert json.loads((current / "bundle.json").read_text())["version"] == meta["version"]
@@ -187,7 +186,7 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeyp
     assert os.readlink(current) == f"bundles/{v1}"
 
     v3 = register_as(meta, True, bundle_dir)
-    registry.promote(name, v3, bundle_dir)
+    registry.promote(name, v3, bundle_dir, paths)
     assert str(client.get_model_version_by_alias(name, "champion").version) == v3
     assert os.readlink(current) == f"bundles/{v3}"
 
@@ -200,9 +199,9 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle, monkeyp
 
     # rollback skips the unblessed v2 and goes to v1, even with v1's bundle gone from disk
     shutil.rmtree(path / "models/bundles" / v1)
-    assert registry.rollback(name) == v1
+    assert registry.rollback(name, paths) == v1
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     assert os.readlink(current) == f"bundles/{v1}"
     assert (current / "model.int8.onnx").exists()
     with pytest.raises(registry.RegistryError, match="is the first blessed version"):
-        registry.rollback(name)
+        registry.rollback(name, paths)

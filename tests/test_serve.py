@@ -7,10 +7,9 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import inside
 
 from pipeline import serve
-from pipeline.config import SERVE_REPORT
+from pipeline.config import Paths
 from pipeline.splits import load_splits
 from serving.bundle import Bundle
 
@@ -18,10 +17,11 @@ from serving.bundle import Bundle
 def test_canary_answers_equal_the_offline_predictions(workspace, built_bundle):
     path, cfg = workspace
     bundle_dir, meta = built_bundle
-    with inside(path):
-        report = serve.check_service(cfg, bundle_dir)
-        saved = json.loads(SERVE_REPORT.read_text())
-        test_rows = len(load_splits()["test"])
+    paths = Paths(path)
+    assert paths.candidate == bundle_dir
+    report = serve.check_service(cfg, paths)
+    saved = json.loads(paths.serve_report.read_text())
+    test_rows = len(load_splits(paths.processed)["test"])
     assert saved == report
     assert report["bundle_version"] == meta["version"]
     assert report["rows"] == min(cfg.serve.canary_rows, test_rows)
@@ -44,11 +44,10 @@ def test_canary_counts_every_answer_that_differs(live_service, built_bundle):
 def test_a_service_that_answers_otherwise_fails_the_stage(workspace, built_bundle,
                                                           monkeypatch):
     path, cfg = workspace
-    with inside(path):
-        SERVE_REPORT.unlink(missing_ok=True)
-        offline = Bundle.predict_proba
-        monkeypatch.setattr(Bundle, "predict_proba",
-                            lambda self, texts: offline(self, texts) * 0.5)
-        with pytest.raises(serve.CanaryError, match="canary answers differ from the offline"):
-            serve.check_service(cfg, built_bundle[0])
-        assert not SERVE_REPORT.exists()  # no report claims a pass
+    paths = Paths(path)
+    paths.serve_report.unlink(missing_ok=True)
+    offline = Bundle.predict_proba
+    monkeypatch.setattr(Bundle, "predict_proba", lambda self, texts: offline(self, texts) * 0.5)
+    with pytest.raises(serve.CanaryError, match="canary answers differ from the offline"):
+        serve.check_service(cfg, paths)
+    assert not paths.serve_report.exists()  # no report claims a pass
