@@ -1,15 +1,17 @@
 """Dynamic micro-batching: concurrent requests share one model call.
 
-Requests put their texts on a bounded queue and await a future. One inference
-thread takes everything that is waiting (up to `max_batch_size` texts), tokenizes it,
-groups it by length so that short texts do not pay for long ones' padding, runs the
-groups through onnxruntime and resolves each request's future. The event loop only
-queues and awaits: tokenization and inference never run on it.
+Requests put their texts on a bounded queue and await a future. Each inference thread
+(`workers` of them) takes everything that is waiting (up to `max_batch_size` texts),
+tokenizes it, groups it by length so that short texts do not pay for long ones'
+padding, runs the groups through onnxruntime and resolves each request's future. The
+event loop only queues and awaits: tokenization and inference never run on it.
 
-- Idle and alone, a request runs at once: the thread waits `max_wait_ms` for
-  companions only while the previous batch had several requests (that is, under load).
+- Idle and alone, a request runs at once: a thread waits `max_wait_ms` for
+  companions only while its previous batch had several requests (that is, under load).
 - A full queue refuses new work at once (`QueueFull`, answered 503 with Retry-After)
   instead of growing without bound; work that was accepted is always completed.
+- Work that cannot share a model call (an explanation) goes through the same queue
+  with `submit_call` and runs on its own, so the same bound holds for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +39,7 @@ class Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
+    call: Callable[[Bundle], Any] | None = None  # set: run alone, not batched
 
 
 @dataclass
@@ -51,6 +55,7 @@ class BatchStats:
     lengths: list[int]  # per text, for drift monitoring
     unknown: list[int]  # unknown tokens per text
     predicted: list[int]  # predicted class per text
+    bundle: Bundle | None = None  # which model computed them (a reload may swap it)
 
 
 def length_groups(lengths: list[int], max_padding: float = 1.25) -> list[list[int]]:
@@ -86,12 +91,12 @@ def infer(bundle: Bundle, texts: list[str]) -> tuple[np.ndarray, BatchStats]:
                        real_tokens=sum(lengths), padded_tokens=padded,
                        seconds=time.perf_counter() - started, lengths=lengths,
                        unknown=[ids.count(unk) for ids in encoded],
-                       predicted=probs.argmax(axis=1).tolist())
+                       predicted=probs.argmax(axis=1).tolist(), bundle=bundle)
     return probs, stats
 
 
 class Batcher:
-    """Runs jobs on one inference thread, batching what arrives together."""
+    """Runs jobs on `workers` inference threads, batching what arrives together."""
 
     def __init__(self, get_bundle: Callable[[], Bundle], max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, max_queue: int = 1024,
@@ -118,20 +123,38 @@ class Batcher:
     async def submit(self, texts: list[str]) -> tuple[np.ndarray, Bundle]:
         """Probabilities for `texts` and the bundle that computed them (a reload may
         swap bundles between requests); raises QueueFull when the queue is full."""
-        with self.lock:
-            if self.queued_texts + len(texts) > self.max_queue:
-                raise QueueFull(f"{self.queued_texts} texts queued (limit {self.max_queue})")
-            self.queued_texts += len(texts)
+        self._admit(len(texts))
         if not self.enabled:
             return await self._alone(texts)
+        return await self._enqueue(texts, None)
+
+    async def submit_call(self, call: Callable[[Bundle], Any], texts: list[str]
+                          ) -> tuple[Any, Bundle]:
+        """`call(bundle)` on an inference thread, alone, and the bundle it ran on; it
+        counts as `texts` against the queue bound like a prediction would."""
+        self._admit(len(texts))
+        if not self.enabled:
+            return await self._alone(texts, call)
+        return await self._enqueue(texts, call)
+
+    def _admit(self, count: int) -> None:
+        with self.lock:
+            if self.queued_texts + count > self.max_queue:
+                raise QueueFull(f"{self.queued_texts} texts queued (limit {self.max_queue})")
+            self.queued_texts += count
+
+    async def _enqueue(self, texts: list[str], call: Callable[[Bundle], Any] | None):
         loop = asyncio.get_running_loop()
-        job = Job(texts=texts, future=loop.create_future(), loop=loop)
+        job = Job(texts=texts, future=loop.create_future(), loop=loop, call=call)
         self.jobs.put(job)
         return await job.future
 
-    async def _alone(self, texts: list[str]) -> tuple[np.ndarray, Bundle]:
+    async def _alone(self, texts: list[str], call: Callable[[Bundle], Any] | None = None):
+        """Batching off: the work runs in a thread of its own, right away."""
         bundle = self.get_bundle()
         try:
+            if call is not None:
+                return await asyncio.to_thread(call, bundle), bundle
             probs, stats = await asyncio.to_thread(infer, bundle, texts)
         finally:
             with self.lock:
@@ -148,9 +171,10 @@ class Batcher:
 
     # ------------------------------------------------------------ the inference thread
 
-    def _take(self, first: Job, under_load: bool) -> tuple[list[Job], bool]:
-        """`first` plus whatever else is waiting, up to max_batch_size texts."""
-        batch, size, stop = [first], len(first.texts), False
+    def _take(self, first: Job, under_load: bool) -> tuple[list[Job], Job | None, bool]:
+        """`first` plus whatever else is waiting, up to max_batch_size texts; also a
+        job that must run alone, if one was met (it runs next), and whether to stop."""
+        batch, size = [first], len(first.texts)
         deadline = time.perf_counter() + (self.max_wait if under_load else 0.0)
         while size < self.max_batch_size:
             timeout = deadline - time.perf_counter()
@@ -159,23 +183,40 @@ class Batcher:
             except queue.Empty:
                 break
             if job is None:
-                stop = True
-                break
+                return batch, None, True
+            if job.call is not None:
+                return batch, job, False
             batch.append(job)
             size += len(job.texts)
-        return batch, stop
+        return batch, None, False
 
     def _loop(self) -> None:
-        under_load, stop = False, False
+        under_load, stop, held = False, False, None
         while not stop:
-            first = self.jobs.get()
+            first, held = held or self.jobs.get(), None
             if first is None:
                 break
-            batch, stop = self._take(first, under_load)
+            if first.call is not None:
+                self._taken([first])
+                self._run_call(first)
+                continue
+            batch, held, stop = self._take(first, under_load)
             under_load = len(batch) > 1
-            with self.lock:
-                self.queued_texts -= sum(len(job.texts) for job in batch)
+            self._taken(batch)
             self._run(batch)
+
+    def _taken(self, jobs: list[Job]) -> None:
+        with self.lock:
+            self.queued_texts -= sum(len(job.texts) for job in jobs)
+
+    def _run_call(self, job: Job) -> None:
+        bundle = self.get_bundle()
+        try:
+            result = job.call(bundle)
+        except Exception as err:  # noqa: BLE001 - the request gets the error
+            job.loop.call_soon_threadsafe(_set_exception, job.future, err)
+            return
+        job.loop.call_soon_threadsafe(_set_result, job.future, (result, bundle))
 
     def _run(self, batch: list[Job]) -> None:
         texts = [text for job in batch for text in job.texts]

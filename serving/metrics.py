@@ -6,6 +6,9 @@ bundle carries (`bundle.json` -> profile.reference), as population stability ind
 - token-length distribution, over the training deciles;
 - unknown-token rate, as the two-bucket distribution (unknown, known) of tokens;
 - predicted-class distribution, against the training class balance.
+
+A reload starts the window over; batches that the old bundle finishes afterwards are
+left out, since their classes and token ids are the old bundle's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 
 from serving.batcher import BatchStats
+from serving.bundle import Bundle
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -37,18 +41,22 @@ class DriftMonitor:
     def __init__(self, window: int):
         self.window = window
         self.lock = threading.Lock()
-        self.reset(None, [])
+        self.reset(None, [], model=None)
 
-    def reset(self, reference: dict | None, label_names: list[str]) -> None:
-        """Start over for a new bundle (its own reference and classes)."""
+    def reset(self, reference: dict | None, label_names: list[str], model: object) -> None:
+        """Start over for a new bundle (its own reference and classes); `model` names
+        it, and from now on only observations of that model count."""
         with self.lock:
-            self.reference, self.label_names = reference, label_names
+            self.reference, self.label_names, self.model = reference, label_names, model
             self.lengths: deque[int] = deque(maxlen=self.window)
             self.unknown: deque[int] = deque(maxlen=self.window)
             self.predicted: deque[int] = deque(maxlen=self.window)
 
-    def observe(self, lengths: list[int], unknown: list[int], predicted: list[int]) -> None:
+    def observe(self, model: object, lengths: list[int], unknown: list[int],
+                predicted: list[int]) -> None:
         with self.lock:
+            if model is not self.model:  # finished on a bundle swapped out since
+                return
             self.lengths.extend(lengths)
             self.unknown.extend(unknown)
             self.predicted.extend(predicted)
@@ -88,6 +96,8 @@ class DriftMonitor:
 
 
 class ServiceMetrics:
+    """Every metric the service exports, in its own registry."""
+
     def __init__(self, drift_window: int):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -114,11 +124,13 @@ class ServiceMetrics:
         self.drift = DriftMonitor(drift_window)
         r.register(self.drift)
 
-    def set_model(self, meta: dict, precision: str) -> None:
+    def set_model(self, bundle: Bundle) -> None:
+        meta = bundle.meta
         self.model.info({"version": str(meta["version"]),
                          "model_name": str(meta.get("model_name", "")),
-                         "precision": precision})
-        self.drift.reset(meta.get("profile", {}).get("reference"), list(meta["label_names"]))
+                         "precision": bundle.precision})
+        self.drift.reset(meta.get("profile", {}).get("reference"), list(bundle.label_names),
+                         model=bundle)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_texts.observe(stats.texts)
@@ -126,4 +138,4 @@ class ServiceMetrics:
         self.inference.observe(stats.seconds)
         self.tokens.labels("real").inc(stats.real_tokens)
         self.tokens.labels("padded").inc(stats.padded_tokens)
-        self.drift.observe(stats.lengths, stats.unknown, stats.predicted)
+        self.drift.observe(stats.bundle, stats.lengths, stats.unknown, stats.predicted)

@@ -5,18 +5,27 @@ Example: `TEXTOPS_BUNDLE=models/current TEXTOPS_PORT=8000 python -m serving`.
 `models/current`) or a registry URI `models:/<name>@<alias>`, fetched through MLflow
 from `MLFLOW_TRACKING_URI`. Either way the service follows it: when the link or the
 alias moves, the new bundle is loaded, warmed up and swapped in without a restart.
+
+A bad value stops the service before it starts, naming the variable, the value and
+what it should be (`Settings.from_env`).
 """
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.bundle import RuntimeOptions
 
+ENV_PREFIX = "TEXTOPS_"
+
+
+class SettingsError(ValueError):
+    """Settings that the service cannot run with; one line per bad variable."""
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TEXTOPS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     bundle: str = Field("models/current", description="bundle directory or models:/ URI")
     precision: str = Field("int8", pattern="^(int8|fp32)$")
@@ -57,8 +66,17 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _limits_fit_the_queue(self):
         if self.max_texts > self.max_queue:
-            raise ValueError("max_texts must not exceed max_queue")
+            raise ValueError(f"{ENV_PREFIX}MAX_TEXTS ({self.max_texts}) must not exceed "
+                             f"{ENV_PREFIX}MAX_QUEUE ({self.max_queue})")
         return self
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """The settings from the environment; SettingsError says what is wrong."""
+        try:
+            return cls()
+        except ValidationError as err:
+            raise SettingsError(describe(err)) from None
 
     def runtime_options(self) -> RuntimeOptions:
         return RuntimeOptions(
@@ -70,3 +88,15 @@ class Settings(BaseSettings):
 
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in (self.api_keys or "").split(",") if key.strip()]
+
+
+def describe(err: ValidationError) -> str:
+    """Each problem as `TEXTOPS_NAME='value': what it should be`."""
+    lines = []
+    for problem in err.errors(include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["loc"]:
+            variable = ENV_PREFIX + str(problem["loc"][0]).upper()
+            message = f"{variable}={problem['input']!r}: {message}"
+        lines.append(message)
+    return "invalid settings\n  " + "\n  ".join(lines)

@@ -2,7 +2,8 @@
 
 The model takes a BYTES input `text` (one text per element) and returns
 `probabilities` (FP32, [n, classes]) and `label` (BYTES, [n]). Errors are
-`{"error": message}`, as the protocol says.
+`{"error": message}`, as the protocol says (serving/errors.py renders them so). The
+input limits are /predict's (serving/validation.py).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from serving.bundle import Bundle
+from serving.errors import ApiError
+from serving.predictions import predictions
+from serving.service import InferenceService
+from serving.validation import check_texts
 
 OUTPUTS = ("probabilities", "label")
 
 
-class V2Error(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message)
 
 
 class InferInput(BaseModel):
@@ -50,9 +53,9 @@ def parse_request(body: bytes) -> InferRequest:
     except ValidationError as err:
         first = err.errors()[0]
         if first["type"] == "json_invalid":
-            raise V2Error(400, "the request body is not valid JSON") from None
+            raise bad_request("the request body is not valid JSON") from None
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise V2Error(400, f"{where}: {first['msg']}") from None
+        raise bad_request(f"{where}: {first['msg']}") from None
 
 
 def flatten(data: list) -> list:
@@ -63,24 +66,28 @@ def flatten(data: list) -> list:
     return flat
 
 
-def texts_from(request: InferRequest, max_texts: int) -> list[str]:
+def texts_from(request: InferRequest) -> list:
+    """The elements of the one BYTES input `text`, unchecked."""
     if len(request.inputs) != 1 or request.inputs[0].name != "text":
-        raise V2Error(400, "expected exactly one input, named 'text'")
+        raise bad_request("expected exactly one input, named 'text'")
     tensor = request.inputs[0]
     if tensor.datatype != "BYTES":
-        raise V2Error(400, f"input 'text' must be BYTES, not {tensor.datatype}")
+        raise bad_request(f"input 'text' must be BYTES, not {tensor.datatype}")
     texts = flatten(tensor.data)
     count = 1
     for dim in tensor.shape:
         count *= dim
     if count != len(texts):
-        raise V2Error(400, f"input 'text' has shape {tensor.shape} but {len(texts)} elements")
-    if not texts or len(texts) > max_texts:
-        raise V2Error(400, f"input 'text' must hold 1 to {max_texts} texts, not {len(texts)}")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise V2Error(400, f"input 'text' element {i} must be a non-empty string")
+        raise bad_request(f"input 'text' has shape {tensor.shape} but {len(texts)} elements")
     return texts
+
+
+def wanted_outputs(request: InferRequest) -> list[str]:
+    wanted = [o.name for o in request.outputs] if request.outputs else list(OUTPUTS)
+    unknown = [o for o in wanted if o not in OUTPUTS]
+    if unknown:
+        raise bad_request(f"unknown output {unknown[0]!r} (outputs: {', '.join(OUTPUTS)})")
+    return wanted
 
 
 def model_metadata(bundle: Bundle) -> dict:
@@ -98,16 +105,26 @@ def model_metadata(bundle: Bundle) -> dict:
     }
 
 
-def v2_router(service, require_key) -> APIRouter:
-    """Routes over `service` (serving.app.Service); `require_key` guards inference."""
+def output_tensors(probs, bundle: Bundle) -> dict[str, dict]:
+    labels = [p["label"] for p in predictions(bundle.label_names, probs)]
+    return {
+        "probabilities": {"name": "probabilities", "datatype": "FP32",
+                          "shape": list(probs.shape), "data": probs.ravel().tolist()},
+        "label": {"name": "label", "datatype": "BYTES", "shape": [len(labels)],
+                  "data": labels},
+    }
+
+
+def v2_router(service: InferenceService, require_key) -> APIRouter:
+    """Routes over `service`; `require_key` guards inference."""
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+    settings = service.settings
 
     def bundle_named(name: str) -> Bundle:
-        bundle = service.state.bundle
-        if bundle is None:
-            raise V2Error(503, service.state.error or "the model is still loading")
+        bundle = service.require_bundle()
         if name != bundle.meta["model_name"]:
-            raise V2Error(404, f"unknown model {name!r} (serving {bundle.meta['model_name']!r})")
+            raise ApiError(404, "unknown_model",
+                           f"unknown model {name!r} (serving {bundle.meta['model_name']!r})")
         return bundle
 
     @router.get("")
@@ -120,7 +137,7 @@ def v2_router(service, require_key) -> APIRouter:
 
     @router.get("/health/ready")
     async def ready():
-        ok = service.state.bundle is not None
+        ok = service.bundle is not None
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @router.get("/models/{name}")
@@ -144,20 +161,14 @@ def v2_router(service, require_key) -> APIRouter:
     @router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)],
                  openapi_extra=body_schema)
     async def infer(name: str, raw: Request, version: str | None = None) -> dict:
-        bundle = bundle_named(name)
+        bundle_named(name)
         request = parse_request(await raw.body())
-        texts = texts_from(request, service.settings.max_texts)
-        wanted = [o.name for o in request.outputs] if request.outputs else list(OUTPUTS)
-        unknown = [o for o in wanted if o not in OUTPUTS]
-        if unknown:
-            raise V2Error(400, f"unknown output {unknown[0]!r} (outputs: {', '.join(OUTPUTS)})")
+        texts = texts_from(request)
+        check_texts(texts, settings.max_texts, settings.max_chars,
+                    name="input 'text' element {}".format)
+        wanted = wanted_outputs(request)
         probs, bundle = await service.predict(texts)
-        tensors = {
-            "probabilities": {"name": "probabilities", "datatype": "FP32",
-                              "shape": list(probs.shape), "data": probs.ravel().tolist()},
-            "label": {"name": "label", "datatype": "BYTES", "shape": [len(texts)],
-                      "data": [bundle.label_names[i] for i in probs.argmax(axis=1)]},
-        }
+        tensors = output_tensors(probs, bundle)
         response = {"model_name": name, "model_version": bundle.version,
                     "outputs": [tensors[o] for o in wanted]}
         if request.id is not None:

@@ -1,0 +1,155 @@
+"""The model being served and the work on it: loading, reloading, predicting.
+
+`InferenceService` holds what the routes share: the settings, the bundle (swapped in
+with one assignment, so requests in flight finish on the old one), the batcher that
+every prediction and explanation goes through, and the metrics. A bundle that fails
+to load or to warm up is refused and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from serving.batcher import Batcher, QueueFull
+from serving.bundle import Bundle, BundleError
+from serving.errors import ApiError
+from serving.explain import explain
+from serving.metrics import ServiceMetrics
+from serving.settings import Settings
+from serving.source import BundleSource
+
+log = logging.getLogger("serving")
+
+WARM_UP_TEXTS = ["warm up", "a somewhat longer sentence to warm up the model with " * 4]
+
+T = TypeVar("T")
+
+
+def load_warm(path: Path, settings: Settings) -> Bundle:
+    """Load a bundle and run it once; BundleError if it cannot serve."""
+    bundle = Bundle.load(path, settings.precision, settings.runtime_options())
+    try:
+        bundle.predict_proba(WARM_UP_TEXTS)
+    except Exception as err:  # noqa: BLE001 - a bundle that cannot predict is broken
+        raise BundleError(f"{path}: the model fails on warm-up texts ({err})") from err
+    return bundle
+
+
+class InferenceService:
+    """Settings, the bundle and where it came from, the batcher, the metrics."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = ServiceMetrics(settings.drift_window)
+        self.source = BundleSource(settings.bundle, settings.cache_dir)
+        self.bundle: Bundle | None = None
+        self.identity: str | None = None  # of the bundle served, as the source names it
+        self.error: str | None = None  # why no bundle serves, if one failed to load
+        self.refused_identity: str | None = None  # not retried until the source moves
+        self.batcher: Batcher | None = None
+        self.reload_lock = asyncio.Lock()
+        self.watcher: asyncio.Task | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        s = self.settings
+        self.batcher = Batcher(lambda: self.bundle, s.max_batch_size, s.max_wait_ms,
+                               s.max_queue, on_batch=self.metrics.observe_batch,
+                               enabled=s.batching, workers=s.inference_threads)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        try:
+            await self.reload()
+        except BundleError as err:
+            self.error = str(err)
+            log.error("cannot serve yet: %s", err)
+        if s.watch_interval_s > 0:
+            self.watcher = asyncio.create_task(self.watch())
+
+    async def stop(self) -> None:
+        if self.watcher:
+            self.watcher.cancel()
+        if self.batcher:
+            await asyncio.to_thread(self.batcher.close)
+
+    # ------------------------------------------------------------ the model's work
+
+    def require_bundle(self) -> Bundle:
+        """The bundle being served; 503 `not_ready` (saying why) while there is none."""
+        if self.bundle is None:
+            raise ApiError(503, "not_ready", self.error or "the model is still loading")
+        return self.bundle
+
+    async def predict(self, texts: list[str]) -> tuple[np.ndarray, Bundle]:
+        """Probabilities and the bundle that computed them."""
+        self.require_bundle()
+        return await self._bounded(self.batcher.submit(texts))
+
+    async def explain(self, text: str) -> tuple[dict, Bundle]:
+        """Token attributions for `text` (serving/explain.py) and the bundle used.
+        Queued like a prediction, so the same queue bound and timeout hold."""
+        self.require_bundle()
+        return await self._bounded(
+            self.batcher.submit_call(lambda bundle: explain(bundle, text), [text]))
+
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        """`work` within the request timeout; 503 when the queue is full, 504 late."""
+        try:
+            return await asyncio.wait_for(work, self.settings.request_timeout_s)
+        except QueueFull as err:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(503, "overloaded", f"the service is at capacity: {err}",
+                           headers={"Retry-After": "1"}) from None
+        except TimeoutError:
+            self.metrics.rejected.labels("timeout").inc()
+            raise ApiError(504, "timeout", "no answer within "
+                           f"{self.settings.request_timeout_s} s") from None
+
+    # ------------------------------------------------------------ following the bundle
+
+    async def reload(self, spec: str | None = None) -> dict:
+        """Load, warm and swap in the bundle behind `spec` (default: the followed one)."""
+        async with self.reload_lock:
+            source = BundleSource(spec, self.settings.cache_dir) if spec else self.source
+            try:
+                identity = await asyncio.to_thread(source.identity)
+                path = await asyncio.to_thread(source.fetch, identity)
+                bundle = await asyncio.to_thread(load_warm, path, self.settings)
+            except BundleError:
+                self.metrics.reloads.labels("refused").inc()
+                raise
+            except Exception as err:  # registry or file system: the bundle is not there
+                self.metrics.reloads.labels("refused").inc()
+                raise BundleError(f"{source.spec}: cannot fetch the bundle ({err})") from err
+            previous = self.bundle
+            # metrics first: drift then drops the old bundle's late batches, never new ones
+            self.metrics.set_model(bundle)
+            self.bundle, self.identity, self.error = bundle, identity, None
+            self.source = source  # follow what was loaded from now on
+            self.metrics.reloads.labels("ok").inc()
+            log.info("serving bundle %s from %s", bundle.version, path)
+            return {"model_version": bundle.version,
+                    "previous_version": previous.version if previous else None}
+
+    async def watch(self) -> None:
+        """Follow the bundle spec: reload when the link or the registry alias moves."""
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_s)
+            try:
+                identity = await asyncio.to_thread(self.source.identity)
+            except Exception as err:  # noqa: BLE001 - e.g. the tracking server is down
+                log.warning("cannot check %s: %s", self.source.spec, err)
+                continue
+            if identity in (self.identity, self.refused_identity):
+                continue
+            try:
+                await self.reload()
+            except BundleError as err:
+                self.refused_identity = identity
+                log.error("refused %s, still serving the old bundle: %s", identity, err)
