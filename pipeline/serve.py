@@ -47,8 +47,9 @@ def canary(url: str, texts: list[str], expected: np.ndarray, labels: list[str]) 
             raise CanaryError(f"canary row {i}: HTTP {status} {body}")
         answer = body["predictions"][0]
         served = np.array([answer["probabilities"][name] for name in labels])
-        max_diff = max(max_diff, float(np.abs(served - expected[i]).max()))
-        if answer["label"] != labels[int(expected[i].argmax())] or max_diff > CANARY_TOLERANCE:
+        diff = float(np.abs(served - expected[i]).max())  # this row's, not the running max
+        max_diff = max(max_diff, diff)
+        if answer["label"] != labels[int(expected[i].argmax())] or diff > CANARY_TOLERANCE:
             mismatches.append(i)
     ms = np.asarray(latencies)
     return {

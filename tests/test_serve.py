@@ -31,14 +31,22 @@ def test_canary_answers_equal_the_offline_predictions(workspace, built_bundle):
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
 
 
-def test_canary_counts_every_answer_that_differs(live_service, built_bundle):
+def test_canary_counts_exactly_the_answers_that_differ(live_service, built_bundle):
     bundle = Bundle.load(built_bundle[0], "int8")
-    texts = ["great superb film", "awful dull boring plot", "fine movie"]
+    texts = ["great superb film", "awful dull boring plot", "fine movie", "bad weak acting",
+             "lovely story"]
     right = np.concatenate([bundle.predict_proba([t]) for t in texts])
     assert serve.canary(live_service.url, texts, right, bundle.label_names)["mismatches"] == 0
-    swapped = right[:, ::-1]  # as if the service ran another model
-    result = serve.canary(live_service.url, texts, swapped, bundle.label_names)
-    assert result["mismatches"] == 3 and result["first_mismatch"] == 0
+    expected = right.copy()
+    expected[1] = expected[1, ::-1]  # another label, as if another model answered
+    top = int(expected[3].argmax())  # the same label, probabilities off by 1e-3
+    expected[3, top] += 1e-3
+    expected[3, 1 - top] -= 1e-3
+    result = serve.canary(live_service.url, texts, expected, bundle.label_names)
+    # rows 0, 2 and 4 still agree: one mismatch must not count the rows after it
+    assert result["mismatches"] == 2 and result["first_mismatch"] == 1
+    assert result["max_abs_prob_diff"] == pytest.approx(np.abs(right[1] - right[1, ::-1]).max(),
+                                                        abs=1e-5)
 
 
 def test_a_service_that_answers_otherwise_fails_the_stage(workspace, built_bundle,
