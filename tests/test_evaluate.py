@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 
 import mlflow
 import numpy as np
@@ -17,7 +19,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from pipeline import atomic
+from pipeline import evaluate as stage
+from pipeline.config import Paths
 from pipeline.evaluate import compute_metrics, curve_rows, judge
+from pipeline.splits import column, load_splits
 
 
 def random_predictions(n: int, k: int, seed: int = 0):
@@ -87,13 +93,13 @@ def test_gate_against_a_champion():
     assert not broken["blessed"]  # a champion that cannot be scored blocks, not waves through
 
 
-def test_stage_outputs_and_mlflow(workspace, monkeypatch):
+def test_stage_outputs_and_mlflow(workspace):
     path, cfg = workspace
-    monkeypatch.chdir(path)
     metrics = json.loads((path / "reports/metrics.json").read_text())
     assert metrics["rows"] == 60 and set(metrics["per_class"]) == {"neg", "pos"}
     gate = json.loads((path / "reports/gate.json").read_text())
-    assert gate["blessed"] is True and gate["model_name"] == "synthetic-classifier"
+    assert gate["model_name"] == "synthetic-classifier"
+    assert len(gate["checks"]) == len(cfg.gate.floors) + 1  # each floor, and the champion
     confusion = json.loads((path / "reports/plots/confusion.json").read_text())
     assert len(confusion) == 60 and set(confusion[0]) == {"actual", "predicted"}
     assert (path / "reports/plots/roc.json").exists() and (path / "reports/plots/pr.json").exists()
@@ -102,4 +108,71 @@ def test_stage_outputs_and_mlflow(workspace, monkeypatch):
     run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id)
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
     assert "test_f1_pos" in run.data.metrics
-    assert run.data.tags["gate_blessed"] == "true"
+    assert run.data.tags["gate_blessed"] == str(gate["blessed"]).lower()
+
+
+@pytest.fixture
+def known_predictions(workspace, tmp_path, monkeypatch):
+    """A directory holding the workspace's test split (30 neg, 30 pos rows) and a
+    fresh MLflow run, with the model replaced by known logits: every row right, except
+    the first 15 positive rows, which are called negative. Every answer carries the
+    same confidence, sigmoid(2). Yields (paths, cfg)."""
+    source, cfg = workspace
+    shutil.copytree(source / "data/processed", tmp_path / "data/processed")
+    paths = Paths(tmp_path)
+    cfg = copy.deepcopy(cfg)
+    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    experiment = client.create_experiment("known", (tmp_path / "mlruns").as_uri())
+    atomic.write_json(paths.train_report, {"run_id": client.create_run(experiment).info.run_id})
+
+    labels = np.asarray(column(load_splits(paths.processed)["test"], "label"))
+    assert np.bincount(labels).tolist() == [30, 30]
+    predicted = labels.copy()
+    predicted[np.flatnonzero(labels == 1)[:15]] = 0
+    logits = np.zeros((60, 2), np.float32)
+    logits[np.arange(60), predicted] = 2.0
+    monkeypatch.setattr(stage, "load_module", lambda checkpoint: checkpoint)
+    monkeypatch.setattr(stage, "predict_logits", lambda module, rows, batch_size: logits)
+    return paths, cfg
+
+
+def test_stage_scores_known_predictions_exactly(known_predictions):
+    paths, cfg = known_predictions
+    cfg.gate.floors = {"accuracy": 0.75, "f1_macro": 0.7}
+    metrics, verdict = stage.evaluate(cfg, paths)
+    assert json.loads(paths.metrics.read_text()) == metrics
+    confidence = 1 / (1 + np.exp(-2.0))
+    assert metrics["rows"] == 60
+    assert metrics["confusion_matrix"] == [[30, 0], [15, 15]]
+    assert metrics["accuracy"] == pytest.approx(45 / 60, abs=1e-6)
+    assert metrics["per_class"]["neg"] == pytest.approx(
+        {"precision": 30 / 45, "recall": 1.0, "f1": 0.8, "support": 30}, abs=1e-6)
+    assert metrics["per_class"]["pos"] == pytest.approx(
+        {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 30}, abs=1e-6)
+    assert metrics["f1_macro"] == pytest.approx((0.8 + 2 / 3) / 2, abs=1e-6)
+    # positives score sigmoid(2) or 1 - sigmoid(2), negatives always 1 - sigmoid(2):
+    # half the positives beat every negative, the other half tie with them
+    assert metrics["roc_auc"] == pytest.approx(0.5 + 0.5 * 0.5, abs=1e-6)
+    assert metrics["pr_auc"] == pytest.approx(0.5 * 1.0 + 0.5 * 0.5, abs=1e-6)
+    # one confidence for every row, right on 75 % of them
+    assert metrics["ece"] == pytest.approx(confidence - 0.75, abs=1e-6)
+    # the floors exactly met pass
+    assert verdict["blessed"] is True
+    assert verdict["reasons"] == ["accuracy 0.7500 >= floor 0.75", "f1_macro 0.7333 >= floor 0.7",
+                                  "no champion yet: floors only"]
+    assert json.loads(paths.gate.read_text())["blessed"] is True
+
+
+def test_stage_gate_blocks_below_a_floor(known_predictions):
+    paths, cfg = known_predictions
+    cfg.gate.floors = {"accuracy": 0.76, "f1_macro": 0.7}
+    _, verdict = stage.evaluate(cfg, paths)
+    assert verdict["blessed"] is False
+    assert verdict["reasons"][0] == "accuracy 0.7500 < floor 0.76"
+    gate = json.loads(paths.gate.read_text())
+    assert gate["blessed"] is False and gate["checks"][0]["passed"] is False
+    run_id = json.loads(paths.train_report.read_text())["run_id"]
+    run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id)
+    assert run.data.tags["gate_blessed"] == "false"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(0.75)
