@@ -80,6 +80,11 @@ class Paths:
     def serve_report(self) -> Path:
         return self.root / "reports/serve.json"
 
+    def run_facts(self, stage: str) -> Path:
+        """What one run of `stage` measured (run ids, times, latencies): kept out of
+        DVC's outputs so that a rerun from nothing leaves dvc.lock unchanged."""
+        return self.root / "reports/runs" / f"{stage}.json"
+
 
 def load_params(path: str | Path = PARAMS_FILE) -> DictConfig:
     """The resolved configuration, as composed into params.yaml."""

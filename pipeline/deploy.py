@@ -17,7 +17,7 @@ Rollback is `python -m pipeline.registry rollback` (`make rollback`).
 
 from __future__ import annotations
 
-import datetime as dt
+import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -26,7 +26,7 @@ import mlflow
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import atomic
+from pipeline import atomic, lineage
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.export import export_onnx, quantize_best
 from pipeline.inference import load_module, predict_logits
@@ -99,12 +99,15 @@ def batch_invariance(bundle: Bundle, texts: list[str]) -> float:
 # ---------------------------------------------------------------- the bundle
 
 
-def bundle_meta(cfg: DictConfig, module, train_report: dict, metrics: dict, verdict: dict,
-                profile: dict, pad_id: int) -> dict:
-    created = dt.datetime.now(dt.UTC)
+def bundle_meta(cfg: DictConfig, module, version: str, checkpoint_sha256: str, metrics: dict,
+                verdict: dict, profile: dict, pad_id: int) -> dict:
+    """bundle.json. Everything in it follows from the code, data and parameters, so the
+    same training gives the same bundle, byte for byte; the registry version, the
+    MLflow run and the git commit are recorded by the registry (`registry.json` beside
+    a promoted bundle)."""
     return {
         "format": 1,
-        "version": f"{created:%Y%m%d-%H%M%S}-{train_report['run_id'][:8]}",
+        "version": version,
         "model_name": cfg.deploy.model_name,
         "model": dict(module.hparams.model),
         "label_names": list(module.hparams.label_names),
@@ -118,12 +121,17 @@ def bundle_meta(cfg: DictConfig, module, train_report: dict, metrics: dict, verd
         "lineage": {
             "data": profile["data"]["name"],
             "data_hash": profile["data"]["content_hash"],
-            "git_commit": git_commit(),
-            "mlflow_run_id": train_report["run_id"],
+            "checkpoint_sha256": checkpoint_sha256,
         },
-        "created_at": created.isoformat(timespec="seconds"),
         "profile": profile,
     }
+
+
+def content_version(bundle_dir: Path) -> str:
+    """The bundle's version: a digest of its model and tokenizer files, so a version
+    names exactly one set of answers."""
+    files = [bundle_dir / name for name in (*MODEL_FILES.values(), "tokenizer.json")]
+    return hashlib.sha256("".join(lineage.digest(f) for f in files).encode()).hexdigest()[:16]
 
 
 def model_card(meta: dict) -> str:
@@ -170,8 +178,9 @@ or a downstream check able to act on a wrong answer.
 - The data sets' own licences and biases carry over (see data/external/*/SOURCE.md).
 
 ## Lineage
-MLflow run `{meta['lineage']['mlflow_run_id']}`, git commit `{meta['lineage']['git_commit']}`,
-created {meta['created_at']}.
+Best checkpoint sha256 `{meta['lineage']['checkpoint_sha256'][:16]}` (its MLflow run carries
+the tag `checkpoint_sha256`; the registry version, with the git commit it was deployed
+from, carries `bundle_version` {meta['version']}).
 """
 
 
@@ -182,14 +191,14 @@ def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
     pad_id = module.hparams.pad_id
     splits = load_splits(paths.processed)
     profile = atomic.read_json(paths.processed / "profile.json")
-    meta = bundle_meta(cfg, module, atomic.read_json(paths.train_report),
-                       atomic.read_json(paths.metrics), atomic.read_json(paths.gate),
-                       profile, pad_id)
     with atomic.atomic_dir(paths.candidate) as tmp:
         export_onnx(module.model, tmp / MODEL_FILES["fp32"], cfg.deploy.opset, pad_id)
         int8 = quantize_best(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], module,
                              column(splits["val"], "input_ids"), cfg)
         shutil.copy2(paths.processed / "tokenizer.json", tmp / "tokenizer.json")
+        meta = bundle_meta(cfg, module, content_version(tmp), lineage.digest(paths.checkpoint),
+                           atomic.read_json(paths.metrics), atomic.read_json(paths.gate),
+                           profile, pad_id)
         atomic.write_json(tmp / "bundle.json", meta)
         test = splits["test"]
         meta["parity"] = check_parity(tmp, module, column(test, "text"),
@@ -204,24 +213,28 @@ def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
 
 
 def deploy(cfg: DictConfig, paths: Paths) -> dict:
+    """Build, register and (when blessed) promote. Writes the report (what the inputs
+    determine) and the run's facts (the registry version and run it got); returns both."""
     mlflow.set_tracking_uri(tracking_uri(cfg))
     meta = build_bundle(cfg, paths)
-    version = register(paths.candidate, meta)
+    run_id = lineage.training_run(cfg.mlflow.experiment, paths.checkpoint)
+    version = register(paths.candidate, meta, run_id)
     blessed = meta["gate"]["blessed"]
     if blessed:
         promote(meta["model_name"], version, paths.candidate, paths)
         prune_store(cfg.deploy.keep_bundles, paths)
     report = {
         "model_name": meta["model_name"],
-        "registry_version": version,
         "bundle_version": meta["version"],
         "blessed": blessed,
         "promoted": blessed,
         "reasons": meta["gate"]["reasons"],
         "parity": meta["parity"],
     }
+    facts = {"registry_version": version, "mlflow_run_id": run_id, "git_commit": git_commit()}
     atomic.write_json(paths.deploy_report, report)
-    return report
+    atomic.write_json(paths.run_facts("deploy"), facts)
+    return {**report, **facts}
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torchmetrics.functional.classification as tm
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from pipeline import atomic
+from pipeline import atomic, lineage
 from pipeline.config import Paths, load_params, tracking_uri
 from pipeline.inference import load_module, predict_logits
 from pipeline.registry import CHAMPION, download_bundle
@@ -184,13 +184,13 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     atomic.write_json(paths.metrics, metrics)
     write_plots(paths.plots, probs, labels, label_names)
     atomic.write_json(paths.gate, verdict)
-    log_to_run(metrics, verdict, paths)
+    log_to_run(metrics, verdict, cfg.mlflow.experiment, paths)
     return metrics, verdict
 
 
-def log_to_run(metrics: dict, verdict: dict, paths: Paths) -> None:
+def log_to_run(metrics: dict, verdict: dict, experiment: str, paths: Paths) -> None:
     """Add the test results to the training run, so one MLflow run tells the story."""
-    run_id = atomic.read_json(paths.train_report)["run_id"]
+    run_id = lineage.training_run(experiment, paths.checkpoint)
     flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
     for name, values in metrics["per_class"].items():
         flat.update({f"test_{metric}_{name}": values[metric]

@@ -52,6 +52,19 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> 
     torch.onnx.export(model, (input_ids, attention_mask), str(path), dynamo=True,
                       dynamic_shapes={"input_ids": axes, "attention_mask": axes},
                       external_data=False, verbose=False, **common)
+    drop_stack_traces(path)
+
+
+def drop_stack_traces(path: Path) -> None:
+    """The exporter records each node's Python stack trace, with the absolute paths of
+    the source files: without them the file depends only on the model, so the same
+    weights give the same bytes in any clone (and no local paths ship in a bundle)."""
+    exported = onnx.load(str(path))
+    for node in exported.graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(exported, str(path))
 
 
 class Calibration(CalibrationDataReader):

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from pipeline import atomic
-from pipeline.config import Paths, load_params, tracking_uri
+from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from serving.bundle import Bundle
 
 CHAMPION = "champion"
@@ -47,8 +47,9 @@ def download_bundle(model_name: str, dst: Path, version: str | None = None) -> P
     return Path(local) / "artifacts" / "bundle"
 
 
-def register(bundle_dir: Path, meta: dict) -> str:
-    """Log the bundle as a pyfunc model in the training run; returns the version."""
+def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
+    """Log the bundle as a pyfunc model in the training run `run_id`; returns the
+    version, tagged with the bundle version, the verdict and the git commit."""
     serving_dir = Path(__file__).resolve().parent.parent / "serving"
     example = pd.DataFrame({"text": ["a charming and often affecting journey"]})
     bundle = Bundle.load(bundle_dir, "fp32")
@@ -58,7 +59,7 @@ def register(bundle_dir: Path, meta: dict) -> str:
                            **{f"p_{n}": [float(p)] for n, p in zip(bundle.label_names, probs[0],
                                                                    strict=True)}})
     with tempfile.TemporaryDirectory() as tmp, \
-            mlflow.start_run(run_id=meta["lineage"]["mlflow_run_id"]):
+            mlflow.start_run(run_id=run_id):
         # MLflow names the artifact after the directory: make it `artifacts/bundle`.
         staged = shutil.copytree(bundle_dir, Path(tmp) / "bundle")
         info = mlflow.pyfunc.log_model(
@@ -78,7 +79,7 @@ def register(bundle_dir: Path, meta: dict) -> str:
         "blessed": str(meta["gate"]["blessed"]).lower(),
         "gate_reasons": " | ".join(meta["gate"]["reasons"])[:5000],
         "data_hash": meta["lineage"]["data_hash"],
-        "git_commit": meta["lineage"]["git_commit"],
+        "git_commit": git_commit(),
         "accuracy": f"{meta['metrics']['accuracy']:.4f}",
     }
     for key, value in tags.items():
@@ -86,13 +87,23 @@ def register(bundle_dir: Path, meta: dict) -> str:
     return version
 
 
-def store_bundle(bundle_dir: Path, version: str, store: Path) -> Path:
-    """Copy a bundle into the store as `<store>/<registry version>`, atomically."""
-    target = store / version
+def store_bundle(bundle_dir: Path, record: dict, store: Path) -> Path:
+    """Copy a bundle into the store as `<store>/<registry version>`, atomically, with
+    `registry.json`: its registry version, MLflow run and git commit, which the
+    service reports in /metadata beside bundle.json (which cannot hold them: the same
+    training must give the same bundle in every clone)."""
+    target = store / record["registry_version"]
     if not target.exists():
         with atomic.atomic_dir(target) as tmp:
             shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+            atomic.write_json(tmp / "registry.json", record)
     return target
+
+
+def registry_record(client: mlflow.MlflowClient, model_name: str, version: str) -> dict:
+    found = client.get_model_version(model_name, version)
+    return {"model_name": model_name, "registry_version": str(version),
+            "mlflow_run_id": found.run_id, "git_commit": found.tags.get("git_commit")}
 
 
 def point_current(target: Path, current: Path) -> None:
@@ -106,8 +117,8 @@ def point_current(target: Path, current: Path) -> None:
 
 def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths) -> Path:
     """Make `version` the champion and the current bundle."""
-    target = store_bundle(bundle_dir, version, paths.store)
     client = mlflow.MlflowClient()
+    target = store_bundle(bundle_dir, registry_record(client, model_name, version), paths.store)
     client.set_registered_model_alias(model_name, CHAMPION, version)
     client.set_model_version_tag(model_name, version, "promoted_at",
                                  dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
@@ -135,11 +146,13 @@ def rollback(model_name: str, paths: Paths) -> str:
     if not earlier:
         raise RegistryError(f"{model_name} v{champion} is the first blessed version")
     previous = str(max(earlier))
-    client.set_model_version_tag(model_name, str(champion), "rolled_back", "true")
     target = paths.store / previous
     if not target.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            store_bundle(download_bundle(model_name, Path(tmp), previous), previous, paths.store)
+            store_bundle(download_bundle(model_name, Path(tmp), previous),
+                         registry_record(client, model_name, previous), paths.store)
+    # only once the bundle is on disk: a failed download changes nothing
+    client.set_model_version_tag(model_name, str(champion), "rolled_back", "true")
     client.set_registered_model_alias(model_name, CHAMPION, previous)
     point_current(target, paths.current)
     return previous

@@ -6,15 +6,19 @@ from its last checkpoint, in the same MLflow run. When training ends, the best a
 last checkpoints are moved to `models/checkpoints/` in one atomic step and the work
 directory is removed.
 
-Output: `models/checkpoints/{best,last}.ckpt`, `reports/train.json` (MLflow run id,
-best score, epochs, throughput); an MLflow run with every resolved parameter, the
-per-epoch curves, the git commit, the data hash, and the best checkpoint.
+Output: `models/checkpoints/{best,last}.ckpt` and `reports/train.json` (best score,
+epochs, steps: what the code, data and parameters determine, the same bytes in every
+run on one CPU); `reports/runs/train.json` (this run's MLflow run id, wall time and
+throughput, which DVC does not track); an MLflow run with every resolved parameter,
+the per-epoch curves, the git commit, the data hash, and the best checkpoint, tagged
+with the checkpoint's sha256 (`pipeline.lineage`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +35,7 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import MLFlowLogger
 from tokenizers import Tokenizer
 
-from pipeline import atomic
+from pipeline import atomic, lineage
 from pipeline.classifier import TextClassifier
 from pipeline.config import (
     CHECKPOINT_DIR,
@@ -46,6 +50,7 @@ from pipeline.datamodule import TextDataModule
 from pipeline.tokenizer import PAD
 
 WORK_DIR = Path("models/train-work")
+RUN_FACTS = Path("reports/runs/train.json")
 
 
 class EpochSummary(Callback):
@@ -153,6 +158,7 @@ def fit(
     checkpoint_dir: Path = CHECKPOINT_DIR,
     report_path: Path = TRAIN_REPORT,
     work_dir: Path = WORK_DIR,
+    run_facts_path: Path = RUN_FACTS,
     callbacks: list[Callback] = (),
     tags: dict | None = None,
 ) -> dict | None:
@@ -183,6 +189,14 @@ def fit(
         processed_dir=processed_dir,
     )
     module = build_module(cfg, tokenizer, profile)
+    if cfg.train.get("init_embeddings") and resume_from is None:
+        from pipeline.models.pretrained import init_token_embeddings
+
+        explained = init_token_embeddings(module.model.embedding, tokenizer.get_vocab(),
+                                          cfg.train.init_embeddings)
+        print(f"train: token embeddings from {cfg.train.init_embeddings}, PCA to "
+              f"{module.model.embedding.embedding_dim} dimensions ({explained:.0%} of the "
+              "variance)", flush=True)
     if trainer.is_global_zero:
         logger.log_hyperparams(OmegaConf.to_container(cfg))
         atomic.write_json(
@@ -197,40 +211,62 @@ def fit(
         return None
     resumed = {"from": resume_from, "at": position}
     return finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path,
-                  seconds, resumed)
+                  run_facts_path, seconds, resumed)
 
 
-def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path, seconds,
-           resumed) -> dict:
-    """Move the checkpoints into place, log them, and write the report (rank 0)."""
+def portable_copy(source: Path, target: Path) -> None:
+    """Copy a checkpoint with the absolute paths that ModelCheckpoint records in it
+    (its directory, the best model's path) made relative to the working directory, so
+    the same training gives the same bytes in any clone."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    for state in checkpoint.get("callbacks", {}).values():
+        for key, value in state.items():
+            if isinstance(value, str) and os.path.isabs(value):
+                state[key] = os.path.relpath(value)
+        if "best_k_models" in state:
+            state["best_k_models"] = {os.path.relpath(k): v
+                                      for k, v in state["best_k_models"].items()}
+    torch.save(checkpoint, target)
+
+
+def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path,
+           run_facts_path, seconds, resumed) -> dict:
+    """Move the checkpoints into place, log and tag them, and write the report and the
+    run's facts (rank 0). Returns both in one dict."""
     checkpoint = trainer.checkpoint_callback
     with atomic.atomic_dir(checkpoint_dir) as tmp:
-        shutil.copy2(checkpoint.best_model_path, tmp / "best.ckpt")
-        shutil.copy2(work_dir / "last.ckpt", tmp / "last.ckpt")
+        portable_copy(Path(checkpoint.best_model_path), tmp / "best.ckpt")
+        portable_copy(work_dir / "last.ckpt", tmp / "last.ckpt")
+    best = checkpoint_dir / "best.ckpt"
     run = logger.experiment
-    run.log_artifact(logger.run_id, str(checkpoint_dir / "best.ckpt"), "checkpoints")
+    run.log_artifact(logger.run_id, str(best), "checkpoints")
+    run.set_tag(logger.run_id, lineage.CHECKPOINT_TAG, lineage.digest(best))
     if PARAMS_FILE.exists():
         run.log_artifact(logger.run_id, str(PARAMS_FILE))
-    epochs = trainer.current_epoch
     report = {
-        "run_id": logger.run_id,
-        "experiment_id": logger.experiment_id,
         "monitor": cfg.train.monitor,
         "best_score": float(checkpoint.best_model_score),
-        "best_checkpoint": str(checkpoint_dir / "best.ckpt"),
-        "epochs": epochs,
+        "best_checkpoint": str(best),
+        "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "stopped_early": trainer.early_stopping_callback.stopped_epoch > 0,
+        "train_rows": len(datamodule.rows["train"]),
+    }
+    facts = {
+        "run_id": logger.run_id,
+        "experiment_id": logger.experiment_id,
         "resumed_from": str(resumed["from"]) if resumed["from"] else None,
         "resumed_at": resumed["at"],
-        "train_rows": len(datamodule.rows["train"]),
         "wall_time_s": round(seconds, 1),
         # Optimizer steps x batch size over the whole fit, validation included.
         "sequences_per_s": round(trainer.global_step * cfg.train.batch_size / seconds, 1),
     }
+    for name in ("wall_time_s", "sequences_per_s"):
+        run.log_metric(logger.run_id, name, facts[name])
     atomic.write_json(report_path, report)
+    atomic.write_json(run_facts_path, facts)
     shutil.rmtree(work_dir, ignore_errors=True)
-    return report
+    return {**report, **facts}
 
 
 def main() -> None:

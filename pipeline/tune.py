@@ -68,6 +68,7 @@ def objective(trial: optuna.Trial, overrides: list[str], parent_run: str,
     with tempfile.TemporaryDirectory() as tmp:
         report = fit(cfg, processed_dir=processed_dir, checkpoint_dir=Path(tmp) / "checkpoints",
                      report_path=Path(tmp) / "train.json", work_dir=Path(tmp) / "work",
+                     run_facts_path=Path(tmp) / "run.json",
                      callbacks=[ReportToTrial(trial, base.tune.metric)],
                      tags={"mlflow.parentRunId": parent_run, "tune_trial": str(trial.number)})
     return report["best_score"]

@@ -91,6 +91,7 @@ def smoke_repo(tmp_path_factory) -> Path:
     git_init(repo)
     result = run(["dvc", "repro"], repo, timeout=900)
     (repo / "repro.log").write_text(result.stdout + result.stderr)
+    shutil.copy2(repo / "dvc.lock", repo / "repro.lock")  # later tests rerun stages
     return repo
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline import deploy, export, registry
+from pipeline import deploy, export, lineage, registry
 from pipeline.config import Paths
 from pipeline.evaluate import score_champion
 from pipeline.inference import load_module, predict_logits
@@ -73,9 +73,11 @@ def test_bundle_contents_and_parity_report(bundle, workspace):
     saved = json.loads((bundle_dir / "bundle.json").read_text())
     assert saved == meta
     for key in ("version", "label_names", "max_length", "metrics", "gate", "lineage",
-                "created_at", "profile", "parity", "int8"):
+                "profile", "parity", "int8"):
         assert key in saved, key
-    assert saved["lineage"]["data_hash"] == "abc" and saved["lineage"]["mlflow_run_id"]
+    assert saved["lineage"] == {"data": "t", "data_hash": "abc", "checkpoint_sha256":
+                                lineage.digest(path / "models/checkpoints/best.ckpt")}
+    assert saved["version"] == deploy.content_version(bundle_dir)
     card = (bundle_dir / "MODEL_CARD.md").read_text()
     assert "## Intended use" in card and "## Limitations" in card and meta["version"] in card
 
@@ -172,11 +174,23 @@ def test_batch_dependent_int8_fails_the_stage(own_workspace, monkeypatch):
     assert (path / "models/candidate/bundle.json").read_text() == before
 
 
-def register_as(meta: dict, blessed: bool, bundle_dir) -> str:
+def test_the_same_checkpoint_gives_the_same_bundle_bytes(own_workspace, bundle):
+    """bundle.json holds nothing of one run (no time, run id or commit), and the ONNX
+    export drops the stack traces with their absolute paths: a rebuild in another
+    directory writes the same files, so dvc.lock repeats."""
+    path, cfg = own_workspace
+    deploy.build_bundle(cfg, Paths(path))
+    rebuilt = path / "models/candidate"
+    first = {p.name: p.read_bytes() for p in bundle[0].iterdir()}
+    assert first == {p.name: p.read_bytes() for p in rebuilt.iterdir()}
+    assert str(path) not in (rebuilt / "model.onnx").read_bytes().decode("latin-1")
+
+
+def register_as(meta: dict, blessed: bool, bundle_dir, run_id: str) -> str:
     meta = json.loads(json.dumps(meta))
     meta["gate"] = {"blessed": blessed,
                     "reasons": ["test: blessed" if blessed else "accuracy 0.1 < floor 0.75"]}
-    return registry.register(bundle_dir, meta)
+    return registry.register(bundle_dir, meta, run_id)
 
 
 def test_gate_registry_alias_current_and_rollback(own_workspace, bundle):
@@ -187,20 +201,24 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle):
     bundle_dir, meta = path / "models/candidate", bundle[1]
     name = meta["model_name"]
     current = path / "models/current"
+    run_id = lineage.training_run(cfg.mlflow.experiment, paths.checkpoint)
 
-    v1 = register_as(meta, True, bundle_dir)
+    v1 = register_as(meta, True, bundle_dir, run_id)
     registry.promote(name, v1, bundle_dir, paths)
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     assert os.readlink(current) == f"bundles/{v1}"
     assert json.loads((current / "bundle.json").read_text())["version"] == meta["version"]
+    record = json.loads((current / "registry.json").read_text())
+    assert record == {"model_name": name, "registry_version": v1, "mlflow_run_id": run_id,
+                      "git_commit": client.get_model_version(name, v1).tags["git_commit"]}
 
-    v2 = register_as(meta, False, bundle_dir)  # an unblessed model: recorded, not promoted
+    v2 = register_as(meta, False, bundle_dir, run_id)  # an unblessed model: recorded, not promoted
     tags = client.get_model_version(name, v2).tags
     assert tags["blessed"] == "false" and "accuracy 0.1 < floor 0.75" in tags["gate_reasons"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     assert os.readlink(current) == f"bundles/{v1}"
 
-    v3 = register_as(meta, True, bundle_dir)
+    v3 = register_as(meta, True, bundle_dir, run_id)
     registry.promote(name, v3, bundle_dir, paths)
     assert str(client.get_model_version_by_alias(name, "champion").version) == v3
     assert os.readlink(current) == f"bundles/{v3}"
@@ -218,6 +236,7 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle):
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     assert os.readlink(current) == f"bundles/{v1}"
     assert (current / "model.int8.onnx").exists()
+    assert json.loads((current / "registry.json").read_text())["registry_version"] == v1
     with pytest.raises(registry.RegistryError, match="is the first blessed version"):
         registry.rollback(name, paths)
 

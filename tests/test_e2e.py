@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import compose, run
+from conftest import compose, copy_repo, git_init, run
 
 from pipeline.deploy import batch_tolerances
 from serving import control
@@ -30,15 +30,34 @@ def test_repro_runs_all_six_stages(smoke_repo):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in log
     metrics = json.loads((smoke_repo / "reports/metrics.json").read_text())
-    assert 0 <= metrics["accuracy"] <= 1
+    rows = json.loads((smoke_repo / "reports/plots/confusion.json").read_text())
+    assert metrics["rows"] == len(rows) == 600  # the smoke test split: data.max_rows
+    right = sum(row["actual"] == row["predicted"] for row in rows)
+    assert metrics["accuracy"] == pytest.approx(right / len(rows))
     gate = json.loads((smoke_repo / "reports/gate.json").read_text())
     assert gate["blessed"]  # the smoke gate has zero floors
     deployed = json.loads((smoke_repo / "reports/deploy.json").read_text())
-    assert deployed["promoted"] and deployed["registry_version"] == "1"
+    assert deployed["promoted"] and registry_version(smoke_repo) == "1"
     assert os.readlink(smoke_repo / "models/current") == "bundles/1"
     served = json.loads((smoke_repo / "reports/serve.json").read_text())
     assert served["mismatches"] == 0 and served["rows"] == 50
-    assert served["latency_ms"]["p50"] > 0
+    assert json.loads((smoke_repo / "reports/runs/serve.json").read_text())["latency_ms"]["p50"] > 0
+
+
+def registry_version(repo: Path) -> str:
+    """The registry version the last deploy got: a fact of that run, not a DVC output."""
+    return json.loads((repo / "reports/runs/deploy.json").read_text())["registry_version"]
+
+
+def test_a_fresh_copy_repeats_every_output_and_dvc_lock(smoke_repo, tmp_path):
+    """Bit for bit from nothing: another copy (another directory, its own empty
+    registry) running the same six stages records the very same hashes in dvc.lock,
+    so a fresh clone's `dvc repro` leaves `git status` clean."""
+    repo = copy_repo(tmp_path / "again")
+    run([sys.executable, "-m", "pipeline.config", "experiment=smoke"], repo)
+    git_init(repo)
+    run(["dvc", "repro"], repo, timeout=900)
+    assert (repo / "dvc.lock").read_text() == (smoke_repo / "repro.lock").read_text()
 
 
 def test_second_repro_is_a_no_op(smoke_repo):
@@ -70,7 +89,7 @@ def test_a_train_param_change_reruns_only_train_and_after(smoke_repo):
     gate = json.loads((smoke_repo / "reports/gate.json").read_text())
     assert gate["champion"]["version"] == "1"
     assert any("vs champion v1" in reason for reason in gate["reasons"])
-    assert json.loads((smoke_repo / "reports/deploy.json").read_text())["registry_version"] == "2"
+    assert registry_version(smoke_repo) == "2"
     assert "0.002" in run(["dvc", "exp", "show", "--csv"], smoke_repo).stdout
 
 
@@ -130,7 +149,7 @@ def test_make_rollback_moves_champion_and_current_back(smoke_repo):
          "-S", "gate.max_regression.f1_macro=1"], smoke_repo, timeout=600)
     deployed = json.loads((smoke_repo / "reports/deploy.json").read_text())
     assert deployed["promoted"]
-    name, champion = deployed["model_name"], int(deployed["registry_version"])
+    name, champion = deployed["model_name"], int(registry_version(smoke_repo))
     client = mlflow.MlflowClient(f"sqlite:///{smoke_repo}/mlflow.db")
     previous = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")
                    if v.tags.get("blessed") == "true" and int(v.version) < champion)

@@ -19,8 +19,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pipeline import atomic
 from pipeline import evaluate as stage
+from pipeline import lineage
 from pipeline.config import Paths
 from pipeline.evaluate import compute_metrics, curve_rows, judge
 from pipeline.splits import column, load_splits
@@ -104,7 +104,8 @@ def test_stage_outputs_and_mlflow(workspace):
     assert len(confusion) == 60 and set(confusion[0]) == {"actual", "predicted"}
     assert (path / "reports/plots/roc.json").exists() and (path / "reports/plots/pr.json").exists()
 
-    run_id = json.loads((path / "reports/train.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    run_id = lineage.training_run(cfg.mlflow.experiment, path / "models/checkpoints/best.ckpt")
     run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id)
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
     assert "test_f1_pos" in run.data.metrics
@@ -122,9 +123,12 @@ def known_predictions(workspace, tmp_path, monkeypatch):
     paths = Paths(tmp_path)
     cfg = copy.deepcopy(cfg)
     cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg.mlflow.experiment = "known"
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     experiment = client.create_experiment("known", (tmp_path / "mlruns").as_uri())
-    atomic.write_json(paths.train_report, {"run_id": client.create_run(experiment).info.run_id})
+    paths.checkpoint.parent.mkdir(parents=True)
+    paths.checkpoint.write_bytes(b"a checkpoint")  # the run that trained it is found by hash
+    client.create_run(experiment, tags={lineage.CHECKPOINT_TAG: lineage.digest(paths.checkpoint)})
 
     labels = np.asarray(column(load_splits(paths.processed)["test"], "label"))
     assert np.bincount(labels).tolist() == [30, 30]
@@ -172,7 +176,7 @@ def test_stage_gate_blocks_below_a_floor(known_predictions):
     assert verdict["reasons"][0] == "accuracy 0.7500 < floor 0.76"
     gate = json.loads(paths.gate.read_text())
     assert gate["blessed"] is False and gate["checks"][0]["passed"] is False
-    run_id = json.loads(paths.train_report.read_text())["run_id"]
+    run_id = lineage.training_run("known", paths.checkpoint)
     run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id)
     assert run.data.tags["gate_blessed"] == "false"
     assert run.data.metrics["test_accuracy"] == pytest.approx(0.75)

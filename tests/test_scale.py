@@ -57,15 +57,23 @@ def test_ddp_on_two_cpu_processes(workspace, tmp_path):
     assert len(history) == 2 and history[-1].value > 0.5
 
 
+def loads(checkpoint) -> bool:
+    """Whether `checkpoint` exists and is whole (it may be half written)."""
+    try:
+        torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - any way of being half written
+        return False
+    return True
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint(workspace, tmp_path):
     train_dir(workspace, tmp_path, "train.max_epochs=4", "train.batch_size=4", "train.patience=10")
     work = tmp_path / "models" / "train-work"
     process = start_training(tmp_path)
     deadline = time.monotonic() + 300
-    while not (work / "last.ckpt").exists() and time.monotonic() < deadline:
+    while not loads(work / "last.ckpt") and time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read()[-3000:]
         time.sleep(0.01)
-    time.sleep(0.2)  # let the checkpoint file be written completely
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "reports" / "train.json").exists()
@@ -77,9 +85,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(workspace, tmp_path):
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-4000:]
     report = json.loads((tmp_path / "reports" / "train.json").read_text())
-    assert report["resumed_from"] == str(work / "last.ckpt").removeprefix(f"{tmp_path}/")
-    assert report["resumed_at"] == {"epoch": saved["epoch"], "global_step": saved["global_step"]}
-    assert report["run_id"] == saved_run  # the same MLflow run continues
+    facts = json.loads((tmp_path / "reports" / "runs" / "train.json").read_text())
+    assert facts["resumed_from"] == str(work / "last.ckpt").removeprefix(f"{tmp_path}/")
+    assert facts["resumed_at"] == {"epoch": saved["epoch"], "global_step": saved["global_step"]}
+    assert facts["run_id"] == saved_run  # the same MLflow run continues
     steps_per_epoch = saved["global_step"] // (saved["epoch"] + 1)
     assert report["epochs"] == 4 and report["global_step"] == 4 * steps_per_epoch
 

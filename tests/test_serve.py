@@ -21,8 +21,10 @@ def test_canary_answers_equal_the_offline_predictions(workspace, built_bundle):
     assert paths.candidate == bundle_dir
     report = serve.check_service(cfg, paths)
     saved = json.loads(paths.serve_report.read_text())
+    facts = json.loads(paths.run_facts("serve").read_text())
     test_rows = len(load_splits(paths.processed)["test"])
-    assert saved == report
+    assert {**saved, **facts} == report
+    assert not {"latency_ms", "service_exit_code"} & set(saved)  # facts of this run only
     assert report["bundle_version"] == meta["version"]
     assert report["rows"] == min(cfg.serve.canary_rows, test_rows)
     assert report["mismatches"] == 0 and report["max_abs_prob_diff"] <= serve.CANARY_TOLERANCE

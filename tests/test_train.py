@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import torch
 
-from pipeline import atomic
+from pipeline import atomic, lineage
 from pipeline.datamodule import TextDataModule, collate
 
 
@@ -13,6 +13,7 @@ def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):
     path, cfg = workspace
     monkeypatch.chdir(path)
     report = atomic.read_json("reports/train.json")
+    facts = atomic.read_json("reports/runs/train.json")
     assert (path / "models/checkpoints/best.ckpt").exists()
     assert (path / "models/checkpoints/last.ckpt").exists()
     assert not (path / "models/train-work").exists()  # finished: nothing to resume
@@ -20,7 +21,7 @@ def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):
     assert report["best_score"] > 0.9  # the synthetic task is easy
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
-    run = client.get_run(report["run_id"])
+    run = client.get_run(facts["run_id"])
     assert run.data.params["train/lr"] == str(cfg.train.lr)
     assert run.data.params["model/d_model"] == str(cfg.model.d_model)
     assert run.data.tags["data_hash"] == "abc"
@@ -29,6 +30,24 @@ def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 2, metric
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/best.ckpt"]
+    # the run is found from the checkpoint's bytes, as evaluate and deploy find it
+    assert lineage.training_run(cfg.mlflow.experiment, path / "models/checkpoints/best.ckpt"
+                                ) == run.info.run_id
+    # the DVC-tracked report holds no fact of this one run
+    assert not {"run_id", "wall_time_s", "sequences_per_s"} & set(report)
+    assert facts["wall_time_s"] > 0 and facts["sequences_per_s"] > 0
+
+
+def test_final_checkpoints_hold_no_absolute_path(workspace):
+    """Lightning records its checkpoint directory as an absolute path; two clones in
+    two directories must still write the same checkpoint bytes."""
+    path, _ = workspace
+    saved = torch.load(path / "models/checkpoints/best.ckpt", map_location="cpu",
+                       weights_only=False)
+    recorded = [value for state in saved["callbacks"].values() for value in
+                [*state.values(), *state.get("best_k_models", {})] if isinstance(value, str)]
+    assert "models/train-work/best.ckpt" in recorded
+    assert not [value for value in recorded if str(path) in value or value.startswith("/")]
 
 
 def test_batches_are_padded_per_batch_and_grouped_by_length(workspace):
