@@ -1,5 +1,6 @@
-# The product's entry points. Every target depends on `setup`, so on a fresh clone
-# `make deploy` and `make test` work with nothing typed first.
+# The product's entry points. Every target that runs project code depends on `setup`
+# (directly or through `repro`), so on a fresh clone `make deploy` and `make test` work
+# with nothing typed first; `serving-env` and `docker` build environments of their own.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help

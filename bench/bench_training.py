@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from repo import clone_to, sh  # noqa: E402
 
 from pipeline import atomic  # noqa: E402
+from pipeline.classifier import parameter_groups  # noqa: E402
 from pipeline.config import PROCESSED_DIR, load_params  # noqa: E402
 from pipeline.datamodule import TextDataModule  # noqa: E402
 from pipeline.tokenizer import PAD  # noqa: E402
@@ -42,9 +43,10 @@ def plain_loop(cfg, datamodule, tokenizer, profile, steps: int) -> float:
     """Sequences per second of a hand-written loop over the same model and data."""
     torch.manual_seed(cfg.seed)
     model = build_module(cfg, tokenizer, profile).model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.weight_decay),
+                                  lr=cfg.train.lr)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps),
+                                               steps)
     seen, started = 0, time.perf_counter()
     for step, batch in enumerate(datamodule.train_dataloader()):
         if step == steps:

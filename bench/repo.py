@@ -1,5 +1,6 @@
 """A throw-away copy of the repository, as a fresh clone would hold it, for benchmarks
-that run the pipeline without touching the workspace, its outputs or its registry."""
+and tests that run the pipeline without touching the workspace, its outputs or its
+registry."""
 
 from __future__ import annotations
 
@@ -10,25 +11,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(Path.home())}
+GIT_USER = ["-c", "user.email=copy@textops", "-c", "user.name=copy"]
 
 
 def sh(repo: Path, *cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=repo, env=ENV, check=True, text=True)
 
 
-def clone_to(repo: Path, overrides: list[str]) -> Path:
-    """Tracked and untracked-but-not-ignored files, params.yaml composed with
-    `overrides`, committed to a new git repository (DVC experiments need one)."""
+def copy_repo(dest: Path) -> Path:
+    """Tracked and untracked-but-not-ignored files: what a fresh clone would hold."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
                             "--exclude-standard"], cwd=ROOT, capture_output=True,
                            check=True).stdout.decode().split("\0")
     for rel in filter(None, files):
         if (ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest
+
+
+def git_init(repo: Path) -> None:
+    """Everything committed in a new git repository (DVC experiments need one)."""
+    for cmd in (["init", "-q", "-b", "main"], [*GIT_USER, "add", "-A"],
+                [*GIT_USER, "commit", "-qm", "copy"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True, capture_output=True)
+
+
+def clone_to(repo: Path, overrides: list[str]) -> Path:
+    """A copy with params.yaml composed with `overrides`, committed."""
+    copy_repo(repo)
     sh(repo, sys.executable, "-m", "pipeline.config", *overrides)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "-c", "user.email=bench@textops", "-c", "user.name=bench", "add", "-A")
-    sh(repo, "git", "-c", "user.email=bench@textops", "-c", "user.name=bench", "commit",
-       "-qm", "bench")
+    git_init(repo)
     return repo

@@ -74,23 +74,23 @@ class TextClassifier(pl.LightningModule):
         self._log_epoch("val")
 
     def configure_optimizers(self):
-        # No weight decay on biases, norms and embeddings (the usual AdamW practice).
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            plain = param.ndim < 2 or "embedding" in name or "norm" in name
-            (no_decay if plain else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-        )
+        optimizer = torch.optim.AdamW(parameter_groups(self, self.hparams.weight_decay),
+                                      lr=self.hparams.lr)
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(self.hparams.warmup_ratio * total_steps), total_steps
         )
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and embeddings (the usual practice)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        plain = param.ndim < 2 or "embedding" in name or "norm" in name
+        (no_decay if plain else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

@@ -78,9 +78,6 @@ class TextDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._by_length("val"))
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._by_length("test"))
-
     def _by_length(self, split: str) -> list[Row]:
         return sorted(self.rows[split], key=lambda row: len(row[0]))
 

@@ -19,6 +19,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from repo import copy_repo, git_init  # noqa: E402  (bench/repo.py: one way to copy the repo)
 
 # Tests choose their own tracking databases; an outer setting must not leak in.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -50,20 +53,6 @@ def smoke_cfg():
     return compose("experiment=smoke")
 
 
-def copy_repo(dest: Path) -> Path:
-    """Tracked and untracked-but-not-ignored files: what a fresh clone would hold."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
-
-
 def run(cmd: list[str], cwd: Path, timeout: float = 600, env: dict | None = None,
         check: bool = True) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -75,12 +64,6 @@ def run(cmd: list[str], cwd: Path, timeout: float = 600, env: dict | None = None
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
-
-
-def git_init(repo: Path) -> None:
-    run(["git", "init", "-q", "-b", "main"], repo)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], repo)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], repo)
 
 
 @pytest.fixture(scope="session")
@@ -128,19 +111,29 @@ def workspace(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def inside(path: Path):
-    """Run stage functions in `path`, leaving no working directory or tracking URI
-    behind (mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which the stages
-    read first)."""
-    previous, saved_uri = Path.cwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.chdir(path)
+def restored_tracking_uri():
+    """mlflow.set_tracking_uri() also sets MLFLOW_TRACKING_URI, which the stages read
+    before a config's URI: clear it for the block and put back what was there."""
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         yield
     finally:
-        os.chdir(previous)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-        if saved_uri is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@contextlib.contextmanager
+def inside(path: Path):
+    """Run stage functions in `path`, leaving no working directory or tracking URI
+    behind."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        with restored_tracking_uri():
+            yield
+    finally:
+        os.chdir(previous)
 
 
 @pytest.fixture(scope="session")
@@ -181,10 +174,6 @@ def live_service(built_bundle, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _restore_tracking_uri():
-    """mlflow.set_tracking_uri() sets MLFLOW_TRACKING_URI, which wins over a config's
-    URI: undo it after every test so no test tracks into another's database."""
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if saved is not None:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
+    """No test tracks into another's database."""
+    with restored_tracking_uri():
+        yield
