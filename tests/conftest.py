@@ -95,8 +95,11 @@ def workspace(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("workspace")
     cfg = compose("experiment=smoke")
+    # a tokenizer trained on the synthetic words: small and quick
+    cfg.preprocess.tokenizer.type = "wordpiece"
     cfg.preprocess.tokenizer.vocab_size = 300
     cfg.preprocess.tokenizer.min_frequency = 1
+    cfg.train.init_embeddings = None
     cfg.train.max_epochs = 2
     cfg.train.lr = 5e-3
     cfg.mlflow.tracking_uri = f"sqlite:///{path}/mlflow.db"

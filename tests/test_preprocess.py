@@ -23,6 +23,7 @@ from pipeline.tokenizer import EMAIL, PHONE, URL, build_normalizer
 @pytest.fixture
 def cfg():
     cfg = compose("experiment=smoke").preprocess
+    cfg.tokenizer.type = "wordpiece"  # trained on the test's rows
     cfg.tokenizer.vocab_size = 300
     cfg.tokenizer.min_frequency = 1
     cfg.validation.max_unk_rate = 0.5
@@ -223,7 +224,7 @@ def tree_bytes(path) -> dict:
             if p.is_file()}
 
 
-@pytest.mark.parametrize("tokenizer", ["wordpiece", "bpe"])
+@pytest.mark.parametrize("tokenizer", ["wordpiece", "bpe", "pretrained"])
 def test_collect_and_preprocess_repeat_byte_for_byte(tmp_path, tokenizer):
     """Two processes (so two hash seeds, which is what broke WordPiece:
     huggingface/tokenizers#1794) write the very same files."""
