@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,20 +39,50 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def http_json(method: str, url: str, body=None, timeout: float = 10.0,
               headers: dict | None = None) -> tuple[int, dict]:
-    """One HTTP request with the standard library; returns (status, JSON body)."""
+    """One HTTP request with the standard library; returns (status, JSON body).
+    A body that is not JSON comes back as {"error" or "text": the text}."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method,
                                      headers={"Content-Type": "application/json",
                                               **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
+            return response.status, _json_or_text(response.read(), "text")
     except urllib.error.HTTPError as err:
-        payload = err.read()
+        return err.code, _json_or_text(err.read(), "error")
+
+
+def _json_or_text(payload: bytes, key: str):
+    try:
+        return json.loads(payload or b"null")
+    except json.JSONDecodeError:
+        return {key: payload.decode(errors="replace")}
+
+
+def wait_until(url: str, timeout: float, process: subprocess.Popen | None = None,
+               accept: Callable[[int, object], bool] = lambda status, body: status == 200,
+               interval: float = 0.2) -> object:
+    """Poll GET `url` until `accept(status, body)`; return that body.
+
+    The one polling loop for everything that waits for a server (this service, an
+    MLflow server, ...): RuntimeError after `timeout` s, naming the last answer, or at
+    once when `process` (the server, if we started it) exits first.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with code {process.returncode}")
         try:
-            return err.code, json.loads(payload)
-        except json.JSONDecodeError:
-            return err.code, {"error": payload.decode(errors="replace")}
+            status, body = http_json("GET", url, timeout=2)
+            if accept(status, body):
+                return body
+            last = f"{status} {body}"
+        except OSError as err:
+            last = str(err)
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"{url}: not ready after {timeout:.0f} s ({last})")
+        time.sleep(interval)
 
 
 @dataclass
@@ -85,20 +116,7 @@ def start(bundle: str | Path, port: int, log_path: Path, host: str = "127.0.0.1"
 
 def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> dict:
     """Poll /health/ready until 200; raise RuntimeError on timeout or early exit."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the service exited with code {process.returncode}")
-        try:
-            status, body = http_json("GET", f"{url}/health/ready", timeout=2)
-            if status == 200:
-                return body
-            last = f"{status} {body}"
-        except OSError as err:
-            last = str(err)
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f} s ({last})")
+    return wait_until(f"{url}/health/ready", timeout, process)
 
 
 def stop(process: subprocess.Popen, timeout: float = 30) -> int:
@@ -169,16 +187,17 @@ def switched_in_place(url: str, version: str, timeout: float) -> bool:
     A running service follows its bundle link and swaps in a new champion by itself,
     without a restart; this waits for that to happen.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            status, body = http_json("GET", f"{url}/health/ready", timeout=2)
-        except OSError:
-            return False
-        if status == 200 and body.get("model_version") == version:
-            return True
-        time.sleep(0.5)
-    return False
+    try:
+        http_json("GET", f"{url}/health/ready", timeout=2)
+    except OSError:
+        return False  # nothing answers: nothing will switch
+    try:
+        wait_until(f"{url}/health/ready", timeout, interval=0.5,
+                   accept=lambda status, body: status == 200
+                   and body.get("model_version") == version)
+    except RuntimeError:
+        return False
+    return True
 
 
 def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float) -> str:
