@@ -313,7 +313,7 @@ def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, t
     import mlflow
     from conftest import inside
 
-    from pipeline import deploy
+    from pipeline import registry
     from serving import control
 
     bundle_dir, meta = built_bundle
@@ -322,9 +322,7 @@ def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, t
         mlflow.set_tracking_uri(db)
         run = mlflow.MlflowClient().create_run(
             mlflow.MlflowClient().create_experiment("replicas")).info.run_id
-        first = json.loads(json.dumps(meta))
-        first["lineage"]["mlflow_run_id"] = run
-        v1 = deploy.register(bundle_dir, first)
+        v1 = registry.register(bundle_dir, meta, run)
         mlflow.MlflowClient().set_registered_model_alias(meta["model_name"], "champion", v1)
 
     port = control.free_port()
@@ -348,8 +346,7 @@ def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, t
             with inside(tmp_path):
                 mlflow.set_tracking_uri(db)
                 newer = json.loads((second / "bundle.json").read_text())
-                newer["lineage"]["mlflow_run_id"] = run
-                v2 = deploy.register(second, newer)
+                v2 = registry.register(second, newer, run)
                 mlflow.MlflowClient().set_registered_model_alias(meta["model_name"],
                                                                  "champion", v2)
             control.wait_until(f"{service.url}/health/ready", 30, accept=lambda _, body:
