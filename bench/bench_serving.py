@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -86,20 +85,10 @@ def server(command: list[str], port: int, ready_path: str, log: Path, env: dict 
                                stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[:3]} exited: {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{HOST}:{port}{ready_path}",
-                                            timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise RuntimeError(f"{command[:3]} not ready: {log.read_text()[-2000:]}")
+        try:
+            control.wait_until(f"http://{HOST}:{port}{ready_path}", 180, process)
+        except RuntimeError as err:
+            raise RuntimeError(f"{command[:3]}: {err}: {log.read_text()[-2000:]}") from None
         yield port
     finally:
         control.stop(process)

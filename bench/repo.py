@@ -4,13 +4,16 @@ registry."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(Path.home())}
+ENV = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(Path.home()),
+       # to run two benchmarks side by side on one core each
+       **{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ}}
 GIT_USER = ["-c", "user.email=copy@textops", "-c", "user.name=copy"]
 
 

@@ -16,20 +16,18 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from pipeline.config import PROCESSED_DIR
 from pipeline.splits import column, load_splits
+from serving.tensors import pad
 
 Row = tuple[list[int], int]  # (token ids, label)
 
 
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest row; attention_mask is 1 on real tokens."""
-    longest = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, (ids, _) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
+    """Pad a batch to its longest row, as the service pads (serving.tensors.pad);
+    attention_mask is 1 on real tokens."""
+    input_ids, attention_mask = pad([ids for ids, _ in rows], pad_id)
     labels = torch.tensor([label for _, label in rows])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask), "labels": labels}
 
 
 class Collator:

@@ -28,6 +28,9 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.inference import predict_logits
+from serving.tensors import pad
+
+INPUTS = ("input_ids", "attention_mask")  # the bundle's inputs, in this order
 
 
 def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> None:
@@ -42,7 +45,7 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> 
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 5:] = 0  # trace the padded case too
     axes = {0: "batch", 1: "sequence"}
-    common = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"],
+    common = {"input_names": list(INPUTS), "output_names": ["logits"],
               "opset_version": opset}
     if getattr(model, "onnx_exporter", "dynamo") == "torchscript":
         torch.onnx.export(model, (input_ids, attention_mask), str(path), dynamo=False,
@@ -74,18 +77,9 @@ class Calibration(CalibrationDataReader):
                  sort: bool = True):
         if sort:
             rows = sorted(rows, key=len)  # batches of similar length, as served
-        self.batches = [self._pad(rows[i : i + batch_size], pad_id)
+        self.batches = [dict(zip(INPUTS, pad(rows[i : i + batch_size], pad_id), strict=True))
                         for i in range(0, len(rows), batch_size)]
         self.position = 0
-
-    @staticmethod
-    def _pad(rows: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
-        longest = max(map(len, rows))
-        ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)], mask[i, : len(row)] = row, 1
-        return {"input_ids": ids, "attention_mask": mask}
 
     def get_next(self) -> dict | None:
         if self.position == len(self.batches):

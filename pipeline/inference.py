@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.classifier import TextClassifier
-from pipeline.datamodule import collate
+from serving.tensors import in_length_order, pad
 
 
 def load_module(checkpoint: Path) -> TextClassifier:
@@ -23,13 +23,12 @@ def load_module(checkpoint: Path) -> TextClassifier:
 
 @torch.inference_mode()
 def predict_logits(module: TextClassifier, rows: list[list[int]], batch_size: int) -> np.ndarray:
-    """Logits for token id lists, batched by length, returned in the input order."""
+    """Logits for token id lists, batched by length as the service batches them,
+    returned in the input order."""
     module.eval()
-    pad_id = module.hparams.pad_id
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    logits = np.zeros((len(rows), module.hparams.num_classes), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate([(rows[i], 0) for i in chunk], pad_id)
-        logits[chunk] = module(batch["input_ids"], batch["attention_mask"]).float().numpy()
-    return logits
+
+    def run(chunk: list[list[int]]) -> np.ndarray:
+        inputs = pad(chunk, module.hparams.pad_id)
+        return module(*map(torch.from_numpy, inputs)).float().numpy()
+
+    return in_length_order(rows, batch_size, module.hparams.num_classes, run)

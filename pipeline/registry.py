@@ -26,6 +26,7 @@ from mlflow.models import infer_signature
 from pipeline import atomic
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from serving.bundle import Bundle
+from serving.pyfunc import BundleModel
 
 CHAMPION = "champion"
 
@@ -52,12 +53,10 @@ def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
     version, tagged with the bundle version, the verdict and the git commit."""
     serving_dir = Path(__file__).resolve().parent.parent / "serving"
     example = pd.DataFrame({"text": ["a charming and often affecting journey"]})
-    bundle = Bundle.load(bundle_dir, "fp32")
-    probs = bundle.predict_proba(example["text"].tolist())
-    output = pd.DataFrame({"label": [bundle.label_names[int(probs[0].argmax())]],
-                           "score": [float(probs[0].max())],
-                           **{f"p_{n}": [float(p)] for n, p in zip(bundle.label_names, probs[0],
-                                                                   strict=True)}})
+    # The signature comes from the very class MLflow will serve, on this bundle.
+    model = BundleModel()
+    model.bundle = Bundle.load(bundle_dir, "fp32")
+    output = model.predict(None, example)
     with tempfile.TemporaryDirectory() as tmp, \
             mlflow.start_run(run_id=run_id):
         # MLflow names the artifact after the directory: make it `artifacts/bundle`.

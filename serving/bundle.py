@@ -5,7 +5,10 @@ A bundle is a directory holding
 - `tokenizer.json`, which carries the text normalisation and personal-data masking,
 - `bundle.json`: label names, max length, version, metrics, gate verdict, lineage and
   the training data profile (the drift reference),
-- `MODEL_CARD.md`.
+- `MODEL_CARD.md`,
+- and, in a copy the registry promoted, `registry.json`: the registry version, the
+  MLflow run and the git commit (kept out of bundle.json, which the same training
+  must write byte for byte in any clone).
 
 Loading needs onnxruntime, tokenizers and numpy only: no torch, no pickle, nothing
 from `pipeline/`.
@@ -123,7 +126,15 @@ class Bundle:
 
     @property
     def unk_id(self) -> int | None:
-        return self.tokenizer.token_to_id(self.meta.get("unk_token", "[UNK]"))
+        """The tokenizer model's own unknown token ([UNK] for WordPiece), if it has one."""
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        return self.tokenizer.token_to_id(unk) if unk else None
+
+    @property
+    def registry(self) -> dict | None:
+        """registry.json of a promoted copy, else None (a candidate, a plain directory)."""
+        record = self.path / "registry.json"
+        return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, normalised, masked and truncated exactly as in training."""

@@ -68,10 +68,11 @@ def router(service: InferenceService, require_key) -> APIRouter:
 
     @routes.get("/metadata")
     async def metadata() -> dict:
-        """The served bundle's bundle.json: version, labels, metrics, lineage."""
+        """The served bundle's bundle.json (version, labels, metrics, lineage) and, for a
+        promoted bundle, its registry record (version, MLflow run, git commit)."""
         bundle = service.require_bundle()
-        return {**bundle.meta, "precision": bundle.precision, "source": service.source.spec,
-                "identity": service.identity}
+        return {**bundle.meta, "registry": bundle.registry, "precision": bundle.precision,
+                "source": service.source.spec, "identity": service.identity}
 
     @routes.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

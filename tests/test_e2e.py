@@ -129,6 +129,11 @@ def test_make_deploy_curl_and_undeploy(smoke_repo):
             capture_output=True, text=True, timeout=30, check=True)
         answer = json.loads(curl.stdout)
         assert answer["predictions"][0]["label"] in ("negative", "positive")
+        # the promoted bundle says which registry version, run and commit it is
+        metadata = httpx.get(f"http://127.0.0.1:{port}/metadata", timeout=10).json()
+        live = os.readlink(smoke_repo / "models/current").removeprefix("bundles/")
+        assert metadata["registry"]["registry_version"] == live
+        assert metadata["registry"]["mlflow_run_id"] and metadata["registry"]["git_commit"]
         # deploying again replaces the running service
         again = run([*make, "deploy"], smoke_repo, timeout=600)
         assert f"http://127.0.0.1:{port}" in again.stdout
@@ -173,14 +178,11 @@ def test_mlflow_models_serve_answers_with_the_champion(smoke_repo, tmp_path):
         cwd=smoke_repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
-            time.sleep(0.2)
+        try:
+            control.wait_until(f"{url}/ping", 60, process)
+        except RuntimeError as err:
+            log_tail = (tmp_path / "mlflow.log").read_text()[-3000:]
+            raise AssertionError(f"{err}\n{log_tail}") from None
         texts = ["a gripping, beautifully acted film", "dull and lifeless"]
         response = httpx.post(f"{url}/invocations", timeout=30, json={
             "dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}})

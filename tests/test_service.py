@@ -27,6 +27,7 @@ def test_health_metadata_and_docs(client, built_bundle):
     assert metadata["version"] == meta["version"]
     assert metadata["label_names"] == ["neg", "pos"] and metadata["precision"] == "int8"
     assert metadata["lineage"]["data_hash"] == "abc" and "metrics" in metadata
+    assert metadata["registry"] is None  # a candidate: no registry has promoted it
     assert "swagger" in client.get("/docs").text.lower()
     assert "/predict" in client.get("/openapi.json").json()["paths"]
 
