@@ -7,7 +7,8 @@ model memorised. Rows are therefore grouped first and whole groups are drawn:
 
 - a group column names each row's source (`data.group_column`), or else
 - containment groups: after normalisation, a row joins the group of a longer row that
-  contains it as a run of whole words; a row no longer row contains is a group's root.
+  contains it as a run of whole words, punctuation aside (so a near-duplicate joins
+  too); a row no longer row contains is a group's root.
 
 Every held-out row is then checked against the training rows: equal, contained in one
 (a run of its words), or a near-duplicate (the same words once punctuation is dropped).
@@ -28,38 +29,55 @@ import numpy as np
 WORD = re.compile(r"\w+")
 
 
-def word_runs(words: Sequence[str], lengths: set[int]) -> Iterator[str]:
-    """Every run of consecutive words whose length is in `lengths`, shorter than all."""
-    n = len(words)
-    for k in sorted(lengths):
-        if k >= n:
-            break
-        for start in range(n - k + 1):
-            yield " ".join(words[start : start + k])
+class RunIndex:
+    """Texts found by the runs of words that equal them.
+
+    Indexed by first word and length, so a longer text only builds the runs that
+    could be one of them: a handful per position, not one per length present (which
+    grows with the square of the words per text on long documents).
+    """
+
+    def __init__(self, texts: Sequence[str]):
+        self.rows: dict[str, list[int]] = defaultdict(list)
+        self.lengths: dict[str, set[int]] = defaultdict(set)
+        for i, text in enumerate(texts):
+            self.rows[text].append(i)
+            words = text.split(" ")
+            self.lengths[words[0]].add(len(words))
+
+    def inside(self, words: Sequence[str]) -> Iterator[tuple[str, list[int]]]:
+        """(run, rows) for every shorter run of `words` that is an indexed text."""
+        n = len(words)
+        for start, first in enumerate(words):
+            for k in self.lengths.get(first, ()):
+                if k < n and start + k <= n:
+                    run = " ".join(words[start : start + k])
+                    if run in self.rows:
+                        yield run, self.rows[run]
 
 
 def containment_groups(texts: Sequence[str]) -> list[int]:
     """For each row, the index of its group's root (a root points at itself).
 
-    Rows are visited longest first, and each root looks up its own word runs in a
-    hash of all rows: about 1.6 million look-ups for SST-2's 67k rows (~1 s), where
-    comparing every pair would take 4.5 billion. Containment is transitive, so a row
+    Rows are compared by their words without punctuation (`near_key`). They are
+    visited longest first, and each root looks its own word runs up in an index of
+    all rows (`RunIndex`): for SST-2's 67k rows about a second, where comparing every
+    pair would take 4.5 billion comparisons. Containment is transitive, so a row
     inside a shorter non-root row is also inside that row's root and is found there.
     A phrase found in several roots joins the longest (then the first) of them.
-    Texts must be distinct (preprocess has dropped repeats).
     """
-    index = {text: i for i, text in enumerate(texts)}
-    words = [text.split(" ") for text in texts]
-    lengths = {len(w) for w in words}
+    keys = [near_key(text) for text in texts]
+    index = RunIndex(keys)
+    words = [key.split(" ") for key in keys]
     group = [-1] * len(texts)
     for i in sorted(range(len(texts)), key=lambda i: (-len(words[i]), i)):
         if group[i] != -1:
             continue
-        group[i] = i
-        for run in word_runs(words[i], lengths):
-            j = index.get(run)
-            if j is not None and group[j] == -1:
-                group[j] = i
+        same = [(keys[i], index.rows[keys[i]])]  # rows equal but for punctuation
+        for _, rows in [*same, *index.inside(words[i])]:
+            for j in rows:
+                if group[j] == -1:
+                    group[j] = i
     return group
 
 
@@ -83,7 +101,8 @@ def draw_groups(groups: Sequence, roots: dict, labels: Sequence[int], fraction: 
     drawn = set()
     for label in sorted(by_label):
         members = sorted(by_label[label], key=lambda g: roots[g])  # input order, repeatable
-        count = round(fraction * len(members))
+        # at least one group of a label that has two, so no class is missing
+        count = max(round(fraction * len(members)), int(fraction > 0 and len(members) > 1))
         drawn |= {members[i] for i in rng.permutation(len(members))[:count]}
     return drawn
 
@@ -116,6 +135,17 @@ def near_key(text: str) -> str:
     return " ".join(WORD.findall(text))
 
 
+def containers(held_out: Sequence[str], train: Sequence[str]) -> dict[str, list[int]]:
+    """For each held-out text inside training rows (as a shorter run of their words),
+    the indices of those rows."""
+    index = RunIndex(held_out)
+    found: dict[str, list[int]] = defaultdict(list)
+    for i, text in enumerate(train):
+        for run, _ in index.inside(text.split(" ")):
+            found[run].append(i)
+    return found
+
+
 def leakage(held_out: Sequence[str], train: Sequence[str]) -> dict:
     """How many held-out rows equal, sit inside, or nearly equal a training row.
 
@@ -123,13 +153,7 @@ def leakage(held_out: Sequence[str], train: Sequence[str]) -> dict:
     shows one leaked row with the training row it came from.
     """
     train_set = set(train)
-    wanted = {text: i for i, text in enumerate(held_out) if text not in train_set}
-    lengths = {len(text.split(" ")) for text in wanted}
-    container: dict[str, str] = {}
-    for text in train:  # every run of a training row that is a held-out row
-        for run in word_runs(text.split(" "), lengths):
-            if run in wanted:
-                container.setdefault(run, text)
+    container = {text: train[rows[0]] for text, rows in containers(held_out, train).items()}
     near = {key: text for text in train if (key := near_key(text))}
     kinds = {"equal": 0, "contained": 0, "near_duplicate": 0}
     example = None

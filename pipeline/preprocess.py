@@ -85,22 +85,28 @@ def row_groups(train: Dataset, normalized: list[str], groups: str) -> list:
 
 
 def split_rows(train: Dataset, normalized: list[str], given: dict[str, Dataset],
-               cfg: DictConfig, seed: int) -> tuple[dict[str, list[int]], dict]:
+               given_normalized: list[str], cfg: DictConfig, seed: int
+               ) -> tuple[dict[str, list[int]], dict]:
     """Row indices of train for each split, and what splitting dropped.
 
     Held-out splits the source does not provide are carved from train by whole
-    groups, stratified by label, so that no group straddles two splits. Training rows
-    whose group is in a provided held-out split are dropped for the same reason.
+    groups, stratified by label, so that no group straddles two splits. For the same
+    reason, training rows are dropped that share a group with a row of a provided
+    held-out split or (containment groups) hold one of its rows among their words.
     """
     groups = row_groups(train, normalized, cfg.groups)
     labels = column(train, "label")
-    rest = list(range(train.num_rows))
     report = {"groups": len(set(groups)), "held_out_rows": cfg.held_out_rows}
-    held_groups = {g for ds in given.values() if "group" in ds.column_names
-                   for g in column(ds, "group")}
-    if held_groups:
-        rest = [i for i in rest if groups[i] not in held_groups]
+    if "group" in train.column_names:
+        held = {g for ds in given.values() for g in column(ds, "group")}
+        rest = [i for i in range(train.num_rows) if groups[i] not in held]
         report["train_rows_in_a_held_out_group"] = train.num_rows - len(rest)
+    elif cfg.groups == "containment":
+        holding = set().union(*grouping.containers(given_normalized, normalized).values())
+        rest = [i for i in range(train.num_rows) if i not in holding]
+        report["train_rows_holding_a_held_out_row"] = train.num_rows - len(rest)
+    else:
+        rest = list(range(train.num_rows))
     indices = {}
     for name, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
         if name in given:
@@ -146,15 +152,16 @@ def preprocess(
             held_out |= set(normalized[name])
     train, train_normalized, cleaning["train"] = clean_split(raw["train"], normalize, held_out)
 
-    indices, splitting = split_rows(train, train_normalized, given, cfg, seed)
+    indices, splitting = split_rows(train, train_normalized, given,
+                                    [t for name in given for t in normalized[name]], cfg, seed)
     splits = DatasetDict({name: given[name] if name in given else train.select(indices[name])
                           for name in ("train", "val", "test")})
     for name, rows in indices.items():
         normalized[name] = [train_normalized[i] for i in rows]
     empty = [name for name, ds in splits.items() if ds.num_rows == 0]
     if empty:
-        raise ValidationError("; ".join(f"split {name!r} is empty after cleaning"
-                                        for name in empty))
+        raise ValidationError("; ".join(f"split {name!r} is empty after cleaning and "
+                                        "splitting" for name in empty))
     leakage = {name: grouping.leakage(normalized[name], normalized["train"])
                for name in ("val", "test")}
 

@@ -83,11 +83,13 @@ class EpochSummary(Callback):
         self.finished_epoch = None
 
 
-def fingerprint(cfg: DictConfig, data_hash: str) -> str:
-    """What a resumable run must share with the run it resumes."""
+def fingerprint(cfg: DictConfig, processed_dir: Path) -> str:
+    """What a resumable run must share with the run it resumes: the configuration and
+    the processed data itself (its split and vocabulary, not only the raw rows)."""
     relevant = {k: OmegaConf.to_container(cfg[k]) for k in ("model", "train", "trainer")}
     relevant["seed"] = cfg.seed
-    relevant["data"] = data_hash
+    relevant["data"] = [lineage.digest(processed_dir / name)
+                        for name in ("profile.json", "tokenizer.json")]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -170,7 +172,8 @@ def fit(
     tokenizer = Tokenizer.from_file(str(processed_dir / "tokenizer.json"))
     profile = atomic.read_json(processed_dir / "profile.json")
     data_hash = profile["data"]["content_hash"]
-    resume_from, run_id, position = prepare_work_dir(work_dir, fingerprint(cfg, data_hash))
+    key = fingerprint(cfg, processed_dir)
+    resume_from, run_id, position = prepare_work_dir(work_dir, key)
 
     logger = MLFlowLogger(
         experiment_name=cfg.mlflow.experiment,
@@ -201,7 +204,7 @@ def fit(
         logger.log_hyperparams(OmegaConf.to_container(cfg))
         atomic.write_json(
             work_dir / "state.json",
-            {"fingerprint": fingerprint(cfg, data_hash), "run_id": logger.run_id},
+            {"fingerprint": key, "run_id": logger.run_id},
         )
 
     started = time.perf_counter()

@@ -51,3 +51,44 @@ def test_each_stage_declares_existing_params_and_its_own_script():
 def test_dvc_hydra_composition_is_enabled():
     config = (ROOT / ".dvc" / "config").read_text()
     assert "[hydra]" in config and "enabled = true" in config
+
+
+def imported_files(module: str, seen: set[str] | None = None) -> set[str]:
+    """The repository's own files that `module` imports, directly or through others,
+    at the top or inside functions."""
+    import ast
+
+    seen = set() if seen is None else seen
+    path = ROOT / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = ROOT / module.replace(".", "/") / "__init__.py"
+    rel = str(path.relative_to(ROOT))
+    if rel in seen:
+        return seen
+    seen.add(rel)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from pipeline import atomic` names a module; `from x.y import f` does not
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in ("pipeline", "serving") and (
+                    (ROOT / (name.replace(".", "/") + ".py")).exists()
+                    or (ROOT / name.replace(".", "/") / "__init__.py").exists()):
+                imported_files(name, seen)
+    return seen
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """Editing shared code must rerun every stage that imports it: each stage's deps
+    in dvc.yaml cover every repository file its module imports, however indirectly."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = stage["cmd"].split(" -m ")[1].split()[0]
+        deps = [str(d).rstrip("/") for d in stage["deps"]]
+        missing = sorted(f for f in imported_files(module) if not f.endswith("__init__.py")
+                         and not any(f == d or f.startswith(d + "/") for d in deps))
+        assert not missing, f"stage {name}: dvc.yaml deps miss {missing}"

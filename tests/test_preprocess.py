@@ -136,8 +136,9 @@ def test_containment_groups_put_each_phrase_with_the_sentence_holding_it():
         "the cast",                               # 4: inside 0 and 3
         "cast is lov",                            # 5: not whole words: its own root
         "boring film",                            # 6: inside 2
+        "a dull , and boring film .",             # 7: 2 but for punctuation
     ]
-    assert containment_groups(texts) == [3, 3, 2, 3, 3, 5, 2]
+    assert containment_groups(texts) == [3, 3, 2, 3, 3, 5, 2, 2]
 
 
 def test_leakage_counts_each_kind_and_names_an_example():
@@ -183,6 +184,19 @@ def test_containment_groups_keep_phrases_out_of_validation(tmp_path, cfg):
     train = column(splits["train"], "text")
     assert not [t for t in train if any(f" {t} " in f" {v} " for v in val)]
     assert profile["splitting"]["val_group_members_dropped"] == 12 * 3
+
+
+def test_training_rows_holding_a_test_row_leave_training(tmp_path, cfg):
+    """SST-2's test split holds "bad ."; a training sentence ending in it would make
+    that test row a phrase the model was trained on."""
+    train = synthetic_rows(200) + [("the cast is stiff or just plain bad .", 0)]
+    test = synthetic_rows(40, 1) + [("bad .", 0)]
+    write_raw(tmp_path / "raw", {"train": train, "test": test})
+    profile = preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    assert profile["splitting"]["train_rows_holding_a_held_out_row"] == 1
+    assert profile["leakage"]["test"]["contained"] == 0
+    kept = column(load_splits(tmp_path / "out")["train"], "text")
+    assert "the cast is stiff or just plain bad ." not in kept and len(kept) > 150
 
 
 def test_a_group_column_keeps_every_group_in_one_split(tmp_path, cfg):
