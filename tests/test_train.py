@@ -31,6 +31,7 @@ def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/best.ckpt"]
     # the run is found from the checkpoint's bytes, as evaluate and deploy find it
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     assert lineage.training_run(cfg.mlflow.experiment, path / "models/checkpoints/best.ckpt"
                                 ) == run.info.run_id
     # the DVC-tracked report holds no fact of this one run
