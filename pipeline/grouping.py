@@ -82,11 +82,14 @@ def containment_groups(texts: Sequence[str]) -> list[int]:
 
 
 def group_roots(groups: Sequence, texts: Sequence[str]) -> dict:
-    """Each group's root row: its longest text (the first, on a tie)."""
+    """Each group's root row: the one with the most words, punctuation aside (the
+    first, on a tie), the measure `containment_groups` picks its roots by, so a
+    containment group's root is the row no other row contains."""
+    size = [len(near_key(text).split()) for text in texts]
     roots: dict = {}
-    for i, (group, text) in enumerate(zip(groups, texts, strict=True)):
+    for i, group in enumerate(groups):
         best = roots.get(group)
-        if best is None or len(text) > len(texts[best]):
+        if best is None or size[i] > size[best]:
             roots[group] = i
     return roots
 

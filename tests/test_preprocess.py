@@ -13,7 +13,7 @@ from datasets import Dataset
 from helpers import FEATURES, synthetic_rows, write_raw
 from tokenizers import Tokenizer
 
-from pipeline.grouping import containment_groups, leakage
+from pipeline.grouping import containment_groups, group_roots, leakage
 from pipeline.preprocess import clean_split, preprocess
 from pipeline.profile import ValidationError
 from pipeline.splits import column, load_splits
@@ -139,6 +139,13 @@ def test_containment_groups_put_each_phrase_with_the_sentence_holding_it():
         "a dull , and boring film .",             # 7: 2 but for punctuation
     ]
     assert containment_groups(texts) == [3, 3, 2, 3, 3, 5, 2, 2]
+
+
+def test_a_groups_root_is_its_row_with_the_most_words():
+    """Words, not characters: the root must be the row no other row of its group
+    contains, or a held-out root could sit inside a training row."""
+    texts = ["the film , truly ! ! ! ! ! ! !", "the film truly shines", "a play"]
+    assert group_roots([0, 0, 1], texts) == {0: 1, 1: 2}
 
 
 def test_leakage_counts_each_kind_and_names_an_example():
