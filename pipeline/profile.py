@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from pipeline.splits import column
 from pipeline.tokenizer import SPECIAL_TOKENS, UNK
+from serving.tensors import length_counts
 
 
 class ValidationError(ValueError):
@@ -32,7 +33,7 @@ def length_stats(lengths: np.ndarray) -> dict:
 def reference_histogram(lengths: np.ndarray, bins: int = 10) -> dict:
     """Decile bins of the training lengths: the reference for length-drift PSI."""
     edges = np.unique(np.percentile(lengths, np.linspace(0, 100, bins + 1))[1:-1])
-    counts = np.bincount(np.searchsorted(edges, lengths, side="right"), minlength=len(edges) + 1)
+    counts = length_counts(lengths, edges)
     return {"edges": edges.tolist(), "shares": (counts / counts.sum()).tolist()}
 
 

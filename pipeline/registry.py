@@ -25,7 +25,7 @@ from mlflow.models import infer_signature
 
 from pipeline import atomic
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
-from serving.bundle import Bundle
+from serving.bundle import REGISTERED_BUNDLE, Bundle
 from serving.pyfunc import BundleModel
 
 CHAMPION = "champion"
@@ -45,7 +45,7 @@ def download_bundle(model_name: str, dst: Path, version: str | None = None) -> P
     ref = f"@{CHAMPION}" if version is None else f"/{version}"
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}{ref}",
                                                 dst_path=str(dst))
-    return Path(local) / "artifacts" / "bundle"
+    return Path(local) / REGISTERED_BUNDLE
 
 
 def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
@@ -59,8 +59,8 @@ def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
     output = model.predict(None, example)
     with tempfile.TemporaryDirectory() as tmp, \
             mlflow.start_run(run_id=run_id):
-        # MLflow names the artifact after the directory: make it `artifacts/bundle`.
-        staged = shutil.copytree(bundle_dir, Path(tmp) / "bundle")
+        # MLflow names the artifact after the directory: REGISTERED_BUNDLE.
+        staged = shutil.copytree(bundle_dir, Path(tmp) / REGISTERED_BUNDLE.name)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(serving_dir / "pyfunc.py"),

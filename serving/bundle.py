@@ -27,6 +27,8 @@ from tokenizers import Tokenizer
 from serving.tensors import in_length_order, pad
 
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+# Where a registered model version keeps its bundle, inside the version's artifacts.
+REGISTERED_BUNDLE = Path("artifacts") / "bundle"
 REQUIRED_META = ("version", "label_names", "max_length", "pad_id")
 
 

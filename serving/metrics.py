@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from serving.batcher import BatchStats
 from serving.bundle import Bundle
+from serving.tensors import length_counts
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -70,9 +71,7 @@ class DriftMonitor:
                                 "texts in the drift window", value=len(lengths))
         if reference is None or len(lengths) == 0:
             return
-        edges = np.asarray(reference["length"]["edges"])
-        shares = np.bincount(np.searchsorted(edges, lengths, side="right"),
-                             minlength=len(edges) + 1)
+        shares = length_counts(lengths, reference["length"]["edges"])
         yield GaugeMetricFamily("textops_drift_length_psi",
                                 "PSI of token lengths vs training",
                                 value=psi(shares, reference["length"]["shares"]))

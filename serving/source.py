@@ -14,6 +14,8 @@ import os
 import shutil
 from pathlib import Path
 
+from serving.bundle import REGISTERED_BUNDLE
+
 REGISTRY_PREFIX = "models:/"
 
 
@@ -46,7 +48,7 @@ class BundleSource:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{REGISTRY_PREFIX}{identity}", dst_path=str(partial))
             shutil.rmtree(target, ignore_errors=True)
-            os.replace(Path(local) / "artifacts" / "bundle", target)
+            os.replace(Path(local) / REGISTERED_BUNDLE, target)
             shutil.rmtree(partial, ignore_errors=True)
         return target
 

@@ -1,4 +1,5 @@
-"""Token id lists to model inputs: padding, and batching by length.
+"""Token id lists to model inputs: padding, and batching by length; and counting texts
+by token length, for the drift reference and the live window alike.
 
 Numpy only (no torch, no onnxruntime), so that the pipeline's export, calibration and
 evaluation can import the very code the service runs instead of keeping copies.
@@ -37,3 +38,11 @@ def in_length_order(rows: list[list[int]], batch_size: int, width: int,
         chunk = order[start : start + batch_size]
         out[chunk] = run([rows[i] for i in chunk])
     return out
+
+
+def length_counts(lengths, edges) -> np.ndarray:
+    """Texts per token-length bin, the bins cut at `edges`: the training profile's
+    reference (pipeline/profile.py) and the live window count the same way."""
+    edges = np.asarray(edges)
+    return np.bincount(np.searchsorted(edges, np.asarray(lengths), side="right"),
+                       minlength=len(edges) + 1)
