@@ -245,6 +245,7 @@ def tree_bytes(path) -> dict:
             if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["wordpiece", "bpe", "pretrained"])
 def test_collect_and_preprocess_repeat_byte_for_byte(tmp_path, tokenizer):
     """Two processes (so two hash seeds, which is what broke WordPiece:
