@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -356,3 +357,35 @@ def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, t
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_an_interrupted_registry_download_is_fetched_again_whole(tmp_path, built_bundle,
+                                                                 monkeypatch):
+    """A replica killed while downloading leaves `<version>.partial` and perhaps a target
+    without bundle.json; the next fetch starts over and yields a whole bundle (MLflow's
+    download does not resume, so starting over is the only safe way on)."""
+    import mlflow
+
+    from serving.bundle import REGISTERED_BUNDLE
+    from serving.source import BundleSource
+
+    bundle_dir, meta = built_bundle
+    source = BundleSource("models:/sst2-classifier@champion", cache_dir=tmp_path / "cache")
+    target = source.cache_dir / "sst2-classifier-3"
+    stale = target.with_name(target.name + ".partial")
+    (stale / REGISTERED_BUNDLE).mkdir(parents=True)
+    (stale / REGISTERED_BUNDLE / "model.onnx").write_bytes(b"half a file")
+    target.mkdir(parents=True)
+    (target / "model.onnx").write_bytes(b"half a file")  # no bundle.json: incomplete
+
+    def download(artifact_uri, dst_path):
+        assert artifact_uri == "models:/sst2-classifier/3"
+        assert not Path(dst_path).exists()  # the stale partial download was cleared
+        shutil.copytree(bundle_dir, Path(dst_path) / REGISTERED_BUNDLE)
+        return dst_path
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    fetched = source.fetch("sst2-classifier/3")
+    assert fetched == target and not stale.exists()
+    assert json.loads((fetched / "bundle.json").read_text())["version"] == meta["version"]
+    assert (fetched / "model.onnx").read_bytes() == (bundle_dir / "model.onnx").read_bytes()
