@@ -8,6 +8,8 @@ trained model, a bundle or a registry reuse it instead of training their own.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import shutil
 import subprocess
@@ -164,6 +166,27 @@ def running_service(bundle, log_dir: Path, wait: bool = True, **env):
         yield service
     finally:
         control.stop(service.process)
+
+
+def send_without_reading(url: str, path: str, body: dict) -> http.client.HTTPConnection:
+    """POST `body` to `path` and return the connection with its answer unread: many
+    of these reach the server within milliseconds, whatever the client machine's speed."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", path, json.dumps(body),
+                       {"Content-Type": "application/json"})
+    return connection
+
+
+def answers(connections: list[http.client.HTTPConnection]) -> list[tuple[int, dict, dict]]:
+    """(status, headers, JSON body) of each connection's answer, in order."""
+    results = []
+    for connection in connections:
+        response = connection.getresponse()
+        results.append((response.status, response.headers,
+                        json.loads(response.read())))
+        connection.close()
+    return results
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import ROOT, running_service
+from conftest import ROOT, answers, running_service, send_without_reading
 
 from serving.bundle import Bundle
 from serving.settings import Settings, SettingsError
@@ -61,19 +61,17 @@ def test_explain_times_out_like_a_prediction(built_bundle, tmp_path):
 
 def test_explain_is_refused_when_the_queue_is_full(built_bundle, tmp_path):
     with running_service(built_bundle[0], tmp_path, max_queue=1, max_texts=1,
-                         max_wait_ms=0) as service, \
-            httpx.Client(base_url=service.url, timeout=60) as client, \
-            ThreadPoolExecutor(32) as pool:
-        responses = list(pool.map(lambda _: client.post("/explain", json={"text": LONG}),
-                                  range(96)))
-    statuses = {r.status_code for r in responses}
+                         max_wait_ms=0) as service:
+        results = answers([send_without_reading(service.url, "/explain", {"text": LONG})
+                           for _ in range(32)])
+    statuses = {status for status, _, _ in results}
     assert statuses <= {200, 503}, statuses
-    refused = [r for r in responses if r.status_code == 503]
+    refused = [(headers, body) for status, headers, body in results if status == 503]
     assert refused, "the queue bound never applied to /explain"
-    assert refused[0].headers["Retry-After"] == "1"
-    assert refused[0].json()["code"] == "overloaded"
-    answered = [r.json() for r in responses if r.status_code == 200]
-    assert answered and all(a["tokens"] for a in answered)
+    assert refused[0][0]["Retry-After"] == "1"
+    assert refused[0][1]["code"] == "overloaded"
+    answered = [body for status, _, body in results if status == 200]
+    assert answered and all(body["tokens"] for body in answered)
 
 
 # ---------------------------------------------------------------- batching off

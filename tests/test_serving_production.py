@@ -10,13 +10,12 @@ import shutil
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import compose, running_service
+from conftest import answers, compose, running_service, send_without_reading
 
 from pipeline.deploy import batch_tolerances
 from serving.batcher import Batcher, infer, length_groups
@@ -88,25 +87,19 @@ def test_batcher_merges_concurrent_requests(built_bundle):
 # ---------------------------------------------------------------- backpressure
 
 
-def post_many(url, bodies, workers=32, headers=None):
-    with httpx.Client(base_url=url, timeout=60, headers=headers) as client, \
-            ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda body: client.post("/predict", json=body), bodies))
-
-
 def test_full_queue_answers_503_with_retry_after_and_drops_nothing(built_bundle, tmp_path):
     long_texts = [TEXTS[4] * 2] * 8
     with running_service(built_bundle[0], tmp_path, max_queue=16, max_texts=8,
                          max_batch_size=8, max_wait_ms=0) as service:
-        responses = post_many(service.url, [{"texts": long_texts}] * 64, workers=48)
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 503}, statuses
-    refused = [r for r in responses if r.status_code == 503]
+        results = answers([send_without_reading(service.url, "/predict", {"texts": long_texts})
+                           for _ in range(64)])
+    assert {status for status, _, _ in results} <= {200, 503}, results
+    refused = [(headers, body) for status, headers, body in results if status == 503]
     assert refused, "the queue never filled"
-    assert refused[0].headers["Retry-After"] == "1"
-    assert refused[0].json()["code"] == "overloaded"
-    accepted = [r for r in responses if r.status_code == 200]
-    assert accepted and all(len(r.json()["predictions"]) == 8 for r in accepted)
+    assert refused[0][0]["Retry-After"] == "1"
+    assert refused[0][1]["code"] == "overloaded"
+    accepted = [body for status, _, body in results if status == 200]
+    assert accepted and all(len(body["predictions"]) == 8 for body in accepted)
 
 
 def test_slow_answer_times_out_with_504(built_bundle, tmp_path):
@@ -134,25 +127,27 @@ def queue_and_answered(url: str) -> tuple[float, float]:
 
 def test_sigterm_finishes_requests_in_flight(built_bundle, tmp_path):
     """SIGTERM: stop accepting, answer every request already accepted, then exit."""
+    # Texts of the full max_length, one request per model call: the requests keep the
+    # model busy for about half a second here, far longer than they take to arrive.
+    texts, requests = [TEXTS[4] * 3] * 64, 48
     with running_service(built_bundle[0], tmp_path, max_batch_size=8, max_texts=64,
-                         max_queue=2048) as service:
-        with ThreadPoolExecutor(24) as pool:
-            futures = [pool.submit(httpx.post, f"{service.url}/predict",
-                                   json={"texts": TEXTS * 8}, timeout=60) for _ in range(24)]
-            # Signal once all 24 arrived and some still wait: queued + answered covers
-            # all but the one request the inference thread holds. One scrape per look:
-            # by a second one the queue may have drained.
-            deadline, waiting, answered = time.monotonic() + 10, 0.0, 0.0
-            while not (waiting and waiting / 64 + answered >= 23) \
-                    and time.monotonic() < deadline:
-                waiting, answered = queue_and_answered(service.url)
-            assert waiting > 0  # accepted and waiting for the model
-            service.process.send_signal(signal.SIGTERM)
-            results = [f.result() for f in futures]
+                         max_queue=4096) as service:
+        connections = [send_without_reading(service.url, "/predict", {"texts": texts})
+                       for _ in range(requests)]
+        # Signal once all were accepted and some still wait: queued + answered
+        # covers all but the one request the inference thread holds. One scrape per
+        # look: by a second one the queue may have drained.
+        deadline, waiting, answered = time.monotonic() + 10, 0.0, 0.0
+        while not (waiting and waiting / 64 + answered >= requests - 1) \
+                and time.monotonic() < deadline:
+            waiting, answered = queue_and_answered(service.url)
+        assert waiting > 0  # accepted and waiting for the model
+        service.process.send_signal(signal.SIGTERM)
+        results = answers(connections)
         service.process.wait(30)
         log = service.log_tail(20)
-    assert [r.status_code for r in results] == [200] * 24
-    assert all(len(r.json()["predictions"]) == 64 for r in results)
+    assert [status for status, _, _ in results] == [200] * requests
+    assert all(len(body["predictions"]) == 64 for _, _, body in results)
     assert "Application shutdown complete" in log and "Finished server process" in log
 
 
