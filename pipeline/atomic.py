@@ -2,6 +2,10 @@
 
 A stage killed halfway therefore leaves either the previous output or nothing, never
 a directory or file that looks complete but is not.
+
+Outputs are readable by everyone (files 0644, directories 0755), whatever the umask
+and although mkstemp / mkdtemp make private ones: the serving image runs as another
+user than the one who built the bundle, and reads it from a read-only mount.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
@@ -22,13 +29,24 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary directories
     try:
         yield tmp
+        make_readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, target)
+
+
+def make_readable(root: Path) -> None:
+    """Give `root` and everything under it the modes of ordinary outputs: what the
+    block wrote there may come from mkstemp (0600), a library, or a strict umask."""
+    root.chmod(DIR_MODE)
+    for directory, subdirs, files in os.walk(root):
+        for name, mode in [(d, DIR_MODE) for d in subdirs] + [(f, FILE_MODE) for f in files]:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):  # a link has no mode of its own
+                os.chmod(path, mode)
 
 
 def replace_dir(src: Path, target: Path) -> None:
@@ -55,6 +73,7 @@ def write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's file is private; an output is not
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

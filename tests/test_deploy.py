@@ -120,6 +120,34 @@ print("ok")
     assert result.stdout.strip() == "ok"
 
 
+def wrong_modes(root: Path) -> dict[str, str]:
+    """Entries under `root` (itself as ".") whose permission bits are not those of an
+    ordinary output: directories 0755, files 0644."""
+    wrong = {}
+    for path in [root, *root.rglob("*")]:
+        mode, expected = path.stat().st_mode & 0o777, 0o755 if path.is_dir() else 0o644
+        if mode != expected:
+            wrong[str(path.relative_to(root))] = oct(mode)
+    return wrong
+
+
+def test_bundles_are_readable_by_every_user(bundle, tmp_path):
+    """The serving image runs as its own user and mounts the bundle read-only: a bundle
+    file only its writer can read (mkstemp makes them 0600) answered every request
+    `not_ready`. The exported bundle and its copy in the store are world-readable,
+    even when the copy is made under a strict umask."""
+    bundle_dir, _ = bundle
+    assert wrong_modes(bundle_dir) == {}
+    strict = os.umask(0o077)
+    try:
+        stored = registry.store_bundle(bundle_dir, {"registry_version": "1"},
+                                       tmp_path / "bundles")
+    finally:
+        os.umask(strict)
+    assert (stored / "registry.json").exists()
+    assert wrong_modes(stored) == {}
+
+
 def test_broken_parity_fails_and_leaves_the_old_bundle(own_workspace):
     path, cfg = own_workspace
     before = (path / "models/candidate/bundle.json").read_text()
