@@ -9,6 +9,11 @@ bundle carries (`bundle.json` -> profile.reference), as population stability ind
 
 A reload starts the window over; batches that the old bundle finishes afterwards are
 left out, since their classes and token ids are the old bundle's.
+
+Live quality comes from the prediction log (serving/prediction_log.py): accuracy and
+per-class recall over the latest `feedback_window` labels, computed in the database by
+the log's own threads (so it survives a restart and never waits on a scrape), and the
+share of logged answers that received a label.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from serving.batcher import BatchStats
 from serving.bundle import Bundle
+from serving.prediction_log import LiveStats
 from serving.tensors import length_counts
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -94,6 +100,36 @@ class DriftMonitor:
                                 value=psi(counts, reference["class_shares"]))
 
 
+class LiveQuality:
+    """The latest live-quality figures the prediction log computed, for scrapes."""
+
+    def __init__(self):
+        self.stats: LiveStats | None = None  # None: no log, or not read yet
+
+    def update(self, stats: LiveStats) -> None:
+        self.stats = stats  # one assignment: a scrape sees the old figures or the new
+
+    def collect(self):
+        stats = self.stats
+        if stats is None:
+            return
+        yield GaugeMetricFamily("textops_live_labels",
+                                "labels the live accuracy rests on", value=stats.labels)
+        if stats.accuracy is not None:
+            yield GaugeMetricFamily("textops_live_accuracy",
+                                    "accuracy over the latest labels", value=stats.accuracy)
+            recall = GaugeMetricFamily("textops_live_recall",
+                                       "recall of each labelled class over the latest labels",
+                                       labels=["label"])
+            for name, value in stats.recall.items():
+                recall.add_metric([name], value)
+            yield recall
+        if stats.share is not None:
+            yield GaugeMetricFamily("textops_feedback_share",
+                                    "share of logged answers that received a label",
+                                    value=stats.share)
+
+
 class ServiceMetrics:
     """Every metric the service exports, in its own registry."""
 
@@ -122,6 +158,18 @@ class ServiceMetrics:
         self.model = Info("textops_model", "the bundle being served", registry=r)
         self.drift = DriftMonitor(drift_window)
         r.register(self.drift)
+        # the prediction log's, counted per text
+        self.log_written = Counter("textops_prediction_log_written",
+                                   "predictions written to the log", registry=r)
+        self.log_dropped = Counter("textops_prediction_log_dropped",
+                                   "predictions not logged: queue full, or a database error",
+                                   ["reason"], registry=r)
+        for reason in ("queue_full", "error"):
+            self.log_dropped.labels(reason)
+        self.feedback = Counter("textops_feedback", "labels accepted by POST /feedback",
+                                registry=r)
+        self.live_quality = LiveQuality()
+        r.register(self.live_quality)
 
     def set_model(self, bundle: Bundle) -> None:
         meta = bundle.meta

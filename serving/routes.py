@@ -1,14 +1,16 @@
-"""The service's own routes: prediction, explanation, health, metadata, metrics,
-admin reload and the demo page. (The V2 protocol's routes are in serving/v2.py.)"""
+"""The service's own routes: prediction, explanation, feedback, health, metadata,
+metrics, admin reload and the demo page. (The V2 protocol's routes are in
+serving/v2.py.)"""
 
 from __future__ import annotations
 
 from importlib import resources
 
 import orjson
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from serving.bundle import BundleError
 from serving.errors import ApiError
@@ -16,13 +18,60 @@ from serving.predictions import predictions
 from serving.schemas import (
     ExplainRequest,
     ExplainResponse,
+    FeedbackItem,
+    FeedbackResponse,
     PredictRequest,
     PredictResponse,
     ReloadRequest,
+    request_id,
 )
 from serving.security import check_admin
 from serving.service import InferenceService
 from serving.validation import check_texts
+
+_FEEDBACK_ITEM = FeedbackItem.model_json_schema()
+# The body is one item or a list, parsed by `feedback_items` so that an error can name
+# the item; OpenAPI still documents it.
+FEEDBACK_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"oneOf": [_FEEDBACK_ITEM, {"type": "array", "items": _FEEDBACK_ITEM}]}}}}}
+
+
+def feedback_items(body: bytes, max_items: int, labels: list[str]
+                   ) -> list[tuple[str, int, str]]:
+    """(request_id, position, label) of each item of a /feedback body; a 4xx naming the
+    first bad item and what is wrong with it."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(payload, dict | list):
+        raise ApiError(422, "invalid_request",
+                       "the body must be a feedback object or a list of them")
+    items = payload if isinstance(payload, list) else [payload]
+    if not items:
+        raise ApiError(422, "no_feedback", "send at least one feedback item")
+    if len(items) > max_items:
+        raise ApiError(422, "too_many_items", f"{len(items)} feedback items; at most "
+                       f"{max_items} per request", limit="max_texts", value=max_items)
+    return [feedback_item(item, i if isinstance(payload, list) else None, labels)
+            for i, item in enumerate(items)]
+
+
+def feedback_item(item, index: int | None, labels: list[str]) -> tuple[str, int, str]:
+    where = "body" if index is None else f"[{index}]"
+    details = {} if index is None else {"item": index}
+    try:
+        parsed = FeedbackItem.model_validate(item)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"]) or "item"
+        raise ApiError(422, "invalid_request", f"{where}.{field}: {first['msg']}",
+                       field=field, **details) from None
+    if parsed.label not in labels:
+        raise ApiError(422, "unknown_label", f"{where}.label: {parsed.label!r} is not a "
+                       f"label of the model (labels: {', '.join(labels)})",
+                       labels=labels, **details)
+    return parsed.request_id, parsed.position, parsed.label
 
 
 def router(service: InferenceService, require_key) -> APIRouter:
@@ -36,14 +85,29 @@ def router(service: InferenceService, require_key) -> APIRouter:
 
     @routes.post("/predict", response_model=PredictResponse,
                  dependencies=[Depends(require_key)])
-    async def predict(request: PredictRequest) -> Response:
-        """Classify up to `max_texts` texts: label, score and every class probability."""
+    async def predict(request: PredictRequest, http: Request) -> Response:
+        """Classify up to `max_texts` texts: label, score and every class probability.
+        The answer's `request_id` (a well-formed client X-Request-ID, or a new one)
+        names it in POST /feedback."""
         check_texts(request.texts, settings.max_texts, settings.max_chars)
+        rid = request_id(http.headers.get("x-request-id"))
         probs, bundle = await service.predict(request.texts)
+        service.log_prediction(rid, bundle, request.texts, probs)
         # Serialised directly (orjson): the hot path skips re-validating its own output.
-        body = {"model_version": bundle.version,
+        body = {"request_id": rid, "model_version": bundle.version,
                 "predictions": predictions(bundle.label_names, probs)}
-        return Response(orjson.dumps(body), media_type="application/json")
+        return Response(orjson.dumps(body), media_type="application/json",
+                        headers={"X-Request-ID": rid})
+
+    @routes.post("/feedback", response_model=FeedbackResponse,
+                 dependencies=[Depends(require_key)], openapi_extra=FEEDBACK_BODY)
+    async def feedback(http: Request) -> FeedbackResponse:
+        """The right label for answered texts: one `{request_id, label, position}` or a
+        list of up to `max_texts`. All are stored or none; a repeated label replaces
+        the earlier one. Live accuracy in /metrics rests on these."""
+        labels = service.require_bundle().label_names
+        items = feedback_items(await http.body(), settings.max_texts, labels)
+        return FeedbackResponse(accepted=await service.feedback(items))
 
     @routes.post("/explain", response_model=ExplainResponse,
                  dependencies=[Depends(require_key)])

@@ -1,4 +1,5 @@
-"""The JSON bodies of /predict, /explain and /admin/reload, as OpenAPI documents them.
+"""The JSON bodies of /predict, /explain, /feedback and /admin/reload, as OpenAPI
+documents them, and the request id that ties an answer to its feedback.
 
 Request models refuse unknown fields, so a typo in a field name is a 422, not a
 silently ignored field.
@@ -6,7 +7,20 @@ silently ignored field.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+import re
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(offered: str | None) -> str:
+    """The client's id (X-Request-ID) when it is well-formed, else a new one: an id
+    goes into logs and headers, so it must be short and plain."""
+    if offered and REQUEST_ID_PATTERN.fullmatch(offered):
+        return offered
+    return uuid.uuid4().hex
 
 
 class PredictRequest(BaseModel):
@@ -23,6 +37,8 @@ class Prediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
+    request_id: str = Field(description="names this answer in POST /feedback; also the "
+                            "X-Request-ID header")
     model_version: str
     predictions: list[Prediction]
 
@@ -50,3 +66,15 @@ class ExplainResponse(BaseModel):
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bundle: str | None = Field(None, description="a new bundle path or models:/ URI to follow")
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: StrictStr = Field(min_length=1, max_length=128,
+                                  description="the answer's request_id")
+    label: StrictStr = Field(description="the right label for the text")
+    position: StrictInt = Field(0, ge=0, description="which text of the request (from 0)")
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="labels stored; a repeated label replaces the earlier")

@@ -2,8 +2,8 @@
 
 `InferenceService` holds what the routes share: the settings, the bundle (swapped in
 with one assignment, so requests in flight finish on the old one), the batcher that
-every prediction and explanation goes through, and the metrics. A bundle that fails
-to load or to warm up is refused and the old one keeps serving.
+every prediction and explanation goes through, the metrics and the prediction log. A
+bundle that fails to load or to warm up is refused and the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from serving.bundle import Bundle, BundleError
 from serving.errors import ApiError
 from serving.explain import explain
 from serving.metrics import ServiceMetrics
+from serving.prediction_log import PredictionLog
 from serving.settings import Settings
 from serving.source import BundleSource
 
@@ -55,6 +56,8 @@ class InferenceService:
         self.batcher: Batcher | None = None
         self.reload_lock = asyncio.Lock()
         self.watcher: asyncio.Task | None = None
+        self.prediction_log = (PredictionLog.from_settings(settings, self.metrics)
+                               if settings.prediction_log else None)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -64,6 +67,8 @@ class InferenceService:
                                s.max_queue, on_batch=self.metrics.observe_batch,
                                enabled=s.batching, workers=s.inference_threads)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        if self.prediction_log:  # it connects in its own thread: a slow database never
+            self.prediction_log.start()  # delays readiness
         try:
             await self.reload()
         except BundleError as err:
@@ -77,6 +82,8 @@ class InferenceService:
             self.watcher.cancel()
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
+        if self.prediction_log:
+            await asyncio.to_thread(self.prediction_log.close)
 
     # ------------------------------------------------------------ the model's work
 
@@ -90,6 +97,33 @@ class InferenceService:
         """Probabilities and the bundle that computed them."""
         self.require_bundle()
         return await self._bounded(self.batcher.submit(texts))
+
+    def log_prediction(self, request_id: str, bundle: Bundle, texts: list[str],
+                       probs: np.ndarray) -> None:
+        """Queue an answer for the prediction log (when it is on); never blocks."""
+        if self.prediction_log:
+            self.prediction_log.record(request_id, bundle, texts, probs)
+
+    async def feedback(self, items: list[tuple[str, int, str]]) -> int:
+        """Store labels (request_id, position, label), all or none: 404 naming a pair
+        with no logged prediction, 503 while the log's database fails."""
+        if not self.prediction_log:
+            raise ApiError(404, "disabled", "the prediction log is off (set "
+                           "TEXTOPS_PREDICTION_LOG), so there is nothing to label")
+        try:
+            missing = await asyncio.to_thread(self.prediction_log.feedback, items)
+        except Exception as err:  # noqa: BLE001 - the database, not the request, failed
+            raise ApiError(503, "log_unavailable", "the prediction log cannot be written "
+                           f"now ({type(err).__name__}); try again later",
+                           headers={"Retry-After": "5"}) from None
+        if missing:
+            request_id, position = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ApiError(404, "unknown_prediction",
+                           f"no logged prediction for request_id {request_id!r} position "
+                           f"{position}{more}", request_id=request_id, position=position)
+        self.metrics.feedback.inc(len(items))
+        return len(items)
 
     async def explain(self, text: str) -> tuple[dict, Bundle]:
         """Token attributions for `text` (serving/explain.py) and the bundle used.

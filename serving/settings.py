@@ -12,10 +12,11 @@ what it should be (`Settings.from_env`).
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.bundle import RuntimeOptions
+from serving.prediction_log import PredictionLogError, check_url
 
 ENV_PREFIX = "TEXTOPS_"
 
@@ -62,6 +63,28 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(None, description="comma-separated keys for prediction routes")
 
     drift_window: int = Field(2000, ge=10, description="recent texts compared with training")
+
+    # The prediction log and feedback (serving/prediction_log.py).
+    prediction_log: str = Field("sqlite:///run/predictions.db",
+                                description="sqlite:///<path> (relative to the working "
+                                "directory), postgresql://..., or empty: no log")
+    prediction_log_queue: int = Field(10_000, ge=1, description="requests waiting to be "
+                                      "written; more are dropped and counted")
+    prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests "
+                                         "logged, chosen by a hash of the request id")
+    prediction_log_retention_days: float = Field(30, gt=0, description="older rows deleted")
+    prediction_log_max_rows: int = Field(1_000_000, ge=1, description="the oldest rows "
+                                         "beyond this are deleted")
+    feedback_window: int = Field(1000, ge=1, description="latest labels live accuracy "
+                                 "rests on")
+
+    @field_validator("prediction_log")
+    @classmethod
+    def _a_database_url(cls, url: str) -> str:
+        try:
+            return check_url(url.strip()) if url.strip() else ""
+        except PredictionLogError as err:
+            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _limits_fit_the_queue(self):

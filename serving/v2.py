@@ -4,19 +4,26 @@ The model takes a BYTES input `text` (one text per element) and returns
 `probabilities` (FP32, [n, classes]) and `label` (BYTES, [n]). Errors are
 `{"error": message}`, as the protocol says (serving/errors.py renders them so). The
 input limits are /predict's (serving/validation.py).
+
+An answer's request id (for POST /feedback and the prediction log) is the request's
+`id` when it is well-formed, else a well-formed X-Request-ID header, else a new one; it
+comes back as the `X-Request-ID` header and in `parameters.request_id`, while `id` is
+echoed as the protocol requires (and holds the request id when the client sent none).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from serving.bundle import Bundle
 from serving.errors import ApiError
 from serving.predictions import predictions
+from serving.schemas import REQUEST_ID_PATTERN, request_id
 from serving.service import InferenceService
 from serving.validation import check_texts
 
@@ -90,6 +97,14 @@ def wanted_outputs(request: InferRequest) -> list[str]:
     return wanted
 
 
+def answer_id(body_id: str | None, header_id: str | None) -> str:
+    """The request id of an inference: the protocol's own `id` when it is
+    well-formed, else the header's (or a new one)."""
+    if body_id is not None and REQUEST_ID_PATTERN.fullmatch(body_id):
+        return body_id
+    return request_id(header_id)
+
+
 def model_metadata(bundle: Bundle) -> dict:
     return {
         "name": bundle.meta["model_name"],
@@ -160,19 +175,22 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
                  openapi_extra=body_schema)
     @router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)],
                  openapi_extra=body_schema)
-    async def infer(name: str, raw: Request, version: str | None = None) -> dict:
+    async def infer(name: str, raw: Request, version: str | None = None) -> Response:
         bundle_named(name)
         request = parse_request(await raw.body())
         texts = texts_from(request)
         check_texts(texts, settings.max_texts, settings.max_chars,
                     name="input 'text' element {}".format)
         wanted = wanted_outputs(request)
+        rid = answer_id(request.id, raw.headers.get("x-request-id"))
         probs, bundle = await service.predict(texts)
+        service.log_prediction(rid, bundle, texts, probs)
         tensors = output_tensors(probs, bundle)
         response = {"model_name": name, "model_version": bundle.version,
+                    "id": rid if request.id is None else request.id,
+                    "parameters": {"request_id": rid},
                     "outputs": [tensors[o] for o in wanted]}
-        if request.id is not None:
-            response["id"] = request.id
-        return response
+        return Response(orjson.dumps(response), media_type="application/json",
+                        headers={"X-Request-ID": rid})
 
     return router

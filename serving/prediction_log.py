@@ -1,0 +1,553 @@
+"""The prediction log: what the service answered, and the labels users sent back.
+
+Two tables, the same SQL on SQLite (the default, one file in WAL mode) and PostgreSQL
+(a team's server):
+
+    predictions(request_id, position, created, model_version, text, text_sha256,
+                probabilities, label)     one row per text answered
+    feedback(request_id, position, label, created)      one row per labelled text;
+                                                        a repeated label replaces it
+
+`text` is the text *after the bundle's own normalisation and masking* (the
+tokenizer.json normalizer: e-mail addresses, URLs and phone numbers are already
+placeholders), so no raw personal data is stored. `created` is unix seconds.
+
+The service writes through `PredictionLog`: a request only puts a tuple on a bounded
+queue (a full queue drops the entry and counts it, never the request); one thread turns
+entries into rows and inserts them in batches, one transaction each. When the database
+fails, batches are dropped and counted, the error is logged once and the connection is
+retried with backoff; retention (by age and by row count) and the live-quality figures
+are the same thread's periodic work.
+
+The pipeline reads the labelled rows with `read_labelled(url)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from serving.bundle import Bundle
+    from serving.metrics import ServiceMetrics
+
+log = logging.getLogger("serving.prediction_log")
+
+# DOUBLE PRECISION, not REAL: PostgreSQL's REAL is 4 bytes, which holds unix seconds
+# only to about two minutes. SQLite reads either name as its 8-byte REAL.
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS predictions (
+        request_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        model_version TEXT NOT NULL,
+        text TEXT NOT NULL,
+        text_sha256 TEXT NOT NULL,
+        probabilities TEXT NOT NULL,
+        label TEXT NOT NULL,
+        PRIMARY KEY (request_id, position))""",
+    """CREATE TABLE IF NOT EXISTS feedback (
+        request_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        label TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (request_id, position))""",
+    "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created)",
+    "CREATE INDEX IF NOT EXISTS feedback_created ON feedback (created)",
+)
+
+# A client reusing a request id replaces its earlier answer: the latest is the one a
+# label sent afterwards refers to.
+INSERT_PREDICTION = """
+    INSERT INTO predictions (request_id, position, created, model_version, text,
+                             text_sha256, probabilities, label)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (request_id, position) DO UPDATE SET
+        created = excluded.created, model_version = excluded.model_version,
+        text = excluded.text, text_sha256 = excluded.text_sha256,
+        probabilities = excluded.probabilities, label = excluded.label"""
+
+UPSERT_FEEDBACK = """
+    INSERT INTO feedback (request_id, position, label, created) VALUES (?, ?, ?, ?)
+    ON CONFLICT (request_id, position) DO UPDATE SET
+        label = excluded.label, created = excluded.created"""
+
+LABELLED = """
+    SELECT f.request_id, f.position, p.text, p.text_sha256, f.label, p.label,
+           p.model_version, f.created
+    FROM feedback f JOIN predictions p
+         ON p.request_id = f.request_id AND p.position = f.position
+    WHERE f.created > ?
+    ORDER BY f.created, f.request_id, f.position"""
+
+# The latest labels first: live accuracy rests on the most recent window.
+RECENT_LABELS = """
+    SELECT f.label, p.label
+    FROM feedback f JOIN predictions p
+         ON p.request_id = f.request_id AND p.position = f.position
+    ORDER BY f.created DESC LIMIT ?"""
+
+ORPHAN_FEEDBACK = """
+    DELETE FROM feedback WHERE NOT EXISTS (
+        SELECT 1 FROM predictions p
+        WHERE p.request_id = feedback.request_id AND p.position = feedback.position)"""
+
+
+class PredictionLogError(RuntimeError):
+    """A log URL that names no usable database; the message says which and why."""
+
+
+# ---------------------------------------------------------------- the database
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///path` URL (relative to the working directory;
+    `sqlite:////abs/path` for an absolute one), None for any other URL."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
+def is_postgres(url: str) -> bool:
+    return url.split("://", 1)[0] in ("postgresql", "postgres", "postgresql+psycopg2")
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for logs and messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def check_url(url: str) -> str:
+    """`url` if it names a database the log can use, else PredictionLogError."""
+    if sqlite_path(url) is None and not is_postgres(url):
+        raise PredictionLogError(f"{url!r}: expected sqlite:///<path> or postgresql://...")
+    return url
+
+
+class LogStore:
+    """One connection to the log database. Every method is one transaction."""
+
+    def __init__(self, url: str, create: bool = True):
+        self.url = check_url(url)
+        self.postgres = is_postgres(url)
+        self.connection = self._connect(create)
+        self._create_schema()
+
+    def _connect(self, create: bool):
+        if self.postgres:
+            import psycopg2  # only a PostgreSQL log needs it
+
+            dsn = self.url.replace("postgresql+psycopg2://", "postgresql://", 1)
+            return psycopg2.connect(dsn, connect_timeout=5)
+        path = sqlite_path(self.url)
+        if not create and not path.is_file():
+            raise PredictionLogError(f"{path}: no prediction log there")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # check_same_thread off: a store moves between the threads of asyncio.to_thread,
+        # one at a time (its owner holds a lock).
+        connection = sqlite3.connect(path, timeout=5, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s") if self.postgres else statement
+
+    def _create_schema(self) -> None:
+        with self.connection:
+            cursor = self.connection.cursor()
+            if self.postgres:  # two replicas creating the tables at once would collide
+                cursor.execute("SELECT pg_advisory_xact_lock(4711012)")
+            for statement in SCHEMA:
+                cursor.execute(statement)
+
+    def close(self) -> None:
+        try:
+            self.connection.close()
+        except Exception:  # noqa: BLE001, S110 - a broken connection closes as it can
+            pass
+
+    def _executemany(self, cursor, statement: str, rows: list[tuple]) -> None:
+        if self.postgres:  # psycopg2's executemany is a round trip per row
+            from psycopg2.extras import execute_batch
+
+            execute_batch(cursor, self._sql(statement), rows, page_size=200)
+        else:
+            cursor.executemany(statement, rows)
+
+    # ------------------------------------------------------------ writing
+
+    def write_predictions(self, rows: list[tuple]) -> None:
+        with self.connection:
+            self._executemany(self.connection.cursor(), INSERT_PREDICTION, rows)
+
+    def record_feedback(self, items: list[tuple[str, int, str]], created: float
+                        ) -> list[tuple[str, int]]:
+        """Store (request_id, position, label) labels, all or none: the (request_id,
+        position) pairs with no logged prediction, empty when the labels were stored."""
+        with self.connection:
+            cursor = self.connection.cursor()
+            missing = []
+            for request_id, position, _ in items:
+                cursor.execute(self._sql("SELECT 1 FROM predictions WHERE request_id = ? "
+                                         "AND position = ?"), (request_id, position))
+                if cursor.fetchone() is None:
+                    missing.append((request_id, position))
+            if not missing:
+                self._executemany(cursor, UPSERT_FEEDBACK,
+                                  [(r, p, label, created) for r, p, label in items])
+        return missing
+
+    def prune(self, now: float, max_age_s: float, max_rows: int) -> int:
+        """Delete predictions older than `max_age_s` and the oldest beyond `max_rows`
+        (with their labels); the number of predictions deleted."""
+        with self.connection:
+            cursor = self.connection.cursor()
+            cursor.execute(self._sql("DELETE FROM predictions WHERE created < ?"),
+                           (now - max_age_s,))
+            deleted = cursor.rowcount
+            # The newest row beyond the limit: it and everything older goes (ties at
+            # the boundary go too, so the table never holds more than max_rows).
+            cursor.execute(self._sql("SELECT created FROM predictions ORDER BY created DESC "
+                                     "LIMIT 1 OFFSET ?"), (max_rows,))
+            boundary = cursor.fetchone()
+            if boundary is not None:
+                cursor.execute(self._sql("DELETE FROM predictions WHERE created <= ?"),
+                               boundary)
+                deleted += cursor.rowcount
+            if deleted:
+                cursor.execute(ORPHAN_FEEDBACK)
+        return deleted
+
+    # ------------------------------------------------------------ reading
+
+    def labelled(self, since: float | None = None) -> list[dict]:
+        with self.connection:
+            cursor = self.connection.cursor()
+            cursor.execute(self._sql(LABELLED), (float("-inf") if since is None else since,))
+            rows = cursor.fetchall()
+        keys = ("request_id", "position", "text", "text_sha256", "label", "predicted",
+                "model_version", "created")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    def live_stats(self, window: int, since: float) -> LiveStats:
+        """Accuracy and recall over the latest `window` labels; the share of the
+        predictions logged since `since` that received a label."""
+        with self.connection:
+            cursor = self.connection.cursor()
+            cursor.execute(self._sql(RECENT_LABELS), (window,))
+            pairs = cursor.fetchall()
+            cursor.execute(self._sql("SELECT COUNT(*) FROM predictions WHERE created >= ?"),
+                           (since,))
+            (logged,) = cursor.fetchone()
+            cursor.execute(self._sql("SELECT COUNT(*) FROM feedback f JOIN predictions p ON "
+                                     "p.request_id = f.request_id AND p.position = f.position "
+                                     "WHERE p.created >= ?"), (since,))
+            (answered,) = cursor.fetchone()
+        return LiveStats.from_pairs(pairs, logged, answered)
+
+    def count(self, table: str) -> int:
+        if table not in ("predictions", "feedback"):
+            raise ValueError(table)
+        with self.connection:
+            cursor = self.connection.cursor()
+            cursor.execute(f"SELECT COUNT(*) FROM {table}")  # noqa: S608 - checked above
+            return cursor.fetchone()[0]
+
+
+def open_store(url: str, create: bool = True) -> LogStore:
+    """A connection to the log at `url`, its tables created if missing; with
+    `create=False` a SQLite file that does not exist is an error, not a new log."""
+    return LogStore(url, create=create)
+
+
+def read_labelled(url: str, since: float | None = None) -> list[dict]:
+    """Every labelled prediction (labelled after `since`, unix seconds, if given), in
+    the order the labels came: {request_id, position, text, text_sha256, label (the
+    feedback's), predicted (the service's), model_version, created (of the label)}."""
+    store = open_store(url, create=False)
+    try:
+        return store.labelled(since)
+    finally:
+        store.close()
+
+
+@dataclass
+class LiveStats:
+    """What the latest labels say about the served answers."""
+
+    labels: int = 0  # labels the accuracy rests on
+    correct: int = 0
+    recall: dict[str, float] = field(default_factory=dict)  # per true label
+    logged: int = 0  # predictions in the retention window
+    answered: int = 0  # of those, the ones that received a label
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]], logged: int, answered: int
+                   ) -> LiveStats:
+        """From (label, predicted) pairs."""
+        seen: dict[str, list[int]] = {}
+        labels = correct = 0
+        for truth, predicted in pairs:
+            hits = seen.setdefault(truth, [0, 0])
+            hits[0] += truth == predicted
+            hits[1] += 1
+            correct += truth == predicted
+            labels += 1
+        return cls(labels=labels, correct=correct,
+                   recall={name: hit / total for name, (hit, total) in sorted(seen.items())},
+                   logged=logged, answered=answered)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labels if self.labels else None
+
+    @property
+    def share(self) -> float | None:
+        return self.answered / self.logged if self.logged else None
+
+
+# ---------------------------------------------------------------- request ids and sampling
+
+
+def sampled(request_id: str, rate: float) -> bool:
+    """Whether `request_id` is logged at sampling `rate`: a hash of the id decides, so
+    every text of a request is logged or none, the same way in every replica."""
+    if rate >= 1:
+        return True
+    if rate <= 0:
+        return False
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < rate * 2**64
+
+
+def prediction_rows(request_id: str, created: float, bundle: Bundle, texts: list[str],
+                    probs: np.ndarray) -> list[tuple]:
+    """The predictions rows of one request, its texts normalised and masked by the
+    bundle's own tokenizer normalizer, as training saw them."""
+    normalizer = bundle.tokenizer.normalizer
+    names = bundle.label_names
+    rows = []
+    for position, (text, row) in enumerate(zip(texts, probs.tolist(), strict=True)):
+        stored = normalizer.normalize_str(text) if normalizer is not None else text
+        best = max(range(len(row)), key=row.__getitem__)  # the first of ties, as /predict
+        rows.append((request_id, position, created, bundle.version, stored,
+                     hashlib.sha256(stored.encode()).hexdigest(), json.dumps(row),
+                     names[best]))
+    return rows
+
+
+# ---------------------------------------------------------------- the service's writer
+
+STOP = object()
+
+
+class Unavailable(Exception):
+    """The database failed a moment ago; the next try waits for the backoff."""
+
+
+class PredictionLog:
+    """The service's log writer and feedback store (see the module docstring)."""
+
+    def __init__(self, url: str, metrics: ServiceMetrics, queue_size: int = 10_000,
+                 sample: float = 1.0, retention_days: float = 30,
+                 max_rows: int = 1_000_000, feedback_window: int = 1000,
+                 batch_size: int = 500, prune_interval_s: float = 60,
+                 stats_interval_s: float = 10, retry_s: tuple[float, float] = (0.2, 5.0)):
+        self.url = check_url(url)
+        self.metrics = metrics
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.sample, self.batch_size = sample, batch_size
+        self.max_age_s, self.max_rows = retention_days * 86400, max_rows
+        self.feedback_window = feedback_window
+        self.prune_interval_s, self.stats_interval_s = prune_interval_s, stats_interval_s
+        self.retry_first_s, self.retry_max_s = retry_s
+        # the writer thread's connection and its failure state
+        self.store: LogStore | None = None
+        self.failing: str | None = None  # the error being waited out, logged once
+        self.dropped_while_failing = 0
+        self.retry_delay, self.retry_at = self.retry_first_s, 0.0
+        # feedback arrives on other threads: a connection of its own
+        self.feedback_store: LogStore | None = None
+        self.feedback_lock = threading.Lock()
+        self.queue_full = metrics.log_dropped.labels("queue_full")
+        self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+
+    @classmethod
+    def from_settings(cls, settings, metrics: ServiceMetrics) -> PredictionLog:
+        return cls(settings.prediction_log, metrics, queue_size=settings.prediction_log_queue,
+                   sample=settings.prediction_log_sample,
+                   retention_days=settings.prediction_log_retention_days,
+                   max_rows=settings.prediction_log_max_rows,
+                   feedback_window=settings.feedback_window)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self, timeout: float = 10) -> None:
+        """Write what is queued (within `timeout`), then stop the thread."""
+        try:
+            self.queue.put(STOP, timeout=timeout)
+        except queue.Full:
+            log.warning("prediction log: the queue did not drain in %s s; stopping", timeout)
+            return
+        self.thread.join(timeout)
+        with self.feedback_lock:
+            if self.feedback_store is not None:
+                self.feedback_store.close()
+
+    # ------------------------------------------------------------ the request path
+
+    def record(self, request_id: str, bundle: Bundle, texts: list[str],
+               probs: np.ndarray) -> None:
+        """Queue one answered request; never blocks, never raises for a full queue."""
+        if not sampled(request_id, self.sample):
+            return
+        try:
+            self.queue.put_nowait((request_id, time.time(), bundle, texts, probs))
+        except queue.Full:
+            self.queue_full.inc(len(texts))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until what was queued before this call is written (or dropped)."""
+        done = threading.Event()
+        try:
+            self.queue.put(done, timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    # ------------------------------------------------------------ feedback
+
+    def feedback(self, items: list[tuple[str, int, str]]) -> list[tuple[str, int]]:
+        """Store labels (request_id, position, label), all or none, after the writer
+        has caught up with the predictions answered so far; returns the pairs with no
+        logged prediction (nothing stored then). Raises when the database fails."""
+        self.flush()
+        with self.feedback_lock:
+            try:
+                if self.feedback_store is None:
+                    self.feedback_store = open_store(self.url)
+                missing = self.feedback_store.record_feedback(items, time.time())
+                if not missing:
+                    self.metrics.live_quality.update(self._stats(self.feedback_store))
+                return missing
+            except Exception:
+                if self.feedback_store is not None:
+                    self.feedback_store.close()
+                    self.feedback_store = None
+                raise
+
+    def _stats(self, store: LogStore) -> LiveStats:
+        return store.live_stats(self.feedback_window, time.time() - self.max_age_s)
+
+    # ------------------------------------------------------------ the writer thread
+
+    def _run(self) -> None:
+        next_prune = next_stats = 0.0
+        stop = False
+        while not stop:
+            entries, markers, stop = self._take()
+            if entries:
+                self._write(entries)
+            for marker in markers:
+                marker.set()
+            now = time.monotonic()
+            if now >= next_prune and self._maintain(self._prune):
+                next_prune = now + self.prune_interval_s
+            if now >= next_stats and self._maintain(self._refresh_stats):
+                next_stats = now + self.stats_interval_s
+        if self.store is not None:
+            self.store.close()
+
+    def _take(self) -> tuple[list[tuple], list[threading.Event], bool]:
+        """The entries waiting (at least one, or a second's wait), flush markers, stop."""
+        entries, markers = [], []
+        try:
+            item = self.queue.get(timeout=1.0)
+        except queue.Empty:
+            return entries, markers, False
+        while True:
+            if item is STOP:
+                return entries, markers, True
+            if isinstance(item, threading.Event):
+                markers.append(item)
+            else:
+                entries.append(item)
+            if len(entries) >= self.batch_size:
+                return entries, markers, False
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                return entries, markers, False
+
+    def _connection(self) -> LogStore:
+        if self.store is None:
+            if self.failing and time.monotonic() < self.retry_at:
+                raise Unavailable(self.failing)
+            self.store = open_store(self.url)
+        return self.store
+
+    def _write(self, entries: list[tuple]) -> None:
+        count = sum(len(entry[3]) for entry in entries)
+        try:
+            rows = [row for entry in entries for row in prediction_rows(*entry)]
+            self._connection().write_predictions(rows)
+        except Exception as err:  # noqa: BLE001 - the log drops entries, never fails
+            self._failed(err, count)
+            return
+        self.metrics.log_written.inc(count)
+        self._recovered()
+
+    def _maintain(self, work) -> bool:
+        """Run periodic work on the writer's connection; False if the database failed."""
+        try:
+            work(self._connection())
+        except Exception as err:  # noqa: BLE001
+            self._failed(err, 0)
+            return False
+        self._recovered()
+        return True
+
+    def _prune(self, store: LogStore) -> None:
+        deleted = store.prune(time.time(), self.max_age_s, self.max_rows)
+        if deleted:
+            log.info("prediction log: %d predictions past retention deleted", deleted)
+
+    def _refresh_stats(self, store: LogStore) -> None:
+        self.metrics.live_quality.update(self._stats(store))
+
+    def _failed(self, err: Exception, dropped: int) -> None:
+        """Count the dropped rows; log the first error of an outage, back off."""
+        if dropped:
+            self.metrics.log_dropped.labels("error").inc(dropped)
+            self.dropped_while_failing += dropped
+        if isinstance(err, Unavailable):
+            return
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self.failing is None:
+            self.failing = f"{type(err).__name__}: {err}".strip()
+            log.error("prediction log %s failed (%s); dropping entries and retrying until "
+                      "it works again", redacted(self.url), self.failing)
+            self.retry_delay = self.retry_first_s
+        else:
+            self.retry_delay = min(self.retry_delay * 2, self.retry_max_s)
+        self.retry_at = time.monotonic() + self.retry_delay
+
+    def _recovered(self) -> None:
+        if self.failing is not None:
+            log.warning("prediction log %s recovered: writing again (%d entries dropped "
+                        "while it failed)", redacted(self.url), self.dropped_while_failing)
+            self.failing, self.dropped_while_failing = None, 0
