@@ -14,6 +14,12 @@ Output (`data/raw/`): a `datasets.DatasetDict` with `text` (str), `label` (Class
 `source_row` (the row's 1-based number in its file, for tracing) and, when
 `data.group_column` names one, `group` (str: rows of a group never straddle two
 splits), and `manifest.json`: source, label names, rows per split and a content hash.
+
+Production feedback (`data.feedback.snapshot`, written by `pipeline/feedback.py`), when
+the file exists, becomes one more split, `feedback`, whatever the source: the labelled
+answers with `request_id` and `position` besides `source_row` (the snapshot's line), so
+every row can be traced back to the answer it corrects. preprocess decides which of
+them train and which are held out.
 """
 
 from __future__ import annotations
@@ -29,7 +35,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import atomic
 from pipeline.config import RAW_DIR, load_params
-from pipeline.readers import CollectError, RawSplit, as_label, read_files, read_hub
+from pipeline.readers import (
+    CollectError,
+    FeedbackRows,
+    RawSplit,
+    as_label,
+    read_feedback,
+    read_files,
+    read_hub,
+)
 from pipeline.splits import column
 
 __all__ = ["CollectError", "collect"]
@@ -91,6 +105,32 @@ def content_hash(dataset: DatasetDict) -> str:
     return digest.hexdigest()
 
 
+def read_feedback_split(config: dict | None, root: Path) -> FeedbackRows | None:
+    """The feedback snapshot when one is configured and written, else None."""
+    if not config or not config.get("snapshot"):
+        return None
+    path = root / config["snapshot"]
+    if not path.exists():
+        return None  # no feedback exported yet: the base data alone
+    feedback = read_feedback(path)
+    return feedback if feedback.texts else None
+
+
+def feedback_dataset(feedback: FeedbackRows, names: list[str]) -> Dataset:
+    """The `feedback` split: a label must be one of the base data's classes."""
+    for label, row in zip(feedback.labels, feedback.rows, strict=True):
+        if label not in names:
+            raise CollectError(f"{feedback.origin}, line {row}: unknown label {label!r} "
+                               f"(the data's classes: {', '.join(names)})")
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names),
+                         "source_row": Value("int64"), "request_id": Value("string"),
+                         "position": Value("int64")})
+    return Dataset.from_dict({
+        "text": feedback.texts, "label": [names.index(label) for label in feedback.labels],
+        "source_row": feedback.rows, "request_id": feedback.request_ids,
+        "position": feedback.positions}, features=features)
+
+
 def collect(data: DictConfig, seed: int, out_dir: Path = RAW_DIR, root: Path = Path(".")) -> dict:
     """Read the source, check it, and write `out_dir` atomically. Returns the manifest."""
     datasets.disable_progress_bars()
@@ -117,14 +157,26 @@ def collect(data: DictConfig, seed: int, out_dir: Path = RAW_DIR, root: Path = P
             columns["group"] = raw.groups
         dataset[split] = Dataset.from_dict(columns, features=features)
 
+    source = OmegaConf.to_container(data, resolve=True)
+    # Only a merged snapshot is part of what was collected: without one the manifest
+    # (and so every output after it) is what it was before feedback existed.
+    feedback_config = source.pop("feedback", None)
+    feedback = read_feedback_split(feedback_config, root)
+    manifest_splits = {
+        split: {"origin": raw.origin, "rows": dataset[split].num_rows, "sha256": raw.sha256}
+        for split, raw in splits.items()
+    }
+    if feedback is not None:
+        dataset["feedback"] = feedback_dataset(feedback, names)
+        source["feedback"] = feedback_config
+        manifest_splits["feedback"] = {"origin": feedback.origin, "rows": len(feedback.texts),
+                                       "sha256": feedback.sha256,
+                                       "relabelled_dropped": feedback.repeats}
     manifest = {
         "name": data.name,
-        "source": OmegaConf.to_container(data, resolve=True),
+        "source": source,
         "label_names": names,
-        "splits": {
-            split: {"origin": raw.origin, "rows": dataset[split].num_rows, "sha256": raw.sha256}
-            for split, raw in splits.items()
-        },
+        "splits": manifest_splits,
         "content_hash": content_hash(dataset),
     }
     with atomic.atomic_dir(out_dir) as tmp:

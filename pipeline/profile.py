@@ -56,7 +56,11 @@ def profile_split(ds: Dataset, label_names: list[str], unk_id: int, max_length: 
 def build_profile(
     splits: DatasetDict, tokenizer: Tokenizer, label_names: list[str], cfg: DictConfig,
     cleaning: dict, splitting: dict, leakage: dict, manifest: dict,
+    feedback: dict | None = None,
 ) -> dict:
+    """The profile; `feedback` (what merging production feedback kept, held out and
+    dropped) appears only when there was feedback, so the base data's profile stays
+    the same without it."""
     unk_id = tokenizer.token_to_id(UNK)
     train = splits["train"]
     counter = Counter(token for ids in column(train, "input_ids") for token in ids)
@@ -64,7 +68,7 @@ def build_profile(
     top = [(tokenizer.id_to_token(i), n) for i, n in counter.most_common() if i not in specials]
     train_lengths = np.asarray(column(train, "length"))
     class_counts = Counter(column(train, "label"))
-    return {
+    profile = {
         "data": {"name": manifest["name"], "content_hash": manifest["content_hash"]},
         "label_names": label_names,
         "vocab_size": tokenizer.get_vocab_size(),
@@ -85,6 +89,9 @@ def build_profile(
                              for i in range(len(label_names))],
         },
     }
+    if feedback is not None:
+        profile["feedback"] = feedback
+    return profile
 
 
 def validate(profile: dict, cfg: DictConfig) -> None:
@@ -94,8 +101,9 @@ def validate(profile: dict, cfg: DictConfig) -> None:
         if split["rows"] == 0:
             problems.append(f"split {name!r} is empty")
             continue
+        # Feedback comes as users send it: its held-out slice may lack a class.
         for label, count in split["class_counts"].items():
-            if count < cfg.validation.min_rows_per_class:
+            if name != "feedback_test" and count < cfg.validation.min_rows_per_class:
                 problems.append(
                     f"split {name!r}: class {label!r} has {count} rows "
                     f"(minimum {cfg.validation.min_rows_per_class})"

@@ -210,3 +210,54 @@ def class_name(feature: ClassLabel, value: str, origin: str, row: int) -> str:
     if not 0 <= index < feature.num_classes:
         raise CollectError(f"{origin}, row {row}: missing label (class index {index})")
     return feature.names[index]
+
+
+# ---------------------------------------------------------------- production feedback
+
+FEEDBACK_FIELDS = ("request_id", "position", "text", "label", "created")
+
+
+@dataclass
+class FeedbackRows:
+    """Labelled answers of the prediction log, as `pipeline.feedback` snapshot them:
+    one per distinct served text, its latest label kept."""
+
+    origin: str
+    texts: list[str]
+    labels: list[str]  # class names, as the service answers them
+    rows: list[int]  # 1-based line numbers in the snapshot
+    request_ids: list[str]
+    positions: list[int]
+    sha256: str
+    repeats: int  # earlier labels of a text labelled again, dropped
+
+
+def read_feedback(path: Path) -> FeedbackRows:
+    """Read a snapshot, checking every line's fields. A text labelled more than once
+    (in one request or several) keeps its latest label: a correction replaces the
+    mistake it corrects."""
+    text, digest = read_text(path)
+    latest: dict[str, tuple[float, int, dict]] = {}
+    lines = 0
+    for number, record in iter_jsonl(text, path):
+        lines += 1
+        for field in FEEDBACK_FIELDS:
+            if record.get(field) in (None, ""):
+                raise CollectError(f"{path}, line {number}: missing field {field!r}")
+        if not isinstance(record["text"], str):
+            raise CollectError(f"{path}, line {number}: field 'text' is not a string")
+        try:
+            created = float(record["created"])
+        except (TypeError, ValueError):
+            raise CollectError(f"{path}, line {number}: field 'created' is not a "
+                               f"time ({record['created']!r})") from None
+        previous = latest.get(record["text"])
+        if previous is None or (created, number) >= previous[:2]:
+            latest[record["text"]] = (created, number, record)
+    kept = sorted(latest.values(), key=lambda found: found[1])  # snapshot order
+    return FeedbackRows(
+        origin=str(path), texts=[r["text"] for _, _, r in kept],
+        labels=[as_label(r["label"]) for _, _, r in kept], rows=[n for _, n, _ in kept],
+        request_ids=[str(r["request_id"]) for _, _, r in kept],
+        positions=[int(r["position"]) for _, _, r in kept], sha256=digest,
+        repeats=lines - len(kept))

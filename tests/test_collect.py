@@ -181,3 +181,68 @@ def test_bad_test_split_keeps_the_previous_output(tmp_path):
         collect(cfg, 42, out_dir=tmp_path / "raw", root=tmp_path)
     manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
     assert manifest["content_hash"] == first["content_hash"]
+
+
+# ---------------------------------------------------------------- production feedback
+
+
+def feedback_line(request_id, text, label, created, position=0):
+    return json.dumps({"request_id": request_id, "position": position, "text": text,
+                       "text_sha256": "-", "label": label, "predicted": "negative",
+                       "model_version": "v1", "created": created})
+
+
+def sst2_with_feedback(tmp_path, lines):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "fb.jsonl").write_text("".join(line + "\n" for line in lines))
+    cfg = files_cfg(**{"splits.train": str(ROOT / "data/external/sst2/train.tsv.gz"),
+                       "labels": {"0": "negative", "1": "positive"}, "max_rows": 50,
+                       "format": "tsv", "text_columns": ["sentence"],
+                       "feedback.snapshot": "data/fb.jsonl"})
+    return cfg
+
+
+def test_feedback_snapshot_becomes_a_split_with_its_provenance(tmp_path):
+    cfg = sst2_with_feedback(tmp_path, [
+        feedback_line("r1", "tasty soup", "negative", 10.0),
+        feedback_line("r1", "stale bread", "negative", 10.0, position=1),
+        feedback_line("r2", "tasty soup", "positive", 20.0),   # relabelled later: wins
+    ])
+    manifest, ds = run_collect(cfg, tmp_path)
+    feedback = ds["feedback"]
+    assert column(feedback, "text") == ["stale bread", "tasty soup"]
+    names = feedback.features["label"].names
+    assert [names[i] for i in column(feedback, "label")] == ["negative", "positive"]
+    assert column(feedback, "request_id") == ["r1", "r2"]
+    assert column(feedback, "position") == [1, 0]
+    assert column(feedback, "source_row") == [2, 3]  # the snapshot's lines
+    assert manifest["splits"]["feedback"]["rows"] == 2
+    assert manifest["splits"]["feedback"]["relabelled_dropped"] == 1
+    assert manifest["source"]["feedback"]["snapshot"] == "data/fb.jsonl"
+
+
+def test_without_a_snapshot_the_output_is_the_base_data_alone(tmp_path):
+    cfg = sst2_with_feedback(tmp_path, [feedback_line("r1", "tasty soup", "positive", 1.0)])
+    with_feedback, _ = run_collect(cfg, tmp_path)
+    (tmp_path / "data" / "fb.jsonl").unlink()
+    manifest, ds = run_collect(cfg, tmp_path)
+    assert set(ds) == {"train"}
+    assert "feedback" not in manifest["source"]  # as before feedback existed
+    assert manifest["content_hash"] != with_feedback["content_hash"]
+    cfg.feedback.snapshot = None  # switched off
+    manifest_off, _ = run_collect(cfg, tmp_path)
+    assert manifest_off == manifest
+
+
+@pytest.mark.parametrize("line,message", [
+    (feedback_line("r1", "tasty", "delicious", 1.0),
+     "fb.jsonl, line 2: unknown label 'delicious' (the data's classes: negative, positive)"),
+    (json.dumps({"request_id": "r1", "position": 0, "text": "tasty", "created": 1.0}),
+     "fb.jsonl, line 2: missing field 'label'"),
+    ("{not json", "fb.jsonl, line 2: invalid JSON"),
+])
+def test_bad_feedback_is_named_by_line_and_nothing_is_written(tmp_path, line, message):
+    cfg = sst2_with_feedback(tmp_path, [feedback_line("r0", "fine", "positive", 1.0), line])
+    with pytest.raises(CollectError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_collect(cfg, tmp_path)
+    assert not (tmp_path / "raw").exists()

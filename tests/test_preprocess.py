@@ -259,3 +259,108 @@ def test_collect_and_preprocess_repeat_byte_for_byte(tmp_path, tokenizer):
     assert first.keys() == second.keys() and "processed/tokenizer.json" in first
     assert [name for name in first if first[name] != second[name]] == []
     assert Tokenizer.from_str(first["processed/tokenizer.json"].decode()).get_vocab_size() > 1000
+
+
+# ---------------------------------------------------------------- production feedback
+
+FOOD = {1: "tasty delicious fresh savory yummy".split(), 0: "bland stale soggy greasy burnt".split()}
+DISHES = "soup bread pasta salad curry stew pie".split()
+
+
+def feedback_rows(n: int, seed: int = 0) -> list[tuple[str, int, str]]:
+    """(text, label, request id): food reviews, two texts per request."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FOOD[label], 2) + rng.sample(DISHES, 2)
+        rows.append((" ".join(words) + f" dish{i}", label, f"req{i // 2}"))
+    return rows
+
+
+def write_raw_with_feedback(path, train, test, feedback):
+    from datasets import ClassLabel, DatasetDict, Features, Value
+
+    write_raw(path, {"train": train, "test": test})
+    raw = load_splits_dir(path)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"]),
+                         "source_row": Value("int64"), "request_id": Value("string"),
+                         "position": Value("int64")})
+    raw["feedback"] = Dataset.from_dict({
+        "text": [r[0] for r in feedback], "label": [r[1] for r in feedback],
+        "source_row": list(range(1, len(feedback) + 1)),
+        "request_id": [r[2] for r in feedback],
+        "position": [0] * len(feedback)}, features=features)
+    DatasetDict(raw).save_to_disk(str(path / "dataset2"))
+    os.replace(path / "dataset2", path / "dataset.new")
+    import shutil
+
+    shutil.rmtree(path / "dataset")
+    os.replace(path / "dataset.new", path / "dataset")
+
+
+def load_splits_dir(path):
+    from datasets import load_from_disk
+
+    return dict(load_from_disk(str(path / "dataset")))
+
+
+def run_with_feedback(tmp_path, cfg, feedback, seed=42, name="processed"):
+    raw = tmp_path / f"raw-{name}"
+    base, test = synthetic_rows(200), synthetic_rows(40, seed=1)
+    if feedback:
+        write_raw_with_feedback(raw, base, test, feedback)
+    else:
+        write_raw(raw, {"train": base, "test": test})
+    profile = preprocess(cfg, seed, raw_dir=raw, out_dir=tmp_path / name)
+    return profile, load_splits(tmp_path / name)
+
+
+def test_feedback_trains_but_for_a_held_out_slice_by_request(tmp_path, cfg):
+    base_text = synthetic_rows(200)[7][0]
+    feedback = feedback_rows(100) + [(base_text.upper() + " !", 1, "req-dup")]  # in base
+    profile, splits = run_with_feedback(tmp_path, cfg, feedback)
+    held, train = splits["feedback_test"], splits["train"]
+    assert profile["feedback"]["already_in_base_data"] == 1
+    assert profile["feedback"]["held_out"] == held.num_rows > 0
+    assert held.num_rows + profile["feedback"]["trained"] == 100
+    assert 0.1 < held.num_rows / 100 < 0.3  # feedback_holdout: 0.2
+    # no held-out text is trained on, and a request is never split between the two
+    train_texts = set(column(train, "text"))
+    assert not train_texts & set(column(held, "text"))
+    assert not set(column(train, "request_id")) & set(column(held, "request_id"))
+    # provenance: every feedback row in train names its request; base rows name none
+    trained = [r for r in column(train, "request_id") if r]
+    assert len(trained) == profile["feedback"]["trained"]
+    assert column(train, "request_id").count("") == profile["splits"]["train"]["rows"] - len(trained)
+    assert profile["splits"]["feedback_test"]["rows"] == held.num_rows
+    assert profile["leakage"]["feedback_test"]["leaked"] == 0
+    # the fixed test set is the same as without feedback
+    assert column(splits["test"], "text") == column(
+        run_with_feedback(tmp_path, cfg, [], name="none")[1]["test"], "text")
+
+
+def test_the_held_out_slice_is_the_same_for_a_seed_and_moves_with_it(tmp_path, cfg):
+    feedback = feedback_rows(100)
+    _, first = run_with_feedback(tmp_path, cfg, feedback, name="a")
+    _, again = run_with_feedback(tmp_path, cfg, feedback, name="b")
+    _, other = run_with_feedback(tmp_path, cfg, feedback, seed=7, name="c")
+    held = column(first["feedback_test"], "text")
+    assert held == column(again["feedback_test"], "text")
+    assert held != column(other["feedback_test"], "text")
+
+
+def test_feedback_inside_a_training_row_trains_and_is_never_held_out(tmp_path, cfg):
+    base = synthetic_rows(200)
+    inside = [(" ".join(base[i][0].split()[:3]), base[i][1], f"in{i}") for i in range(0, 60, 2)]
+    profile, splits = run_with_feedback(tmp_path, cfg, feedback_rows(60) + inside)
+    train = splits["train"]
+    base_train = [t for t, r in zip(column(train, "text"), column(train, "request_id"),
+                                    strict=True) if not r]
+    seen = {text for text, _, _ in inside if any(text in row for row in base_train)}
+    assert len(seen) > 20
+    assert profile["feedback"]["groups_inside_base_training_rows"] >= len(seen)
+    assert not seen & set(column(splits["feedback_test"], "text"))
+    assert seen <= set(column(train, "text"))
