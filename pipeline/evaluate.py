@@ -9,6 +9,12 @@ MLflow registry already holds a `champion` for this model name, falls behind it 
 more than `gate.max_regression`. The champion is scored on *this* test split through
 its own served bundle, so both are judged on the same rows.
 
+When the data holds production feedback, preprocess held a slice of it out
+(`feedback_test`): both models are scored on that slice too, beside the fixed test
+set. A model that learns the new domain shows it there; one that forgets the old is
+still held to the fixed test set's margins; and `gate.feedback` may also bound how far
+the candidate falls behind the champion on the slice.
+
 Output: `reports/metrics.json` (DVC metrics), `reports/plots/` (confusion, ROC and PR
 data: DVC plots) and `reports/gate.json` (the verdict with every reason); all of it
 is also logged to the training run in MLflow.
@@ -103,6 +109,19 @@ def write_plots(plots_dir: Path, probs: np.ndarray, labels: np.ndarray, names: l
         atomic.write_json(tmp / "pr.json", pr)
 
 
+FEEDBACK_TEST = "feedback_test"
+
+
+def slice_metrics(probs: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
+    """Accuracy and per-class recall on a slice that may lack a class (feedback comes
+    as users send it; ROC or macro F1 would be undefined or misleading there)."""
+    predicted = probs.argmax(axis=1)
+    recall = {name: float((predicted[labels == i] == i).mean())
+              for i, name in enumerate(label_names) if (labels == i).any()}
+    return {"rows": int(len(labels)), "accuracy": float((predicted == labels).mean()),
+            "recall": recall}
+
+
 # ---------------------------------------------------------------- the gate
 
 
@@ -133,6 +152,8 @@ def judge(metrics: dict, gate: DictConfig, champion: dict | None) -> dict:
     else:
         checks.append({"rule": "champion", "passed": True,
                        "reason": "no champion yet: floors only"})
+    if FEEDBACK_TEST in metrics:
+        checks.append(feedback_check(metrics[FEEDBACK_TEST], gate.get("feedback"), champion))
     return {
         "blessed": all(c["passed"] for c in checks),
         "reasons": [c["reason"] for c in checks],
@@ -141,9 +162,36 @@ def judge(metrics: dict, gate: DictConfig, champion: dict | None) -> dict:
     }
 
 
+def feedback_check(candidate: dict, rule: DictConfig | None, champion: dict | None) -> dict:
+    """The feedback slice: the candidate against the champion on the same held-out
+    feedback rows; judged when `rule` gives a margin and the slice is large enough."""
+    rows, value = candidate["rows"], candidate["accuracy"]
+    check = {"rule": "feedback_slice", "metric": "accuracy", "value": value, "rows": rows}
+    theirs = (champion or {}).get(FEEDBACK_TEST)
+    if theirs is None:
+        return {**check, "passed": True, "reason": f"feedback slice ({rows} rows): accuracy "
+                f"{value:.4f}, no champion scored on it: reported, not judged"}
+    best = theirs["accuracy"]
+    said = (f"feedback slice ({rows} rows): accuracy {value:.4f} vs champion "
+            f"v{champion['version']} {best:.4f} ({value - best:+.4f})")
+    check["champion_value"] = best
+    margin = (rule.get("max_regression") or {}).get("accuracy") if rule else None
+    if margin is None:
+        return {**check, "passed": True, "reason": f"{said}: reported, not judged"}
+    if rows < rule.min_rows:
+        return {**check, "passed": True, "reason": f"{said}: fewer than {rule.min_rows} rows, "
+                "reported, not judged"}
+    passed = value >= best - margin
+    verdict = "within" if passed else "behind by more than"
+    return {**check, "margin": margin, "passed": passed,
+            "reason": f"{said}: {verdict} the margin {margin}"}
+
+
 def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
-                   label_names: list[str], bins: int) -> dict | None:
-    """The registry's champion scored on these rows through its bundle, or None."""
+                   label_names: list[str], bins: int,
+                   feedback: tuple[list[str], np.ndarray] | None = None) -> dict | None:
+    """The registry's champion scored on these rows through its bundle, or None; on
+    the held-out feedback rows too when they are given."""
     client = mlflow.MlflowClient()
     try:
         version = client.get_model_version_by_alias(model_name, CHAMPION)
@@ -155,10 +203,14 @@ def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
             if bundle.label_names != label_names:
                 raise ValueError(f"its classes {bundle.label_names} differ from {label_names}")
             probs = bundle.predict_proba(texts)
+            feedback_probs = bundle.predict_proba(feedback[0]) if feedback else None
     except Exception as err:  # noqa: BLE001 - any failure is reported at the gate
         return {"version": str(version.version), "error": str(err)}
-    return {"version": str(version.version),
-            "metrics": compute_metrics(probs, labels, label_names, bins)}
+    scored = {"version": str(version.version),
+              "metrics": compute_metrics(probs, labels, label_names, bins)}
+    if feedback:
+        scored[FEEDBACK_TEST] = slice_metrics(feedback_probs, feedback[1], label_names)
+    return scored
 
 
 # ---------------------------------------------------------------- the stage
@@ -167,18 +219,24 @@ def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
 def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     """Score `paths.checkpoint` on the test split, plot, judge and log. Returns
     (metrics, verdict)."""
-    test = load_splits(paths.processed)["test"]
+    splits = load_splits(paths.processed)
+    test = splits["test"]
     label_names = test.features["label"].names
     labels = np.asarray(column(test, "label"))
     module = load_module(paths.checkpoint)
-    logits = predict_logits(module, column(test, "input_ids"), cfg.evaluate.batch_size)
-    probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+    probs = predict_proba(module, test, cfg.evaluate.batch_size)
 
     bins = cfg.evaluate.calibration_bins
     metrics = compute_metrics(probs, labels, label_names, bins)
+    feedback = None
+    if FEEDBACK_TEST in splits:
+        held = splits[FEEDBACK_TEST]
+        feedback = (column(held, "text"), np.asarray(column(held, "label")))
+        metrics[FEEDBACK_TEST] = slice_metrics(
+            predict_proba(module, held, cfg.evaluate.batch_size), feedback[1], label_names)
     mlflow.set_tracking_uri(tracking_uri(cfg))
     champion = score_champion(cfg.deploy.model_name, column(test, "text"), labels,
-                              label_names, bins)
+                              label_names, bins, feedback)
     verdict = {"model_name": cfg.deploy.model_name, **judge(metrics, cfg.gate, champion)}
 
     atomic.write_json(paths.metrics, metrics)
@@ -188,6 +246,11 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     return metrics, verdict
 
 
+def predict_proba(module, split, batch_size: int) -> np.ndarray:
+    logits = predict_logits(module, column(split, "input_ids"), batch_size)
+    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+
+
 def log_to_run(metrics: dict, verdict: dict, experiment: str, paths: Paths) -> None:
     """Add the test results to the training run, so one MLflow run tells the story."""
     run_id = lineage.training_run(experiment, paths.checkpoint)
@@ -195,6 +258,8 @@ def log_to_run(metrics: dict, verdict: dict, experiment: str, paths: Paths) -> N
     for name, values in metrics["per_class"].items():
         flat.update({f"test_{metric}_{name}": values[metric]
                      for metric in ("precision", "recall", "f1")})
+    if FEEDBACK_TEST in metrics:
+        flat[f"{FEEDBACK_TEST}_accuracy"] = metrics[FEEDBACK_TEST]["accuracy"]
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({mlflow_safe(k): v for k, v in flat.items()})
         mlflow.log_artifact(str(paths.metrics), "evaluation")
@@ -212,6 +277,10 @@ def main() -> None:
     metrics, verdict = evaluate(load_params(), Paths())
     print(f"evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}, "
           f"ROC-AUC {metrics['roc_auc']:.4f}, ECE {metrics['ece']:.4f}")
+    if FEEDBACK_TEST in metrics:
+        held = metrics[FEEDBACK_TEST]
+        print(f"evaluate: held-out feedback: accuracy {held['accuracy']:.4f} "
+              f"({held['rows']} rows)")
     print(f"gate: {'BLESSED' if verdict['blessed'] else 'NOT blessed'}")
     for reason in verdict["reasons"]:
         print(f"  - {reason}")

@@ -180,3 +180,74 @@ def test_stage_gate_blocks_below_a_floor(known_predictions):
     run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id)
     assert run.data.tags["gate_blessed"] == "false"
     assert run.data.metrics["test_accuracy"] == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------- the feedback slice
+
+FEEDBACK_GATE = OmegaConf.create({**OmegaConf.to_container(GATE),
+                                  "feedback": {"min_rows": 30,
+                                               "max_regression": {"accuracy": 0.02}}})
+
+
+def with_slice(accuracy, f1, slice_accuracy, rows=100):
+    return {"accuracy": accuracy, "f1_macro": f1,
+            "feedback_test": {"rows": rows, "accuracy": slice_accuracy, "recall": {}}}
+
+
+def test_gate_recognises_a_model_that_learns_the_new_domain():
+    champion = {"version": "3", **{"metrics": {"accuracy": 0.86, "f1_macro": 0.85}},
+                "feedback_test": {"rows": 100, "accuracy": 0.55, "recall": {}}}
+    learned = judge(with_slice(0.86, 0.85, 0.93), FEEDBACK_GATE, champion)
+    assert learned["blessed"]
+    assert ("feedback slice (100 rows): accuracy 0.9300 vs champion v3 0.5500 (+0.3800): "
+            "within the margin 0.02") in learned["reasons"]
+    # better on the new domain but forgetting the old: the fixed test set blocks it
+    forgot = judge(with_slice(0.80, 0.85, 0.97), FEEDBACK_GATE, champion)
+    assert not forgot["blessed"]
+    assert [c["rule"] for c in forgot["checks"] if not c["passed"]] == ["no_regression"]
+
+
+def test_gate_bounds_a_regression_on_the_feedback_slice_once_it_is_large_enough():
+    champion = {"version": "3", "metrics": {"accuracy": 0.86, "f1_macro": 0.85},
+                "feedback_test": {"rows": 100, "accuracy": 0.90, "recall": {}}}
+    worse = judge(with_slice(0.87, 0.85, 0.85), FEEDBACK_GATE, champion)
+    assert not worse["blessed"]
+    assert worse["checks"][-1]["rule"] == "feedback_slice"
+    assert worse["reasons"][-1].endswith("behind by more than the margin 0.02")
+    small = judge(with_slice(0.87, 0.85, 0.85, rows=20), FEEDBACK_GATE, champion)
+    assert small["blessed"]
+    assert small["reasons"][-1].endswith("fewer than 30 rows, reported, not judged")
+    unjudged = OmegaConf.merge(FEEDBACK_GATE, {"feedback": {"max_regression": None}})
+    assert judge(with_slice(0.87, 0.85, 0.85), unjudged, champion)["blessed"]
+
+
+def test_stage_scores_the_held_out_feedback_beside_the_test_set(known_predictions, monkeypatch):
+    from datasets import DatasetDict
+
+    paths, cfg = known_predictions
+    cfg.gate.floors = {"accuracy": 0.7}
+    splits = dict(load_splits(paths.processed))
+    held = splits["test"].select(range(40))  # 20 neg, 20 pos rows as a stand-in slice
+    splits["feedback_test"] = held
+    DatasetDict(splits).save_to_disk(str(paths.root / "processed-new"))
+    shutil.rmtree(paths.processed / "dataset")
+    (paths.root / "processed-new").rename(paths.processed / "dataset")
+    test_logits = stage.predict_logits(None, None, None)
+    slice_labels = np.asarray(column(held, "label"))
+    slice_logits = np.zeros((40, 2), np.float32)
+    slice_logits[np.arange(40), 1] = 2.0  # everything called positive
+    monkeypatch.setattr(stage, "predict_logits", lambda module, rows, batch_size:
+                        test_logits if len(rows) == 60 else slice_logits)
+
+    metrics, verdict = stage.evaluate(cfg, paths)
+    expected = float((slice_labels == 1).mean())
+    assert metrics["rows"] == 60 and metrics["accuracy"] == pytest.approx(0.75)
+    assert metrics["feedback_test"] == {"rows": 40, "accuracy": pytest.approx(expected),
+                                        "recall": {"neg": 0.0, "pos": 1.0}}
+    assert json.loads(paths.metrics.read_text())["feedback_test"]["rows"] == 40
+    assert verdict["blessed"]
+    assert verdict["reasons"][-1] == (f"feedback slice (40 rows): accuracy {expected:.4f}, "
+                                      "no champion scored on it: reported, not judged")
+    run_id = lineage.training_run("known", paths.checkpoint)
+    run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id)
+    assert run.data.metrics["feedback_test_accuracy"] == pytest.approx(expected)

@@ -263,7 +263,8 @@ def test_collect_and_preprocess_repeat_byte_for_byte(tmp_path, tokenizer):
 
 # ---------------------------------------------------------------- production feedback
 
-FOOD = {1: "tasty delicious fresh savory yummy".split(), 0: "bland stale soggy greasy burnt".split()}
+FOOD = {1: "tasty delicious fresh savory yummy".split(),
+        0: "bland stale soggy greasy burnt".split()}
 DISHES = "soup bread pasta salad curry stew pie".split()
 
 
@@ -281,10 +282,11 @@ def feedback_rows(n: int, seed: int = 0) -> list[tuple[str, int, str]]:
 
 
 def write_raw_with_feedback(path, train, test, feedback):
-    from datasets import ClassLabel, DatasetDict, Features, Value
+    """data/raw as collect writes it with a feedback snapshot: (text, label, request)."""
+    from datasets import ClassLabel, DatasetDict, Features, Value, load_from_disk
 
-    write_raw(path, {"train": train, "test": test})
-    raw = load_splits_dir(path)
+    base = write_raw(path / "base", {"train": train, "test": test})
+    raw = dict(load_from_disk(str(base / "dataset")))
     features = Features({"text": Value("string"), "label": ClassLabel(names=["neg", "pos"]),
                          "source_row": Value("int64"), "request_id": Value("string"),
                          "position": Value("int64")})
@@ -293,18 +295,8 @@ def write_raw_with_feedback(path, train, test, feedback):
         "source_row": list(range(1, len(feedback) + 1)),
         "request_id": [r[2] for r in feedback],
         "position": [0] * len(feedback)}, features=features)
-    DatasetDict(raw).save_to_disk(str(path / "dataset2"))
-    os.replace(path / "dataset2", path / "dataset.new")
-    import shutil
-
-    shutil.rmtree(path / "dataset")
-    os.replace(path / "dataset.new", path / "dataset")
-
-
-def load_splits_dir(path):
-    from datasets import load_from_disk
-
-    return dict(load_from_disk(str(path / "dataset")))
+    DatasetDict(raw).save_to_disk(str(path / "dataset"))
+    (path / "manifest.json").write_text((base / "manifest.json").read_text())
 
 
 def run_with_feedback(tmp_path, cfg, feedback, seed=42, name="processed"):
@@ -334,7 +326,8 @@ def test_feedback_trains_but_for_a_held_out_slice_by_request(tmp_path, cfg):
     # provenance: every feedback row in train names its request; base rows name none
     trained = [r for r in column(train, "request_id") if r]
     assert len(trained) == profile["feedback"]["trained"]
-    assert column(train, "request_id").count("") == profile["splits"]["train"]["rows"] - len(trained)
+    base_rows = profile["splits"]["train"]["rows"] - len(trained)
+    assert column(train, "request_id").count("") == base_rows
     assert profile["splits"]["feedback_test"]["rows"] == held.num_rows
     assert profile["leakage"]["feedback_test"]["leaked"] == 0
     # the fixed test set is the same as without feedback
