@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup params repro deploy undeploy rollback serve test test-fast bench tune lint \
-        serving-env docker mlflow-ui clean
+        serving-env docker mlflow-ui clean manifests
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ tune: setup  ## Optuna search; writes conf/experiment/tuned.yaml (make tune OVER
 lint: setup  ## ruff and hadolint
 	$(VENV)/bin/ruff check pipeline serving tests bench
 	$(VENV)/bin/hadolint Dockerfile
+
+manifests: setup  ## check the Kubernetes and KServe manifests in k8s/ offline (k8s/manifests.py)
+	$(PY) k8s/manifests.py
 
 serving-env:  ## install the serving image's dependencies into $(SERVE_VENV), as the Dockerfile does, and check them
 	rm -rf $(SERVE_VENV) build/serve-src && mkdir -p build/serve-src

@@ -1,0 +1,369 @@
+"""Offline checks of the Kubernetes and KServe manifests: `python k8s/manifests.py`
+(`make manifests`). No cluster is needed.
+
+1. Render each kustomization (k8s/base, k8s/overlays/*, k8s/kserve/*) with a small
+   renderer for the part of kustomize these directories use: `resources` (files and
+   directories) and `patches` (strategic-merge patch files, inline JSON 6902 patches).
+   Anything else in a kustomization.yaml is refused, not ignored. Where `kubectl` is
+   installed, its own `kubectl kustomize` renders each directory too and the two must
+   agree, so the renderer cannot drift from the real tool unnoticed.
+2. Validate every core object with `kubernetes-validate` against the schemas of
+   Kubernetes KUBERNETES_VERSION, strictly (an unknown field is an error), and every
+   KServe InferenceService with `check-jsonschema` against k8s/schemas/ (KServe's CRD
+   schema, see k8s/schemas/SOURCE.md).
+3. Check that the manifests agree with the code: the service's own app answers each
+   probe's path as the probe needs while a bundle loads (startup and readiness 503,
+   liveness 200; a missing route answers 404), container and probe ports are the
+   image's TEXTOPS_PORT, pods run as the image's user, every TEXTOPS_* variable is a
+   setting of serving/settings.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+K8S_DIR = Path(__file__).resolve().parent
+ROOT = K8S_DIR.parent
+KUBERNETES_VERSION = "1.32.0"
+KSERVE_SCHEMA = K8S_DIR / "schemas" / "inferenceservice_v1beta1.json"
+KSERVE_API = "serving.kserve.io/v1beta1"
+# Variables the image reads that are not TEXTOPS_* settings.
+OTHER_ENV = {"MLFLOW_TRACKING_URI", "PYTHONUNBUFFERED"}
+
+# Strategic merge: the field names whose lists Kubernetes merges item by item, and the
+# key that matches items (from the Kubernetes API's patchMergeKey annotations). Every
+# other list is replaced whole, as it is in custom resources.
+MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name",
+              "volumes": "name", "volumeMounts": "mountPath", "imagePullSecrets": "name"}
+KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches"}
+
+
+class ManifestError(Exception):
+    """A manifest that does not render, validate or agree with the code."""
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def kustomizations() -> list[Path]:
+    """Every directory a user applies with `kubectl apply -k`."""
+    return sorted(p.parent for p in K8S_DIR.rglob("kustomization.yaml"))
+
+
+def render(directory: Path) -> list[dict]:
+    """The objects `kubectl kustomize directory` prints, in file order."""
+    path = directory / "kustomization.yaml"
+    spec = yaml.safe_load(path.read_text())
+    unknown = set(spec) - KUSTOMIZATION_FIELDS
+    if unknown:
+        raise ManifestError(f"{path}: {', '.join(sorted(unknown))} is not supported by "
+                            f"this renderer (only {', '.join(sorted(KUSTOMIZATION_FIELDS))})")
+    objects = []
+    for entry in spec.get("resources", []):
+        source = directory / entry
+        objects += render(source) if source.is_dir() else load_documents(source)
+    for patch in spec.get("patches", []):
+        apply_patch(objects, patch, directory, path)
+    return objects
+
+
+def load_documents(path: Path) -> list[dict]:
+    try:
+        return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    except (OSError, yaml.YAMLError) as err:
+        raise ManifestError(f"{path}: {err}") from None
+
+
+def apply_patch(objects: list[dict], patch: dict, directory: Path, origin: Path) -> None:
+    if "path" in patch:
+        body = load_documents(directory / patch["path"])
+        if len(body) != 1:
+            raise ManifestError(f"{directory / patch['path']}: one patch per file")
+        body = body[0]
+    else:
+        body = yaml.safe_load(patch["patch"])
+    if isinstance(body, list):  # JSON 6902: a list of operations on the target
+        target = find(objects, patch.get("target", {}), origin)
+        for operation in body:
+            json_patch(target, operation, origin)
+    else:  # strategic merge, aimed by its own kind and name
+        aim = {"kind": body["kind"], "name": body["metadata"]["name"]}
+        target = find(objects, {**aim, **patch.get("target", {})}, origin)
+        merged = strategic_merge(target, body, custom=is_custom(target))
+        target.clear()
+        target.update(merged)
+
+
+def find(objects: list[dict], target: dict, origin: Path) -> dict:
+    matches = [o for o in objects if o["kind"] == target.get("kind", o["kind"])
+               and o["metadata"]["name"] == target.get("name", o["metadata"]["name"])]
+    if len(matches) != 1:
+        raise ManifestError(f"{origin}: patch target {target} matches {len(matches)} objects")
+    return matches[0]
+
+
+def is_custom(obj: dict) -> bool:
+    """Custom resources (a dotted API group outside *.k8s.io) have no merge keys."""
+    group = obj["apiVersion"].rpartition("/")[0]
+    return "." in group and not group.endswith(".k8s.io")
+
+
+def strategic_merge(base, patch, custom: bool, field: str = ""):
+    """`patch` merged into a copy of `base`: maps key by key, keyed lists item by item
+    (items new to the list first, as kustomize orders them), other lists replaced."""
+    if isinstance(patch, dict) and isinstance(base, dict):
+        if any(key.startswith("$") for key in patch):
+            raise ManifestError(f"patch directive in {field!r}: not supported")
+        merged = copy.deepcopy(base)
+        for key, value in patch.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = strategic_merge(base.get(key), value, custom, key)
+        return merged
+    key = None if custom else MERGE_KEYS.get(field)
+    if key and isinstance(patch, list) and isinstance(base, list):
+        existing = {item[key] for item in base}
+        added = [copy.deepcopy(item) for item in patch if item[key] not in existing]
+        patched = {item[key]: item for item in patch}
+        return added + [strategic_merge(item, patched[item[key]], custom, field)
+                        if item[key] in patched else copy.deepcopy(item) for item in base]
+    return copy.deepcopy(patch)
+
+
+def json_patch(obj: dict, operation: dict, origin: Path) -> None:
+    """One RFC 6902 `add`, `replace` or `remove` on `obj`, in place."""
+    op, pointer = operation["op"], operation["path"]
+    *parents, last = [part.replace("~1", "/").replace("~0", "~")
+                      for part in pointer.lstrip("/").split("/")]
+    node = obj
+    try:
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            index = len(node) if last == "-" else int(last)
+            if op == "add":
+                node.insert(index, operation["value"])
+            elif op == "replace":
+                node[index] = operation["value"]
+            elif op == "remove":
+                del node[index]
+            else:
+                raise ManifestError(f"{origin}: JSON patch op {op!r} is not supported")
+        elif op in ("add", "replace"):
+            if op == "replace" and last not in node:
+                raise KeyError(last)
+            node[last] = operation["value"]
+        elif op == "remove":
+            del node[last]
+        else:
+            raise ManifestError(f"{origin}: JSON patch op {op!r} is not supported")
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise ManifestError(f"{origin}: JSON patch {op} {pointer}: no such path") from None
+
+
+def kubectl_render(directory: Path) -> list[dict] | None:
+    """`kubectl kustomize directory`, or None where kubectl is not installed."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return None
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
+                            text=True, timeout=60)
+    if result.returncode != 0:
+        raise ManifestError(f"kubectl kustomize {directory}: {result.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+
+def disagreement(ours: list[dict], theirs: list[dict]) -> str | None:
+    """How two renderings differ (kubectl orders objects by kind), or None."""
+    def by_name(objects):
+        return {f"{o['kind']}/{o['metadata']['name']}": o for o in objects}
+
+    mine, real = by_name(ours), by_name(theirs)
+    if mine.keys() != real.keys():
+        return f"objects {sorted(mine)} here, {sorted(real)} from kubectl"
+    for name, obj in mine.items():
+        if obj != real[name]:
+            return (f"{name} differs:\n  here:    {json.dumps(obj, sort_keys=True)}\n"
+                    f"  kubectl: {json.dumps(real[name], sort_keys=True)}")
+    return None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(obj: dict, where: str) -> str:
+    """Validate one object; returns what checked it, raises ManifestError."""
+    if obj.get("apiVersion") == KSERVE_API and obj.get("kind") == "InferenceService":
+        validate_inference_service(obj, where)
+        return f"check-jsonschema ({KSERVE_SCHEMA.name})"
+    import kubernetes_validate.utils as kv
+
+    try:
+        kv.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kv.ValidationError as err:
+        path = ".".join(str(p) for p in err.path)
+        raise ManifestError(f"{where}: {describe(obj)}: {path}: {err.message}") from None
+    except kv.SchemaNotFoundError as err:
+        raise ManifestError(f"{where}: {describe(obj)}: {err.message}") from None
+    return f"kubernetes-validate (Kubernetes {KUBERNETES_VERSION}, strict)"
+
+
+def validate_inference_service(obj: dict, where: str) -> None:
+    tool = Path(sys.executable).parent / "check-jsonschema"
+    with tempfile.TemporaryDirectory() as tmp:
+        document = Path(tmp) / "inferenceservice.json"
+        document.write_text(json.dumps(obj))
+        result = subprocess.run([str(tool), "--schemafile", str(KSERVE_SCHEMA),
+                                 str(document)], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        problems = (result.stdout + result.stderr).replace(str(document), describe(obj))
+        raise ManifestError(f"{where}: {problems.strip()}")
+
+
+def describe(obj: dict) -> str:
+    return f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+
+
+# ---------------------------------------------------------------- agreement with the code
+
+
+def pod_spec(obj: dict) -> dict | None:
+    """The pod template of a Deployment, or the predictor of an InferenceService."""
+    if obj["kind"] == "Deployment":
+        return obj["spec"]["template"]["spec"]
+    if obj["kind"] == "InferenceService":
+        return obj["spec"]["predictor"]
+    return None
+
+
+def image_port() -> int:
+    """The TEXTOPS_PORT the Dockerfile's image sets."""
+    found = re.search(r"\bTEXTOPS_PORT=(\d+)", (ROOT / "Dockerfile").read_text())
+    if not found:
+        raise ManifestError("Dockerfile: no TEXTOPS_PORT=<port> in an ENV line")
+    return int(found.group(1))
+
+
+def image_user() -> int:
+    """The numeric USER the Dockerfile's image runs as."""
+    found = re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    if not found:
+        raise ManifestError("Dockerfile: no numeric USER line")
+    return int(found.group(1))
+
+
+@functools.cache
+def answers_before_load(path: str) -> int:
+    """The status the service answers GET `path` with while it has no bundle yet (as a
+    pod that is still loading one): 404 when the service has no such route."""
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.settings import Settings
+
+    client = TestClient(create_app(Settings(bundle="/nonexistent")))  # no lifespan: no load
+    return client.get(path).status_code
+
+
+def setting_names() -> set[str]:
+    from serving.settings import ENV_PREFIX, Settings
+
+    return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+# What each probe's path must answer while the bundle is still loading: the startup
+# and readiness probes must wait for the load (503), liveness must not (200).
+PROBES = {"startupProbe": 503, "readinessProbe": 503, "livenessProbe": 200}
+
+
+def disagreements_with_code(obj: dict) -> list[str]:
+    """What in a pod spec the service would not honour: unknown probe paths, ports,
+    settings."""
+    spec = pod_spec(obj)
+    if spec is None:
+        return []
+    problems, port, settings = [], image_port(), setting_names()
+    user = spec.get("securityContext", {}).get("runAsUser")
+    if user != image_user():
+        problems.append(f"{describe(obj)}: runAsUser {user}, the image's user is "
+                        f"{image_user()}")
+    for container in spec["containers"]:
+        name = f"{describe(obj)} container {container['name']}"
+        named_ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])
+                       if "name" in p}
+        for p in container.get("ports", []):
+            if p["containerPort"] != port:
+                problems.append(f"{name}: containerPort {p['containerPort']}, "
+                                f"the image listens on TEXTOPS_PORT={port}")
+        for probe, wanted in PROBES.items():
+            get = container.get(probe, {}).get("httpGet")
+            if get is None:
+                problems.append(f"{name}: no HTTP {probe}")
+                continue
+            if named_ports.get(get["port"], get["port"]) != port:
+                problems.append(f"{name}: {probe} port {get['port']} is not {port}")
+            status = answers_before_load(get["path"])
+            if status != wanted:
+                problems.append(f"{name}: {probe} GET {get['path']} answers {status} "
+                                f"while the bundle loads; it should answer {wanted}")
+        for variable in container.get("env", []):
+            env = variable["name"]
+            if env == "TEXTOPS_PORT" and int(variable["value"]) != port:
+                problems.append(f"{name}: TEXTOPS_PORT={variable['value']}, "
+                                f"the container port is {port}")
+            if env not in settings and env not in OTHER_ENV:
+                problems.append(f"{name}: {env} is not a setting of serving/settings.py")
+    return problems
+
+
+# ---------------------------------------------------------------- the command
+
+
+def check(directory: Path) -> list[str]:
+    """Render, compare with kubectl, validate and compare with the code; one line per
+    object checked. Raises ManifestError with every problem found."""
+    where = str(directory.relative_to(ROOT))
+    objects = render(directory)
+    problems = []
+    theirs = kubectl_render(directory)
+    if theirs is not None and (differ := disagreement(objects, theirs)):
+        problems.append(f"{where}: this renderer and kubectl kustomize disagree: {differ}")
+    lines = []
+    for obj in objects:
+        try:
+            lines.append(f"ok  {where}  {describe(obj)}  {validate(obj, where)}")
+        except ManifestError as err:
+            problems.append(str(err))
+        problems += [f"{where}: {p}" for p in disagreements_with_code(obj)]
+    if problems:
+        raise ManifestError("\n".join(problems))
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    directories = [Path(a).resolve() for a in argv] or kustomizations()
+    failed = False
+    for directory in directories:
+        try:
+            print("\n".join(check(directory)))
+        except ManifestError as err:
+            print(f"FAILED {directory.relative_to(ROOT)}\n{err}", file=sys.stderr)
+            failed = True
+    if shutil.which("kubectl") is None:
+        print("(kubectl not installed: the renderer was not compared with kustomize)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
