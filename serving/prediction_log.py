@@ -457,16 +457,16 @@ class PredictionLog:
         next_prune = next_stats = 0.0
         stop = False
         while not stop:
+            now = time.monotonic()  # first thing: a restarted service shows its figures
+            if now >= next_prune and self._maintain(self._prune):
+                next_prune = now + self.prune_interval_s
+            if now >= next_stats and self._maintain(self._refresh_stats):
+                next_stats = now + self.stats_interval_s
             entries, markers, stop = self._take()
             if entries:
                 self._write(entries)
             for marker in markers:
                 marker.set()
-            now = time.monotonic()
-            if now >= next_prune and self._maintain(self._prune):
-                next_prune = now + self.prune_interval_s
-            if now >= next_stats and self._maintain(self._refresh_stats):
-                next_stats = now + self.stats_interval_s
         if self.store is not None:
             self.store.close()
 
@@ -538,7 +538,10 @@ class PredictionLog:
             self.store.close()
             self.store = None
         if self.failing is None:
-            self.failing = f"{type(err).__name__}: {err}".strip()
+            # psycopg2 raises a second error ("connection already closed") while
+            # leaving the transaction of a connection the server dropped: name the first
+            cause = err.__context__ or err
+            self.failing = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
             log.error("prediction log %s failed (%s); dropping entries and retrying until "
                       "it works again", redacted(self.url), self.failing)
             self.retry_delay = self.retry_first_s
@@ -548,6 +551,6 @@ class PredictionLog:
 
     def _recovered(self) -> None:
         if self.failing is not None:
-            log.warning("prediction log %s recovered: writing again (%d entries dropped "
-                        "while it failed)", redacted(self.url), self.dropped_while_failing)
+            log.warning("prediction log %s recovered: writing again (%d predictions "
+                        "dropped while it failed)", redacted(self.url), self.dropped_while_failing)
             self.failing, self.dropped_while_failing = None, 0

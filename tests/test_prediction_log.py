@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
+from conftest import running_service
 from pg import postgres_server
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import normalizers
 
 from serving.metrics import ServiceMetrics
@@ -232,3 +238,302 @@ def test_a_full_queue_drops_and_counts_entries_without_blocking(tmp_path):
     writer.start()
     writer.close()
     assert counter(metrics, "textops_prediction_log_written_total") == 4
+
+
+# ---------------------------------------------------------------- over HTTP
+
+PERSONAL = ("write to jane.doe@example.com, see https://example.org/private?id=7 "
+            "or call +44 20 7946 0958 about this great film")
+RAW_PERSONAL = ["jane.doe@example.com", "example.org/private", "7946 0958"]
+
+
+def metric(url: str, name: str, **labels) -> float | None:
+    """One sample of the service's /metrics, None when it is not exported."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+def eventually(check, timeout: float = 20.0, interval: float = 0.1):
+    """`check()`'s first truthy value within `timeout` s; AssertionError otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {check}")
+        time.sleep(interval)
+
+
+def logged_rows(url: str, request_id: str) -> list[tuple]:
+    store = open_store(url)
+    try:
+        cursor = store.connection.cursor()
+        cursor.execute(store._sql("SELECT * FROM predictions WHERE request_id = ? "
+                                  "ORDER BY position"), (request_id,))
+        return cursor.fetchall()
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def logged_service(built_bundle, tmp_path_factory):
+    """The service with its prediction log in a SQLite file of its own."""
+    directory = tmp_path_factory.mktemp("logged")
+    url = f"sqlite:///{directory}/log.db"
+    with running_service(built_bundle[0], directory, max_texts=8,
+                         prediction_log=url) as service:
+        service.log_url, service.db = url, directory / "log.db"
+        yield service
+
+
+def predict(url: str, texts: list[str], headers: dict | None = None) -> httpx.Response:
+    response = httpx.post(f"{url}/predict", json={"texts": texts}, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_every_answer_carries_a_request_id(logged_service):
+    issued = predict(logged_service.url, ["great film"])
+    assert re.fullmatch(r"[0-9a-f]{32}", issued.json()["request_id"])
+    assert issued.headers["x-request-id"] == issued.json()["request_id"]
+    kept = predict(logged_service.url, ["great film"], {"X-Request-ID": "client-7:a.b_c"})
+    assert kept.json()["request_id"] == kept.headers["x-request-id"] == "client-7:a.b_c"
+    for bad in ("has space", "x" * 129, "semi;colon", ""):
+        replaced = predict(logged_service.url, ["great film"], {"X-Request-ID": bad})
+        assert re.fullmatch(r"[0-9a-f]{32}", replaced.json()["request_id"]), bad
+        assert replaced.headers["x-request-id"] == replaced.json()["request_id"]
+
+
+def test_v2_infer_answers_carry_the_request_id(logged_service, built_bundle):
+    url = f"{logged_service.url}/v2/models/{built_bundle[1]['model_name']}/infer"
+
+    def infer(body_id=None, header=None) -> httpx.Response:
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                            "data": ["great film"]}]}
+        if body_id is not None:
+            body["id"] = body_id
+        response = httpx.post(url, json=body, headers=header or {}, timeout=30)
+        assert response.status_code == 200, response.text
+        return response
+
+    own = infer(body_id="v2-request-1")
+    assert own.json()["id"] == own.headers["x-request-id"] == "v2-request-1"
+    assert own.json()["parameters"] == {"request_id": "v2-request-1"}
+    from_header = infer(header={"X-Request-ID": "from-header"})
+    assert from_header.json()["id"] == from_header.headers["x-request-id"] == "from-header"
+    # the protocol echoes any id; the log and the header take a well-formed one
+    odd = infer(body_id="an id with spaces")
+    assert odd.json()["id"] == "an id with spaces"
+    assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
+    assert odd.json()["parameters"]["request_id"] == odd.headers["x-request-id"]
+    eventually(lambda: logged_rows(logged_service.log_url, "v2-request-1"))
+
+
+def test_the_log_holds_masked_text_its_hash_and_the_answer(logged_service):
+    answer = predict(logged_service.url, [PERSONAL, "dull"]).json()
+    rows = eventually(lambda: logged_rows(logged_service.log_url, answer["request_id"]))
+    assert [row[1] for row in rows] == [0, 1]
+    for row, served in zip(rows, answer["predictions"], strict=True):
+        _, _, created, version, text, digest, probabilities, label = row
+        assert abs(created - time.time()) < 60 and version == answer["model_version"]
+        assert digest == hashlib.sha256(text.encode()).hexdigest()
+        assert label == served["label"]
+        assert json.loads(probabilities) == pytest.approx(
+            [served["probabilities"][name] for name in ("neg", "pos")])
+    assert {"[email]", "[url]", "[phone]"} <= set(rows[0][4].split())
+    # nowhere in the database's files, its write-ahead log included
+    stored = b"".join(path.read_bytes() for path in logged_service.db.parent.glob("log.db*"))
+    for raw in RAW_PERSONAL:
+        assert raw.encode() not in stored, raw
+
+
+def post_feedback(url: str, body) -> httpx.Response:
+    return httpx.post(f"{url}/feedback", json=body, timeout=30)
+
+
+def test_feedback_is_stored_and_the_latest_label_wins(logged_service):
+    url = logged_service.url
+    first = predict(url, ["great superb film", "awful dull boring plot"]).json()["request_id"]
+    second = predict(url, ["lovely"]).json()["request_id"]
+    # right after the answers: the log catches up before feedback is checked
+    assert post_feedback(url, {"request_id": first, "label": "neg"}).json() == {"accepted": 1}
+    answer = post_feedback(url, [{"request_id": first, "label": "pos", "position": 0},
+                                 {"request_id": first, "label": "neg", "position": 1},
+                                 {"request_id": second, "label": "pos"}])
+    assert answer.status_code == 200 and answer.json() == {"accepted": 3}
+    labelled = {(r["request_id"], r["position"]): r["label"]
+                for r in read_labelled(logged_service.log_url)}
+    assert labelled[(first, 0)] == "pos" and labelled[(first, 1)] == "neg"
+    assert labelled[(second, 0)] == "pos"
+
+
+BAD_FEEDBACK = [
+    # (body, status, code, words in the message)
+    ([{"label": "pos"}], 422, "invalid_request", "[0].request_id: Field required"),
+    ({"request_id": "x", "label": "pos", "position": -1}, 422, "invalid_request",
+     "body.position"),
+    ({"request_id": "x", "label": "pos", "colour": 1}, 422, "invalid_request", "colour"),
+    ([], 422, "no_feedback", "at least one"),
+    ([{"request_id": "x", "label": "pos"}] * 9, 422, "too_many_items", "at most 8"),
+    ("a string", 422, "invalid_request", "feedback object or a list"),
+    (b'{"request_id": ', 400, "invalid_json", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("body,status,code,words", BAD_FEEDBACK,
+                         ids=[f"{r[2]}{i}" for i, r in enumerate(BAD_FEEDBACK)])
+def test_bad_feedback_gets_a_clear_error(logged_service, body, status, code, words):
+    if isinstance(body, bytes):
+        response = httpx.post(f"{logged_service.url}/feedback", content=body,
+                              headers={"Content-Type": "application/json"})
+    else:
+        response = post_feedback(logged_service.url, body)
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == code and words in response.json()["error"]
+
+
+def test_a_bad_item_leaves_the_whole_batch_unwritten(logged_service):
+    url, log_url = logged_service.url, logged_service.log_url
+    rid = predict(url, ["fine movie", "bad"]).json()["request_id"]
+    before = read_labelled(log_url)
+    unknown_id = post_feedback(url, [{"request_id": rid, "label": "pos"},
+                                     {"request_id": "never-answered", "label": "neg"}])
+    assert unknown_id.status_code == 404
+    assert unknown_id.json()["code"] == "unknown_prediction"
+    assert "'never-answered' position 0" in unknown_id.json()["error"]
+    unknown_position = post_feedback(url, {"request_id": rid, "label": "pos", "position": 2})
+    assert unknown_position.status_code == 404 and "position 2" in unknown_position.json()[
+        "error"]
+    unknown_label = post_feedback(url, [{"request_id": rid, "label": "pos"},
+                                        {"request_id": rid, "label": "meh", "position": 1}])
+    assert unknown_label.status_code == 422
+    assert unknown_label.json()["code"] == "unknown_label"
+    assert unknown_label.json()["error"] == ("[1].label: 'meh' is not a label of the model "
+                                             "(labels: neg, pos)")
+    assert unknown_label.json()["labels"] == ["neg", "pos"]
+    assert read_labelled(log_url) == before
+
+
+def test_live_accuracy_in_metrics_matches_the_labels_sent_and_survives_a_restart(
+        built_bundle, tmp_path):
+    url = f"sqlite:///{tmp_path}/log.db"
+    with running_service(built_bundle[0], tmp_path, prediction_log=url) as service:
+        eventually(lambda: metric(service.url, "textops_live_labels") == 0)  # read, empty
+        answer = predict(service.url, TEXTS + ["the acting", "a plot"]).json()
+        served = [p["label"] for p in answer["predictions"]]
+        other = {"neg": "pos", "pos": "neg"}
+        # the first four right, the next two wrong, the last two unlabelled
+        truth = served[:4] + [other[label] for label in served[4:6]]
+        sent = post_feedback(service.url, [
+            {"request_id": answer["request_id"], "position": i, "label": label}
+            for i, label in enumerate(truth)])
+        assert sent.json() == {"accepted": 6}
+        expected = {"textops_live_labels": 6, "textops_live_accuracy": 4 / 6,
+                    "textops_feedback_share": 6 / 8}
+        recall = {name: sum(t == s == name for t, s in zip(truth, served, strict=False))
+                  / truth.count(name) for name in set(truth)}
+        for name, value in expected.items():
+            assert metric(service.url, name) == pytest.approx(value), name
+        for name, value in recall.items():
+            assert metric(service.url, "textops_live_recall", label=name) == pytest.approx(
+                value), name
+        assert metric(service.url, "textops_feedback_total") == 6
+        assert metric(service.url, "textops_prediction_log_written_total") == 8
+    with running_service(built_bundle[0], tmp_path, prediction_log=url) as service:
+        eventually(lambda: metric(service.url, "textops_live_labels") == 6)
+        for name, value in expected.items():
+            assert metric(service.url, name) == pytest.approx(value), name
+
+
+# ---------------------------------------------------------------- PostgreSQL and faults
+
+
+class Load:
+    """/predict requests one after another on a thread until stopped; every status."""
+
+    def __init__(self, url: str):
+        self.url, self.statuses, self.done = url, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while not self.done.is_set():
+                self.statuses.append(client.post("/predict", json={"texts": TEXTS[:2]})
+                                     .status_code)
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def logged_again(url: str) -> bool:
+    """Whether a new answer reaches the log: feedback on it is stored only then (it
+    waits for the writer to catch up)."""
+    rid = predict(url, ["after"]).json()["request_id"]
+    return post_feedback(url, {"request_id": rid, "label": "pos"}).status_code == 200
+
+
+def log_lines(service, words: str) -> list[str]:
+    return [line for line in service.log_path.read_text().splitlines() if words in line]
+
+
+def test_log_and_feedback_on_postgresql(built_bundle, tmp_path, postgres):
+    with running_service(built_bundle[0], tmp_path, prediction_log=postgres.url) as service:
+        answer = predict(service.url, [PERSONAL, "dull"], {"X-Request-ID": "pg-1"}).json()
+        assert post_feedback(service.url, [{"request_id": "pg-1", "label": "pos"},
+                                           {"request_id": "pg-1", "label": "neg",
+                                            "position": 1}]).json() == {"accepted": 2}
+        assert post_feedback(service.url, {"request_id": "pg-2", "label": "pos"}
+                             ).status_code == 404
+        assert metric(service.url, "textops_live_labels") >= 2
+    labelled = [r for r in read_labelled(postgres.url) if r["request_id"] == "pg-1"]
+    assert [(r["position"], r["label"]) for r in labelled] == [(0, "pos"), (1, "neg")]
+    assert [r["predicted"] for r in labelled] == [p["label"] for p in answer["predictions"]]
+    assert "[email]" in labelled[0]["text"] and "jane.doe" not in labelled[0]["text"]
+    assert labelled[0]["model_version"] == answer["model_version"]
+
+
+def test_a_stopped_postgresql_fails_no_request_and_the_log_recovers(built_bundle, tmp_path):
+    with throwaway_postgres() as server, running_service(
+            built_bundle[0], tmp_path, prediction_log=server.url) as service:
+        url = service.url
+        with Load(url) as load:
+            eventually(lambda: metric(url, "textops_prediction_log_written_total"))
+            server.stop()
+            eventually(lambda: metric(url, "textops_prediction_log_dropped_total",
+                                      reason="error") >= 20)
+            # feedback cannot be stored now, and says so
+            down = post_feedback(url, {"request_id": "x", "label": "pos"})
+            assert down.status_code == 503 and down.json()["code"] == "log_unavailable"
+            server.start()
+            eventually(lambda: logged_again(url), timeout=30)
+        assert len(load.statuses) > 20 and set(load.statuses) == {200}
+        assert len(log_lines(service, "failed (")) == 1, service.log_tail()
+        assert len(log_lines(service, "recovered: writing again")) == 1, service.log_tail()
+
+
+def test_an_unwritable_sqlite_file_fails_no_request_and_the_log_recovers(built_bundle,
+                                                                       tmp_path):
+    # Root ignores file modes, so the fault is a directory where the file should be.
+    database = tmp_path / "log.db"
+    database.mkdir()
+    with running_service(built_bundle[0], tmp_path,
+                         prediction_log=f"sqlite:///{database}") as service:
+        statuses = [predict(service.url, TEXTS[:2]).status_code for _ in range(10)]
+        eventually(lambda: metric(service.url, "textops_prediction_log_dropped_total",
+                                  reason="error") == 20)
+        assert metric(service.url, "textops_prediction_log_written_total") == 0
+        database.rmdir()
+        eventually(lambda: logged_again(service.url), timeout=30)
+        assert set(statuses) == {200}
+        assert len(log_lines(service, "failed (")) == 1, service.log_tail()
+        assert "unable to open database file" in log_lines(service, "failed (")[0]
+        assert len(log_lines(service, "recovered: writing again")) == 1, service.log_tail()
