@@ -1,0 +1,229 @@
+"""make retrain: drift thresholds calibrated on the training profile, each trigger and
+its reason, the feedback snapshot, and the decision record read off a real service and
+its prediction log."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from conftest import compose, running_service
+
+from pipeline import feedback, retrain
+from pipeline.config import Paths
+from pipeline.profile import reference_histogram
+from serving.metrics import psi
+from serving.prediction_log import open_store
+from serving.tensors import length_counts
+
+RNG_LENGTHS = np.random.default_rng(1).geometric(0.08, 20_000) + 2  # skewed, like text
+
+
+def profile_of(lengths: np.ndarray, classes=(0.5, 0.5), unk_rate=0.01) -> dict:
+    """The parts of a training profile that drift is measured against."""
+    return {"reference": {"length": reference_histogram(lengths), "unk_rate": unk_rate,
+                          "class_shares": list(classes)},
+            "splits": {"train": {"tokens": {"mean": float(lengths.mean())}}}}
+
+
+PROFILE = profile_of(RNG_LENGTHS)
+
+
+@pytest.fixture
+def cfg():
+    return compose().retrain
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def live_length_psi(rng, window: int) -> float:
+    """The service's length PSI over a window of texts drawn from the reference split."""
+    reference = PROFILE["reference"]["length"]
+    counts = length_counts(rng.choice(RNG_LENGTHS, window), reference["edges"])
+    return psi(counts, reference["shares"])
+
+
+@pytest.mark.parametrize("window", [100, 1000])
+def test_calibrated_thresholds_rarely_fire_on_unchanged_data(window):
+    limit = retrain.calibrate(PROFILE, window, quantile=0.99, samples=2000)["length"]
+    rng = np.random.default_rng(7)
+    unchanged = np.array([live_length_psi(rng, window) for _ in range(1000)])
+    assert (unchanged > limit).mean() < 0.03  # about the 1% the quantile promises
+    if window == 100:  # where a fixed 0.1 would raise false alarms all the time
+        assert (unchanged > 0.1).mean() > 0.25
+        assert limit > 0.1
+
+
+def test_thresholds_shrink_with_the_window_but_not_below_min_psi(cfg):
+    small = retrain.calibrate(PROFILE, 100, 0.99, 2000)
+    large = retrain.calibrate(PROFILE, 5000, 0.99, 2000)
+    assert all(large[name] < small[name] for name in small)
+    limits = retrain.thresholds(retrain.Signals(drift_window=5000, profile=PROFILE), cfg.drift)
+    assert limits["length"]["calibrated"] == pytest.approx(large["length"])
+    assert limits["length"]["threshold"] == cfg.drift.min_psi == 0.1
+
+
+# ---------------------------------------------------------------- each trigger
+
+
+def fired(triggers: list[dict]) -> list[str]:
+    return [t["trigger"] for t in triggers if t["fired"]]
+
+
+def test_drift_counts_only_over_a_large_enough_window(cfg):
+    signals = retrain.Signals(drift_window=999, profile=PROFILE, new_labels=0,
+                              psi={"length": 3.0, "unknown_token": 1.0, "predicted_class": 1.0})
+    triggers, _ = retrain.decide(signals, cfg, since=None)
+    assert fired(triggers) == []
+    assert triggers[0]["reason"] == ("the drift window holds 999 texts, fewer than 1000: "
+                                     "its PSIs are not trusted yet")
+
+
+def test_drift_over_its_threshold_fires_with_the_figures(cfg):
+    signals = retrain.Signals(drift_window=2000, profile=PROFILE, new_labels=0,
+                              psi={"length": 0.3, "unknown_token": 0.0001,
+                                   "predicted_class": 0.05})
+    triggers, limits = retrain.decide(signals, cfg, since=None)
+    assert fired(triggers) == ["drift:length"]
+    reason = triggers[0]["reason"]
+    assert reason.startswith("length PSI 0.3000 over 0.1000 over 2000 texts (no-change 99% "
+                             f"quantile {limits['length']['calibrated']:.4f}, floor 0.1)")
+    # with small windows allowed, the calibrated threshold, not 0.1, decides
+    cfg.drift.min_window = 100
+    signals.drift_window, signals.psi = 100, {"length": 0.15}
+    triggers, limits = retrain.decide(signals, cfg, since=None)
+    assert limits["length"]["threshold"] > 0.15 and fired(triggers) == []
+
+
+def test_live_accuracy_counts_once_it_rests_on_enough_labels(cfg):
+    few = retrain.Signals(live_accuracy=0.5, live_labels=199, new_labels=0)
+    assert retrain.accuracy_trigger(few, cfg) == {
+        "trigger": "live_accuracy", "fired": False, "labels": 199,
+        "reason": "live accuracy rests on 199 labels, fewer than 200"}
+    low = retrain.Signals(live_accuracy=0.7, live_labels=300, new_labels=0)
+    found = retrain.accuracy_trigger(low, cfg)
+    assert found["fired"] and found["reason"] == ("live accuracy 0.7000 under the floor 0.8 "
+                                                  "over 300 labels")
+    good = retrain.Signals(live_accuracy=0.85, live_labels=300, new_labels=0)
+    assert not retrain.accuracy_trigger(good, cfg)["fired"]
+
+
+def test_new_labels_since_the_last_retraining_and_force(cfg):
+    assert not retrain.new_labels_trigger(retrain.Signals(new_labels=499), cfg, None)["fired"]
+    enough = retrain.new_labels_trigger(retrain.Signals(new_labels=500), cfg, 1.7e9)
+    assert enough["fired"]
+    assert enough["reason"] == ("500 labelled answers since the last retraining "
+                                "(2023-11-14T22:13:20Z), at least 500")
+    unread = retrain.new_labels_trigger(retrain.Signals(new_labels=None), cfg, None)
+    assert not unread["fired"] and unread["reason"] == "the prediction log could not be read"
+    triggers, _ = retrain.decide(retrain.Signals(new_labels=0), cfg, None, force=True)
+    assert fired(triggers) == ["force"]
+
+
+# ---------------------------------------------------------------- the snapshot
+
+
+def labelled_log(url: str, items: list[tuple[str, str, str, float]]) -> None:
+    """A prediction log holding (request id, text, label, time) as labelled answers."""
+    store = open_store(url)
+    try:
+        store.write_predictions([(rid, 0, created, "v1", text, f"sha-{text}", "[0.5, 0.5]", "neg")
+                                 for rid, text, _, created in items])
+        for rid, _, label, created in items:
+            assert store.record_feedback([(rid, 0, label)], created) == []
+    finally:
+        store.close()
+
+
+def test_the_snapshot_accumulates_and_takes_the_latest_label(tmp_path):
+    url = f"sqlite:///{tmp_path}/log.db"
+    labelled_log(url, [("a", "tasty soup", "pos", 10.0), ("b", "stale bread", "neg", 11.0)])
+    snapshot = tmp_path / "data/feedback/labelled.jsonl"
+    first = feedback.export(url, snapshot)
+    assert first == {"snapshot": str(snapshot), "rows": 2, "from_log": 2, "new": 2,
+                     "labels_until": 11.0}
+    # the log forgets "a" (retention) and relabels "b": the snapshot keeps the one and
+    # takes the other's new label
+    store = open_store(url)
+    with store.connection:
+        store.connection.execute("DELETE FROM predictions WHERE request_id = 'a'")
+    store.record_feedback([("b", 0, "pos")], 12.0)
+    store.close()
+    again = feedback.export(url, snapshot)
+    rows = [json.loads(line) for line in snapshot.read_text().splitlines()]
+    assert again["rows"] == 2 and again["new"] == 0
+    assert [(r["request_id"], r["label"], r["created"]) for r in rows] == [
+        ("a", "pos", 10.0), ("b", "pos", 12.0)]
+
+
+def test_export_names_a_missing_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("data: {feedback: {snapshot: fb.jsonl}}\n"
+                                          "retrain: {prediction_log: 'sqlite:///none.db'}\n")
+    with pytest.raises(SystemExit, match="none.db"):
+        feedback.main(["export"])
+    assert not (tmp_path / "fb.jsonl").exists()
+
+
+# ---------------------------------------------------------------- against a real service
+
+
+@pytest.fixture(scope="module")
+def logged_service(built_bundle, tmp_path_factory):
+    """The service with its prediction log on, 6 answers given and labelled."""
+    bundle_dir, _ = built_bundle
+    directory = tmp_path_factory.mktemp("retrain-service")
+    url = f"sqlite:///{directory}/predictions.db"
+    with running_service(bundle_dir, directory, prediction_log=url) as service:
+        texts = ["good great film number1", "awful bad plot number2", "fine lovely cast",
+                 "dull boring story", "superb acting", "weak movie"]
+        answer = httpx.post(f"{service.url}/predict", json={"texts": texts}).json()
+        labels = [{"request_id": answer["request_id"], "position": i, "label": label}
+                  for i, label in enumerate(["pos", "neg", "pos", "neg", "pos", "neg"])]
+        assert httpx.post(f"{service.url}/feedback", json=labels).json() == {"accepted": 6}
+        yield service, url
+
+
+def test_a_dry_run_reads_the_service_and_records_its_decision(logged_service, tmp_path):
+    service, url = logged_service
+    cfg = compose()
+    cfg.retrain.new_labels.min = 5
+    record = retrain.run(cfg, service.url, url, dry_run=True, paths=Paths(tmp_path))
+    assert record == json.loads((tmp_path / "reports/retrain.json").read_text())
+    assert record["decision"] == "retrain (dry run: nothing ran)"
+    assert record["reasons"] == ["6 labelled answers ever, at least 5"]
+    signals = record["signals"]
+    assert signals["new_labels"] == 6 and signals["live_labels"] == 6
+    assert signals["drift_window"] == 6 and set(signals["psi"]) == set(retrain.DRIFT_METRICS)
+    assert record["triggers"][0]["reason"].startswith("the drift window holds 6 texts")
+    assert record["last_retraining"] is None and not (tmp_path / "data").exists()
+
+
+def test_a_failed_pipeline_is_recorded_and_its_labels_count_again(logged_service, tmp_path):
+    service, url = logged_service
+    cfg = compose()
+    cfg.retrain.command = [sys.executable, "-c", "import sys; print('stage broke'); sys.exit(3)"]
+    record = retrain.run(cfg, service.url, url, force=True, paths=Paths(tmp_path))
+    assert record["decision"] == "retrain"
+    assert "asked for with --force" in record["reasons"]
+    assert record["result"]["snapshot"]["rows"] == 6
+    assert len((tmp_path / cfg.data.feedback.snapshot).read_text().splitlines()) == 6
+    assert record["result"]["pipeline"]["returncode"] == 3
+    assert "stage broke" in record["result"]["pipeline"]["tail"]
+    assert record["last_retraining"] is None
+    again = retrain.run(cfg, service.url, url, dry_run=True, paths=Paths(tmp_path))
+    assert again["signals"]["new_labels"] == 6
+
+
+def test_an_unreachable_service_is_a_reason_not_a_crash(tmp_path, cfg):
+    full = compose()
+    record = retrain.run(full, "http://127.0.0.1:9", f"sqlite:///{tmp_path}/none.db",
+                         dry_run=True, paths=Paths(tmp_path))
+    assert record["decision"] == "no retraining"
+    errors = record["signals"]["errors"]
+    assert errors[0].startswith("service http://127.0.0.1:9:")
+    assert errors[1].startswith("prediction log:") and "none.db" in errors[1]
