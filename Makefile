@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup params repro deploy undeploy rollback serve test test-fast bench tune lint \
-        serving-env docker mlflow-ui clean manifests
+        serving-env docker mlflow-ui clean retrain rules manifests
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,13 @@ deploy: repro  ## bring the pipeline up to date and serve the champion on PORT
 
 undeploy: setup  ## stop the service started by `make deploy` (safe when none runs)
 	$(PY) -m serving.control down --run-dir $(RUN_DIR)
+
+retrain: setup  ## read the service on PORT, retrain on its feedback if a trigger fires (ARGS="--dry-run" or "--force")
+	$(PY) -m pipeline.retrain --service-url http://127.0.0.1:$(PORT) $(ARGS)
+
+rules:  ## check the Prometheus alerting rules and run their tests (promtool)
+	promtool check rules monitoring/alerts.yml
+	promtool test rules monitoring/alerts_test.yml
 
 rollback: setup  ## move champion and models/current back to the previous blessed version
 	$(PY) -m pipeline.registry rollback

@@ -5,12 +5,15 @@ its prediction log."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 
 import httpx
 import numpy as np
 import pytest
-from conftest import compose, running_service
+import yaml
+from conftest import ROOT, compose, running_service
 
 from pipeline import feedback, retrain
 from pipeline.config import Paths
@@ -227,3 +230,46 @@ def test_an_unreachable_service_is_a_reason_not_a_crash(tmp_path, cfg):
     errors = record["signals"]["errors"]
     assert errors[0].startswith("service http://127.0.0.1:9:")
     assert errors[1].startswith("prediction log:") and "none.db" in errors[1]
+
+
+# ---------------------------------------------------------------- alerting rules
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed "
+                                    "(Debian's prometheus package)")
+
+
+@needs_promtool
+def test_alerting_rules_are_valid_and_raise_what_their_tests_expect():
+    checked = subprocess.run([PROMTOOL, "check", "rules", "monitoring/alerts.yml"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 6 rules found" in checked.stdout
+    tested = subprocess.run([PROMTOOL, "test", "rules", "monitoring/alerts_test.yml"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+@needs_promtool
+def test_a_rule_that_misses_its_expected_alert_fails_the_rules_test(tmp_path):
+    """The rules test can fail: with the accuracy floor lowered, its alert is missing."""
+    rules = (ROOT / "monitoring/alerts.yml").read_text()
+    (tmp_path / "alerts.yml").write_text(rules.replace("textops_live_accuracy < 0.8",
+                                                       "textops_live_accuracy < 0.5"))
+    shutil.copy(ROOT / "monitoring/alerts_test.yml", tmp_path)
+    tested = subprocess.run([PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert tested.returncode != 0 and "TextopsLiveAccuracyLow" in tested.stdout + tested.stderr
+
+
+def test_alerting_rules_use_the_retrain_thresholds(cfg):
+    """Prometheus cannot read conf/: the rules repeat its numbers, and must agree."""
+    rules = yaml.safe_load((ROOT / "monitoring/alerts.yml").read_text())
+    expr = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+    drift = expr["TextopsInputDrift"]
+    assert drift.count(f"> {cfg.drift.min_psi}") == 3
+    assert drift.count(f"textops_drift_window_texts >= {cfg.drift.min_window}") == 3
+    accuracy = expr["TextopsLiveAccuracyLow"]
+    assert f"textops_live_accuracy < {cfg.accuracy.floor}" in accuracy
+    assert f"textops_live_labels >= {cfg.accuracy.min_labels}" in accuracy
+    assert expr["TextopsRetrainLabelsWaiting"].endswith(f">= {cfg.new_labels.min}")
