@@ -1,0 +1,278 @@
+"""The Kubernetes and KServe manifests in k8s/, checked offline as `make manifests` checks
+them: every one validates, a broken field fails the check, and they agree with the
+code they run (probe routes, the image's port and user, the service's settings)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, compose
+
+sys.path.insert(0, str(ROOT / "k8s"))
+import manifests  # noqa: E402  (k8s/manifests.py: the checks `make manifests` runs)
+
+from serving.settings import Settings  # noqa: E402
+
+BASE, CHAMPION = ROOT / "k8s/base", ROOT / "k8s/overlays/champion"
+SERVERLESS, RAW = ROOT / "k8s/kserve/serverless", ROOT / "k8s/kserve/raw"
+KUBECTL = shutil.which("kubectl")
+
+
+def rendered(directory: Path) -> dict[str, dict]:
+    return {obj["kind"]: obj for obj in manifests.render(directory)}
+
+
+def container(obj: dict) -> dict:
+    (only,) = manifests.pod_spec(obj)["containers"]
+    return only
+
+
+def env(obj: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(obj)["env"]}
+
+
+# ---------------------------------------------------------------- every manifest validates
+
+
+def test_every_kustomization_is_checked():
+    assert set(manifests.kustomizations()) == {BASE, CHAMPION, SERVERLESS, RAW}
+
+
+@pytest.mark.parametrize("directory", [BASE, CHAMPION, SERVERLESS, RAW],
+                         ids=lambda d: str(d.relative_to(ROOT)))
+def test_every_manifest_validates(directory):
+    lines = manifests.check(directory)
+    kinds = {"InferenceService"} if "kserve" in directory.parts else {
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert {line.split()[2].split("/")[0] for line in lines} == kinds
+    assert all("kubernetes-validate (Kubernetes 1.32.0, strict)" in line
+               or "check-jsonschema" in line for line in lines)
+
+
+@pytest.mark.slow  # the KServe schema checked against its metaschema, and every manifest
+def test_make_manifests_passes():
+    result = subprocess.run(["make", "-o", f"{sys.prefix}/.installed", f"VENV={sys.prefix}",
+                             "manifests"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok  k8s/") == 10
+
+
+# ---------------------------------------------------------------- a broken field fails
+
+
+def set_field(document: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        document = document[int(part)] if isinstance(document, list) else document[part]
+    if isinstance(document, list):
+        document[int(last)] = value
+    else:
+        document[last] = value
+
+
+BREAKAGES = {
+    "a string replica count": (
+        "base/deployment.yaml", "spec.replicas", "2",
+        "spec.replicas: '2' is not of type 'integer'"),
+    "a misspelt probe field": (
+        "base/deployment.yaml", "spec.template.spec.containers.0.readinessprobe", {},
+        "'readinessprobe' was unexpected"),
+    "a string Service port": (
+        "base/service.yaml", "spec.ports.0.port", "80", "'80' is not of type 'integer'"),
+    "an unknown HPA metric field": (
+        "base/hpa.yaml", "spec.metrics.0.resource.target.averageUtilisation", 70,
+        "'averageUtilisation' was unexpected"),
+    "protocolVersion under spec.predictor": (
+        "kserve/serverless/inferenceservice.yaml", "spec.predictor.protocolVersion", "v2",
+        "'protocolVersion' was unexpected"),
+    "an unknown field in the predictor": (
+        "kserve/serverless/inferenceservice.yaml", "spec.predictor.replicas", 2,
+        "'replicas' was unexpected"),
+    "a string container port in the InferenceService": (
+        "kserve/serverless/inferenceservice.yaml",
+        "spec.predictor.containers.0.ports.0.containerPort", "8000",
+        "'8000' is not of type 'integer'"),
+    # ... and what the schemas accept but the service would not honour
+    "a readiness path the service does not have": (
+        "base/deployment.yaml", "spec.template.spec.containers.0.readinessProbe.httpGet.path",
+        "/v2/health/readiness", "readinessProbe GET /v2/health/readiness answers 404"),
+    "liveness on the readiness route (a loading pod would be killed)": (
+        "kserve/serverless/inferenceservice.yaml",
+        "spec.predictor.containers.0.livenessProbe.httpGet.path", "/v2/health/ready",
+        "livenessProbe GET /v2/health/ready answers 503 while the bundle loads"),
+    "a container port that is not the image's": (
+        "base/deployment.yaml", "spec.template.spec.containers.0.ports.0.containerPort", 8080,
+        "containerPort 8080, the image listens on TEXTOPS_PORT=8000"),
+    "a setting the service does not have": (
+        "overlays/champion/follow-champion.yaml", "spec.template.spec.containers.0.env.2.name",
+        "TEXTOPS_WATCH_INTERVAL", "TEXTOPS_WATCH_INTERVAL is not a setting"),
+    "a patch aimed at a misspelt container (it adds a second, bare one)": (
+        "overlays/champion/follow-champion.yaml", "spec.template.spec.containers.0.name",
+        "textop", "container textop: no HTTP startupProbe"),
+    "another user than the image's": (
+        "kserve/serverless/inferenceservice.yaml", "spec.predictor.securityContext.runAsUser",
+        1000, "runAsUser 1000, the image's user is 10001"),
+}
+
+
+@pytest.fixture
+def k8s_copy(tmp_path) -> Path:
+    """k8s/ and the Dockerfile it is checked against, in a directory of their own."""
+    shutil.copytree(ROOT / "k8s", tmp_path / "k8s", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "Dockerfile", tmp_path / "Dockerfile")
+    return tmp_path / "k8s"
+
+
+def break_field(k8s: Path, file: str, path: str, value) -> Path:
+    target = k8s / file
+    document = yaml.safe_load(target.read_text())
+    set_field(document, path, value)
+    target.write_text(yaml.safe_dump(document))
+    return target.parent
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_broken_field_fails_the_check(k8s_copy, breakage):
+    file, path, value, message = BREAKAGES[breakage]
+    directory = break_field(k8s_copy, file, path, value)
+    with pytest.raises(manifests.ManifestError) as failure:
+        manifests.check(directory)
+    assert message in str(failure.value)
+
+
+def test_the_command_fails_on_a_broken_manifest_and_names_it(k8s_copy, capsys):
+    break_field(k8s_copy, "kserve/serverless/inferenceservice.yaml",
+                "spec.predictor.protocolVersion", "v2")
+    directories = [k8s_copy / d for d in ("base", "kserve/serverless", "kserve/raw")]
+    assert manifests.main([str(d) for d in directories]) == 1
+    out, err = capsys.readouterr()
+    # the raw variant builds on the serverless one: both fail, naming the field
+    assert err.count("'protocolVersion' was unexpected") == 2
+    assert f"FAILED {k8s_copy / 'kserve/raw'}" in err
+    assert f"ok  {k8s_copy / 'base'}  Deployment/textops" in out
+
+
+# ---------------------------------------------------------------- the renderer
+
+
+def test_the_champion_overlay_adds_to_the_base_container():
+    base, overlay = rendered(BASE)["Deployment"], rendered(CHAMPION)["Deployment"]
+    assert env(overlay) == {**env(base), "TEXTOPS_BUNDLE": "models:/sst2-classifier@champion",
+                            "MLFLOW_TRACKING_URI": "http://mlflow.mlops.svc.cluster.local:5000",
+                            "TEXTOPS_WATCH_INTERVAL_S": "10"}
+    unchanged = {k: v for k, v in container(overlay).items() if k != "env"}
+    assert unchanged == {k: v for k, v in container(base).items() if k != "env"}
+    assert rendered(CHAMPION)["Service"] == rendered(BASE)["Service"]
+
+
+def test_the_raw_inference_service_is_the_serverless_one_plus_raw_mode():
+    serverless, raw = rendered(SERVERLESS)["InferenceService"], rendered(RAW)["InferenceService"]
+    assert "annotations" not in serverless["metadata"]
+    assert raw["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "RawDeployment"}
+    assert (raw["spec"]["predictor"]["scaleMetric"], raw["spec"]["predictor"]["scaleTarget"]) \
+        == ("cpu", 70)
+    # Knative's queue-proxy drains a serverless pod; a raw one waits in preStop instead
+    assert "lifecycle" not in container(serverless)
+    assert container(raw)["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    assert {k: v for k, v in container(raw).items() if k != "lifecycle"} == container(serverless)
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its kustomize) is not installed")
+@pytest.mark.parametrize("directory", [BASE, CHAMPION, SERVERLESS, RAW],
+                         ids=lambda d: str(d.relative_to(ROOT)))
+def test_the_renderer_agrees_with_kubectl_kustomize(directory):
+    assert manifests.disagreement(manifests.render(directory),
+                                  manifests.kubectl_render(directory)) is None
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its kustomize) is not installed")
+def test_a_renderer_that_drifts_from_kubectl_fails_the_check(monkeypatch):
+    real_render = manifests.render
+
+    def drops_a_patch(directory):
+        objects = real_render(BASE)  # the overlay without its patch
+        return objects if directory == CHAMPION else real_render(directory)
+
+    monkeypatch.setattr(manifests, "render", drops_a_patch)
+    with pytest.raises(manifests.ManifestError, match="this renderer and kubectl kustomize "
+                                                      "disagree: Deployment/textops differs"):
+        manifests.check(CHAMPION)
+
+
+def test_the_renderer_refuses_what_it_does_not_implement(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [deployment.yaml]\nnamePrefix: staging-\n")
+    with pytest.raises(manifests.ManifestError, match="namePrefix is not supported"):
+        manifests.render(tmp_path)
+
+
+# ---------------------------------------------------------------- what a cluster needs
+
+
+def test_the_deployment_rolls_and_drains_without_losing_a_request():
+    objects = rendered(CHAMPION)
+    deployment, pod = objects["Deployment"], objects["Deployment"]["spec"]["template"]
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    probes = container(deployment)
+    startup = probes["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # a registry download
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    # SIGKILL comes after preStop and the service's own drain (3 x the request timeout)
+    pre_stop = probes["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = 3 * Settings().request_timeout_s
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + drain
+    for bound in ("requests", "limits"):
+        assert set(probes["resources"][bound]) == {"cpu", "memory"}
+    # onnxruntime would size its pool by the node's cores, not the pod's limit
+    cpu_limit = int(probes["resources"]["limits"]["cpu"])
+    assert int(env(deployment)["TEXTOPS_INTRA_OP_THREADS"]) == cpu_limit
+
+
+@pytest.mark.parametrize("directory", [CHAMPION, SERVERLESS, RAW],
+                         ids=lambda d: str(d.relative_to(ROOT)))
+def test_pods_run_unprivileged_and_write_only_to_empty_dirs(directory):
+    (obj,) = [o for o in manifests.render(directory) if manifests.pod_spec(o)]
+    spec, main = manifests.pod_spec(obj), container(obj)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == manifests.image_user() == 10001
+    assert main["securityContext"] == {"allowPrivilegeEscalation": False,
+                                       "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                                       "capabilities": {"drop": ["ALL"]}}
+    empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    writable = {m["mountPath"] for m in main["volumeMounts"] if m["name"] in empty_dirs}
+    # what the service writes: registry bundles (TEXTOPS_CACHE_DIR), temporary files
+    assert env(obj)["TEXTOPS_CACHE_DIR"] in writable and "/tmp" in writable
+
+
+@pytest.mark.parametrize("directory", [CHAMPION, SERVERLESS, RAW],
+                         ids=lambda d: str(d.relative_to(ROOT)))
+def test_replicas_follow_the_champion_of_the_deployed_model(directory):
+    (obj,) = [o for o in manifests.render(directory) if manifests.pod_spec(o)]
+    model_name = compose().deploy.model_name
+    assert env(obj)["TEXTOPS_BUNDLE"] == f"models:/{model_name}@champion"
+    assert env(obj)["MLFLOW_TRACKING_URI"].startswith("http")
+    assert float(env(obj)["TEXTOPS_WATCH_INTERVAL_S"]) > 0  # 0 would not follow it
+
+
+def test_service_hpa_and_budget_select_the_pods():
+    objects = rendered(BASE)
+    deployment = objects["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        selector = objects[kind]["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        assert selector.items() <= labels.items(), kind
+    port_names = {p["name"] for p in container(deployment)["ports"]}
+    assert objects["Service"]["spec"]["ports"][0]["targetPort"] in port_names
+    hpa = objects["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["minReplicas"] == deployment["spec"]["replicas"] < hpa["maxReplicas"]
+    assert objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] < hpa["minReplicas"]
