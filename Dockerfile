@@ -1,26 +1,44 @@
 # The serving image: onnxruntime + tokenizers + FastAPI (+ mlflow-skinny to follow a
-# registry alias), no torch, no pipeline code.
-# Its install steps are the ones `make serving-env` runs and checks outside Docker.
+# registry alias), no torch, no pipeline code, run as a non-root user.
+# Its install steps are the ones `make serving-env` runs and checks outside a container.
+# `make image` builds it with Docker or Podman (serving/container.py); by hand:
 #
-# Bundle mounted at run time (what `make deploy` does when a Docker engine runs):
+# Bundle mounted read-only at run time (what `make deploy` does); the container
+# follows models/current, a relative link inside the mounted models/:
 #   docker build --target runtime -t textops-serving .
-#   docker run -p 8000:8000 -v "$PWD/models:/models:ro" textops-serving
-# Bundle copied in at build time (a self-contained image; `make docker`):
+#   docker run -p 127.0.0.1:8000:8000 -v "$PWD/models:/models:ro" textops-serving
+# Bundle copied in at build time (a self-contained image):
 #   docker build --build-arg BUNDLE=models/bundles/3 -t textops-serving:v3 .
-#   docker run -p 8000:8000 textops-serving:v3
+#   docker run -p 127.0.0.1:8000:8000 textops-serving:v3
+#
+# BASE_IMAGE is any Debian-like image with Python 3.11 and its venv module: the
+# conventional python:3.11-slim (python3 in /usr/local/bin), or, where no registry can
+# be reached, a Debian bookworm root made by mmdebstrap (python3 in /usr/bin; see
+# serving/container.py). Only `python3` is called before the venv exists, which both have.
+ARG BASE_IMAGE=python:3.11-slim
 
-FROM python:3.11-slim AS build
+FROM ${BASE_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies first, in a layer that only pyproject.toml decides (its serve and
+# registry extras, read with the standard library): a change to serving/ or README.md
+# installs the package alone again. The pip cache survives between builds (BuildKit
+# and Buildah cache mounts) and never reaches the image.
+COPY pyproject.toml ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/venv \
+    && python3 -c "import tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(extras['serve'] + extras['registry']))" > requirements.txt \
+    && /opt/venv/bin/pip install --requirement requirements.txt
+COPY README.md ./
 COPY serving ./serving
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir './[serve,registry]'
+RUN --mount=type=cache,target=/root/.cache/pip \
+    /opt/venv/bin/pip install --no-deps .
 
-FROM python:3.11-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 RUN useradd --create-home --uid 10001 --user-group app
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     TEXTOPS_HOST=0.0.0.0 \
     TEXTOPS_PORT=8000 \
     TEXTOPS_BUNDLE=/models/current
@@ -29,9 +47,12 @@ WORKDIR /home/app
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2).status != 200)"]
+# Exec form: the service is PID 1 and gets the runtime's SIGTERM itself; it drains the
+# requests in flight and exits 0.
 CMD ["python", "-m", "serving"]
 
 FROM runtime AS baked
 ARG BUNDLE=models/current
-COPY --chown=10001:10001 ${BUNDLE} /models/baked
+# root-owned and world-readable: the service reads its bundle and cannot change it
+COPY ${BUNDLE} /models/baked
 ENV TEXTOPS_BUNDLE=/models/baked

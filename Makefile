@@ -1,6 +1,6 @@
 # The product's entry points. Every target that runs project code depends on `setup`
 # (directly or through `repro`), so on a fresh clone `make deploy` and `make test` work
-# with nothing typed first; `serving-env` and `docker` build environments of their own.
+# with nothing typed first; `serving-env` and `image` build environments of their own.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -9,6 +9,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 8000
 RUN_DIR ?= run
+# How `make deploy` serves: auto (a Docker or Podman container when one works, else a
+# local process), docker, podman, or process.
+DEPLOY_RUNTIME ?= auto
+# `make image BUNDLE=models/current` bakes that bundle into the image.
+BUNDLE ?=
 # The serving image's install steps, run outside Docker (see `serving-env`).
 SERVE_VENV ?= build/serve-venv
 
@@ -17,7 +22,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup params repro deploy undeploy rollback serve test test-fast bench tune lint \
-        serving-env docker mlflow-ui clean retrain rules manifests
+        serving-env image docker mlflow-ui clean retrain rules manifests
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,10 +42,11 @@ params: setup  ## recompose conf/ into params.yaml (make params OVERRIDES="model
 repro: setup  ## run the pipeline stages that are out of date
 	dvc repro
 
-deploy: repro  ## bring the pipeline up to date and serve the champion on PORT
-	$(PY) -m serving.control up --bundle models/current --port $(PORT) --run-dir $(RUN_DIR)
+deploy: repro  ## bring the pipeline up to date and serve the champion on PORT (in a container if Docker or Podman works; DEPLOY_RUNTIME=process: never)
+	$(PY) -m serving.control up --bundle models/current --port $(PORT) --run-dir $(RUN_DIR) \
+	    --runtime $(DEPLOY_RUNTIME)
 
-undeploy: setup  ## stop the service started by `make deploy` (safe when none runs)
+undeploy: setup  ## stop the service or container started by `make deploy` (safe when none runs)
 	$(PY) -m serving.control down --run-dir $(RUN_DIR)
 
 retrain: setup  ## read the service on PORT, retrain on its feedback if a trigger fires (ARGS="--dry-run" or "--force")
@@ -85,8 +91,11 @@ serving-env:  ## install the serving image's dependencies into $(SERVE_VENV), as
 	$(SERVE_VENV)/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the serving image'"
 	cd build && ../$(SERVE_VENV)/bin/python -c "import serving.app, serving.bundle; print('serving image dependencies: ok')"
 
-docker:  ## build a self-contained serving image with the champion bundle (needs a Docker engine)
-	docker build --build-arg BUNDLE=$$(realpath --relative-to=. models/current) -t textops-serving:latest .
+# The standard library is enough (serving/container.py): no need for .venv.
+image:  ## build the serving image with Docker or Podman (BUNDLE=models/current bakes a bundle in)
+	$(PYTHON) -m serving.container build $(if $(BUNDLE),--bundle $(BUNDLE))
+
+docker: image  ## the same as `make image`
 
 mlflow-ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -1,10 +1,12 @@
 """Starting, checking and stopping the service as a process.
 
 Used by the serve stage (a throw-away service on a free loopback port), by
-`make deploy` / `make undeploy` (a long-running service, its pid and log in a run
-directory, or a container when a Docker engine is available), and by the tests.
+`make deploy` / `make undeploy` (a long-running service: a Docker or Podman container
+when one of them works, else a local process, its pid and log in a run directory),
+and by the tests.
 
     python -m serving.control up   [--bundle models/current] [--port 8000] [--run-dir run]
+                                   [--runtime auto|docker|podman|process]
     python -m serving.control down [--run-dir run]
     python -m serving.control status [--run-dir run]
 """
@@ -15,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,8 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-CONTAINER = "textops-serving"
-IMAGE = "textops-serving:latest"
+from serving import container
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -134,12 +134,6 @@ def stop(process: subprocess.Popen, timeout: float = 30) -> int:
 # ---------------------------------------------------------------- make deploy / undeploy
 
 
-def docker_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -158,12 +152,24 @@ def running_pid(run_dir: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
+def running_container(run_dir: Path) -> tuple[container.Runtime, str] | None:
+    """(runtime, container name) of the container `up` started from this run
+    directory, if it did."""
+    record = run_dir / "container.json"
+    if not record.exists():
+        return None
+    started = json.loads(record.read_text())
+    return container.Runtime(started["runtime"]), started["name"]
+
+
 def down(run_dir: Path) -> str:
     """Stop what `up` started; fine when nothing runs."""
-    if (run_dir / "container").exists():
-        subprocess.run(["docker", "rm", "-f", CONTAINER], capture_output=True)
-        (run_dir / "container").unlink()
-        return f"stopped container {CONTAINER}"
+    started = running_container(run_dir)
+    if started is not None:
+        runtime, name = started
+        container.stop(runtime, name)
+        (run_dir / "container.json").unlink()
+        return f"stopped container {name} ({runtime.name})"
     pid = running_pid(run_dir)
     (run_dir / "service.pid").unlink(missing_ok=True)
     if pid is None:
@@ -200,40 +206,106 @@ def switched_in_place(url: str, version: str, timeout: float) -> bool:
     return True
 
 
-def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float) -> str:
-    """Serve `bundle` on host:port and wait until it is ready.
+def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float,
+       runtime_choice: str = "auto") -> tuple[str, str]:
+    """Serve `bundle` on host:port and wait until it is ready; (URL, where its log is).
 
     If this run directory's service is already up, it switches to the new bundle
-    without a restart; only if it does not is it replaced.
+    without a restart; only if it does not is it replaced. `runtime_choice` "auto"
+    takes a container when Docker or Podman works and the local process when none
+    does or the container fails, saying why; "docker" or "podman" insist on one;
+    "process" never tries a container.
     """
     if not (Path(bundle) / "bundle.json").exists():
         raise RuntimeError(f"{bundle}: no bundle; run `dvc repro` first (a blessed model "
                            "is needed for models/current)")
     url = f"http://{host}:{port}"
-    running = running_pid(run_dir) or (run_dir / "container").exists()
-    if running and switched_in_place(url, bundle_version(bundle), timeout=15):
-        return url
+    version = bundle_version(bundle)
+    running = running_pid(run_dir) or running_container(run_dir)
+    if running and switched_in_place(url, version, timeout=15):
+        print(f"deploy: the running service switched to {version} in place")
+        return url, log_hint(run_dir)
     down(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if docker_available():
-        models = Path(bundle).resolve().parent
-        subprocess.run(["docker", "build", "--target", "runtime", "-t", IMAGE, "."], check=True)
-        subprocess.run(
-            ["docker", "run", "-d", "--name", CONTAINER, "-p", f"{host}:{port}:8000",
-             "-v", f"{models}:/models:ro", "-e", f"TEXTOPS_BUNDLE=/models/{Path(bundle).name}",
-             IMAGE], check=True,
-        )
-        (run_dir / "container").write_text(CONTAINER)
-        wait_ready(url, timeout)
-        return url
+    runtime = choose_runtime(runtime_choice)
+    if runtime is not None:
+        try:
+            up_container(runtime, bundle, port, run_dir, host, timeout)
+            return url, log_hint(run_dir)
+        except container.ContainerError as err:
+            down(run_dir)
+            if runtime_choice != "auto":
+                raise RuntimeError(f"{runtime.name}: {err}") from None
+            print(f"deploy: the {runtime.name} container failed, so a local process serves "
+                  f"instead: {err}")
+    up_process(bundle, port, run_dir, host, timeout)
+    return url, log_hint(run_dir)
+
+
+def choose_runtime(choice: str) -> container.Runtime | None:
+    """The container runtime to deploy with, or None for a local process (saying why)."""
+    if choice == "process":
+        print("deploy: serving as a local process (asked for: DEPLOY_RUNTIME=process)")
+        return None
+    try:
+        return container.find_runtime(choice)
+    except container.ContainerError as err:
+        if choice != "auto":
+            raise RuntimeError(str(err)) from None
+        print(f"deploy: serving as a local process: {err}")
+        return None
+
+
+def container_name(port: int) -> str:
+    """One name per port: two deployments (say, the test suite's beside yours) on
+    different ports do not take each other's container."""
+    return f"textops-serving-{port}"
+
+
+def up_container(runtime: container.Runtime, bundle: Path, port: int, run_dir: Path,
+                 host: str, timeout: float) -> None:
+    """Build the image and run it with the bundle's directory mounted read-only."""
+    name = container_name(port)
+    host_dir, mounted_at, _ = container.bundle_mount(bundle)
+    print(f"deploy: serving in a {runtime.name} container, {name} "
+          f"({host_dir} mounted read-only at {mounted_at})")
+    container.check_mountable(bundle)
+    build_log = run_dir / "image-build.log"
+    print(f"deploy: building {container.IMAGE} (log: {build_log})")
+    container.build(runtime, build_log, container.IMAGE)
+    container.start(runtime, container.IMAGE, name, port, host, bundle)
+    (run_dir / "container.json").write_text(json.dumps({"runtime": runtime.name,
+                                                        "name": name}) + "\n")
+    try:
+        wait_ready(f"http://{host}:{port}", timeout)
+    except RuntimeError as err:
+        raise container.ContainerError(f"{err}\n{container.logs(runtime, name)}") from None
+
+
+def up_process(bundle: Path, port: int, run_dir: Path, host: str, timeout: float) -> None:
     service = start(bundle, port, run_dir / "service.log", host=host, detach=True)
     (run_dir / "service.pid").write_text(f"{service.process.pid}\n")
     try:
-        wait_ready(url, timeout, service.process)
+        wait_ready(service.url, timeout, service.process)
     except RuntimeError as err:
         down(run_dir)
         raise RuntimeError(f"{err}\n{service.log_tail()}") from None
-    return url
+
+
+def log_hint(run_dir: Path) -> str:
+    started = running_container(run_dir)
+    if started is not None:
+        runtime, name = started
+        return f"{runtime.name} logs {name}"
+    return str(run_dir / "service.log")
+
+
+def status(run_dir: Path) -> str:
+    started = running_container(run_dir)
+    if started is not None:
+        return f"running in container {started[1]} ({started[0].name})"
+    pid = running_pid(run_dir)
+    return f"running (pid {pid})" if pid else "not running"
 
 
 def main() -> None:
@@ -245,15 +317,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--run-dir", type=Path, default=Path("run"))
     parser.add_argument("--timeout", type=float, default=120)
+    parser.add_argument("--runtime", default="auto",
+                        choices=["auto", *container.RUNTIMES, "process"],
+                        help="auto: a Docker or Podman container if one works, else a process")
     args = parser.parse_args()
     if args.action == "down":
         print(down(args.run_dir))
     elif args.action == "status":
-        pid = running_pid(args.run_dir)
-        print(f"running (pid {pid})" if pid else "not running")
+        print(status(args.run_dir))
     else:
         try:
-            url = up(args.bundle, args.port, args.run_dir, args.host, args.timeout)
+            url, log = up(args.bundle, args.port, args.run_dir, args.host, args.timeout,
+                          args.runtime)
         except RuntimeError as err:
             sys.exit(f"deploy: {err}")
         _, meta = http_json("GET", f"{url}/metadata")
@@ -261,7 +336,7 @@ def main() -> None:
         print(f"  docs:  {url}/docs")
         print(f"  try:   curl -s -X POST {url}/predict -H 'Content-Type: application/json' "
               "-d '{\"texts\": [\"a gripping, beautifully acted film\"]}'")
-        print(f"  stop:  make undeploy   (log: {args.run_dir}/service.log)")
+        print(f"  stop:  make undeploy   (log: {log})")
 
 
 if __name__ == "__main__":
