@@ -52,7 +52,7 @@ class Signals:
     drift_window: int | None = None
     psi: dict[str, float] = field(default_factory=dict)
     live_accuracy: float | None = None
-    live_labels: int = 0
+    live_labels: int | None = None
     new_labels: int | None = None
     labels_until: float | None = None  # the latest label's time in the log
     profile: dict | None = None  # the served model's training profile (drift reference)
@@ -149,8 +149,13 @@ def trigger(name: str, fired: bool, reason: str, **values) -> dict:
     return {"trigger": name, "fired": fired, "reason": reason, **values}
 
 
+UNREAD = "the service's /metrics could not be read"
+
+
 def drift_triggers(signals: Signals, cfg: DictConfig, limits: dict) -> list[dict]:
-    window, least = signals.drift_window or 0, cfg.drift.min_window
+    window, least = signals.drift_window, cfg.drift.min_window
+    if window is None:
+        return [trigger("drift", False, UNREAD)]
     if window < least:
         return [trigger("drift", False, f"the drift window holds {window} texts, fewer "
                         f"than {least}: its PSIs are not trusted yet", window=window)]
@@ -169,6 +174,8 @@ def drift_triggers(signals: Signals, cfg: DictConfig, limits: dict) -> list[dict
 
 def accuracy_trigger(signals: Signals, cfg: DictConfig) -> dict:
     labels, floor, least = signals.live_labels, cfg.accuracy.floor, cfg.accuracy.min_labels
+    if signals.live_labels is None:
+        return trigger("live_accuracy", False, UNREAD)
     if signals.live_accuracy is None or labels < least:
         return trigger("live_accuracy", False, f"live accuracy rests on {labels} labels, "
                        f"fewer than {least}", labels=labels)

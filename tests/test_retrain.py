@@ -227,6 +227,9 @@ def test_an_unreachable_service_is_a_reason_not_a_crash(tmp_path, cfg):
     record = retrain.run(full, "http://127.0.0.1:9", f"sqlite:///{tmp_path}/none.db",
                          dry_run=True, paths=Paths(tmp_path))
     assert record["decision"] == "no retraining"
+    assert [t["reason"] for t in record["triggers"]] == [
+        "the service's /metrics could not be read", "the service's /metrics could not be read",
+        "the prediction log could not be read"]
     errors = record["signals"]["errors"]
     assert errors[0].startswith("service http://127.0.0.1:9:")
     assert errors[1].startswith("prediction log:") and "none.db" in errors[1]
