@@ -25,7 +25,6 @@ The pipeline reads the labelled rows with `read_labelled(url)`.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import re
@@ -36,6 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import orjson
 
 if TYPE_CHECKING:
     import numpy as np
@@ -336,14 +337,15 @@ def prediction_rows(request_id: str, created: float, bundle: Bundle, texts: list
     """The predictions rows of one request, its texts normalised and masked by the
     bundle's own tokenizer normalizer, as training saw them."""
     normalizer = bundle.tokenizer.normalizer
-    names = bundle.label_names
+    normalize = normalizer.normalize_str if normalizer is not None else str
+    names, version = bundle.label_names, bundle.version
     rows = []
     for position, (text, row) in enumerate(zip(texts, probs.tolist(), strict=True)):
-        stored = normalizer.normalize_str(text) if normalizer is not None else text
-        best = max(range(len(row)), key=row.__getitem__)  # the first of ties, as /predict
-        rows.append((request_id, position, created, bundle.version, stored,
-                     hashlib.sha256(stored.encode()).hexdigest(), json.dumps(row),
-                     names[best]))
+        stored = normalize(text)
+        label = names[row.index(max(row))]  # the first of ties, as /predict
+        rows.append((request_id, position, created, version, stored,
+                     hashlib.sha256(stored.encode()).hexdigest(), orjson.dumps(row).decode(),
+                     label))
     return rows
 
 
@@ -362,12 +364,12 @@ class PredictionLog:
     def __init__(self, url: str, metrics: ServiceMetrics, queue_size: int = 10_000,
                  sample: float = 1.0, retention_days: float = 30,
                  max_rows: int = 1_000_000, feedback_window: int = 1000,
-                 batch_size: int = 500, prune_interval_s: float = 60,
+                 batch_size: int = 2000, linger_s: float = 0.1, prune_interval_s: float = 60,
                  stats_interval_s: float = 10, retry_s: tuple[float, float] = (0.2, 5.0)):
         self.url = check_url(url)
         self.metrics = metrics
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.sample, self.batch_size = sample, batch_size
+        self.sample, self.batch_size, self.linger_s = sample, batch_size, linger_s
         self.max_age_s, self.max_rows = retention_days * 86400, max_rows
         self.feedback_window = feedback_window
         self.prune_interval_s, self.stats_interval_s = prune_interval_s, stats_interval_s
@@ -477,6 +479,10 @@ class PredictionLog:
             item = self.queue.get(timeout=1.0)
         except queue.Empty:
             return entries, markers, False
+        if item is not STOP and not isinstance(item, threading.Event):
+            # Let a batch gather: one transaction and one wake-up of this thread per
+            # batch, not per request (each wake-up takes the GIL from the event loop).
+            time.sleep(self.linger_s)
         while True:
             if item is STOP:
                 return entries, markers, True

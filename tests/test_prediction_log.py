@@ -111,7 +111,7 @@ def test_rows_hold_the_normalised_text_its_hash_and_the_answer():
     probs = np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32)
     rows = prediction_rows("r1", 12.5, fake_bundle("v7"), ["Great FILM", "Tie"], probs)
     assert rows[0] == ("r1", 0, 12.5, "v7", "great film",
-                       hashlib.sha256(b"great film").hexdigest(), "[0.25, 0.75]", "pos")
+                       hashlib.sha256(b"great film").hexdigest(), "[0.25,0.75]", "pos")
     assert rows[1][1] == 1 and rows[1][-1] == "neg"  # a tie goes to the first label
 
 

@@ -1,0 +1,152 @@
+"""What the prediction log costs: the service's throughput with the log on and off.
+
+    python bench/bench_logging.py [--bundle models/current] [--seconds 5] [--rounds 5]
+
+Two services on the same bundle, one with the prediction log off and one logging every
+answer to SQLite (optionally a third on PostgreSQL: --postgres URL), loaded in turns
+(off, on, on, off, ...: the machine's speed drifts over minutes) at concurrency 32 with
+SST-2 dev texts, one text per request. Prints texts/s per round, the median ratio
+on/off against the target (the log costs at most 5%), and what the log wrote and
+dropped: a log that dropped entries would look cheap.
+
+Throughput moves with whatever else the machine runs; the server's own CPU time per
+text (user + system, all its threads, from /proc) moves much less, so it is printed
+beside it: on a saturated server, throughput falls as CPU per text rises.
+Writes bench/results/logging.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_serving import CORES, HOST, bodies_for, dev_texts, machine  # noqa: E402
+from loadgen import build_requests, run_load  # noqa: E402
+
+from serving import control  # noqa: E402
+
+TARGET_COST = 0.05
+TICK = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK
+
+
+def counters(port: int) -> dict[str, float]:
+    """The prediction log's counters from the service's /metrics."""
+    text = httpx.get(f"http://{HOST}:{port}/metrics").text
+    wanted = {"textops_prediction_log_written_total": "written",
+              "textops_prediction_log_dropped_total": "dropped"}
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                key = wanted[sample.name]
+                if "reason" in sample.labels:
+                    key += f" ({sample.labels['reason']})"
+                found[key] = sample.value
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default="models/current")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--postgres", help="also measure a log on this PostgreSQL URL")
+    args = parser.parse_args()
+
+    bundle = (ROOT / args.bundle).resolve()
+    logs = ROOT / "bench" / "results"
+    logs.mkdir(parents=True, exist_ok=True)
+    requests = build_requests(HOST, "/predict", bodies_for("service", dev_texts(), 1))
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        setups = {"log off": "", "log on, SQLite": f"sqlite:///{tmp}/predictions.db"}
+        if args.postgres:
+            setups["log on, PostgreSQL"] = args.postgres
+        services = {}
+        for name, log_url in setups.items():
+            env = {"TEXTOPS_MAX_QUEUE": "4096", "TEXTOPS_WATCH_INTERVAL_S": "0",
+                   "TEXTOPS_PREDICTION_LOG": log_url}
+            service = control.start(bundle, control.free_port(),
+                                    logs / f"logging-{len(services)}.log", env=env)
+            stack.callback(control.stop, service.process)
+            control.wait_ready(service.url, 180, service.process)
+            services[name] = service
+        rounds: dict[str, list[float]] = {name: [] for name in setups}
+        cpu: dict[str, list[float]] = {name: [] for name in setups}
+        for round_ in range(args.rounds):
+            # alternate which goes first, so neither always follows the other
+            order = list(setups) if round_ % 2 == 0 else list(reversed(setups))
+            for name in order:
+                service = services[name]
+                port = int(service.url.rsplit(":", 1)[1])
+                before = cpu_seconds(service.process.pid)
+                load = run_load(HOST, port, requests, args.concurrency, args.seconds,
+                                warmup=0.5)
+                used = cpu_seconds(service.process.pid) - before
+                summary = load.summary(1, CORES)
+                # CPU of warm-up and measured time, over the texts of both
+                texts = summary["texts_per_s"] * (args.seconds + 0.5)
+                rounds[name].append(summary["texts_per_s"])
+                cpu[name].append(used / texts * 1e6)
+                print(f"round {round_ + 1:>2}  {name:<20} {summary['texts_per_s']:8.1f} texts/s "
+                      f" server CPU {cpu[name][-1]:6.1f} us/text  p99 {summary['p99_ms']:6.1f} ms"
+                      f"  errors {summary['errors']}", flush=True)
+        written = {name: counters(int(services[name].url.rsplit(":", 1)[1]))
+                   for name in setups if setups[name]}
+    report(rounds, cpu, written, args)
+
+
+def report(rounds: dict[str, list[float]], cpu: dict[str, list[float]], written: dict,
+           args) -> None:
+    off = rounds["log off"]
+    ratios, cpu_ratios = {}, {}
+    print(f"\nAt concurrency {args.concurrency}, median of {args.rounds} rounds:")
+    for name, values in rounds.items():
+        if name == "log off":
+            continue
+        per_round = [on / base for on, base in zip(values, off, strict=True)]
+        ratio = statistics.median(per_round)
+        ratios[name] = ratio
+        cost = 1 - ratio
+        verdict = "meets" if cost <= TARGET_COST else "MISSES"
+        print(f"  {name:<20} {statistics.median(values):8.1f} texts/s vs "
+              f"{statistics.median(off):8.1f} off: ratio {ratio:.3f}, cost {cost * 100:+.1f}% "
+              f"({verdict} the target {TARGET_COST * 100:.0f}%); per round "
+              f"{', '.join(f'{r:.3f}' for r in per_round)}")
+        cpu_ratio = statistics.median(cpu[name]) / statistics.median(cpu["log off"])
+        cpu_ratios[name] = cpu_ratio
+        print(f"  {'':<20} server CPU per text {statistics.median(cpu[name]):.1f} us vs "
+              f"{statistics.median(cpu['log off']):.1f} us off: {(cpu_ratio - 1) * 100:+.1f}%")
+        print(f"  {'':<20} the log: {written[name]}")
+    out = ROOT / "bench" / "results" / "logging.json"
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+                               "args": vars(args), "texts_per_s": rounds,
+                               "server_cpu_us_per_text": cpu, "ratio_on_off": ratios,
+                               "cpu_per_text_ratio_on_off": cpu_ratios,
+                               "log_counters": written}, indent=2))
+    print(f"\nwrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
