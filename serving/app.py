@@ -5,6 +5,8 @@ serving/settings.py) or `uvicorn --factory serving.app:create_app`.
 
 Routes (serving/routes.py, serving/v2.py)
 - `POST /predict`, `POST /explain`, and the Open Inference Protocol under `/v2`;
+- `POST /feedback`: the right label for an answer, by its request id (the prediction
+  log, serving/prediction_log.py, keeps the answers; live accuracy goes to /metrics);
 - `GET /health/live`, `GET /health/ready` (503 until a bundle is loaded and warm),
   `GET /metadata`, `GET /metrics` (Prometheus), OpenAPI docs at `/docs`;
 - `POST /admin/reload` (needs `TEXTOPS_ADMIN_TOKEN`);

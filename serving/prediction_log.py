@@ -128,10 +128,13 @@ def redacted(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
+URL_FORMS = "sqlite:///<path> or postgresql://..."
+
+
 def check_url(url: str) -> str:
     """`url` if it names a database the log can use, else PredictionLogError."""
     if sqlite_path(url) is None and not is_postgres(url):
-        raise PredictionLogError(f"{url!r}: expected sqlite:///<path> or postgresql://...")
+        raise PredictionLogError(f"{url!r}: expected {URL_FORMS}")
     return url
 
 

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.bundle import RuntimeOptions
-from serving.prediction_log import PredictionLogError, check_url
+from serving.prediction_log import URL_FORMS, PredictionLogError, check_url
 
 ENV_PREFIX = "TEXTOPS_"
 
@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     def _a_database_url(cls, url: str) -> str:
         try:
             return check_url(url.strip()) if url.strip() else ""
-        except PredictionLogError as err:
-            raise ValueError(str(err)) from None
+        except PredictionLogError:
+            raise ValueError(f"expected {URL_FORMS}, or empty for no log") from None
 
     @model_validator(mode="after")
     def _limits_fit_the_queue(self):

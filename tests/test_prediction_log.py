@@ -537,3 +537,47 @@ def test_an_unwritable_sqlite_file_fails_no_request_and_the_log_recovers(built_b
         assert len(log_lines(service, "failed (")) == 1, service.log_tail()
         assert "unable to open database file" in log_lines(service, "failed (")[0]
         assert len(log_lines(service, "recovered: writing again")) == 1, service.log_tail()
+
+
+def test_the_writer_enforces_retention_itself(tmp_path):
+    url = f"sqlite:///{tmp_path}/log.db"
+    writer = PredictionLog(url, ServiceMetrics(10), max_rows=5, prune_interval_s=0.05,
+                           linger_s=0.01)
+    writer.start()
+    try:
+        probs = np.array([[0.9, 0.1]], dtype=np.float32)
+        for i in range(12):
+            writer.record(f"r{i}", fake_bundle(), ["a"], probs)
+        writer.flush()
+        store = open_store(url)
+        try:
+            eventually(lambda: store.count("predictions") <= 5, timeout=10)
+        finally:
+            store.close()
+    finally:
+        writer.close()
+
+
+def test_a_bad_log_setting_names_the_variable(monkeypatch):
+    from serving.settings import Settings, SettingsError
+
+    monkeypatch.setenv("TEXTOPS_PREDICTION_LOG", "mysql://db/log")
+    with pytest.raises(SettingsError, match=r"TEXTOPS_PREDICTION_LOG='mysql://db/log': "
+                                            r"expected sqlite:///<path> or postgresql://"):
+        Settings.from_env()
+    monkeypatch.setenv("TEXTOPS_PREDICTION_LOG", "")
+    monkeypatch.setenv("TEXTOPS_PREDICTION_LOG_SAMPLE", "1.5")
+    with pytest.raises(SettingsError, match="TEXTOPS_PREDICTION_LOG_SAMPLE='1.5'"):
+        Settings.from_env()
+
+
+def test_with_the_log_off_answers_keep_their_id_and_feedback_says_why(built_bundle, tmp_path):
+    with running_service(built_bundle[0], tmp_path, prediction_log="") as service:
+        answer = predict(service.url, ["great film"])
+        assert answer.headers["x-request-id"] == answer.json()["request_id"]
+        refused = post_feedback(service.url, {"request_id": answer.json()["request_id"],
+                                              "label": "pos"})
+        assert refused.status_code == 404 and refused.json()["code"] == "disabled"
+        assert "TEXTOPS_PREDICTION_LOG" in refused.json()["error"]
+        assert metric(service.url, "textops_live_labels") is None
+    assert not list(tmp_path.glob("*.db"))

@@ -29,7 +29,11 @@ def test_health_metadata_and_docs(client, built_bundle):
     assert metadata["lineage"]["data_hash"] == "abc" and "metrics" in metadata
     assert metadata["registry"] is None  # a candidate: no registry has promoted it
     assert "swagger" in client.get("/docs").text.lower()
-    assert "/predict" in client.get("/openapi.json").json()["paths"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/predict" in paths and "/feedback" in paths
+    feedback_body = paths["/feedback"]["post"]["requestBody"]["content"]["application/json"]
+    assert [kind.get("type", "object") for kind in feedback_body["schema"]["oneOf"]] == [
+        "object", "array"]
 
 
 def test_predict_answers_like_the_bundle_offline(client, built_bundle):

@@ -218,7 +218,8 @@ def test_admin_reload_token_and_broken_bundle_refused(built_bundle, tmp_path):
 
 
 def test_api_keys_guard_prediction_routes_only(built_bundle, tmp_path):
-    with running_service(built_bundle[0], tmp_path, api_keys="k1,k2") as service:
+    with running_service(built_bundle[0], tmp_path, api_keys="k1,k2",
+                         prediction_log=f"sqlite:///{tmp_path}/log.db") as service:
         with httpx.Client(base_url=service.url) as c:
             body = {"texts": ["great"]}
             assert c.post("/predict", json=body).status_code == 401
@@ -228,6 +229,12 @@ def test_api_keys_guard_prediction_routes_only(built_bundle, tmp_path):
             assert c.post("/predict", json=body,
                           headers={"Authorization": "Bearer k1"}).status_code == 200
             assert c.post("/explain", json={"text": "great"}).status_code == 401
+            # feedback is guarded like the predictions it labels
+            answered = c.post("/predict", json=body, headers={"X-API-Key": "k1"}).json()
+            feedback = {"request_id": answered["request_id"], "label": "pos"}
+            assert c.post("/feedback", json=feedback).status_code == 401
+            assert c.post("/feedback", json=feedback,
+                          headers={"X-API-Key": "k2"}).json() == {"accepted": 1}
             assert c.get("/health/ready").status_code == 200  # probes need no key
             assert c.get("/metadata").status_code == 200
 
