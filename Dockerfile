@@ -1,6 +1,6 @@
 # The serving image: onnxruntime + tokenizers + FastAPI (+ mlflow-skinny to follow a
 # registry alias), no torch, no pipeline code, run as a non-root user.
-# Its install steps are the ones `make serving-env` runs and checks outside a container.
+# Its dependencies are the ones `make serving-env` installs and checks outside a container.
 # `make image` builds it with Docker or Podman (serving/container.py); by hand:
 #
 # Bundle mounted read-only at run time (what `make deploy` does); the container
@@ -19,24 +19,23 @@ ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
 WORKDIR /src
-# The dependencies first, in a layer that only pyproject.toml decides (its serve and
-# registry extras, read with the standard library): a change to serving/ or README.md
-# installs the package alone again. The pip cache survives between builds (BuildKit
-# and Buildah cache mounts) and never reaches the image.
+# The dependencies alone (pyproject.toml's serve and registry extras, read with the
+# standard library), in a layer that only pyproject.toml decides. The pip cache survives
+# between builds (BuildKit and Buildah cache mounts) and never reaches the image.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/venv \
     && python3 -c "import tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(extras['serve'] + extras['registry']))" > requirements.txt \
     && /opt/venv/bin/pip install --requirement requirements.txt
-COPY README.md ./
-COPY serving ./serving
-RUN --mount=type=cache,target=/root/.cache/pip \
-    /opt/venv/bin/pip install --no-deps .
 
 FROM ${BASE_IMAGE} AS runtime
 RUN useradd --create-home --uid 10001 --user-group app
 COPY --from=build /opt/venv /opt/venv
+# The service's code on PYTHONPATH rather than installed: a change to it adds a small
+# layer over the unchanged environment (installing it would copy all of /opt/venv again).
+COPY serving /opt/textops/serving
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/textops \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TEXTOPS_HOST=0.0.0.0 \

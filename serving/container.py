@@ -33,7 +33,7 @@ DEFAULT_BASE = "docker.io/library/python:3.11-slim"  # the Dockerfile's default,
 BASE_REPOSITORY = "localhost/textops-base"
 RUNTIMES = ("docker", "podman")
 # What the image is built from: the Dockerfile and what its COPY lines name.
-CONTEXT_FILES = ("Dockerfile", "pyproject.toml", "README.md", "serving")
+CONTEXT_FILES = ("Dockerfile", "pyproject.toml", "serving")
 # Host files that let pip inside the build reach PyPI as pip outside does (a proxy's CA,
 # an index, constraints); mounted read-only where they exist (Podman only: `docker
 # build` mounts nothing).

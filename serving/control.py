@@ -135,6 +135,11 @@ def stop(process: subprocess.Popen, timeout: float = 30) -> int:
 
 
 def pid_alive(pid: int) -> bool:
+    # A child of this process that has exited is a zombie, which kill(pid, 0) still
+    # finds, until it is reaped: reap it (only our own children can be).
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
