@@ -244,7 +244,12 @@ def retrain(cfg: DictConfig, log_url: str, paths: Paths) -> dict:
     if not snapshot:
         return {"error": "data.feedback.snapshot is null: the pipeline would not see the "
                          "feedback; set it (make params OVERRIDES=...) to retrain on it"}
-    exported = feedback.export(log_url, paths.root / snapshot)
+    from serving.prediction_log import PredictionLogError
+
+    try:
+        exported = feedback.export(log_url, paths.root / snapshot)
+    except (PredictionLogError, OSError) as err:
+        return {"error": f"the feedback could not be exported: {err}"}
     ran, output = run_pipeline(list(cfg.retrain.command), paths.root,
                                paths.run_facts("retrain").with_suffix(".log"))
     done = {"snapshot": exported, "pipeline": ran}
@@ -302,6 +307,19 @@ def run(cfg: DictConfig, service_url: str, log_url: str, force: bool = False,
     return record
 
 
+def summary(result: dict) -> str:
+    """One line on what the retraining came to."""
+    if "error" in result:
+        return result["error"]
+    if result["pipeline"]["returncode"]:
+        return f"the pipeline failed (exit {result['pipeline']['returncode']}; " \
+               f"log: {result['pipeline']['log']})"
+    if "note" in result:
+        return result["note"]
+    verdict = "promoted to champion" if result["promoted"] else "registered, NOT promoted"
+    return f"version {result['registry_version']} {verdict}: " + "; ".join(result["gate_reasons"])
+
+
 def succeeded(record: dict) -> bool:
     result = record.get("result")
     return result is None or result.get("pipeline", {}).get("returncode") == 0
@@ -319,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     record = run(cfg, args.service_url.rstrip("/"), args.log or feedback.default_log_url(cfg),
                  args.force, args.dry_run)
     print(json.dumps(record, indent=2))
-    print(f"retrain: {record['decision']}: " + "; ".join(record["reasons"]))
+    print(f"retrain: {record['decision']}, because: " + "; ".join(record["reasons"]))
+    if "result" in record:
+        print(f"retrain: {summary(record['result'])}")
     if not succeeded(record) or "error" in record.get("result", {}):
         sys.exit(1)
 

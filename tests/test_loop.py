@@ -160,6 +160,7 @@ def test_feedback_retrains_promotes_and_the_service_switches(film_repo, tmp_path
     assert record["result"]["stages_run"][0] == "collect"
     assert record["result"]["blessed"] and record["result"]["promoted"]
     assert record["result"]["registry_version"] == "2"
+    assert "retrain: version 2 promoted to champion: " in retrained.stdout
     # the gate: better on the held-out food feedback, not worse beyond its bound on films
     gate = json.loads((repo / "reports/gate.json").read_text())
     checks = {check["rule"] + check.get("metric", ""): check for check in gate["checks"]}

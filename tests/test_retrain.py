@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, compose, running_service
+from omegaconf import OmegaConf
 
 from pipeline import feedback, retrain
 from pipeline.config import Paths
@@ -276,3 +277,22 @@ def test_alerting_rules_use_the_retrain_thresholds(cfg):
     assert f"textops_live_accuracy < {cfg.accuracy.floor}" in accuracy
     assert f"textops_live_labels >= {cfg.accuracy.min_labels}" in accuracy
     assert expr["TextopsRetrainLabelsWaiting"].endswith(f">= {cfg.new_labels.min}")
+
+
+def test_a_forced_retraining_without_a_readable_log_is_recorded_as_failed(tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = compose()
+    params.retrain.prediction_log = f"sqlite:///{tmp_path}/none.db"
+    params.retrain.service_url = "http://127.0.0.1:9"
+    (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(params))
+    with pytest.raises(SystemExit) as exited:
+        retrain.main(["--force"])
+    assert exited.value.code == 1
+    record = json.loads((tmp_path / "reports/retrain.json").read_text())
+    assert record["decision"] == "retrain"
+    assert record["result"]["error"].startswith("the feedback could not be exported:")
+    assert "none.db" in record["result"]["error"]
+    printed = capsys.readouterr().out
+    assert "retrain: retrain, because: asked for with --force" in printed
+    assert "retrain: the feedback could not be exported: " in printed
