@@ -105,9 +105,14 @@ class LiveQuality:
 
     def __init__(self):
         self.stats: LiveStats | None = None  # None: no log, or not read yet
+        self.lock = threading.Lock()
 
     def update(self, stats: LiveStats) -> None:
-        self.stats = stats  # one assignment: a scrape sees the old figures or the new
+        """Keep `stats` unless a reading begun later is already there (the writer's
+        periodic reading and a feedback request's may finish out of order)."""
+        with self.lock:
+            if self.stats is None or stats.as_of >= self.stats.as_of:
+                self.stats = stats  # a scrape sees the old figures or the new
 
     def collect(self):
         stats = self.stats

@@ -295,6 +295,7 @@ class LiveStats:
     recall: dict[str, float] = field(default_factory=dict)  # per true label
     logged: int = 0  # predictions in the retention window
     answered: int = 0  # of those, the ones that received a label
+    as_of: float = 0.0  # time.monotonic() when the reading began
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[str, str]], logged: int, answered: int
@@ -454,7 +455,10 @@ class PredictionLog:
                 raise
 
     def _stats(self, store: LogStore) -> LiveStats:
-        return store.live_stats(self.feedback_window, time.time() - self.max_age_s)
+        as_of = time.monotonic()
+        stats = store.live_stats(self.feedback_window, time.time() - self.max_age_s)
+        stats.as_of = as_of
+        return stats
 
     # ------------------------------------------------------------ the writer thread
 
