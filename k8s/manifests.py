@@ -119,9 +119,11 @@ def is_custom(obj: dict) -> bool:
 
 
 def strategic_merge(base, patch, custom: bool, field: str = ""):
-    """`patch` merged into a copy of `base`: maps key by key, keyed lists item by item
-    (items new to the list first, as kustomize orders them), other lists replaced."""
-    if isinstance(patch, dict) and isinstance(base, dict):
+    """`patch` merged into a copy of `base`: maps key by key (null deletes a key), keyed
+    lists item by item (the patch's items first, in its order, as kustomize orders
+    them), other lists replaced."""
+    if isinstance(patch, dict):
+        base = base if isinstance(base, dict) else {}
         if any(key.startswith("$") for key in patch):
             raise ManifestError(f"patch directive in {field!r}: not supported")
         merged = copy.deepcopy(base)
@@ -133,11 +135,12 @@ def strategic_merge(base, patch, custom: bool, field: str = ""):
         return merged
     key = None if custom else MERGE_KEYS.get(field)
     if key and isinstance(patch, list) and isinstance(base, list):
-        existing = {item[key] for item in base}
-        added = [copy.deepcopy(item) for item in patch if item[key] not in existing]
-        patched = {item[key]: item for item in patch}
-        return added + [strategic_merge(item, patched[item[key]], custom, field)
-                        if item[key] in patched else copy.deepcopy(item) for item in base]
+        existing = {item[key]: item for item in base}
+        named = {item[key] for item in patch}
+        merged = [strategic_merge(existing[item[key]], item, custom, field)
+                  if item[key] in existing else strategic_merge(None, item, custom, field)
+                  for item in patch]
+        return merged + [copy.deepcopy(item) for item in base if item[key] not in named]
     return copy.deepcopy(patch)
 
 

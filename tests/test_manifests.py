@@ -32,8 +32,12 @@ def container(obj: dict) -> dict:
     return only
 
 
-def env(obj: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(obj)["env"]}
+def env(obj: dict) -> dict[str, str | dict]:
+    """Each variable's value, or where it comes from (`valueFrom`)."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(obj)["env"]}
+
+
+FROM_SECRET = {"secretKeyRef": {"name": "textops-prediction-log", "key": "url"}}
 
 
 # ---------------------------------------------------------------- every manifest validates
@@ -165,7 +169,11 @@ def test_the_champion_overlay_adds_to_the_base_container():
     base, overlay = rendered(BASE)["Deployment"], rendered(CHAMPION)["Deployment"]
     assert env(overlay) == {**env(base), "TEXTOPS_BUNDLE": "models:/sst2-classifier@champion",
                             "MLFLOW_TRACKING_URI": "http://mlflow.mlops.svc.cluster.local:5000",
-                            "TEXTOPS_WATCH_INTERVAL_S": "10"}
+                            "TEXTOPS_WATCH_INTERVAL_S": "10",
+                            "TEXTOPS_PREDICTION_LOG": FROM_SECRET}
+    # the base's "" (no log) is gone, not left beside the secret (an invalid variable)
+    (log,) = [e for e in container(overlay)["env"] if e["name"] == "TEXTOPS_PREDICTION_LOG"]
+    assert "value" not in log
     unchanged = {k: v for k, v in container(overlay).items() if k != "env"}
     assert unchanged == {k: v for k, v in container(base).items() if k != "env"}
     assert rendered(CHAMPION)["Service"] == rendered(BASE)["Service"]
@@ -236,11 +244,11 @@ def test_the_deployment_rolls_and_drains_without_losing_a_request():
     assert int(env(deployment)["TEXTOPS_INTRA_OP_THREADS"]) == cpu_limit
 
 
-@pytest.mark.parametrize("directory", [CHAMPION, SERVERLESS, RAW],
+@pytest.mark.parametrize("directory", [BASE, CHAMPION, SERVERLESS, RAW],
                          ids=lambda d: str(d.relative_to(ROOT)))
 def test_pods_run_unprivileged_and_write_only_to_empty_dirs(directory):
     (obj,) = [o for o in manifests.render(directory) if manifests.pod_spec(o)]
-    spec, main = manifests.pod_spec(obj), container(obj)
+    spec, main, variables = manifests.pod_spec(obj), container(obj), env(obj)
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == manifests.image_user() == 10001
     assert main["securityContext"] == {"allowPrivilegeEscalation": False,
@@ -249,7 +257,12 @@ def test_pods_run_unprivileged_and_write_only_to_empty_dirs(directory):
     empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
     writable = {m["mountPath"] for m in main["volumeMounts"] if m["name"] in empty_dirs}
     # what the service writes: registry bundles (TEXTOPS_CACHE_DIR), temporary files
-    assert env(obj)["TEXTOPS_CACHE_DIR"] in writable and "/tmp" in writable
+    assert variables["TEXTOPS_CACHE_DIR"] in writable and "/tmp" in writable
+    # ... and its prediction log, by default a SQLite file under the working directory,
+    # on the read-only root: off, or one PostgreSQL database for every replica
+    default_log = Settings.model_fields["prediction_log"].default
+    assert default_log.startswith("sqlite:///run/")
+    assert variables["TEXTOPS_PREDICTION_LOG"] == ("" if directory == BASE else FROM_SECRET)
 
 
 @pytest.mark.parametrize("directory", [CHAMPION, SERVERLESS, RAW],
