@@ -299,10 +299,9 @@ def run(cfg: DictConfig, service_url: str, log_url: str, force: bool = False,
         record["decision"] = "retrain (dry run: nothing ran)"
     elif fired:
         record["result"] = retrain(cfg, log_url, paths)
-        ran = record["result"].get("pipeline", {})
-        if ran.get("returncode") == 0:
-            record["last_retraining"] = {"time": iso(now),
-                                         "labels_until": signals.labels_until or since}
+        if succeeded(record):  # the snapshot's labels trained it: none of them is new
+            record["last_retraining"] = {
+                "time": iso(now), "labels_until": record["result"]["snapshot"]["labels_until"]}
     atomic.write_json(record_path, record)
     return record
 
@@ -321,6 +320,7 @@ def summary(result: dict) -> str:
 
 
 def succeeded(record: dict) -> bool:
+    """No retraining was asked for, or the one asked for ran the pipeline to its end."""
     result = record.get("result")
     return result is None or result.get("pipeline", {}).get("returncode") == 0
 
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"retrain: {record['decision']}, because: " + "; ".join(record["reasons"]))
     if "result" in record:
         print(f"retrain: {summary(record['result'])}")
-    if not succeeded(record) or "error" in record.get("result", {}):
+    if not succeeded(record):
         sys.exit(1)
 
 
