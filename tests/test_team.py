@@ -184,8 +184,8 @@ def serves(replica, identity: str, bundle_version: str) -> None:
 
 def test_a_promotion_and_a_rollback_reach_the_running_replica(team, tmp_path, monkeypatch):
     """A replica started from models:/<name>@champion through the server serves v1; a
-    second version promoted on the server, then `make rollback`'s command run by a team
-    member, each reach the same replica process within seconds."""
+    second version promoted on the server, then `make rollback` run by a team member,
+    each reach the same replica process within seconds."""
     name, first = model_name(team.repo), candidate_version(team.repo)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.tracking)  # the replica's environment
     with running_service(f"models:/{name}@champion", tmp_path, watch_interval_s=0.5,
@@ -197,8 +197,8 @@ def test_a_promotion_and_a_rollback_reach_the_running_replica(team, tmp_path, mo
         assert version == "2"
         serves(replica, f"{name}/2", second)
 
-        log = tracked([sys.executable, "-m", "pipeline.registry", "rollback"], team.repo,
-                      team.tracking).stdout
+        make = ["make", "-o", f"{VENV_BIN.parent}/.installed", f"VENV={VENV_BIN.parent}"]
+        log = tracked([*make, "rollback"], team.repo, team.tracking).stdout
         assert f"{name} champion is now v1" in log
         serves(replica, f"{name}/1", first)
         assert replica.process.poll() is None  # the same process all along: no restart
