@@ -245,11 +245,14 @@ def seen_by_build(value: str) -> bool:
 def build_command(runtime: Runtime, tag: str, base: str, context: Path,
                   bundle: bool, pip_config: Path | None) -> list[str]:
     """The build command line: the `baked` stage with a bundle, else `runtime`."""
-    args = ["build", "--network=host", "--build-arg", f"BASE_IMAGE={base}",
+    args = ["build", "--build-arg", f"BASE_IMAGE={base}",
             "--target", "baked" if bundle else "runtime", "-t", tag]
     if bundle:
         args += ["--build-arg", "BUNDLE=bundle"]
     if runtime.name == "podman":
+        # the host's network, as pip outside reaches PyPI (BuildKit would want an
+        # entitlement for it, and Docker's own build network reaches what the host does)
+        args.append("--network=host")
         args += ["--format", "docker"]  # the OCI format has no HEALTHCHECK
         args += [f"--volume={path}:{path}:ro" for path in PIP_HOST_FILES
                  if Path(path).exists()]
