@@ -271,6 +271,12 @@ def image_port() -> int:
     return int(found.group(1))
 
 
+def run_as_user(pod: dict, container: dict) -> int | None:
+    """The user a container runs as: its own securityContext's, else the pod's."""
+    own = container.get("securityContext", {}).get("runAsUser")
+    return own if own is not None else pod.get("securityContext", {}).get("runAsUser")
+
+
 def image_user() -> int:
     """The numeric USER the Dockerfile's image runs as."""
     found = re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
@@ -310,10 +316,11 @@ def disagreements_with_code(obj: dict) -> list[str]:
     if spec is None:
         return []
     problems, port, settings = [], image_port(), setting_names()
-    user = spec.get("securityContext", {}).get("runAsUser")
-    if user != image_user():
-        problems.append(f"{describe(obj)}: runAsUser {user}, the image's user is "
-                        f"{image_user()}")
+    for container in spec["containers"]:
+        user = run_as_user(spec, container)
+        if user != image_user():
+            problems.append(f"{describe(obj)} container {container['name']}: runAsUser "
+                            f"{user}, the image's user is {image_user()}")
     for container in spec["containers"]:
         name = f"{describe(obj)} container {container['name']}"
         named_ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])

@@ -120,8 +120,12 @@ BREAKAGES = {
         "overlays/champion/follow-champion.yaml", "spec.template.spec.containers.0.name",
         "textop", "container textop: no HTTP startupProbe"),
     "another user than the image's": (
-        "kserve/serverless/inferenceservice.yaml", "spec.predictor.securityContext.runAsUser",
-        1000, "runAsUser 1000, the image's user is 10001"),
+        "kserve/serverless/inferenceservice.yaml",
+        "spec.predictor.containers.0.securityContext.runAsUser", 1000,
+        "runAsUser 1000, the image's user is 10001"),
+    "no user in the pod or its container": (
+        "base/deployment.yaml", "spec.template.spec.securityContext.runAsUser", None,
+        "runAsUser None, the image's user is 10001"),
 }
 
 
@@ -185,9 +189,13 @@ def test_the_raw_inference_service_is_the_serverless_one_plus_raw_mode():
     assert raw["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "RawDeployment"}
     assert (raw["spec"]["predictor"]["scaleMetric"], raw["spec"]["predictor"]["scaleTarget"]) \
         == ("cpu", 70)
-    # Knative's queue-proxy drains a serverless pod; a raw one waits in preStop instead
+    # Knative's queue-proxy drains a serverless pod and Knative sets its grace period;
+    # a raw one waits in preStop, then has the service's drain before SIGKILL
     assert "lifecycle" not in container(serverless)
+    assert "terminationGracePeriodSeconds" not in serverless["spec"]["predictor"]
     assert container(raw)["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    drain = 3 * Settings().request_timeout_s
+    assert raw["spec"]["predictor"]["terminationGracePeriodSeconds"] > 5 + drain
     assert {k: v for k, v in container(raw).items() if k != "lifecycle"} == container(serverless)
 
 
@@ -250,10 +258,11 @@ def test_pods_run_unprivileged_and_write_only_to_empty_dirs(directory):
     (obj,) = [o for o in manifests.render(directory) if manifests.pod_spec(o)]
     spec, main, variables = manifests.pod_spec(obj), container(obj), env(obj)
     assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["securityContext"]["runAsUser"] == manifests.image_user() == 10001
-    assert main["securityContext"] == {"allowPrivilegeEscalation": False,
-                                       "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                                       "capabilities": {"drop": ["ALL"]}}
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert manifests.run_as_user(spec, main) == manifests.image_user() == 10001
+    assert main["securityContext"].items() >= {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}.items()
     empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
     writable = {m["mountPath"] for m in main["volumeMounts"] if m["name"] in empty_dirs}
     # what the service writes: registry bundles (TEXTOPS_CACHE_DIR), temporary files
