@@ -27,10 +27,10 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 from omegaconf import DictConfig
 from prometheus_client.parser import text_string_to_metric_families
@@ -62,19 +62,24 @@ class Signals:
 # ---------------------------------------------------------------- reading the state
 
 
-def scrape(service_url: str, timeout: float = 10) -> dict[str, float]:
+def fetch(url: str, timeout: float = 10) -> str:
+    """The body of a GET (the standard library: the pipeline's install has no client)."""
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return answer.read().decode()
+
+
+def scrape(service_url: str) -> dict[str, float]:
     """The unlabelled samples of the service's /metrics, by name."""
-    text = httpx.get(f"{service_url}/metrics", timeout=timeout).raise_for_status().text
     return {sample.name: sample.value
-            for family in text_string_to_metric_families(text)
+            for family in text_string_to_metric_families(fetch(f"{service_url}/metrics"))
             for sample in family.samples if not sample.labels}
 
 
 def read_service(signals: Signals, service_url: str) -> None:
     try:
         metrics = scrape(service_url)
-        meta = httpx.get(f"{service_url}/metadata", timeout=10).raise_for_status().json()
-    except (httpx.HTTPError, ValueError) as err:
+        meta = json.loads(fetch(f"{service_url}/metadata"))
+    except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
         signals.errors.append(f"service {service_url}: {err}")
         return
     if "textops_drift_window_texts" in metrics:
