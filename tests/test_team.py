@@ -55,11 +55,16 @@ def tracked(cmd: list[str], repo: Path, tracking: str, timeout: float = 600):
     return result
 
 
+# The name replicas in a cluster reach the server by (k8s/overlays/champion).
+CLUSTER_HOST = "mlflow.mlops.svc.cluster.local:5000"
+
+
 @contextlib.contextmanager
 def mlflow_server(database: str, artifacts: Path, log: Path):
     """`mlflow server` on `database` with a local artifact store, on a free loopback
-    port; always stopped. SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3: the
-    URI names psycopg2, the driver installed."""
+    port, as the README starts the team's; always stopped. SQLAlchemy 2.1 reads a bare
+    postgresql:// as psycopg 3: the URI names psycopg2, the driver installed. MLflow
+    answers only Host headers it allows (loopback and private addresses by default)."""
     backend = database.replace("postgresql://", "postgresql+psycopg2://", 1)
     port = control.free_port()
     # MLflow's job runner (a pool of worker processes for server-side jobs) is not
@@ -69,7 +74,8 @@ def mlflow_server(database: str, artifacts: Path, log: Path):
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
              "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
+             "--port", str(port), "--workers", "1",
+             "--allowed-hosts", f"127.0.0.1:{port},{CLUSTER_HOST}"],
             cwd=log.parent, env=env, stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -146,6 +152,14 @@ def test_the_pipeline_tracks_and_registers_on_the_team_server(team):
         assert cursor.fetchone() == (1,)
     stored = {p.name for p in team.artifacts.rglob("*") if p.is_file()}
     assert {"model.onnx", "model.int8.onnx", "tokenizer.json", "bundle.json"} <= stored
+
+
+def test_the_server_answers_the_names_it_allows(team):
+    """Replicas reach the server by a cluster DNS name, which MLflow refuses (403, while
+    /health still answers 200) unless `--allowed-hosts` names it."""
+    api = f"{team.tracking}/api/2.0/mlflow/registered-models/search"
+    for host, status in ((CLUSTER_HOST, 200), ("mlflow.elsewhere.example:5000", 403)):
+        assert httpx.get(api, headers={"Host": host}, timeout=10).status_code == status, host
 
 
 def register_another_champion(team: Team, tmp_path: Path) -> tuple[str, str]:
