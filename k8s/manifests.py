@@ -310,43 +310,57 @@ PROBES = {"startupProbe": 503, "readinessProbe": 503, "livenessProbe": 200}
 
 
 def disagreements_with_code(obj: dict) -> list[str]:
-    """What in a pod spec the service would not honour: unknown probe paths, ports,
-    settings."""
+    """What in a pod spec the image and the service would not honour."""
     spec = pod_spec(obj)
     if spec is None:
         return []
-    problems, port, settings = [], image_port(), setting_names()
-    for container in spec["containers"]:
-        user = run_as_user(spec, container)
-        if user != image_user():
-            problems.append(f"{describe(obj)} container {container['name']}: runAsUser "
-                            f"{user}, the image's user is {image_user()}")
+    problems = []
     for container in spec["containers"]:
         name = f"{describe(obj)} container {container['name']}"
-        named_ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])
-                       if "name" in p}
-        for p in container.get("ports", []):
-            if p["containerPort"] != port:
-                problems.append(f"{name}: containerPort {p['containerPort']}, "
-                                f"the image listens on TEXTOPS_PORT={port}")
-        for probe, wanted in PROBES.items():
-            get = container.get(probe, {}).get("httpGet")
-            if get is None:
-                problems.append(f"{name}: no HTTP {probe}")
-                continue
-            if named_ports.get(get["port"], get["port"]) != port:
-                problems.append(f"{name}: {probe} port {get['port']} is not {port}")
-            status = answers_before_load(get["path"])
-            if status != wanted:
-                problems.append(f"{name}: {probe} GET {get['path']} answers {status} "
-                                f"while the bundle loads; it should answer {wanted}")
-        for variable in container.get("env", []):
-            env = variable["name"]
-            if env == "TEXTOPS_PORT" and int(variable["value"]) != port:
-                problems.append(f"{name}: TEXTOPS_PORT={variable['value']}, "
-                                f"the container port is {port}")
-            if env not in settings and env not in OTHER_ENV:
-                problems.append(f"{name}: {env} is not a setting of serving/settings.py")
+        problems += [f"{name}: {problem}" for problem in
+                     user_problems(spec, container) + port_problems(container)
+                     + probe_problems(container) + env_problems(container)]
+    return problems
+
+
+def user_problems(pod: dict, container: dict) -> list[str]:
+    user = run_as_user(pod, container)
+    return [] if user == image_user() else [
+        f"runAsUser {user}, the image's user is {image_user()}"]
+
+
+def port_problems(container: dict) -> list[str]:
+    port = image_port()
+    return [f"containerPort {p['containerPort']}, the image listens on TEXTOPS_PORT={port}"
+            for p in container.get("ports", []) if p["containerPort"] != port]
+
+
+def probe_problems(container: dict) -> list[str]:
+    port, problems = image_port(), []
+    named_ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])
+                   if "name" in p}
+    for probe, wanted in PROBES.items():
+        get = container.get(probe, {}).get("httpGet")
+        if get is None:
+            problems.append(f"no HTTP {probe}")
+            continue
+        if named_ports.get(get["port"], get["port"]) != port:
+            problems.append(f"{probe} port {get['port']} is not {port}")
+        status = answers_before_load(get["path"])
+        if status != wanted:
+            problems.append(f"{probe} GET {get['path']} answers {status} while the bundle "
+                            f"loads; it should answer {wanted}")
+    return problems
+
+
+def env_problems(container: dict) -> list[str]:
+    port, settings, problems = image_port(), setting_names(), []
+    for variable in container.get("env", []):
+        name, value = variable["name"], variable.get("value")
+        if name == "TEXTOPS_PORT" and value != str(port):
+            problems.append(f"TEXTOPS_PORT={value}, the container port is {port}")
+        if name not in settings and name not in OTHER_ENV:
+            problems.append(f"{name} is not a setting of serving/settings.py")
     return problems
 
 
