@@ -237,7 +237,7 @@ def test_a_colleague_pulls_from_the_dvc_remote_and_reruns_nothing(team, tmp_path
     run(["git", *GIT_USER, "add", "-A"], repo)
     run(["git", *GIT_USER, "commit", "-qm", "a run of the smoke experiment"], repo)
     run(["dvc", "remote", "add", "-d", "storage", str(remote)], repo)
-    run(["git", *GIT_USER, "commit", "-qam", "the team's DVC remote"], repo)
+    run(["git", *GIT_USER, "commit", "-qm", "the team's DVC remote", ".dvc/config"], repo)
     run(["dvc", "push"], repo)
 
     # a colleague clones, pulls, and finds the pipeline up to date
