@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
+import os
+import pickle
 import queue
 import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -337,20 +341,100 @@ def sampled(request_id: str, rate: float) -> bool:
 
 
 def prediction_rows(request_id: str, created: float, bundle: Bundle, texts: list[str],
-                    probs: np.ndarray) -> list[tuple]:
+                    probs: np.ndarray, normalized: list[str] | None = None) -> list[tuple]:
     """The predictions rows of one request, its texts normalised and masked by the
-    bundle's own tokenizer normalizer, as training saw them."""
-    normalizer = bundle.tokenizer.normalizer
-    normalize = normalizer.normalize_str if normalizer is not None else str
+    bundle's own tokenizer normalizer, as training saw them (`normalized`: already
+    done, by `normalize_texts`)."""
+    if normalized is None:
+        normalized = normalize_texts(normalizer_state(bundle), texts)
     names, version = bundle.label_names, bundle.version
     rows = []
-    for position, (text, row) in enumerate(zip(texts, probs.tolist(), strict=True)):
-        stored = normalize(text)
+    for position, (stored, row) in enumerate(zip(normalized, probs.tolist(), strict=True)):
         label = names[row.index(max(row))]  # the first of ties, as /predict
         rows.append((request_id, position, created, version, stored,
                      hashlib.sha256(stored.encode()).hexdigest(), orjson.dumps(row).decode(),
                      label))
     return rows
+
+
+# ---------------------------------------------------------------- normalising off the GIL
+
+# The bundle's normalizer is a chain of some twenty regular-expression rules: about
+# 40 us per SST-2 sentence, all of it holding the GIL, which the service's event loop
+# needs. The writer has it done in a process of its own instead (Normalizer objects
+# pickle as their JSON), so the service pays only for sending the texts across.
+_NORMALIZERS: dict[bytes, object] = {}
+
+
+def normalizer_state(bundle: Bundle) -> bytes | None:
+    normalizer = bundle.tokenizer.normalizer
+    return None if normalizer is None else pickle.dumps(normalizer)
+
+
+def normalize_texts(state: bytes | None, texts: list[str]) -> list[str]:
+    """`texts` through a pickled normalizer (unpickled once per process)."""
+    if state is None:
+        return list(texts)
+    normalizer = _NORMALIZERS.get(state)
+    if normalizer is None:
+        normalizer = _NORMALIZERS[state] = pickle.loads(state)  # noqa: S301 - our own
+    return [normalizer.normalize_str(text) for text in texts]
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In the child: exit once the service is gone, however it went (a SIGKILL, or
+    uvicorn re-raising SIGTERM, leaves it no time to stop its children)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class Normalizing:
+    """Normalises the texts of a batch of entries in a child process."""
+
+    def __init__(self):
+        self.pool: ProcessPoolExecutor | None = None
+        self.states: dict[str, bytes | None] = {}  # by bundle version
+
+    def __call__(self, entries: list[tuple]) -> list[list[str]]:
+        """The normalised texts of each (request_id, created, bundle, texts, probs)."""
+        by_bundle: dict[int, list[int]] = {}
+        for i, entry in enumerate(entries):
+            by_bundle.setdefault(id(entry[2]), []).append(i)
+        normalized: list[list[str]] = [[] for _ in entries]
+        for indices in by_bundle.values():
+            bundle = entries[indices[0]][2]
+            texts = [text for i in indices for text in entries[i][3]]
+            done = iter(self._run(self._state(bundle), texts))
+            for i in indices:
+                normalized[i] = [next(done) for _ in entries[i][3]]
+        return normalized
+
+    def _state(self, bundle: Bundle) -> bytes | None:
+        if bundle.version not in self.states:
+            self.states[bundle.version] = normalizer_state(bundle)
+        return self.states[bundle.version]
+
+    def _run(self, state: bytes | None, texts: list[str]) -> list[str]:
+        if self.pool is None:
+            # spawn, not fork: the service's threads (uvicorn, onnxruntime) must not be
+            # copied mid-work into the child
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_exit_with_parent,
+                                            initargs=(os.getpid(),))
+        try:
+            return self.pool.submit(normalize_texts, state, texts).result(timeout=60)
+        except Exception:
+            self.close(wait=False)  # a broken or stuck child: the next batch starts anew
+            raise
+
+    def close(self, wait: bool = True) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=wait, cancel_futures=True)
+            self.pool = None
 
 
 # ---------------------------------------------------------------- the service's writer
@@ -387,6 +471,7 @@ class PredictionLog:
         self.feedback_store: LogStore | None = None
         self.feedback_lock = threading.Lock()
         self.queue_full = metrics.log_dropped.labels("queue_full")
+        self.normalizing = Normalizing()
         self.thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
 
     @classmethod
@@ -478,6 +563,7 @@ class PredictionLog:
                 marker.set()
         if self.store is not None:
             self.store.close()
+        self.normalizing.close()
 
     def _take(self) -> tuple[list[tuple], list[threading.Event], bool]:
         """The entries waiting (at least one, or a second's wait), flush markers, stop."""
@@ -514,7 +600,9 @@ class PredictionLog:
     def _write(self, entries: list[tuple]) -> None:
         count = sum(len(entry[3]) for entry in entries)
         try:
-            rows = [row for entry in entries for row in prediction_rows(*entry)]
+            normalized = self.normalizing(entries)
+            rows = [row for entry, texts in zip(entries, normalized, strict=True)
+                    for row in prediction_rows(*entry, normalized=texts)]
             self._connection().write_predictions(rows)
         except Exception as err:  # noqa: BLE001 - the log drops entries, never fails
             self._failed(err, count)

@@ -23,9 +23,11 @@ from pg import postgres_server
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import normalizers
 
+from serving.bundle import Bundle
 from serving.metrics import ServiceMetrics
 from serving.prediction_log import (
     LiveStats,
+    Normalizing,
     PredictionLog,
     PredictionLogError,
     open_store,
@@ -447,6 +449,20 @@ def test_live_accuracy_in_metrics_matches_the_labels_sent_and_survives_a_restart
         eventually(lambda: metric(service.url, "textops_live_labels") == 6)
         for name, value in expected.items():
             assert metric(service.url, name) == pytest.approx(value), name
+
+
+def test_the_normalizing_process_gives_the_bundles_own_normalisation(built_bundle):
+    bundle = Bundle.load(built_bundle[0])
+    texts = [PERSONAL, "Some <b>HTML</b> &amp; TEXT", "plain"]
+    normalizing = Normalizing()
+    try:
+        normalized = normalizing([("a", 0.0, bundle, texts[:2], None),
+                                  ("b", 0.0, bundle, texts[2:], None)])
+    finally:
+        normalizing.close()
+    in_process = [bundle.tokenizer.normalizer.normalize_str(text) for text in texts]
+    assert normalized == [in_process[:2], in_process[2:]]
+    assert "[email]" in normalized[0][0] and "<b>" not in normalized[0][1]
 
 
 # ---------------------------------------------------------------- PostgreSQL and faults
