@@ -39,6 +39,10 @@ CONTEXT_FILES = ("Dockerfile", "pyproject.toml", "serving")
 # build` mounts nothing).
 PIP_HOST_FILES = ("/etc/ssl/certs", "/etc/pip.conf", "/etc/xdg/pip")
 MOUNTED_BUNDLE = "/models"  # the Dockerfile's TEXTOPS_BUNDLE is /models/current
+IMAGE_USER = 10001  # the Dockerfile's USER
+# The image's WORKDIR/run: where the service keeps what it writes by default (its
+# prediction log, sqlite:///run/predictions.db).
+STATE_DIR = "/home/app/run"
 
 
 class ContainerError(RuntimeError):
@@ -311,10 +315,12 @@ def bundle_mount(bundle: Path) -> tuple[Path, str, str]:
 
 def run_args(runtime: Runtime, image: str, name: str, port: int, host: str = "127.0.0.1",
              bundle: Path | None = None, env: dict | None = None,
-             detach: bool = False, remove: bool = True) -> list[str]:
+             detach: bool = False, remove: bool = True,
+             state_dir: Path | None = None) -> list[str]:
     """Arguments of `run` for the image as container `name`, its port 8000 published
     on host:port only; `bundle` is mounted read-only (else the image's baked one
-    serves). `runtime.command(*run_args(...))` is the command line."""
+    serves); `state_dir` receives what the service writes (`state_args`).
+    `runtime.command(*run_args(...))` is the command line."""
     args = ["run", "--name", name, "--publish", f"{host}:{port}:8000"]
     if detach:
         args.append("--detach")
@@ -327,9 +333,31 @@ def run_args(runtime: Runtime, image: str, name: str, port: int, host: str = "12
     if bundle is not None:
         host_dir, mounted_at, inside = bundle_mount(bundle)
         args += ["--volume", f"{host_dir}:{mounted_at}:ro", "--env", f"TEXTOPS_BUNDLE={inside}"]
+    if state_dir is not None:
+        args += state_args(runtime, state_dir)
     for key, value in (env or {}).items():
         args += ["--env", f"{key}={value}"]
     return [*args, image]
+
+
+def state_args(runtime: Runtime, state_dir: Path) -> list[str]:
+    """Mount `state_dir` writable as the container's run/, so that what the service
+    writes there (its prediction log) lands where a local process would write it, and
+    `make retrain` reads it on the host.
+
+    The container's user must be able to write it: root hands the directory to the
+    image's user; anyone else runs the container as themselves (rootless Podman
+    keeping their uid), still not root.
+    """
+    args = ["--volume", f"{Path(state_dir).resolve()}:{STATE_DIR}"]
+    if os.geteuid() == 0:
+        for path in [Path(state_dir), *Path(state_dir).rglob("*")]:
+            os.chown(path, IMAGE_USER, IMAGE_USER, follow_symlinks=False)
+    else:
+        args += ["--user", f"{os.geteuid()}:{os.getegid()}"]
+        if runtime.name == "podman":
+            args.append("--userns=keep-id")
+    return args
 
 
 def check_mountable(bundle: Path) -> None:
@@ -345,11 +373,11 @@ def check_mountable(bundle: Path) -> None:
 
 
 def start(runtime: Runtime, image: str, name: str, port: int, host: str,
-          bundle: Path | None) -> None:
+          bundle: Path | None, state_dir: Path | None = None) -> None:
     """Run the image in the background as container `name`, kept after it exits so
     its log can tell why (`stop` removes it)."""
     runtime.run(*run_args(runtime, image, name, port, host, bundle, detach=True,
-                          remove=False))
+                          remove=False, state_dir=state_dir))
 
 
 def stop(runtime: Runtime, name: str, timeout: int = 30) -> None:

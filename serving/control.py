@@ -269,7 +269,8 @@ def container_name(port: int) -> str:
 
 def up_container(runtime: container.Runtime, bundle: Path, port: int, run_dir: Path,
                  host: str, timeout: float) -> None:
-    """Build the image and run it with the bundle's directory mounted read-only."""
+    """Build the image and run it with the bundle's directory mounted read-only and
+    the run directory writable."""
     name = container_name(port)
     host_dir, mounted_at, _ = container.bundle_mount(bundle)
     print(f"deploy: serving in a {runtime.name} container, {name} "
@@ -278,7 +279,9 @@ def up_container(runtime: container.Runtime, bundle: Path, port: int, run_dir: P
     build_log = run_dir / "image-build.log"
     print(f"deploy: building {container.IMAGE} (log: {build_log})")
     container.build(runtime, build_log, container.IMAGE)
-    container.start(runtime, container.IMAGE, name, port, host, bundle)
+    # run_dir becomes the container's run/: its prediction log is the host's
+    # run/predictions.db, as with a local process
+    container.start(runtime, container.IMAGE, name, port, host, bundle, state_dir=run_dir)
     (run_dir / "container.json").write_text(json.dumps({"runtime": runtime.name,
                                                         "name": name}) + "\n")
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass
@@ -98,12 +99,14 @@ class Container:
 
 
 @contextlib.contextmanager
-def running(runtime, image: str, tmp_path: Path, bundle: Path | None = None):
+def running(runtime, image: str, tmp_path: Path, bundle: Path | None = None,
+            state_dir: Path | None = None):
     """The image as a container on a free loopback port, ready; always removed."""
     port = control.free_port()
     name = f"textops-test-{port}"
     log_path = tmp_path / f"{name}.log"
-    command = runtime.command(*container.run_args(runtime, image, name, port, bundle=bundle))
+    command = runtime.command(*container.run_args(runtime, image, name, port, bundle=bundle,
+                                                  state_dir=state_dir))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
@@ -121,6 +124,18 @@ def running(runtime, image: str, tmp_path: Path, bundle: Path | None = None):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def logged_predictions(database: Path, timeout: float = 10) -> int:
+    """Rows in the service's prediction log, read-only (written off the request path,
+    so they are waited for)."""
+    deadline, rows = time.monotonic() + timeout, 0
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with contextlib.suppress(sqlite3.Error), contextlib.closing(
+                sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            rows = connection.execute("SELECT count(*) FROM predictions").fetchone()[0]
+    return rows
 
 
 def in_container(runtime, name: str, *command: str) -> str:
@@ -156,8 +171,14 @@ def assert_stops_on_sigterm(runtime, image: str, started: Container) -> None:
 def test_mounted_bundle_serves_as_offline_as_non_root_without_torch(
         runtime, images, store, built_bundle, tmp_path):
     bundle_dir, meta = built_bundle
-    with running(runtime, images["runtime"], tmp_path, bundle=store / "current") as started:
+    run_dir = tmp_path / "run"  # as `make deploy` mounts its run directory
+    run_dir.mkdir()
+    with running(runtime, images["runtime"], tmp_path, bundle=store / "current",
+                 state_dir=run_dir) as started:
         assert_answers_like_the_bundle(started.url, bundle_dir, meta["version"])
+        # the service's prediction log is the host's run/predictions.db, where a local
+        # process would keep it and `make retrain` reads it
+        assert logged_predictions(run_dir / "predictions.db") == len(TEXTS)
         # served through the link: the store's registry record comes with it
         _, metadata = control.http_json("GET", f"{started.url}/metadata")
         assert metadata["registry"]["registry_version"] == "1"
