@@ -196,14 +196,31 @@ def serves(replica, identity: str, bundle_version: str) -> None:
     assert answer["model_version"] == bundle_version
 
 
+def prediction_log_database(team: Team) -> str:
+    """A database of its own for the replicas' prediction log, beside MLflow's."""
+    with contextlib.closing(psycopg2.connect(team.database)) as connection:
+        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE predictions")
+    return team.database.rsplit("/", 1)[0] + "/predictions"
+
+
+def logged_predictions(database: str) -> int:
+    with psycopg2.connect(database) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM predictions")
+        return cursor.fetchone()[0]
+
+
 def test_a_promotion_and_a_rollback_reach_the_running_replica(team, tmp_path, monkeypatch):
-    """A replica started from models:/<name>@champion through the server serves v1; a
-    second version promoted on the server, then `make rollback` run by a team member,
-    each reach the same replica process within seconds."""
+    """A replica configured as k8s/overlays/champion configures one (the champion from
+    the server, the prediction log in PostgreSQL) serves v1; a second version promoted
+    on the server, then `make rollback` run by a team member, each reach the same
+    replica process within seconds."""
     name, first = model_name(team.repo), candidate_version(team.repo)
+    log_database = prediction_log_database(team)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.tracking)  # the replica's environment
     with running_service(f"models:/{name}@champion", tmp_path, watch_interval_s=0.5,
-                         cache_dir=tmp_path / "cache") as replica:
+                         cache_dir=tmp_path / "cache", prediction_log=log_database) as replica:
         serves(replica, f"{name}/1", first)
         assert httpx.get(f"{replica.url}/v2/health/ready", timeout=10).status_code == 200
 
@@ -216,6 +233,8 @@ def test_a_promotion_and_a_rollback_reach_the_running_replica(team, tmp_path, mo
         assert f"{name} champion is now v1" in log
         serves(replica, f"{name}/1", first)
         assert replica.process.poll() is None  # the same process all along: no restart
+    # the writer batches rows off the request path and flushes them as the service stops
+    assert logged_predictions(log_database) == 3  # one /predict per serves()
 
 
 # ---------------------------------------------------------------- the DVC remote
