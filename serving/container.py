@@ -137,6 +137,12 @@ def base_image(runtime: Runtime, log=print) -> str:
     return debian_base(runtime, log)
 
 
+# Documentation, manual pages and translations: 46 MB of the base that nothing reads.
+SLIM_DPKG_OPTIONS = ("path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
+                     "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
+                     "path-exclude=/usr/share/locale/*")
+
+
 def todays_debian_base() -> str:
     return f"{BASE_REPOSITORY}:bookworm-{dt.date.today():%Y%m%d}"
 
@@ -169,12 +175,6 @@ def debian_base(runtime: Runtime, log=print) -> str:
         runtime.run("import", str(tarball), tag, timeout=300)
     remove_older_bases(runtime, keep=tag)
     return tag
-
-
-# Documentation, manual pages and translations: 46 MB of the base that nothing reads.
-SLIM_DPKG_OPTIONS = ("path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright",
-                     "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
-                     "path-exclude=/usr/share/locale/*")
 
 
 def remove_older_bases(runtime: Runtime, keep: str) -> None:
