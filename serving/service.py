@@ -121,7 +121,8 @@ class InferenceService:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ApiError(404, "unknown_prediction",
                            f"no logged prediction for request_id {request_id!r} position "
-                           f"{position}{more}", request_id=request_id, position=position)
+                           f"{position}{more}: never answered, not sampled, or past "
+                           "retention", request_id=request_id, position=position)
         self.metrics.feedback.inc(len(items))
         return len(items)
 
