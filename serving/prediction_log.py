@@ -14,7 +14,8 @@ placeholders), so no raw personal data is stored. `created` is unix seconds.
 
 The service writes through `PredictionLog`: a request only puts a tuple on a bounded
 queue (a full queue drops the entry and counts it, never the request); one thread turns
-entries into rows and inserts them in batches, one transaction each. When the database
+entries into rows (the normalisation in a child process, off the service's GIL) and
+inserts them in batches, one transaction each. When the database
 fails, batches are dropped and counted, the error is logged once and the connection is
 retried with backoff; retention (by age and by row count) and the live-quality figures
 are the same thread's periodic work.
