@@ -71,13 +71,14 @@ test-fast: setup  ## the tests that take seconds, not minutes
 bench: repro  ## benchmarks (bench/): ratios against baselines measured in the same run
 	$(PY) bench/bench_training.py
 	$(PY) bench/bench_serving.py
+	$(PY) bench/bench_logging.py
 
 tune: setup  ## Optuna search; writes conf/experiment/tuned.yaml (make tune OVERRIDES="...")
 	dvc repro preprocess
 	$(PY) -m pipeline.tune $(OVERRIDES)
 
 lint: setup  ## ruff and hadolint
-	$(VENV)/bin/ruff check pipeline serving tests bench
+	$(VENV)/bin/ruff check pipeline serving tests bench k8s
 	$(VENV)/bin/hadolint Dockerfile
 
 manifests: setup  ## check the Kubernetes and KServe manifests in k8s/ offline (k8s/manifests.py)

@@ -72,8 +72,10 @@ def check_service(cfg: DictConfig, paths: Paths) -> dict:
     expected = np.concatenate([bundle.predict_proba([text]) for text in texts])
     port = control.free_port()
     with tempfile.TemporaryDirectory() as tmp:
+        # The canary's answers go to a log of their own, never the production one.
         service = control.start(bundle_dir, port, Path(tmp) / "service.log",
-                                env={"TEXTOPS_PRECISION": cfg.serve.precision})
+                                env={"TEXTOPS_PRECISION": cfg.serve.precision,
+                                     "TEXTOPS_PREDICTION_LOG": f"sqlite:///{tmp}/canary.db"})
         try:
             ready = control.wait_ready(service.url, cfg.serve.ready_timeout_s, service.process)
             result = canary(service.url, texts, expected, bundle.label_names)

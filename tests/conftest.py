@@ -158,6 +158,8 @@ def running_service(bundle, log_dir: Path, wait: bool = True, **env):
     keyword arguments become TEXTOPS_* settings. Always stopped afterwards."""
     from serving import control
 
+    # Each service logs its predictions beside its own log, never into the repo's run/.
+    env.setdefault("prediction_log", f"sqlite:///{log_dir / 'predictions.db'}")
     settings = {f"TEXTOPS_{k.upper()}": str(v) for k, v in env.items()}
     service = control.start(bundle, control.free_port(), log_dir / "service.log", env=settings)
     try:

@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,21 @@ def _chown_to_server_user(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def postgres_server(directory: Path, database: str = "textops"):
-    """Start a cluster under `directory`; yield its SQLAlchemy URL
-    (postgresql://postgres@127.0.0.1:<port>/<database>); stop it afterwards."""
+def postgres_server(database: str = "textops"):
+    """Start a cluster in a directory of its own under the system's temporary directory
+    (as root the server runs as `postgres`, which cannot enter pytest's root-only
+    temporary tree); yield it, its URL `postgresql://postgres@127.0.0.1:<port>/<database>`
+    as `.url`; stop it and remove the directory afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="textops-pg-"))
+    try:
+        with _cluster(directory, database) as server:
+            yield server
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _cluster(directory: Path, database: str):
     binaries = server_binaries()
     if binaries is None:
         pytest.skip("PostgreSQL server binaries not found (Debian package `postgresql`)")
@@ -51,7 +64,7 @@ def postgres_server(directory: Path, database: str = "textops"):
             pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root and no `postgres` user to run the server as")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
     _chown_to_server_user(directory)
     data, log = directory / "data", directory / "server.log"
     port = free_port()

@@ -4,15 +4,11 @@ accuracy in /metrics, and the log's faults (requests never fail because of it)."
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -60,21 +56,9 @@ def counter(metrics: ServiceMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
-@contextlib.contextmanager
-def throwaway_postgres():
-    """tests/pg.py's server in a directory of its own under /tmp: as root, the server
-    runs as `postgres`, which cannot enter pytest's root-only temporary tree."""
-    directory = Path(tempfile.mkdtemp(prefix="textops-pg-"))
-    try:
-        with postgres_server(directory) as server:
-            yield server
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def postgres():
-    with throwaway_postgres() as server:
+    with postgres_server() as server:
         yield server
 
 
@@ -518,7 +502,7 @@ def test_log_and_feedback_on_postgresql(built_bundle, tmp_path, postgres):
 
 
 def test_a_stopped_postgresql_fails_no_request_and_the_log_recovers(built_bundle, tmp_path):
-    with throwaway_postgres() as server, running_service(
+    with postgres_server() as server, running_service(
             built_bundle[0], tmp_path, prediction_log=server.url) as service:
         url = service.url
         with Load(url) as load:

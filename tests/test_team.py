@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,22 +94,10 @@ def mlflow_server(database: str, artifacts: Path, log: Path):
             server.wait()
 
 
-@contextlib.contextmanager
-def throwaway_postgres():
-    """PostgreSQL in a directory of its own under /tmp: the server runs as `postgres`
-    when the tests run as root, and cannot enter pytest's root-only temporary tree."""
-    directory = Path(tempfile.mkdtemp(prefix="textops-team-pg-"))
-    try:
-        with postgres_server(directory) as server:
-            yield server
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     base = tmp_path_factory.mktemp("team")
-    with throwaway_postgres() as database, \
+    with postgres_server() as database, \
             mlflow_server(database.url, base / "artifacts", base / "mlflow.log") as tracking:
         repo = copy_repo(base / "repo")
         run([sys.executable, "-m", "pipeline.config", "experiment=smoke"], repo)
