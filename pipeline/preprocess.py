@@ -13,6 +13,7 @@ and the same input gives the same bytes in every run.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -149,8 +150,15 @@ def feedback_groups(request_ids: list[str], normalized: list[str]) -> list[int]:
     return [find(i) for i in range(len(normalized))]
 
 
-def split_feedback(request_ids: list[str], texts: list[str], labels: list[int],
-                   base: dict[str, list[str]], fraction: float, seed: int
+def held_out_by_hash(key: str, fraction: float, seed: int) -> bool:
+    """Whether `key` falls in the held-out `fraction`: the same answer for the same
+    key and seed, whatever else the data holds."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def split_feedback(request_ids: list[str], texts: list[str], base: dict[str, list[str]],
+                   fraction: float, seed: int
                    ) -> tuple[list[int], list[int], dict]:
     """Indices of (held out, trained on) among the feedback rows, and why the others
     were dropped. `texts` are normalised and free of repeats among themselves; `base`
@@ -158,19 +166,26 @@ def split_feedback(request_ids: list[str], texts: list[str], labels: list[int],
 
     A row the base data already holds (equal but for punctuation) adds nothing: dropped.
     A group with a row inside a base training row cannot be tested fairly: it trains.
-    Of the other groups, `fraction` (stratified by label) is held out; training rows
-    that hold a held-out row (a base one or a feedback one) are dropped.
+    Of the other groups, about `fraction` is held out, each by a hash of its earliest
+    request id; training rows that hold a held-out row (a base one or a feedback one)
+    are dropped.
     """
     known = {key for rows in base.values() for text in rows if (key := grouping.near_key(text))}
     fresh = [i for i, text in enumerate(texts) if grouping.near_key(text) not in known]
     groups = feedback_groups([request_ids[i] for i in fresh], [texts[i] for i in fresh])
     inside_train = grouping.containers([texts[i] for i in fresh], base["train"])
     seen_in_training = {g for g, i in zip(groups, fresh, strict=True) if texts[i] in inside_train}
-    eligible = [j for j, g in enumerate(groups) if g not in seen_in_training]
-    drawn, _, _ = grouping.carve([groups[j] for j in eligible],
-                                 [texts[fresh[j]] for j in eligible],
-                                 [labels[fresh[j]] for j in eligible], fraction, "all", seed)
-    held = sorted(fresh[eligible[j]] for j in drawn)
+    # A group's side follows from a hash of its earliest request id, not from a draw:
+    # as the snapshot grows, every earlier group stays where it was, so the champion
+    # was never trained on the slice the next retraining scores it on.
+    first_request: dict = {}
+    for j, group in enumerate(groups):
+        if group not in seen_in_training:
+            request = request_ids[fresh[j]]
+            first_request[group] = min(first_request.get(group, request), request)
+    held_groups = {g for g, request in first_request.items()
+                   if held_out_by_hash(request, fraction, seed)}
+    held = sorted(fresh[j] for j, group in enumerate(groups) if group in held_groups)
     rest = sorted(set(fresh) - set(held))
     held_out_texts = base["val"] + base["test"] + [texts[i] for i in held]
     holding = set().union(*grouping.containers(held_out_texts, [texts[i] for i in rest]).values())
@@ -191,8 +206,7 @@ def merge_feedback(feedback: Dataset, splits: DatasetDict, normalized: dict[str,
     they label: the provenance of every training row.
     """
     cleaned, texts, cleaning = clean_split(feedback, normalize)
-    held, train, report = split_feedback(column(cleaned, "request_id"), texts,
-                                         column(cleaned, "label"), normalized,
+    held, train, report = split_feedback(column(cleaned, "request_id"), texts, normalized,
                                          cfg.feedback_holdout, seed)
     base_train = splits["train"]
     base_train = base_train.add_column("request_id", [""] * base_train.num_rows,

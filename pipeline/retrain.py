@@ -227,6 +227,17 @@ def run_pipeline(command: list[str], root: Path, log_path: Path) -> tuple[dict, 
             "tail": output[-2000:] if result.returncode else ""}, output
 
 
+def track_snapshot(root: Path, snapshot: str) -> str | None:
+    """Put the snapshot under DVC (`dvc add`): git keeps its hash, the DVC cache and
+    remote its rows, so a colleague's `dvc pull` gets the feedback a model trained on
+    and their `dvc repro` reruns nothing. The error, if DVC refused."""
+    result = subprocess.run(["dvc", "add", "--quiet", snapshot], cwd=root,
+                            capture_output=True, text=True)
+    if result.returncode:
+        return f"dvc add {snapshot} failed: {(result.stdout + result.stderr).strip()[-500:]}"
+    return None
+
+
 def outcome(paths: Paths, output: str) -> dict:
     """What the gate and the deploy stage made of the new model. When DVC found
     nothing out of date (the same snapshot again), no model was judged: said so,
@@ -255,6 +266,9 @@ def retrain(cfg: DictConfig, log_url: str, paths: Paths) -> dict:
         exported = feedback.export(log_url, paths.root / snapshot)
     except (PredictionLogError, OSError) as err:
         return {"error": f"the feedback could not be exported: {err}"}
+    tracked = track_snapshot(paths.root, snapshot)
+    if tracked:
+        return {"snapshot": exported, "error": tracked}
     ran, output = run_pipeline(list(cfg.retrain.command), paths.root,
                                paths.run_facts("retrain").with_suffix(".log"))
     done = {"snapshot": exported, "pipeline": ran}

@@ -279,11 +279,14 @@ def up_container(runtime: container.Runtime, bundle: Path, port: int, run_dir: P
     build_log = run_dir / "image-build.log"
     print(f"deploy: building {container.IMAGE} (log: {build_log})")
     container.build(runtime, build_log, container.IMAGE)
+    # Recorded before it starts, so `down` removes a container whose start failed
+    # halfway (created, then the port refused), and one left by a crash goes first.
+    (run_dir / "container.json").write_text(json.dumps({"runtime": runtime.name,
+                                                        "name": name}) + "\n")
+    container.stop(runtime, name)
     # run_dir becomes the container's run/: its prediction log is the host's
     # run/predictions.db, as with a local process
     container.start(runtime, container.IMAGE, name, port, host, bundle, state_dir=run_dir)
-    (run_dir / "container.json").write_text(json.dumps({"runtime": runtime.name,
-                                                        "name": name}) + "\n")
     try:
         wait_ready(f"http://{host}:{port}", timeout)
     except RuntimeError as err:

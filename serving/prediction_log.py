@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from serving.schemas import issued_within
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -75,7 +77,8 @@ SCHEMA = (
 )
 
 # A client reusing a request id replaces its earlier answer: the latest is the one a
-# label sent afterwards refers to.
+# label sent afterwards refers to, and a label of the earlier answer goes with it.
+FORGET_FEEDBACK = "DELETE FROM feedback WHERE request_id = ? AND position = ?"
 INSERT_PREDICTION = """
     INSERT INTO predictions (request_id, position, created, model_version, text,
                              text_sha256, probabilities, label)
@@ -98,11 +101,14 @@ LABELLED = """
     WHERE f.created > ?
     ORDER BY f.created, f.request_id, f.position"""
 
-# The latest labels first: live accuracy rests on the most recent window.
+# The latest labels of one model's answers first: live accuracy rests on the most
+# recent window of the model being served, so a promotion starts a window of its own
+# (the old model's mistakes would otherwise keep the retrain trigger firing).
 RECENT_LABELS = """
     SELECT f.label, p.label
     FROM feedback f JOIN predictions p
          ON p.request_id = f.request_id AND p.position = f.position
+    WHERE p.model_version = ?
     ORDER BY f.created DESC LIMIT ?"""
 
 ORPHAN_FEEDBACK = """
@@ -113,6 +119,16 @@ ORPHAN_FEEDBACK = """
 
 class PredictionLogError(RuntimeError):
     """A log URL that names no usable database; the message says which and why."""
+
+
+# A label for an answer this young may reach the log before the answer does (each
+# replica writes every 0.1 s, later when busy): "try again", not "unknown".
+RECENT_ANSWER_S = 30.0
+
+
+class LogBehind(RuntimeError):
+    """The writer has not caught up with the answers given so far: a label may refer
+    to one not yet written, so it cannot be told apart from an unknown one."""
 
 
 # ---------------------------------------------------------------- the database
@@ -198,7 +214,9 @@ class LogStore:
 
     def write_predictions(self, rows: list[tuple]) -> None:
         with self.connection:
-            self._executemany(self.connection.cursor(), INSERT_PREDICTION, rows)
+            cursor = self.connection.cursor()
+            self._executemany(cursor, FORGET_FEEDBACK, [row[:2] for row in rows])
+            self._executemany(cursor, INSERT_PREDICTION, rows)
 
     def record_feedback(self, items: list[tuple[str, int, str]], created: float
                         ) -> list[tuple[str, int]]:
@@ -249,12 +267,12 @@ class LogStore:
                 "model_version", "created")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
-    def live_stats(self, window: int, since: float) -> LiveStats:
-        """Accuracy and recall over the latest `window` labels; the share of the
-        predictions logged since `since` that received a label."""
+    def live_stats(self, model_version: str, window: int, since: float) -> LiveStats:
+        """Accuracy and recall over the latest `window` labels of `model_version`'s
+        answers; the share of the predictions logged since `since` that received a label."""
         with self.connection:
             cursor = self.connection.cursor()
-            cursor.execute(self._sql(RECENT_LABELS), (window,))
+            cursor.execute(self._sql(RECENT_LABELS), (model_version, window))
             pairs = cursor.fetchall()
             cursor.execute(self._sql("SELECT COUNT(*) FROM predictions WHERE created >= ?"),
                            (since,))
@@ -264,6 +282,13 @@ class LogStore:
                                      "WHERE p.created >= ?"), (since,))
             (answered,) = cursor.fetchone()
         return LiveStats.from_pairs(pairs, logged, answered)
+
+    def has_request(self, request_id: str) -> bool:
+        with self.connection:
+            cursor = self.connection.cursor()
+            cursor.execute(self._sql("SELECT 1 FROM predictions WHERE request_id = ? LIMIT 1"),
+                           (request_id,))
+            return cursor.fetchone() is not None
 
     def count(self, table: str) -> int:
         if table not in ("predictions", "feedback"):
@@ -461,6 +486,7 @@ class PredictionLog:
         self.sample, self.batch_size, self.linger_s = sample, batch_size, linger_s
         self.max_age_s, self.max_rows = retention_days * 86400, max_rows
         self.feedback_window = feedback_window
+        self.served_version = ""  # the bundle being served: live accuracy is its own
         self.prune_interval_s, self.stats_interval_s = prune_interval_s, stats_interval_s
         self.retry_first_s, self.retry_max_s = retry_s
         # the writer thread's connection and its failure state
@@ -525,12 +551,18 @@ class PredictionLog:
         """Store labels (request_id, position, label), all or none, after the writer
         has caught up with the predictions answered so far; returns the pairs with no
         logged prediction (nothing stored then). Raises when the database fails."""
-        self.flush()
+        if not self.flush():
+            raise LogBehind("the prediction log is still writing earlier answers")
         with self.feedback_lock:
             try:
                 if self.feedback_store is None:
                     self.feedback_store = open_store(self.url)
                 missing = self.feedback_store.record_feedback(items, time.time())
+                unwritten = [r for r, _ in missing if issued_within(r, RECENT_ANSWER_S)
+                             and not self.feedback_store.has_request(r)]
+                if unwritten:  # answered by another replica that has not written it yet
+                    raise LogBehind(f"request_id {unwritten[0]!r} was answered less than "
+                                    f"{RECENT_ANSWER_S:.0f} s ago and is not in the log yet")
                 if not missing:
                     self.metrics.live_quality.update(self._stats(self.feedback_store))
                 return missing
@@ -542,7 +574,8 @@ class PredictionLog:
 
     def _stats(self, store: LogStore) -> LiveStats:
         as_of = time.monotonic()
-        stats = store.live_stats(self.feedback_window, time.time() - self.max_age_s)
+        stats = store.live_stats(self.served_version, self.feedback_window,
+                                 time.time() - self.max_age_s)
         stats.as_of = as_of
         return stats
 

@@ -24,6 +24,18 @@ def request_id(offered: str | None) -> str:
     return new_request_id()
 
 
+def issued_within(request_id: str, seconds: float) -> bool:
+    """Whether `request_id` is one of ours (see new_request_id) issued less than
+    `seconds` ago; a client's own id never is."""
+    if len(request_id) != 32:
+        return False
+    try:
+        issued = int(request_id[:14], 16) / 1e6
+    except ValueError:
+        return False
+    return 0 <= time.time() - issued < seconds
+
+
 def new_request_id() -> str:
     """32 hex digits: the time in microseconds, then 72 random bits. Ordered by time
     (as UUIDv7 is), so the prediction log's index on request ids grows at one end: with

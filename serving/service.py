@@ -21,7 +21,7 @@ from serving.bundle import Bundle, BundleError
 from serving.errors import ApiError
 from serving.explain import explain
 from serving.metrics import ServiceMetrics
-from serving.prediction_log import PredictionLog
+from serving.prediction_log import LogBehind, PredictionLog
 from serving.settings import Settings
 from serving.source import BundleSource
 
@@ -112,6 +112,9 @@ class InferenceService:
                            "TEXTOPS_PREDICTION_LOG), so there is nothing to label")
         try:
             missing = await asyncio.to_thread(self.prediction_log.feedback, items)
+        except LogBehind as err:
+            raise ApiError(503, "not_logged_yet", f"{err}; try again shortly",
+                           headers={"Retry-After": "1"}) from None
         except Exception as err:  # noqa: BLE001 - the database, not the request, failed
             raise ApiError(503, "log_unavailable", "the prediction log cannot be written "
                            f"now ({type(err).__name__}); try again later",
@@ -166,6 +169,8 @@ class InferenceService:
             # metrics first: drift then drops the old bundle's late batches, never new ones
             self.metrics.set_model(bundle)
             self.bundle, self.identity, self.error = bundle, identity, None
+            if self.prediction_log:  # live accuracy follows the model being served
+                self.prediction_log.served_version = bundle.version
             self.source = source  # follow what was loaded from now on
             self.metrics.reloads.labels("ok").inc()
             log.info("serving bundle %s from %s", bundle.version, path)

@@ -175,4 +175,12 @@ def test_feedback_retrains_promotes_and_the_service_switches(film_repo, tmp_path
     assert load.versions[-1] == new_version and load.versions[0] != new_version
     assert food_after > food_before + 0.2, (food_before, food_after)
     assert again["signals"]["new_labels"] == 0
+    # the new champion's live accuracy is its own: the old model's mistakes, and the
+    # labels already trained on, fire no second retraining (drift still may: the
+    # training profile is mostly films, the traffic food)
+    fired = {t["trigger"] for t in again["triggers"] if t["fired"]}
+    assert again["signals"]["live_labels"] == 0
+    assert not fired & {"live_accuracy", "new_labels"}, again["reasons"]
+    # the snapshot is under DVC: its hash for git, its rows for the team's remote
+    assert (repo / "data/feedback/labelled.jsonl.dvc").exists()
     assert again["last_retraining"] == record["last_retraining"]

@@ -158,7 +158,7 @@ def test_live_stats_rest_on_the_latest_labels(log_url):
         labels = [("neg", 0), ("pos", 1), ("neg", 2), ("pos", 3), ("neg", 4)]
         for created, (label, position) in enumerate(labels):
             store.record_feedback([("a", position, label)], created=10.0 + created)
-        stats = store.live_stats(window=4, since=0.0)
+        stats = store.live_stats("v1", window=4, since=0.0)
     finally:
         store.close()
     # window: pos/pos (right), neg/neg (right), pos/neg (wrong), neg/pos (wrong)
@@ -594,3 +594,50 @@ def test_new_request_ids_are_unique_and_ordered_by_time():
     # time first: a later batch sorts after an earlier one (the log's index grows at one end)
     assert max(ids[:1000]) < min(ids[2000:])
     assert request_id("client-1") == "client-1" and request_id("bad id") != "bad id"
+
+
+def test_live_accuracy_is_the_served_models_own(log_url):
+    """After a promotion the old model's mistakes no longer count against the new one
+    (they would keep the retrain trigger firing)."""
+    store = open_store(log_url)
+    try:
+        store.write_predictions(rows_for("old", 1.0, ["pos", "pos"], version="v1"))
+        store.write_predictions(rows_for("new", 2.0, ["neg"], version="v2"))
+        store.record_feedback([("old", 0, "neg"), ("old", 1, "neg"), ("new", 0, "neg")], 3.0)
+        old, new = (store.live_stats(version, window=10, since=0.0) for version in ("v1", "v2"))
+    finally:
+        store.close()
+    assert (old.labels, old.accuracy) == (2, 0.0)
+    assert (new.labels, new.accuracy) == (1, 1.0)
+
+
+def test_a_reused_request_id_drops_the_earlier_answers_label(log_url):
+    store = open_store(log_url)
+    try:
+        store.write_predictions(rows_for("client-1", 1.0, ["pos"]))
+        store.record_feedback([("client-1", 0, "neg")], 2.0)
+        store.write_predictions(rows_for("client-1", 3.0, ["neg"]))  # a new text, same id
+        labelled = store.labelled(None)
+    finally:
+        store.close()
+    assert labelled == []  # the label was about the earlier text
+
+
+def test_only_our_recent_ids_count_as_recent():
+    from serving.schemas import issued_within, new_request_id
+
+    assert issued_within(new_request_id(), 30)
+    assert not issued_within("client-1", 30)
+    assert not issued_within("0" * 32, 30)  # 1970
+
+
+def test_a_label_for_a_just_issued_id_not_yet_logged_is_retried_not_refused(logged_service):
+    """Another replica may have answered it and not written it yet: 503 with
+    Retry-After, where an old or foreign unknown id gets 404."""
+    from serving.schemas import new_request_id
+
+    young = post_feedback(logged_service.url, {"request_id": new_request_id(), "label": "pos"})
+    assert young.status_code == 503 and young.headers["Retry-After"] == "1"
+    assert young.json()["code"] == "not_logged_yet"
+    foreign = post_feedback(logged_service.url, {"request_id": "client-never", "label": "pos"})
+    assert foreign.status_code == 404

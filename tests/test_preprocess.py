@@ -357,3 +357,21 @@ def test_feedback_inside_a_training_row_trains_and_is_never_held_out(tmp_path, c
     assert profile["feedback"]["groups_inside_base_training_rows"] >= len(seen)
     assert not seen & set(column(splits["feedback_test"], "text"))
     assert seen <= set(column(train, "text"))
+
+
+def test_a_growing_snapshot_keeps_every_feedback_row_on_its_side():
+    """The held-out slice is not redrawn when feedback arrives: a row the last model was
+    scored on is never trained on by the next, nor the reverse."""
+    from pipeline.preprocess import split_feedback
+
+    words = "apple brisk cobalt dune ember fjord gale harbor iris jade".split()
+    texts = [f"{a} {b} review number {i}" for i, (a, b) in
+             enumerate((a, b) for a in words for b in words)]
+    ids = [f"req-{i:03d}" for i in range(len(texts))]
+    base = {"train": ["an unrelated base sentence"], "val": [], "test": []}
+    held_before, trained_before, _ = split_feedback(ids[:60], texts[:60], base, 0.2, seed=7)
+    held_after, trained_after, _ = split_feedback(ids, texts, base, 0.2, seed=7)
+    assert 5 <= len(held_before) <= 20 and 10 <= len(held_after) <= 35  # about a fifth
+    assert set(held_before) <= set(held_after)
+    assert set(trained_before) <= set(trained_after)
+    assert split_feedback(ids, texts, base, 0.2, seed=8)[0] != held_after  # the seed decides
