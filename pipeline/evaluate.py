@@ -37,7 +37,7 @@ from pipeline import atomic, lineage
 from pipeline.config import Paths, load_params, tracking_uri
 from pipeline.inference import load_module, predict_logits
 from pipeline.registry import CHAMPION, download_bundle
-from pipeline.splits import column, load_splits
+from pipeline.splits import FEEDBACK_TEST, column, load_splits
 from serving.bundle import Bundle
 
 # ---------------------------------------------------------------- metrics
@@ -107,9 +107,6 @@ def write_plots(plots_dir: Path, probs: np.ndarray, labels: np.ndarray, names: l
         atomic.write_json(tmp / "confusion.json", confusion)
         atomic.write_json(tmp / "roc.json", roc)
         atomic.write_json(tmp / "pr.json", pr)
-
-
-FEEDBACK_TEST = "feedback_test"
 
 
 def slice_metrics(probs: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:

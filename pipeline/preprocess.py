@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from pipeline import atomic, grouping
 from pipeline.config import PROCESSED_DIR, RAW_DIR, load_params
 from pipeline.profile import ValidationError, build_profile, validate
-from pipeline.splits import column, load_dataset_dir
+from pipeline.splits import FEEDBACK_TEST, column, load_dataset_dir
 from pipeline.tokenizer import build_normalizer, build_tokenizer
 
 # ---------------------------------------------------------------- cleaning
@@ -127,8 +127,6 @@ def split_rows(train: Dataset, normalized: list[str], given: dict[str, Dataset],
 
 
 # ---------------------------------------------------------------- production feedback
-
-FEEDBACK_TEST = "feedback_test"
 
 
 def feedback_groups(request_ids: list[str], normalized: list[str]) -> list[int]:

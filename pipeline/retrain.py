@@ -230,9 +230,12 @@ def run_pipeline(command: list[str], root: Path, log_path: Path) -> tuple[dict, 
 def track_snapshot(root: Path, snapshot: str) -> str | None:
     """Put the snapshot under DVC (`dvc add`): git keeps its hash, the DVC cache and
     remote its rows, so a colleague's `dvc pull` gets the feedback a model trained on
-    and their `dvc repro` reruns nothing. The error, if DVC refused."""
-    result = subprocess.run(["dvc", "add", "--quiet", snapshot], cwd=root,
-                            capture_output=True, text=True)
+    and their `dvc repro` reruns nothing. The error, if DVC refused; nothing to do
+    outside a DVC repository (a custom `retrain.command`)."""
+    if not (root / ".dvc").is_dir():
+        return None
+    result = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", snapshot],
+                            cwd=root, capture_output=True, text=True)
     if result.returncode:
         return f"dvc add {snapshot} failed: {(result.stdout + result.stderr).strip()[-500:]}"
     return None

@@ -9,6 +9,10 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from pipeline.config import PROCESSED_DIR
 
+# The held-out slice of production feedback: scored beside the fixed test set, never
+# trained on (preprocess writes it, evaluate and the gate read it).
+FEEDBACK_TEST = "feedback_test"
+
 
 def column(ds: Dataset, name: str) -> list:
     """A whole column as a Python list. (`ds[name]` in datasets 5 is a lazy column

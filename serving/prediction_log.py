@@ -163,10 +163,13 @@ class LogStore:
     """One connection to the log database. Every method is one transaction."""
 
     def __init__(self, url: str, create: bool = True):
+        """`create=False`: a reader (export, make retrain), which needs the log to
+        exist and changes nothing, so a read-only database role is enough."""
         self.url = check_url(url)
         self.postgres = is_postgres(url)
         self.connection = self._connect(create)
-        self._create_schema()
+        if create:
+            self._create_schema()
 
     def _connect(self, create: bool):
         if self.postgres:
@@ -181,8 +184,9 @@ class LogStore:
         # check_same_thread off: a store moves between the threads of asyncio.to_thread,
         # one at a time (its owner holds a lock).
         connection = sqlite3.connect(path, timeout=5, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
+        if create:  # the writer's settings; WAL mode, once set, stays with the file
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=NORMAL")
         return connection
 
     def _sql(self, statement: str) -> str:
