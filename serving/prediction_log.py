@@ -587,13 +587,17 @@ class PredictionLog:
 
     def _run(self) -> None:
         next_prune = next_stats = 0.0
+        stats_of = None  # the model version the live figures are about
         stop = False
         while not stop:
             now = time.monotonic()  # first thing: a restarted service shows its figures
             if now >= next_prune and self._maintain(self._prune):
                 next_prune = now + self.prune_interval_s
-            if now >= next_stats and self._maintain(self._refresh_stats):
-                next_stats = now + self.stats_interval_s
+            # a new model gets figures of its own at once, not the old one's for 10 s
+            version = self.served_version
+            if (now >= next_stats or version != stats_of) and \
+                    self._maintain(self._refresh_stats):
+                next_stats, stats_of = now + self.stats_interval_s, version
             entries, markers, stop = self._take()
             if entries:
                 self._write(entries)
