@@ -199,7 +199,7 @@ def test_sampled_requests_are_logged_whole_or_not_at_all(tmp_path):
     probs = np.array([[0.9, 0.1]] * 3, dtype=np.float32)
     for i in range(200):
         writer.record(f"r{i}", fake_bundle(), ["a", "b", "c"], probs)
-    writer.close()
+    writer.close(timeout=120)  # room for a slow machine to start the normalizer
     store = open_store(url)
     try:
         cursor = store.connection.execute(
@@ -216,13 +216,16 @@ def test_a_full_queue_drops_and_counts_entries_without_blocking(tmp_path):
     metrics = ServiceMetrics(10)
     writer = PredictionLog(f"sqlite:///{tmp_path}/log.db", metrics, queue_size=2)
     probs = np.array([[0.9, 0.1]] * 2, dtype=np.float32)
-    started = time.perf_counter()
-    for i in range(5):  # the thread is not started: nothing drains the queue
-        writer.record(f"r{i}", fake_bundle(), ["a", "b"], probs)
-    assert time.perf_counter() - started < 0.1
+    # The thread is not started: nothing drains the queue, so a record that blocked
+    # would never return.
+    recording = threading.Thread(daemon=True, target=lambda: [
+        writer.record(f"r{i}", fake_bundle(), ["a", "b"], probs) for i in range(5)])
+    recording.start()
+    recording.join(30)
+    assert not recording.is_alive(), "record() blocked on a full queue"
     assert counter(metrics, "textops_prediction_log_dropped_total", reason="queue_full") == 6
     writer.start()
-    writer.close()
+    writer.close(timeout=120)
     assert counter(metrics, "textops_prediction_log_written_total") == 4
 
 
