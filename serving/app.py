@@ -19,7 +19,9 @@ request bounds are serving/service.py's.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -30,6 +32,7 @@ from serving.middleware import BodySizeLimit, RequestMetrics
 from serving.security import api_key_dependency
 from serving.service import InferenceService
 from serving.settings import Settings, SettingsError
+from serving.workers import MULTIPROC_ENV
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,6 +61,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def worker_app() -> FastAPI:
+    """The app of one server process, its settings from the environment: what
+    uvicorn's supervisor starts in each worker (`TEXTOPS_WORKERS` above 1)."""
+    settings = Settings.from_env()
+    configure_process(settings)
+    return create_app(settings)
+
+
+def configure_process(settings: Settings) -> None:
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)  # process-wide: set here only
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
 def main() -> None:
     import uvicorn
 
@@ -65,11 +81,21 @@ def main() -> None:
         settings = Settings.from_env()
     except SettingsError as err:  # a clear message, not a traceback
         sys.exit(f"serving: {err}")
-    sys.setswitchinterval(settings.switch_interval_ms / 1000)  # process-wide: set here only
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info", access_log=False,
-                timeout_graceful_shutdown=int(settings.request_timeout_s * 3))
+    configure_process(settings)
+    options = {"host": settings.host, "port": settings.port, "log_level": "info",
+               "access_log": False,
+               "timeout_graceful_shutdown": int(settings.request_timeout_s * 3)}
+    workers = settings.worker_count()
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # The workers share metrics, drift windows and reloads through one directory
+    # (serving/workers.py), empty at start: files of an earlier run would be counted.
+    with tempfile.TemporaryDirectory(prefix="textops-workers-") as shared:
+        os.environ[MULTIPROC_ENV] = shared
+        os.environ["TEXTOPS_WORKERS"] = str(workers)
+        logging.getLogger("serving").info("starting %d server processes", workers)
+        uvicorn.run("serving.app:worker_app", factory=True, workers=workers, **options)
 
 
 if __name__ == "__main__":

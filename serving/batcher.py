@@ -101,13 +101,14 @@ class Batcher:
     def __init__(self, get_bundle: Callable[[], Bundle], max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, max_queue: int = 1024,
                  on_batch: Callable[[BatchStats], None] | None = None, enabled: bool = True,
-                 workers: int = 1):
+                 workers: int = 1, on_depth: Callable[[int], None] | None = None):
         self.get_bundle = get_bundle
         self.enabled = enabled  # False: each request runs alone, in a worker thread
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
         self.on_batch = on_batch or (lambda stats: None)
+        self.on_depth = on_depth or (lambda depth: None)  # a gauge, told of each change
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.queued_texts = 0  # texts accepted and not yet taken by the thread
         self.lock = threading.Lock()
@@ -142,6 +143,7 @@ class Batcher:
             if self.queued_texts + count > self.max_queue:
                 raise QueueFull(f"{self.queued_texts} texts queued (limit {self.max_queue})")
             self.queued_texts += count
+            self.on_depth(self.queued_texts)
 
     async def _enqueue(self, texts: list[str], call: Callable[[Bundle], Any] | None):
         loop = asyncio.get_running_loop()
@@ -157,8 +159,7 @@ class Batcher:
                 return await asyncio.to_thread(call, bundle), bundle
             probs, stats = await asyncio.to_thread(infer, bundle, texts)
         finally:
-            with self.lock:
-                self.queued_texts -= len(texts)
+            self._taken_texts(len(texts))
         self.on_batch(stats)
         return probs, bundle
 
@@ -206,8 +207,12 @@ class Batcher:
             self._run(batch)
 
     def _taken(self, jobs: list[Job]) -> None:
+        self._taken_texts(sum(len(job.texts) for job in jobs))
+
+    def _taken_texts(self, count: int) -> None:
         with self.lock:
-            self.queued_texts -= sum(len(job.texts) for job in jobs)
+            self.queued_texts -= count
+            self.on_depth(self.queued_texts)
 
     def _run_call(self, job: Job) -> None:
         bundle = self.get_bundle()

@@ -25,6 +25,7 @@ The pipeline reads the labelled rows with `read_labelled(url)`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -124,6 +125,9 @@ class PredictionLogError(RuntimeError):
 # A label for an answer this young may reach the log before the answer does (each
 # replica writes every 0.1 s, later when busy): "try again", not "unknown".
 RECENT_ANSWER_S = 30.0
+# How long a label waits for another process's writer to log its answer before the
+# client is told to try again: a worker beside this one writes every 0.1 s.
+SIBLING_WAIT_S = 1.0
 
 
 class LogBehind(RuntimeError):
@@ -492,6 +496,7 @@ class PredictionLog:
         self.feedback_window = feedback_window
         self.served_version = ""  # the bundle being served: live accuracy is its own
         self.prune_interval_s, self.stats_interval_s = prune_interval_s, stats_interval_s
+        self.stats_due = False  # set: read the live figures at the writer's next turn
         self.retry_first_s, self.retry_max_s = retry_s
         # the writer thread's connection and its failure state
         self.store: LogStore | None = None
@@ -540,6 +545,13 @@ class PredictionLog:
         except queue.Full:
             self.queue_full.inc(len(texts))
 
+    def refresh_stats(self) -> None:
+        """Read the live figures again now, not at the next interval: another worker
+        has stored labels."""
+        self.stats_due = True
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(threading.Event())  # wakes the writer thread
+
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until what was queued before this call is written (or dropped)."""
         done = threading.Event()
@@ -557,13 +569,18 @@ class PredictionLog:
         logged prediction (nothing stored then). Raises when the database fails."""
         if not self.flush():
             raise LogBehind("the prediction log is still writing earlier answers")
+        deadline = time.monotonic() + SIBLING_WAIT_S
         with self.feedback_lock:
             try:
                 if self.feedback_store is None:
                     self.feedback_store = open_store(self.url)
-                missing = self.feedback_store.record_feedback(items, time.time())
-                unwritten = [r for r, _ in missing if issued_within(r, RECENT_ANSWER_S)
-                             and not self.feedback_store.has_request(r)]
+                while True:
+                    missing = self.feedback_store.record_feedback(items, time.time())
+                    unwritten = [r for r, _ in missing if issued_within(r, RECENT_ANSWER_S)
+                                 and not self.feedback_store.has_request(r)]
+                    if not unwritten or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)  # another worker's writer is about to write it
                 if unwritten:  # answered by another replica that has not written it yet
                     raise LogBehind(f"request_id {unwritten[0]!r} was answered less than "
                                     f"{RECENT_ANSWER_S:.0f} s ago and is not in the log yet")
@@ -595,9 +612,10 @@ class PredictionLog:
                 next_prune = now + self.prune_interval_s
             # a new model gets figures of its own at once, not the old one's for 10 s
             version = self.served_version
-            if (now >= next_stats or version != stats_of) and \
-                    self._maintain(self._refresh_stats):
-                next_stats, stats_of = now + self.stats_interval_s, version
+            if now >= next_stats or version != stats_of or self.stats_due:
+                self.stats_due = False
+                if self._maintain(self._refresh_stats):
+                    next_stats, stats_of = now + self.stats_interval_s, version
             entries, markers, stop = self._take()
             if entries:
                 self._write(entries)

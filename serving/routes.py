@@ -9,7 +9,7 @@ from importlib import resources
 import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from serving.bundle import BundleError
@@ -140,17 +140,17 @@ def router(service: InferenceService, require_key) -> APIRouter:
 
     @routes.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(service.metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @routes.post("/admin/reload")
     async def admin_reload(request: ReloadRequest | None = None,
                            authorization: str | None = Header(None)) -> dict:
-        """Load a bundle (the followed one, or `bundle`) and swap it in. Needs the
-        admin token as `Authorization: Bearer <token>`."""
+        """Load a bundle (the followed one, or `bundle`) and swap it in, in every
+        server process (`workers` says what each one serves once it has followed).
+        Needs the admin token as `Authorization: Bearer <token>`."""
         check_admin(settings.admin_token, authorization)
         try:
-            return await service.reload(request.bundle if request else None)
+            return await service.reload_everywhere(request.bundle if request else None)
         except BundleError as err:
             serving = getattr(service.bundle, "version", "nothing")
             raise ApiError(422, "bundle_refused", f"{err}; still serving {serving}") from None

@@ -4,6 +4,8 @@
 with one assignment, so requests in flight finish on the old one), the batcher that
 every prediction and explanation goes through, the metrics and the prediction log. A
 bundle that fails to load or to warm up is refused and the old one keeps serving.
+With several server processes, each holds an `InferenceService` of its own and they
+follow one another's reloads through serving/workers.py.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from serving.metrics import ServiceMetrics
 from serving.prediction_log import LogBehind, PredictionLog
 from serving.settings import Settings
 from serving.source import BundleSource
+from serving.workers import SYNC_INTERVAL_S, WorkerGroup
 
 log = logging.getLogger("serving")
 
 WARM_UP_TEXTS = ["warm up", "a somewhat longer sentence to warm up the model with " * 4]
+MEMORY_INTERVAL_S = 5.0
 
 T = TypeVar("T")
 
@@ -47,8 +51,14 @@ class InferenceService:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.metrics = ServiceMetrics(settings.drift_window)
-        self.source = BundleSource(settings.bundle, settings.cache_dir)
+        self.group = WorkerGroup.from_env()  # None: this process serves alone
+        # Each worker keeps its share of the drift window; a scrape adds them up.
+        window = max(settings.drift_window // (settings.worker_count() if self.group else 1),
+                     1)
+        self.metrics = ServiceMetrics(window, self.group)
+        # A replacement worker serves what the latest admin reload asked for.
+        spec = (self.group.generation()[1] if self.group else None) or settings.bundle
+        self.source = BundleSource(spec, settings.cache_dir)
         self.bundle: Bundle | None = None
         self.identity: str | None = None  # of the bundle served, as the source names it
         self.error: str | None = None  # why no bundle serves, if one failed to load
@@ -56,6 +66,7 @@ class InferenceService:
         self.batcher: Batcher | None = None
         self.reload_lock = asyncio.Lock()
         self.watcher: asyncio.Task | None = None
+        self.coordinator: asyncio.Task | None = None
         self.prediction_log = (PredictionLog.from_settings(settings, self.metrics)
                                if settings.prediction_log else None)
 
@@ -65,8 +76,9 @@ class InferenceService:
         s = self.settings
         self.batcher = Batcher(lambda: self.bundle, s.max_batch_size, s.max_wait_ms,
                                s.max_queue, on_batch=self.metrics.observe_batch,
-                               enabled=s.batching, workers=s.inference_threads)
-        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+                               enabled=s.batching, workers=s.inference_threads,
+                               on_depth=self.metrics.queue_depth.set)
+        self.metrics.note_memory()
         if self.prediction_log:  # it connects in its own thread: a slow database never
             self.prediction_log.start()  # delays readiness
         try:
@@ -74,12 +86,18 @@ class InferenceService:
         except BundleError as err:
             self.error = str(err)
             log.error("cannot serve yet: %s", err)
+            self._report(error=self.error)
         if s.watch_interval_s > 0:
             self.watcher = asyncio.create_task(self.watch())
+        if self.group:
+            self.coordinator = asyncio.create_task(self.coordinate())
 
     async def stop(self) -> None:
-        if self.watcher:
-            self.watcher.cancel()
+        for task in (self.watcher, self.coordinator):
+            if task:
+                task.cancel()
+        if self.group:
+            self.group.leave()
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
         if self.prediction_log:
@@ -127,6 +145,8 @@ class InferenceService:
                            f"{position}{more}: never answered, not sampled, or past "
                            "retention", request_id=request_id, position=position)
         self.metrics.feedback.inc(len(items))
+        if self.group:
+            self.group.note_feedback()
         return len(items)
 
     async def explain(self, text: str) -> tuple[dict, Bundle]:
@@ -173,9 +193,59 @@ class InferenceService:
                 self.prediction_log.served_version = bundle.version
             self.source = source  # follow what was loaded from now on
             self.metrics.reloads.labels("ok").inc()
+            self._report()
             log.info("serving bundle %s from %s", bundle.version, path)
             return {"model_version": bundle.version,
                     "previous_version": previous.version if previous else None}
+
+    async def reload_everywhere(self, spec: str | None = None) -> dict:
+        """`reload` here, then in every other worker; the answer lists what each
+        worker serves once it has followed (or failed to)."""
+        result = await self.reload(spec)
+        if self.group is None:
+            return result
+        generation = self.group.announce_reload(self.source.spec)
+        self._report(generation=generation)
+        workers = await asyncio.to_thread(self.group.wait_for, generation,
+                                          self.settings.request_timeout_s * 3)
+        result["workers"] = [
+            {"pid": pid, "model_version": state["model_version"], "error": state["error"],
+             "followed": state["generation"] >= generation}
+            for pid, state in sorted(workers.items())]
+        return result
+
+    def _report(self, error: str | None = None, generation: int | None = None) -> None:
+        if self.group:
+            self.group.report(getattr(self.bundle, "version", None), self.identity,
+                              error, generation)
+
+    async def coordinate(self) -> None:
+        """With several workers: follow reloads that another worker received, and
+        publish this worker's drift window and memory for the others' scrapes."""
+        published, memory_at, labels_seen = None, 0.0, 0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            if pending := self.group.pending_reload():
+                generation, spec = pending
+                try:
+                    await self.reload(spec)
+                except BundleError as err:
+                    log.error("refused %s, which another worker loaded: %s", spec, err)
+                    self._report(error=str(err), generation=generation)
+                else:
+                    self._report(generation=generation)
+            if self.prediction_log and \
+                    (mark := self.group.feedback_since(labels_seen)) > labels_seen:
+                labels_seen = mark
+                self.prediction_log.refresh_stats()
+            now = loop.time()
+            if self.metrics.drift.observed != published:
+                published = self.metrics.drift.observed
+                self.group.publish_drift(self.metrics.drift.summary())
+            if now - memory_at >= MEMORY_INTERVAL_S:
+                memory_at = now
+                self.metrics.note_memory()
 
     async def watch(self) -> None:
         """Follow the bundle spec: reload when the link or the registry alias moves."""

@@ -12,6 +12,8 @@ what it should be (`Settings.from_env`).
 
 from __future__ import annotations
 
+import os
+
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -40,6 +42,10 @@ class Settings(BaseSettings):
     max_chars: int = Field(2000, ge=1, description="characters per text")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body size")
 
+    # Server processes (serving/workers.py): one per core by default, since one Python
+    # process answering HTTP left about half of a 2-core machine idle.
+    workers: int = Field(0, ge=0, description="server processes; 0: one per core")
+
     # Dynamic batching and backpressure.
     batching: bool = True
     max_batch_size: int = Field(64, ge=1, description="texts per model call")
@@ -52,7 +58,7 @@ class Settings(BaseSettings):
     # a third of the cores sat idle. 0.1 ms: 9-37% more texts/s at c=32 (7 A/B pairs).
     switch_interval_ms: float = Field(0.1, gt=0, description="GIL switch interval")
 
-    # onnxruntime
+    # onnxruntime. 0 intra-op threads: the cores divided among the workers.
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     graph_optimization: str = Field("all", pattern="^(disable|basic|extended|all)$")
@@ -101,9 +107,15 @@ class Settings(BaseSettings):
         except ValidationError as err:
             raise SettingsError(describe(err)) from None
 
+    def worker_count(self) -> int:
+        return self.workers or available_cores()
+
     def runtime_options(self) -> RuntimeOptions:
+        # Workers that each take every core for one model call would fight over them.
+        threads = self.intra_op_threads or (
+            max(1, available_cores() // self.worker_count()) if self.worker_count() > 1 else 0)
         return RuntimeOptions(
-            intra_op_threads=self.intra_op_threads,
+            intra_op_threads=threads,
             inter_op_threads=self.inter_op_threads,
             graph_optimization=self.graph_optimization,
             spin_wait=self.spin_wait,
@@ -111,6 +123,15 @@ class Settings(BaseSettings):
 
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in (self.api_keys or "").split(",") if key.strip()]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, as a container's cpuset
+    sets it), which can be fewer than the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def describe(err: ValidationError) -> str:

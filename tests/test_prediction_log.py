@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import httpx
@@ -425,11 +426,15 @@ def test_live_accuracy_in_metrics_matches_the_labels_sent_and_survives_a_restart
                     "textops_feedback_share": 6 / 8}
         recall = {name: sum(t == s == name for t, s in zip(truth, served, strict=False))
                   / truth.count(name) for name in set(truth)}
+        # Any worker may answer a scrape: the one that stored the labels has the new
+        # figures at once, the others within a fraction of a second.
+        def shown(name: str, value: float, **labels) -> bool:
+            return metric(service.url, name, **labels) == pytest.approx(value)
+
         for name, value in expected.items():
-            assert metric(service.url, name) == pytest.approx(value), name
+            eventually(partial(shown, name, value), timeout=5)
         for name, value in recall.items():
-            assert metric(service.url, "textops_live_recall", label=name) == pytest.approx(
-                value), name
+            eventually(partial(shown, "textops_live_recall", value, label=name), timeout=5)
         assert metric(service.url, "textops_feedback_total") == 6
         assert metric(service.url, "textops_prediction_log_written_total") == 8
     with running_service(built_bundle[0], tmp_path, prediction_log=url) as service:
@@ -506,7 +511,7 @@ def test_log_and_feedback_on_postgresql(built_bundle, tmp_path, postgres):
 
 def test_a_stopped_postgresql_fails_no_request_and_the_log_recovers(built_bundle, tmp_path):
     with postgres_server() as server, running_service(
-            built_bundle[0], tmp_path, prediction_log=server.url) as service:
+            built_bundle[0], tmp_path, prediction_log=server.url, workers=2) as service:
         url = service.url
         with Load(url) as load:
             eventually(lambda: metric(url, "textops_prediction_log_written_total"))
@@ -519,8 +524,10 @@ def test_a_stopped_postgresql_fails_no_request_and_the_log_recovers(built_bundle
             server.start()
             eventually(lambda: logged_again(url), timeout=30)
         assert len(load.statuses) > 20 and set(load.statuses) == {200}
-        assert len(log_lines(service, "failed (")) == 1, service.log_tail()
-        assert len(log_lines(service, "recovered: writing again")) == 1, service.log_tail()
+        # once per outage and server process, not once per dropped batch
+        assert 1 <= len(log_lines(service, "failed (")) <= 2, service.log_tail()
+        assert 1 <= len(log_lines(service, "recovered: writing again")) <= 2, \
+            service.log_tail()
 
 
 def test_an_unwritable_sqlite_file_fails_no_request_and_the_log_recovers(built_bundle,
@@ -528,7 +535,7 @@ def test_an_unwritable_sqlite_file_fails_no_request_and_the_log_recovers(built_b
     # Root ignores file modes, so the fault is a directory where the file should be.
     database = tmp_path / "log.db"
     database.mkdir()
-    with running_service(built_bundle[0], tmp_path,
+    with running_service(built_bundle[0], tmp_path, workers=2,
                          prediction_log=f"sqlite:///{database}") as service:
         statuses = [predict(service.url, TEXTS[:2]).status_code for _ in range(10)]
         eventually(lambda: metric(service.url, "textops_prediction_log_dropped_total",
@@ -537,9 +544,10 @@ def test_an_unwritable_sqlite_file_fails_no_request_and_the_log_recovers(built_b
         database.rmdir()
         eventually(lambda: logged_again(service.url), timeout=30)
         assert set(statuses) == {200}
-        assert len(log_lines(service, "failed (")) == 1, service.log_tail()
+        assert 1 <= len(log_lines(service, "failed (")) <= 2, service.log_tail()
         assert "unable to open database file" in log_lines(service, "failed (")[0]
-        assert len(log_lines(service, "recovered: writing again")) == 1, service.log_tail()
+        assert 1 <= len(log_lines(service, "recovered: writing again")) <= 2, \
+            service.log_tail()
 
 
 def test_the_writer_enforces_retention_itself(tmp_path):

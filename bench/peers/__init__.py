@@ -128,8 +128,10 @@ class PeerServer:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def running(self, bundle_dir: Path, port: int, log: Path, cores: int) -> Iterator[None]:
-        """Start on 127.0.0.1:`port`, wait until `ready_path` answers 200, yield, and
+    def running(self, bundle_dir: Path, port: int, log: Path, cores: int
+                ) -> Iterator[tuple[int, subprocess.Popen]]:
+        """Start on 127.0.0.1:`port`, wait until `ready_path` answers 200, yield
+        (port, the server's process), and
         always stop the whole process group (SIGTERM, then SIGKILL after 10 s to
         anything left of the server's session: see `stop_group`).
 
@@ -151,7 +153,7 @@ class PeerServer:
                                        start_new_session=True)
         try:
             self._wait_ready(process, port, log)
-            yield
+            yield port, process
         finally:
             stop_group(process)
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,166 @@
+"""Several server processes on one port (serving/workers.py): every worker answers,
+`/metrics` from any of them describes all, an admin reload reaches all, and a worker
+that dies is replaced by one serving what the others serve."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from conftest import answers, running_service, send_without_reading
+from test_serving_production import TEXTS, copy_bundle
+
+from serving.metrics import DriftMonitor
+from serving.workers import WorkerGroup
+
+pytestmark = pytest.mark.slow
+ADMIN = {"Authorization": "Bearer t"}
+
+
+def scrape(url: str) -> list[str]:
+    return httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+
+
+def value(lines: list[str], prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+
+def worker_pids(lines: list[str]) -> set[int]:
+    return {int(line.split('pid="')[1].split('"')[0]) for line in lines
+            if line.startswith("textops_worker_resident_bytes{")}
+
+
+def replaced(url: str, victim: int) -> bool:
+    pids = worker_pids(scrape(url))
+    return len(pids) == 2 and victim not in pids
+
+
+def eventually(check, timeout: float = 10.0):
+    """`check()`'s first truthy value within `timeout` (another worker publishes its
+    drift window every 0.2 s), else its last value."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return result
+
+
+def predict_on_new_connections(url: str, count: int, texts=TEXTS) -> list[dict]:
+    """`count` requests at once, each on a connection of its own, so the kernel
+    spreads them over the workers."""
+    results = answers([send_without_reading(url, "/predict", {"texts": texts})
+                       for _ in range(count)])
+    assert [status for status, _, _ in results] == [200] * count
+    return [body for _, _, body in results]
+
+
+@pytest.fixture(scope="module")
+def two_workers(built_bundle, tmp_path_factory):
+    with running_service(built_bundle[0], tmp_path_factory.mktemp("workers"), workers=2,
+                         admin_token="t", watch_interval_s=0) as service:
+        # both workers report their memory once started
+        assert eventually(lambda: len(worker_pids(scrape(service.url))) == 2, 30)
+        yield service
+
+
+def test_metrics_from_any_worker_count_every_worker(two_workers):
+    url = two_workers.url
+    before = scrape(url)
+    requests_before = value(before, 'textops_requests_total{method="POST",route="/predict"')
+    window_before = value(before, "textops_drift_window_texts")
+    predict_on_new_connections(url, 40)
+    # counters are summed over the workers' files at once; each scrape may come from
+    # either worker and must show every request
+    for _ in range(6):
+        after = scrape(url)
+        assert value(after, 'textops_requests_total{method="POST",route="/predict"') \
+            == requests_before + 40
+        assert value(after, "textops_batch_texts_count") > 0
+    pids = worker_pids(after)
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(value(after, f'textops_worker_resident_bytes{{pid="{pid}"}}') > 10e6
+               for pid in pids)
+    # drift windows are merged: every text scored counts once, whoever scored it
+    expected = window_before + 40 * len(TEXTS)
+    assert eventually(lambda: value(scrape(url), "textops_drift_window_texts") == expected)
+
+
+def test_admin_reload_reaches_every_worker(two_workers, built_bundle, tmp_path):
+    url = two_workers.url
+    new = copy_bundle(built_bundle[0], tmp_path / "v-workers", "v-workers")
+    answer = httpx.post(f"{url}/admin/reload", json={"bundle": str(new)}, headers=ADMIN,
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    workers = answer.json()["workers"]
+    assert len(workers) == 2
+    assert all(w["model_version"] == "v-workers" and w["followed"] for w in workers)
+    versions = {body["model_version"] for body in predict_on_new_connections(url, 24)}
+    assert versions == {"v-workers"}
+    info = [line for line in scrape(url) if line.startswith("textops_model_info{")]
+    assert any('version="v-workers"} 1.0' in line for line in info), info
+
+
+def test_a_killed_worker_is_replaced_and_serves_the_reloaded_bundle(
+        two_workers, built_bundle, tmp_path):
+    url = two_workers.url
+    new = copy_bundle(built_bundle[0], tmp_path / "v-after-kill", "v-after-kill")
+    answer = httpx.post(f"{url}/admin/reload", json={"bundle": str(new)}, headers=ADMIN,
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    victim = answer.json()["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    # the supervisor starts a replacement; the dead worker's gauges leave /metrics
+    assert eventually(lambda: replaced(url, victim), 60)
+    versions = {body["model_version"] for body in predict_on_new_connections(url, 24)}
+    assert versions == {"v-after-kill"}
+
+
+def test_sigterm_drains_every_worker(built_bundle, tmp_path):
+    """Requests accepted by either worker are answered before the service exits."""
+    texts, requests = [TEXTS[4] * 3] * 64, 32
+    with running_service(built_bundle[0], tmp_path, workers=2, max_batch_size=8,
+                         max_texts=64, max_queue=4096) as service:
+        connections = [send_without_reading(service.url, "/predict", {"texts": texts})
+                       for _ in range(requests)]
+        time.sleep(0.3)  # let both workers accept their share
+        service.process.send_signal(signal.SIGTERM)
+        results = answers(connections)
+        assert service.process.wait(60) == 0
+        log = service.log_tail(40)
+    assert [status for status, _, _ in results] == [200] * requests
+    assert log.count("Finished server process") >= 2
+
+
+def test_drift_summaries_of_another_model_are_not_merged():
+    """A worker still on the old bundle must not mix its window into the new one's."""
+    reference = {"length": {"edges": [2, 4], "shares": [0.3, 0.4, 0.3]}, "unk_rate": 0.0,
+                 "class_shares": [0.5, 0.5]}
+    others = [{"model": "old", "texts": 50, "lengths": [50, 0, 0], "unknown": 0,
+               "tokens": 50, "predicted": [50, 0]},
+              {"model": "new", "texts": 2, "lengths": [0, 1, 1], "unknown": 1,
+               "tokens": 8, "predicted": [1, 1]}]
+    drift = DriftMonitor(100, others=lambda: others)
+
+    class Model:
+        version = "new"
+
+    model = Model()
+    drift.reset(reference, ["neg", "pos"], model)
+    drift.observe(model, [1, 3, 5], [0, 0, 0], [0, 1, 1])
+    merged = drift.merged()
+    assert merged["texts"] == 5
+    assert merged["lengths"] == [1, 2, 2] and merged["predicted"] == [2, 3]
+    assert merged["unknown"] == 1 and merged["tokens"] == 17
+
+
+def test_files_of_dead_workers_are_forgotten(tmp_path):
+    """A killed worker cannot clean up: its live gauges, drift window and report go
+    at the next scrape, so neither its memory nor its window is counted."""
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    for name in (f"gauge_liveall_{dead}.db", f"gauge_livesum_{dead}.db",
+                 f"counter_{dead}.db", f"drift-{dead}.json", f"worker-{dead}.json"):
+        (tmp_path / name).write_text("{}")
+    WorkerGroup(tmp_path).forget_dead()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{dead}.db"]
