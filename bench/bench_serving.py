@@ -156,7 +156,7 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str) -> list[Setup]
             return server([python, "-m", "serving"], port, "/health/ready", log, env)
         workers = int(settings.get("TEXTOPS_WORKERS", "0")) or CORES
         shown = {"workers": workers, "batching": settings.get("TEXTOPS_BATCHING", "true"),
-                 "max_batch_size": 64, "max_wait_ms": 2.0,
+                 "max_batch_size": 64, "max_wait_ms": 0.0,
                  "onnx_threads_per_worker": max(1, CORES // workers)}
         return Setup("", version, shown, "/predict", start,
                      lambda texts, n: bodies_for("service", texts, n), service_answers)
@@ -256,9 +256,10 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     skip = {name.lower() for name in args.skip}
     setups = [s for s in our_setups(bundle_dir, bundle, args.checkpoint)
-              if s.name.split()[0].lower() not in skip]
+              if s.name.lower() not in skip and s.name.split()[0].strip(",").lower()
+              not in skip]
     peer_names = [name for name in peers.PEERS if name.lower() not in skip]
-    more, failed = peer_setups(bundle_dir, peer_names)
+    more, failed = peer_setups(bundle_dir, peer_names) if peer_names else ([], {})
     setups += more
     results: dict = {"in-process limit": {}, **{s.name: {} for s in setups}}
     memory: dict[str, list[float]] = {}

@@ -33,9 +33,10 @@ IDLE = ("select", "epoll", "poll", "wait", "sleep", "_worker", "get", "acquire")
 
 
 def profile(pid: int, seconds: float, out: Path) -> None:
-    subprocess.run(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--nonblocking",
-                    "--rate", "250", "--duration", str(int(seconds)), "--format", "raw",
-                    "--output", str(out)], check=True, capture_output=True)
+    py_spy = Path(sys.executable).parent / "py-spy"  # the venv's (pyproject's dev extra)
+    subprocess.run([str(py_spy), "record", "--pid", str(pid), "--subprocesses",
+                    "--nonblocking", "--rate", "250", "--duration", str(int(seconds)),
+                    "--format", "raw", "--output", str(out)], check=True, capture_output=True)
 
 
 def busy(frames: list[str]) -> bool:

@@ -28,6 +28,7 @@ from fastapi import FastAPI
 
 from serving import routes, v2
 from serving.errors import add_error_handlers
+from serving.hot_path import PredictHotPath
 from serving.middleware import BodySizeLimit, RequestMetrics
 from serving.security import api_key_dependency
 from serving.service import InferenceService
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
+    app.add_middleware(PredictHotPath, service=service)  # added last: runs first
     add_error_handlers(app)
     require_key = api_key_dependency(service.settings.api_key_list())
     app.include_router(routes.router(service, require_key))

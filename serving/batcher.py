@@ -99,7 +99,7 @@ class Batcher:
     """Runs jobs on `workers` inference threads, batching what arrives together."""
 
     def __init__(self, get_bundle: Callable[[], Bundle], max_batch_size: int = 64,
-                 max_wait_ms: float = 2.0, max_queue: int = 1024,
+                 max_wait_ms: float = 0.0, max_queue: int = 1024,
                  on_batch: Callable[[BatchStats], None] | None = None, enabled: bool = True,
                  workers: int = 1, on_depth: Callable[[int], None] | None = None):
         self.get_bundle = get_bundle

@@ -497,6 +497,7 @@ class PredictionLog:
         self.served_version = ""  # the bundle being served: live accuracy is its own
         self.prune_interval_s, self.stats_interval_s = prune_interval_s, stats_interval_s
         self.stats_due = False  # set: read the live figures at the writer's next turn
+        self.siblings = False  # set: other workers of this service write to this log
         self.retry_first_s, self.retry_max_s = retry_s
         # the writer thread's connection and its failure state
         self.store: LogStore | None = None
@@ -578,9 +579,13 @@ class PredictionLog:
                     missing = self.feedback_store.record_feedback(items, time.time())
                     unwritten = [r for r, _ in missing if issued_within(r, RECENT_ANSWER_S)
                                  and not self.feedback_store.has_request(r)]
-                    if not unwritten or time.monotonic() > deadline:
+                    # Another worker of this service (or replica) may have answered it
+                    # and be about to write it: a client's own id cannot say how recent
+                    # it is, so with sibling workers any missing pair waits a moment.
+                    if not (unwritten or (missing and self.siblings)) \
+                            or time.monotonic() > deadline:
                         break
-                    time.sleep(0.05)  # another worker's writer is about to write it
+                    time.sleep(0.05)
                 if unwritten:  # answered by another replica that has not written it yet
                     raise LogBehind(f"request_id {unwritten[0]!r} was answered less than "
                                     f"{RECENT_ANSWER_S:.0f} s ago and is not in the log yet")

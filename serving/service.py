@@ -69,6 +69,8 @@ class InferenceService:
         self.coordinator: asyncio.Task | None = None
         self.prediction_log = (PredictionLog.from_settings(settings, self.metrics)
                                if settings.prediction_log else None)
+        if self.prediction_log and self.group:
+            self.prediction_log.siblings = True
 
     # ------------------------------------------------------------ lifecycle
 
@@ -159,7 +161,9 @@ class InferenceService:
     async def _bounded(self, work: Awaitable[T]) -> T:
         """`work` within the request timeout; 503 when the queue is full, 504 late."""
         try:
-            return await asyncio.wait_for(work, self.settings.request_timeout_s)
+            # a timeout scope, not wait_for: that wraps every request in a task of its own
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                return await work
         except QueueFull as err:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(503, "overloaded", f"the service is at capacity: {err}",

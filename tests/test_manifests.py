@@ -249,7 +249,11 @@ def test_the_deployment_rolls_and_drains_without_losing_a_request():
         assert set(probes["resources"][bound]) == {"cpu", "memory"}
     # onnxruntime would size its pool by the node's cores, not the pod's limit
     cpu_limit = int(probes["resources"]["limits"]["cpu"])
-    assert int(env(deployment)["TEXTOPS_INTRA_OP_THREADS"]) == cpu_limit
+    # one server process per core of the limit, one model thread each: no more
+    # threads than the pod may run
+    variables = env(deployment)
+    assert int(variables["TEXTOPS_WORKERS"]) * int(variables["TEXTOPS_INTRA_OP_THREADS"]) \
+        == cpu_limit
 
 
 @pytest.mark.parametrize("directory", [BASE, CHAMPION, SERVERLESS, RAW],

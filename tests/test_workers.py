@@ -164,3 +164,21 @@ def test_files_of_dead_workers_are_forgotten(tmp_path):
         (tmp_path / name).write_text("{}")
     WorkerGroup(tmp_path).forget_dead()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{dead}.db"]
+
+
+def test_liveness_answers_within_a_second_under_overload(built_bundle, tmp_path):
+    """With every worker's queue full (requests answered 503), the liveness probe still
+    answers at once: a probe that timed out would have the pod restarted for load."""
+    long_texts = [TEXTS[4] * 3] * 16
+    with running_service(built_bundle[0], tmp_path, workers=2, max_queue=32, max_texts=16,
+                         max_batch_size=8) as service:
+        flood = [send_without_reading(service.url, "/predict", {"texts": long_texts})
+                 for _ in range(96)]
+        probes = []
+        for _ in range(10):
+            started = time.monotonic()
+            answer = httpx.get(f"{service.url}/health/live", timeout=5)
+            probes.append((answer.status_code, time.monotonic() - started))
+        results = answers(flood)
+    assert 503 in {status for status, _, _ in results}, "the queues never filled"
+    assert all(status == 200 and seconds < 1.0 for status, seconds in probes), probes
