@@ -31,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -151,11 +152,15 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str) -> list[Setup]
 
     def service(settings: dict) -> Setup:
         def start(port: int, log: Path):
+            # as deployed, prediction log on; a database of its own beside its log
             env = {"TEXTOPS_BUNDLE": str(bundle_dir), "TEXTOPS_PORT": str(port),
-                   "TEXTOPS_MAX_QUEUE": "4096", "TEXTOPS_WATCH_INTERVAL_S": "0", **settings}
+                   "TEXTOPS_MAX_QUEUE": "4096", "TEXTOPS_WATCH_INTERVAL_S": "0",
+                   "TEXTOPS_PREDICTION_LOG": f"sqlite:///{log.with_suffix('.db')}",
+                   **settings}
             return server([python, "-m", "serving"], port, "/health/ready", log, env)
         workers = int(settings.get("TEXTOPS_WORKERS", "0")) or CORES
         shown = {"workers": workers, "batching": settings.get("TEXTOPS_BATCHING", "true"),
+                 "prediction_log": "on (SQLite)",
                  "max_batch_size": 64, "max_wait_ms": 0.0,
                  "onnx_threads_per_worker": max(1, CORES // workers)}
         return Setup("", version, shown, "/predict", start,
@@ -225,13 +230,8 @@ def check_answers(setup: Setup, port: int, bundle: Bundle, texts: list[str]) -> 
 
 def memory_mb(process: subprocess.Popen) -> list[float]:
     """Resident memory of the server and every process it started, MB each."""
-    try:
-        root = psutil.Process(process.pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
     sizes = []
-    for member in tree:
+    for member in tree(process):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             sizes.append(member.memory_info().rss / 2**20)
     return sorted(sizes, reverse=True)
@@ -276,7 +276,13 @@ def main() -> None:
                 failed[setup.name] = f"{type(err).__name__}: {err}"[:2000]
                 results.pop(setup.name)
         setups = [s for s in setups if s.name in results]
-        print_setups(setups, failed)
+        idle = idle_cpu({name: processes[name] for name in results if name in processes})
+        print_setups(setups, failed, idle)
+        # Only the server being measured runs: one that polls while idle (see the idle
+        # CPU above) would otherwise take the cores from the one under load.
+        for process in processes.values():
+            freeze(process)
+        stack.callback(lambda: [thaw(process) for process in processes.values()])
         for per_request in args.per_request:
             for concurrency in args.concurrency:
                 key = f"{per_request}x{concurrency}"
@@ -287,22 +293,70 @@ def main() -> None:
                 for setup in setups:
                     requests = build_requests(HOST, setup.path,
                                               setup.bodies(texts, per_request))
+                    thaw(processes[setup.name])
                     load = run_load(HOST, ports[setup.name], requests, concurrency,
                                     args.seconds)
+                    freeze(processes[setup.name])
                     results[setup.name][key] = load.summary(per_request, CORES)
                     print_row(setup.name, per_request, concurrency, results[setup.name][key])
                 print_row("in-process limit", per_request, concurrency,
                           results["in-process limit"][key])
         for setup in setups:  # after the load: what each holds once warm
             memory[setup.name] = memory_mb(processes[setup.name])
-    report(results, setups, failed, memory, args)
+    report(results, setups, failed, memory, idle, args)
 
 
-def print_setups(setups: list[Setup], failed: dict[str, str]) -> None:
-    print("Setups:")
+def tree(process: subprocess.Popen) -> list[psutil.Process]:
+    """The server and every process it started, the server first."""
+    try:
+        root = psutil.Process(process.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def signal_all(members: list[psutil.Process], signal_number: int) -> None:
+    for member in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal_number)
+
+
+def freeze(process: subprocess.Popen) -> None:
+    """SIGSTOP the server, then its workers (a supervisor stopped first cannot see a
+    stopped worker as hung)."""
+    signal_all(tree(process), signal.SIGSTOP)
+
+
+def thaw(process: subprocess.Popen) -> None:
+    """SIGCONT the workers first, so that a supervisor's pending health check finds
+    them answering when it resumes."""
+    signal_all(tree(process)[::-1], signal.SIGCONT)
+    time.sleep(0.2)
+
+
+def idle_cpu(processes: dict[str, subprocess.Popen], seconds: float = 5.0
+             ) -> dict[str, float]:
+    """Each server's CPU use while nobody sends it anything, in cores."""
+    def cpu(members):
+        total = 0.0
+        for member in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += sum(member.cpu_times()[:2])
+        return total
+
+    trees = {name: tree(process) for name, process in processes.items()}
+    before = {name: cpu(members) for name, members in trees.items()}
+    time.sleep(seconds)
+    return {name: (cpu(members) - before[name]) / seconds for name, members in trees.items()}
+
+
+def print_setups(setups: list[Setup], failed: dict[str, str], idle: dict[str, float]
+                 ) -> None:
+    print("Setups (idle CPU: what each uses while nobody sends it anything):")
     for setup in setups:
         shown = ", ".join(f"{k} {v}" for k, v in setup.settings.items())
-        print(f"  {setup.name:<26} {setup.version}\n  {'':<26} {shown}")
+        print(f"  {setup.name:<26} {setup.version}, idle CPU "
+              f"{idle.get(setup.name, 0) * 100:.1f}% of a core\n  {'':<26} {shown}")
     for name, reason in failed.items():
         print(f"  {name:<26} NOT MEASURED: {reason.splitlines()[0][:300]}")
     print(flush=True)
@@ -318,7 +372,7 @@ def print_row(name: str, per_request: int, concurrency: int, r: dict) -> None:
 
 
 def report(results: dict, setups: list[Setup], failed: dict[str, str],
-           memory: dict[str, list[float]], args) -> None:
+           memory: dict[str, list[float]], idle: dict[str, float], args) -> None:
     def tps(name, key):
         return results.get(name, {}).get(key, {}).get("texts_per_s")
 
@@ -360,6 +414,7 @@ def report(results: dict, setups: list[Setup], failed: dict[str, str],
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "args": vars(args),
         "setups": {s.name: {"version": s.version, "settings": s.settings} for s in setups},
         "not_measured": failed, "results": results, "memory_mb": memory,
+        "idle_cpu_cores": idle,
         "service_over": versus, "ratios_at_concurrency_32": ratios}, indent=2))
     print(f"\nwrote {out.relative_to(ROOT)}")
 

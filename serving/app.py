@@ -1,7 +1,7 @@
 """The inference service assembled: FastAPI on uvicorn, serving one model bundle.
 
 Run it with `python -m serving` (settings from `TEXTOPS_*` environment variables, see
-serving/settings.py) or `uvicorn --factory serving.app:create_app`.
+serving/settings.py) or `uvicorn --factory serving.app:create_app` (one process).
 
 Routes (serving/routes.py, serving/v2.py)
 - `POST /predict`, `POST /explain`, and the Open Inference Protocol under `/v2`;
@@ -13,7 +13,11 @@ Routes (serving/routes.py, serving/v2.py)
 - `GET /`: a demo page.
 
 Requests are micro-batched (serving/batcher.py); the model, its reloads and the
-request bounds are serving/service.py's.
+request bounds are serving/service.py's. `POST /predict` is answered by a plain ASGI
+handler ahead of FastAPI's routing (serving/hot_path.py). With `TEXTOPS_WORKERS`
+above 1 (one per core by default) uvicorn's supervisor runs that many processes of
+this app on one port; serving/workers.py keeps their metrics, drift windows and
+reloads together.
 """
 
 from __future__ import annotations
