@@ -15,7 +15,7 @@ Routes (serving/routes.py, serving/v2.py)
 Requests are micro-batched (serving/batcher.py); the model, its reloads and the
 request bounds are serving/service.py's. `POST /predict` is answered by a plain ASGI
 handler ahead of FastAPI's routing (serving/hot_path.py). With `TEXTOPS_WORKERS`
-above 1 (one per core by default) uvicorn's supervisor runs that many processes of
+above 1 (one per core by default) serving/supervisor.py runs that many processes of
 this app on one port; serving/workers.py keeps their metrics, drift windows and
 reloads together.
 """
@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -37,6 +38,7 @@ from serving.middleware import BodySizeLimit, RequestMetrics
 from serving.security import api_key_dependency
 from serving.service import InferenceService
 from serving.settings import Settings, SettingsError
+from serving.supervisor import Supervisor
 from serving.workers import MULTIPROC_ENV
 
 
@@ -100,8 +102,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="textops-workers-") as shared:
         os.environ[MULTIPROC_ENV] = shared
         os.environ["TEXTOPS_WORKERS"] = str(workers)
-        logging.getLogger("serving").info("starting %d server processes", workers)
-        uvicorn.run("serving.app:worker_app", factory=True, workers=workers, **options)
+        supervisor = Supervisor(workers, options, Path(shared),
+                                grace_s=options["timeout_graceful_shutdown"] + 10)
+        code = supervisor.run()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import httpx
@@ -182,3 +183,22 @@ def test_liveness_answers_within_a_second_under_overload(built_bundle, tmp_path)
         results = answers(flood)
     assert 503 in {status for status, _, _ in results}, "the queues never filled"
     assert all(status == 200 and seconds < 1.0 for status, seconds in probes), probes
+
+
+def test_a_port_in_use_stops_the_service_instead_of_restarting_workers(built_bundle, tmp_path):
+    """Workers that can never listen end the service with an error, not a loop."""
+    from serving import control
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        service = control.start(built_bundle[0], port, tmp_path / "service.log",
+                                env={"TEXTOPS_WORKERS": "2",
+                                     "TEXTOPS_PREDICTION_LOG": ""})
+        try:
+            code = service.process.wait(60)
+        finally:
+            control.stop(service.process)
+    assert code == 3
+    assert f"cannot listen on 127.0.0.1:{port}" in service.log_tail(40)
