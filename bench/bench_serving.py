@@ -6,7 +6,8 @@
 Measured in one run, interleaved (the machine's speed drifts over minutes), with
 SST-2 dev texts, one text and 16 texts per request, loopback only:
   1. in-process limit: the same ONNX model called in-process, no HTTP, length-grouped
-     batches of 1 to 64 (the best is kept);
+     batches of 1 to 64, in one process on every core and in one process per core
+     (the best is kept);
   2. this service as deployed: one server process per core, micro-batching on (int8);
   3. this service, batching off;
   4. this service in one process (what it was before it used every core);
@@ -15,9 +16,11 @@ SST-2 dev texts, one text and 16 texts per request, loopback only:
   7. the servers a user would pick instead, each wrapping the same int8 model and
      tokenizer with its own batching (bench/peers/): MLServer, LitServe, BentoML. A
      peer that cannot install or start is reported, with the reason, not dropped.
-Every server's answers are checked against the bundle before it is measured. Prints
+The service's and each peer's answers are checked against the bundle before they are
+measured (the naive server and mlflow run the fp32/PyTorch model: not compared). Only
+the server being measured runs; the others are stopped (SIGSTOP) meanwhile. Prints
 throughput and p50/p95/p99 latency per setting, the load generator's CPU share, each
-server's memory (resident, per process), and the ratios against the targets: the
+server's memory (PSS, per process) and idle CPU, and the ratios against the targets: the
 service over the in-process limit and over each alternative at every point, and
 batching on over batching off. Writes bench/results/serving.json.
 """
@@ -29,6 +32,7 @@ import contextlib
 import gzip
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
 import signal
@@ -37,6 +41,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +58,10 @@ from loadgen import build_requests, run_load  # noqa: E402
 
 from serving import control  # noqa: E402
 from serving.batcher import length_groups  # noqa: E402
-from serving.bundle import Bundle, softmax  # noqa: E402
+from serving.bundle import Bundle, RuntimeOptions, softmax  # noqa: E402
+from serving.settings import available_cores  # noqa: E402
 
-CORES = os.cpu_count() or 1
+CORES = available_cores()  # as the service counts them (affinity, CPU quota)
 HOST = "127.0.0.1"
 # Issue 14's targets: at concurrency 32, the service at 0.7x the in-process limit with
 # one text per request (goal 0.85x) and 0.95x with 16.
@@ -76,27 +82,54 @@ def dev_texts() -> list[str]:
 # ---------------------------------------------------------------- 1. in-process limit
 
 
-def in_process_limit(bundle: Bundle, texts: list[str], batch_sizes=(1, 4, 16, 64),
-                     seconds: float = 3.0) -> dict:
-    """Texts per second of tokenize + length-grouped ONNX calls, for each batch size."""
+_bundles: dict[tuple[str, int], Bundle] = {}  # per limit process: loaded once
+
+
+def limit_run(bundle_dir: str, threads: int, texts: list[str], size: int, seconds: float,
+              start_at: float) -> tuple[int, float, list[float]]:
+    """In one process: tokenize + length-grouped ONNX calls on batches of `size`, for
+    `seconds` from `start_at` (so that several processes run together); (texts done,
+    seconds taken, latency per batch)."""
+    key = (bundle_dir, threads)
+    if key not in _bundles:
+        _bundles[key] = Bundle.load(Path(bundle_dir), "int8",
+                                    RuntimeOptions(intra_op_threads=threads))
+    bundle = _bundles[key]
+    time.sleep(max(0.0, start_at - time.time()))
+    count, started, latencies = 0, time.perf_counter(), []
+    while time.perf_counter() - started < seconds:
+        for start in range(0, len(texts), size):
+            chunk = texts[start : start + size]
+            t0 = time.perf_counter()
+            encoded = bundle.encode(chunk)
+            lengths = [len(ids) for ids in encoded]
+            for group in length_groups(lengths):
+                softmax(bundle.run([encoded[i] for i in group]))
+            latencies.append(time.perf_counter() - t0)
+            count += len(chunk)
+    return count, time.perf_counter() - started, latencies
+
+
+def in_process_limit(pools: dict[str, ProcessPoolExecutor], bundle_dir: Path,
+                     texts: list[str], batch_sizes=(1, 4, 16, 64), seconds: float = 3.0
+                     ) -> dict:
+    """Texts per second of the model called in-process, no HTTP, for each batch size
+    and two layouts: one process with onnxruntime on every core, and one process per
+    core with one thread each (how the service runs it). The best of all is the limit."""
     results = {}
-    for size in batch_sizes:
-        count, started, latencies = 0, time.perf_counter(), []
-        while time.perf_counter() - started < seconds:
-            for start in range(0, len(texts), size):
-                chunk = texts[start : start + size]
-                t0 = time.perf_counter()
-                encoded = bundle.encode(chunk)
-                lengths = [len(ids) for ids in encoded]
-                for group in length_groups(lengths):
-                    softmax(bundle.run([encoded[i] for i in group]))
-                latencies.append(time.perf_counter() - t0)
-                count += len(chunk)
-        elapsed = time.perf_counter() - started
-        ms = np.asarray(latencies) * 1000
-        results[size] = {"texts_per_s": count / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-                         "p95_ms": float(np.percentile(ms, 95)),
-                         "p99_ms": float(np.percentile(ms, 99))}
+    for layout, pool in pools.items():
+        processes, threads = (1, 0) if layout == "1 process" else (CORES, 1)
+        for size in batch_sizes:
+            start_at = time.time() + 0.5
+            runs = [f.result() for f in [
+                pool.submit(limit_run, str(bundle_dir), threads, texts, size, seconds,
+                            start_at) for _ in range(processes)]]
+            ms = np.concatenate([np.asarray(latencies) for _, _, latencies in runs]) * 1000
+            results[f"{size}, {layout}"] = {
+                "batch_size": size, "layout": layout,
+                "texts_per_s": sum(count / elapsed for count, elapsed, _ in runs),
+                "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+                "p99_ms": float(np.percentile(ms, 99))}
     return results
 
 
@@ -229,11 +262,13 @@ def check_answers(setup: Setup, port: int, bundle: Bundle, texts: list[str]) -> 
 
 
 def memory_mb(process: subprocess.Popen) -> list[float]:
-    """Resident memory of the server and every process it started, MB each."""
+    """Memory of the server and every process it started, MB each: the proportional
+    set size (pages shared between forked processes counted once, split among them),
+    so that a server that forks its workers is not charged twice for shared pages."""
     sizes = []
     for member in tree(process):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            sizes.append(member.memory_info().rss / 2**20)
+            sizes.append(member.memory_full_info().pss / 2**20)
     return sorted(sizes, reverse=True)
 
 
@@ -264,6 +299,9 @@ def main() -> None:
     results: dict = {"in-process limit": {}, **{s.name: {} for s in setups}}
     memory: dict[str, list[float]] = {}
     with ExitStack() as stack:
+        spawn = multiprocessing.get_context("spawn")
+        pools = {layout: stack.enter_context(ProcessPoolExecutor(n, mp_context=spawn))
+                 for layout, n in (("1 process", 1), (f"{CORES} processes", CORES))}
         ports, processes = {}, {}
         for setup in setups:
             port = control.free_port()
@@ -286,18 +324,22 @@ def main() -> None:
         for per_request in args.per_request:
             for concurrency in args.concurrency:
                 key = f"{per_request}x{concurrency}"
-                limit = in_process_limit(bundle, texts, seconds=args.seconds / 2)
-                best = max(limit, key=lambda b: limit[b]["texts_per_s"])
-                results["in-process limit"][key] = {"best_batch_size": best, **limit[best],
-                                                    "by_batch_size": limit}
+                limit = in_process_limit(pools, bundle_dir, texts, seconds=args.seconds / 2)
+                best = max(limit.values(), key=lambda run: run["texts_per_s"])
+                results["in-process limit"][key] = {**best, "all": limit}
                 for setup in setups:
                     requests = build_requests(HOST, setup.path,
                                               setup.bodies(texts, per_request))
+                    members = {m.pid for m in tree(processes[setup.name])}
                     thaw(processes[setup.name])
                     load = run_load(HOST, ports[setup.name], requests, concurrency,
                                     args.seconds)
                     freeze(processes[setup.name])
                     results[setup.name][key] = load.summary(per_request, CORES)
+                    if members - {m.pid for m in tree(processes[setup.name])}:
+                        # a worker died (or a supervisor replaced one): say so
+                        results[setup.name][key]["processes_died"] = True
+                        print(f"  ! {setup.name}: a process of it ended during this point")
                     print_row(setup.name, per_request, concurrency, results[setup.name][key])
                 print_row("in-process limit", per_request, concurrency,
                           results["in-process limit"][key])
@@ -364,7 +406,7 @@ def print_setups(setups: list[Setup], failed: dict[str, str], idle: dict[str, fl
 
 def print_row(name: str, per_request: int, concurrency: int, r: dict) -> None:
     cpu = f"{r['client_cpu_share'] * 100:4.1f}%" if "client_cpu_share" in r else "   - "
-    extra = f" (batch {r['best_batch_size']})" if "best_batch_size" in r else ""
+    extra = f" (batch {r['batch_size']}, {r['layout']})" if "layout" in r else ""
     print(f"{name + extra:<36} {per_request:>3} text/req  c={concurrency:<4} "
           f"{r['texts_per_s']:8.1f} texts/s  p50 {r['p50_ms']:7.2f}  p95 {r['p95_ms']:7.2f}  "
           f"p99 {r['p99_ms']:7.2f} ms  errors {r.get('errors', 0):<4} client CPU {cpu}",
@@ -376,6 +418,9 @@ def report(results: dict, setups: list[Setup], failed: dict[str, str],
     def tps(name, key):
         return results.get(name, {}).get(key, {}).get("texts_per_s")
 
+    if SERVICE not in results:
+        print(f"\nthe service did not start: {failed.get(SERVICE, '?')}")
+        return
     keys = list(results["in-process limit"])
     print("\nThe service over each alternative, texts/s (ahead: > 1):")
     print(f"  {'':<26}" + "".join(f"{key:>9}" for key in keys))
@@ -405,7 +450,7 @@ def report(results: dict, setups: list[Setup], failed: dict[str, str],
     if p99 is not None:
         print(f"  p99, 1 text     {p99:5.1f} ms ({'meets' if p99 <= 60 else 'MISSES'} the "
               "target 60 ms)")
-    print("\nMemory once warm (resident, MB per process):")
+    print("\nMemory once warm (PSS, MB per process):")
     for name, sizes in memory.items():
         print(f"  {name:<26} {sum(sizes):7.0f} in {len(sizes)} processes: "
               + ", ".join(f"{size:.0f}" for size in sizes))

@@ -119,7 +119,12 @@ def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None
     return wait_until(f"{url}/health/ready", timeout, process)
 
 
-def stop(process: subprocess.Popen, timeout: float = 30) -> int:
+# The service's supervisor gives its workers 3 x the request timeout (30 s by default)
+# + 10 s to finish what they accepted (serving/app.py): wait that long before SIGKILL.
+STOP_TIMEOUT_S = 45
+
+
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
     """SIGTERM (the service drains in-flight requests), then SIGKILL after `timeout`."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -172,7 +177,7 @@ def down(run_dir: Path) -> str:
     started = running_container(run_dir)
     if started is not None:
         runtime, name = started
-        container.stop(runtime, name)
+        container.stop(runtime, name, timeout=STOP_TIMEOUT_S)
         (run_dir / "container.json").unlink()
         return f"stopped container {name} ({runtime.name})"
     pid = running_pid(run_dir)
@@ -180,7 +185,7 @@ def down(run_dir: Path) -> str:
     if pid is None:
         return "nothing was running"
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + STOP_TIMEOUT_S
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if pid_alive(pid):

@@ -6,9 +6,11 @@ does around an endpoint (routing, dependency resolution, reading the body throug
 this handler's whole work (py-spy: bench/profile_serving.py). So `PredictHotPath` sits
 outermost in the app and answers `POST /predict` itself:
 
-- the same checks, in the same order, with the same answers as every other route:
-  API key (401), body size (413), JSON (400) and schema (422) through pydantic's
-  `PredictRequest`, the input limits (`check_texts`), queue and timeout (503/504);
+- the same checks with the same answers as FastAPI gave: API key (401, checked
+  first, before the body is read), body size (413), JSON (400; an empty body is 422
+  `body: Field required`) and schema (422) through pydantic's `PredictRequest`, the
+  input limits (`check_texts`), queue and timeout (503/504). The body is read as JSON
+  whatever its Content-Type says;
 - the same metrics (`textops_requests_total`, `textops_request_seconds`) and the same
   prediction log entry;
 - everything else goes on to FastAPI, which also still documents `/predict` in
@@ -40,6 +42,8 @@ async def predict_answer(service: InferenceService, body: bytes, offered_id: str
                          ) -> tuple[bytes, str]:
     """The JSON answer to a /predict body and its request id; ApiError if refused."""
     settings = service.settings
+    if not body:
+        raise ApiError(422, "invalid_request", "body: Field required", field="body")
     try:
         request = PredictRequest.model_validate_json(body)
     except ValidationError as err:
@@ -66,6 +70,10 @@ def invalid(err: ValidationError) -> ApiError:
     return ApiError(422, "invalid_request", f"{where}: {first['msg']}", **details)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its body arrived."""
+
+
 class PredictHotPath:
     """Answers POST /predict; passes everything else to `app`."""
 
@@ -90,6 +98,8 @@ class PredictHotPath:
             body = await self.read_body(headers, receive)
             answer, rid = await predict_answer(self.service, body,
                                                _text(headers.get(b"x-request-id")))
+        except ClientGone:
+            status = 499  # nginx's "client closed request": nobody to answer
         except ApiError as err:
             status = err.status
             await err.response()(scope, receive, send)
@@ -126,7 +136,7 @@ class PredictHotPath:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ApiError(400, "disconnected", "the client went away")
+                raise ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:

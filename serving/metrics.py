@@ -229,6 +229,7 @@ class ServiceMetrics:
     def exposition(self) -> bytes:
         """The text `/metrics` answers: this process's registry, or with several
         workers everything their files hold plus the computed collectors."""
+        self.note_memory()  # this process's, now; the other workers' are seconds old
         if self.group is None:
             return generate_latest(self.registry)
         self.group.forget_dead()
@@ -247,7 +248,8 @@ class ServiceMetrics:
         labels = (str(meta.get("model_name", "")), bundle.precision, str(meta["version"]))
         if self.model_labels and self.model_labels != labels:
             self.model.labels(*self.model_labels).set(0)  # what a multiprocess file keeps
-            self.model.remove(*self.model_labels)
+            if self.group is None:  # multiprocess mode cannot remove a series
+                self.model.remove(*self.model_labels)
         self.model.labels(*labels).set(1)
         self.model_labels = labels
         self.drift.reset(meta.get("profile", {}).get("reference"), list(bundle.label_names),

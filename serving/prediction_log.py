@@ -571,27 +571,36 @@ class PredictionLog:
         if not self.flush():
             raise LogBehind("the prediction log is still writing earlier answers")
         deadline = time.monotonic() + SIBLING_WAIT_S
+        while True:
+            missing, unwritten, absent = self._record_feedback(items)
+            # Another worker of this service (or a replica) may have answered a missing
+            # request and be about to write it: our own ids say how recent they are; a
+            # client's cannot, so with sibling workers an id not in the log at all
+            # waits a moment too (the lock is not held meanwhile).
+            if not (unwritten or (absent and self.siblings)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if unwritten:  # answered by another replica that has not written it yet
+            raise LogBehind(f"request_id {unwritten[0]!r} was answered less than "
+                            f"{RECENT_ANSWER_S:.0f} s ago and is not in the log yet")
+        return missing
+
+    def _record_feedback(self, items: list[tuple[str, int, str]]
+                         ) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+        """One attempt: the pairs with no logged prediction (nothing stored then), the
+        missing ids of ours issued recently, and the missing ids not logged at all."""
         with self.feedback_lock:
             try:
                 if self.feedback_store is None:
                     self.feedback_store = open_store(self.url)
-                while True:
-                    missing = self.feedback_store.record_feedback(items, time.time())
-                    unwritten = [r for r, _ in missing if issued_within(r, RECENT_ANSWER_S)
-                                 and not self.feedback_store.has_request(r)]
-                    # Another worker of this service (or replica) may have answered it
-                    # and be about to write it: a client's own id cannot say how recent
-                    # it is, so with sibling workers any missing pair waits a moment.
-                    if not (unwritten or (missing and self.siblings)) \
-                            or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
-                if unwritten:  # answered by another replica that has not written it yet
-                    raise LogBehind(f"request_id {unwritten[0]!r} was answered less than "
-                                    f"{RECENT_ANSWER_S:.0f} s ago and is not in the log yet")
+                store = self.feedback_store
+                missing = store.record_feedback(items, time.time())
+                absent = [r for r in dict.fromkeys(r for r, _ in missing)
+                          if not store.has_request(r)]
+                unwritten = [r for r in absent if issued_within(r, RECENT_ANSWER_S)]
                 if not missing:
-                    self.metrics.live_quality.update(self._stats(self.feedback_store))
-                return missing
+                    self.metrics.live_quality.update(self._stats(store))
+                return missing, unwritten, absent
             except Exception:
                 if self.feedback_store is not None:
                     self.feedback_store.close()

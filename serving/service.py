@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -36,9 +37,10 @@ MEMORY_INTERVAL_S = 5.0
 T = TypeVar("T")
 
 
-def load_warm(path: Path, settings: Settings) -> Bundle:
-    """Load a bundle and run it once; BundleError if it cannot serve."""
-    bundle = Bundle.load(path, settings.precision, settings.runtime_options())
+def load_warm(path: Path, settings: Settings, workers: int = 1) -> Bundle:
+    """Load a bundle and run it once, as one of `workers` server processes;
+    BundleError if it cannot serve."""
+    bundle = Bundle.load(path, settings.precision, settings.runtime_options(workers))
     try:
         bundle.predict_proba(WARM_UP_TEXTS)
     except Exception as err:  # noqa: BLE001 - a bundle that cannot predict is broken
@@ -52,9 +54,9 @@ class InferenceService:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.group = WorkerGroup.from_env()  # None: this process serves alone
+        self.workers = settings.worker_count() if self.group else 1
         # Each worker keeps its share of the drift window; a scrape adds them up.
-        window = max(settings.drift_window // (settings.worker_count() if self.group else 1),
-                     1)
+        window = max(settings.drift_window // self.workers, 1)
         self.metrics = ServiceMetrics(window, self.group)
         # A replacement worker serves what the latest admin reload asked for.
         spec = (self.group.generation()[1] if self.group else None) or settings.bundle
@@ -178,44 +180,61 @@ class InferenceService:
     async def reload(self, spec: str | None = None) -> dict:
         """Load, warm and swap in the bundle behind `spec` (default: the followed one)."""
         async with self.reload_lock:
-            source = BundleSource(spec, self.settings.cache_dir) if spec else self.source
-            try:
-                identity = await asyncio.to_thread(source.identity)
-                path = await asyncio.to_thread(source.fetch, identity)
-                bundle = await asyncio.to_thread(load_warm, path, self.settings)
-            except BundleError:
-                self.metrics.reloads.labels("refused").inc()
-                raise
-            except Exception as err:  # registry or file system: the bundle is not there
-                self.metrics.reloads.labels("refused").inc()
-                raise BundleError(f"{source.spec}: cannot fetch the bundle ({err})") from err
-            previous = self.bundle
-            # metrics first: drift then drops the old bundle's late batches, never new ones
-            self.metrics.set_model(bundle)
-            self.bundle, self.identity, self.error = bundle, identity, None
-            if self.prediction_log:  # live accuracy follows the model being served
-                self.prediction_log.served_version = bundle.version
-            self.source = source  # follow what was loaded from now on
-            self.metrics.reloads.labels("ok").inc()
-            self._report()
-            log.info("serving bundle %s from %s", bundle.version, path)
-            return {"model_version": bundle.version,
-                    "previous_version": previous.version if previous else None}
+            return await self._reload(spec)
+
+    async def _reload(self, spec: str | None) -> dict:
+        """`reload`'s work; the caller holds `reload_lock`."""
+        source = BundleSource(spec, self.settings.cache_dir) if spec else self.source
+        try:
+            identity = await asyncio.to_thread(source.identity)
+            path = await asyncio.to_thread(source.fetch, identity)
+            bundle = await asyncio.to_thread(load_warm, path, self.settings,
+                                             self.workers)
+        except BundleError:
+            self.metrics.reloads.labels("refused").inc()
+            raise
+        except Exception as err:  # registry or file system: the bundle is not there
+            self.metrics.reloads.labels("refused").inc()
+            raise BundleError(f"{source.spec}: cannot fetch the bundle ({err})") from err
+        previous = self.bundle
+        # metrics first: drift then drops the old bundle's late batches, never new ones
+        self.metrics.set_model(bundle)
+        self.bundle, self.identity, self.error = bundle, identity, None
+        if self.prediction_log:  # live accuracy follows the model being served
+            self.prediction_log.served_version = bundle.version
+        self.source = source  # follow what was loaded from now on
+        self.metrics.reloads.labels("ok").inc()
+        self._report()
+        log.info("serving bundle %s from %s", bundle.version, path)
+        return {"model_version": bundle.version,
+                "previous_version": previous.version if previous else None}
 
     async def reload_everywhere(self, spec: str | None = None) -> dict:
         """`reload` here, then in every other worker; the answer lists what each
-        worker serves once it has followed (or failed to)."""
-        result = await self.reload(spec)
-        if self.group is None:
-            return result
-        generation = self.group.announce_reload(self.source.spec)
-        self._report(generation=generation)
+        worker serves once it has followed. 503 `reload_incomplete`, naming them, if
+        a worker refused the bundle or did not follow in time."""
+        async with self.reload_lock:  # a sibling's older reload cannot slip in between
+            result = await self._reload(spec)
+            if self.group is None:
+                result["workers"] = [{"pid": os.getpid(), "model_version":
+                                      result["model_version"], "error": None,
+                                      "followed": True}]
+                return result
+            generation = self.group.announce_reload(self.source.spec)
+            self._report(generation=generation)
         workers = await asyncio.to_thread(self.group.wait_for, generation,
                                           self.settings.request_timeout_s * 3)
         result["workers"] = [
             {"pid": pid, "model_version": state["model_version"], "error": state["error"],
-             "followed": state["generation"] >= generation}
+             "followed": state["generation"] >= generation and not state["error"]}
             for pid, state in sorted(workers.items())]
+        behind = [w for w in result["workers"] if not w["followed"]]
+        if behind:
+            raise ApiError(503, "reload_incomplete", f"{len(behind)} of "
+                           f"{len(result['workers'])} server processes do not serve "
+                           f"{result['model_version']}: " + "; ".join(
+                               f"pid {w['pid']}: {w['error'] or 'did not follow in time'}"
+                               for w in behind), workers=result["workers"])
         return result
 
     def _report(self, error: str | None = None, generation: int | None = None) -> None:
@@ -230,26 +249,37 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(SYNC_INTERVAL_S)
-            if pending := self.group.pending_reload():
-                generation, spec = pending
-                try:
-                    await self.reload(spec)
-                except BundleError as err:
-                    log.error("refused %s, which another worker loaded: %s", spec, err)
-                    self._report(error=str(err), generation=generation)
-                else:
-                    self._report(generation=generation)
-            if self.prediction_log and \
-                    (mark := self.group.feedback_since(labels_seen)) > labels_seen:
-                labels_seen = mark
-                self.prediction_log.refresh_stats()
-            now = loop.time()
-            if self.metrics.drift.observed != published:
-                published = self.metrics.drift.observed
-                self.group.publish_drift(self.metrics.drift.summary())
-            if now - memory_at >= MEMORY_INTERVAL_S:
-                memory_at = now
-                self.metrics.note_memory()
+            try:  # one failed pass (a full /tmp, say) must not end the worker's syncing
+                if self.group.pending_reload():
+                    await self.follow_reload()
+                if self.prediction_log and \
+                        (mark := self.group.feedback_since(labels_seen)) > labels_seen:
+                    labels_seen = mark
+                    self.prediction_log.refresh_stats()
+                now = loop.time()
+                if self.metrics.drift.observed != published:
+                    published = self.metrics.drift.observed
+                    self.group.publish_drift(self.metrics.drift.summary())
+                if now - memory_at >= MEMORY_INTERVAL_S:
+                    memory_at = now
+                    self.metrics.note_memory()
+            except Exception:  # noqa: BLE001 - logged, and the next pass tries again
+                log.exception("syncing with the other server processes failed")
+
+    async def follow_reload(self) -> None:
+        """Serve the bundle another worker's admin reload asked for. Checked again
+        under the lock: a newer reload received here meanwhile must win."""
+        async with self.reload_lock:
+            if not (pending := self.group.pending_reload()):
+                return
+            generation, spec = pending
+            try:
+                await self._reload(spec)
+            except BundleError as err:
+                log.error("refused %s, which another worker loaded: %s", spec, err)
+                self._report(error=str(err), generation=generation)
+            else:
+                self._report(generation=generation)
 
     async def watch(self) -> None:
         """Follow the bundle spec: reload when the link or the registry alias moves."""

@@ -12,7 +12,9 @@ what it should be (`Settings.from_env`).
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -114,10 +116,11 @@ class Settings(BaseSettings):
     def worker_count(self) -> int:
         return self.workers or available_cores()
 
-    def runtime_options(self) -> RuntimeOptions:
-        # Workers that each take every core for one model call would fight over them.
+    def runtime_options(self, workers: int = 1) -> RuntimeOptions:
+        """onnxruntime's options for one of `workers` server processes: workers that
+        each took every core for one model call would fight over them."""
         threads = self.intra_op_threads or (
-            max(1, available_cores() // self.worker_count()) if self.worker_count() > 1 else 0)
+            max(1, available_cores() // workers) if workers > 1 else 0)
         return RuntimeOptions(
             intra_op_threads=threads,
             inter_op_threads=self.inter_op_threads,
@@ -130,12 +133,20 @@ class Settings(BaseSettings):
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, as a container's cpuset
-    sets it), which can be fewer than the machine has."""
+    """The cores this process may use: its affinity mask (a cpuset), bounded by a CPU
+    quota (`docker --cpus`, a Kubernetes CPU limit: cgroup v2's cpu.max), which the
+    mask does not show."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 def describe(err: ValidationError) -> str:

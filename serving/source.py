@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -36,21 +37,42 @@ class BundleSource:
         return f"{name}/{version}"
 
     def fetch(self, identity: str) -> Path:
-        """A local directory holding the bundle of `identity`."""
+        """A local directory holding the bundle of `identity`.
+
+        Several server processes may fetch the same version at once: each downloads
+        into a folder of its own (`<version>.partial-<pid>`), and the first to finish
+        moves it into place; a complete bundle there is never replaced or removed, since
+        another process may be loading it. Folders left by a process that died while
+        downloading are cleared."""
         if not self.is_registry:
             return Path(identity)
         target = self.cache_dir / identity.replace("/", "-")
-        if not (target / "bundle.json").exists():
-            import mlflow
+        if (target / "bundle.json").exists():
+            return target
+        import mlflow
 
-            partial = target.with_name(target.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
+        self._clear_abandoned(target)
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{REGISTRY_PREFIX}{identity}", dst_path=str(partial))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(Path(local) / REGISTERED_BUNDLE, target)
+            if not (target / "bundle.json").exists():
+                shutil.rmtree(target, ignore_errors=True)  # a killed download's leftovers
+                with contextlib.suppress(OSError):  # another process was first: fine
+                    os.replace(Path(local) / REGISTERED_BUNDLE, target)
+        finally:
             shutil.rmtree(partial, ignore_errors=True)
+        if not (target / "bundle.json").exists():
+            raise FileNotFoundError(f"{target}: the download holds no bundle.json")
         return target
+
+    @staticmethod
+    def _clear_abandoned(target: Path) -> None:
+        for partial in target.parent.glob(f"{target.name}.partial-*"):
+            pid = partial.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(partial, ignore_errors=True)
 
     def _registry_version(self) -> tuple[str, str]:
         from mlflow import MlflowClient
@@ -61,3 +83,13 @@ class BundleSource:
             return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
         name, version = ref.rsplit("/", 1)
         return name, version
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

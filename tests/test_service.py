@@ -67,6 +67,7 @@ BAD_REQUESTS = [
     ({"text": ["typo in the field"]}, 422, "invalid_request", "", {}),
     ({"texts": ["ok"], "extra": 1}, 422, "invalid_request", "extra", {}),
     (b'{"texts": ["unterminated', 400, "invalid_json", "not valid JSON", {}),
+    (b"", 422, "invalid_request", "body: Field required", {"field": "body"}),
     ({"texts": ["y" * 150] * 30}, 413, "body_too_large", "over 4000 bytes",
      {"limit": "max_body_bytes"}),
 ]

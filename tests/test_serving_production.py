@@ -366,9 +366,9 @@ def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, t
 
 def test_an_interrupted_registry_download_is_fetched_again_whole(tmp_path, built_bundle,
                                                                  monkeypatch):
-    """A replica killed while downloading leaves `<version>.partial` and perhaps a target
-    without bundle.json; the next fetch starts over and yields a whole bundle (MLflow's
-    download does not resume, so starting over is the only safe way on)."""
+    """A replica killed while downloading leaves `<version>.partial-<pid>` and perhaps a
+    target without bundle.json; the next fetch clears both and yields a whole bundle
+    (MLflow's download does not resume, so starting over is the only safe way on)."""
     import mlflow
 
     from serving.bundle import REGISTERED_BUNDLE
@@ -377,7 +377,7 @@ def test_an_interrupted_registry_download_is_fetched_again_whole(tmp_path, built
     bundle_dir, meta = built_bundle
     source = BundleSource("models:/sst2-classifier@champion", cache_dir=tmp_path / "cache")
     target = source.cache_dir / "sst2-classifier-3"
-    stale = target.with_name(target.name + ".partial")
+    stale = target.with_name(f"{target.name}.partial-{2**22 + 12345}")  # no such pid
     (stale / REGISTERED_BUNDLE).mkdir(parents=True)
     (stale / REGISTERED_BUNDLE / "model.onnx").write_bytes(b"half a file")
     target.mkdir(parents=True)
@@ -385,7 +385,7 @@ def test_an_interrupted_registry_download_is_fetched_again_whole(tmp_path, built
 
     def download(artifact_uri, dst_path):
         assert artifact_uri == "models:/sst2-classifier/3"
-        assert not Path(dst_path).exists()  # the stale partial download was cleared
+        assert not stale.exists()  # the dead process's partial download was cleared
         shutil.copytree(bundle_dir, Path(dst_path) / REGISTERED_BUNDLE)
         return dst_path
 
