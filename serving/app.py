@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def worker_app() -> FastAPI:
     """The app of one server process, its settings from the environment: what
-    uvicorn's supervisor starts in each worker (`TEXTOPS_WORKERS` above 1)."""
+    serving/supervisor.py starts in each worker (`TEXTOPS_WORKERS` above 1)."""
     settings = Settings.from_env()
     configure_process(settings)
     return create_app(settings)

@@ -2,10 +2,10 @@
 
 One Python process answers HTTP one request at a time: on 2 cores it left about half
 the machine idle, because parsing, routing and building answers hold the GIL. With
-`TEXTOPS_WORKERS` above 1, uvicorn's supervisor starts that many worker processes on
-one listening socket (the kernel spreads connections over them) and replaces a worker
-that dies or hangs. What the workers must agree on goes through one shared directory,
-`PROMETHEUS_MULTIPROC_DIR`, which the supervisor creates empty and removes at exit:
+`TEXTOPS_WORKERS` above 1, serving/supervisor.py starts that many worker processes on
+one port (the kernel spreads connections over their sockets) and replaces a worker
+that dies. What the workers must agree on goes through one shared directory,
+`PROMETHEUS_MULTIPROC_DIR`, which serving/app.py creates empty and removes at exit:
 
 - **metrics**: prometheus-client's multiprocess mode. Counters and histograms are
   summed over all workers, dead ones included; gauges of live workers only (`live*`
