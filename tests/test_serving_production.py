@@ -125,20 +125,27 @@ def queue_and_answered(url: str) -> tuple[float, float]:
             value('textops_requests_total{method="POST",route="/predict",status="200"}'))
 
 
-def test_sigterm_finishes_requests_in_flight(built_bundle, tmp_path):
+# One process, as `uvicorn --factory serving.app:create_app` or TEXTOPS_WORKERS=1 runs
+# it, and two, as `python -m serving` does on 2 cores.
+WORKERS = pytest.mark.parametrize("workers", [1, 2])
+
+
+@WORKERS
+def test_sigterm_finishes_requests_in_flight(built_bundle, tmp_path, workers):
     """SIGTERM: stop accepting, answer every request already accepted, then exit."""
     # Texts of the full max_length, one request per model call: the requests keep the
     # model busy for about half a second here, far longer than they take to arrive.
     texts, requests = [TEXTS[4] * 3] * 64, 48
-    with running_service(built_bundle[0], tmp_path, max_batch_size=8, max_texts=64,
+    with running_service(built_bundle[0], tmp_path, workers=workers, max_batch_size=8,
+                         max_texts=64,
                          max_queue=4096) as service:
         connections = [send_without_reading(service.url, "/predict", {"texts": texts})
                        for _ in range(requests)]
         # Signal once all were accepted and some still wait: queued + answered
-        # covers all but the one request the inference thread holds. One scrape per
-        # look: by a second one the queue may have drained.
+        # covers all but the one request each worker's inference thread holds. One
+        # scrape per look: by a second one the queue may have drained.
         deadline, waiting, answered = time.monotonic() + 10, 0.0, 0.0
-        while not (waiting and waiting / 64 + answered >= requests - 1) \
+        while not (waiting and waiting / 64 + answered >= requests - workers) \
                 and time.monotonic() < deadline:
             waiting, answered = queue_and_answered(service.url)
         assert waiting > 0  # accepted and waiting for the model
@@ -154,12 +161,13 @@ def test_sigterm_finishes_requests_in_flight(built_bundle, tmp_path):
 # ---------------------------------------------------------------- reload
 
 
-def test_reload_under_load_fails_no_request(built_bundle, tmp_path):
+@WORKERS
+def test_reload_under_load_fails_no_request(built_bundle, tmp_path, workers):
     old = copy_bundle(built_bundle[0], tmp_path / "bundles" / "1", "v-old")
     new = copy_bundle(built_bundle[0], tmp_path / "bundles" / "2", "v-new")
     current = tmp_path / "current"
     current.symlink_to(old)
-    with running_service(current, tmp_path, watch_interval_s=0.2) as service:
+    with running_service(current, tmp_path, watch_interval_s=0.2, workers=workers) as service:
         stop, statuses, versions = threading.Event(), [], []
 
         def load():
@@ -190,11 +198,12 @@ def test_reload_under_load_fails_no_request(built_bundle, tmp_path):
            'version="v-new"} 1.0' in metrics
 
 
-def test_admin_reload_token_and_broken_bundle_refused(built_bundle, tmp_path):
+@WORKERS
+def test_admin_reload_token_and_broken_bundle_refused(built_bundle, tmp_path, workers):
     other = copy_bundle(built_bundle[0], tmp_path / "other", "v-other")
     broken = copy_bundle(built_bundle[0], tmp_path / "broken", "v-broken")
     (broken / "model.int8.onnx").write_bytes(b"not an onnx model")
-    with running_service(built_bundle[0], tmp_path, admin_token="s3cret",
+    with running_service(built_bundle[0], tmp_path, admin_token="s3cret", workers=workers,
                          watch_interval_s=0) as service:
         url = f"{service.url}/admin/reload"
         assert httpx.post(url).status_code == 401
