@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving import container
+from serving.workers import alive
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -145,13 +146,7 @@ def pid_alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return alive(pid)
 
 
 def running_pid(run_dir: Path) -> int | None:

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from serving.bundle import REGISTERED_BUNDLE
+from serving.workers import alive
 
 REGISTRY_PREFIX = "models:/"
 
@@ -71,7 +72,7 @@ class BundleSource:
     def _clear_abandoned(target: Path) -> None:
         for partial in target.parent.glob(f"{target.name}.partial-*"):
             pid = partial.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 shutil.rmtree(partial, ignore_errors=True)
 
     def _registry_version(self) -> tuple[str, str]:
@@ -83,13 +84,3 @@ class BundleSource:
             return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
         name, version = ref.rsplit("/", 1)
         return name, version
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
