@@ -103,7 +103,8 @@ def main() -> None:
         os.environ[MULTIPROC_ENV] = shared
         os.environ["TEXTOPS_WORKERS"] = str(workers)
         supervisor = Supervisor(workers, options, Path(shared),
-                                grace_s=options["timeout_graceful_shutdown"] + 10)
+                                grace_s=options["timeout_graceful_shutdown"] + 10,
+                                hang_s=settings.worker_timeout_s)
         code = supervisor.run()
     sys.exit(code)
 

@@ -69,6 +69,7 @@ class InferenceService:
         self.reload_lock = asyncio.Lock()
         self.watcher: asyncio.Task | None = None
         self.coordinator: asyncio.Task | None = None
+        self.beater: asyncio.Task | None = None
         self.prediction_log = (PredictionLog.from_settings(settings, self.metrics)
                                if settings.prediction_log else None)
         if self.prediction_log and self.group:
@@ -78,6 +79,8 @@ class InferenceService:
 
     async def start(self) -> None:
         s = self.settings
+        if self.group:  # from the first moment: loading a bundle may take minutes
+            self.beater = asyncio.create_task(self.beat())
         self.batcher = Batcher(lambda: self.bundle, s.max_batch_size, s.max_wait_ms,
                                s.max_queue, on_batch=self.metrics.observe_batch,
                                enabled=s.batching, workers=s.inference_threads,
@@ -97,7 +100,7 @@ class InferenceService:
             self.coordinator = asyncio.create_task(self.coordinate())
 
     async def stop(self) -> None:
-        for task in (self.watcher, self.coordinator):
+        for task in (self.watcher, self.coordinator, self.beater):
             if task:
                 task.cancel()
         if self.group:
@@ -265,6 +268,16 @@ class InferenceService:
                     self.metrics.note_memory()
             except Exception:  # noqa: BLE001 - logged, and the next pass tries again
                 log.exception("syncing with the other server processes failed")
+
+    async def beat(self) -> None:
+        """Tell the supervisor, every SYNC_INTERVAL_S, that this worker's event loop
+        runs: one that stops beating is killed and replaced (serving/supervisor.py)."""
+        while True:
+            try:
+                self.group.beat()
+            except OSError as err:
+                log.warning("cannot write the heartbeat: %s", err)
+            await asyncio.sleep(SYNC_INTERVAL_S)
 
     async def follow_reload(self) -> None:
         """Serve the bundle another worker's admin reload asked for. Checked again

@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # Server processes (serving/workers.py): one per core by default, since one Python
     # process answering HTTP left about half of a 2-core machine idle.
     workers: int = Field(0, ge=0, description="server processes; 0: one per core")
+    worker_timeout_s: float = Field(30.0, gt=0, description="a worker whose event loop "
+                                    "is silent this long is killed and replaced")
 
     # Dynamic batching and backpressure.
     batching: bool = True

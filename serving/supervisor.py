@@ -7,8 +7,13 @@ while the other idled. Here each worker binds its own socket with `SO_REUSEPORT`
 the kernel spreads new connections over the workers by a hash of their addresses.
 
 `Supervisor.run` starts the workers (spawned: each imports the app afresh), replaces
-one that dies, and on SIGTERM or SIGINT passes the signal on and waits while every
-worker finishes the requests it accepted. A worker that fails before it ever served
+one that dies or hangs, and on SIGTERM or SIGINT passes the signal on and waits while
+every worker finishes the requests it accepted. A worker hangs when its event loop
+stops beating: from the moment it starts, it touches `heartbeat-<pid>` every 0.2 s
+(`InferenceService.beat`); silent for `TEXTOPS_WORKER_TIMEOUT_S` of the
+supervisor's own running time, it is killed and replaced. (Counting only time the
+supervisor ran means a whole service stopped and resumed, as the benchmark does with
+SIGSTOP, is not mistaken for hung workers.) A worker that fails before it ever served
 (a bad bundle setting, a port held by a process without `SO_REUSEPORT`) stops the
 whole service with the worker's exit code instead of being restarted forever.
 """
@@ -69,9 +74,11 @@ def stop_with(supervisor: int) -> None:
 class Supervisor:
     """`workers` processes serving `options` (uvicorn.Config keywords)."""
 
-    def __init__(self, workers: int, options: dict, shared: Path, grace_s: float):
+    def __init__(self, workers: int, options: dict, shared: Path, grace_s: float,
+                 hang_s: float = 30.0):
         self.workers, self.options, self.shared = workers, options, shared
         self.grace_s = grace_s  # how long a worker may take to drain at shutdown
+        self.heartbeats = Heartbeats(shared, hang_s)
         self.context = multiprocessing.get_context("spawn")
         self.processes: list[multiprocessing.Process] = []
         self.stopping = False
@@ -97,13 +104,23 @@ class Supervisor:
         return process
 
     def _watch(self) -> int:
-        """Replace workers that die, until asked to stop; a non-zero code if one could
-        not start at all."""
+        """Replace workers that die or hang, until asked to stop; a non-zero code if one
+        could not start at all."""
+        last = time.monotonic()
         while not self.stopping:
             wait([p.sentinel for p in self.processes], timeout=0.5)
+            now, step = time.monotonic(), time.monotonic() - last
+            last = now
             for i, process in enumerate(self.processes):
-                if process.is_alive() or self.stopping:
-                    continue
+                if self.stopping:
+                    break
+                if process.is_alive():
+                    if not self.heartbeats.hung(process.pid, step):
+                        continue
+                    log.error("server process %s has not answered for %.0f s; killing it",
+                              process.pid, self.heartbeats.timeout_s)
+                    process.kill()
+                    process.join()
                 self._forget(process)
                 if process.exitcode == STARTUP_FAILURE:
                     log.error("server process %s could not start; stopping", process.pid)
@@ -131,7 +148,34 @@ class Supervisor:
             self._forget(process)
 
     def _forget(self, process: multiprocessing.Process) -> None:
-        """A dead worker's live gauges and files leave the shared directory."""
+        self.heartbeats.forget(process.pid)
+        self._forget_files()
+
+    def _forget_files(self) -> None:
+        """Dead workers' live gauges and files leave the shared directory."""
         from serving.workers import WorkerGroup
 
         WorkerGroup(self.shared, pid=os.getpid()).forget_dead()
+
+
+class Heartbeats:
+    """Which workers stopped beating: a heartbeat file unchanged for `timeout_s` of
+    the supervisor's running time (each check adds at most 1 s, so a pause of the
+    supervisor itself never counts)."""
+
+    def __init__(self, shared: Path, timeout_s: float):
+        self.shared, self.timeout_s = shared, timeout_s
+        self.seen: dict[int, tuple[int, float]] = {}  # pid -> (mtime, quiet seconds)
+
+    def hung(self, pid: int, step_s: float) -> bool:
+        try:
+            beat = (self.shared / f"heartbeat-{pid}").stat().st_mtime_ns
+        except FileNotFoundError:  # still starting (loading its bundle): not judged
+            return False
+        last, quiet = self.seen.get(pid, (beat, 0.0))
+        quiet = 0.0 if beat != last else quiet + min(step_s, 1.0)
+        self.seen[pid] = (beat, quiet)
+        return quiet > self.timeout_s
+
+    def forget(self, pid: int | None) -> None:
+        self.seen.pop(pid, None)

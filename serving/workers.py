@@ -160,6 +160,10 @@ class WorkerGroup:
 
     # ------------------------------------------------------------ housekeeping
 
+    def beat(self) -> None:
+        """Tell the supervisor this worker's event loop runs (serving/supervisor.py)."""
+        (self.directory / f"heartbeat-{self.pid}").touch()
+
     def forget_dead(self) -> None:
         """Drop the files of workers that died without cleaning up (killed, crashed):
         their live gauges, drift windows and reports."""
@@ -169,9 +173,9 @@ class WorkerGroup:
             pid = path.stem.rsplit("_", 1)[-1]
             if path.name.startswith("gauge_live") and pid.isdigit() and not alive(int(pid)):
                 multiprocess.mark_process_dead(int(pid), str(self.directory))
-        for kind in ("worker", "drift"):
-            for path in self.directory.glob(f"{kind}-*.json"):
-                pid = path.stem.split("-", 1)[1]
+        for pattern in ("worker-*.json", "drift-*.json", "heartbeat-*"):
+            for path in self.directory.glob(pattern):
+                pid = path.name.split("-", 1)[1].removesuffix(".json")
                 if pid.isdigit() and not alive(int(pid)):
                     path.unlink(missing_ok=True)
 
@@ -182,6 +186,7 @@ class WorkerGroup:
         multiprocess.mark_process_dead(self.pid, str(self.directory))
         for kind in ("worker", "drift"):
             self._file(kind).unlink(missing_ok=True)
+        (self.directory / f"heartbeat-{self.pid}").unlink(missing_ok=True)
 
     def _file(self, kind: str) -> Path:
         return self.directory / f"{kind}-{self.pid}.json"

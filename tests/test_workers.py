@@ -35,7 +35,10 @@ def worker_pids(lines: list[str]) -> set[int]:
 
 
 def replaced(url: str, victim: int) -> bool:
-    pids = worker_pids(scrape(url))
+    try:
+        pids = worker_pids(scrape(url))
+    except httpx.HTTPError:  # the connection landed on the victim's socket as it went
+        return False
     return len(pids) == 2 and victim not in pids
 
 
@@ -161,7 +164,8 @@ def test_files_of_dead_workers_are_forgotten(tmp_path):
     at the next scrape, so neither its memory nor its window is counted."""
     dead = 2**22 + 12345  # above pid_max's default: no such process
     for name in (f"gauge_liveall_{dead}.db", f"gauge_livesum_{dead}.db",
-                 f"counter_{dead}.db", f"drift-{dead}.json", f"worker-{dead}.json"):
+                 f"counter_{dead}.db", f"drift-{dead}.json", f"worker-{dead}.json",
+                 f"heartbeat-{dead}"):
         (tmp_path / name).write_text("{}")
     WorkerGroup(tmp_path).forget_dead()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{dead}.db"]
@@ -202,3 +206,17 @@ def test_a_port_in_use_stops_the_service_instead_of_restarting_workers(built_bun
             control.stop(service.process)
     assert code == 3
     assert f"cannot listen on 127.0.0.1:{port}" in service.log_tail(40)
+
+
+def test_a_hung_worker_is_killed_and_replaced(built_bundle, tmp_path):
+    """A worker whose event loop stops (here: SIGSTOP) stops beating; the supervisor
+    kills it after TEXTOPS_WORKER_TIMEOUT_S and starts another."""
+    with running_service(built_bundle[0], tmp_path, workers=2, worker_timeout_s=2,
+                         prediction_log="") as service:
+        assert eventually(lambda: len(worker_pids(scrape(service.url))) == 2, 30)
+        victim = min(worker_pids(scrape(service.url)))
+        os.kill(victim, signal.SIGSTOP)
+        assert eventually(lambda: replaced(service.url, victim), 60)
+        predict_on_new_connections(service.url, 16)
+        log = service.log_tail(60)
+    assert f"server process {victim} has not answered for 2 s; killing it" in log
