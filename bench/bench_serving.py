@@ -3,7 +3,9 @@
     python bench/bench_serving.py [--seconds 5] [--concurrency 1 8 32 128]
                                   [--skip naive mlflow MLServer LitServe BentoML]   (make bench)
 
-Measured in one run, interleaved (the machine's speed drifts over minutes), with
+Measured in one run, interleaved (the machine's speed drifts over minutes: each point
+is measured in every setting in order, then again in reverse order, half the time
+each, and the halves added up), with
 SST-2 dev texts, one text and 16 texts per request, loopback only:
   1. in-process limit: the same ONNX model called in-process, no HTTP, length-grouped
      batches of 1 to 64, in one process on every core and in one process per core
@@ -327,19 +329,26 @@ def main() -> None:
                 limit = in_process_limit(pools, bundle_dir, texts, seconds=args.seconds / 2)
                 best = max(limit.values(), key=lambda run: run["texts_per_s"])
                 results["in-process limit"][key] = {**best, "all": limit}
-                for setup in setups:
+                # Each setting is measured twice, half the time each, in order and
+                # then in reverse order: a drift of the machine's speed over the
+                # point weighs on every setting alike (A B C ... C B A).
+                loads = {}
+                for setup in [*setups, *reversed(setups)]:
                     requests = build_requests(HOST, setup.path,
                                               setup.bodies(texts, per_request))
                     members = {m.pid for m in tree(processes[setup.name])}
                     thaw(processes[setup.name])
                     load = run_load(HOST, ports[setup.name], requests, concurrency,
-                                    args.seconds)
+                                    args.seconds / 2)
                     freeze(processes[setup.name])
-                    results[setup.name][key] = load.summary(per_request, CORES)
+                    loads[setup.name] = loads[setup.name] + load if setup.name in loads \
+                        else load
                     if members - {m.pid for m in tree(processes[setup.name])}:
                         # a worker died (or a supervisor replaced one): say so
-                        results[setup.name][key]["processes_died"] = True
+                        results[setup.name].setdefault("processes_died", []).append(key)
                         print(f"  ! {setup.name}: a process of it ended during this point")
+                for setup in setups:
+                    results[setup.name][key] = loads[setup.name].summary(per_request, CORES)
                     print_row(setup.name, per_request, concurrency, results[setup.name][key])
                 print_row("in-process limit", per_request, concurrency,
                           results["in-process limit"][key])

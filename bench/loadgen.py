@@ -22,6 +22,13 @@ class LoadResult:
     seconds: float = 0.0
     client_cpu_s: float = 0.0
 
+    def __add__(self, other: LoadResult) -> LoadResult:
+        """Two measurements of the same setting as one (their requests, time and
+        latencies together)."""
+        return LoadResult(self.requests + other.requests, self.errors + other.errors,
+                          self.latencies + other.latencies, self.seconds + other.seconds,
+                          self.client_cpu_s + other.client_cpu_s)
+
     def summary(self, texts_per_request: int, cores: int) -> dict:
         ms = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
         return {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -104,6 +105,16 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
+def settled(url: str, texts: int, timeout: float = 5.0) -> dict[str, float]:
+    """A scrape whose window holds `texts` texts: with several server processes the
+    one answering sees another's window within 0.2 s (serving/workers.py)."""
+    deadline = time.monotonic() + timeout
+    while (values := scrape(url))["textops_drift_window_texts"] != texts \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return values
+
+
 def test_drift_after_a_reload_compares_the_new_bundle_with_its_own_reference(
         built_bundle, tmp_path):
     """Texts scored by the old bundle leave the window; the new bundle's classes and
@@ -120,17 +131,17 @@ def test_drift_after_a_reload_compares_the_new_bundle_with_its_own_reference(
                          watch_interval_s=0) as service:
         url = service.url
         httpx.post(f"{url}/predict", json={"texts": [positive] * 5}, timeout=30)
-        assert scrape(url)["textops_drift_window_texts"] == 5
+        assert settled(url, 5)["textops_drift_window_texts"] == 5
         reload = httpx.post(f"{url}/admin/reload", json={"bundle": str(new)},
                             headers={"Authorization": "Bearer t"}, timeout=30)
         assert reload.status_code == 200, reload.text
-        after = scrape(url)
+        after = settled(url, 0)
         assert after["textops_drift_window_texts"] == 0
         assert not any("{neg}" in name or "{pos}" in name for name in after)
         answer = httpx.post(f"{url}/predict", json={"texts": [negative] * 3 + [positive]},
                             timeout=30).json()
         assert [p["label"] for p in answer["predictions"]] == ["bad"] * 3 + ["good"]
-        values = scrape(url)
+        values = settled(url, 4)
     assert values["textops_drift_window_texts"] == 4
     assert values["textops_predicted_class_share{bad}"] == 0.75
     assert values["textops_predicted_class_share{good}"] == 0.25
