@@ -39,8 +39,9 @@ batch, a 10 s request timeout), so a difference in the benchmark comes from how 
 framework batches, not from different numbers. The unit of "64" differs: MLServer and
 LitServe count requests, BentoML counts texts (as our service does). The wait for a
 batch to fill is 2 ms, where our service waits 0: measured both ways on 2026-11-24
-(1 and 16 texts per request, concurrency 8 and 32), MLServer and BentoML did up to
-2.8x better with 2 ms and LitServe about the same, so each peer gets its better one.
+(1 and 16 texts per request, concurrency 8 and 32), MLServer and BentoML did better
+with 2 ms at every point (up to 2.8x and 4.5x) and LitServe about the same, so each
+peer gets its better one.
 Per-request access logs are off everywhere, as in our service.
 """
 
