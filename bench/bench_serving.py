@@ -154,6 +154,14 @@ def server(command: list[str], port: int, ready_path: str, log: Path, env: dict 
         control.stop(process)
 
 
+def our_service(bundle_dir: Path, port: int, log: Path, settings: dict):
+    """`server` for `python -m serving` on `bundle_dir`: a deep queue (the load must
+    not be refused), the bundle not followed, and `settings` (TEXTOPS_*) on top."""
+    env = {"TEXTOPS_BUNDLE": str(bundle_dir), "TEXTOPS_PORT": str(port),
+           "TEXTOPS_MAX_QUEUE": "4096", "TEXTOPS_WATCH_INTERVAL_S": "0", **settings}
+    return server([sys.executable, "-m", "serving"], port, "/health/ready", log, env)
+
+
 def bodies_for(kind: str, texts: list[str], per_request: int) -> list[bytes]:
     chunks = [texts[i : i + per_request] for i in range(0, len(texts) - per_request + 1,
                                                         per_request)]
@@ -188,11 +196,9 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str) -> list[Setup]
     def service(settings: dict) -> Setup:
         def start(port: int, log: Path):
             # as deployed, prediction log on; a database of its own beside its log
-            env = {"TEXTOPS_BUNDLE": str(bundle_dir), "TEXTOPS_PORT": str(port),
-                   "TEXTOPS_MAX_QUEUE": "4096", "TEXTOPS_WATCH_INTERVAL_S": "0",
-                   "TEXTOPS_PREDICTION_LOG": f"sqlite:///{log.with_suffix('.db')}",
-                   **settings}
-            return server([python, "-m", "serving"], port, "/health/ready", log, env)
+            return our_service(bundle_dir, port, log, {
+                "TEXTOPS_PREDICTION_LOG": f"sqlite:///{log.with_suffix('.db')}",
+                **settings})
         workers = int(settings.get("TEXTOPS_WORKERS", "0")) or CORES
         shown = {"workers": workers, "batching": settings.get("TEXTOPS_BATCHING", "true"),
                  "prediction_log": "on (SQLite)",

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serving import HOST, bodies_for, dev_texts, server  # noqa: E402
+from bench_serving import HOST, bodies_for, dev_texts, our_service  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
 
 from serving import control  # noqa: E402
@@ -78,9 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     port = control.free_port()
-    env = {"TEXTOPS_BUNDLE": str((ROOT / args.bundle).resolve()), "TEXTOPS_PORT": str(port),
-           "TEXTOPS_MAX_QUEUE": "4096", "TEXTOPS_WATCH_INTERVAL_S": "0",
-           "TEXTOPS_PREDICTION_LOG": "", **dict(item.split("=", 1) for item in args.env)}
+    settings = {"TEXTOPS_PREDICTION_LOG": "", **dict(item.split("=", 1) for item in args.env)}
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     name = "-".join([f"{args.per_request}x{args.concurrency}",
@@ -88,8 +86,8 @@ def main() -> None:
     collapsed = results / f"profile-{name}.txt"
     requests = build_requests(HOST, "/predict", bodies_for("service", dev_texts(),
                                                            args.per_request))
-    with server([sys.executable, "-m", "serving"], port, "/health/ready",
-                results / f"profile-{port}.log", env) as (port, process):
+    with our_service((ROOT / args.bundle).resolve(), port, results / f"profile-{port}.log",
+                     settings) as (port, process):
         load = threading.Thread(target=run_load, args=(HOST, port, requests,
                                                        args.concurrency,
                                                        args.seconds + 2, 1.0))

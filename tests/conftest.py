@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,20 @@ def running_service(bundle, log_dir: Path, wait: bool = True, **env):
         yield service
     finally:
         control.stop(service.process)
+
+
+def eventually(check, timeout: float = 20.0, interval: float = 0.1):
+    """`check()`'s first truthy value within `timeout` s; AssertionError otherwise.
+    For what another thread or server process does a moment later (a log writer, a
+    sibling worker publishing its drift window every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {check}")
+        time.sleep(interval)
 
 
 def send_without_reading(url: str, path: str, body: dict) -> http.client.HTTPConnection:

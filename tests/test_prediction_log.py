@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-from conftest import running_service
+from conftest import eventually, running_service
 from pg import postgres_server
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import normalizers
@@ -244,18 +244,6 @@ def metric(url: str, name: str, **labels) -> float | None:
             if sample.name == name and sample.labels == labels:
                 return sample.value
     return None
-
-
-def eventually(check, timeout: float = 20.0, interval: float = 0.1):
-    """`check()`'s first truthy value within `timeout` s; AssertionError otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s: {check}")
-        time.sleep(interval)
 
 
 def logged_rows(url: str, request_id: str) -> list[tuple]:

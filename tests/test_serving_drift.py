@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from types import SimpleNamespace
 
 import httpx
-from conftest import running_service
+from conftest import eventually, running_service
 from prometheus_client import generate_latest
 
 from serving.batcher import BatchStats
@@ -105,14 +104,11 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
-def settled(url: str, texts: int, timeout: float = 5.0) -> dict[str, float]:
+def settled(url: str, texts: int) -> dict[str, float]:
     """A scrape whose window holds `texts` texts: with several server processes the
     one answering sees another's window within 0.2 s (serving/workers.py)."""
-    deadline = time.monotonic() + timeout
-    while (values := scrape(url))["textops_drift_window_texts"] != texts \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return values
+    return eventually(lambda: (values := scrape(url))["textops_drift_window_texts"] == texts
+                      and values, timeout=5)
 
 
 def test_drift_after_a_reload_compares_the_new_bundle_with_its_own_reference(

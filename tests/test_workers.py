@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from conftest import answers, running_service, send_without_reading
+from conftest import answers, eventually, running_service, send_without_reading
 from test_serving_production import TEXTS, copy_bundle
 
 from serving.metrics import DriftMonitor
@@ -40,15 +40,6 @@ def replaced(url: str, victim: int) -> bool:
     except httpx.HTTPError:  # the connection landed on the victim's socket as it went
         return False
     return len(pids) == 2 and victim not in pids
-
-
-def eventually(check, timeout: float = 10.0):
-    """`check()`'s first truthy value within `timeout` (another worker publishes its
-    drift window every 0.2 s), else its last value."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return result
 
 
 def predict_on_new_connections(url: str, count: int, texts=TEXTS) -> list[dict]:
