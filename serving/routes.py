@@ -4,6 +4,7 @@ serving/v2.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 
 import orjson
@@ -131,10 +132,12 @@ def router(service: InferenceService, require_key) -> APIRouter:
     @routes.get("/metadata")
     async def metadata() -> dict:
         """The served bundle's bundle.json (version, labels, metrics, lineage) and, for a
-        promoted bundle, its registry record (version, MLflow run, git commit)."""
+        promoted bundle, its registry record (version, MLflow run, git commit), and what
+        every server process serves (`workers`: they follow a new bundle one by one)."""
         bundle = service.require_bundle()
         return {**bundle.meta, "registry": bundle.registry, "precision": bundle.precision,
-                "source": service.source.spec, "identity": service.identity}
+                "source": service.source.spec, "identity": service.identity,
+                "workers": await asyncio.to_thread(service.every_worker)}
 
     @routes.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

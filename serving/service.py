@@ -240,6 +240,17 @@ class InferenceService:
                                for w in behind), workers=result["workers"])
         return result
 
+    def every_worker(self) -> list[dict]:
+        """What each server process serves: after a reload or a registry alias moves,
+        the workers switch one by one, and this says when all of them have."""
+        if self.group is None:
+            return [{"pid": os.getpid(), "model_version": getattr(self.bundle, "version",
+                                                                  None),
+                     "identity": self.identity}]
+        return [{"pid": pid, "model_version": state["model_version"],
+                 "identity": state["identity"]}
+                for pid, state in sorted(self.group.workers().items())]
+
     def _report(self, error: str | None = None, generation: int | None = None) -> None:
         if self.group:
             self.group.report(getattr(self.bundle, "version", None), self.identity,

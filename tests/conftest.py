@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -183,6 +184,20 @@ def eventually(check, timeout: float = 20.0, interval: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout} s: {check}")
         time.sleep(interval)
+
+
+def every_worker_serves(url: str, timeout: float = 60, **expected) -> dict:
+    """Wait until every server process of the service at `url` serves a bundle with
+    `expected` (e.g. model_version="v2" or identity="name/2"); returns /metadata.
+    Workers follow a moved link or registry alias one by one, and any request may
+    reach any of them."""
+    def switched():
+        metadata = httpx.get(f"{url}/metadata", timeout=10).json()
+        workers = metadata.get("workers", [])
+        return workers and all(all(worker[key] == value for key, value in expected.items())
+                               for worker in workers) and metadata
+
+    return eventually(switched, timeout, interval=0.2)
 
 
 def send_without_reading(url: str, path: str, body: dict) -> http.client.HTTPConnection:

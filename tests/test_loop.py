@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import copy_repo, git_init, run, running_service
+from conftest import copy_repo, every_worker_serves, git_init, run, running_service
 
 pytestmark = pytest.mark.slow
 
@@ -117,15 +117,6 @@ def send_and_label(url: str, rows: list[tuple[str, str]]) -> None:
             assert accepted.json() == {"accepted": len(labels[i:i + 10])}, accepted.text
 
 
-def wait_for_version(url: str, version: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(f"{url}/metadata").json()["version"] == version:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the service did not switch to {version} in {timeout} s")
-
-
 def test_feedback_retrains_promotes_and_the_service_switches(film_repo, tmp_path):
     repo = film_repo
     log = f"sqlite:///{repo}/run/predictions.db"
@@ -142,7 +133,7 @@ def test_feedback_retrains_promotes_and_the_service_switches(film_repo, tmp_path
                              service.url, "--log", log], repo, timeout=600)
             record = json.loads((repo / "reports/retrain.json").read_text())
             new_version = record["result"]["bundle_version"]
-            wait_for_version(service.url, new_version)
+            every_worker_serves(service.url, model_version=new_version)
             time.sleep(1)  # answers from the new model too
         finally:
             load.stop.set()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import answers, compose, running_service, send_without_reading
+from conftest import answers, compose, every_worker_serves, running_service, send_without_reading
 
 from pipeline.deploy import batch_tolerances
 from serving.batcher import Batcher, infer, length_groups
@@ -187,6 +187,7 @@ def test_reload_under_load_fails_no_request(built_bundle, tmp_path, workers):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and "v-new" not in versions[-8:]:
             time.sleep(0.1)
+        every_worker_serves(service.url, 20, model_version="v-new")
         time.sleep(0.5)
         stop.set()
         for w in workers:
@@ -364,10 +365,8 @@ def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, t
                 v2 = registry.register(second, newer, run)
                 mlflow.MlflowClient().set_registered_model_alias(meta["model_name"],
                                                                  "champion", v2)
-            control.wait_until(f"{service.url}/health/ready", 30, accept=lambda _, body:
-                               body.get("model_version") == "v-second")
-            assert httpx.get(f"{service.url}/metadata").json()["identity"] == \
-                f"{meta['model_name']}/{v2}"
+            every_worker_serves(service.url, 30, model_version="v-second",
+                                identity=f"{meta['model_name']}/{v2}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import psycopg2
 import pytest
-from conftest import copy_repo, git_init, run, running_service
+from conftest import copy_repo, every_worker_serves, git_init, run, running_service
 from pg import postgres_server
 
 from serving import control
@@ -174,8 +174,7 @@ def register_another_champion(team: Team, tmp_path: Path) -> tuple[str, str]:
 
 def serves(replica, identity: str, bundle_version: str) -> None:
     """Wait until the replica serves that registry version, then check what it says."""
-    control.wait_until(f"{replica.url}/metadata", 60, replica.process,
-                       accept=lambda _, body: body.get("identity") == identity)
+    every_worker_serves(replica.url, identity=identity)
     metadata = httpx.get(f"{replica.url}/metadata", timeout=10).json()
     assert metadata["version"] == bundle_version
     answer = httpx.post(f"{replica.url}/predict", json={"texts": ["a fine film"]},

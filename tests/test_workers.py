@@ -93,6 +93,10 @@ def test_admin_reload_reaches_every_worker(two_workers, built_bundle, tmp_path):
     assert all(w["model_version"] == "v-workers" and w["followed"] for w in workers)
     versions = {body["model_version"] for body in predict_on_new_connections(url, 24)}
     assert versions == {"v-workers"}
+    # /metadata from either worker says what both serve
+    listed = httpx.get(f"{url}/metadata", timeout=10).json()["workers"]
+    assert sorted(w["pid"] for w in listed) == sorted(w["pid"] for w in workers)
+    assert {w["model_version"] for w in listed} == {"v-workers"}
     info = [line for line in scrape(url) if line.startswith("textops_model_info{")]
     assert any('version="v-workers"} 1.0' in line for line in info), info
 
