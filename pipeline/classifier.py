@@ -1,4 +1,10 @@
-"""The LightningModule: a model from pipeline.models, its loss, metrics and optimiser."""
+"""The LightningModule: a model from pipeline.models, its loss, metrics and optimiser.
+
+Trained on labels, the loss is cross-entropy. Trained on a transfer set (pipeline/
+transfer.py), whose batches carry a teacher's logits, it is Tang et al.'s (2019):
+`distill_weight` x the mean squared error between the student's and the teacher's
+logits, plus the rest x cross-entropy on the rows that have a label (the original
+sentences; augmented ones carry label -100 and only the teacher's answer)."""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.models import build_model
+
+IGNORE = -100  # the label of a transfer-set row that only the teacher answered
 
 
 class TextClassifier(pl.LightningModule):
@@ -25,6 +33,7 @@ class TextClassifier(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         label_smoothing: float = 0.0,
+        distill_weight: float = 0.0,
     ):
         super().__init__()
         # Everything needed to rebuild the model from a checkpoint alone.
@@ -46,14 +55,28 @@ class TextClassifier(pl.LightningModule):
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(
-            logits, batch["labels"], label_smoothing=self.hparams.label_smoothing
-        )
+        labels = batch["labels"]
+        loss = self._loss(logits, labels, batch.get("teacher_logits"))
+        labelled = labels != IGNORE
         # Accumulated per step, logged once per epoch (_log_epoch): a self.log call per
         # step cost 5-8% of CPU training throughput (bench/bench_training.py).
-        getattr(self, f"{split}_metrics").update(logits, batch["labels"])
-        getattr(self, f"{split}_loss").update(loss.detach(), weight=batch["labels"].numel())
+        if labelled.any():
+            getattr(self, f"{split}_metrics").update(logits[labelled], labels[labelled])
+        getattr(self, f"{split}_loss").update(loss.detach(), weight=labels.numel())
         return loss
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor,
+              teacher_logits: torch.Tensor | None) -> torch.Tensor:
+        smoothing = self.hparams.label_smoothing
+        if teacher_logits is None:
+            return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        weight = self.hparams.distill_weight
+        mse = F.mse_loss(logits, teacher_logits)
+        if weight >= 1.0 or not (labels != IGNORE).any():
+            return mse
+        # mean over the labelled rows only (ignore_index), 0 for a batch without any
+        ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=smoothing)
+        return weight * mse + (1.0 - weight) * ce
 
     def _log_epoch(self, split: str) -> None:
         # Logging the metric objects lets Lightning compute them (torchmetrics reduces

@@ -25,6 +25,8 @@ RAW_DIR = Path("data/raw")
 PROCESSED_DIR = Path("data/processed")
 CHECKPOINT_DIR = Path("models/checkpoints")
 TRAIN_REPORT = Path("reports/train.json")
+TEACHER_DIR = Path("models/teacher")  # the teacher's bundle and scores (distillation)
+TRANSFER_DIR = Path("data/transfer")  # the transfer set with the teacher's logits
 
 
 @dataclass(frozen=True)

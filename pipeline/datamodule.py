@@ -15,19 +15,23 @@ from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from pipeline.config import PROCESSED_DIR
-from pipeline.splits import column, load_splits
+from pipeline.splits import column, load_dataset_dir, load_splits
 from serving.tensors import pad
 
-Row = tuple[list[int], int]  # (token ids, label)
+# (token ids, label) or, from a transfer set, (token ids, label, the teacher's logits)
+Row = tuple[list[int], int] | tuple[list[int], int, list[float]]
 
 
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest row, as the service pads (serving.tensors.pad);
     attention_mask is 1 on real tokens."""
-    input_ids, attention_mask = pad([ids for ids, _ in rows], pad_id)
-    labels = torch.tensor([label for _, label in rows])
-    return {"input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask), "labels": labels}
+    input_ids, attention_mask = pad([row[0] for row in rows], pad_id)
+    batch = {"input_ids": torch.from_numpy(input_ids),
+             "attention_mask": torch.from_numpy(attention_mask),
+             "labels": torch.tensor([row[1] for row in rows])}
+    if len(rows[0]) == 3:
+        batch["teacher_logits"] = torch.tensor([row[2] for row in rows], dtype=torch.float32)
+    return batch
 
 
 class Collator:
@@ -48,6 +52,7 @@ class TextDataModule(pl.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         processed_dir: Path = PROCESSED_DIR,
+        transfer: Path | None = None,
     ):
         super().__init__()
         self.collate = Collator(pad_id)
@@ -55,6 +60,7 @@ class TextDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.processed_dir = processed_dir
+        self.transfer = transfer  # a transfer set's dataset: train on it instead
         self.rows: dict[str, list[Row]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -63,12 +69,16 @@ class TextDataModule(pl.LightningDataModule):
         # Plain lists: indexing a Python list is far cheaper than an Arrow row lookup.
         for name, ds in load_splits(self.processed_dir).items():
             self.rows[name] = list(zip(column(ds, "input_ids"), column(ds, "label"), strict=True))
+        if self.transfer is not None:
+            ds = load_dataset_dir(self.transfer)
+            self.rows["train"] = list(zip(column(ds, "input_ids"), column(ds, "label"),
+                                          column(ds, "teacher_logits"), strict=True))
 
     def train_dataloader(self) -> DataLoader:
         rows = self.rows["train"]
         sampler = LengthGroupedSampler(
             self.batch_size,
-            lengths=[len(ids) for ids, _ in rows],
+            lengths=[len(row[0]) for row in rows],
             generator=torch.Generator().manual_seed(self.seed),
         )
         return self._loader(rows, sampler=sampler)

@@ -42,6 +42,7 @@ from pipeline.config import (
     PARAMS_FILE,
     PROCESSED_DIR,
     TRAIN_REPORT,
+    TRANSFER_DIR,
     git_commit,
     load_params,
     tracking_uri,
@@ -83,13 +84,50 @@ class EpochSummary(Callback):
         self.finished_epoch = None
 
 
-def fingerprint(cfg: DictConfig, processed_dir: Path) -> str:
+class Progress(Callback):
+    """A line every `every_s` seconds while an epoch trains: step, rate and the time
+    left, so a long epoch (a MiniLM epoch takes ~26 minutes on 2 CPU cores) is never
+    silent in a stage log or CI."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s = every_s
+        self.started = self.last = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self.started = self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch,
+                           batch_idx: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s or not trainer.is_global_zero:
+            return
+        self.last = now
+        done, total = batch_idx + 1, trainer.num_training_batches
+        rate = done / (now - self.started)
+        left = (total - done) / rate if rate else float("inf")
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: batch {done}/{total} "
+              f"({done / total:.0%}), {rate * len(batch['labels']):.0f} sequences/s, "
+              f"epoch ends in {left / 60:.1f} min", flush=True)
+
+
+def transfer_set(transfer_dir: Path = TRANSFER_DIR) -> Path | None:
+    """The transfer set to train on, when the transfer stage wrote one (a teacher is
+    configured); None: train on the labelled training split."""
+    dataset = transfer_dir / "dataset"
+    return dataset if dataset.is_dir() else None
+
+
+def fingerprint(cfg: DictConfig, processed_dir: Path, transfer: Path | None = None) -> str:
     """What a resumable run must share with the run it resumes: the configuration and
-    the processed data itself (its split and vocabulary, not only the raw rows)."""
+    the processed data itself (its split and vocabulary, not only the raw rows), and
+    the transfer set it learns from, if any."""
     relevant = {k: OmegaConf.to_container(cfg[k]) for k in ("model", "train", "trainer")}
     relevant["seed"] = cfg.seed
     relevant["data"] = [lineage.digest(processed_dir / name)
                         for name in ("profile.json", "tokenizer.json")]
+    if transfer is not None:
+        relevant["transfer"] = [lineage.digest(transfer.parent / "transfer.json"),
+                                cfg.distill.weight]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
@@ -111,7 +149,8 @@ def prepare_work_dir(work_dir: Path, key: str) -> tuple[Path | None, str | None,
     return None, None, None
 
 
-def build_module(cfg: DictConfig, tokenizer: Tokenizer, profile: dict) -> TextClassifier:
+def build_module(cfg: DictConfig, tokenizer: Tokenizer, profile: dict,
+                 distilling: bool = False) -> TextClassifier:
     return TextClassifier(
         model=OmegaConf.to_container(cfg.model),
         vocab_size=tokenizer.get_vocab_size(),
@@ -123,6 +162,7 @@ def build_module(cfg: DictConfig, tokenizer: Tokenizer, profile: dict) -> TextCl
         weight_decay=cfg.train.weight_decay,
         warmup_ratio=cfg.train.warmup_ratio,
         label_smoothing=cfg.train.label_smoothing,
+        distill_weight=cfg.distill.weight if distilling else 0.0,
     )
 
 
@@ -138,6 +178,7 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
         EarlyStopping(monitor=monitor, mode=mode, patience=cfg.train.patience),
         LearningRateMonitor(logging_interval="epoch"),
         EpochSummary(),
+        Progress(),
         *extra_callbacks,
     ]
     return pl.Trainer(
@@ -163,6 +204,7 @@ def fit(
     run_facts_path: Path = RUN_FACTS,
     callbacks: list[Callback] = (),
     tags: dict | None = None,
+    transfer: Path | None = None,
 ) -> dict | None:
     """Train; on rank 0 return (and write) the report, on other ranks return None.
 
@@ -172,7 +214,7 @@ def fit(
     tokenizer = Tokenizer.from_file(str(processed_dir / "tokenizer.json"))
     profile = atomic.read_json(processed_dir / "profile.json")
     data_hash = profile["data"]["content_hash"]
-    key = fingerprint(cfg, processed_dir)
+    key = fingerprint(cfg, processed_dir, transfer)
     resume_from, run_id, position = prepare_work_dir(work_dir, key)
 
     logger = MLFlowLogger(
@@ -190,8 +232,13 @@ def fit(
         seed=cfg.seed,
         num_workers=cfg.train.num_workers,
         processed_dir=processed_dir,
+        transfer=transfer,
     )
-    module = build_module(cfg, tokenizer, profile)
+    module = build_module(cfg, tokenizer, profile, distilling=transfer is not None)
+    if transfer is not None:
+        print(f"train: distilling from the transfer set {transfer} (loss: "
+              f"{cfg.distill.weight} x logit MSE + {1 - cfg.distill.weight:g} x "
+              "cross-entropy on labelled rows)", flush=True)
     if cfg.train.get("init_embeddings") and resume_from is None:
         from pipeline.models.pretrained import init_token_embeddings
 
@@ -273,7 +320,7 @@ def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_pa
 
 
 def main() -> None:
-    report = fit(load_params())
+    report = fit(load_params(), transfer=transfer_set())
     if report:
         print(f"train: best {report['monitor']} {report['best_score']:.4f} after "
               f"{report['epochs']} epochs in {report['wall_time_s']} s "

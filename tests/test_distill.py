@@ -1,0 +1,146 @@
+"""Distillation: the teacher and transfer stages and a student trained on their output
+(pipeline/teacher.py, pipeline/transfer.py), on the shared synthetic workspace, whose
+tiny Transformer bundle serves as the teacher."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline import atomic
+from pipeline.classifier import IGNORE
+from pipeline.inference import load_module, predict_logits
+from pipeline.splits import column, load_dataset_dir, load_splits
+from pipeline.teacher import TeacherError, TeacherPaths, teach
+from pipeline.train import fit
+from pipeline.transfer import build_transfer, transfer_texts
+from serving.bundle import Bundle
+
+AUGMENT = OmegaConf.create({"copies": 4, "mask_p": 0.1, "ngram_p": 0.25, "ngram_max": 5})
+SENTENCES = [f"the {i} film was good and the cast was great but the plot was dull"
+             for i in range(200)]
+
+
+def test_the_transfer_set_repeats_per_seed_and_augments_as_configured():
+    labels = [i % 2 for i in range(len(SENTENCES))]
+    first = transfer_texts(SENTENCES, labels, AUGMENT, "[MASK]", seed=1)
+    assert transfer_texts(SENTENCES, labels, AUGMENT, "[MASK]", seed=1) == first
+    assert transfer_texts(SENTENCES, labels, AUGMENT, "[MASK]", seed=2) != first
+    texts, out_labels = first
+    # each sentence keeps its label and comes first; its copies carry none
+    originals = [i for i, label in enumerate(out_labels) if label != IGNORE]
+    assert [texts[i] for i in originals] == SENTENCES
+    assert [out_labels[i] for i in originals] == labels
+    copies = [t for t, label in zip(texts, out_labels, strict=True) if label == IGNORE]
+    assert len(SENTENCES) * 3 < len(copies) <= len(SENTENCES) * 4  # duplicates dropped
+    words = [w for copy in copies for w in copy.split()]
+    masked = words.count("[MASK]") / len(words)
+    assert 0.06 < masked < 0.14  # mask_p 0.1
+    cut = sum(len(copy.split()) <= 5 for copy in copies) / len(copies)
+    assert 0.17 < cut < 0.33  # ngram_p 0.25, n from 1 to 5 of 15 words
+    # no masking, no n-grams: nothing new to add
+    plain = OmegaConf.merge(AUGMENT, {"mask_p": 0.0, "ngram_p": 0.0})
+    assert transfer_texts(SENTENCES, labels, plain, "[MASK]", seed=1) == (SENTENCES, labels)
+
+
+@pytest.fixture(scope="module")
+def distilled(workspace, built_bundle, tmp_path_factory):
+    """The teacher stage with the workspace's bundle as teacher, then the transfer
+    stage, in a copy of the workspace's processed data."""
+    path, cfg = workspace
+    root = tmp_path_factory.mktemp("distill")
+    shutil.copytree(path / "data/processed", root / "data/processed")
+    cfg = OmegaConf.merge(cfg, {"distill": {"teacher": str(built_bundle[0]),
+                                            "teacher_precision": "fp32"}})
+    paths = TeacherPaths(root)
+    teacher = teach(cfg, paths)
+    transfer = build_transfer(cfg, paths.processed, paths.teacher, root / "data/transfer")
+    return root, cfg, teacher, transfer
+
+
+def test_the_teacher_stage_copies_and_scores_the_teacher(distilled, built_bundle):
+    root, _, teacher, _ = distilled
+    assert (root / "models/teacher/bundle/bundle.json").is_file()
+    assert teacher["bundle_version"] == built_bundle[1]["version"]
+    test = load_splits(root / "data/processed")["test"]
+    model = Bundle.load(root / "models/teacher/bundle", "fp32")
+    expected = (model.predict_logits(column(test, "text")).argmax(1)
+                == np.array(column(test, "label"))).mean()
+    assert teacher["test_accuracy"] == pytest.approx(expected)
+    assert atomic.read_json(root / "models/teacher/teacher.json") == teacher
+
+
+def test_the_transfer_set_holds_the_teachers_logits(distilled):
+    root, cfg, _, transfer = distilled
+    dataset = load_dataset_dir(root / "data/transfer/dataset")
+    train = load_splits(root / "data/processed")["train"]
+    assert transfer["labelled_rows"] == train.num_rows
+    assert transfer["rows"] == dataset.num_rows == train.num_rows + transfer["augmented_rows"]
+    assert transfer["augmented_rows"] > 2 * train.num_rows
+    teacher = Bundle.load(root / "models/teacher/bundle", "fp32")
+    sample = list(range(0, dataset.num_rows, 97))
+    ids = [dataset[i]["input_ids"] for i in sample]
+    assert ids == teacher.encode([dataset[i]["text"] for i in sample])  # one vocabulary
+    expected = np.concatenate([teacher.run([row]) for row in ids])
+    stored = np.array([dataset[i]["teacher_logits"] for i in sample])
+    np.testing.assert_allclose(stored, expected, atol=1e-4)
+
+
+STUDENTS = {  # smaller than the teacher (d_model 32): a copy of it would be the teacher
+    "transformer": {"name": "transformer", "d_model": 16, "n_heads": 2, "n_layers": 1,
+                    "d_ff": 32, "dropout": 0.1, "pooling": "mean"},
+    "lstm": {"name": "lstm", "embedding_dim": 16, "hidden_size": 16, "num_layers": 1,
+             "dropout": 0.1},
+}
+
+
+@pytest.mark.parametrize("student", STUDENTS)
+def test_a_student_on_the_teachers_logits_matches_them_better_than_one_on_labels(
+        distilled, tmp_path, monkeypatch, student):
+    """The known answer: trained to reproduce the teacher's logits, a student's logits
+    on unseen texts are closer to the teacher's than a label-trained student's."""
+    root, cfg, _, _ = distilled
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.merge(cfg, {"distill": {"weight": 1.0},
+                                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+    cfg.model = STUDENTS[student]
+    test = load_splits(root / "data/processed")["test"]
+    teacher = Bundle.load(root / "models/teacher/bundle", "fp32")
+    target = teacher.predict_logits(column(test, "text"))
+
+    def student_gap(name: str, transfer) -> float:
+        fit(cfg, processed_dir=root / "data/processed", checkpoint_dir=tmp_path / name,
+            report_path=tmp_path / f"{name}.json", work_dir=tmp_path / f"{name}-work",
+            run_facts_path=tmp_path / f"{name}-facts.json", transfer=transfer)
+        student = load_module(tmp_path / name / "best.ckpt")
+        logits = predict_logits(student, column(test, "input_ids"), 64)
+        return float(np.mean((logits - target) ** 2))
+
+    distilled_gap = student_gap("distilled", root / "data/transfer/dataset")
+    label_gap = student_gap("labelled", None)
+    assert distilled_gap < 0.7 * label_gap, (distilled_gap, label_gap)  # seen: 0.33, 0.49
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(workspace, built_bundle, tmp_path):
+    path, cfg = workspace
+    other = shutil.copytree(built_bundle[0], tmp_path / "other-teacher")
+    vocabulary = atomic.read_json(other / "tokenizer.json")
+    vocabulary["model"]["vocab"]["zzzunseen"] = len(vocabulary["model"]["vocab"])
+    atomic.write_json(other / "tokenizer.json", vocabulary)
+    shutil.copytree(path / "data/processed", tmp_path / "data/processed")
+    cfg = OmegaConf.merge(cfg, {"distill": {"teacher": str(other)}})
+    with pytest.raises(TeacherError, match="vocabulary .*other-teacher/tokenizer.json"):
+        teach(cfg, TeacherPaths(tmp_path))
+
+
+def test_without_a_teacher_both_stages_only_say_so(workspace, tmp_path):
+    path, cfg = workspace
+    shutil.copytree(path / "data/processed", tmp_path / "data/processed")
+    paths = TeacherPaths(tmp_path)
+    assert teach(cfg, paths) == {"teacher": None}
+    assert build_transfer(cfg, paths.processed, paths.teacher, tmp_path / "data/transfer") \
+        == {"teacher": None}
+    assert sorted(p.name for p in (tmp_path / "data/transfer").iterdir()) == ["transfer.json"]
