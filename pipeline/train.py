@@ -205,6 +205,7 @@ def fit(
     callbacks: list[Callback] = (),
     tags: dict | None = None,
     transfer: Path | None = None,
+    start_from: dict | None = None,
 ) -> dict | None:
     """Train; on rank 0 return (and write) the report, on other ranks return None.
 
@@ -239,7 +240,9 @@ def fit(
         print(f"train: distilling from the transfer set {transfer} (loss: "
               f"{cfg.distill.weight} x logit MSE + {1 - cfg.distill.weight:g} x "
               "cross-entropy on labelled rows)", flush=True)
-    if cfg.train.get("init_embeddings") and resume_from is None:
+    if start_from is not None and resume_from is None:  # a pruned model, fine-tuned
+        module.model.load_state_dict(start_from)
+    elif cfg.train.get("init_embeddings") and resume_from is None:
         from pipeline.models.pretrained import init_token_embeddings
 
         explained = init_token_embeddings(module.model.embedding, tokenizer.get_vocab(),
@@ -319,8 +322,42 @@ def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_pa
     return {**report, **facts}
 
 
+def pruning(cfg: DictConfig) -> bool:
+    prune = cfg.train.get("prune")
+    return bool(prune) and (prune.heads is not None or prune.d_ff is not None)
+
+
+def prune_and_fine_tune(cfg: DictConfig, transfer: Path | None,
+                        checkpoint_dir: Path = CHECKPOINT_DIR, **paths) -> dict:
+    """Remove the weakest heads and feed-forward units from the best checkpoint's
+    Transformer (pipeline/prune.py) and fine-tune what is left for `train.prune.epochs`
+    on the same data; its checkpoints replace the unpruned model's."""
+    from pipeline.inference import load_module
+    from pipeline.prune import prune
+
+    trained = load_module(checkpoint_dir / "best.ckpt")
+    settings = cfg.train.prune
+    model_cfg, state = prune(trained.model, dict(trained.hparams.model), settings.heads,
+                             settings.d_ff)
+    before = sum(p.numel() for p in trained.model.parameters())
+    after = sum(v.numel() for v in state.values())
+    print(f"train: pruned to {model_cfg['n_heads']} heads and {model_cfg['d_ff']} "
+          f"feed-forward units per block ({after:,} of {before:,} parameters); "
+          f"fine-tuning {settings.epochs} epoch(s)", flush=True)
+    tuned = OmegaConf.merge(cfg, {"model": model_cfg, "train": {
+        "max_epochs": settings.epochs, "lr": settings.lr, "init_embeddings": None}})
+    return fit(tuned, checkpoint_dir=checkpoint_dir, transfer=transfer, start_from=state,
+               tags={"pruned": "true"}, **paths)
+
+
 def main() -> None:
-    report = fit(load_params(), transfer=transfer_set())
+    cfg, transfer = load_params(), transfer_set()
+    if pruning(cfg) and (cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1):
+        raise SystemExit("train: train.prune runs on one device; set trainer.devices=1 "
+                         "and trainer.num_nodes=1, or prune nothing")
+    report = fit(cfg, transfer=transfer)
+    if report and pruning(cfg):
+        report = prune_and_fine_tune(cfg, transfer)
     if report:
         print(f"train: best {report['monitor']} {report['best_score']:.4f} after "
               f"{report['epochs']} epochs in {report['wall_time_s']} s "

@@ -35,20 +35,25 @@ class PositionalEncoding(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    """`n_heads` heads of `head_dim` each; n_heads x head_dim is d_model unless heads
+    were pruned away (pipeline/prune.py), which keeps the survivors' width."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, head_dim: int | None = None):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
-        self.n_heads = n_heads
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            head_dim = d_model // n_heads
+        self.n_heads, self.head_dim = n_heads, head_dim
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim)
+        self.out = nn.Linear(n_heads * head_dim, d_model)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, d_model); keep: (batch, seq) bool, False at padding."""
-        batch, seq, d_model = x.shape
+        batch, seq, _ = x.shape
         q, k, v = (
-            self.qkv(x).view(batch, seq, 3, self.n_heads, d_model // self.n_heads)
+            self.qkv(x).view(batch, seq, 3, self.n_heads, self.head_dim)
             .permute(2, 0, 3, 1, 4)  # (3, batch, heads, seq, head_dim)
         )
         y = F.scaled_dot_product_attention(
@@ -56,14 +61,15 @@ class MultiHeadSelfAttention(nn.Module):
             attn_mask=keep[:, None, None, :],  # every query may look at the real keys
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.out(y.transpose(1, 2).reshape(batch, seq, d_model))
+        return self.out(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float,
+                 head_dim: int | None = None):
         super().__init__()
         self.attention_norm = nn.LayerNorm(d_model)
-        self.attention = MultiHeadSelfAttention(d_model, n_heads, dropout)
+        self.attention = MultiHeadSelfAttention(d_model, n_heads, dropout, head_dim)
         self.feed_forward_norm = nn.LayerNorm(d_model)
         self.feed_forward = nn.Sequential(
             nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
@@ -89,6 +95,7 @@ class TransformerClassifier(nn.Module):
         d_ff: int = 256,
         dropout: float = 0.1,
         pooling: str = "mean",
+        head_dim: int | None = None,  # None: d_model / n_heads
     ):
         super().__init__()
         if pooling not in ("mean", "cls"):
@@ -99,7 +106,7 @@ class TransformerClassifier(nn.Module):
         self.positions = PositionalEncoding(d_model, max_length)
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            EncoderBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
+            EncoderBlock(d_model, n_heads, d_ff, dropout, head_dim) for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.classifier = nn.Linear(d_model, num_classes)
