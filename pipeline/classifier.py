@@ -16,8 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.models import build_model
-
-IGNORE = -100  # the label of a transfer-set row that only the teacher answered
+from pipeline.splits import NO_LABEL
 
 
 class TextClassifier(pl.LightningModule):
@@ -57,7 +56,7 @@ class TextClassifier(pl.LightningModule):
         logits = self(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
         loss = self._loss(logits, labels, batch.get("teacher_logits"))
-        labelled = labels != IGNORE
+        labelled = labels != NO_LABEL
         # Accumulated per step, logged once per epoch (_log_epoch): a self.log call per
         # step cost 5-8% of CPU training throughput (bench/bench_training.py).
         if labelled.any():
@@ -72,10 +71,10 @@ class TextClassifier(pl.LightningModule):
             return F.cross_entropy(logits, labels, label_smoothing=smoothing)
         weight = self.hparams.distill_weight
         mse = F.mse_loss(logits, teacher_logits)
-        if weight >= 1.0 or not (labels != IGNORE).any():
+        if weight >= 1.0 or not (labels != NO_LABEL).any():
             return mse
         # mean over the labelled rows only (ignore_index), 0 for a batch without any
-        ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=smoothing)
+        ce = F.cross_entropy(logits, labels, ignore_index=NO_LABEL, label_smoothing=smoothing)
         return weight * mse + (1.0 - weight) * ce
 
     def _log_epoch(self, split: str) -> None:

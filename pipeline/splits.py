@@ -12,6 +12,9 @@ from pipeline.config import PROCESSED_DIR
 # The held-out slice of production feedback: scored beside the fixed test set, never
 # trained on (preprocess writes it, evaluate and the gate read it).
 FEEDBACK_TEST = "feedback_test"
+# The label of a transfer-set row that only the teacher answered (pipeline/transfer.py);
+# -100 is what cross-entropy's ignore_index skips (pipeline/classifier.py).
+NO_LABEL = -100
 
 
 def column(ds: Dataset, name: str) -> list:

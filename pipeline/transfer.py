@@ -30,9 +30,8 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
 from pipeline import atomic
-from pipeline.classifier import IGNORE
 from pipeline.config import PROCESSED_DIR, TEACHER_DIR, TRANSFER_DIR, load_params
-from pipeline.splits import column, load_splits
+from pipeline.splits import NO_LABEL, column, load_splits
 from serving.bundle import Bundle, BundleError
 from serving.tensors import in_length_order
 
@@ -65,7 +64,7 @@ def augment(words: list[str], rng: np.random.Generator, mask: str, aug: DictConf
 def transfer_texts(texts: list[str], labels: list[int], aug: DictConfig, mask: str,
                    seed: int) -> tuple[list[str], list[int]]:
     """Every sentence with its label, each followed by up to `copies` distinct augmented
-    copies (label IGNORE); a copy equal to its sentence or an earlier copy is dropped."""
+    copies (label NO_LABEL); a copy equal to its sentence or an earlier copy is dropped."""
     rng = np.random.default_rng(seed)
     out_texts, out_labels = [], []
     for text, label in zip(texts, labels, strict=True):
@@ -77,7 +76,7 @@ def transfer_texts(texts: list[str], labels: list[int], aug: DictConfig, mask: s
             if copy and copy not in seen:
                 seen.add(copy)
                 out_texts.append(copy)
-                out_labels.append(IGNORE)
+                out_labels.append(NO_LABEL)
     return out_texts, out_labels
 
 
@@ -120,7 +119,7 @@ def build_transfer(cfg: DictConfig, processed: Path = PROCESSED_DIR,
           f"copies; logits from the teacher {teacher.version} ({teacher.precision})",
           flush=True)
     logits = teacher_logits(teacher, ids, cfg.distill.teacher_batch_size)
-    labelled = np.array(labels) != IGNORE
+    labelled = np.array(labels) != NO_LABEL
     agreement = float((logits[labelled].argmax(1) == np.array(labels)[labelled]).mean())
     report = {"teacher": teacher_report["teacher"], "teacher_version": teacher.version,
               "teacher_precision": teacher.precision, "seed": cfg.seed,

@@ -37,11 +37,13 @@ def test_groups_compose(overrides, check):
 def test_each_stage_declares_existing_params_and_its_own_script():
     params = OmegaConf.create(yaml.safe_load((ROOT / "params.yaml").read_text()))
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == ["collect", "preprocess", "train", "evaluate", "deploy", "serve"]
+    assert list(stages) == ["collect", "preprocess", "teacher", "transfer", "train",
+                            "evaluate", "deploy", "serve"]
+    absent = object()
     for name, stage in stages.items():
         assert f"pipeline/{name}.py" in stage["deps"], name
-        for key in stage["params"]:
-            assert OmegaConf.select(params, key) is not None, f"{name}: {key}"
+        for key in stage["params"]:  # may be null (distill.teacher), never absent
+            assert OmegaConf.select(params, key, default=absent) is not absent, f"{name}: {key}"
         assert "data" not in stage["params"] or name == "collect"
     # changing train.* cannot rerun collect or preprocess
     for name in ("collect", "preprocess"):

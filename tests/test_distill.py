@@ -11,9 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import atomic
-from pipeline.classifier import IGNORE
 from pipeline.inference import load_module, predict_logits
-from pipeline.splits import column, load_dataset_dir, load_splits
+from pipeline.splits import NO_LABEL, column, load_dataset_dir, load_splits
 from pipeline.teacher import TeacherError, TeacherPaths, teach
 from pipeline.train import fit
 from pipeline.transfer import build_transfer, transfer_texts
@@ -31,10 +30,10 @@ def test_the_transfer_set_repeats_per_seed_and_augments_as_configured():
     assert transfer_texts(SENTENCES, labels, AUGMENT, "[MASK]", seed=2) != first
     texts, out_labels = first
     # each sentence keeps its label and comes first; its copies carry none
-    originals = [i for i, label in enumerate(out_labels) if label != IGNORE]
+    originals = [i for i, label in enumerate(out_labels) if label != NO_LABEL]
     assert [texts[i] for i in originals] == SENTENCES
     assert [out_labels[i] for i in originals] == labels
-    copies = [t for t, label in zip(texts, out_labels, strict=True) if label == IGNORE]
+    copies = [t for t, label in zip(texts, out_labels, strict=True) if label == NO_LABEL]
     assert len(SENTENCES) * 3 < len(copies) <= len(SENTENCES) * 4  # duplicates dropped
     words = [w for copy in copies for w in copy.split()]
     masked = words.count("[MASK]") / len(words)
