@@ -21,7 +21,9 @@ from serving.bundle import Bundle
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["collect", "preprocess", "train", "evaluate", "deploy", "serve"]
+# teacher and transfer run too, and without a teacher (the default) only say so
+STAGES = ["collect", "preprocess", "teacher", "transfer", "train", "evaluate", "deploy",
+          "serve"]
 VENV = Path(sys.prefix)
 
 
@@ -111,6 +113,28 @@ def test_every_model_goes_through_all_six_stages(smoke_repo, model, extra):
     assert bundle["parity"]["tokenizer_mismatches"] == 0
     assert (bundle["parity"]["batch_invariance_max_abs_diff"]["int8"]
             <= batch_tolerances(compose("experiment=smoke"))["int8"])
+    served = json.loads((smoke_repo / "reports/serve.json").read_text())
+    assert served["bundle_version"] == bundle["version"] and served["mismatches"] == 0
+
+
+def test_a_student_distilled_from_a_teacher_trained_in_the_experiment(smoke_repo):
+    """experiment=distill's path on smoke data: MiniLM fine-tuned as the teacher, the
+    transfer set with its logits, the small Transformer trained on it, then evaluated,
+    deployed and served like any model."""
+    result = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "distill.teacher=train",
+                  "-S", "data.max_rows=300"], smoke_repo, timeout=900)
+    output = result.stdout + result.stderr
+    for stage in ("teacher", "transfer", "train", "evaluate", "deploy", "serve"):
+        assert f"Running stage '{stage}'" in output, stage
+    teacher = json.loads((smoke_repo / "models/teacher/teacher.json").read_text())
+    assert teacher["teacher"] == "train" and teacher["model"]["name"] == "pretrained"
+    assert (smoke_repo / "models/teacher/bundle/model.int8.onnx").is_file()
+    transfer = json.loads((smoke_repo / "data/transfer/transfer.json").read_text())
+    assert transfer["teacher_version"] == teacher["bundle_version"]
+    assert transfer["augmented_rows"] > 2 * transfer["labelled_rows"] > 0
+    assert "train: distilling from the transfer set" in output
+    bundle = json.loads((smoke_repo / "models/candidate/bundle.json").read_text())
+    assert bundle["model"]["name"] == "transformer"  # the student is what ships
     served = json.loads((smoke_repo / "reports/serve.json").read_text())
     assert served["bundle_version"] == bundle["version"] and served["mismatches"] == 0
 
