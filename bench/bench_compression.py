@@ -70,7 +70,7 @@ def measure(bundles: dict[str, Path], rounds: int) -> dict:
                                        / 1e6, 2),
                      "model": bundle.meta["model"], "version": bundle.version}
                for key, bundle in loaded.items()}
-    for key, bundle in loaded.items():  # warm-up
+    for bundle in loaded.values():  # warm-up
         one_pass(bundle, texts[:128])
     order = list(loaded)
     for round_ in range(rounds):

@@ -112,7 +112,7 @@ def fetch_teacher(spec: str, paths: TeacherPaths) -> Path:
     return paths.candidate
 
 
-def check_vocabulary(bundle: Path, processed: Path) -> None:
+def check_vocabulary(bundle: Path, processed: Path, spec: str) -> None:
     """The student's token ids go to the teacher unchanged: one vocabulary for both."""
     from tokenizers import Tokenizer
 
@@ -120,7 +120,7 @@ def check_vocabulary(bundle: Path, processed: Path) -> None:
     student = Tokenizer.from_file(str(processed / "tokenizer.json")).get_vocab()
     if teacher != student:
         raise TeacherError(
-            f"the teacher's vocabulary ({bundle / 'tokenizer.json'}, {len(teacher)} tokens) "
+            f"the teacher's vocabulary ({spec}: tokenizer.json, {len(teacher)} tokens) "
             f"is not the student's ({processed / 'tokenizer.json'}, {len(student)}): set "
             "preprocess.tokenizer to the teacher's (type=pretrained, path=its model)")
 
@@ -133,7 +133,7 @@ def teach(cfg: DictConfig, paths: TeacherPaths) -> dict:
         report = {"teacher": None}
     else:
         bundle = train_teacher(cfg, paths) if spec == "train" else fetch_teacher(spec, paths)
-        check_vocabulary(bundle, paths.processed)
+        check_vocabulary(bundle, paths.processed, spec)
         precision = cfg.distill.teacher_precision
         model = Bundle.load(bundle, precision)
         test = load_splits(paths.processed)["test"]

@@ -131,7 +131,9 @@ def test_a_teacher_with_another_vocabulary_is_refused(workspace, built_bundle, t
     atomic.write_json(other / "tokenizer.json", vocabulary)
     shutil.copytree(path / "data/processed", tmp_path / "data/processed")
     cfg = OmegaConf.merge(cfg, {"distill": {"teacher": str(other)}})
-    with pytest.raises(TeacherError, match="vocabulary .*other-teacher/tokenizer.json"):
+    refusal = (r"vocabulary \(.*other-teacher: tokenizer.json, 304 tokens\) is not the "
+               r"student's \(.*data/processed/tokenizer.json, 303\)")
+    with pytest.raises(TeacherError, match=refusal):
         teach(cfg, TeacherPaths(tmp_path))
 
 
@@ -143,3 +145,31 @@ def test_without_a_teacher_both_stages_only_say_so(workspace, tmp_path):
     assert build_transfer(cfg, paths.processed, paths.teacher, tmp_path / "data/transfer") \
         == {"teacher": None}
     assert sorted(p.name for p in (tmp_path / "data/transfer").iterdir()) == ["transfer.json"]
+
+
+def test_a_registered_teacher_is_fetched_by_its_alias(workspace, built_bundle, tmp_path,
+                                                      monkeypatch):
+    import mlflow
+    from conftest import inside, restored_tracking_uri
+
+    from pipeline import registry
+
+    path, cfg = workspace
+    bundle_dir, meta = built_bundle
+    database = f"sqlite:///{tmp_path}/mlflow.db"
+    with restored_tracking_uri(), inside(tmp_path):
+        mlflow.set_tracking_uri(database)
+        client = mlflow.MlflowClient()
+        run = client.create_run(client.create_experiment("teachers")).info.run_id
+        version = registry.register(bundle_dir, meta, run)
+        client.set_registered_model_alias(meta["model_name"], "teacher", version)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", database)
+    shutil.copytree(path / "data/processed", tmp_path / "data/processed")
+    cfg = OmegaConf.merge(cfg, {"distill": {
+        "teacher": f"models:/{meta['model_name']}@teacher"}})
+    teacher = teach(cfg, TeacherPaths(tmp_path))
+    assert teacher["bundle_version"] == meta["version"]
+    assert (tmp_path / "models/teacher/bundle/model.int8.onnx").is_file()
+    with pytest.raises(TeacherError, match="cannot fetch 'models:/nothing@teacher'"):
+        teach(OmegaConf.merge(cfg, {"distill": {"teacher": "models:/nothing@teacher"}}),
+              TeacherPaths(tmp_path / "other"))
