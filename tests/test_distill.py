@@ -173,3 +173,18 @@ def test_a_registered_teacher_is_fetched_by_its_alias(workspace, built_bundle, t
     with pytest.raises(TeacherError, match="cannot fetch 'models:/nothing@teacher'"):
         teach(OmegaConf.merge(cfg, {"distill": {"teacher": "models:/nothing@teacher"}}),
               TeacherPaths(tmp_path / "other"))
+
+
+def test_the_teacher_trains_with_its_own_settings_and_never_the_students():
+    from conftest import compose
+
+    from pipeline.teacher import teacher_config
+
+    cfg = compose("experiment=distill", "train.lr=0.123", "distill.teacher_precision=fp32")
+    teacher = teacher_config(cfg)
+    assert teacher.model.name == "pretrained" and cfg.model.name == "transformer"
+    assert teacher.train == cfg.distill.teacher_train and teacher.train.lr != 0.123
+    assert teacher.deploy.model_name == "sst2-classifier-teacher"
+    # its int8 model computes nothing here, so int8 parity does not stop the stage
+    assert teacher.deploy.int8_min_agreement == 0.0
+    assert teacher_config(compose("experiment=distill")).deploy.int8_min_agreement == 0.99
