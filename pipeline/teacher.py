@@ -68,11 +68,12 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
     teacher["model"] = OmegaConf.to_container(cfg.distill.teacher_model)
     teacher["train"] = OmegaConf.to_container(cfg.distill.teacher_train)
     teacher["deploy"]["model_name"] = f"{cfg.deploy.model_name}-teacher"
-    if cfg.distill.teacher_precision == "fp32":
-        # Static int8 moves MiniLM's labels on ~3.5% of SST-2 test rows (deploy's check
-        # wants 1%): its int8 model is still built and its agreement recorded in
-        # bundle.json, but no logits come from it, so it does not stop the stage.
-        teacher["deploy"]["int8_min_agreement"] = 0.0
+    # Static int8 moves MiniLM's labels on 3.6% of SST-2 test rows, where a student's
+    # check wants at most 1%: the teacher has its own bound, and none when its logits
+    # come from fp32 (its int8 model is still built, its agreement recorded).
+    teacher["deploy"]["int8_min_agreement"] = (
+        0.0 if cfg.distill.teacher_precision == "fp32"
+        else cfg.distill.teacher_int8_min_agreement)
     return OmegaConf.create(teacher)
 
 
