@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, compose, running_service
+from conftest import ROOT, compose, eventually, running_service
 from omegaconf import OmegaConf
 
 from pipeline import feedback, retrain
@@ -189,6 +189,9 @@ def logged_service(built_bundle, tmp_path_factory):
         labels = [{"request_id": answer["request_id"], "position": i, "label": label}
                   for i, label in enumerate(["pos", "neg", "pos", "neg", "pos", "neg"])]
         assert httpx.post(f"{service.url}/feedback", json=labels).json() == {"accepted": 6}
+        # The log's writer thread recomputes the live figures after the labels are
+        # stored, a moment later: wait for /metrics to show them, as a scrape would.
+        eventually(lambda: retrain.scrape(service.url).get("textops_live_labels") == 6)
         yield service, url
 
 
