@@ -128,9 +128,9 @@ def test_feedback_retrains_promotes_and_the_service_switches(film_repo, tmp_path
                          watch_interval_s=0.5) as service:
         food_before = served_accuracy(service.url, food_heldout)
         send_and_label(service.url, reviews(FOOD, FOOD_WORDS, 300, seed=3))
-        # the live figures follow the stored labels a moment later (the log's writer)
-        eventually(lambda: retrain.scrape(service.url).get("textops_live_labels") == 300,
-                   timeout=30)
+        # every server process's live figures follow the stored labels a moment later
+        eventually(lambda: all(retrain.scrape(service.url).get("textops_live_labels") == 300
+                               for _ in range(16)), timeout=30)
         load = Load(service.url)
         load.start()
         try:

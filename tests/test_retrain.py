@@ -189,9 +189,11 @@ def logged_service(built_bundle, tmp_path_factory):
         labels = [{"request_id": answer["request_id"], "position": i, "label": label}
                   for i, label in enumerate(["pos", "neg", "pos", "neg", "pos", "neg"])]
         assert httpx.post(f"{service.url}/feedback", json=labels).json() == {"accepted": 6}
-        # The log's writer thread recomputes the live figures after the labels are
-        # stored, a moment later: wait for /metrics to show them, as a scrape would.
-        eventually(lambda: retrain.scrape(service.url).get("textops_live_labels") == 6)
+        # Each server process recomputes its live figures a moment after the labels are
+        # stored (the one that took them, then its siblings): wait until 16 scrapes in a
+        # row, spread over the processes, all show them.
+        eventually(lambda: all(retrain.scrape(service.url).get("textops_live_labels") == 6
+                               for _ in range(16)))
         yield service, url
 
 
