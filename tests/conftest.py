@@ -186,6 +186,16 @@ def eventually(check, timeout: float = 20.0, interval: float = 0.1):
         time.sleep(interval)
 
 
+def every_worker_shows(url: str, gauge: str, value: float, timeout: float = 20) -> None:
+    """Wait until the unlabelled gauge `gauge` reads `value` on 16 scrapes in a row.
+    Each server process keeps its own live figures (the one that stored feedback
+    updates at once, its siblings a moment later), and each scrape is a new connection
+    that may reach any of them."""
+    from pipeline.retrain import scrape
+
+    eventually(lambda: all(scrape(url).get(gauge) == value for _ in range(16)), timeout)
+
+
 def every_worker_serves(url: str, timeout: float = 60, **expected) -> dict:
     """Wait until every server process of the service at `url` serves a bundle with
     `expected` (e.g. model_version="v2" or identity="name/2"); returns /metadata.

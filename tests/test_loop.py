@@ -17,9 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import copy_repo, eventually, every_worker_serves, git_init, run, running_service
-
-from pipeline import retrain
+from conftest import (
+    copy_repo,
+    every_worker_serves,
+    every_worker_shows,
+    git_init,
+    run,
+    running_service,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -128,9 +133,7 @@ def test_feedback_retrains_promotes_and_the_service_switches(film_repo, tmp_path
                          watch_interval_s=0.5) as service:
         food_before = served_accuracy(service.url, food_heldout)
         send_and_label(service.url, reviews(FOOD, FOOD_WORDS, 300, seed=3))
-        # every server process's live figures follow the stored labels a moment later
-        eventually(lambda: all(retrain.scrape(service.url).get("textops_live_labels") == 300
-                               for _ in range(16)), timeout=30)
+        every_worker_shows(service.url, "textops_live_labels", 300, timeout=30)
         load = Load(service.url)
         load.start()
         try:

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, compose, eventually, running_service
+from conftest import ROOT, compose, every_worker_shows, running_service
 from omegaconf import OmegaConf
 
 from pipeline import feedback, retrain
@@ -189,11 +189,7 @@ def logged_service(built_bundle, tmp_path_factory):
         labels = [{"request_id": answer["request_id"], "position": i, "label": label}
                   for i, label in enumerate(["pos", "neg", "pos", "neg", "pos", "neg"])]
         assert httpx.post(f"{service.url}/feedback", json=labels).json() == {"accepted": 6}
-        # Each server process recomputes its live figures a moment after the labels are
-        # stored (the one that took them, then its siblings): wait until 16 scrapes in a
-        # row, spread over the processes, all show them.
-        eventually(lambda: all(retrain.scrape(service.url).get("textops_live_labels") == 6
-                               for _ in range(16)))
+        every_worker_shows(service.url, "textops_live_labels", 6)
         yield service, url
 
 
