@@ -31,9 +31,11 @@ from pytorch_lightning.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
+    WeightAveraging,
 )
 from pytorch_lightning.loggers import MLFlowLogger
 from tokenizers import Tokenizer
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from pipeline import atomic, lineage
 from pipeline.classifier import TextClassifier
@@ -181,6 +183,9 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
         Progress(),
         *extra_callbacks,
     ]
+    if cfg.train.get("ema_decay"):
+        # Validation, the checkpoints and so the shipped model see the averaged weights.
+        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay)))
     return pl.Trainer(
         **OmegaConf.to_container(cfg.trainer),
         max_epochs=cfg.train.max_epochs,

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import mlflow
 import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback
 
 from pipeline import atomic, lineage
 from pipeline.datamodule import TextDataModule, collate
+from pipeline.inference import load_module
+from pipeline.train import fit
 
 
 def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):
@@ -81,3 +85,38 @@ def test_collate_masks_padding():
     assert batch["input_ids"].tolist() == [[2, 5, 6], [2, 7, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert torch.equal(batch["labels"], torch.tensor([1, 0]))
+
+
+class WeightsAfterEachStep(Callback):
+    """Copies of the model's weights after every optimizer step, as training left them."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+def test_ema_decay_ships_the_moving_average_of_the_weights(workspace, tmp_path, monkeypatch):
+    """With train.ema_decay, the checkpoint that evaluate and deploy load holds the
+    exponential moving average of the weights over the optimizer steps (the known
+    answer, computed here step by step), not the last step's weights."""
+    path, cfg = workspace
+    monkeypatch.chdir(tmp_path)
+    decay = 0.9
+    cfg = OmegaConf.merge(cfg, {"train": {"ema_decay": decay, "max_epochs": 1},
+                                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+    recorder = WeightsAfterEachStep()
+    fit(cfg, processed_dir=path / "data/processed", checkpoint_dir=tmp_path / "ckpt",
+        report_path=tmp_path / "train.json", work_dir=tmp_path / "work",
+        run_facts_path=tmp_path / "facts.json", callbacks=[recorder])
+
+    expected = dict(recorder.steps[0])
+    for weights in recorder.steps[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    shipped = load_module(tmp_path / "ckpt/best.ckpt").state_dict()
+    assert len(recorder.steps) > 3
+    for name, value in expected.items():
+        torch.testing.assert_close(shipped[name], value, rtol=1e-5, atol=1e-6)
+    last = recorder.steps[-1]
+    assert any(not torch.allclose(shipped[k], last[k]) for k in last if last[k].is_floating_point())
