@@ -184,6 +184,7 @@ def test_the_teacher_trains_with_its_own_settings_and_never_the_students():
     teacher = teacher_config(cfg)
     assert teacher.model.name == "pretrained" and cfg.model.name == "lstm"
     assert teacher.train == cfg.distill.teacher_train and teacher.train.lr != 0.123
+    assert cfg.train.ema_decay == 0.999 and teacher.train.ema_decay is None
     assert teacher.deploy.model_name == "sst2-classifier-teacher"
     # its int8 model computes nothing here, so int8 parity does not stop the stage;
     # when it does, the teacher has its own bound

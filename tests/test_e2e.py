@@ -119,10 +119,12 @@ def test_every_model_goes_through_all_six_stages(smoke_repo, model, extra):
 
 def test_a_student_distilled_from_a_teacher_trained_in_the_experiment(smoke_repo):
     """experiment=distill's path on smoke data: MiniLM fine-tuned as the teacher, the
-    transfer set with its logits, the small Transformer trained on it, then evaluated,
-    deployed and served like any model."""
+    transfer set with its logits, the small Transformer trained on it (with the moving
+    average of its weights, as experiment=distill trains it), then evaluated, deployed
+    and served like any model."""
     result = run(["dvc", "exp", "run", "-S", "experiment=smoke", "-S", "distill.teacher=train",
-                  "-S", "data.max_rows=300"], smoke_repo, timeout=900)
+                  "-S", "data.max_rows=300", "-S", "train.ema_decay=0.9"], smoke_repo,
+                 timeout=900)
     output = result.stdout + result.stderr
     for stage in ("teacher", "transfer", "train", "evaluate", "deploy", "serve"):
         assert f"Running stage '{stage}'" in output, stage
