@@ -112,6 +112,22 @@ class Progress(Callback):
               f"epoch ends in {left / 60:.1f} min", flush=True)
 
 
+class MovingAverage(WeightAveraging):
+    """An exponential moving average of the weights, updated after every optimizer
+    step, that validation, the checkpoints and so the shipped model see.
+
+    Kept on the device that trains: Lightning sets callbacks up before the strategy
+    moves the model there, so the parent class would keep it on the CPU and copy every
+    weight across after each GPU step."""
+
+    def __init__(self, decay: float):
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
+        self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+
 def transfer_set(transfer_dir: Path = TRANSFER_DIR) -> Path | None:
     """The transfer set to train on, when the transfer stage wrote one (a teacher is
     configured); None: train on the labelled training split."""
@@ -184,8 +200,7 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
         *extra_callbacks,
     ]
     if cfg.train.get("ema_decay"):
-        # Validation, the checkpoints and so the shipped model see the averaged weights.
-        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay)))
+        callbacks.append(MovingAverage(cfg.train.ema_decay))
     return pl.Trainer(
         **OmegaConf.to_container(cfg.trainer),
         max_epochs=cfg.train.max_epochs,

@@ -111,11 +111,11 @@ def test_ema_decay_ships_the_moving_average_of_the_weights(workspace, tmp_path, 
         report_path=tmp_path / "train.json", work_dir=tmp_path / "work",
         run_facts_path=tmp_path / "facts.json", callbacks=[recorder])
 
+    assert len(recorder.steps) > 3
     expected = dict(recorder.steps[0])
     for weights in recorder.steps[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
     shipped = load_module(tmp_path / "ckpt/best.ckpt").state_dict()
-    assert len(recorder.steps) > 3
     for name, value in expected.items():
         torch.testing.assert_close(shipped[name], value, rtol=1e-5, atol=1e-6)
     last = recorder.steps[-1]
