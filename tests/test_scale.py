@@ -66,8 +66,10 @@ def loads(checkpoint) -> bool:
     return True
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(workspace, tmp_path):
-    train_dir(workspace, tmp_path, "train.max_epochs=4", "train.batch_size=4", "train.patience=10")
+@pytest.mark.parametrize("ema_decay", [None, 0.9], ids=["weights", "weight-average"])
+def test_a_killed_run_resumes_from_its_last_checkpoint(workspace, tmp_path, ema_decay):
+    train_dir(workspace, tmp_path, "train.max_epochs=4", "train.batch_size=4", "train.patience=10",
+              f"train.ema_decay={ema_decay or 'null'}")
     work = tmp_path / "models" / "train-work"
     process = start_training(tmp_path)
     deadline = time.monotonic() + 300
@@ -91,6 +93,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(workspace, tmp_path):
     assert facts["run_id"] == saved_run  # the same MLflow run continues
     steps_per_epoch = saved["global_step"] // (saved["epoch"] + 1)
     assert report["epochs"] == 4 and report["global_step"] == 4 * steps_per_epoch
+    if ema_decay:  # the average went on from the killed run's, not from scratch
+        last = torch.load(tmp_path / "models/checkpoints/last.ckpt", map_location="cpu",
+                          weights_only=False)
+        assert int(last["averaging_state"]["n_averaged"]) == report["global_step"]
 
 
 @pytest.mark.gpu(1)
