@@ -43,21 +43,21 @@ repro: setup  ## run the pipeline stages that are out of date
 	dvc repro
 
 deploy: repro  ## bring the pipeline up to date and serve the champion on PORT (in a container if Docker or Podman works; DEPLOY_RUNTIME=process: never)
-	$(PY) -m serving.control up --bundle models/current --port $(PORT) --run-dir $(RUN_DIR) \
+	$(PY) -m ops.control up --bundle models/current --port $(PORT) --run-dir $(RUN_DIR) \
 	    --runtime $(DEPLOY_RUNTIME)
 
 undeploy: setup  ## stop the service or container started by `make deploy` (safe when none runs)
-	$(PY) -m serving.control down --run-dir $(RUN_DIR)
+	$(PY) -m ops.control down --run-dir $(RUN_DIR)
 
 retrain: setup  ## read the service on PORT, retrain on its feedback if a trigger fires (ARGS="--dry-run" or "--force")
-	$(PY) -m pipeline.retrain --service-url http://127.0.0.1:$(PORT) $(ARGS)
+	$(PY) -m pipeline.loops.retrain --service-url http://127.0.0.1:$(PORT) $(ARGS)
 
 rules:  ## check the Prometheus alerting rules and run their tests (promtool)
-	promtool check rules monitoring/alerts.yml
-	promtool test rules monitoring/alerts_test.yml
+	promtool check rules ops/prometheus/alerts.yml
+	promtool test rules ops/prometheus/alerts_test.yml
 
 rollback: setup  ## move champion and models/current back to the previous blessed version
-	$(PY) -m pipeline.registry rollback
+	$(PY) -m pipeline.tracking.registry rollback
 
 serve: setup  ## run the service in the foreground on models/current
 	TEXTOPS_BUNDLE=models/current TEXTOPS_PORT=$(PORT) $(PY) -m serving
@@ -75,14 +75,14 @@ bench: repro  ## benchmarks (bench/): ratios against baselines measured in the s
 
 tune: setup  ## Optuna search; writes conf/experiment/tuned.yaml (make tune OVERRIDES="...")
 	dvc repro preprocess
-	$(PY) -m pipeline.tune $(OVERRIDES)
+	$(PY) -m pipeline.loops.tune $(OVERRIDES)
 
 lint: setup  ## ruff and hadolint
 	$(VENV)/bin/ruff check pipeline serving tests bench k8s
 	$(VENV)/bin/hadolint Dockerfile
 
-manifests: setup  ## check the Kubernetes and KServe manifests in k8s/ offline (k8s/manifests.py)
-	$(PY) k8s/manifests.py
+manifests: setup  ## check the Kubernetes and KServe manifests in ops/k8s/ offline (ops/k8s/manifests.py)
+	$(PY) ops/k8s/manifests.py
 
 serving-env:  ## install the serving image's dependencies into $(SERVE_VENV), as the Dockerfile does, and check them
 	rm -rf $(SERVE_VENV) build/serve-src && mkdir -p build/serve-src
@@ -90,11 +90,11 @@ serving-env:  ## install the serving image's dependencies into $(SERVE_VENV), as
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet --no-cache-dir './build/serve-src[serve,registry]'
 	$(SERVE_VENV)/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the serving image'"
-	cd build && ../$(SERVE_VENV)/bin/python -c "import serving.app, serving.bundle; print('serving image dependencies: ok')"
+	cd build && ../$(SERVE_VENV)/bin/python -c "import serving.api.app, serving.bundle; print('serving image dependencies: ok')"
 
-# The standard library is enough (serving/container.py): no need for .venv.
+# The standard library is enough (ops/container.py): no need for .venv.
 image:  ## build the serving image with Docker or Podman (BUNDLE=models/current bakes a bundle in)
-	$(PYTHON) -m serving.container build $(if $(BUNDLE),--bundle $(BUNDLE))
+	$(PYTHON) -m ops.container build $(if $(BUNDLE),--bundle $(BUNDLE))
 
 docker: image  ## the same as `make image`
 

@@ -25,8 +25,8 @@ from repo import ENV, ROOT, clone_to, sh
 VALIDATION_ACCURACY = """
 import json
 import numpy as np
-from pipeline.inference import load_module, predict_logits
-from pipeline.splits import column, load_splits
+from pipeline.modeling.inference import load_module, predict_logits
+from pipeline.data.splits import column, load_splits
 val = load_splits()["val"]
 logits = predict_logits(load_module("models/checkpoints/best.ckpt"),
                         column(val, "input_ids"), 256)

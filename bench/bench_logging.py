@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_serving import CORES, HOST, bodies_for, dev_texts, machine  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
 
-from serving import control  # noqa: E402
+from ops import control  # noqa: E402
 
 TARGET_COST = 0.05
 TICK = 1 / os.sysconf("SC_CLK_TCK")

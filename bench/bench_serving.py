@@ -58,8 +58,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
 
-from serving import control  # noqa: E402
-from serving.batcher import length_groups  # noqa: E402
+from ops import control  # noqa: E402
+from serving.engine.batcher import length_groups  # noqa: E402
 from serving.bundle import Bundle, RuntimeOptions, softmax  # noqa: E402
 from serving.settings import available_cores  # noqa: E402
 

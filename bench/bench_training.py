@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 from repo import clone_to, sh  # noqa: E402
 
 from pipeline import atomic  # noqa: E402
-from pipeline.classifier import parameter_groups  # noqa: E402
+from pipeline.modeling.classifier import parameter_groups  # noqa: E402
 from pipeline.config import PROCESSED_DIR, load_params  # noqa: E402
-from pipeline.datamodule import TextDataModule  # noqa: E402
-from pipeline.tokenizer import PAD  # noqa: E402
-from pipeline.train import build_module  # noqa: E402
+from pipeline.modeling.datamodule import TextDataModule  # noqa: E402
+from pipeline.tasks.text_classification.tokenizer import PAD  # noqa: E402
+from pipeline.stages.train import build_module  # noqa: E402
 
 
 def plain_loop(cfg, datamodule, tokenizer, profile, steps: int) -> float:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
-from pipeline.inference import load_module
+from pipeline.modeling.inference import load_module
 
 
 class PredictRequest(BaseModel):

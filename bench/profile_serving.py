@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_serving import HOST, bodies_for, dev_texts, our_service  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
 
-from serving import control  # noqa: E402
+from ops import control  # noqa: E402
 
 IDLE = ("select", "epoll", "poll", "wait", "sleep", "_worker", "get", "acquire")
 

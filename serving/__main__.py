@@ -1,3 +1,3 @@
-from serving.app import main
+from serving.api.app import main
 
 main()

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.bundle import RuntimeOptions
-from serving.prediction_log import URL_FORMS, PredictionLogError, check_url
+from serving.predlog.log import URL_FORMS, PredictionLogError, check_url
 
 ENV_PREFIX = "TEXTOPS_"
 
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_chars: int = Field(2000, ge=1, description="characters per text")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body size")
 
-    # Server processes (serving/workers.py): one per core by default, since one Python
+    # Server processes (serving/processes/workers.py): one per core by default, since one Python
     # process answering HTTP left about half of a 2-core machine idle.
     workers: int = Field(0, ge=0, description="server processes; 0: one per core")
     worker_timeout_s: float = Field(30.0, gt=0, description="a worker whose event loop "
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
 
     drift_window: int = Field(2000, ge=10, description="recent texts compared with training")
 
-    # The prediction log and feedback (serving/prediction_log.py).
+    # The prediction log and feedback (serving/predlog/log.py).
     prediction_log: str = Field("sqlite:///run/predictions.db",
                                 description="sqlite:///<path> (relative to the working "
                                 "directory), postgresql://..., or empty: no log")

@@ -93,9 +93,9 @@ def workspace(tmp_path_factory):
     from helpers import synthetic_rows, write_raw
 
     from pipeline.config import Paths
-    from pipeline.evaluate import evaluate
-    from pipeline.preprocess import preprocess
-    from pipeline.train import fit
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.preprocess import preprocess
+    from pipeline.stages.train import fit
 
     path = tmp_path_factory.mktemp("workspace")
     cfg = compose("experiment=smoke")
@@ -146,7 +146,7 @@ def inside(path: Path):
 @pytest.fixture(scope="session")
 def built_bundle(workspace):
     """(bundle directory, bundle.json) exported once from the workspace's model."""
-    from pipeline import deploy
+    from pipeline.stages import deploy
     from pipeline.config import Paths
 
     path, cfg = workspace
@@ -158,7 +158,7 @@ def built_bundle(workspace):
 def running_service(bundle, log_dir: Path, wait: bool = True, **env):
     """The real service (`python -m serving` on uvicorn) on a free loopback port;
     keyword arguments become TEXTOPS_* settings. Always stopped afterwards."""
-    from serving import control
+    from ops import control
 
     # Each service logs its predictions beside its own log, never into the repo's run/.
     env.setdefault("prediction_log", f"sqlite:///{log_dir / 'predictions.db'}")
@@ -191,7 +191,7 @@ def every_worker_shows(url: str, gauge: str, value: float, timeout: float = 20) 
     Each server process keeps its own live figures (the one that stored feedback
     updates at once, its siblings a moment later), and each scrape is a new connection
     that may reach any of them."""
-    from pipeline.retrain import scrape
+    from pipeline.loops.retrain import scrape
 
     eventually(lambda: all(scrape(url).get(gauge) == value for _ in range(16)), timeout)
 

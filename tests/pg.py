@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.control import free_port
+from ops.control import free_port
 
 
 def server_binaries() -> Path | None:

@@ -12,8 +12,8 @@ from conftest import ROOT, compose
 from datasets import load_from_disk
 from omegaconf import OmegaConf
 
-from pipeline.collect import CollectError, collect
-from pipeline.splits import column
+from pipeline.stages.collect import CollectError, collect
+from pipeline.data.splits import column
 
 
 def files_cfg(**overrides):

@@ -18,11 +18,15 @@ import pytest
 from conftest import ROOT
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline import deploy, export, lineage, registry
+from pipeline.stages import deploy
+
+from pipeline.modeling import export
+
+from pipeline.tracking import lineage, registry
 from pipeline.config import Paths
-from pipeline.evaluate import score_champion
-from pipeline.inference import load_module, predict_logits
-from pipeline.splits import column, load_splits
+from pipeline.stages.evaluate import score_champion
+from pipeline.modeling.inference import load_module, predict_logits
+from pipeline.data.splits import column, load_splits
 from serving.bundle import Bundle
 
 BLOCK_TORCH = """
@@ -111,7 +115,7 @@ for precision in ("fp32", "int8"):
     probs = b.predict_proba(["great superb film", "awful dull plot"])
     assert probs.shape == (2, 2) and abs(probs.sum() - 2) < 1e-5
 assert "torch" not in sys.modules
-import serving.app  # the service module too
+import serving.api.app  # the service module too
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,

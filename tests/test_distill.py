@@ -1,5 +1,5 @@
 """Distillation: the teacher and transfer stages and a student trained on their output
-(pipeline/teacher.py, pipeline/transfer.py), on the shared synthetic workspace, whose
+(pipeline/stages/teacher.py, pipeline/stages/transfer.py), on the shared synthetic workspace, whose
 tiny Transformer bundle serves as the teacher."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import atomic
-from pipeline.inference import load_module, predict_logits
-from pipeline.splits import NO_LABEL, column, load_dataset_dir, load_splits
-from pipeline.teacher import TeacherError, TeacherPaths, teach
-from pipeline.train import fit
-from pipeline.transfer import build_transfer, transfer_texts
+from pipeline.modeling.inference import load_module, predict_logits
+from pipeline.data.splits import NO_LABEL, column, load_dataset_dir, load_splits
+from pipeline.stages.teacher import TeacherError, TeacherPaths, teach
+from pipeline.stages.train import fit
+from pipeline.stages.transfer import build_transfer, transfer_texts
 from serving.bundle import Bundle
 
 AUGMENT = OmegaConf.create({"copies": 4, "mask_p": 0.1, "ngram_p": 0.25, "ngram_max": 5})
@@ -152,7 +152,7 @@ def test_a_registered_teacher_is_fetched_by_its_alias(workspace, built_bundle, t
     import mlflow
     from conftest import inside, restored_tracking_uri
 
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     path, cfg = workspace
     bundle_dir, meta = built_bundle
@@ -178,7 +178,7 @@ def test_a_registered_teacher_is_fetched_by_its_alias(workspace, built_bundle, t
 def test_the_teacher_trains_with_its_own_settings_and_never_the_students():
     from conftest import compose
 
-    from pipeline.teacher import teacher_config
+    from pipeline.stages.teacher import teacher_config
 
     cfg = compose("experiment=distill", "train.lr=0.123", "distill.teacher_precision=fp32")
     teacher = teacher_config(cfg)

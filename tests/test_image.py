@@ -1,4 +1,4 @@
-"""The serving image, built and run for real with Docker or Podman (serving/container.py).
+"""The serving image, built and run for real with Docker or Podman (ops/container.py).
 
 The image is built once for the module, in both forms: the bundle mounted read-only at
 run time (a bundle store with its relative `current` link, as `make deploy` mounts
@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, compose
 
-from pipeline import registry
-from pipeline.deploy import batch_tolerances
-from serving import container, control
+from pipeline.tracking import registry
+from pipeline.stages.deploy import batch_tolerances
+from ops import container, control
 from serving.bundle import Bundle
 
 TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story"]

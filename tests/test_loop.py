@@ -1,7 +1,7 @@
 """The loop, end to end, in a temporary copy of the repository: a model trained on one
 domain (film reviews) is deployed and served with its prediction log on; texts of
 another domain (food reviews) are sent and their labels posted as feedback; `python -m
-pipeline.retrain` reads the service, decides, snapshots the feedback and runs `dvc
+pipeline.loops.retrain` reads the service, decides, snapshots the feedback and runs `dvc
 repro`; the gate promotes the new model and the running service switches to it while
 a load thread counts every answer."""
 
@@ -137,7 +137,7 @@ def test_feedback_retrains_promotes_and_the_service_switches(film_repo, tmp_path
         load = Load(service.url)
         load.start()
         try:
-            retrained = run([sys.executable, "-m", "pipeline.retrain", "--service-url",
+            retrained = run([sys.executable, "-m", "pipeline.loops.retrain", "--service-url",
                              service.url, "--log", log], repo, timeout=600)
             record = json.loads((repo / "reports/retrain.json").read_text())
             new_version = record["result"]["bundle_version"]
@@ -148,7 +148,7 @@ def test_feedback_retrains_promotes_and_the_service_switches(film_repo, tmp_path
             load.join(30)
         food_after = served_accuracy(service.url, food_heldout)
         # the labels that trained this model do not count as new ones next time
-        run([sys.executable, "-m", "pipeline.retrain", "--service-url", service.url,
+        run([sys.executable, "-m", "pipeline.loops.retrain", "--service-url", service.url,
              "--log", log, "--dry-run"], repo)
         again = json.loads((repo / "reports/retrain.json").read_text())
 

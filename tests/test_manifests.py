@@ -1,4 +1,4 @@
-"""The Kubernetes and KServe manifests in k8s/, checked offline as `make manifests` checks
+"""The Kubernetes and KServe manifests in ops/k8s/, checked offline as `make manifests` checks
 them: every one validates, a broken field fails the check, and they agree with the
 code they run (probe routes, the image's port and user, the service's settings)."""
 
@@ -13,13 +13,13 @@ import pytest
 import yaml
 from conftest import ROOT, compose
 
-sys.path.insert(0, str(ROOT / "k8s"))
-import manifests  # noqa: E402  (k8s/manifests.py: the checks `make manifests` runs)
+sys.path.insert(0, str(ROOT / "ops" / "k8s"))
+import manifests  # noqa: E402  (ops/k8s/manifests.py: the checks `make manifests` runs)
 
 from serving.settings import Settings  # noqa: E402
 
-BASE, CHAMPION = ROOT / "k8s/base", ROOT / "k8s/overlays/champion"
-SERVERLESS, RAW = ROOT / "k8s/kserve/serverless", ROOT / "k8s/kserve/raw"
+BASE, CHAMPION = ROOT / "ops/k8s/base", ROOT / "ops/k8s/overlays/champion"
+SERVERLESS, RAW = ROOT / "ops/k8s/kserve/serverless", ROOT / "ops/k8s/kserve/raw"
 KUBECTL = shutil.which("kubectl")
 
 
@@ -64,7 +64,7 @@ def test_make_manifests_passes():
                              "manifests"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok  k8s/") == 10
+    assert result.stdout.count("ok  ops/k8s/") == 10
 
 
 # ---------------------------------------------------------------- a broken field fails
@@ -131,8 +131,8 @@ BREAKAGES = {
 
 @pytest.fixture
 def k8s_copy(tmp_path) -> Path:
-    """k8s/ and the Dockerfile it is checked against, in a directory of their own."""
-    shutil.copytree(ROOT / "k8s", tmp_path / "k8s", ignore=shutil.ignore_patterns("__pycache__"))
+    """ops/k8s/ and the Dockerfile it is checked against, in a directory of their own."""
+    shutil.copytree(ROOT / "ops" / "k8s", tmp_path / "k8s", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "Dockerfile", tmp_path / "Dockerfile")
     return tmp_path / "k8s"
 

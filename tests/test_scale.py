@@ -33,7 +33,7 @@ def train_dir(workspace, tmp_path, *overrides):
 def start_training(cwd) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.stages.train"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -8,9 +8,9 @@ import signal
 import numpy as np
 import pytest
 
-from pipeline import serve
+from pipeline.stages import serve
 from pipeline.config import Paths
-from pipeline.splits import load_splits
+from pipeline.data.splits import load_splits
 from serving.bundle import Bundle
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import compose
 
-from pipeline.deploy import batch_tolerances
-from serving import control
+from pipeline.stages.deploy import batch_tolerances
+from ops import control
 from serving.bundle import Bundle
 
 

@@ -12,8 +12,8 @@ import httpx
 from conftest import eventually, running_service
 from prometheus_client import generate_latest
 
-from serving.batcher import BatchStats
-from serving.metrics import DriftMonitor, ServiceMetrics
+from serving.engine.batcher import BatchStats
+from serving.monitoring.metrics import DriftMonitor, ServiceMetrics
 
 # Training reference: lengths < 5 | 5..9 | >= 10 tokens in shares 1/4, 1/2, 1/4; one
 # token in ten unknown; classes balanced.
@@ -106,7 +106,7 @@ def scrape(url: str) -> dict[str, float]:
 
 def settled(url: str, texts: int) -> dict[str, float]:
     """A scrape whose window holds `texts` texts: with several server processes the
-    one answering sees another's window within 0.2 s (serving/workers.py)."""
+    one answering sees another's window within 0.2 s (serving/processes/workers.py)."""
     return eventually(lambda: (values := scrape(url))["textops_drift_window_texts"] == texts
                       and values, timeout=5)
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import answers, compose, every_worker_serves, running_service, send_without_reading
 
-from pipeline.deploy import batch_tolerances
-from serving.batcher import Batcher, infer, length_groups
+from pipeline.stages.deploy import batch_tolerances
+from serving.engine.batcher import Batcher, infer, length_groups
 from serving.bundle import Bundle
 
 TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story and the acting",
@@ -125,7 +125,7 @@ def queue_and_answered(url: str) -> tuple[float, float]:
             value('textops_requests_total{method="POST",route="/predict",status="200"}'))
 
 
-# One process, as `uvicorn --factory serving.app:create_app` or TEXTOPS_WORKERS=1 runs
+# One process, as `uvicorn --factory serving.api.app:create_app` or TEXTOPS_WORKERS=1 runs
 # it, and two, as `python -m serving` does on 2 cores.
 WORKERS = pytest.mark.parametrize("workers", [1, 2])
 
@@ -329,8 +329,8 @@ def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, t
     import mlflow
     from conftest import inside
 
-    from pipeline import registry
-    from serving import control
+    from pipeline.tracking import registry
+    from ops import control
 
     bundle_dir, meta = built_bundle
     db = f"sqlite:///{tmp_path}/mlflow.db"
@@ -380,7 +380,7 @@ def test_an_interrupted_registry_download_is_fetched_again_whole(tmp_path, built
     import mlflow
 
     from serving.bundle import REGISTERED_BUNDLE
-    from serving.source import BundleSource
+    from serving.engine.source import BundleSource
 
     bundle_dir, meta = built_bundle
     source = BundleSource("models:/sst2-classifier@champion", cache_dir=tmp_path / "cache")

@@ -25,7 +25,7 @@ import pytest
 from conftest import copy_repo, every_worker_serves, git_init, run, running_service
 from pg import postgres_server
 
-from serving import control
+from ops import control
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def tracked(cmd: list[str], repo: Path, tracking: str, timeout: float = 600):
     return result
 
 
-# The name replicas in a cluster reach the server by (k8s/overlays/champion).
+# The name replicas in a cluster reach the server by (ops/k8s/overlays/champion).
 CLUSTER_HOST = "mlflow.mlops.svc.cluster.local:5000"
 
 
@@ -156,7 +156,7 @@ def register_another_champion(team: Team, tmp_path: Path) -> tuple[str, str]:
     import mlflow
     from conftest import restored_tracking_uri
 
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     name = model_name(team.repo)
     bundle = shutil.copytree(team.repo / "models/candidate", tmp_path / "second")
@@ -198,7 +198,7 @@ def logged_predictions(database: str) -> int:
 
 
 def test_a_promotion_and_a_rollback_reach_the_running_replica(team, tmp_path, monkeypatch):
-    """A replica configured as k8s/overlays/champion configures one (the champion from
+    """A replica configured as ops/k8s/overlays/champion configures one (the champion from
     the server, the prediction log in PostgreSQL) serves v1; a second version promoted
     on the server, then `make rollback` run by a team member, each reach the same
     replica process within seconds."""

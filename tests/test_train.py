@@ -7,10 +7,12 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from pipeline import atomic, lineage
-from pipeline.datamodule import TextDataModule, collate
-from pipeline.inference import load_module
-from pipeline.train import fit
+from pipeline import atomic
+
+from pipeline.tracking import lineage
+from pipeline.modeling.datamodule import TextDataModule, collate
+from pipeline.modeling.inference import load_module
+from pipeline.stages.train import fit
 
 
 def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from pipeline.tune import tune
+from pipeline.loops.tune import tune
 
 pytestmark = pytest.mark.slow
 

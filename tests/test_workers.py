@@ -1,4 +1,4 @@
-"""Several server processes on one port (serving/workers.py): every worker answers,
+"""Several server processes on one port (serving/processes/workers.py): every worker answers,
 `/metrics` from any of them describes all, an admin reload reaches all, and a worker
 that dies is replaced by one serving what the others serve."""
 
@@ -14,8 +14,8 @@ import pytest
 from conftest import answers, eventually, running_service, send_without_reading
 from test_serving_production import TEXTS, copy_bundle
 
-from serving.metrics import DriftMonitor
-from serving.workers import WorkerGroup
+from serving.monitoring.metrics import DriftMonitor
+from serving.processes.workers import WorkerGroup
 
 pytestmark = pytest.mark.slow
 ADMIN = {"Authorization": "Bearer t"}
@@ -186,7 +186,7 @@ def test_liveness_answers_within_a_second_under_overload(built_bundle, tmp_path)
 
 def test_a_port_in_use_stops_the_service_instead_of_restarting_workers(built_bundle, tmp_path):
     """Workers that can never listen end the service with an error, not a loop."""
-    from serving import control
+    from ops import control
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

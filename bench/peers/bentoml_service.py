@@ -38,7 +38,7 @@ from pathlib import Path
 
 import bentoml
 
-from serving.batcher import infer
+from serving.engine.batcher import infer
 from serving.bundle import Bundle, RuntimeOptions
 
 # Set by bench/peers/check.py only: one log line per model call, to see the batching.

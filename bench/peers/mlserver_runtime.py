@@ -38,7 +38,7 @@ from mlserver.codecs import StringCodec
 from mlserver.errors import InferenceError
 from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
 
-from serving.batcher import infer
+from serving.engine.batcher import infer
 from serving.bundle import Bundle, RuntimeOptions
 
 INPUT = "texts"

@@ -1,0 +1,257 @@
+"""deploy: the stage that turns the best checkpoint into a checked, registered bundle.
+
+1. Export to ONNX, fp32 and static int8 (pipeline/modeling/export.py).
+2. Parity checks on the test split fail the stage: the saved tokenizer reproduces the
+   training token ids; fp32 ONNX logits match PyTorch within `fp32_max_abs_diff`;
+   int8 labels agree with PyTorch on at least `int8_min_agreement` of rows; a text's
+   logits alone match its logits inside a padded batch (fp32 within
+   `fp32_max_abs_diff`, int8 within `int8_batch_max_abs_diff`).
+3. The bundle (`models/candidate/`): both models, tokenizer.json, bundle.json and
+   MODEL_CARD.md, written atomically.
+4. A new version of the registered pyfunc model, tagged with the gate's verdict
+   (pipeline/tracking/registry.py). Only a blessed version gets the `champion` alias and
+   becomes `models/current`.
+
+Rollback is `python -m pipeline.tracking.registry rollback` (`make rollback`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import atomic
+
+from pipeline.tracking import lineage
+from pipeline.config import Paths, git_commit, load_params, tracking_uri
+from pipeline.modeling.export import export_onnx, quantize_best
+from pipeline.modeling.inference import load_module, predict_logits
+from pipeline.tracking.registry import promote, prune_store, register
+from pipeline.data.splits import column, load_splits
+from serving.bundle import MODEL_FILES, Bundle
+
+
+class DeployError(RuntimeError):
+    """A check failed: nothing was registered or promoted."""
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_parity(bundle_dir: Path, module, texts: list[str], ids: list[list[int]],
+                 cfg: DictConfig) -> dict:
+    """Compare the bundle with PyTorch on the test split; DeployError when broken."""
+    reference = predict_logits(module, ids, cfg.evaluate.batch_size)
+    fp32 = Bundle.load(bundle_dir, "fp32")
+    int8 = Bundle.load(bundle_dir, "int8")
+    mismatched = [i for i, (a, b) in enumerate(zip(fp32.encode(texts), ids, strict=True))
+                  if a != b]
+    fp32_diff = float(np.abs(fp32.predict_logits(texts) - reference).max())
+    int8_logits = int8.predict_logits(texts)
+    agreement = float((int8_logits.argmax(1) == reference.argmax(1)).mean())
+    sample = texts[: min(64, len(texts))]
+    report = {
+        "rows": len(texts),
+        "tokenizer_mismatches": len(mismatched),
+        "fp32_max_abs_diff": fp32_diff,
+        "int8_label_agreement": agreement,
+        "int8_max_abs_diff": float(np.abs(int8_logits - reference).max()),
+        "batch_invariance_max_abs_diff": {
+            "fp32": batch_invariance(fp32, sample), "int8": batch_invariance(int8, sample)
+        },
+    }
+    problems = []
+    if mismatched:
+        problems.append(f"tokenizer.json gives other token ids than training for "
+                        f"{len(mismatched)} test rows (first: row {mismatched[0]})")
+    if fp32_diff > cfg.deploy.fp32_max_abs_diff:
+        problems.append(f"fp32 ONNX logits differ from PyTorch by {fp32_diff:.2e} "
+                        f"(allowed {cfg.deploy.fp32_max_abs_diff:.0e})")
+    if agreement < cfg.deploy.int8_min_agreement:
+        problems.append(f"int8 labels agree with PyTorch on {agreement:.4f} of test rows "
+                        f"(required {cfg.deploy.int8_min_agreement})")
+    allowed = batch_tolerances(cfg)
+    for precision, diff in report["batch_invariance_max_abs_diff"].items():
+        if diff > allowed[precision]:
+            problems.append(f"{precision}: a text's logits change with its batch by {diff:.2e} "
+                            f"(allowed {allowed[precision]:.0e})")
+    if problems:
+        raise DeployError("; ".join(problems))
+    return report
+
+
+def batch_tolerances(cfg: DictConfig) -> dict[str, float]:
+    """How far a text's logits may move between being scored alone and in a batch."""
+    return {"fp32": cfg.deploy.fp32_max_abs_diff, "int8": cfg.deploy.int8_batch_max_abs_diff}
+
+
+def batch_invariance(bundle: Bundle, texts: list[str]) -> float:
+    """Largest logit change between a text scored alone and inside one padded batch."""
+    alone = np.concatenate([bundle.run(bundle.encode([t])) for t in texts])
+    together = bundle.run(bundle.encode(texts))
+    return float(np.abs(alone - together).max())
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def bundle_meta(cfg: DictConfig, module, version: str, checkpoint_sha256: str, metrics: dict,
+                verdict: dict, profile: dict, pad_id: int) -> dict:
+    """bundle.json. Everything in it follows from the code, data and parameters, so the
+    same training gives the same bundle, byte for byte; the registry version, the
+    MLflow run and the git commit are recorded by the registry (`registry.json` beside
+    a promoted bundle)."""
+    return {
+        "format": 1,
+        "version": version,
+        "model_name": cfg.deploy.model_name,
+        "model": dict(module.hparams.model),
+        "label_names": list(module.hparams.label_names),
+        "max_length": profile["max_length"],
+        "pad_id": pad_id,
+        "inputs": ["input_ids", "attention_mask"],
+        "outputs": ["logits"],
+        "files": {**MODEL_FILES, "tokenizer": "tokenizer.json"},
+        "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
+        "gate": {"blessed": verdict["blessed"], "reasons": verdict["reasons"]},
+        "lineage": {
+            "data": profile["data"]["name"],
+            "data_hash": profile["data"]["content_hash"],
+            "checkpoint_sha256": checkpoint_sha256,
+        },
+        "profile": profile,
+    }
+
+
+def content_version(bundle_dir: Path) -> str:
+    """The bundle's version: a digest of its model and tokenizer files, so a version
+    names exactly one set of answers."""
+    files = [bundle_dir / name for name in (*MODEL_FILES.values(), "tokenizer.json")]
+    return hashlib.sha256("".join(lineage.digest(f) for f in files).encode()).hexdigest()[:16]
+
+
+def model_card(meta: dict) -> str:
+    m = meta["metrics"]
+    classes = ", ".join(meta["label_names"])
+    per_class = "\n".join(
+        f"| {name} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+        for name, v in m["per_class"].items()
+    )
+    splits = meta["profile"]["splits"]
+    return f"""# Model card: {meta['model_name']} {meta['version']}
+
+## Model
+A `{meta['model']['name']}` text classifier over {len(meta['label_names'])} classes
+({classes}), exported to ONNX (fp32 and static int8). Input: up to {meta['max_length']}
+tokens; longer texts are truncated.
+
+## Data
+`{meta['lineage']['data']}` (content hash `{meta['lineage']['data_hash'][:16]}`): train
+{splits['train']['rows']} rows, validation {splits['val']['rows']}, test {splits['test']['rows']}.
+Text is NFKC-normalised, HTML is stripped, e-mail addresses, URLs and phone numbers are
+replaced by placeholders before tokenization, in training and in serving alike.
+
+## Metrics (test split)
+accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}, ROC-AUC {m['roc_auc']:.4f},
+PR-AUC {m['pr_auc']:.4f}, expected calibration error {m['ece']:.4f}.
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{per_class}
+
+Gate: {'blessed' if meta['gate']['blessed'] else 'not blessed'}.
+{chr(10).join('- ' + r for r in meta['gate']['reasons'])}
+
+## Intended use
+Classifying short English texts like those in the training data, with a person
+or a downstream check able to act on a wrong answer.
+
+## Limitations
+- Scores are only as good as the training data is representative: texts unlike it
+  (other languages, domains, much longer texts) get confident answers that may be wrong;
+  the service's drift metrics show when live traffic moves away from the training profile.
+- Masking of personal data is pattern-based and does not catch every form.
+- The data sets' own licences and biases carry over (see data/external/*/SOURCE.md).
+
+## Lineage
+Best checkpoint sha256 `{meta['lineage']['checkpoint_sha256'][:16]}` (its MLflow run carries
+the tag `checkpoint_sha256`; the registry version, with the git commit it was deployed
+from, carries `bundle_version` {meta['version']}).
+"""
+
+
+def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
+    """Export, quantise, check and write the bundle to `paths.candidate` atomically.
+    Returns bundle.json."""
+    module = load_module(paths.checkpoint)
+    pad_id = module.hparams.pad_id
+    splits = load_splits(paths.processed)
+    profile = atomic.read_json(paths.processed / "profile.json")
+    with atomic.atomic_dir(paths.candidate) as tmp:
+        export_onnx(module.model, tmp / MODEL_FILES["fp32"], cfg.deploy.opset, pad_id)
+        int8 = quantize_best(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], module,
+                             column(splits["val"], "input_ids"), cfg)
+        shutil.copy2(paths.processed / "tokenizer.json", tmp / "tokenizer.json")
+        meta = bundle_meta(cfg, module, content_version(tmp), lineage.digest(paths.checkpoint),
+                           atomic.read_json(paths.metrics), atomic.read_json(paths.gate),
+                           profile, pad_id)
+        atomic.write_json(tmp / "bundle.json", meta)
+        test = splits["test"]
+        meta["parity"] = check_parity(tmp, module, column(test, "text"),
+                                      column(test, "input_ids"), cfg)
+        meta["int8"] = int8
+        atomic.write_json(tmp / "bundle.json", meta)
+        atomic.write_text(tmp / "MODEL_CARD.md", model_card(meta))
+    return meta
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def deploy(cfg: DictConfig, paths: Paths) -> dict:
+    """Build, register and (when blessed) promote. Writes the report (what the inputs
+    determine) and the run's facts (the registry version and run it got); returns both."""
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    meta = build_bundle(cfg, paths)
+    run_id = lineage.training_run(cfg.mlflow.experiment, paths.checkpoint)
+    version = register(paths.candidate, meta, run_id)
+    blessed = meta["gate"]["blessed"]
+    if blessed:
+        promote(meta["model_name"], version, paths.candidate, paths)
+        prune_store(cfg.deploy.keep_bundles, paths)
+    report = {
+        "model_name": meta["model_name"],
+        "bundle_version": meta["version"],
+        "blessed": blessed,
+        "promoted": blessed,
+        "reasons": meta["gate"]["reasons"],
+        "parity": meta["parity"],
+    }
+    facts = {"registry_version": version, "mlflow_run_id": run_id, "git_commit": git_commit()}
+    atomic.write_json(paths.deploy_report, report)
+    atomic.write_json(paths.run_facts("deploy"), facts)
+    return {**report, **facts}
+
+
+def main() -> None:
+    cfg = load_params()
+    try:
+        report = deploy(cfg, Paths())
+    except DeployError as err:
+        sys.exit(f"deploy: {err}")
+    p = report["parity"]
+    print(f"deploy: {report['model_name']} v{report['registry_version']} "
+          f"(bundle {report['bundle_version']}): "
+          f"{'promoted to champion' if report['promoted'] else 'registered, NOT promoted'}; "
+          f"fp32 max |diff| {p['fp32_max_abs_diff']:.1e}, "
+          f"int8 agreement {p['int8_label_agreement']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""serve: check the new bundle in the real service before it goes live.
+
+Starts the service (`python -m serving`) on a free loopback port against the
+candidate bundle, waits for readiness, sends canary texts from the test split over
+HTTP one request each, and checks every answer against the bundle's offline
+prediction for that text alone: the same label, probabilities within
+`CANARY_TOLERANCE`. Stops the service and writes `reports/serve.json` (the canary's
+result) and `reports/runs/serve.json` (this run's latency percentiles, which DVC does
+not track). A mismatch, an error answer or a service that never becomes ready fails
+the stage.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import atomic
+from pipeline.config import Paths, load_params
+from pipeline.data.splits import column, load_splits
+from ops import control
+from serving.bundle import Bundle
+
+# The canary sends one text per request, one request at a time, so the service runs
+# each text alone; offline, each text is scored alone too. Both then run the same
+# computation, and anything beyond float noise is a serving fault. (Inside other
+# batches int8 may differ by up to deploy.int8_batch_max_abs_diff.)
+CANARY_TOLERANCE = 1e-5
+
+
+class CanaryError(RuntimeError):
+    pass
+
+
+def canary(url: str, texts: list[str], expected: np.ndarray, labels: list[str]) -> dict:
+    """Send each text alone; compare with `expected` probabilities; time each request."""
+    latencies, mismatches, max_diff = [], [], 0.0
+    for i, text in enumerate(texts):
+        started = time.perf_counter()
+        status, body = control.http_json("POST", f"{url}/predict", {"texts": [text]})
+        latencies.append((time.perf_counter() - started) * 1000)
+        if status != 200:
+            raise CanaryError(f"canary row {i}: HTTP {status} {body}")
+        answer = body["predictions"][0]
+        served = np.array([answer["probabilities"][name] for name in labels])
+        diff = float(np.abs(served - expected[i]).max())  # this row's, not the running max
+        max_diff = max(max_diff, diff)
+        if answer["label"] != labels[int(expected[i].argmax())] or diff > CANARY_TOLERANCE:
+            mismatches.append(i)
+    ms = np.asarray(latencies)
+    return {
+        "rows": len(texts),
+        "mismatches": len(mismatches),
+        "first_mismatch": mismatches[0] if mismatches else None,
+        "max_abs_prob_diff": max_diff,
+        "latency_ms": {p: round(float(np.percentile(ms, q)), 2)
+                       for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "latency_ms_mean": round(float(ms.mean()), 2),
+    }
+
+
+def check_service(cfg: DictConfig, paths: Paths) -> dict:
+    """The canary against the service on `paths.candidate`; writes `paths.serve_report`."""
+    bundle_dir = paths.candidate
+    texts = column(load_splits(paths.processed)["test"], "text")[: cfg.serve.canary_rows]
+    bundle = Bundle.load(bundle_dir, cfg.serve.precision)
+    expected = np.concatenate([bundle.predict_proba([text]) for text in texts])
+    port = control.free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        # The canary's answers go to a log of their own, never the production one.
+        service = control.start(bundle_dir, port, Path(tmp) / "service.log",
+                                env={"TEXTOPS_PRECISION": cfg.serve.precision,
+                                     "TEXTOPS_PREDICTION_LOG": f"sqlite:///{tmp}/canary.db"})
+        try:
+            ready = control.wait_ready(service.url, cfg.serve.ready_timeout_s, service.process)
+            result = canary(service.url, texts, expected, bundle.label_names)
+        except (RuntimeError, OSError) as err:
+            raise CanaryError(f"{err}\n--- service log ---\n{service.log_tail()}") from None
+        finally:
+            exit_code = control.stop(service.process)
+    if ready.get("model_version") != bundle.version:
+        raise CanaryError(f"the service reports version {ready.get('model_version')}, "
+                          f"the bundle is {bundle.version}")
+    if result["mismatches"]:
+        raise CanaryError(f"{result['mismatches']} of {result['rows']} canary answers differ "
+                          f"from the offline predictions (first: row {result['first_mismatch']})")
+    timing = {name: result.pop(name) for name in ("latency_ms", "latency_ms_mean")}
+    report = {"bundle_version": bundle.version, "precision": cfg.serve.precision, **result}
+    facts = {"service_exit_code": exit_code, **timing}
+    atomic.write_json(paths.serve_report, report)  # what the bundle determines
+    atomic.write_json(paths.run_facts("serve"), facts)  # what this run measured
+    return {**report, **facts}
+
+
+def main() -> None:
+    try:
+        report = check_service(load_params(), Paths())
+    except CanaryError as err:
+        sys.exit(f"serve: {err}")
+    lat = report["latency_ms"]
+    print(f"serve: {report['rows']} canary answers over HTTP equal the offline predictions; "
+          f"latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms")
+
+
+if __name__ == "__main__":
+    main()

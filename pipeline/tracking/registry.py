@@ -1,0 +1,187 @@
+"""registry: the MLflow Model Registry and the bundles on disk that follow it.
+
+Registers a bundle as a new version of the pyfunc model (tagged with the gate's
+verdict), promotes a version (the `champion` alias and `models/current`, a symlink
+into `models/bundles/` swapped atomically), rolls back to the previous blessed
+version, prunes old bundles from disk, and downloads a registered bundle.
+
+`python -m pipeline.tracking.registry rollback` (`make rollback`) moves `champion` and
+`current` back to the previous blessed version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from pipeline import atomic
+from pipeline.config import Paths, git_commit, load_params, tracking_uri
+from serving.bundle import REGISTERED_BUNDLE, Bundle
+from serving.bundle.pyfunc import BundleModel
+
+CHAMPION = "champion"
+
+SERVE_REQUIREMENTS = [
+    "numpy==2.4.6", "onnxruntime==1.32.0", "tokenizers==0.23.3", "pandas==3.1.1",
+]
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked (no champion, nothing to roll back to)."""
+
+
+def download_bundle(model_name: str, dst: Path, version: str | None = None) -> Path:
+    """A registered version's bundle (the champion's when `version` is None), downloaded
+    into `dst`; returns the bundle directory."""
+    ref = f"@{CHAMPION}" if version is None else f"/{version}"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}{ref}",
+                                                dst_path=str(dst))
+    return Path(local) / REGISTERED_BUNDLE
+
+
+def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
+    """Log the bundle as a pyfunc model in the training run `run_id`; returns the
+    version, tagged with the bundle version, the verdict and the git commit."""
+    serving_dir = Path(__file__).resolve().parents[2] / "serving"
+    example = pd.DataFrame({"text": ["a charming and often affecting journey"]})
+    # The signature comes from the very class MLflow will serve, on this bundle.
+    model = BundleModel()
+    model.bundle = Bundle.load(bundle_dir, "fp32")
+    output = model.predict(None, example)
+    with tempfile.TemporaryDirectory() as tmp, \
+            mlflow.start_run(run_id=run_id):
+        # MLflow names the artifact after the directory: REGISTERED_BUNDLE.
+        staged = shutil.copytree(bundle_dir, Path(tmp) / REGISTERED_BUNDLE.name)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(serving_dir / "bundle" / "pyfunc.py"),
+            artifacts={"bundle": str(staged)},
+            code_paths=[str(serving_dir)],
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=SERVE_REQUIREMENTS,
+            registered_model_name=meta["model_name"],
+        )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    tags = {
+        "bundle_version": meta["version"],
+        "blessed": str(meta["gate"]["blessed"]).lower(),
+        "gate_reasons": " | ".join(meta["gate"]["reasons"])[:5000],
+        "data_hash": meta["lineage"]["data_hash"],
+        "git_commit": git_commit(),
+        "accuracy": f"{meta['metrics']['accuracy']:.4f}",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(meta["model_name"], version, key, value)
+    return version
+
+
+def store_bundle(bundle_dir: Path, record: dict, store: Path) -> Path:
+    """Copy a bundle into the store as `<store>/<registry version>`, atomically, with
+    `registry.json`: its registry version, MLflow run and git commit, which the
+    service reports in /metadata beside bundle.json (which cannot hold them: the same
+    training must give the same bundle in every clone)."""
+    target = store / record["registry_version"]
+    if not target.exists():
+        with atomic.atomic_dir(target) as tmp:
+            shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+            atomic.write_json(tmp / "registry.json", record)
+    return target
+
+
+def registry_record(client: mlflow.MlflowClient, model_name: str, version: str) -> dict:
+    found = client.get_model_version(model_name, version)
+    return {"model_name": model_name, "registry_version": str(version),
+            "mlflow_run_id": found.run_id, "git_commit": found.tags.get("git_commit")}
+
+
+def point_current(target: Path, current: Path) -> None:
+    """Swap the `current` symlink in one rename: readers see the old or the new."""
+    current.parent.mkdir(parents=True, exist_ok=True)
+    link = current.with_name(f".{current.name}.tmp-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    link.symlink_to(os.path.relpath(target.resolve(), current.parent.resolve()))
+    os.replace(link, current)
+
+
+def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths) -> Path:
+    """Make `version` the champion and the current bundle."""
+    client = mlflow.MlflowClient()
+    target = store_bundle(bundle_dir, registry_record(client, model_name, version), paths.store)
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    client.set_model_version_tag(model_name, version, "promoted_at",
+                                 dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    point_current(target, paths.current)
+    return target
+
+
+def rollback(model_name: str, paths: Paths) -> str:
+    """Return champion and current to the blessed version before the champion.
+
+    A bundle pruned from disk is downloaded again from the registry, into a temporary
+    directory first: an interrupted download leaves nothing in the store, and the next
+    rollback downloads it whole (there is no resuming of a partial download).
+    """
+    client = mlflow.MlflowClient()
+    try:
+        champion = int(client.get_model_version_by_alias(model_name, CHAMPION).version)
+    except MlflowException:
+        raise RegistryError(f"{model_name} has no champion to roll back from") from None
+    earlier = [
+        int(v.version)
+        for v in client.search_model_versions(f"name = '{model_name}'")
+        if v.tags.get("blessed") == "true" and int(v.version) < champion
+    ]
+    if not earlier:
+        raise RegistryError(f"{model_name} v{champion} is the first blessed version")
+    previous = str(max(earlier))
+    target = paths.store / previous
+    if not target.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            store_bundle(download_bundle(model_name, Path(tmp), previous),
+                         registry_record(client, model_name, previous), paths.store)
+    # only once the bundle is on disk: a failed download changes nothing
+    client.set_model_version_tag(model_name, str(champion), "rolled_back", "true")
+    client.set_registered_model_alias(model_name, CHAMPION, previous)
+    point_current(target, paths.current)
+    return previous
+
+
+def prune_store(keep: int, paths: Paths) -> None:
+    """Keep the newest `keep` bundles in `paths.store`, and the live one whatever its
+    age; older ones stay in the registry."""
+    if not paths.store.exists():
+        return
+    live = Path(os.path.realpath(paths.current)).name if paths.current.exists() else None
+    versions = sorted((p for p in paths.store.iterdir() if p.name.isdigit()),
+                      key=lambda p: int(p.name))
+    for old in versions[: max(len(versions) - keep, 0)]:
+        if old.name != live:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def main() -> None:
+    if sys.argv[1:] != ["rollback"]:
+        sys.exit("usage: python -m pipeline.tracking.registry rollback")
+    cfg, paths = load_params(), Paths()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    try:
+        version = rollback(cfg.deploy.model_name, paths)
+    except RegistryError as err:
+        sys.exit(f"rollback: {err}")
+    print(f"rollback: {cfg.deploy.model_name} champion is now v{version}; "
+          f"{paths.current} -> {os.readlink(paths.current)}")
+
+
+if __name__ == "__main__":
+    main()

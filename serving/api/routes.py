@@ -1,0 +1,159 @@
+"""The service's own routes: prediction, explanation, feedback, health, metadata,
+metrics, admin reload and the demo page. (The V2 protocol's routes are in
+serving/api/v2.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from serving.bundle import BundleError
+from serving.api.errors import ApiError
+from serving.api.hot_path import predict_answer
+from serving.api.schemas import (
+    ExplainRequest,
+    ExplainResponse,
+    FeedbackItem,
+    FeedbackResponse,
+    PredictRequest,
+    PredictResponse,
+    ReloadRequest,
+)
+from serving.api.security import check_admin
+from serving.engine.service import InferenceService
+from serving.api.validation import check_texts
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": PredictRequest.model_json_schema()}}}}
+_FEEDBACK_ITEM = FeedbackItem.model_json_schema()
+# The body is one item or a list, parsed by `feedback_items` so that an error can name
+# the item; OpenAPI still documents it.
+FEEDBACK_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"oneOf": [_FEEDBACK_ITEM, {"type": "array", "items": _FEEDBACK_ITEM}]}}}}}
+
+
+def feedback_items(body: bytes, max_items: int, labels: list[str]
+                   ) -> list[tuple[str, int, str]]:
+    """(request_id, position, label) of each item of a /feedback body; a 4xx naming the
+    first bad item and what is wrong with it."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(payload, dict | list):
+        raise ApiError(422, "invalid_request",
+                       "the body must be a feedback object or a list of them")
+    items = payload if isinstance(payload, list) else [payload]
+    if not items:
+        raise ApiError(422, "no_feedback", "send at least one feedback item")
+    if len(items) > max_items:
+        raise ApiError(422, "too_many_items", f"{len(items)} feedback items; at most "
+                       f"{max_items} per request", limit="max_texts", value=max_items)
+    return [feedback_item(item, i if isinstance(payload, list) else None, labels)
+            for i, item in enumerate(items)]
+
+
+def feedback_item(item, index: int | None, labels: list[str]) -> tuple[str, int, str]:
+    where = "body" if index is None else f"[{index}]"
+    details = {} if index is None else {"item": index}
+    try:
+        parsed = FeedbackItem.model_validate(item)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"]) or "item"
+        raise ApiError(422, "invalid_request", f"{where}.{field}: {first['msg']}",
+                       field=field, **details) from None
+    if parsed.label not in labels:
+        raise ApiError(422, "unknown_label", f"{where}.label: {parsed.label!r} is not a "
+                       f"label of the model (labels: {', '.join(labels)})",
+                       labels=labels, **details)
+    return parsed.request_id, parsed.position, parsed.label
+
+
+def router(service: InferenceService, require_key) -> APIRouter:
+    """Routes over `service`; `require_key` guards the prediction routes."""
+    settings = service.settings
+    routes = APIRouter()
+
+    @routes.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo() -> str:
+        return resources.files("serving.api").joinpath("static/index.html").read_text("utf-8")
+
+    @routes.post("/predict", response_model=PredictResponse,
+                 dependencies=[Depends(require_key)], openapi_extra=PREDICT_BODY)
+    async def predict(http: Request) -> Response:
+        """Classify up to `max_texts` texts: label, score and every class probability.
+        The answer's `request_id` (a well-formed client X-Request-ID, or a new one)
+        names it in POST /feedback.
+
+        The service answers this route in serving/api/hot_path.py, ahead of FastAPI's
+        routing; this declaration documents it and shares its code."""
+        answer, rid = await predict_answer(service, await http.body(),
+                                           http.headers.get("x-request-id"))
+        return Response(answer, media_type="application/json", headers={"X-Request-ID": rid})
+
+    @routes.post("/feedback", response_model=FeedbackResponse,
+                 dependencies=[Depends(require_key)], openapi_extra=FEEDBACK_BODY)
+    async def feedback(http: Request) -> FeedbackResponse:
+        """The right label for answered texts: one `{request_id, label, position}` or a
+        list of up to `max_texts`. All are stored or none; a repeated label replaces
+        the earlier one. Live accuracy in /metrics rests on these."""
+        labels = service.require_bundle().label_names
+        items = feedback_items(await http.body(), settings.max_texts, labels)
+        return FeedbackResponse(accepted=await service.feedback(items))
+
+    @routes.post("/explain", response_model=ExplainResponse,
+                 dependencies=[Depends(require_key)])
+    async def explain_text(request: ExplainRequest) -> ExplainResponse:
+        """Per-token attributions by occlusion: how much each token supports the label."""
+        check_texts([request.text], settings.max_texts, settings.max_chars)
+        result, bundle = await service.explain(request.text)
+        return ExplainResponse(model_version=bundle.version, **result)
+
+    @routes.get("/health/live")
+    async def live() -> dict:
+        """The process answers."""
+        return {"status": "live"}
+
+    @routes.get("/health/ready")
+    async def ready():
+        """200 once the model is loaded and warmed up, 503 before (or if it failed)."""
+        if service.bundle is None:
+            status = "failed" if service.error else "loading"
+            return JSONResponse({"status": status, "error": service.error}, status_code=503)
+        return {"status": "ready", "model_version": service.bundle.version}
+
+    @routes.get("/metadata")
+    async def metadata() -> dict:
+        """The served bundle's bundle.json (version, labels, metrics, lineage) and, for a
+        promoted bundle, its registry record (version, MLflow run, git commit), and what
+        every server process serves (`workers`: they follow a new bundle one by one)."""
+        bundle = service.require_bundle()
+        return {**bundle.meta, "registry": bundle.registry, "precision": bundle.precision,
+                "source": service.source.spec, "identity": service.identity,
+                "workers": await asyncio.to_thread(service.every_worker)}
+
+    @routes.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @routes.post("/admin/reload")
+    async def admin_reload(request: ReloadRequest | None = None,
+                           authorization: str | None = Header(None)) -> dict:
+        """Load a bundle (the followed one, or `bundle`) and swap it in, in every
+        server process (`workers` says what each one serves once it has followed).
+        Needs the admin token as `Authorization: Bearer <token>`."""
+        check_admin(settings.admin_token, authorization)
+        try:
+            return await service.reload_everywhere(request.bundle if request else None)
+        except BundleError as err:
+            serving = getattr(service.bundle, "version", "nothing")
+            raise ApiError(422, "bundle_refused", f"{err}; still serving {serving}") from None
+
+    return routes

@@ -1,0 +1,38 @@
+"""The bundle as an MLflow pyfunc model (MLflow "models from code").
+
+The deploy stage logs this file with the bundle as an artifact, so that
+`mlflow models serve -m models:/<name>@champion --env-manager local` serves the
+same bundle through MLflow's own scoring server: input a DataFrame with a `text`
+column, output one row per text with the label, its score and every class's
+probability.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import pandas as pd
+
+from serving.bundle import Bundle
+from serving.bundle.predictions import predictions
+
+
+class BundleModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        precision = os.environ.get("TEXTOPS_PRECISION", "int8")
+        self.bundle = Bundle.load(context.artifacts["bundle"], precision=precision)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        texts = [str(t) for t in model_input["text"].tolist()]
+        probs = self.bundle.predict_proba(texts)
+        names = self.bundle.label_names
+        rows = []
+        for answer in predictions(names, probs):
+            per_class = {f"p_{name}": p for name, p in answer["probabilities"].items()}
+            rows.append({"label": answer["label"], "score": answer["score"], **per_class})
+        # columns named even for no rows, so the output schema never depends on the input
+        return pd.DataFrame(rows, columns=["label", "score", *(f"p_{n}" for n in names)])
+
+
+mlflow.models.set_model(BundleModel())
