@@ -1,7 +1,7 @@
 # The serving image: onnxruntime + tokenizers + FastAPI (+ mlflow-skinny to follow a
 # registry alias), no torch, no pipeline code, run as a non-root user.
 # Its dependencies are the ones `make serving-env` installs and checks outside a container.
-# `make image` builds it with Docker or Podman (ops/container.py); by hand:
+# `make image` builds it with Docker or Podman (ops/image.py); by hand:
 #
 # Bundle mounted read-only at run time (what `make deploy` does); the container
 # follows models/current, a relative link inside the mounted models/:
@@ -14,7 +14,7 @@
 # BASE_IMAGE is any Debian-like image with Python 3.11 and its venv module: the
 # conventional python:3.11-slim (python3 in /usr/local/bin), or, where no registry can
 # be reached, a Debian bookworm root made by mmdebstrap (python3 in /usr/bin; see
-# ops/container.py). Only `python3` is called before the venv exists, which both have.
+# ops/base_image.py). Only `python3` is called before the venv exists, which both have.
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build

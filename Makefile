@@ -78,7 +78,7 @@ tune: setup  ## Optuna search; writes conf/experiment/tuned.yaml (make tune OVER
 	$(PY) -m pipeline.loops.tune $(OVERRIDES)
 
 lint: setup  ## ruff and hadolint
-	$(VENV)/bin/ruff check pipeline serving tests bench k8s
+	$(VENV)/bin/ruff check pipeline serving ops tests bench
 	$(VENV)/bin/hadolint Dockerfile
 
 manifests: setup  ## check the Kubernetes and KServe manifests in ops/k8s/ offline (ops/k8s/manifests.py)
@@ -92,9 +92,9 @@ serving-env:  ## install the serving image's dependencies into $(SERVE_VENV), as
 	$(SERVE_VENV)/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the serving image'"
 	cd build && ../$(SERVE_VENV)/bin/python -c "import serving.api.app, serving.bundle; print('serving image dependencies: ok')"
 
-# The standard library is enough (ops/container.py): no need for .venv.
+# The standard library is enough (ops/image.py): no need for .venv.
 image:  ## build the serving image with Docker or Podman (BUNDLE=models/current bakes a bundle in)
-	$(PYTHON) -m ops.container build $(if $(BUNDLE),--bundle $(BUNDLE))
+	$(PYTHON) -m ops.image build $(if $(BUNDLE),--bundle $(BUNDLE))
 
 docker: image  ## the same as `make image`
 

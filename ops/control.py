@@ -1,14 +1,19 @@
-"""Starting, checking and stopping the service as a process.
+"""`make deploy` / `make undeploy`: bring the service up, take it down, say how it runs.
 
-Used by the serve stage (a throw-away service on a free loopback port), by
-`make deploy` / `make undeploy` (a long-running service: a Docker or Podman container
-when one of them works, else a local process, its pid and log in a run directory),
-and by the tests.
+`up` serves a bundle as a long-running service: a Docker or Podman container when one
+of them works (built by ops/image.py, run by ops/container.py), else a local process
+(ops/process.py); its pid or container name and its log are kept in a run directory,
+which `down` and `status` read.
 
     python -m ops.control up   [--bundle models/current] [--port 8000] [--run-dir run]
                                    [--runtime auto|docker|podman|process]
     python -m ops.control down [--run-dir run]
     python -m ops.control status [--run-dir run]
+
+The serve stage, the tests and the benchmarks start throw-away services with
+`control.start`, `control.wait_ready`, `control.stop` and the HTTP helpers
+`control.free_port`, `control.http_json`, `control.wait_until`: those live in
+ops/process.py and are imported here under the same names.
 """
 
 from __future__ import annotations
@@ -18,126 +23,22 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from ops import container
+from ops import container, image, runtimes
+from ops.process import (  # noqa: F401  (Service, free_port, stop: for control.<name> callers)
+    STOP_TIMEOUT_S,
+    Service,
+    free_port,
+    http_json,
+    start,
+    stop,
+    wait_ready,
+    wait_until,
+)
 from serving.processes.workers import alive
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def http_json(method: str, url: str, body=None, timeout: float = 10.0,
-              headers: dict | None = None) -> tuple[int, dict]:
-    """One HTTP request with the standard library; returns (status, JSON body).
-    A body that is not JSON comes back as {"error" or "text": the text}."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json",
-                                              **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, _json_or_text(response.read(), "text")
-    except urllib.error.HTTPError as err:
-        return err.code, _json_or_text(err.read(), "error")
-
-
-def _json_or_text(payload: bytes, key: str):
-    try:
-        return json.loads(payload or b"null")
-    except json.JSONDecodeError:
-        return {key: payload.decode(errors="replace")}
-
-
-def wait_until(url: str, timeout: float, process: subprocess.Popen | None = None,
-               accept: Callable[[int, object], bool] = lambda status, body: status == 200,
-               interval: float = 0.2) -> object:
-    """Poll GET `url` until `accept(status, body)`; return that body.
-
-    The one polling loop for everything that waits for a server (this service, an
-    MLflow server, ...): RuntimeError after `timeout` s, naming the last answer, or at
-    once when `process` (the server, if we started it) exits first.
-    """
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while True:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with code {process.returncode}")
-        try:
-            status, body = http_json("GET", url, timeout=2)
-            if accept(status, body):
-                return body
-            last = f"{status} {body}"
-        except OSError as err:
-            last = str(err)
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"{url}: not ready after {timeout:.0f} s ({last})")
-        time.sleep(interval)
-
-
-@dataclass
-class Service:
-    """A service process started by `start`; `url` is its base address."""
-
-    process: subprocess.Popen
-    url: str
-    log_path: Path
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
-def start(bundle: str | Path, port: int, log_path: Path, host: str = "127.0.0.1",
-          env: dict | None = None, detach: bool = False) -> Service:
-    """Start `python -m serving` on host:port; `detach` puts it in its own session so
-    it outlives the caller (make deploy)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    environment = {**os.environ, "TEXTOPS_BUNDLE": str(bundle), "TEXTOPS_HOST": host,
-                   "TEXTOPS_PORT": str(port), "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "serving"], env=environment, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=detach,
-        )
-    return Service(process=process, url=f"http://{host}:{port}", log_path=log_path)
-
-
-def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> dict:
-    """Poll /health/ready until 200; raise RuntimeError on timeout or early exit."""
-    return wait_until(f"{url}/health/ready", timeout, process)
-
-
-# The service's supervisor gives its workers 3 x the request timeout (30 s by default)
-# + 10 s to finish what they accepted (serving/api/app.py): wait that long before SIGKILL.
-STOP_TIMEOUT_S = 45
-
-
-def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
-    """SIGTERM (the service drains in-flight requests), then SIGKILL after `timeout`."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
-
-
-# ---------------------------------------------------------------- make deploy / undeploy
 
 
 def pid_alive(pid: int) -> bool:
@@ -157,14 +58,14 @@ def running_pid(run_dir: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def running_container(run_dir: Path) -> tuple[container.Runtime, str] | None:
+def running_container(run_dir: Path) -> tuple[runtimes.Runtime, str] | None:
     """(runtime, container name) of the container `up` started from this run
     directory, if it did."""
     record = run_dir / "container.json"
     if not record.exists():
         return None
     started = json.loads(record.read_text())
-    return container.Runtime(started["runtime"]), started["name"]
+    return runtimes.Runtime(started["runtime"]), started["name"]
 
 
 def down(run_dir: Path) -> str:
@@ -237,7 +138,7 @@ def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float,
         try:
             up_container(runtime, bundle, port, run_dir, host, timeout)
             return url, log_hint(run_dir)
-        except container.ContainerError as err:
+        except runtimes.ContainerError as err:
             down(run_dir)
             if runtime_choice != "auto":
                 raise RuntimeError(f"{runtime.name}: {err}") from None
@@ -247,14 +148,14 @@ def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float,
     return url, log_hint(run_dir)
 
 
-def choose_runtime(choice: str) -> container.Runtime | None:
+def choose_runtime(choice: str) -> runtimes.Runtime | None:
     """The container runtime to deploy with, or None for a local process (saying why)."""
     if choice == "process":
         print("deploy: serving as a local process (asked for: DEPLOY_RUNTIME=process)")
         return None
     try:
-        return container.find_runtime(choice)
-    except container.ContainerError as err:
+        return runtimes.find_runtime(choice)
+    except runtimes.ContainerError as err:
         if choice != "auto":
             raise RuntimeError(str(err)) from None
         print(f"deploy: serving as a local process: {err}")
@@ -267,7 +168,7 @@ def container_name(port: int) -> str:
     return f"textops-serving-{port}"
 
 
-def up_container(runtime: container.Runtime, bundle: Path, port: int, run_dir: Path,
+def up_container(runtime: runtimes.Runtime, bundle: Path, port: int, run_dir: Path,
                  host: str, timeout: float) -> None:
     """Build the image and run it with the bundle's directory mounted read-only and
     the run directory writable."""
@@ -277,8 +178,8 @@ def up_container(runtime: container.Runtime, bundle: Path, port: int, run_dir: P
           f"({host_dir} mounted read-only at {mounted_at})")
     container.check_mountable(bundle)
     build_log = run_dir / "image-build.log"
-    print(f"deploy: building {container.IMAGE} (log: {build_log})")
-    container.build(runtime, build_log, container.IMAGE)
+    print(f"deploy: building {image.IMAGE} (log: {build_log})")
+    image.build(runtime, build_log, image.IMAGE)
     # Recorded before it starts, so `down` removes a container whose start failed
     # halfway (created, then the port refused), and one left by a crash goes first.
     (run_dir / "container.json").write_text(json.dumps({"runtime": runtime.name,
@@ -286,11 +187,11 @@ def up_container(runtime: container.Runtime, bundle: Path, port: int, run_dir: P
     container.stop(runtime, name)
     # run_dir becomes the container's run/: its prediction log is the host's
     # run/predictions.db, as with a local process
-    container.start(runtime, container.IMAGE, name, port, host, bundle, state_dir=run_dir)
+    container.start(runtime, image.IMAGE, name, port, host, bundle, state_dir=run_dir)
     try:
         wait_ready(f"http://{host}:{port}", timeout)
     except RuntimeError as err:
-        raise container.ContainerError(f"{err}\n{container.logs(runtime, name)}") from None
+        raise runtimes.ContainerError(f"{err}\n{container.logs(runtime, name)}") from None
 
 
 def up_process(bundle: Path, port: int, run_dir: Path, host: str, timeout: float) -> None:
@@ -329,7 +230,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("run"))
     parser.add_argument("--timeout", type=float, default=120)
     parser.add_argument("--runtime", default="auto",
-                        choices=["auto", *container.RUNTIMES, "process"],
+                        choices=["auto", *runtimes.RUNTIMES, "process"],
                         help="auto: a Docker or Podman container if one works, else a process")
     args = parser.parse_args()
     if args.action == "down":

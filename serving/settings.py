@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.bundle import RuntimeOptions
-from serving.predlog.log import URL_FORMS, PredictionLogError, check_url
+from serving.predlog.store import URL_FORMS, PredictionLogError, check_url
 
 ENV_PREFIX = "TEXTOPS_"
 
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
 
     drift_window: int = Field(2000, ge=10, description="recent texts compared with training")
 
-    # The prediction log and feedback (serving/predlog/log.py).
+    # The prediction log and feedback (serving/predlog/).
     prediction_log: str = Field("sqlite:///run/predictions.db",
                                 description="sqlite:///<path> (relative to the working "
                                 "directory), postgresql://..., or empty: no log")

@@ -6,18 +6,18 @@ serving/settings.py) or `uvicorn --factory serving.api.app:create_app` (one proc
 Routes (serving/api/routes.py, serving/api/v2.py)
 - `POST /predict`, `POST /explain`, and the Open Inference Protocol under `/v2`;
 - `POST /feedback`: the right label for an answer, by its request id (the prediction
-  log, serving/predlog/log.py, keeps the answers; live accuracy goes to /metrics);
+  log, serving/predlog/, keeps the answers; live accuracy goes to /metrics);
 - `GET /health/live`, `GET /health/ready` (503 until a bundle is loaded and warm),
   `GET /metadata`, `GET /metrics` (Prometheus), OpenAPI docs at `/docs`;
 - `POST /admin/reload` (needs `TEXTOPS_ADMIN_TOKEN`);
 - `GET /`: a demo page.
 
-Requests are micro-batched (serving/engine/batcher.py); the model, its reloads and the
-request bounds are serving/engine/service.py's. `POST /predict` is answered by a plain ASGI
-handler ahead of FastAPI's routing (serving/api/hot_path.py). With `TEXTOPS_WORKERS`
-above 1 (one per core by default) serving/processes/supervisor.py runs that many processes of
-this app on one port; serving/processes/workers.py keeps their metrics, drift windows and
-reloads together.
+Requests are micro-batched (serving/engine/batcher.py); the model and the request
+bounds are serving/engine/service.py's, its reloads serving/engine/following.py's.
+`POST /predict` is answered by a plain ASGI handler ahead of FastAPI's routing
+(serving/api/hot_path.py). With `TEXTOPS_WORKERS` above 1 (one per core by default)
+serving/processes/supervisor.py runs that many processes of this app on one port;
+serving/processes/workers.py keeps their metrics, drift windows and reloads together.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from serving.api.hot_path import PredictHotPath
 from serving.api.middleware import BodySizeLimit, RequestMetrics
 from serving.api.security import api_key_dependency
 from serving.engine.service import InferenceService
-from serving.settings import Settings, SettingsError
 from serving.processes.supervisor import Supervisor
 from serving.processes.workers import MULTIPROC_ENV
+from serving.settings import Settings, SettingsError
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -27,11 +27,11 @@ import orjson
 from pydantic import ValidationError
 
 from serving.api.errors import ApiError
-from serving.bundle.predictions import predictions
 from serving.api.schemas import PredictRequest, request_id
 from serving.api.security import bearer, secret_matches
-from serving.engine.service import InferenceService
 from serving.api.validation import check_texts
+from serving.bundle.predictions import predictions
+from serving.engine.service import InferenceService
 
 log = logging.getLogger("serving")
 ROUTE = "/predict"

@@ -14,6 +14,7 @@ import yaml
 from conftest import ROOT, compose
 
 sys.path.insert(0, str(ROOT / "ops" / "k8s"))
+import agreement  # noqa: E402  (ops/k8s/agreement.py: the manifests against the code)
 import manifests  # noqa: E402  (ops/k8s/manifests.py: the checks `make manifests` runs)
 
 from serving.settings import Settings  # noqa: E402
@@ -28,7 +29,7 @@ def rendered(directory: Path) -> dict[str, dict]:
 
 
 def container(obj: dict) -> dict:
-    (only,) = manifests.pod_spec(obj)["containers"]
+    (only,) = agreement.pod_spec(obj)["containers"]
     return only
 
 
@@ -132,7 +133,8 @@ BREAKAGES = {
 @pytest.fixture
 def k8s_copy(tmp_path) -> Path:
     """ops/k8s/ and the Dockerfile it is checked against, in a directory of their own."""
-    shutil.copytree(ROOT / "ops" / "k8s", tmp_path / "k8s", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "ops" / "k8s", tmp_path / "k8s",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "Dockerfile", tmp_path / "Dockerfile")
     return tmp_path / "k8s"
 
@@ -259,11 +261,11 @@ def test_the_deployment_rolls_and_drains_without_losing_a_request():
 @pytest.mark.parametrize("directory", [BASE, CHAMPION, SERVERLESS, RAW],
                          ids=lambda d: str(d.relative_to(ROOT)))
 def test_pods_run_unprivileged_and_write_only_to_empty_dirs(directory):
-    (obj,) = [o for o in manifests.render(directory) if manifests.pod_spec(o)]
-    spec, main, variables = manifests.pod_spec(obj), container(obj), env(obj)
+    (obj,) = [o for o in manifests.render(directory) if agreement.pod_spec(o)]
+    spec, main, variables = agreement.pod_spec(obj), container(obj), env(obj)
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert manifests.run_as_user(spec, main) == manifests.image_user() == 10001
+    assert agreement.run_as_user(spec, main) == agreement.image_user() == 10001
     assert main["securityContext"].items() >= {
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
         "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}.items()
@@ -279,7 +281,7 @@ def test_pods_run_unprivileged_and_write_only_to_empty_dirs(directory):
 @pytest.mark.parametrize("directory", [CHAMPION, SERVERLESS, RAW],
                          ids=lambda d: str(d.relative_to(ROOT)))
 def test_replicas_follow_the_champion_of_the_deployed_model(directory):
-    (obj,) = [o for o in manifests.render(directory) if manifests.pod_spec(o)]
+    (obj,) = [o for o in manifests.render(directory) if agreement.pod_spec(o)]
     model_name = compose().deploy.model_name
     assert env(obj)["TEXTOPS_BUNDLE"] == f"models:/{model_name}@champion"
     assert env(obj)["MLFLOW_TRACKING_URI"].startswith("http")

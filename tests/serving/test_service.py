@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import compose
 
-from pipeline.stages.deploy import batch_tolerances
 from ops import control
+from pipeline.stages.deploy import batch_tolerances
 from serving.bundle import Bundle
 
 

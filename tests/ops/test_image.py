@@ -1,4 +1,5 @@
-"""The serving image, built and run for real with Docker or Podman (ops/container.py).
+"""The serving image, built and run for real with Docker or Podman (ops/image.py builds
+it, ops/container.py runs it).
 
 The image is built once for the module, in both forms: the bundle mounted read-only at
 run time (a bundle store with its relative `current` link, as `make deploy` mounts
@@ -26,9 +27,11 @@ import numpy as np
 import pytest
 from conftest import ROOT, compose
 
-from pipeline.tracking import registry
+from ops import container, control, runtimes
+from ops.base_image import base_image
+from ops.image import build, image_size
 from pipeline.stages.deploy import batch_tolerances
-from ops import container, control
+from pipeline.tracking import registry
 from serving.bundle import Bundle
 
 TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story"]
@@ -44,10 +47,10 @@ measured: dict = {}
 
 
 @pytest.fixture(scope="module")
-def runtime() -> container.Runtime:
+def runtime() -> runtimes.Runtime:
     try:
-        return container.find_runtime()
-    except container.ContainerError as err:
+        return runtimes.find_runtime()
+    except runtimes.ContainerError as err:
         pytest.skip(f"no container runtime can start here: {err}")
 
 
@@ -58,14 +61,14 @@ def images(runtime, built_bundle, tmp_path_factory) -> dict[str, str]:
     bundle_dir, _ = built_bundle
     logs = tmp_path_factory.mktemp("image-build")
     started = time.monotonic()
-    base = container.base_image(runtime)
+    base = base_image(runtime)
     measured["base_image"] = base
     measured["base_seconds"] = round(time.monotonic() - started, 1)
     for tag, bundle in ((RUNTIME_TAG, None), (BAKED_TAG, bundle_dir)):
         started = time.monotonic()
-        container.build(runtime, logs / f"{tag.split(':')[1]}.log", tag, bundle, base)
+        build(runtime, logs / f"{tag.split(':')[1]}.log", tag, bundle, base)
         measured[tag] = {"build_seconds": round(time.monotonic() - started, 1),
-                         "size_mb": round(container.image_size(runtime, tag) / 1e6)}
+                         "size_mb": round(image_size(runtime, tag) / 1e6)}
     measured["runtime"] = runtime.name
     yield {"runtime": RUNTIME_TAG, "baked": BAKED_TAG}
     REPORT.parent.mkdir(parents=True, exist_ok=True)
@@ -225,12 +228,12 @@ def deployed():
 
 
 def failing_build(*args, **kwargs):
-    raise container.ContainerError("`podman build` failed (1), log run/image-build.log:\n"
+    raise runtimes.ContainerError("`podman build` failed (1), log run/image-build.log:\n"
                                    "no space left on device")
 
 
 def no_runtime(choice):
-    raise container.ContainerError("no container runtime works (docker: not installed; "
+    raise runtimes.ContainerError("no container runtime works (docker: not installed; "
                                    "podman: not installed)")
 
 
@@ -246,10 +249,10 @@ def test_deploy_falls_back_to_a_local_process_saying_why(breakage, said, built_b
     image does not build, still serves: a local process, and one line says why."""
     bundle_dir, meta = built_bundle
     if breakage == "no runtime":
-        monkeypatch.setattr(container, "find_runtime", no_runtime)
+        monkeypatch.setattr(runtimes, "find_runtime", no_runtime)
     else:
-        monkeypatch.setattr(container, "find_runtime", lambda choice: container.Runtime("podman"))
-        monkeypatch.setattr(container, "build", failing_build)
+        monkeypatch.setattr(runtimes, "find_runtime", lambda choice: runtimes.Runtime("podman"))
+        monkeypatch.setattr("ops.image.build", failing_build)
     run_dir = tmp_path / "run"
     deployed.append(run_dir)
     url, log = control.up(bundle_dir, control.free_port(), run_dir, "127.0.0.1", 60)
@@ -264,7 +267,7 @@ def test_a_runtime_asked_for_by_name_must_work(built_bundle, monkeypatch, tmp_pa
     """DEPLOY_RUNTIME=podman on a machine where podman cannot run: an error, not a
     silent local process."""
     bundle_dir, _ = built_bundle
-    monkeypatch.setattr(container, "why_not", lambda name: f"{name}: `{name} info` failed")
+    monkeypatch.setattr(runtimes, "why_not", lambda name: f"{name}: `{name} info` failed")
     with pytest.raises(RuntimeError, match="podman: `podman info` failed"):
         control.up(bundle_dir, control.free_port(), tmp_path / "run", "127.0.0.1", 10,
                    runtime_choice="podman")
@@ -287,7 +290,7 @@ def test_the_mount_keeps_current_resolvable_and_names_unreadable_files(built_bun
     models.chmod(0o755)
     container.check_mountable(models / "current")
     (target / "bundle.json").chmod(0o600)  # as bundles were written before 0644
-    with pytest.raises(container.ContainerError,
+    with pytest.raises(runtimes.ContainerError,
                        match=r"cannot read .*bundles/3/bundle.json \(mode 600\)"):
         container.check_mountable(models / "current")
     os.chmod(target / "bundle.json", 0o644)

@@ -14,7 +14,7 @@ import pytest
 from conftest import answers, eventually, running_service, send_without_reading
 from test_serving_production import TEXTS, copy_bundle
 
-from serving.monitoring.metrics import DriftMonitor
+from serving.monitoring.drift import DriftMonitor
 from serving.processes.workers import WorkerGroup
 
 pytestmark = pytest.mark.slow

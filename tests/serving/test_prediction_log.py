@@ -22,16 +22,12 @@ from tokenizers import normalizers
 
 from serving.bundle import Bundle
 from serving.monitoring.metrics import ServiceMetrics
-from serving.predlog.log import (
-    LiveStats,
-    Normalizing,
-    PredictionLog,
-    PredictionLogError,
-    open_store,
-    prediction_rows,
-    read_labelled,
-    sampled,
-)
+from serving.predlog.normalizer import Normalizing
+from serving.predlog.reader import read_labelled
+from serving.predlog.rows import prediction_rows, sampled
+from serving.predlog.stats import LiveStats
+from serving.predlog.store import PredictionLogError, open_store
+from serving.predlog.writer import PredictionLog
 
 NAMES = ["neg", "pos"]
 TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story",
@@ -543,22 +539,35 @@ def test_an_unwritable_sqlite_file_fails_no_request_and_the_log_recovers(built_b
 
 
 def test_the_writer_enforces_retention_itself(tmp_path):
+    """The writer's own periodic pruning (LogStore.prune): rows past `retention_days`
+    go even while the log holds fewer than `max_rows`, and of what it wrote, exactly
+    the `max_rows` newest remain."""
     url = f"sqlite:///{tmp_path}/log.db"
-    writer = PredictionLog(url, ServiceMetrics(10), max_rows=5, prune_interval_s=0.05,
-                           linger_s=0.01)
-    writer.start()
+    store = open_store(url)
+    metrics = ServiceMetrics(10)
+    writer = PredictionLog(url, metrics, retention_days=1, max_rows=5,
+                           prune_interval_s=0.05, linger_s=0.01)
+
+    def kept() -> list[str]:
+        return sorted(request_id for (request_id,) in store.connection.execute(
+            "SELECT request_id FROM predictions"))
+
     try:
+        # two days old, and fewer than max_rows: only the age limit removes these
+        store.write_predictions(rows_for("stale", time.time() - 2 * 86400, ["pos", "neg"]))
+        assert kept() == ["stale", "stale"]
+        writer.start()
+        eventually(lambda: kept() == [], timeout=10)
         probs = np.array([[0.9, 0.1]], dtype=np.float32)
         for i in range(12):
-            writer.record(f"r{i}", fake_bundle(), ["a"], probs)
-        writer.flush()
-        store = open_store(url)
-        try:
-            eventually(lambda: store.count("predictions") <= 5, timeout=10)
-        finally:
-            store.close()
+            writer.record(f"r{i:02d}", fake_bundle(), ["a"], probs)
+            time.sleep(0.002)  # distinct `created`: ties at the boundary would go together
+        assert writer.flush()
+        assert counter(metrics, "textops_prediction_log_written_total") == 12
+        eventually(lambda: kept() == [f"r{i:02d}" for i in range(7, 12)], timeout=10)
     finally:
         writer.close()
+        store.close()
 
 
 def test_a_bad_log_setting_names_the_variable(monkeypatch):

@@ -15,11 +15,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import answers, compose, every_worker_serves, running_service, send_without_reading
+from conftest import (
+    answers,
+    compose,
+    eventually,
+    every_worker_serves,
+    running_service,
+    send_without_reading,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.stages.deploy import batch_tolerances
-from serving.engine.batcher import Batcher, infer, length_groups
 from serving.bundle import Bundle
+from serving.engine.batcher import Batcher, infer, length_groups
 
 TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story and the acting",
          "lovely", "weak weak weak film with a boring cast " * 3, "fine movie", "bad",
@@ -284,23 +292,58 @@ def test_open_inference_protocol_with_tritonclient(live_service, built_bundle):
                                                               "not FP32"}
 
 
-def test_metrics_expose_traffic_batches_and_drift(live_service):
-    with httpx.Client(base_url=live_service.url) as c:
+def scrape_samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of one /metrics scrape, by (sample name, sorted label pairs)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_metrics_expose_traffic_batches_and_drift(live_service, built_bundle):
+    """What this test's traffic adds, exactly (every series below exists, at 0, from
+    the start): one-text requests sent one after another are one model call each."""
+    url, n = live_service.url, len(TEXTS)
+    tokens = sum(len(ids) for ids in Bundle.load(built_bundle[0], "int8").encode(TEXTS))
+    predict = (("method", "POST"), ("route", "/predict"))
+    expected = {
+        ("textops_requests_total", (*predict, ("status", "200"))): n,
+        ("textops_requests_total", (*predict, ("status", "422"))): 1,
+        ("textops_request_seconds_count", (("route", "/predict"),)): n + 1,
+        ("textops_batch_texts_count", ()): n,
+        ("textops_batch_texts_sum", ()): n,
+        ("textops_batch_requests_count", ()): n,
+        ("textops_batch_requests_sum", ()): n,
+        ("textops_inference_seconds_count", ()): n,
+        ("textops_tokens_total", (("kind", "real"),)): tokens,
+        ("textops_tokens_total", (("kind", "padded"),)): tokens,  # one text a call: no padding
+    }
+    before = scrape_samples(url)
+    with httpx.Client(base_url=url) as c:
         for text in TEXTS:
-            c.post("/predict", json={"texts": [text]})
-        c.post("/predict", json={"texts": []})
-        text = c.get("/metrics").text
+            assert c.post("/predict", json={"texts": [text]}).status_code == 200
+        assert c.post("/predict", json={"texts": []}).status_code == 422
+
+    def moved() -> dict:
+        after = scrape_samples(url)
+        return {key: after.get(key, 0.0) - before.get(key, 0.0) for key in expected}
+
+    # counted just after each answer is sent (and each batch's answers are handed out)
+    deadline = time.monotonic() + 10
+    while (deltas := moved()) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert deltas == expected
+    # the drift window holds these texts (other workers publish theirs every 0.2 s)
+    window = ("textops_drift_window_texts", ())
+    eventually(lambda: scrape_samples(url)[window] >= before[window] + n)
+    text = httpx.get(f"{url}/metrics", timeout=10).text
     for needle in (
-        'textops_requests_total{method="POST",route="/predict",status="200"}',
-        'textops_requests_total{method="POST",route="/predict",status="422"}',
-        "textops_request_seconds_bucket", "textops_queue_depth", "textops_batch_texts_bucket",
-        "textops_inference_seconds_bucket", "textops_model_info{",
+        "textops_queue_depth", "textops_model_info{",
         "textops_drift_length_psi", "textops_drift_unknown_token_psi",
         "textops_unknown_token_rate", "textops_drift_predicted_class_psi",
         'textops_predicted_class_share{label="pos"}',
     ):
         assert needle in text, needle
-    # the drift values themselves: tests/test_serving_drift.py
+    # the drift values themselves: tests/serving/test_serving_drift.py
 
 
 def test_explain_attributes_the_label_to_its_tokens(live_service):
@@ -329,8 +372,8 @@ def test_replica_follows_the_champion_alias_on_a_tracking_server(built_bundle, t
     import mlflow
     from conftest import inside
 
-    from pipeline.tracking import registry
     from ops import control
+    from pipeline.tracking import registry
 
     bundle_dir, meta = built_bundle
     db = f"sqlite:///{tmp_path}/mlflow.db"

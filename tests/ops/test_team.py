@@ -4,25 +4,32 @@ and every replica follows, and one DVC remote that a colleague's clone pulls fro
 One clone runs the smoke pipeline against the server (module fixture `team`); the tests
 then start a replica from `models:/<name>@champion`, promote a second model and watch
 the replica switch without a restart, and push the clone's outputs to a DVC remote that
-a second clone pulls, after which `dvc repro` has nothing to run."""
+a second clone pulls, after which `dvc repro` has nothing to run.
+
+The server is started with the README's own `mlflow server` command (its team
+section), so the flags the README tells a team to use are the ones tested here."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg2
 import pytest
-from conftest import copy_repo, every_worker_serves, git_init, run, running_service
+import yaml
+from conftest import ROOT, copy_repo, every_worker_serves, git_init, run, running_service
 from pg import postgres_server
 
 from ops import control
@@ -54,27 +61,76 @@ def tracked(cmd: list[str], repo: Path, tracking: str, timeout: float = 600):
     return result
 
 
-# The name replicas in a cluster reach the server by (ops/k8s/overlays/champion).
-CLUSTER_HOST = "mlflow.mlops.svc.cluster.local:5000"
+# ---------------------------------------------------------------- the README's instruction
+
+
+def team_commands() -> list[list[str]]:
+    """The commands of the README's team section (its first bash block), each split as
+    the shell splits it, comments dropped."""
+    section = (ROOT / "README.md").read_text().split(
+        "## A team's tracking server and DVC remote", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    return [words for line in lines if (words := shlex.split(line, comments=True))]
+
+
+def readme_server_options() -> dict[str, str]:
+    """The README's `mlflow server` command for the team, as {--option: value}."""
+    (command,) = [words for words in team_commands() if words[:2] == ["mlflow", "server"]]
+    options = command[2:]
+    assert len(options) % 2 == 0 and all(o.startswith("--") for o in options[::2]), command
+    return dict(zip(options[::2], options[1::2], strict=True))
+
+
+def environment_values(node, name: str):
+    """The value of every environment variable `name` set anywhere in a manifest."""
+    if isinstance(node, dict):
+        if node.get("name") == name and "value" in node:
+            yield node["value"]
+        for child in node.values():
+            yield from environment_values(child, name)
+    elif isinstance(node, list):
+        for child in node:
+            yield from environment_values(child, name)
+
+
+def client_hosts() -> tuple[set[str], set[str]]:
+    """The Host headers the project's own clients send the tracking server: (the README's
+    `export MLFLOW_TRACKING_URI=...` for the team, the MLFLOW_TRACKING_URI of every
+    manifest in ops/k8s/ for replicas in a cluster)."""
+    team = {words[1].split("=", 1)[1] for words in team_commands()
+            if words[0] == "export" and words[1].startswith("MLFLOW_TRACKING_URI=")}
+    replicas = {value for path in (ROOT / "ops" / "k8s").rglob("*.yaml")
+                for document in yaml.safe_load_all(path.read_text())
+                for value in environment_values(document, "MLFLOW_TRACKING_URI")}
+    return {urlsplit(uri).netloc for uri in team}, {urlsplit(uri).netloc for uri in replicas}
+
+
+# ---------------------------------------------------------------- the team's server
 
 
 @contextlib.contextmanager
 def mlflow_server(database: str, artifacts: Path, log: Path):
-    """`mlflow server` on `database` with a local artifact store, on a free loopback
-    port, as the README starts the team's; always stopped. SQLAlchemy 2.1 reads a bare
-    postgresql:// as psycopg 3: the URI names psycopg2, the driver installed. MLflow
-    answers only Host headers it allows (loopback and private addresses by default)."""
-    backend = database.replace("postgresql://", "postgresql+psycopg2://", 1)
+    """`mlflow server` as the README starts the team's, but on `database` with a local
+    artifact store, on a free loopback port, one worker; always stopped. The README's
+    `--allowed-hosts` is kept, plus this server's own loopback address (which stands in
+    for the team's mlflow.internal:5000). SQLAlchemy 2.1 reads a bare postgresql:// as
+    psycopg 3: the URI names psycopg2, the driver installed."""
     port = control.free_port()
+    options = readme_server_options()
+    allowed = options.get("--allowed-hosts")
+    options.update({
+        "--backend-store-uri": database.replace("postgresql://", "postgresql+psycopg2://", 1),
+        "--artifacts-destination": str(artifacts), "--host": "127.0.0.1",
+        "--port": str(port), "--workers": "1"})
+    if allowed is not None:  # without it MLflow allows loopback and private addresses
+        options["--allowed-hosts"] = f"{allowed},127.0.0.1:{port}"
     # MLflow's job runner (a pool of worker processes for server-side jobs) is not
     # needed for tracking and the registry; on 2 shared cores it slows the start.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "wb") as output:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1",
-             "--allowed-hosts", f"127.0.0.1:{port},{CLUSTER_HOST}"],
+            [sys.executable, "-m", "mlflow", "server", *itertools.chain(*options.items())],
             cwd=log.parent, env=env, stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -94,17 +150,30 @@ def mlflow_server(database: str, artifacts: Path, log: Path):
             server.wait()
 
 
+@dataclass
+class Server:
+    tracking: str         # the MLflow server's URL
+    database: str         # its PostgreSQL database
+    artifacts: Path       # where it keeps artifacts
+
+
 @pytest.fixture(scope="module")
-def team(tmp_path_factory):
-    base = tmp_path_factory.mktemp("team")
+def server(tmp_path_factory):
+    """The team's MLflow server on a throw-away PostgreSQL cluster, for the module."""
+    base = tmp_path_factory.mktemp("server")
     with postgres_server() as database, \
             mlflow_server(database.url, base / "artifacts", base / "mlflow.log") as tracking:
-        repo = copy_repo(base / "repo")
-        run([sys.executable, "-m", "pipeline.config", "experiment=smoke"], repo)
-        git_init(repo)
-        result = tracked(["dvc", "repro"], repo, tracking, timeout=900)
-        yield Team(repo, tracking, database.url, base / "artifacts",
-                   result.stdout + result.stderr)
+        yield Server(tracking, database.url, base / "artifacts")
+
+
+@pytest.fixture(scope="module")
+def team(server, tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("team") / "repo")
+    run([sys.executable, "-m", "pipeline.config", "experiment=smoke"], repo)
+    git_init(repo)
+    result = tracked(["dvc", "repro"], repo, server.tracking, timeout=900)
+    yield Team(repo, server.tracking, server.database, server.artifacts,
+               result.stdout + result.stderr)
 
 
 def model_name(repo: Path) -> str:
@@ -141,11 +210,19 @@ def test_the_pipeline_tracks_and_registers_on_the_team_server(team):
     assert {"model.onnx", "model.int8.onnx", "tokenizer.json", "bundle.json"} <= stored
 
 
-def test_the_server_answers_the_names_it_allows(team):
-    """Replicas reach the server by a cluster DNS name, which MLflow refuses (403, while
-    /health still answers 200) unless `--allowed-hosts` names it."""
-    api = f"{team.tracking}/api/2.0/mlflow/registered-models/search"
-    for host, status in ((CLUSTER_HOST, 200), ("mlflow.elsewhere.example:5000", 403)):
+def test_the_server_answers_the_names_its_clients_use(server):
+    """Started with the README's `--allowed-hosts`, the server answers every name the
+    project's clients reach it by: the README's MLFLOW_TRACKING_URI for the team, and
+    each manifest's for replicas, which reach it by a cluster DNS name. MLflow answers
+    403 to a Host it does not allow (while /health still answers 200), so a name the
+    README's list misses, or a manifest pointing at a name it does not list, fails here;
+    and a name nobody uses is refused."""
+    team_hosts, replica_hosts = client_hosts()
+    assert team_hosts and replica_hosts, "no MLFLOW_TRACKING_URI in the README or ops/k8s/"
+    api = f"{server.tracking}/api/2.0/mlflow/registered-models/search"
+    refused = "mlflow.elsewhere.example:5000"
+    for host, status in [*((h, 200) for h in sorted(team_hosts | replica_hosts)),
+                         (refused, 403)]:
         assert httpx.get(api, headers={"Host": host}, timeout=10).status_code == status, host
 
 

@@ -1,0 +1,48 @@
+"""Which answers the prediction log keeps, and the rows it stores for each.
+
+`sampled` decides per request id (the same way in every replica); `prediction_rows`
+turns one answered request into its `predictions` rows (serving/predlog/store.py has
+the schema), its texts normalised by serving/predlog/normalizer.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+import orjson
+
+from serving.predlog.normalizer import normalize_texts, normalizer_state
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from serving.bundle import Bundle
+
+
+def sampled(request_id: str, rate: float) -> bool:
+    """Whether `request_id` is logged at sampling `rate`: a hash of the id decides, so
+    every text of a request is logged or none, the same way in every replica."""
+    if rate >= 1:
+        return True
+    if rate <= 0:
+        return False
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < rate * 2**64
+
+
+def prediction_rows(request_id: str, created: float, bundle: Bundle, texts: list[str],
+                    probs: np.ndarray, normalized: list[str] | None = None) -> list[tuple]:
+    """The predictions rows of one request, its texts normalised and masked by the
+    bundle's own tokenizer normalizer, as training saw them (`normalized`: already
+    done, by `normalize_texts`)."""
+    if normalized is None:
+        normalized = normalize_texts(normalizer_state(bundle), texts)
+    names, version = bundle.label_names, bundle.version
+    rows = []
+    for position, (stored, row) in enumerate(zip(normalized, probs.tolist(), strict=True)):
+        label = names[row.index(max(row))]  # the first of ties, as /predict
+        rows.append((request_id, position, created, version, stored,
+                     hashlib.sha256(stored.encode()).hexdigest(), orjson.dumps(row).decode(),
+                     label))
+    return rows
