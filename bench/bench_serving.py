@@ -59,8 +59,8 @@ import peers  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
 
 from ops import control  # noqa: E402
-from serving.engine.batcher import length_groups  # noqa: E402
 from serving.bundle import Bundle, RuntimeOptions, softmax  # noqa: E402
+from serving.engine.batcher import length_groups  # noqa: E402
 from serving.settings import available_cores  # noqa: E402
 
 CORES = available_cores()  # as the service counts them (affinity, CPU quota)

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from transformers import get_cosine_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,18 +30,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from repo import clone_to, sh  # noqa: E402
 
-from pipeline import atomic  # noqa: E402
+from pipeline import tasks  # noqa: E402
+from pipeline.config import Paths, load_params  # noqa: E402
 from pipeline.modeling.classifier import parameter_groups  # noqa: E402
-from pipeline.config import PROCESSED_DIR, load_params  # noqa: E402
-from pipeline.modeling.datamodule import TextDataModule  # noqa: E402
-from pipeline.tasks.text_classification.tokenizer import PAD  # noqa: E402
-from pipeline.stages.train import build_module  # noqa: E402
 
 
-def plain_loop(cfg, datamodule, tokenizer, profile, steps: int) -> float:
+def plain_loop(cfg, datamodule, task, steps: int) -> float:
     """Sequences per second of a hand-written loop over the same model and data."""
     torch.manual_seed(cfg.seed)
-    model = build_module(cfg, tokenizer, profile).model.train()
+    model = task.module(cfg, Paths(ROOT)).model.train()
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.weight_decay),
                                   lr=cfg.train.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps),
@@ -76,10 +72,10 @@ class Clock(pl.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
-def lightning_loop(cfg, datamodule, tokenizer, profile, steps: int) -> float:
+def lightning_loop(cfg, datamodule, task, steps: int) -> float:
     """Sequences per second of the train stage's LightningModule and Trainer."""
     torch.manual_seed(cfg.seed)
-    module = build_module(cfg, tokenizer, profile)
+    module = task.module(cfg, Paths(ROOT))
     clock = Clock()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0,
                          num_sanity_val_steps=0, gradient_clip_val=cfg.train.gradient_clip_val,
@@ -111,17 +107,13 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_params(ROOT / "params.yaml")
-    tokenizer = Tokenizer.from_file(str(ROOT / PROCESSED_DIR / "tokenizer.json"))
-    profile = atomic.read_json(ROOT / PROCESSED_DIR / "profile.json")
-    datamodule = TextDataModule(pad_id=tokenizer.token_to_id(PAD),
-                                batch_size=cfg.train.batch_size, seed=cfg.seed,
-                                processed_dir=ROOT / PROCESSED_DIR)
+    task = tasks.from_config(cfg)
+    datamodule = task.datamodule(cfg, Paths(ROOT))
     datamodule.setup()
     runs = {"plain": [], "lightning": []}
     for _ in range(args.repeats):  # interleaved: the machine's speed drifts
-        runs["plain"].append(plain_loop(cfg, datamodule, tokenizer, profile, args.steps))
-        runs["lightning"].append(lightning_loop(cfg, datamodule, tokenizer, profile,
-                                                args.steps))
+        runs["plain"].append(plain_loop(cfg, datamodule, task, args.steps))
+        runs["lightning"].append(lightning_loop(cfg, datamodule, task, args.steps))
     plain, lightning = max(runs["plain"]), max(runs["lightning"])
     ratio = lightning / plain
     print(f"model {cfg.model.name}, batch {cfg.train.batch_size}, {args.steps} steps x "

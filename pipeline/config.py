@@ -19,46 +19,59 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARAMS_FILE = Path("params.yaml")
 
-# Stage outputs, relative to the repository root (dvc.yaml declares the same paths).
-# The stages that read these constants as defaults; the rest go through `Paths`.
-RAW_DIR = Path("data/raw")
-PROCESSED_DIR = Path("data/processed")
-CHECKPOINT_DIR = Path("models/checkpoints")
-TRAIN_REPORT = Path("reports/train.json")
-TEACHER_DIR = Path("models/teacher")  # the teacher's bundle and scores (distillation)
-TRANSFER_DIR = Path("data/transfer")  # the transfer set with the teacher's logits
-
-
 @dataclass(frozen=True)
 class Paths:
-    """Where evaluate, deploy, the registry and serve read and write, under `root`:
-    the repository by default (what the stages' main() use), or a test's directory."""
+    """Where every stage reads and writes, under `root`: the repository by default
+    (what the stages' main() use and dvc.yaml declares), or a test's own directory.
+
+    One object for every stage, so a test points any stage at a directory of its own
+    without changing the working directory."""
 
     root: Path = Path(".")
 
+    # -- data
+    @property
+    def external(self) -> Path:
+        """The bundled and user-supplied data files that collect reads."""
+        return self.root / "data/external"
+
+    @property
+    def feedback(self) -> Path:
+        """Production feedback exported by `make retrain`, merged by collect."""
+        return self.root / "data/feedback"
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data/raw"
+
     @property
     def processed(self) -> Path:
-        return self.root / PROCESSED_DIR
+        return self.root / "data/processed"
+
+    @property
+    def transfer(self) -> Path:
+        """The transfer set with the teacher's logits (distillation)."""
+        return self.root / "data/transfer"
+
+    # -- models
+    @property
+    def teacher(self) -> Path:
+        """The teacher's bundle and scores (distillation)."""
+        return self.root / "models/teacher"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "models/checkpoints"
 
     @property
     def checkpoint(self) -> Path:
-        return self.root / CHECKPOINT_DIR / "best.ckpt"
+        """The checkpoint evaluate scores and deploy exports."""
+        return self.checkpoints / "best.ckpt"
 
     @property
-    def train_report(self) -> Path:
-        return self.root / TRAIN_REPORT
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "reports/metrics.json"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "reports/plots"
-
-    @property
-    def gate(self) -> Path:
-        return self.root / "reports/gate.json"
+    def train_work(self) -> Path:
+        """Where a running fit keeps its checkpoints, so a killed run can resume."""
+        return self.root / "models/train-work"
 
     @property
     def candidate(self) -> Path:
@@ -73,6 +86,27 @@ class Paths:
     def current(self) -> Path:
         """The symlink into `store` that names the live bundle."""
         return self.root / "models/current"
+
+    # -- reports
+    @property
+    def train_report(self) -> Path:
+        return self.root / "reports/train.json"
+
+    @property
+    def train_facts(self) -> Path:
+        return self.run_facts("train")
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "reports/metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "reports/plots"
+
+    @property
+    def gate(self) -> Path:
+        return self.root / "reports/gate.json"
 
     @property
     def deploy_report(self) -> Path:

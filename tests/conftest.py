@@ -87,15 +87,15 @@ def workspace(tmp_path_factory):
     """A working directory where preprocess, train (2 epochs) and evaluate ran on a
     small synthetic data set, tracked in the directory's own MLflow database.
 
-    Yields (path, cfg). Evaluate, deploy and serve take `Paths(path)`; preprocess
-    and train write to the repository-relative default paths, so they run inside it.
+    Yields (path, cfg). Every stage takes `Paths(path)`; train runs inside it, so its
+    checkpoints record their paths relative to it, as in a repository.
     """
     from helpers import synthetic_rows, write_raw
 
     from pipeline.config import Paths
     from pipeline.stages.evaluate import evaluate
-    from pipeline.stages.preprocess import preprocess
     from pipeline.stages.train import fit
+    from pipeline.tasks.text_classification.preprocess import preprocess
 
     path = tmp_path_factory.mktemp("workspace")
     cfg = compose("experiment=smoke")
@@ -109,10 +109,10 @@ def workspace(tmp_path_factory):
     cfg.mlflow.tracking_uri = f"sqlite:///{path}/mlflow.db"
     cfg.deploy.model_name = "synthetic-classifier"
     with inside(path):
-        write_raw(path / "data" / "raw", {"train": synthetic_rows(400),
-                                          "test": synthetic_rows(60, seed=1)})
-        preprocess(cfg.preprocess, cfg.seed)
-        fit(cfg)
+        write_raw(Paths(path).raw, {"train": synthetic_rows(400),
+                                    "test": synthetic_rows(60, seed=1)})
+        preprocess(cfg.preprocess, cfg.seed, Paths(path))
+        fit(cfg, Paths(path))
     evaluate(cfg, Paths(path))
     return path, cfg
 
@@ -146,8 +146,8 @@ def inside(path: Path):
 @pytest.fixture(scope="session")
 def built_bundle(workspace):
     """(bundle directory, bundle.json) exported once from the workspace's model."""
-    from pipeline.stages import deploy
     from pipeline.config import Paths
+    from pipeline.stages import deploy
 
     path, cfg = workspace
     meta = deploy.build_bundle(cfg, Paths(path))
@@ -191,7 +191,7 @@ def every_worker_shows(url: str, gauge: str, value: float, timeout: float = 20) 
     Each server process keeps its own live figures (the one that stored feedback
     updates at once, its siblings a moment later), and each scrape is a new connection
     that may reach any of them."""
-    from pipeline.loops.retrain import scrape
+    from pipeline.loops.triggers import scrape
 
     eventually(lambda: all(scrape(url).get(gauge) == value for _ in range(16)), timeout)
 

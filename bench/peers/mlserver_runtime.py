@@ -38,8 +38,8 @@ from mlserver.codecs import StringCodec
 from mlserver.errors import InferenceError
 from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
 
-from serving.engine.batcher import infer
 from serving.bundle import Bundle, RuntimeOptions
+from serving.engine.batcher import infer
 
 INPUT = "texts"
 

@@ -41,7 +41,7 @@ def export(log_url: str, snapshot: Path) -> dict:
     """Merge every labelled answer of the log at `log_url` into `snapshot`, written
     atomically in label order. Returns what was written: rows, how many came from the
     log now, and the time of the latest label."""
-    from serving.predlog.log import read_labelled  # the pipeline reads the service's log
+    from serving.predlog.reader import read_labelled  # the pipeline reads the service's log
 
     logged = read_labelled(log_url)
     rows = {(r["request_id"], r["position"]): r for r in read_snapshot(snapshot)}
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or cfg.data.feedback.snapshot
     if not out:
         sys.exit("feedback: data.feedback.snapshot is null and no --out given")
-    from serving.predlog.log import PredictionLogError
+    from serving.predlog.store import PredictionLogError
 
     try:
         written = export(args.log or default_log_url(cfg), Path(out))

@@ -7,8 +7,6 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from pipeline.config import PROCESSED_DIR
-
 # The held-out slice of production feedback: scored beside the fixed test set, never
 # trained on (preprocess writes it, evaluate and the gate read it).
 FEEDBACK_TEST = "feedback_test"
@@ -33,5 +31,5 @@ def load_dataset_dir(path: Path) -> DatasetDict:
     return load_from_disk(str(path))
 
 
-def load_splits(processed_dir: Path = PROCESSED_DIR) -> DatasetDict:
+def load_splits(processed_dir: Path) -> DatasetDict:
     return load_dataset_dir(Path(processed_dir) / "dataset")

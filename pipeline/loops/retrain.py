@@ -1,17 +1,8 @@
 """`make retrain`: read the running service's state, decide whether to retrain, and if
 so snapshot the feedback and run the pipeline; the gate decides what goes live.
 
-Triggers (`retrain` in conf/retrain/default.yaml), any one is enough:
-
-- drift: a PSI of `/metrics` (token lengths, unknown-token rate, predicted classes)
-  over its threshold, counted only once the drift window holds `drift.min_window`
-  texts. A PSI has a spread under no change that shrinks with the window (with 100
-  texts a threshold of 0.1 fires on unchanged data most of the time), so each
-  threshold is calibrated for the live window's size on the served model's own
-  training profile (`calibrate`), and never below `drift.min_psi`;
-- live accuracy under `accuracy.floor`, once it rests on `accuracy.min_labels` labels;
-- at least `new_labels.min` labelled answers since the last retraining;
-- `--force`.
+Whether to retrain is decided in pipeline.loops.triggers: any one trigger is enough
+(drift, live accuracy, new labels, `--force`), each with its calibrated threshold.
 
 The record (`retrain.record`, reports/retrain.json) holds the signals read, the
 thresholds, every trigger with its reason, the decision, and for a retraining the
@@ -27,192 +18,15 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
-from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline import atomic
-
-from pipeline.data import feedback
 from pipeline.config import Paths, load_params
-from serving.monitoring.metrics import psi
-
-# PSI gauges of /metrics, by the name the record gives them
-DRIFT_METRICS = {"length": "textops_drift_length_psi",
-                 "unknown_token": "textops_drift_unknown_token_psi",
-                 "predicted_class": "textops_drift_predicted_class_psi"}
-
-
-@dataclass
-class Signals:
-    """What the service and its log say; None where it could not be read."""
-
-    drift_window: int | None = None
-    psi: dict[str, float] = field(default_factory=dict)
-    live_accuracy: float | None = None
-    live_labels: int | None = None
-    new_labels: int | None = None
-    labels_until: float | None = None  # the latest label's time in the log
-    profile: dict | None = None  # the served model's training profile (drift reference)
-    errors: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- reading the state
-
-
-def fetch(url: str, timeout: float = 10) -> str:
-    """The body of a GET (the standard library: the pipeline's install has no client)."""
-    with urllib.request.urlopen(url, timeout=timeout) as answer:
-        return answer.read().decode()
-
-
-def scrape(service_url: str) -> dict[str, float]:
-    """The unlabelled samples of the service's /metrics, by name."""
-    return {sample.name: sample.value
-            for family in text_string_to_metric_families(fetch(f"{service_url}/metrics"))
-            for sample in family.samples if not sample.labels}
-
-
-def read_service(signals: Signals, service_url: str) -> None:
-    try:
-        metrics = scrape(service_url)
-        meta = json.loads(fetch(f"{service_url}/metadata"))
-    except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
-        signals.errors.append(f"service {service_url}: {err}")
-        return
-    if "textops_drift_window_texts" in metrics:
-        signals.drift_window = int(metrics["textops_drift_window_texts"])
-    signals.psi = {name: metrics[gauge] for name, gauge in DRIFT_METRICS.items()
-                   if gauge in metrics}
-    signals.live_labels = int(metrics.get("textops_live_labels", 0))
-    signals.live_accuracy = metrics.get("textops_live_accuracy")
-    signals.profile = meta.get("profile")
-
-
-def read_log(signals: Signals, log_url: str, since: float | None) -> None:
-    from serving.predlog.log import PredictionLogError, read_labelled
-
-    try:
-        rows = read_labelled(log_url, since=since)
-    except (PredictionLogError, OSError) as err:
-        signals.errors.append(f"prediction log: {err}")
-        return
-    except Exception as err:  # noqa: BLE001 - sqlite3 / psycopg2 errors alike
-        signals.errors.append(f"prediction log: {type(err).__name__}: {err}")
-        return
-    signals.new_labels = len(rows)
-    signals.labels_until = max((r["created"] for r in rows), default=since)
-
-
-# ---------------------------------------------------------------- thresholds
-
-
-def calibrate(profile: dict, window: int, quantile: float, samples: int,
-              seed: int = 0) -> dict[str, float]:
-    """Each drift PSI's `quantile` under no change: windows of `window` texts drawn
-    from the training profile's own distributions, scored as the service scores them
-    (serving.monitoring.metrics.psi).
-
-    Token lengths and predicted classes: multinomial draws over the reference's bins
-    and class shares, which is exactly drawing texts from the reference split (its
-    length bins are its own deciles). Unknown tokens: a binomial draw over the
-    window's expected tokens at the reference rate; unknown tokens that cluster in a
-    few texts spread wider than this, which `drift.min_psi` covers.
-    """
-    reference = profile["reference"]
-    rng = np.random.default_rng(seed)
-    lengths = np.asarray(reference["length"]["shares"])
-    classes = np.asarray(reference["class_shares"])
-    rate = reference["unk_rate"]
-    tokens = max(1, round(window * profile["splits"]["train"]["tokens"]["mean"]))
-    unknown = rng.binomial(tokens, rate, samples) / tokens
-    spread = {
-        "length": [psi(c, lengths) for c in rng.multinomial(window, lengths, samples)],
-        "unknown_token": [psi([u, 1 - u], [rate, 1 - rate]) for u in unknown],
-        "predicted_class": [psi(c, classes) for c in rng.multinomial(window, classes, samples)],
-    }
-    return {name: float(np.quantile(values, quantile)) for name, values in spread.items()}
-
-
-def thresholds(signals: Signals, drift: DictConfig) -> dict:
-    """The PSI thresholds for the live window: calibrated, floored at `min_psi`."""
-    if signals.profile is None or not signals.drift_window:
-        return {}
-    calibrated = calibrate(signals.profile, signals.drift_window, drift.quantile,
-                           drift.samples)
-    return {name: {"calibrated": value, "min_psi": drift.min_psi,
-                   "threshold": max(value, drift.min_psi)}
-            for name, value in calibrated.items()}
-
-
-# ---------------------------------------------------------------- the decision
-
-
-def trigger(name: str, fired: bool, reason: str, **values) -> dict:
-    return {"trigger": name, "fired": fired, "reason": reason, **values}
-
-
-UNREAD = "the service's /metrics could not be read"
-
-
-def drift_triggers(signals: Signals, cfg: DictConfig, limits: dict) -> list[dict]:
-    window, least = signals.drift_window, cfg.drift.min_window
-    if window is None:
-        return [trigger("drift", False, UNREAD)]
-    if window < least:
-        return [trigger("drift", False, f"the drift window holds {window} texts, fewer "
-                        f"than {least}: its PSIs are not trusted yet", window=window)]
-    found = []
-    for name, value in signals.psi.items():
-        limit = limits[name]
-        over = value > limit["threshold"]
-        found.append(trigger(
-            f"drift:{name}", over,
-            f"{name} PSI {value:.4f} {'over' if over else 'within'} {limit['threshold']:.4f} "
-            f"over {window} texts (no-change {cfg.drift.quantile:.0%} quantile "
-            f"{limit['calibrated']:.4f}, floor {limit['min_psi']})",
-            value=value, threshold=limit["threshold"], window=window))
-    return found
-
-
-def accuracy_trigger(signals: Signals, cfg: DictConfig) -> dict:
-    labels, floor, least = signals.live_labels, cfg.accuracy.floor, cfg.accuracy.min_labels
-    if signals.live_labels is None:
-        return trigger("live_accuracy", False, UNREAD)
-    if signals.live_accuracy is None or labels < least:
-        return trigger("live_accuracy", False, f"live accuracy rests on {labels} labels, "
-                       f"fewer than {least}", labels=labels)
-    value = signals.live_accuracy
-    low = value < floor
-    return trigger("live_accuracy", low, f"live accuracy {value:.4f} "
-                   f"{'under' if low else 'at or over'} the floor {floor} over {labels} labels",
-                   value=value, threshold=floor, labels=labels)
-
-
-def new_labels_trigger(signals: Signals, cfg: DictConfig, since: float | None) -> dict:
-    count, least = signals.new_labels, cfg.new_labels.min
-    when = "ever" if since is None else f"since the last retraining ({iso(since)})"
-    if count is None:
-        return trigger("new_labels", False, "the prediction log could not be read")
-    return trigger("new_labels", count >= least, f"{count} labelled answers {when}, "
-                   f"{'at least' if count >= least else 'fewer than'} {least}",
-                   value=count, threshold=least)
-
-
-def decide(signals: Signals, cfg: DictConfig, since: float | None,
-           force: bool = False) -> tuple[list[dict], dict]:
-    """Every trigger with its reason, and the thresholds used."""
-    limits = thresholds(signals, cfg.drift)
-    found = [*drift_triggers(signals, cfg, limits), accuracy_trigger(signals, cfg),
-             new_labels_trigger(signals, cfg, since)]
-    if force:
-        found.append(trigger("force", True, "asked for with --force"))
-    return found, limits
-
+from pipeline.data import feedback
+from pipeline.loops.triggers import Signals, decide, iso, read_log, read_service
 
 # ---------------------------------------------------------------- retraining
 
@@ -265,7 +79,7 @@ def retrain(cfg: DictConfig, log_url: str, paths: Paths) -> dict:
     if not snapshot:
         return {"error": "data.feedback.snapshot is null: the pipeline would not see the "
                          "feedback; set it (make params OVERRIDES=...) to retrain on it"}
-    from serving.predlog.log import PredictionLogError
+    from serving.predlog.store import PredictionLogError
 
     try:
         exported = feedback.export(log_url, paths.root / snapshot)
@@ -283,10 +97,6 @@ def retrain(cfg: DictConfig, log_url: str, paths: Paths) -> dict:
 
 
 # ---------------------------------------------------------------- the stage
-
-
-def iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def last_retraining(record_path: Path) -> dict | None:

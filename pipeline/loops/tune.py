@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
 from pipeline import atomic
-from pipeline.config import PROCESSED_DIR, compose, compose_params, tracking_uri
+from pipeline.config import Paths, compose, compose_params, tracking_uri
 from pipeline.stages.train import fit
 
 TUNED_EXPERIMENT = "tuned"
@@ -58,17 +59,27 @@ def suggest(trial: optuna.Trial, space: DictConfig) -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class TrialPaths(Paths):
+    """A trial writes its checkpoints and reports under a scratch `root` and reads the
+    pipeline's processed data, `data.processed`."""
+
+    data: Paths = Paths()
+
+    @property
+    def processed(self) -> Path:
+        return self.data.processed
+
+
 def objective(trial: optuna.Trial, overrides: list[str], parent_run: str,
-              processed_dir: Path, conf_dir: Path) -> float:
+              paths: Paths, conf_dir: Path) -> float:
     base = compose(overrides, conf_dir)
     cfg = compose([*overrides, *suggest(trial, base.tune.space),
                    f"train.max_epochs={base.tune.max_epochs}",
                    f"train.limit_train_batches={base.tune.limit_train_batches}",
                    f"train.monitor={base.tune.metric}"], conf_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        report = fit(cfg, processed_dir=processed_dir, checkpoint_dir=Path(tmp) / "checkpoints",
-                     report_path=Path(tmp) / "train.json", work_dir=Path(tmp) / "work",
-                     run_facts_path=Path(tmp) / "run.json",
+        report = fit(cfg, TrialPaths(Path(tmp), data=paths),
                      callbacks=[ReportToTrial(trial, base.tune.metric)],
                      tags={"mlflow.parentRunId": parent_run, "tune_trial": str(trial.number)})
     return report["best_score"]
@@ -88,9 +99,9 @@ train:
 """
 
 
-def tune(overrides: list[str], processed_dir: Path = PROCESSED_DIR,
+def tune(overrides: list[str], paths: Paths | None = None,
          conf_dir: Path = Path("conf"), params_file: Path = Path("params.yaml")) -> dict:
-    cfg = compose(overrides, conf_dir)
+    cfg, paths = compose(overrides, conf_dir), paths or Paths()
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_experiment(cfg.mlflow.experiment)
     study = optuna.create_study(
@@ -104,7 +115,7 @@ def tune(overrides: list[str], processed_dir: Path = PROCESSED_DIR,
                            if k != "space"})
         mlflow.log_dict(OmegaConf.to_container(cfg.tune.space), "search_space.json")
         study.optimize(
-            lambda trial: objective(trial, overrides, parent.info.run_id, processed_dir,
+            lambda trial: objective(trial, overrides, parent.info.run_id, paths,
                                     conf_dir),
             n_trials=cfg.tune.trials, timeout=cfg.tune.timeout_s,
             catch=(), gc_after_trial=True,

@@ -1,4 +1,5 @@
-"""The LightningModule: a model from pipeline.tasks.text_classification.models, its loss, metrics and optimiser.
+"""The LightningModule: a model from the task's model families, its loss, metrics and
+optimiser.
 
 Trained on labels, the loss is cross-entropy. Trained on a transfer set (pipeline/
 transfer.py), whose batches carry a teacher's logits, it is Tang et al.'s (2019):
@@ -15,8 +16,8 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
 
-from pipeline.tasks.text_classification.models import build_model
 from pipeline.data.splits import NO_LABEL
+from pipeline.tasks.text_classification.models import build_model
 
 
 class TextClassifier(pl.LightningModule):

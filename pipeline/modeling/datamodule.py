@@ -14,7 +14,6 @@ import torch
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from pipeline.config import PROCESSED_DIR
 from pipeline.data.splits import column, load_dataset_dir, load_splits
 from serving.bundle.tensors import pad
 
@@ -47,11 +46,11 @@ class Collator:
 class TextDataModule(pl.LightningDataModule):
     def __init__(
         self,
+        processed_dir: Path,
         pad_id: int,
         batch_size: int,
         seed: int,
         num_workers: int = 0,
-        processed_dir: Path = PROCESSED_DIR,
         transfer: Path | None = None,
     ):
         super().__init__()

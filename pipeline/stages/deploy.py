@@ -24,17 +24,18 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnxruntime as ort
 from omegaconf import DictConfig
 
-from pipeline import atomic
-
-from pipeline.tracking import lineage
+from pipeline import atomic, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
-from pipeline.modeling.export import export_onnx, quantize_best
-from pipeline.modeling.inference import load_module, predict_logits
+from pipeline.data.splits import load_splits
+from pipeline.modeling.export import quantize_best
+from pipeline.modeling.inference import predict_logits
+from pipeline.tracking import lineage
 from pipeline.tracking.registry import promote, prune_store, register
-from pipeline.data.splits import column, load_splits
-from serving.bundle import MODEL_FILES, Bundle
+from serving.bundle import MODEL_FILES, Bundle, RuntimeOptions
+from serving.bundle.tasks import signature
 
 
 class DeployError(RuntimeError):
@@ -102,21 +103,21 @@ def batch_invariance(bundle: Bundle, texts: list[str]) -> float:
 
 
 def bundle_meta(cfg: DictConfig, module, version: str, checkpoint_sha256: str, metrics: dict,
-                verdict: dict, profile: dict, pad_id: int) -> dict:
+                verdict: dict, profile: dict, pad_id: int, model_signature: dict) -> dict:
     """bundle.json. Everything in it follows from the code, data and parameters, so the
     same training gives the same bundle, byte for byte; the registry version, the
     MLflow run and the git commit are recorded by the registry (`registry.json` beside
     a promoted bundle)."""
     return {
         "format": 1,
+        "task": tasks.from_config(cfg).name,
+        "signature": model_signature,
         "version": version,
         "model_name": cfg.deploy.model_name,
         "model": dict(module.hparams.model),
         "label_names": list(module.hparams.label_names),
         "max_length": profile["max_length"],
         "pad_id": pad_id,
-        "inputs": ["input_ids", "attention_mask"],
-        "outputs": ["logits"],
         "files": {**MODEL_FILES, "tokenizer": "tokenizer.json"},
         "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
         "gate": {"blessed": verdict["blessed"], "reasons": verdict["reasons"]},
@@ -189,22 +190,27 @@ from, carries `bundle_version` {meta['version']}).
 def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
     """Export, quantise, check and write the bundle to `paths.candidate` atomically.
     Returns bundle.json."""
-    module = load_module(paths.checkpoint)
+    task = tasks.from_config(cfg)
+    module = task.load_module(paths.checkpoint)
     pad_id = module.hparams.pad_id
     splits = load_splits(paths.processed)
     profile = atomic.read_json(paths.processed / "profile.json")
     with atomic.atomic_dir(paths.candidate) as tmp:
-        export_onnx(module.model, tmp / MODEL_FILES["fp32"], cfg.deploy.opset, pad_id)
+        task.export(module, tmp / MODEL_FILES["fp32"], cfg.deploy.opset)
         int8 = quantize_best(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], module,
-                             column(splits["val"], "input_ids"), cfg)
-        shutil.copy2(paths.processed / "tokenizer.json", tmp / "tokenizer.json")
+                             task.model_inputs(splits["val"]), cfg)
+        for name in task.spec.preprocessing:  # what turns a request into model inputs
+            shutil.copy2(paths.processed / name, tmp / name)
+        model_signature = signature(ort.InferenceSession(
+            str(tmp / MODEL_FILES["fp32"]), RuntimeOptions().session_options(),
+            providers=["CPUExecutionProvider"]))
         meta = bundle_meta(cfg, module, content_version(tmp), lineage.digest(paths.checkpoint),
                            atomic.read_json(paths.metrics), atomic.read_json(paths.gate),
-                           profile, pad_id)
+                           profile, pad_id, model_signature)
         atomic.write_json(tmp / "bundle.json", meta)
         test = splits["test"]
-        meta["parity"] = check_parity(tmp, module, column(test, "text"),
-                                      column(test, "input_ids"), cfg)
+        meta["parity"] = check_parity(tmp, module, task.requests(test),
+                                      task.model_inputs(test), cfg)
         meta["int8"] = int8
         atomic.write_json(tmp / "bundle.json", meta)
         atomic.write_text(tmp / "MODEL_CARD.md", model_card(meta))

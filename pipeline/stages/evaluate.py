@@ -33,13 +33,11 @@ import torchmetrics.functional.classification as tm
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from pipeline import atomic
-
-from pipeline.tracking import lineage
+from pipeline import atomic, tasks
 from pipeline.config import Paths, load_params, tracking_uri
-from pipeline.modeling.inference import load_module, predict_logits
-from pipeline.tracking.registry import CHAMPION, download_bundle
 from pipeline.data.splits import FEEDBACK_TEST, column, load_splits
+from pipeline.tracking import lineage
+from pipeline.tracking.registry import CHAMPION, download_bundle
 from serving.bundle import Bundle
 
 # ---------------------------------------------------------------- metrics
@@ -222,19 +220,21 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     test = splits["test"]
     label_names = test.features["label"].names
     labels = np.asarray(column(test, "label"))
-    module = load_module(paths.checkpoint)
-    probs = predict_proba(module, test, cfg.evaluate.batch_size)
+    task = tasks.from_config(cfg)
+    module = task.load_module(paths.checkpoint)
+    probs = predict_proba(task, module, test, cfg.evaluate.batch_size)
 
     bins = cfg.evaluate.calibration_bins
     metrics = compute_metrics(probs, labels, label_names, bins)
     feedback = None
     if FEEDBACK_TEST in splits:
         held = splits[FEEDBACK_TEST]
-        feedback = (column(held, "text"), np.asarray(column(held, "label")))
+        feedback = (task.requests(held), np.asarray(column(held, "label")))
         metrics[FEEDBACK_TEST] = slice_metrics(
-            predict_proba(module, held, cfg.evaluate.batch_size), feedback[1], label_names)
+            predict_proba(task, module, held, cfg.evaluate.batch_size), feedback[1],
+            label_names)
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    champion = score_champion(cfg.deploy.model_name, column(test, "text"), labels,
+    champion = score_champion(cfg.deploy.model_name, task.requests(test), labels,
                               label_names, bins, feedback)
     verdict = {"model_name": cfg.deploy.model_name, **judge(metrics, cfg.gate, champion)}
 
@@ -245,8 +245,9 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     return metrics, verdict
 
 
-def predict_proba(module, split, batch_size: int) -> np.ndarray:
-    logits = predict_logits(module, column(split, "input_ids"), batch_size)
+def predict_proba(task, module, split, batch_size: int) -> np.ndarray:
+    """The module's class probabilities for a split's rows, as the task feeds them."""
+    logits = task.predict_logits(module, task.model_inputs(split), batch_size)
     return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import atomic
-from pipeline.config import Paths, load_params
-from pipeline.data.splits import column, load_splits
 from ops import control
+from pipeline import atomic, tasks
+from pipeline.config import Paths, load_params
+from pipeline.data.splits import load_splits
 from serving.bundle import Bundle
 
 # The canary sends one text per request, one request at a time, so the service runs
@@ -67,8 +67,9 @@ def canary(url: str, texts: list[str], expected: np.ndarray, labels: list[str]) 
 def check_service(cfg: DictConfig, paths: Paths) -> dict:
     """The canary against the service on `paths.candidate`; writes `paths.serve_report`."""
     bundle_dir = paths.candidate
-    texts = column(load_splits(paths.processed)["test"], "text")[: cfg.serve.canary_rows]
     bundle = Bundle.load(bundle_dir, cfg.serve.precision)
+    test = load_splits(paths.processed)["test"]
+    texts = tasks.get(bundle.task.name).requests(test)[: cfg.serve.canary_rows]
     expected = np.concatenate([bundle.predict_proba([text]) for text in texts])
     port = control.free_port()
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import atomic
-from pipeline.config import TEACHER_DIR, Paths, load_params
-from pipeline.stages.evaluate import compute_metrics, predict_proba
-from pipeline.modeling.inference import load_module
+from pipeline import atomic, tasks
+from pipeline.config import Paths, load_params
 from pipeline.data.splits import column, load_splits
+from pipeline.stages.evaluate import compute_metrics, predict_proba
 from serving.bundle import Bundle
 from serving.engine.source import BundleSource
 
@@ -42,12 +41,20 @@ class TeacherPaths(Paths):
     for a student: under models/teacher/, so neither overwrites the other."""
 
     @property
-    def teacher(self) -> Path:
-        return self.root / TEACHER_DIR
+    def checkpoints(self) -> Path:
+        return self.teacher / "checkpoints"
 
     @property
-    def checkpoint(self) -> Path:
-        return self.teacher / "checkpoints" / "best.ckpt"
+    def train_work(self) -> Path:
+        return self.root / "models/teacher-work"
+
+    @property
+    def train_report(self) -> Path:
+        return self.teacher / "train.json"
+
+    @property
+    def train_facts(self) -> Path:
+        return self.run_facts("teacher")
 
     @property
     def candidate(self) -> Path:
@@ -86,13 +93,11 @@ def train_teacher(cfg: DictConfig, paths: TeacherPaths) -> Path:
     print(f"teacher: fine-tuning {teacher_cfg.model.name} "
           f"({teacher_cfg.model.get('path', '')}) for {teacher_cfg.train.max_epochs} "
           "epoch(s)", flush=True)
-    fit(teacher_cfg, processed_dir=paths.processed,
-        checkpoint_dir=paths.checkpoint.parent, report_path=paths.teacher / "train.json",
-        work_dir=paths.root / "models/teacher-work",
-        run_facts_path=paths.run_facts("teacher"), tags={"role": "teacher"})
-    module = load_module(paths.checkpoint)
+    fit(teacher_cfg, paths, tags={"role": "teacher"})
+    task = tasks.from_config(teacher_cfg)
+    module = task.load_module(paths.checkpoint)
     test = load_splits(paths.processed)["test"]
-    probs = predict_proba(module, test, cfg.evaluate.batch_size)
+    probs = predict_proba(task, module, test, cfg.evaluate.batch_size)
     metrics = compute_metrics(probs, np.array(column(test, "label")),
                               list(module.hparams.label_names), cfg.evaluate.calibration_bins)
     atomic.write_json(paths.metrics, metrics)

@@ -31,120 +31,31 @@ from pytorch_lightning.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
-    WeightAveraging,
 )
 from pytorch_lightning.loggers import MLFlowLogger
-from tokenizers import Tokenizer
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from pipeline import atomic
-
+from pipeline import atomic, tasks
+from pipeline.config import PARAMS_FILE, Paths, git_commit, load_params, tracking_uri
+from pipeline.modeling.callbacks import EpochSummary, MovingAverage, Progress
 from pipeline.tracking import lineage
-from pipeline.modeling.classifier import TextClassifier
-from pipeline.config import (
-    CHECKPOINT_DIR,
-    PARAMS_FILE,
-    PROCESSED_DIR,
-    TRAIN_REPORT,
-    TRANSFER_DIR,
-    git_commit,
-    load_params,
-    tracking_uri,
-)
-from pipeline.modeling.datamodule import TextDataModule
-from pipeline.tasks.text_classification.tokenizer import PAD
-
-WORK_DIR = Path("models/train-work")
-RUN_FACTS = Path("reports/runs/train.json")
 
 
-class EpochSummary(Callback):
-    """One line per epoch on stdout, since the progress bar is off in stage logs.
-
-    Printed when the next epoch starts or training ends: Lightning calls callbacks'
-    on_train_epoch_end before the LightningModule's, which logs the training metrics.
-    """
-
-    def __init__(self):
-        self.finished_epoch: int | None = None
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        self.finished_epoch = trainer.current_epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
-        self._print(trainer)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        self._print(trainer)
-
-    def _print(self, trainer: pl.Trainer) -> None:
-        if self.finished_epoch is None or not trainer.is_global_zero:
-            return
-        metrics = trainer.callback_metrics
-        shown = "  ".join(f"{k} {float(metrics[k]):.4f}" for k in
-                          ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1")
-                          if k in metrics)
-        print(f"epoch {self.finished_epoch + 1}/{trainer.max_epochs}: {shown}", flush=True)
-        self.finished_epoch = None
-
-
-class Progress(Callback):
-    """A line every `every_s` seconds while an epoch trains: step, rate and the time
-    left, so a long epoch (a MiniLM epoch takes ~26 minutes on 2 CPU cores) is never
-    silent in a stage log or CI."""
-
-    def __init__(self, every_s: float = 30.0):
-        self.every_s = every_s
-        self.started = self.last = 0.0
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
-        self.started = self.last = time.monotonic()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch,
-                           batch_idx: int) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s or not trainer.is_global_zero:
-            return
-        self.last = now
-        done, total = batch_idx + 1, trainer.num_training_batches
-        rate = done / (now - self.started)
-        left = (total - done) / rate if rate else float("inf")
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: batch {done}/{total} "
-              f"({done / total:.0%}), {rate * len(batch['labels']):.0f} sequences/s, "
-              f"epoch ends in {left / 60:.1f} min", flush=True)
-
-
-class MovingAverage(WeightAveraging):
-    """An exponential moving average of the weights, updated after every optimizer
-    step, that validation, the checkpoints and so the shipped model see.
-
-    Kept on the device that trains: Lightning sets callbacks up before the strategy
-    moves the model there, so the parent class would keep it on the CPU and copy every
-    weight across after each GPU step."""
-
-    def __init__(self, decay: float):
-        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
-
-    def setup(self, trainer: pl.Trainer, pl_module, stage: str) -> None:
-        self._device = trainer.strategy.root_device
-        super().setup(trainer, pl_module, stage)
-
-
-def transfer_set(transfer_dir: Path = TRANSFER_DIR) -> Path | None:
+def transfer_set(paths: Paths) -> Path | None:
     """The transfer set to train on, when the transfer stage wrote one (a teacher is
     configured); None: train on the labelled training split."""
-    dataset = transfer_dir / "dataset"
+    dataset = paths.transfer / "dataset"
     return dataset if dataset.is_dir() else None
 
 
-def fingerprint(cfg: DictConfig, processed_dir: Path, transfer: Path | None = None) -> str:
+def fingerprint(cfg: DictConfig, processed_dir: Path, preprocessing: tuple[str, ...],
+                transfer: Path | None = None) -> str:
     """What a resumable run must share with the run it resumes: the configuration and
     the processed data itself (its split and vocabulary, not only the raw rows), and
     the transfer set it learns from, if any."""
     relevant = {k: OmegaConf.to_container(cfg[k]) for k in ("model", "train", "trainer")}
     relevant["seed"] = cfg.seed
     relevant["data"] = [lineage.digest(processed_dir / name)
-                        for name in ("profile.json", "tokenizer.json")]
+                        for name in ("profile.json", *preprocessing)]
     if transfer is not None:
         relevant["transfer"] = [lineage.digest(transfer.parent / "transfer.json"),
                                 cfg.distill.weight]
@@ -167,23 +78,6 @@ def prepare_work_dir(work_dir: Path, key: str) -> tuple[Path | None, str | None,
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     return None, None, None
-
-
-def build_module(cfg: DictConfig, tokenizer: Tokenizer, profile: dict,
-                 distilling: bool = False) -> TextClassifier:
-    return TextClassifier(
-        model=OmegaConf.to_container(cfg.model),
-        vocab_size=tokenizer.get_vocab_size(),
-        num_classes=len(profile["label_names"]),
-        max_length=profile["max_length"],
-        pad_id=tokenizer.token_to_id(PAD),
-        label_names=profile["label_names"],
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        warmup_ratio=cfg.train.warmup_ratio,
-        label_smoothing=cfg.train.label_smoothing,
-        distill_weight=cfg.distill.weight if distilling else 0.0,
-    )
 
 
 def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
@@ -219,11 +113,7 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
 
 def fit(
     cfg: DictConfig,
-    processed_dir: Path = PROCESSED_DIR,
-    checkpoint_dir: Path = CHECKPOINT_DIR,
-    report_path: Path = TRAIN_REPORT,
-    work_dir: Path = WORK_DIR,
-    run_facts_path: Path = RUN_FACTS,
+    paths: Paths,
     callbacks: list[Callback] = (),
     tags: dict | None = None,
     transfer: Path | None = None,
@@ -234,10 +124,10 @@ def fit(
     `callbacks` join the trainer's; `tags` join the MLflow run's (hyperparameter
     search nests its trials under a parent run this way)."""
     pl.seed_everything(cfg.seed, workers=True)
-    tokenizer = Tokenizer.from_file(str(processed_dir / "tokenizer.json"))
-    profile = atomic.read_json(processed_dir / "profile.json")
+    task, work_dir = tasks.from_config(cfg), paths.train_work
+    profile = atomic.read_json(paths.processed / "profile.json")
     data_hash = profile["data"]["content_hash"]
-    key = fingerprint(cfg, processed_dir, transfer)
+    key = fingerprint(cfg, paths.processed, task.spec.preprocessing, transfer)
     resume_from, run_id, position = prepare_work_dir(work_dir, key)
 
     logger = MLFlowLogger(
@@ -249,29 +139,16 @@ def fit(
               **(tags or {})},
     )
     trainer = build_trainer(cfg, logger, work_dir, callbacks)
-    datamodule = TextDataModule(
-        pad_id=tokenizer.token_to_id(PAD),
-        batch_size=cfg.train.batch_size,
-        seed=cfg.seed,
-        num_workers=cfg.train.num_workers,
-        processed_dir=processed_dir,
-        transfer=transfer,
-    )
-    module = build_module(cfg, tokenizer, profile, distilling=transfer is not None)
+    datamodule = task.datamodule(cfg, paths, transfer)
+    module = task.module(cfg, paths, distilling=transfer is not None)
     if transfer is not None:
         print(f"train: distilling from the transfer set {transfer} (loss: "
               f"{cfg.distill.weight} x logit MSE + {1 - cfg.distill.weight:g} x "
               "cross-entropy on labelled rows)", flush=True)
     if start_from is not None and resume_from is None:  # a pruned model, fine-tuned
         module.model.load_state_dict(start_from)
-    elif cfg.train.get("init_embeddings") and resume_from is None:
-        from pipeline.tasks.text_classification.models.pretrained import init_token_embeddings
-
-        explained = init_token_embeddings(module.model.embedding, tokenizer.get_vocab(),
-                                          cfg.train.init_embeddings)
-        print(f"train: token embeddings from {cfg.train.init_embeddings}, PCA to "
-              f"{module.model.embedding.embedding_dim} dimensions ({explained:.0%} of the "
-              "variance)", flush=True)
+    elif resume_from is None:
+        task.warm_start(module, cfg, paths)
     if trainer.is_global_zero:
         logger.log_hyperparams(OmegaConf.to_container(cfg))
         atomic.write_json(
@@ -285,8 +162,7 @@ def fit(
     if not trainer.is_global_zero:
         return None
     resumed = {"from": resume_from, "at": position}
-    return finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path,
-                  run_facts_path, seconds, resumed)
+    return finish(cfg, trainer, logger, datamodule, paths, seconds, resumed)
 
 
 def portable_copy(source: Path, target: Path) -> None:
@@ -304,15 +180,14 @@ def portable_copy(source: Path, target: Path) -> None:
     torch.save(checkpoint, target)
 
 
-def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_path,
-           run_facts_path, seconds, resumed) -> dict:
+def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> dict:
     """Move the checkpoints into place, log and tag them, and write the report and the
     run's facts (rank 0). Returns both in one dict."""
-    checkpoint = trainer.checkpoint_callback
-    with atomic.atomic_dir(checkpoint_dir) as tmp:
+    checkpoint, work_dir = trainer.checkpoint_callback, paths.train_work
+    with atomic.atomic_dir(paths.checkpoint.parent) as tmp:
         portable_copy(Path(checkpoint.best_model_path), tmp / "best.ckpt")
         portable_copy(work_dir / "last.ckpt", tmp / "last.ckpt")
-    best = checkpoint_dir / "best.ckpt"
+    best = paths.checkpoint
     run = logger.experiment
     run.log_artifact(logger.run_id, str(best), "checkpoints")
     run.set_tag(logger.run_id, lineage.CHECKPOINT_TAG, lineage.digest(best))
@@ -338,8 +213,8 @@ def finish(cfg, trainer, logger, datamodule, work_dir, checkpoint_dir, report_pa
     }
     for name in ("wall_time_s", "sequences_per_s"):
         run.log_metric(logger.run_id, name, facts[name])
-    atomic.write_json(report_path, report)
-    atomic.write_json(run_facts_path, facts)
+    atomic.write_json(paths.train_report, report)
+    atomic.write_json(paths.train_facts, facts)
     shutil.rmtree(work_dir, ignore_errors=True)
     return {**report, **facts}
 
@@ -349,15 +224,14 @@ def pruning(cfg: DictConfig) -> bool:
     return bool(prune) and (prune.heads is not None or prune.d_ff is not None)
 
 
-def prune_and_fine_tune(cfg: DictConfig, transfer: Path | None,
-                        checkpoint_dir: Path = CHECKPOINT_DIR, **paths) -> dict:
+def prune_and_fine_tune(cfg: DictConfig, paths: Paths, transfer: Path | None) -> dict:
     """Remove the weakest heads and feed-forward units from the best checkpoint's
     Transformer (pipeline/modeling/prune.py) and fine-tune what is left for `train.prune.epochs`
     on the same data; its checkpoints replace the unpruned model's."""
     from pipeline.modeling.inference import load_module
     from pipeline.modeling.prune import prune
 
-    trained = load_module(checkpoint_dir / "best.ckpt")
+    trained = load_module(paths.checkpoint)
     settings = cfg.train.prune
     model_cfg, state = prune(trained.model, dict(trained.hparams.model), settings.heads,
                              settings.d_ff)
@@ -368,18 +242,18 @@ def prune_and_fine_tune(cfg: DictConfig, transfer: Path | None,
           f"fine-tuning {settings.epochs} epoch(s)", flush=True)
     tuned = OmegaConf.merge(cfg, {"model": model_cfg, "train": {
         "max_epochs": settings.epochs, "lr": settings.lr, "init_embeddings": None}})
-    return fit(tuned, checkpoint_dir=checkpoint_dir, transfer=transfer, start_from=state,
-               tags={"pruned": "true"}, **paths)
+    return fit(tuned, paths, transfer=transfer, start_from=state, tags={"pruned": "true"})
 
 
 def main() -> None:
-    cfg, transfer = load_params(), transfer_set()
+    cfg, paths = load_params(), Paths()
+    transfer = transfer_set(paths)
     if pruning(cfg) and (cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1):
         raise SystemExit("train: train.prune runs on one device; set trainer.devices=1 "
                          "and trainer.num_nodes=1, or prune nothing")
-    report = fit(cfg, transfer=transfer)
+    report = fit(cfg, paths, transfer=transfer)
     if report and pruning(cfg):
-        report = prune_and_fine_tune(cfg, transfer)
+        report = prune_and_fine_tune(cfg, paths, transfer)
     if report:
         print(f"train: best {report['monitor']} {report['best_score']:.4f} after "
               f"{report['epochs']} epochs in {report['wall_time_s']} s "

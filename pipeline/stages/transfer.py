@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
@@ -30,7 +29,7 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
 from pipeline import atomic
-from pipeline.config import PROCESSED_DIR, TEACHER_DIR, TRANSFER_DIR, load_params
+from pipeline.config import Paths, load_params
 from pipeline.data.splits import NO_LABEL, column, load_splits
 from serving.bundle import Bundle, BundleError
 from serving.bundle.tensors import in_length_order
@@ -99,9 +98,9 @@ def teacher_logits(teacher: Bundle, rows: list[list[int]], batch_size: int,
     return out
 
 
-def build_transfer(cfg: DictConfig, processed: Path = PROCESSED_DIR,
-                   teacher_dir: Path = TEACHER_DIR, out_dir: Path = TRANSFER_DIR) -> dict:
+def build_transfer(cfg: DictConfig, paths: Paths) -> dict:
     """Write the transfer set (or, without a teacher, the note that there is none)."""
+    processed, teacher_dir, out_dir = paths.processed, paths.teacher, paths.transfer
     teacher_report = atomic.read_json(teacher_dir / "teacher.json")
     if teacher_report["teacher"] is None:
         report = {"teacher": None}
@@ -138,7 +137,7 @@ def build_transfer(cfg: DictConfig, processed: Path = PROCESSED_DIR,
 
 def main() -> None:
     try:
-        build_transfer(load_params())
+        build_transfer(load_params(), Paths())
     except (BundleError, FileNotFoundError) as err:
         sys.exit(f"transfer: {err}")
 

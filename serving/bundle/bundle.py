@@ -3,8 +3,9 @@
 A bundle is a directory holding
 - `model.onnx` (fp32) and `model.int8.onnx` (statically quantised int8),
 - `tokenizer.json`, which carries the text normalisation and personal-data masking,
-- `bundle.json`: label names, max length, version, metrics, gate verdict, lineage and
-  the training data profile (the drift reference),
+- `bundle.json`: its task and the model's signature (serving/bundle/tasks.py), label
+  names, max length, version, metrics, gate verdict, lineage and the training data
+  profile (the drift reference),
 - `MODEL_CARD.md`,
 - and, in a copy the registry promoted, `registry.json`: the registry version, the
   MLflow run and the git commit (kept out of bundle.json, which the same training
@@ -24,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from serving.bundle.tasks import TaskSpec, signature, signature_problems, task_of
 from serving.bundle.tensors import in_length_order, pad
 
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
@@ -77,6 +79,10 @@ def read_meta(path: Path) -> dict:
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
         raise BundleError(f"{meta_file}: missing fields {', '.join(missing)}")
+    try:
+        task_of(meta)
+    except KeyError as err:
+        raise BundleError(f"{meta_file}: {err.args[0]}") from None
     return meta
 
 
@@ -88,9 +94,11 @@ class Bundle:
     session: ort.InferenceSession
     precision: str
     label_names: list[str] = field(init=False)
+    task: TaskSpec = field(init=False)
 
     def __post_init__(self):
         self.label_names = list(self.meta["label_names"])
+        self.task = task_of(self.meta)
 
     @classmethod
     def load(
@@ -119,6 +127,9 @@ class Bundle:
             )
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
             raise BundleError(f"{model_file}: onnxruntime cannot load it ({err})") from None
+        problems = signature_problems(task_of(meta), meta.get("signature"), signature(session))
+        if problems:
+            raise BundleError(f"{model_file}: {'; '.join(problems)}")
         return cls(path=path, meta=meta, tokenizer=tokenizer, session=session,
                    precision=precision)
 

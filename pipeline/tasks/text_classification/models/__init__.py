@@ -13,11 +13,15 @@ def build_model(cfg: dict, vocab_size: int, num_classes: int, max_length: int, p
                 ) -> nn.Module:
     options = {k: v for k, v in cfg.items() if k != "name"}
     if cfg["name"] == "transformer":
-        from pipeline.tasks.text_classification.models.transformer import TransformerClassifier as model_class
+        from pipeline.tasks.text_classification.models.transformer import (
+            TransformerClassifier as model_class,
+        )
     elif cfg["name"] == "lstm":
         from pipeline.tasks.text_classification.models.lstm import LSTMClassifier as model_class
     elif cfg["name"] == "pretrained":
-        from pipeline.tasks.text_classification.models.pretrained import PretrainedClassifier as model_class
+        from pipeline.tasks.text_classification.models.pretrained import (
+            PretrainedClassifier as model_class,
+        )
     else:
         raise ValueError(f"model.name: unknown model {cfg['name']!r} "
                          "(transformer, lstm, pretrained)")

@@ -19,11 +19,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pipeline.stages import evaluate as stage
-from pipeline.tracking import lineage
 from pipeline.config import Paths
-from pipeline.stages.evaluate import compute_metrics, curve_rows, judge
 from pipeline.data.splits import column, load_splits
+from pipeline.stages import evaluate as stage
+from pipeline.stages.evaluate import compute_metrics, curve_rows, judge
+from pipeline.tracking import lineage
 
 
 def random_predictions(n: int, k: int, seed: int = 0):

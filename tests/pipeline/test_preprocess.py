@@ -13,10 +13,12 @@ from datasets import Dataset
 from helpers import FEATURES, synthetic_rows, write_raw
 from tokenizers import Tokenizer
 
+from pipeline.config import Paths
+from pipeline.data.cleaning import clean_split
 from pipeline.data.grouping import containment_groups, group_roots, leakage
-from pipeline.stages.preprocess import clean_split, preprocess
 from pipeline.data.profile import ValidationError
 from pipeline.data.splits import column, load_splits
+from pipeline.tasks.text_classification.preprocess import preprocess
 from pipeline.tasks.text_classification.tokenizer import EMAIL, PHONE, URL, build_normalizer
 
 
@@ -53,9 +55,9 @@ def test_lowercasing_is_configurable(cfg):
 
 def test_saved_tokenizer_reproduces_normalisation_and_masking(tmp_path, cfg):
     """Serving loads tokenizer.json only: it must apply the very same transformation."""
-    write_raw(tmp_path / "raw", {"train": synthetic_rows(200), "test": synthetic_rows(40, 1)})
-    preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
-    tokenizer = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    write_raw(Paths(tmp_path).raw, {"train": synthetic_rows(200), "test": synthetic_rows(40, 1)})
+    preprocess(cfg, 42, Paths(tmp_path))
+    tokenizer = Tokenizer.from_file(str(Paths(tmp_path).processed / "tokenizer.json"))
     raw = "<b>GREAT</b> film, write to fan@club.com or http://x.io/?q=1, call 555-123-4567"
     assert tokenizer.normalizer.normalize_str(raw) == build_normalizer(cfg).normalize_str(raw)
     tokens = tokenizer.encode(raw).tokens
@@ -83,9 +85,11 @@ def test_cleaning_counts_each_kind(cfg):
 
 
 def test_stage_outputs_splits_profile_and_is_deterministic(tmp_path, cfg):
-    write_raw(tmp_path / "raw", {"train": synthetic_rows(400)})  # no test: carved out
-    profile = preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "a")
-    splits = load_splits(tmp_path / "a")
+    first, second = Paths(tmp_path / "a"), Paths(tmp_path / "b")
+    for paths in (first, second):
+        write_raw(paths.raw, {"train": synthetic_rows(400)})  # no test: carved out
+    profile = preprocess(cfg, 42, first)
+    splits = load_splits(first.processed)
     assert set(splits) == {"train", "val", "test"}
     assert profile["splits"]["test"]["rows"] == 40 and profile["splits"]["val"]["rows"] == 36
     for split in profile["splits"].values():  # stratified: both classes in every split
@@ -97,8 +101,8 @@ def test_stage_outputs_splits_profile_and_is_deterministic(tmp_path, cfg):
     assert abs(sum(profile["reference"]["length"]["shares"]) - 1) < 1e-9
     assert profile["data"]["content_hash"] == "abc"
     # the same input and seed give the same split
-    preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "b")
-    assert column(load_splits(tmp_path / "b")["test"], "text") == column(splits["test"], "text")
+    preprocess(cfg, 42, second)
+    assert column(load_splits(second.processed)["test"], "text") == column(splits["test"], "text")
 
 
 @pytest.mark.parametrize("setup,message", [
@@ -115,10 +119,10 @@ def test_validation_fails_and_writes_nothing(tmp_path, cfg, setup, message):
         test = [(t, y) for t, y in test if y == 0]
     else:
         test = [("   ", 0)]
-    write_raw(tmp_path / "raw", {"train": train, "test": test})
+    write_raw(Paths(tmp_path).raw, {"train": train, "test": test})
     with pytest.raises(ValidationError, match=message):
-        preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+        preprocess(cfg, 42, Paths(tmp_path))
+    assert not (Paths(tmp_path).processed).exists()
 
 
 # ---------------------------------------------------------------- groups and leakage
@@ -169,22 +173,22 @@ def phrase_rows(sentences: int) -> list[tuple[str, int]]:
 
 
 def test_a_validation_row_inside_a_training_row_fails_the_stage(tmp_path, cfg):
-    write_raw(tmp_path / "raw", {"train": phrase_rows(120), "test": synthetic_rows(40, 1)})
+    write_raw(Paths(tmp_path).raw, {"train": phrase_rows(120), "test": synthetic_rows(40, 1)})
     cfg.groups, cfg.held_out_rows = "none", "all"  # rows drawn one by one, as before
     with pytest.raises(ValidationError) as err:
-        preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+        preprocess(cfg, 42, Paths(tmp_path))
     message = str(err.value)
     assert "split 'val':" in message and "leak from train, over the bound 1.0%" in message
     assert "is contained in training row" in message
-    assert not (tmp_path / "out").exists()
+    assert not (Paths(tmp_path).processed).exists()
 
 
 def test_containment_groups_keep_phrases_out_of_validation(tmp_path, cfg):
-    write_raw(tmp_path / "raw", {"train": phrase_rows(120), "test": synthetic_rows(40, 1)})
-    profile = preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    write_raw(Paths(tmp_path).raw, {"train": phrase_rows(120), "test": synthetic_rows(40, 1)})
+    profile = preprocess(cfg, 42, Paths(tmp_path))
     assert profile["leakage"]["val"]["leaked"] == 0
     assert profile["splitting"]["groups"] == 120
-    splits = load_splits(tmp_path / "out")
+    splits = load_splits(Paths(tmp_path).processed)
     val = column(splits["val"], "text")
     assert len(val) == 12 and all(len(t.split()) > 3 for t in val)  # whole sentences only
     # the phrases of validation sentences are neither scored nor trained on
@@ -198,11 +202,11 @@ def test_training_rows_holding_a_test_row_leave_training(tmp_path, cfg):
     that test row a phrase the model was trained on."""
     train = synthetic_rows(200) + [("the cast is stiff or just plain bad .", 0)]
     test = synthetic_rows(40, 1) + [("bad .", 0)]
-    write_raw(tmp_path / "raw", {"train": train, "test": test})
-    profile = preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
+    write_raw(Paths(tmp_path).raw, {"train": train, "test": test})
+    profile = preprocess(cfg, 42, Paths(tmp_path))
     assert profile["splitting"]["train_rows_holding_a_held_out_row"] == 1
     assert profile["leakage"]["test"]["contained"] == 0
-    kept = column(load_splits(tmp_path / "out")["train"], "text")
+    kept = column(load_splits(Paths(tmp_path).processed)["train"], "text")
     assert "the cast is stiff or just plain bad ." not in kept and len(kept) > 150
 
 
@@ -211,10 +215,10 @@ def test_a_group_column_keeps_every_group_in_one_split(tmp_path, cfg):
             for i, (text, label) in enumerate(synthetic_rows(300)) for k in range(3)]
     test = [(text, label, f"t{i}") for i, (text, label) in enumerate(synthetic_rows(30, 1))]
     test[0] = (test[0][0], test[0][1], "g7")  # a group the source also has in train
-    write_raw(tmp_path / "raw", {"train": rows, "test": test})
+    write_raw(Paths(tmp_path).raw, {"train": rows, "test": test})
     cfg.held_out_rows = "all"
-    profile = preprocess(cfg, 42, raw_dir=tmp_path / "raw", out_dir=tmp_path / "out")
-    splits = load_splits(tmp_path / "out")
+    profile = preprocess(cfg, 42, Paths(tmp_path))
+    splits = load_splits(Paths(tmp_path).processed)
     group_of = {text: group for text, _, group in rows + test}
     groups = {name: {group_of[t] for t in column(ds, "text")} for name, ds in splits.items()}
     assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
@@ -231,18 +235,21 @@ COLLECT_AND_PREPROCESS = """
 import sys
 from pathlib import Path
 from conftest import compose
-from pipeline.stages.collect import collect
-from pipeline.stages.preprocess import preprocess
+from pipeline.tasks.text_classification.collect import collect
+from pipeline.tasks.text_classification.preprocess import preprocess
+from pipeline.config import Paths
 cfg = compose("data.max_rows=4000", "preprocess.tokenizer.type=" + sys.argv[2])
-out = Path(sys.argv[1])
-collect(cfg.data, cfg.seed, out_dir=out / "raw", root=Path("{root}"))
-preprocess(cfg.preprocess, cfg.seed, raw_dir=out / "raw", out_dir=out / "processed")
+paths = Paths(Path(sys.argv[1]))
+paths.external.parent.mkdir(parents=True)
+paths.external.symlink_to(Path("{root}") / "data/external")
+collect(cfg.data, cfg.seed, paths)
+preprocess(cfg.preprocess, cfg.seed, paths)
 """
 
 
 def tree_bytes(path) -> dict:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file()}
+            if p.is_file() and p.relative_to(path).parts[0] != "external"}
 
 
 @pytest.mark.slow
@@ -255,7 +262,7 @@ def test_collect_and_preprocess_repeat_byte_for_byte(tmp_path, tokenizer):
     for run, seed in (("a", "1"), ("b", "2")):
         subprocess.run([sys.executable, "-c", script, str(tmp_path / run), tokenizer],
                        cwd=ROOT, env={**env, "PYTHONHASHSEED": seed}, check=True)
-    first, second = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
+    first, second = tree_bytes(tmp_path / "a/data"), tree_bytes(tmp_path / "b/data")
     assert first.keys() == second.keys() and "processed/tokenizer.json" in first
     assert [name for name in first if first[name] != second[name]] == []
     assert Tokenizer.from_str(first["processed/tokenizer.json"].decode()).get_vocab_size() > 1000
@@ -300,14 +307,15 @@ def write_raw_with_feedback(path, train, test, feedback):
 
 
 def run_with_feedback(tmp_path, cfg, feedback, seed=42, name="processed"):
-    raw = tmp_path / f"raw-{name}"
+    paths = Paths(tmp_path / name)
+    raw = paths.raw
     base, test = synthetic_rows(200), synthetic_rows(40, seed=1)
     if feedback:
         write_raw_with_feedback(raw, base, test, feedback)
     else:
         write_raw(raw, {"train": base, "test": test})
-    profile = preprocess(cfg, seed, raw_dir=raw, out_dir=tmp_path / name)
-    return profile, load_splits(tmp_path / name)
+    profile = preprocess(cfg, seed, paths)
+    return profile, load_splits(paths.processed)
 
 
 def test_feedback_trains_but_for_a_held_out_slice_by_request(tmp_path, cfg):
@@ -362,7 +370,7 @@ def test_feedback_inside_a_training_row_trains_and_is_never_held_out(tmp_path, c
 def test_a_growing_snapshot_keeps_every_feedback_row_on_its_side():
     """The held-out slice is not redrawn when feedback arrives: a row the last model was
     scored on is never trained on by the next, nor the reverse."""
-    from pipeline.stages.preprocess import split_feedback
+    from pipeline.data.feedback_split import split_feedback
 
     words = "apple brisk cobalt dune ember fjord gale harbor iris jade".split()
     texts = [f"{a} {b} review number {i}" for i, (a, b) in

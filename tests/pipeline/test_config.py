@@ -42,7 +42,13 @@ def test_each_stage_declares_existing_params_and_its_own_script():
                             "evaluate", "deploy", "serve"]
     absent = object()
     for name, stage in stages.items():
-        assert f"pipeline/{name}.py" in stage["deps"], name
+        assert f"pipeline/stages/{name}.py" in stage["deps"], name
+        # code is listed by package: a stage's own scripts and pipeline's two shared
+        # modules are the only single files
+        for dep in stage["deps"]:
+            if dep.startswith(("pipeline/", "serving/", "ops/")):
+                assert (ROOT / dep).is_dir() or dep.startswith("pipeline/stages/") or dep in (
+                    "pipeline/config.py", "pipeline/atomic.py"), f"{name}: {dep}"
         for key in stage["params"]:  # may be null (distill.teacher), never absent
             assert OmegaConf.select(params, key, default=absent) is not absent, f"{name}: {key}"
         assert "data" not in stage["params"] or name == "collect"
@@ -77,8 +83,12 @@ def imported_files(module: str, seen: set[str] | None = None) -> set[str]:
             names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
         else:
             continue
+        if module == "pipeline.tasks":  # tasks are imported by name, when chosen
+            from pipeline.tasks import TASKS
+
+            names += [spec.split(":")[0] for spec in TASKS.values()]
         for name in names:
-            if name.split(".")[0] in ("pipeline", "serving") and (
+            if name.split(".")[0] in ("pipeline", "serving", "ops") and (
                     (ROOT / (name.replace(".", "/") + ".py")).exists()
                     or (ROOT / name.replace(".", "/") / "__init__.py").exists()):
                 imported_files(name, seen)

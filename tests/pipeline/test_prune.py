@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.config import Paths
-from pipeline.stages.deploy import build_bundle
-from pipeline.tasks.text_classification.models import build_model
 from pipeline.modeling.prune import prune
+from pipeline.stages.deploy import build_bundle
 from pipeline.stages.train import prune_and_fine_tune
+from pipeline.tasks.text_classification.models import build_model
 
 CONFIG = {"name": "transformer", "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
           "dropout": 0.0, "pooling": "mean"}
@@ -76,11 +76,7 @@ def test_a_pruned_fine_tuned_model_exports_and_passes_parity(workspace, tmp_path
     cfg = OmegaConf.merge(cfg, {"train": {"prune": {"heads": 1, "d_ff": 16, "epochs": 1,
                                                     "lr": 1e-3}},
                                 "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
-    report = prune_and_fine_tune(cfg, None, checkpoint_dir=tmp_path / "models/checkpoints",
-                                 processed_dir=tmp_path / "data/processed",
-                                 report_path=tmp_path / "reports/train.json",
-                                 work_dir=tmp_path / "work",
-                                 run_facts_path=tmp_path / "reports/runs/train.json")
+    report = prune_and_fine_tune(cfg, Paths(tmp_path), None)
     assert report["best_score"] > 0.8  # the synthetic task survives pruning
     meta = build_bundle(cfg, Paths(tmp_path))  # DeployError if a parity check failed
     assert meta["model"]["n_heads"] == 1 and meta["model"]["d_ff"] == 16

@@ -18,15 +18,13 @@ import pytest
 from conftest import ROOT
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.stages import deploy
-
-from pipeline.modeling import export
-
-from pipeline.tracking import lineage, registry
 from pipeline.config import Paths
-from pipeline.stages.evaluate import score_champion
-from pipeline.modeling.inference import load_module, predict_logits
 from pipeline.data.splits import column, load_splits
+from pipeline.modeling import export
+from pipeline.modeling.inference import load_module, predict_logits
+from pipeline.stages import deploy
+from pipeline.stages.evaluate import score_champion
+from pipeline.tracking import lineage, registry
 from serving.bundle import Bundle
 
 BLOCK_TORCH = """
@@ -152,13 +150,58 @@ def test_bundles_are_readable_by_every_user(bundle, tmp_path):
     assert wrong_modes(stored) == {}
 
 
-def test_broken_parity_fails_and_leaves_the_old_bundle(own_workspace):
+def disagreeing_past(bound: int):
+    """In place of int8 quantisation: the fp32 graph with the logits negated on every
+    row whose token ids sum past `bound`, so there its label is another one than
+    PyTorch's (argmax becomes argmin), and elsewhere the same. Row by row (padding adds
+    nothing to the sum), so nothing depends on the batch: of the parity checks, only
+    the label agreement can fail."""
+
+    def quantize(prepared, int8, *_) -> None:
+        model = onnx.load(str(prepared))
+        graph = model.graph
+        for node in graph.node:
+            node.output[:] = ["logits_true" if o == "logits" else o for o in node.output]
+            node.input[:] = ["logits_true" if i == "logits" else i for i in node.input]
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([1], np.int64), "dp_axis"),
+            numpy_helper.from_array(np.array(bound, np.float32), "dp_bound")])
+        graph.node.extend([
+            helper.make_node("Mul", ["input_ids", "attention_mask"], ["dp_ids"]),
+            helper.make_node("Cast", ["dp_ids"], ["dp_ids_f"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", ["dp_ids_f", "dp_axis"], ["dp_sum"], keepdims=1),
+            helper.make_node("Greater", ["dp_sum", "dp_bound"], ["dp_past"]),
+            helper.make_node("Neg", ["logits_true"], ["dp_negated"]),
+            helper.make_node("Where", ["dp_past", "dp_negated", "logits_true"], ["logits"]),
+        ])
+        onnx.checker.check_model(model)
+        onnx.save(model, str(int8))
+
+    return quantize
+
+
+def test_broken_parity_fails_and_leaves_the_old_bundle(own_workspace, monkeypatch):
+    """An int8 model that gives other labels than PyTorch on as few test rows as take
+    it under the configured `int8_min_agreement` (the project's own bound, not a raised
+    one) fails the stage with the agreement it really has, and the candidate bundle
+    stays as it was."""
     path, cfg = own_workspace
-    before = (path / "models/candidate/bundle.json").read_text()
-    cfg.deploy.int8_min_agreement = 1.01
-    with pytest.raises(deploy.DeployError, match="int8 labels agree with PyTorch on"):
+    candidate = path / "models/candidate"
+    before = {p.name: p.read_bytes() for p in candidate.iterdir()}
+    required = cfg.deploy.int8_min_agreement
+    test_ids = column(load_splits(Paths(path).processed)["test"], "input_ids")
+    sums = np.array([sum(ids) for ids in test_ids])
+    # the highest bound that breaks enough rows: the agreement lands just under `required`
+    bound = next(n for n in sorted(set(sums), reverse=True) if (sums <= n).mean() < required)
+    agreement = float((sums <= bound).mean())  # the rows left alone agree
+    assert 0 < agreement < required
+    monkeypatch.setattr(export, "quantize_int8", disagreeing_past(int(bound)))
+    with pytest.raises(deploy.DeployError) as failed:
         deploy.build_bundle(cfg, Paths(path))
-    assert (path / "models/candidate/bundle.json").read_text() == before
+    message = str(failed.value)
+    assert message == (f"int8 labels agree with PyTorch on {agreement:.4f} of test rows "
+                       f"(required {required})"), message
+    assert {p.name: p.read_bytes() for p in candidate.iterdir()} == before
 
 
 BATCH_STEP = 0.1  # logit shift per batch companion in `batch_dependent`

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from conftest import compose, copy_repo, git_init, run
 
-from pipeline.stages.deploy import batch_tolerances
 from ops import control
+from pipeline.stages.deploy import batch_tolerances
 from serving.bundle import Bundle
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,9 @@ from conftest import ROOT, compose
 from datasets import load_from_disk
 from omegaconf import OmegaConf
 
-from pipeline.stages.collect import CollectError, collect
+from pipeline.config import Paths
 from pipeline.data.splits import column
+from pipeline.tasks.text_classification.collect import CollectError, collect
 
 
 def files_cfg(**overrides):
@@ -25,33 +26,41 @@ def files_cfg(**overrides):
 
 
 def run_collect(cfg, root, seed=42):
-    out = root / "raw"
-    return collect(cfg, seed, out_dir=out, root=root), load_from_disk(str(out / "dataset"))
+    paths = Paths(root)
+    return collect(cfg, seed, paths), load_from_disk(str(paths.raw / "dataset"))
+
+
+def with_bundled_data(root):
+    """A root whose data/external is the repository's bundled data: collect reads
+    there and writes under root."""
+    (root / "data").mkdir(parents=True)
+    (root / "data/external").symlink_to(ROOT / "data/external")
+    return Paths(root)
 
 
 def test_bundled_sst2_default(tmp_path):
     cfg = compose().data
     cfg.max_rows = 300
-    manifest = collect(cfg, 42, out_dir=tmp_path / "raw", root=ROOT)
-    ds = load_from_disk(str(tmp_path / "raw" / "dataset"))
+    manifest = collect(cfg, 42, with_bundled_data(tmp_path))
+    ds = load_from_disk(str(tmp_path / "data/raw/dataset"))
     assert manifest["label_names"] == ["negative", "positive"]
     assert manifest["splits"]["train"]["rows"] == 300
     assert manifest["splits"]["test"]["rows"] == 300
     assert set(ds) == {"train", "test"}
     assert ds["train"].features["label"].names == ["negative", "positive"]
     # the same seed gives the same sample, and the hash records it
-    again = collect(cfg, 42, out_dir=tmp_path / "raw2", root=ROOT)
+    again = collect(cfg, 42, with_bundled_data(tmp_path / "again"))
     assert again["content_hash"] == manifest["content_hash"]
-    other = collect(cfg, 7, out_dir=tmp_path / "raw3", root=ROOT)
+    other = collect(cfg, 7, with_bundled_data(tmp_path / "other"))
     assert other["content_hash"] != manifest["content_hash"]
 
 
 def test_ag_news_labels_map_to_class_names(tmp_path):
     cfg = compose("data=ag_news").data
     cfg.max_rows = 200
-    manifest = collect(cfg, 42, out_dir=tmp_path / "raw", root=ROOT)
+    manifest = collect(cfg, 42, with_bundled_data(tmp_path))
     assert manifest["label_names"] == ["World", "Sports", "Business", "Sci/Tech"]
-    ds = load_from_disk(str(tmp_path / "raw" / "dataset"))
+    ds = load_from_disk(str(tmp_path / "data/raw/dataset"))
     assert list(ds) == ["train"]
     text = ds["train"][0]["text"]
     assert len(text.split()) > 5  # title and description joined
@@ -152,13 +161,13 @@ def test_bad_input_names_file_and_row_and_writes_nothing(tmp_path, name, content
     if content is not None:
         (tmp_path / name).write_bytes(content)
     cfg = files_cfg(**{"splits": {"train": name}, **overrides})
-    out = tmp_path / "raw"
+    out = Paths(tmp_path).raw
     with pytest.raises(CollectError) as err:
-        collect(cfg, 42, out_dir=out, root=tmp_path)
+        collect(cfg, 42, Paths(tmp_path))
     for word in words:
         assert word in str(err.value)
     assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw")]  # no temp left
+    assert not list(out.parent.glob(".raw*"))  # no temporary directory left  # no temp left
 
 
 def test_a_group_column_is_collected_as_group(tmp_path):
@@ -174,12 +183,12 @@ def test_bad_test_split_keeps_the_previous_output(tmp_path):
     """A failed run never replaces or damages what an earlier run wrote."""
     (tmp_path / "train.csv").write_text("text,label\na,0\nb,1\n")
     cfg = files_cfg(**{"splits": {"train": "train.csv"}})
-    first = collect(cfg, 42, out_dir=tmp_path / "raw", root=tmp_path)
+    first = collect(cfg, 42, Paths(tmp_path))
     (tmp_path / "test.csv").write_text("text,label\nc,2\n")
     cfg.splits = {"train": "train.csv", "test": "test.csv"}
     with pytest.raises(CollectError, match=r"test.csv, row 2: unknown label '2'"):
-        collect(cfg, 42, out_dir=tmp_path / "raw", root=tmp_path)
-    manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
+        collect(cfg, 42, Paths(tmp_path))
+    manifest = json.loads((Paths(tmp_path).raw / "manifest.json").read_text())
     assert manifest["content_hash"] == first["content_hash"]
 
 

@@ -8,9 +8,9 @@ import signal
 import numpy as np
 import pytest
 
-from pipeline.stages import serve
 from pipeline.config import Paths
 from pipeline.data.splits import load_splits
+from pipeline.stages import serve
 from serving.bundle import Bundle
 
 

@@ -16,14 +16,22 @@ import yaml
 from conftest import ROOT, compose, every_worker_shows, running_service
 from omegaconf import OmegaConf
 
-from pipeline.data import feedback
-
-from pipeline.loops import retrain
 from pipeline.config import Paths
+from pipeline.data import feedback
 from pipeline.data.profile import reference_histogram
-from serving.monitoring.metrics import psi
-from serving.predlog.log import open_store
+from pipeline.loops import retrain
+from pipeline.loops.triggers import (
+    DRIFT_METRICS,
+    Signals,
+    accuracy_trigger,
+    calibrate,
+    decide,
+    new_labels_trigger,
+    thresholds,
+)
 from serving.bundle.tensors import length_counts
+from serving.monitoring.drift import psi
+from serving.predlog.store import open_store
 
 RNG_LENGTHS = np.random.default_rng(1).geometric(0.08, 20_000) + 2  # skewed, like text
 
@@ -55,7 +63,7 @@ def live_length_psi(rng, window: int) -> float:
 
 @pytest.mark.parametrize("window", [100, 1000])
 def test_calibrated_thresholds_rarely_fire_on_unchanged_data(window):
-    limit = retrain.calibrate(PROFILE, window, quantile=0.99, samples=2000)["length"]
+    limit = calibrate(PROFILE, window, quantile=0.99, samples=2000)["length"]
     rng = np.random.default_rng(7)
     unchanged = np.array([live_length_psi(rng, window) for _ in range(1000)])
     assert (unchanged > limit).mean() < 0.03  # about the 1% the quantile promises
@@ -65,10 +73,10 @@ def test_calibrated_thresholds_rarely_fire_on_unchanged_data(window):
 
 
 def test_thresholds_shrink_with_the_window_but_not_below_min_psi(cfg):
-    small = retrain.calibrate(PROFILE, 100, 0.99, 2000)
-    large = retrain.calibrate(PROFILE, 5000, 0.99, 2000)
+    small = calibrate(PROFILE, 100, 0.99, 2000)
+    large = calibrate(PROFILE, 5000, 0.99, 2000)
     assert all(large[name] < small[name] for name in small)
-    limits = retrain.thresholds(retrain.Signals(drift_window=5000, profile=PROFILE), cfg.drift)
+    limits = thresholds(Signals(drift_window=5000, profile=PROFILE), cfg.drift)
     assert limits["length"]["calibrated"] == pytest.approx(large["length"])
     assert limits["length"]["threshold"] == cfg.drift.min_psi == 0.1
 
@@ -81,19 +89,18 @@ def fired(triggers: list[dict]) -> list[str]:
 
 
 def test_drift_counts_only_over_a_large_enough_window(cfg):
-    signals = retrain.Signals(drift_window=999, profile=PROFILE, new_labels=0,
-                              psi={"length": 3.0, "unknown_token": 1.0, "predicted_class": 1.0})
-    triggers, _ = retrain.decide(signals, cfg, since=None)
+    signals = Signals(drift_window=999, profile=PROFILE, new_labels=0,
+                      psi={"length": 3.0, "unknown_token": 1.0, "predicted_class": 1.0})
+    triggers, _ = decide(signals, cfg, since=None)
     assert fired(triggers) == []
     assert triggers[0]["reason"] == ("the drift window holds 999 texts, fewer than 1000: "
                                      "its PSIs are not trusted yet")
 
 
 def test_drift_over_its_threshold_fires_with_the_figures(cfg):
-    signals = retrain.Signals(drift_window=2000, profile=PROFILE, new_labels=0,
-                              psi={"length": 0.3, "unknown_token": 0.0001,
-                                   "predicted_class": 0.05})
-    triggers, limits = retrain.decide(signals, cfg, since=None)
+    signals = Signals(drift_window=2000, profile=PROFILE, new_labels=0,
+                      psi={"length": 0.3, "unknown_token": 0.0001, "predicted_class": 0.05})
+    triggers, limits = decide(signals, cfg, since=None)
     assert fired(triggers) == ["drift:length"]
     reason = triggers[0]["reason"]
     assert reason.startswith("length PSI 0.3000 over 0.1000 over 2000 texts (no-change 99% "
@@ -101,32 +108,32 @@ def test_drift_over_its_threshold_fires_with_the_figures(cfg):
     # with small windows allowed, the calibrated threshold, not 0.1, decides
     cfg.drift.min_window = 100
     signals.drift_window, signals.psi = 100, {"length": 0.15}
-    triggers, limits = retrain.decide(signals, cfg, since=None)
+    triggers, limits = decide(signals, cfg, since=None)
     assert limits["length"]["threshold"] > 0.15 and fired(triggers) == []
 
 
 def test_live_accuracy_counts_once_it_rests_on_enough_labels(cfg):
-    few = retrain.Signals(live_accuracy=0.5, live_labels=199, new_labels=0)
-    assert retrain.accuracy_trigger(few, cfg) == {
+    few = Signals(live_accuracy=0.5, live_labels=199, new_labels=0)
+    assert accuracy_trigger(few, cfg) == {
         "trigger": "live_accuracy", "fired": False, "labels": 199,
         "reason": "live accuracy rests on 199 labels, fewer than 200"}
-    low = retrain.Signals(live_accuracy=0.7, live_labels=300, new_labels=0)
-    found = retrain.accuracy_trigger(low, cfg)
+    low = Signals(live_accuracy=0.7, live_labels=300, new_labels=0)
+    found = accuracy_trigger(low, cfg)
     assert found["fired"] and found["reason"] == ("live accuracy 0.7000 under the floor 0.8 "
                                                   "over 300 labels")
-    good = retrain.Signals(live_accuracy=0.85, live_labels=300, new_labels=0)
-    assert not retrain.accuracy_trigger(good, cfg)["fired"]
+    good = Signals(live_accuracy=0.85, live_labels=300, new_labels=0)
+    assert not accuracy_trigger(good, cfg)["fired"]
 
 
 def test_new_labels_since_the_last_retraining_and_force(cfg):
-    assert not retrain.new_labels_trigger(retrain.Signals(new_labels=499), cfg, None)["fired"]
-    enough = retrain.new_labels_trigger(retrain.Signals(new_labels=500), cfg, 1.7e9)
+    assert not new_labels_trigger(Signals(new_labels=499), cfg, None)["fired"]
+    enough = new_labels_trigger(Signals(new_labels=500), cfg, 1.7e9)
     assert enough["fired"]
     assert enough["reason"] == ("500 labelled answers since the last retraining "
                                 "(2023-11-14T22:13:20Z), at least 500")
-    unread = retrain.new_labels_trigger(retrain.Signals(new_labels=None), cfg, None)
+    unread = new_labels_trigger(Signals(new_labels=None), cfg, None)
     assert not unread["fired"] and unread["reason"] == "the prediction log could not be read"
-    triggers, _ = retrain.decide(retrain.Signals(new_labels=0), cfg, None, force=True)
+    triggers, _ = decide(Signals(new_labels=0), cfg, None, force=True)
     assert fired(triggers) == ["force"]
 
 
@@ -205,7 +212,7 @@ def test_a_dry_run_reads_the_service_and_records_its_decision(logged_service, tm
     assert record["reasons"] == ["6 labelled answers ever, at least 5"]
     signals = record["signals"]
     assert signals["new_labels"] == 6 and signals["live_labels"] == 6
-    assert signals["drift_window"] == 6 and set(signals["psi"]) == set(retrain.DRIFT_METRICS)
+    assert signals["drift_window"] == 6 and set(signals["psi"]) == set(DRIFT_METRICS)
     assert record["triggers"][0]["reason"].startswith("the drift window holds 6 texts")
     assert record["last_retraining"] is None and not (tmp_path / "data").exists()
 

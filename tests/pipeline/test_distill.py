@@ -11,8 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import atomic
-from pipeline.modeling.inference import load_module, predict_logits
+from pipeline.config import Paths
 from pipeline.data.splits import NO_LABEL, column, load_dataset_dir, load_splits
+from pipeline.modeling.inference import load_module, predict_logits
 from pipeline.stages.teacher import TeacherError, TeacherPaths, teach
 from pipeline.stages.train import fit
 from pipeline.stages.transfer import build_transfer, transfer_texts
@@ -56,7 +57,7 @@ def distilled(workspace, built_bundle, tmp_path_factory):
                                             "teacher_precision": "fp32"}})
     paths = TeacherPaths(root)
     teacher = teach(cfg, paths)
-    transfer = build_transfer(cfg, paths.processed, paths.teacher, root / "data/transfer")
+    transfer = build_transfer(cfg, paths)
     return root, cfg, teacher, transfer
 
 
@@ -111,10 +112,10 @@ def test_a_student_on_the_teachers_logits_matches_them_better_than_one_on_labels
     target = teacher.predict_logits(column(test, "text"))
 
     def student_gap(name: str, transfer) -> float:
-        fit(cfg, processed_dir=root / "data/processed", checkpoint_dir=tmp_path / name,
-            report_path=tmp_path / f"{name}.json", work_dir=tmp_path / f"{name}-work",
-            run_facts_path=tmp_path / f"{name}-facts.json", transfer=transfer)
-        student = load_module(tmp_path / name / "best.ckpt")
+        run = Paths(tmp_path / name)
+        shutil.copytree(root / "data/processed", run.processed)
+        fit(cfg, run, transfer=transfer)
+        student = load_module(run.checkpoint)
         logits = predict_logits(student, column(test, "input_ids"), 64)
         return float(np.mean((logits - target) ** 2))
 
@@ -142,8 +143,7 @@ def test_without_a_teacher_both_stages_only_say_so(workspace, tmp_path):
     shutil.copytree(path / "data/processed", tmp_path / "data/processed")
     paths = TeacherPaths(tmp_path)
     assert teach(cfg, paths) == {"teacher": None}
-    assert build_transfer(cfg, paths.processed, paths.teacher, tmp_path / "data/transfer") \
-        == {"teacher": None}
+    assert build_transfer(cfg, paths) == {"teacher": None}
     assert sorted(p.name for p in (tmp_path / "data/transfer").iterdir()) == ["transfer.json"]
 
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+
 import mlflow
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 
 from pipeline import atomic
-
-from pipeline.tracking import lineage
+from pipeline.config import Paths
 from pipeline.modeling.datamodule import TextDataModule, collate
 from pipeline.modeling.inference import load_module
 from pipeline.stages.train import fit
+from pipeline.tracking import lineage
 
 
 def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):
@@ -109,15 +111,15 @@ def test_ema_decay_ships_the_moving_average_of_the_weights(workspace, tmp_path, 
     cfg = OmegaConf.merge(cfg, {"train": {"ema_decay": decay, "max_epochs": 1},
                                 "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
     recorder = WeightsAfterEachStep()
-    fit(cfg, processed_dir=path / "data/processed", checkpoint_dir=tmp_path / "ckpt",
-        report_path=tmp_path / "train.json", work_dir=tmp_path / "work",
-        run_facts_path=tmp_path / "facts.json", callbacks=[recorder])
+    run = Paths(tmp_path)
+    shutil.copytree(path / "data/processed", run.processed)
+    fit(cfg, run, callbacks=[recorder])
 
     assert len(recorder.steps) > 3
     expected = dict(recorder.steps[0])
     for weights in recorder.steps[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
-    shipped = load_module(tmp_path / "ckpt/best.ckpt").state_dict()
+    shipped = load_module(run.checkpoint).state_dict()
     for name, value in expected.items():
         torch.testing.assert_close(shipped[name], value, rtol=1e-5, atol=1e-6)
     last = recorder.steps[-1]

