@@ -25,11 +25,12 @@ from repo import ENV, ROOT, clone_to, sh
 VALIDATION_ACCURACY = """
 import json
 import numpy as np
-from pipeline.modeling.inference import load_module, predict_logits
+from pipeline import tasks
+from pipeline.config import Paths, load_params
 from pipeline.data.splits import column, load_splits
-val = load_splits()["val"]
-logits = predict_logits(load_module("models/checkpoints/best.ckpt"),
-                        column(val, "input_ids"), 256)
+paths, task = Paths(), tasks.from_config(load_params())
+val = load_splits(paths.processed)["val"]
+logits = task.predict_logits(task.load_module(paths.checkpoint), task.model_inputs(val), 256)
 print(json.dumps(float((logits.argmax(1) == np.array(column(val, "label"))).mean())))
 """
 

@@ -23,6 +23,7 @@ from pipeline.config import Paths
 from pipeline.data.splits import column, load_splits
 from pipeline.stages import evaluate as stage
 from pipeline.stages.evaluate import compute_metrics, curve_rows, judge
+from pipeline.tasks.text_classification.task import TextClassification
 from pipeline.tracking import lineage
 
 
@@ -136,8 +137,10 @@ def known_predictions(workspace, tmp_path, monkeypatch):
     predicted[np.flatnonzero(labels == 1)[:15]] = 0
     logits = np.zeros((60, 2), np.float32)
     logits[np.arange(60), predicted] = 2.0
-    monkeypatch.setattr(stage, "load_module", lambda checkpoint: checkpoint)
-    monkeypatch.setattr(stage, "predict_logits", lambda module, rows, batch_size: logits)
+    # the task's model, replaced by one whose answers are known
+    monkeypatch.setattr(TextClassification, "load_module", lambda self, checkpoint: checkpoint)
+    monkeypatch.setattr(TextClassification, "predict_logits",
+                        lambda self, module, rows, batch_size: logits)
     return paths, cfg
 
 
@@ -232,11 +235,12 @@ def test_stage_scores_the_held_out_feedback_beside_the_test_set(known_prediction
     DatasetDict(splits).save_to_disk(str(paths.root / "processed-new"))
     shutil.rmtree(paths.processed / "dataset")
     (paths.root / "processed-new").rename(paths.processed / "dataset")
-    test_logits = stage.predict_logits(None, None, None)
+    test_logits = TextClassification().predict_logits(None, None, None)
     slice_labels = np.asarray(column(held, "label"))
     slice_logits = np.zeros((40, 2), np.float32)
     slice_logits[np.arange(40), 1] = 2.0  # everything called positive
-    monkeypatch.setattr(stage, "predict_logits", lambda module, rows, batch_size:
+    monkeypatch.setattr(TextClassification, "predict_logits",
+                        lambda self, module, rows, batch_size:
                         test_logits if len(rows) == 60 else slice_logits)
 
     metrics, verdict = stage.evaluate(cfg, paths)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from pipeline.config import Paths
 from pipeline.loops.tune import tune
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def test_tune_writes_the_best_configuration_for_the_pipeline(workspace, tmp_path
                    "train.init_embeddings=null",
                    "tune.max_epochs=2", "tune.limit_train_batches=1.0",
                    "tune.space.model=[transformer_tiny]", "tune.space.batch_size=[16,32]"],
-                  processed_dir=path / "data" / "processed", conf_dir=tmp_path / "conf",
+                  Paths(path), conf_dir=tmp_path / "conf",
                   params_file=tmp_path / "params.yaml")
     assert len(result["trials"]) == 3
     assert set(result["trials"]) <= {"COMPLETE", "PRUNED"}

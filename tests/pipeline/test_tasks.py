@@ -1,0 +1,62 @@
+"""The task seam: the configuration chooses a task, and the stages reach everything
+task-specific through it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline import tasks
+from pipeline.config import Paths
+from pipeline.stages.train import fit
+from pipeline.tasks.text_classification.task import TextClassification
+from serving.bundle.tasks import TASKS
+
+
+def test_an_unknown_task_names_the_known_ones():
+    with pytest.raises(tasks.UnknownTask, match=r"task.name: unknown task 'images' "
+                                                r"\(text_classification\)"):
+        tasks.get("images")
+
+
+def test_the_configuration_chooses_the_task(smoke_cfg):
+    assert smoke_cfg.task.name == "text_classification"
+    task = tasks.from_config(smoke_cfg)
+    assert isinstance(task, TextClassification)
+    assert task.spec is TASKS["text_classification"]
+    # params.yaml written before tasks existed names none: text classification
+    assert isinstance(tasks.from_config(OmegaConf.create({"seed": 1})), TextClassification)
+
+
+class Recording(TextClassification):
+    """Text classification that notes which of its methods the stage called."""
+
+    calls: list[str] = []
+
+    def datamodule(self, *args, **kwargs):
+        self.calls.append("datamodule")
+        return super().datamodule(*args, **kwargs)
+
+    def module(self, *args, **kwargs):
+        self.calls.append("module")
+        return super().module(*args, **kwargs)
+
+    def warm_start(self, *args, **kwargs):
+        self.calls.append("warm_start")
+        return super().warm_start(*args, **kwargs)
+
+
+def test_train_builds_its_data_and_model_through_the_task(workspace, tmp_path, monkeypatch):
+    path, cfg = workspace
+    monkeypatch.setitem(tasks.TASKS, "recording", f"{__name__}:Recording")
+    monkeypatch.chdir(tmp_path)
+    run = Paths(tmp_path)
+    shutil.copytree(Paths(path).processed, run.processed)
+    cfg = OmegaConf.merge(cfg, {"task": {"name": "recording"}, "train": {"max_epochs": 1},
+                                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+    Recording.calls.clear()
+    report = fit(cfg, run)
+    assert Recording.calls == ["datamodule", "module", "warm_start"]
+    assert run.checkpoint.is_file() and report["epochs"] == 1
