@@ -87,8 +87,8 @@ def workspace(tmp_path_factory):
     """A working directory where preprocess, train (2 epochs) and evaluate ran on a
     small synthetic data set, tracked in the directory's own MLflow database.
 
-    Yields (path, cfg). Every stage takes `Paths(path)`; train runs inside it, so its
-    checkpoints record their paths relative to it, as in a repository.
+    Yields (path, cfg). Every stage takes `Paths(path)`; MLflow keeps its runs and
+    artifacts there too.
     """
     from helpers import synthetic_rows, write_raw
 
@@ -106,15 +106,27 @@ def workspace(tmp_path_factory):
     cfg.train.init_embeddings = None
     cfg.train.max_epochs = 2
     cfg.train.lr = 5e-3
-    cfg.mlflow.tracking_uri = f"sqlite:///{path}/mlflow.db"
+    cfg.mlflow.tracking_uri = tracking_in(path, cfg.mlflow.experiment)
     cfg.deploy.model_name = "synthetic-classifier"
-    with inside(path):
+    with restored_tracking_uri():
         write_raw(Paths(path).raw, {"train": synthetic_rows(400),
                                     "test": synthetic_rows(60, seed=1)})
         preprocess(cfg.preprocess, cfg.seed, Paths(path))
         fit(cfg, Paths(path))
     evaluate(cfg, Paths(path))
     return path, cfg
+
+
+def tracking_in(root: Path, experiment: str) -> str:
+    """A tracking URI of MLflow's in `root`, where `experiment` keeps its artifacts too
+    (MLflow's default artifact root is relative to the working directory)."""
+    import mlflow
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, (root / "mlruns").as_uri())
+    return uri
 
 
 @contextlib.contextmanager

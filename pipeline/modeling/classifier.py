@@ -2,7 +2,7 @@
 optimiser.
 
 Trained on labels, the loss is cross-entropy. Trained on a transfer set (pipeline/
-transfer.py), whose batches carry a teacher's logits, it is Tang et al.'s (2019):
+stages/transfer.py), whose batches carry a teacher's logits, it is Tang et al.'s (2019):
 `distill_weight` x the mean squared error between the student's and the teacher's
 logits, plus the rest x cross-entropy on the rows that have a label (the original
 sentences; augmented ones carry label -100 and only the teacher's answer)."""

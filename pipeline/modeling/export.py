@@ -58,13 +58,20 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> 
     drop_stack_traces(path)
 
 
+# Node metadata the exporter writes that names where the code lives: each node's
+# Python stack trace (absolute source paths) and the dotted paths of the classes it
+# came from (so moving a model's module would change the file).
+WHERE_THE_CODE_LIVES = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy",
+                        "namespace")
+
+
 def drop_stack_traces(path: Path) -> None:
-    """The exporter records each node's Python stack trace, with the absolute paths of
-    the source files: without them the file depends only on the model, so the same
-    weights give the same bytes in any clone (and no local paths ship in a bundle)."""
+    """Without the metadata that names where the code lives, the file depends only on
+    the model: the same weights give the same bytes in any clone and after any move of
+    the code (and no local paths ship in a bundle)."""
     exported = onnx.load(str(path))
     for node in exported.graph.node:
-        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        kept = [p for p in node.metadata_props if p.key not in WHERE_THE_CODE_LIVES]
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
     onnx.save(exported, str(path))

@@ -31,7 +31,6 @@ from pipeline import atomic, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
 from pipeline.modeling.export import quantize_best
-from pipeline.modeling.inference import predict_logits
 from pipeline.tracking import lineage
 from pipeline.tracking.registry import promote, prune_store, register
 from serving.bundle import MODEL_FILES, Bundle, RuntimeOptions
@@ -45,10 +44,10 @@ class DeployError(RuntimeError):
 # ---------------------------------------------------------------- checks
 
 
-def check_parity(bundle_dir: Path, module, texts: list[str], ids: list[list[int]],
+def check_parity(bundle_dir: Path, task, module, texts: list[str], ids: list[list[int]],
                  cfg: DictConfig) -> dict:
     """Compare the bundle with PyTorch on the test split; DeployError when broken."""
-    reference = predict_logits(module, ids, cfg.evaluate.batch_size)
+    reference = task.predict_logits(module, ids, cfg.evaluate.batch_size)
     fp32 = Bundle.load(bundle_dir, "fp32")
     int8 = Bundle.load(bundle_dir, "int8")
     mismatched = [i for i, (a, b) in enumerate(zip(fp32.encode(texts), ids, strict=True))
@@ -109,7 +108,7 @@ def bundle_meta(cfg: DictConfig, module, version: str, checkpoint_sha256: str, m
     MLflow run and the git commit are recorded by the registry (`registry.json` beside
     a promoted bundle)."""
     return {
-        "format": 1,
+        "format": 2,  # 2: names its task and signature (1: "inputs", "outputs")
         "task": tasks.from_config(cfg).name,
         "signature": model_signature,
         "version": version,
@@ -130,10 +129,11 @@ def bundle_meta(cfg: DictConfig, module, version: str, checkpoint_sha256: str, m
     }
 
 
-def content_version(bundle_dir: Path) -> str:
-    """The bundle's version: a digest of its model and tokenizer files, so a version
-    names exactly one set of answers."""
-    files = [bundle_dir / name for name in (*MODEL_FILES.values(), "tokenizer.json")]
+def content_version(bundle_dir: Path, preprocessing: tuple[str, ...]) -> str:
+    """The bundle's version: a digest of its model files and the preprocessing that
+    feeds them (for text, tokenizer.json), so a version names exactly one set of
+    answers."""
+    files = [bundle_dir / name for name in (*MODEL_FILES.values(), *preprocessing)]
     return hashlib.sha256("".join(lineage.digest(f) for f in files).encode()).hexdigest()[:16]
 
 
@@ -204,12 +204,13 @@ def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
         model_signature = signature(ort.InferenceSession(
             str(tmp / MODEL_FILES["fp32"]), RuntimeOptions().session_options(),
             providers=["CPUExecutionProvider"]))
-        meta = bundle_meta(cfg, module, content_version(tmp), lineage.digest(paths.checkpoint),
+        meta = bundle_meta(cfg, module, content_version(tmp, task.spec.preprocessing),
+                           lineage.digest(paths.checkpoint),
                            atomic.read_json(paths.metrics), atomic.read_json(paths.gate),
                            profile, pad_id, model_signature)
         atomic.write_json(tmp / "bundle.json", meta)
         test = splits["test"]
-        meta["parity"] = check_parity(tmp, module, task.requests(test),
+        meta["parity"] = check_parity(tmp, task, module, task.requests(test),
                                       task.model_inputs(test), cfg)
         meta["int8"] = int8
         atomic.write_json(tmp / "bundle.json", meta)

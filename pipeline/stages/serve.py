@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from ops import control
+from ops import process
 from pipeline import atomic, tasks
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import load_splits
@@ -42,7 +42,7 @@ def canary(url: str, texts: list[str], expected: np.ndarray, labels: list[str]) 
     latencies, mismatches, max_diff = [], [], 0.0
     for i, text in enumerate(texts):
         started = time.perf_counter()
-        status, body = control.http_json("POST", f"{url}/predict", {"texts": [text]})
+        status, body = process.http_json("POST", f"{url}/predict", {"texts": [text]})
         latencies.append((time.perf_counter() - started) * 1000)
         if status != 200:
             raise CanaryError(f"canary row {i}: HTTP {status} {body}")
@@ -71,19 +71,19 @@ def check_service(cfg: DictConfig, paths: Paths) -> dict:
     test = load_splits(paths.processed)["test"]
     texts = tasks.get(bundle.task.name).requests(test)[: cfg.serve.canary_rows]
     expected = np.concatenate([bundle.predict_proba([text]) for text in texts])
-    port = control.free_port()
+    port = process.free_port()
     with tempfile.TemporaryDirectory() as tmp:
         # The canary's answers go to a log of their own, never the production one.
-        service = control.start(bundle_dir, port, Path(tmp) / "service.log",
+        service = process.start(bundle_dir, port, Path(tmp) / "service.log",
                                 env={"TEXTOPS_PRECISION": cfg.serve.precision,
                                      "TEXTOPS_PREDICTION_LOG": f"sqlite:///{tmp}/canary.db"})
         try:
-            ready = control.wait_ready(service.url, cfg.serve.ready_timeout_s, service.process)
+            ready = process.wait_ready(service.url, cfg.serve.ready_timeout_s, service.process)
             result = canary(service.url, texts, expected, bundle.label_names)
         except (RuntimeError, OSError) as err:
             raise CanaryError(f"{err}\n--- service log ---\n{service.log_tail()}") from None
         finally:
-            exit_code = control.stop(service.process)
+            exit_code = process.stop(service.process)
     if ready.get("model_version") != bundle.version:
         raise CanaryError(f"the service reports version {ready.get('model_version')}, "
                           f"the bundle is {bundle.version}")

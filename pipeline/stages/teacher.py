@@ -148,7 +148,8 @@ def teach(cfg: DictConfig, paths: TeacherPaths) -> dict:
         precision = cfg.distill.teacher_precision
         model = Bundle.load(bundle, precision)
         test = load_splits(paths.processed)["test"]
-        logits = model.predict_logits(column(test, "text"), cfg.distill.teacher_batch_size)
+        requests = tasks.from_config(cfg).requests(test)
+        logits = model.predict_logits(requests, cfg.distill.teacher_batch_size)
         accuracy = float((logits.argmax(1) == np.array(column(test, "label"))).mean())
         report = {"teacher": spec, "bundle_version": model.version,
                   "model": model.meta["model"], "precision": precision,

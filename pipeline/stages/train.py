@@ -165,17 +165,17 @@ def fit(
     return finish(cfg, trainer, logger, datamodule, paths, seconds, resumed)
 
 
-def portable_copy(source: Path, target: Path) -> None:
+def portable_copy(source: Path, target: Path, root: Path) -> None:
     """Copy a checkpoint with the absolute paths that ModelCheckpoint records in it
-    (its directory, the best model's path) made relative to the working directory, so
-    the same training gives the same bytes in any clone."""
+    (its directory, the best model's path) made relative to `root`, the repository,
+    so the same training gives the same bytes in any clone."""
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
     for state in checkpoint.get("callbacks", {}).values():
         for key, value in state.items():
             if isinstance(value, str) and os.path.isabs(value):
-                state[key] = os.path.relpath(value)
+                state[key] = os.path.relpath(value, root)
         if "best_k_models" in state:
-            state["best_k_models"] = {os.path.relpath(k): v
+            state["best_k_models"] = {os.path.relpath(k, root): v
                                       for k, v in state["best_k_models"].items()}
     torch.save(checkpoint, target)
 
@@ -185,14 +185,15 @@ def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> 
     run's facts (rank 0). Returns both in one dict."""
     checkpoint, work_dir = trainer.checkpoint_callback, paths.train_work
     with atomic.atomic_dir(paths.checkpoint.parent) as tmp:
-        portable_copy(Path(checkpoint.best_model_path), tmp / "best.ckpt")
-        portable_copy(work_dir / "last.ckpt", tmp / "last.ckpt")
+        root = paths.root.resolve()
+        portable_copy(Path(checkpoint.best_model_path), tmp / "best.ckpt", root)
+        portable_copy(work_dir / "last.ckpt", tmp / "last.ckpt", root)
     best = paths.checkpoint
     run = logger.experiment
     run.log_artifact(logger.run_id, str(best), "checkpoints")
     run.set_tag(logger.run_id, lineage.CHECKPOINT_TAG, lineage.digest(best))
-    if PARAMS_FILE.exists():
-        run.log_artifact(logger.run_id, str(PARAMS_FILE))
+    if (paths.root / PARAMS_FILE).exists():
+        run.log_artifact(logger.run_id, str(paths.root / PARAMS_FILE))
     report = {
         "monitor": cfg.train.monitor,
         "best_score": float(checkpoint.best_model_score),
@@ -228,10 +229,9 @@ def prune_and_fine_tune(cfg: DictConfig, paths: Paths, transfer: Path | None) ->
     """Remove the weakest heads and feed-forward units from the best checkpoint's
     Transformer (pipeline/modeling/prune.py) and fine-tune what is left for `train.prune.epochs`
     on the same data; its checkpoints replace the unpruned model's."""
-    from pipeline.modeling.inference import load_module
     from pipeline.modeling.prune import prune
 
-    trained = load_module(paths.checkpoint)
+    trained = tasks.from_config(cfg).load_module(paths.checkpoint)
     settings = cfg.train.prune
     model_cfg, state = prune(trained.model, dict(trained.hparams.model), settings.heads,
                              settings.d_ff)

@@ -16,8 +16,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
-import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 
@@ -83,7 +83,7 @@ class Task(ABC):
 
     @abstractmethod
     def predict_logits(self, module: pl.LightningModule, rows: list,
-                       batch_size: int) -> torch.Tensor:
+                       batch_size: int) -> np.ndarray:
         """The module's outputs for `model_inputs` rows, in their order."""
 
     @abstractmethod

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 # The name these lines have carried since before the log was split into modules:
 # operators' filters on the service's log match it.
-log = logging.getLogger("serving.predlog.log")
+log = logging.getLogger("serving.prediction_log")
 
 STOP = object()
 

@@ -79,7 +79,7 @@ def test_bundle_contents_and_parity_report(bundle, workspace):
         assert key in saved, key
     assert saved["lineage"] == {"data": "t", "data_hash": "abc", "checkpoint_sha256":
                                 lineage.digest(path / "models/checkpoints/best.ckpt")}
-    assert saved["version"] == deploy.content_version(bundle_dir)
+    assert saved["version"] == deploy.content_version(bundle_dir, ("tokenizer.json",))
     card = (bundle_dir / "MODEL_CARD.md").read_text()
     assert "## Intended use" in card and "## Limitations" in card and meta["version"] in card
 
@@ -379,3 +379,15 @@ def test_quantize_best_keeps_the_scheme_that_agrees_best(good, bundle, workspace
     (bad,) = set(export.INT8_SCHEMES) - {good}
     assert chosen["validation_agreement"][bad] < 0.1
     assert onnx.load(str(tmp_path / "int8.onnx")).doc_string == good
+
+
+def test_the_exported_model_says_nothing_of_where_the_code_lives(built_bundle):
+    """The exporter names each node's source file and the dotted path of its class:
+    dropped, so moving a module or cloning elsewhere leaves the bundle's bytes alone."""
+    import onnx
+
+    bundle_dir, _ = built_bundle
+    model = onnx.load(str(bundle_dir / "model.onnx"))  # int8 keeps no node metadata
+    values = [p.value for node in model.graph.node for p in node.metadata_props]
+    assert values, "the exporter's own node metadata is kept"
+    assert not [v for v in values if "pipeline" in v or str(ROOT) in v]

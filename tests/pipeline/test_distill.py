@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import tracking_in
 from omegaconf import OmegaConf
 
 from pipeline import atomic
@@ -99,13 +100,13 @@ STUDENTS = {  # smaller than the teacher (d_model 32): a copy of it would be the
 
 @pytest.mark.parametrize("student", STUDENTS)
 def test_a_student_on_the_teachers_logits_matches_them_better_than_one_on_labels(
-        distilled, tmp_path, monkeypatch, student):
+        distilled, tmp_path, student):
     """The known answer: trained to reproduce the teacher's logits, a student's logits
     on unseen texts are closer to the teacher's than a label-trained student's."""
     root, cfg, _, _ = distilled
-    monkeypatch.chdir(tmp_path)
     cfg = OmegaConf.merge(cfg, {"distill": {"weight": 1.0},
-                                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+                                "mlflow": {"tracking_uri": tracking_in(
+                                    tmp_path, cfg.mlflow.experiment)}})
     cfg.model = STUDENTS[student]
     test = load_splits(root / "data/processed")["test"]
     teacher = Bundle.load(root / "models/teacher/bundle", "fp32")

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tracking_in
 from omegaconf import OmegaConf
 
 from pipeline.config import Paths
@@ -64,10 +65,8 @@ def test_only_a_transformer_is_pruned_and_only_smaller():
         prune(model, {**CONFIG, "name": "lstm"}, heads=1, d_ff=None)
 
 
-def test_a_pruned_fine_tuned_model_exports_and_passes_parity(workspace, tmp_path,
-                                                              monkeypatch):
+def test_a_pruned_fine_tuned_model_exports_and_passes_parity(workspace, tmp_path):
     path, cfg = workspace
-    monkeypatch.chdir(tmp_path)
     for part in ("data/processed", "models/checkpoints"):
         shutil.copytree(path / part, tmp_path / part)
     for report in ("reports/metrics.json", "reports/gate.json"):
@@ -75,7 +74,8 @@ def test_a_pruned_fine_tuned_model_exports_and_passes_parity(workspace, tmp_path
         shutil.copy2(path / report, tmp_path / report)
     cfg = OmegaConf.merge(cfg, {"train": {"prune": {"heads": 1, "d_ff": 16, "epochs": 1,
                                                     "lr": 1e-3}},
-                                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+                                "mlflow": {"tracking_uri": tracking_in(
+                                    tmp_path, cfg.mlflow.experiment)}})
     report = prune_and_fine_tune(cfg, Paths(tmp_path), None)
     assert report["best_score"] > 0.8  # the synthetic task survives pruning
     meta = build_bundle(cfg, Paths(tmp_path))  # DeployError if a parity check failed

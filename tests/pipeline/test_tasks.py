@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import tracking_in
 from omegaconf import OmegaConf
 
 from pipeline import tasks
@@ -51,11 +52,11 @@ class Recording(TextClassification):
 def test_train_builds_its_data_and_model_through_the_task(workspace, tmp_path, monkeypatch):
     path, cfg = workspace
     monkeypatch.setitem(tasks.TASKS, "recording", f"{__name__}:Recording")
-    monkeypatch.chdir(tmp_path)
     run = Paths(tmp_path)
     shutil.copytree(Paths(path).processed, run.processed)
     cfg = OmegaConf.merge(cfg, {"task": {"name": "recording"}, "train": {"max_epochs": 1},
-                                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+                                "mlflow": {"tracking_uri": tracking_in(
+                                    tmp_path, cfg.mlflow.experiment)}})
     Recording.calls.clear()
     report = fit(cfg, run)
     assert Recording.calls == ["datamodule", "module", "warm_start"]

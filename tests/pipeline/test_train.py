@@ -6,6 +6,7 @@ import shutil
 
 import mlflow
 import torch
+from conftest import tracking_in
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 
@@ -101,15 +102,15 @@ class WeightsAfterEachStep(Callback):
         self.steps.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
 
-def test_ema_decay_ships_the_moving_average_of_the_weights(workspace, tmp_path, monkeypatch):
+def test_ema_decay_ships_the_moving_average_of_the_weights(workspace, tmp_path):
     """With train.ema_decay, the checkpoint that evaluate and deploy load holds the
     exponential moving average of the weights over the optimizer steps (the known
     answer, computed here step by step), not the last step's weights."""
     path, cfg = workspace
-    monkeypatch.chdir(tmp_path)
     decay = 0.9
     cfg = OmegaConf.merge(cfg, {"train": {"ema_decay": decay, "max_epochs": 1},
-                                "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+                                "mlflow": {"tracking_uri": tracking_in(
+                                    tmp_path, cfg.mlflow.experiment)}})
     recorder = WeightsAfterEachStep()
     run = Paths(tmp_path)
     shutil.copytree(path / "data/processed", run.processed)

@@ -7,7 +7,7 @@ import shutil
 import mlflow
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, tracking_in
 
 from pipeline.config import Paths
 from pipeline.loops.tune import tune
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_tune_writes_the_best_configuration_for_the_pipeline(workspace, tmp_path):
     path, _ = workspace
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = tracking_in(tmp_path, "textops")
     # the workspace's tokenizer is trained on its own rows, so no MiniLM start
     result = tune(["experiment=smoke", f"mlflow.tracking_uri={uri}", "tune.trials=3",
                    "train.init_embeddings=null",
