@@ -32,7 +32,7 @@ from repo import clone_to, sh  # noqa: E402
 
 from pipeline import tasks  # noqa: E402
 from pipeline.config import Paths, load_params  # noqa: E402
-from pipeline.modeling.classifier import parameter_groups  # noqa: E402
+from pipeline.tasks.text_classification.classifier import parameter_groups  # noqa: E402
 
 
 def plain_loop(cfg, datamodule, task, steps: int) -> float:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
-from pipeline.modeling.inference import load_module
+from pipeline.tasks.text_classification.inference import load_module
 
 
 class PredictRequest(BaseModel):

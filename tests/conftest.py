@@ -93,8 +93,8 @@ def workspace(tmp_path_factory):
     from helpers import synthetic_rows, write_raw
 
     from pipeline.config import Paths
+    from pipeline.modeling.training import fit
     from pipeline.stages.evaluate import evaluate
-    from pipeline.stages.train import fit
     from pipeline.tasks.text_classification.preprocess import preprocess
 
     path = tmp_path_factory.mktemp("workspace")

@@ -11,7 +11,8 @@ from datasets import Dataset, DatasetDict, load_from_disk
 # trained on (preprocess writes it, evaluate and the gate read it).
 FEEDBACK_TEST = "feedback_test"
 # The label of a transfer-set row that only the teacher answered (pipeline/stages/transfer.py);
-# -100 is what cross-entropy's ignore_index skips (pipeline/modeling/classifier.py).
+# -100 is what cross-entropy's ignore_index skips
+# (pipeline/tasks/text_classification/classifier.py).
 NO_LABEL = -100
 
 

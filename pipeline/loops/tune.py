@@ -28,7 +28,7 @@ from pytorch_lightning.callbacks import Callback
 
 from pipeline import atomic
 from pipeline.config import Paths, compose, compose_params, tracking_uri
-from pipeline.stages.train import fit
+from pipeline.modeling.training import fit
 
 TUNED_EXPERIMENT = "tuned"
 

@@ -1,6 +1,6 @@
 """deploy: the stage that turns the best checkpoint into a checked, registered bundle.
 
-1. Export to ONNX, fp32 and static int8 (pipeline/modeling/export.py).
+1. Export to ONNX, fp32 and static int8 (pipeline/tasks/text_classification/export.py).
 2. Parity checks on the test split fail the stage: the saved tokenizer reproduces the
    training token ids; fp32 ONNX logits match PyTorch within `fp32_max_abs_diff`;
    int8 labels agree with PyTorch on at least `int8_min_agreement` of rows; a text's
@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from pipeline import atomic, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
-from pipeline.modeling.export import quantize_best
+from pipeline.tasks.text_classification.export import quantize_best
 from pipeline.tracking import lineage
 from pipeline.tracking.registry import promote, prune_store, register
 from serving.bundle import MODEL_FILES, Bundle, RuntimeOptions

@@ -86,8 +86,8 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
 
 def train_teacher(cfg: DictConfig, paths: TeacherPaths) -> Path:
     """Fine-tune the teacher, score its checkpoint on test, export its bundle."""
+    from pipeline.modeling.training import fit
     from pipeline.stages.deploy import build_bundle
-    from pipeline.stages.train import fit
 
     teacher_cfg = teacher_config(cfg)
     print(f"teacher: fine-tuning {teacher_cfg.model.name} "

@@ -1,10 +1,6 @@
-"""train: fit the configured model with PyTorch Lightning, tracked in MLflow.
-
-Checkpoints are written to a work directory (`models/train-work/`) while training
-runs. If a run is killed, the next run with the same configuration and data resumes
-from its last checkpoint, in the same MLflow run. When training ends, the best and
-last checkpoints are moved to `models/checkpoints/` in one atomic step and the work
-directory is removed.
+"""train: fit the configured model (pipeline/modeling/training.py), on the labels or,
+with a teacher, on the transfer set; with `train.prune`, prune it and fine-tune what is
+left.
 
 Output: `models/checkpoints/{best,last}.ckpt` and `reports/train.json` (best score,
 epochs, steps: what the code, data and parameters determine, the same bytes in every
@@ -16,28 +12,13 @@ with the checkpoint's sha256 (`pipeline.tracking.lineage`).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import time
 from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import (
-    Callback,
-    EarlyStopping,
-    LearningRateMonitor,
-    ModelCheckpoint,
-)
-from pytorch_lightning.loggers import MLFlowLogger
 
-from pipeline import atomic, tasks
-from pipeline.config import PARAMS_FILE, Paths, git_commit, load_params, tracking_uri
-from pipeline.modeling.callbacks import EpochSummary, MovingAverage, Progress
-from pipeline.tracking import lineage
+from pipeline import tasks
+from pipeline.config import Paths, load_params
+from pipeline.modeling.training import fit
 
 
 def transfer_set(paths: Paths) -> Path | None:
@@ -47,179 +28,6 @@ def transfer_set(paths: Paths) -> Path | None:
     return dataset if dataset.is_dir() else None
 
 
-def fingerprint(cfg: DictConfig, processed_dir: Path, preprocessing: tuple[str, ...],
-                transfer: Path | None = None) -> str:
-    """What a resumable run must share with the run it resumes: the configuration and
-    the processed data itself (its split and vocabulary, not only the raw rows), and
-    the transfer set it learns from, if any."""
-    relevant = {k: OmegaConf.to_container(cfg[k]) for k in ("model", "train", "trainer")}
-    relevant["seed"] = cfg.seed
-    relevant["data"] = [lineage.digest(processed_dir / name)
-                        for name in ("profile.json", *preprocessing)]
-    if transfer is not None:
-        relevant["transfer"] = [lineage.digest(transfer.parent / "transfer.json"),
-                                cfg.distill.weight]
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-def prepare_work_dir(work_dir: Path, key: str) -> tuple[Path | None, str | None, dict | None]:
-    """The checkpoint, MLflow run and position to resume, if an interrupted run with
-    the same configuration and data left them; otherwise a clean work directory."""
-    state_file, last = work_dir / "state.json", work_dir / "last.ckpt"
-    if state_file.exists() and last.exists():
-        state = atomic.read_json(state_file)
-        try:
-            saved = torch.load(last, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - killed while writing it: start over
-            saved = None
-        if state.get("fingerprint") == key and saved is not None:
-            position = {"epoch": saved["epoch"], "global_step": saved["global_step"]}
-            return last, state.get("run_id"), position
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return None, None, None
-
-
-def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
-                  extra_callbacks: list[Callback] = ()) -> pl.Trainer:
-    monitor = cfg.train.monitor
-    mode = "min" if monitor.endswith("loss") else "max"
-    callbacks = [
-        ModelCheckpoint(
-            dirpath=work_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-            save_last=True,
-        ),
-        EarlyStopping(monitor=monitor, mode=mode, patience=cfg.train.patience),
-        LearningRateMonitor(logging_interval="epoch"),
-        EpochSummary(),
-        Progress(),
-        *extra_callbacks,
-    ]
-    if cfg.train.get("ema_decay"):
-        callbacks.append(MovingAverage(cfg.train.ema_decay))
-    return pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer),
-        max_epochs=cfg.train.max_epochs,
-        limit_train_batches=cfg.train.limit_train_batches,
-        gradient_clip_val=cfg.train.gradient_clip_val,
-        logger=logger,
-        callbacks=callbacks,
-        default_root_dir=work_dir,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=50,
-    )
-
-
-def fit(
-    cfg: DictConfig,
-    paths: Paths,
-    callbacks: list[Callback] = (),
-    tags: dict | None = None,
-    transfer: Path | None = None,
-    start_from: dict | None = None,
-) -> dict | None:
-    """Train; on rank 0 return (and write) the report, on other ranks return None.
-
-    `callbacks` join the trainer's; `tags` join the MLflow run's (hyperparameter
-    search nests its trials under a parent run this way)."""
-    pl.seed_everything(cfg.seed, workers=True)
-    task, work_dir = tasks.from_config(cfg), paths.train_work
-    profile = atomic.read_json(paths.processed / "profile.json")
-    data_hash = profile["data"]["content_hash"]
-    key = fingerprint(cfg, paths.processed, task.spec.preprocessing, transfer)
-    resume_from, run_id, position = prepare_work_dir(work_dir, key)
-
-    logger = MLFlowLogger(
-        experiment_name=cfg.mlflow.experiment,
-        run_name=f"{cfg.data.name}-{cfg.model.name}",
-        tracking_uri=tracking_uri(cfg),
-        run_id=run_id,
-        tags={"git_commit": git_commit(), "data_hash": data_hash, "data": cfg.data.name,
-              **(tags or {})},
-    )
-    trainer = build_trainer(cfg, logger, work_dir, callbacks)
-    datamodule = task.datamodule(cfg, paths, transfer)
-    module = task.module(cfg, paths, distilling=transfer is not None)
-    if transfer is not None:
-        print(f"train: distilling from the transfer set {transfer} (loss: "
-              f"{cfg.distill.weight} x logit MSE + {1 - cfg.distill.weight:g} x "
-              "cross-entropy on labelled rows)", flush=True)
-    if start_from is not None and resume_from is None:  # a pruned model, fine-tuned
-        module.model.load_state_dict(start_from)
-    elif resume_from is None:
-        task.warm_start(module, cfg, paths)
-    if trainer.is_global_zero:
-        logger.log_hyperparams(OmegaConf.to_container(cfg))
-        atomic.write_json(
-            work_dir / "state.json",
-            {"fingerprint": key, "run_id": logger.run_id},
-        )
-
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    seconds = time.perf_counter() - started
-    if not trainer.is_global_zero:
-        return None
-    resumed = {"from": resume_from, "at": position}
-    return finish(cfg, trainer, logger, datamodule, paths, seconds, resumed)
-
-
-def portable_copy(source: Path, target: Path, root: Path) -> None:
-    """Copy a checkpoint with the absolute paths that ModelCheckpoint records in it
-    (its directory, the best model's path) made relative to `root`, the repository,
-    so the same training gives the same bytes in any clone."""
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    for state in checkpoint.get("callbacks", {}).values():
-        for key, value in state.items():
-            if isinstance(value, str) and os.path.isabs(value):
-                state[key] = os.path.relpath(value, root)
-        if "best_k_models" in state:
-            state["best_k_models"] = {os.path.relpath(k, root): v
-                                      for k, v in state["best_k_models"].items()}
-    torch.save(checkpoint, target)
-
-
-def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> dict:
-    """Move the checkpoints into place, log and tag them, and write the report and the
-    run's facts (rank 0). Returns both in one dict."""
-    checkpoint, work_dir = trainer.checkpoint_callback, paths.train_work
-    with atomic.atomic_dir(paths.checkpoint.parent) as tmp:
-        root = paths.root.resolve()
-        portable_copy(Path(checkpoint.best_model_path), tmp / "best.ckpt", root)
-        portable_copy(work_dir / "last.ckpt", tmp / "last.ckpt", root)
-    best = paths.checkpoint
-    run = logger.experiment
-    run.log_artifact(logger.run_id, str(best), "checkpoints")
-    run.set_tag(logger.run_id, lineage.CHECKPOINT_TAG, lineage.digest(best))
-    if (paths.root / PARAMS_FILE).exists():
-        run.log_artifact(logger.run_id, str(paths.root / PARAMS_FILE))
-    report = {
-        "monitor": cfg.train.monitor,
-        "best_score": float(checkpoint.best_model_score),
-        "best_checkpoint": str(best),
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "stopped_early": trainer.early_stopping_callback.stopped_epoch > 0,
-        "train_rows": len(datamodule.rows["train"]),
-    }
-    facts = {
-        "run_id": logger.run_id,
-        "experiment_id": logger.experiment_id,
-        "resumed_from": str(resumed["from"]) if resumed["from"] else None,
-        "resumed_at": resumed["at"],
-        "wall_time_s": round(seconds, 1),
-        # Optimizer steps x batch size over the whole fit, validation included.
-        "sequences_per_s": round(trainer.global_step * cfg.train.batch_size / seconds, 1),
-    }
-    for name in ("wall_time_s", "sequences_per_s"):
-        run.log_metric(logger.run_id, name, facts[name])
-    atomic.write_json(paths.train_report, report)
-    atomic.write_json(paths.train_facts, facts)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return {**report, **facts}
-
-
 def pruning(cfg: DictConfig) -> bool:
     prune = cfg.train.get("prune")
     return bool(prune) and (prune.heads is not None or prune.d_ff is not None)
@@ -227,9 +35,10 @@ def pruning(cfg: DictConfig) -> bool:
 
 def prune_and_fine_tune(cfg: DictConfig, paths: Paths, transfer: Path | None) -> dict:
     """Remove the weakest heads and feed-forward units from the best checkpoint's
-    Transformer (pipeline/modeling/prune.py) and fine-tune what is left for `train.prune.epochs`
-    on the same data; its checkpoints replace the unpruned model's."""
-    from pipeline.modeling.prune import prune
+    Transformer (pipeline/tasks/text_classification/prune.py) and fine-tune what is
+    left for `train.prune.epochs` on the same data; its checkpoints replace the
+    unpruned model's."""
+    from pipeline.tasks.text_classification.prune import prune
 
     trained = tasks.from_config(cfg).load_module(paths.checkpoint)
     settings = cfg.train.prune

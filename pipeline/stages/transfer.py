@@ -7,8 +7,9 @@ their gain from distillation mostly vanished. Part-of-speech-guided word replace
 their third rule, needs a tagger this repository does not ship, so it is left out.
 
 Each training sentence keeps its label; each copy gets label -100 (no label, the
-teacher's logits only: pipeline/modeling/classifier.py). The copies are drawn from one seeded
-generator in the split's order, so a seed gives the same transfer set in every run.
+teacher's logits only: pipeline/tasks/text_classification/classifier.py). The copies
+are drawn from one seeded generator in the split's order, so a seed gives the same
+transfer set in every run.
 The teacher computes its logits through its bundle's `distill.teacher_precision` model
 (int8 ONNX by default, the fastest it has), with a line of progress every 30 s.
 

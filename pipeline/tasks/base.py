@@ -49,7 +49,7 @@ class Task(ABC):
         """Split by group under the leakage rule, fit the preprocessing the bundle
         carries (`spec.preprocessing`, e.g. tokenizer.json), encode every split and
         profile it (the drift reference); writes `paths.processed` atomically and
-        returns the profile."""
+        returns the profile. `cfg` is the configuration's `preprocess` section."""
 
     # -- train
     @abstractmethod

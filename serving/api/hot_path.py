@@ -26,12 +26,13 @@ import time
 import orjson
 from pydantic import ValidationError
 
-from serving.api.errors import ApiError
-from serving.api.schemas import PredictRequest, request_id
+from serving.api.schemas import PredictRequest
 from serving.api.security import bearer, secret_matches
 from serving.api.validation import check_texts
 from serving.bundle.predictions import predictions
 from serving.engine.service import InferenceService
+from serving.errors import ApiError
+from serving.request_ids import request_id
 
 log = logging.getLogger("serving")
 ROUTE = "/predict"

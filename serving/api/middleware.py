@@ -10,7 +10,7 @@ import time
 
 from fastapi.responses import JSONResponse
 
-from serving.api.errors import ApiError
+from serving.errors import ApiError
 from serving.monitoring.metrics import ServiceMetrics
 
 

@@ -13,7 +13,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from serving.api.errors import ApiError
 from serving.api.hot_path import predict_answer
 from serving.api.schemas import (
     ExplainRequest,
@@ -28,6 +27,7 @@ from serving.api.security import check_admin
 from serving.api.validation import check_texts
 from serving.bundle import BundleError
 from serving.engine.service import InferenceService
+from serving.errors import ApiError
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": PredictRequest.model_json_schema()}}}}

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Header
 
-from serving.api.errors import ApiError
+from serving.errors import ApiError
 
 
 def secret_matches(offered: str | None, secrets: list[str]) -> bool:

@@ -20,12 +20,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from serving.api.errors import ApiError
-from serving.api.schemas import REQUEST_ID_PATTERN, request_id
 from serving.api.validation import check_texts
 from serving.bundle import Bundle
 from serving.bundle.predictions import predictions
 from serving.engine.service import InferenceService
+from serving.errors import ApiError
+from serving.request_ids import REQUEST_ID_PATTERN, request_id
 
 OUTPUTS = ("probabilities", "label")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from serving.api.errors import ApiError
+from serving.errors import ApiError
 
 
 def check_texts(texts: list, max_texts: int, max_chars: int,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import Bundle, softmax
+from serving.monitoring.metrics import BatchStats
 
 
 class QueueFull(Exception):
@@ -40,22 +41,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
     call: Callable[[Bundle], Any] | None = None  # set: run alone, not batched
-
-
-@dataclass
-class BatchStats:
-    """What one model call did, for the metrics."""
-
-    texts: int
-    requests: int
-    groups: int
-    real_tokens: int
-    padded_tokens: int
-    seconds: float
-    lengths: list[int]  # per text, for drift monitoring
-    unknown: list[int]  # unknown tokens per text
-    predicted: list[int]  # predicted class per text
-    bundle: Bundle | None = None  # which model computed them (a reload may swap it)
 
 
 def length_groups(lengths: list[int], max_padding: float = 1.25) -> list[list[int]]:

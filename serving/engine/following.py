@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.api.errors import ApiError
 from serving.bundle import Bundle, BundleError
 from serving.engine.source import BundleSource
+from serving.errors import ApiError
 from serving.processes.workers import SYNC_INTERVAL_S
 
 if TYPE_CHECKING:

@@ -19,12 +19,12 @@ from typing import TypeVar
 
 import numpy as np
 
-from serving.api.errors import ApiError
 from serving.bundle import Bundle, BundleError
 from serving.engine.batcher import Batcher, QueueFull
 from serving.engine.explain import explain
 from serving.engine.following import BundleFollowing
 from serving.engine.source import BundleSource
+from serving.errors import ApiError
 from serving.monitoring.metrics import ServiceMetrics
 from serving.predlog.feedback import LogBehind
 from serving.predlog.writer import PredictionLog

@@ -11,17 +11,34 @@ files, which a scrape merges.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from serving.bundle import Bundle
-from serving.engine.batcher import BatchStats
 from serving.monitoring.drift import DriftMonitor
 from serving.monitoring.quality import LiveQuality
 from serving.processes.workers import WorkerGroup, resident_bytes
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class BatchStats:
+    """What one model call did, for the metrics."""
+
+    texts: int
+    requests: int
+    groups: int
+    real_tokens: int
+    padded_tokens: int
+    seconds: float
+    lengths: list[int]  # per text, for drift monitoring
+    unknown: list[int]  # unknown tokens per text
+    predicted: list[int]  # predicted class per text
+    bundle: Bundle | None = None  # which model computed them (a reload may swap it)
 
 
 class ServiceMetrics:

@@ -4,7 +4,7 @@ Live quality comes from the prediction log (serving/predlog/): accuracy and
 per-class recall over the latest `feedback_window` labels, computed in the database by
 the log's own threads (so it survives a restart and never waits on a scrape), and the
 share of logged answers that received a label. `LiveQuality` keeps the latest reading
-(a `LiveStats`, serving/predlog/stats.py) and shows it on scrapes.
+(a `LiveStats`, serving/monitoring/live_stats.py) and shows it on scrapes.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 
 from prometheus_client.core import GaugeMetricFamily
 
-from serving.predlog.stats import LiveStats
+from serving.monitoring.live_stats import LiveStats
 
 
 class LiveQuality:

@@ -13,8 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from serving.api.schemas import issued_within
 from serving.predlog.store import LogStore, open_store
+from serving.request_ids import issued_within
 
 # A label for an answer this young may reach the log before the answer does (each
 # replica writes every 0.1 s, later when busy): "try again", not "unknown".

@@ -24,7 +24,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from serving.predlog.stats import LiveStats
+from serving.monitoring.live_stats import LiveStats
 
 # DOUBLE PRECISION, not REAL: PostgreSQL's REAL is 4 bytes, which holds unix seconds
 # only to about two minutes. SQLite reads either name as its 8-byte REAL.

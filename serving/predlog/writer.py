@@ -24,10 +24,10 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from serving.monitoring.live_stats import LiveStats
 from serving.predlog.feedback import FeedbackStore, LogBehind
 from serving.predlog.normalizer import Normalizing
 from serving.predlog.rows import prediction_rows, sampled
-from serving.predlog.stats import LiveStats
 from serving.predlog.store import LogStore, check_url, open_store, redacted
 
 if TYPE_CHECKING:

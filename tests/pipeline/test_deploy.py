@@ -20,10 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.config import Paths
 from pipeline.data.splits import column, load_splits
-from pipeline.modeling import export
-from pipeline.modeling.inference import load_module, predict_logits
 from pipeline.stages import deploy
 from pipeline.stages.evaluate import score_champion
+from pipeline.tasks.text_classification import export
+from pipeline.tasks.text_classification.inference import load_module, predict_logits
 from pipeline.tracking import lineage, registry
 from serving.bundle import Bundle
 

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from pipeline import atomic
 from pipeline.config import Paths
 from pipeline.data.splits import NO_LABEL, column, load_dataset_dir, load_splits
-from pipeline.modeling.inference import load_module, predict_logits
+from pipeline.modeling.training import fit
 from pipeline.stages.teacher import TeacherError, TeacherPaths, teach
-from pipeline.stages.train import fit
 from pipeline.stages.transfer import build_transfer, transfer_texts
+from pipeline.tasks.text_classification.inference import load_module, predict_logits
 from serving.bundle import Bundle
 
 AUGMENT = OmegaConf.create({"copies": 4, "mask_p": 0.1, "ngram_p": 0.25, "ngram_max": 5})

@@ -1,5 +1,6 @@
-"""Structured pruning (pipeline/modeling/prune.py, train.prune): what it removes, and that the
-pruned, fine-tuned model goes through export and the parity checks like any other."""
+"""Structured pruning (pipeline/tasks/text_classification/prune.py, train.prune): what
+it removes, and that the pruned, fine-tuned model goes through export and the parity
+checks like any other."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from conftest import tracking_in
 from omegaconf import OmegaConf
 
 from pipeline.config import Paths
-from pipeline.modeling.prune import prune
 from pipeline.stages.deploy import build_bundle
 from pipeline.stages.train import prune_and_fine_tune
 from pipeline.tasks.text_classification.models import build_model
+from pipeline.tasks.text_classification.prune import prune
 
 CONFIG = {"name": "transformer", "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
           "dropout": 0.0, "pooling": "mean"}

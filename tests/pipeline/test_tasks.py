@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from pipeline import tasks
 from pipeline.config import Paths
-from pipeline.stages.train import fit
+from pipeline.modeling.training import fit
 from pipeline.tasks.text_classification.task import TextClassification
 from serving.bundle.tasks import TASKS
 

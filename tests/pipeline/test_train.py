@@ -12,9 +12,9 @@ from pytorch_lightning.callbacks import Callback
 
 from pipeline import atomic
 from pipeline.config import Paths
-from pipeline.modeling.datamodule import TextDataModule, collate
-from pipeline.modeling.inference import load_module
-from pipeline.stages.train import fit
+from pipeline.modeling.training import fit
+from pipeline.tasks.text_classification.datamodule import TextDataModule, collate
+from pipeline.tasks.text_classification.inference import load_module
 from pipeline.tracking import lineage
 
 

@@ -21,11 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import normalizers
 
 from serving.bundle import Bundle
+from serving.monitoring.live_stats import LiveStats
 from serving.monitoring.metrics import ServiceMetrics
 from serving.predlog.normalizer import Normalizing
 from serving.predlog.reader import read_labelled
 from serving.predlog.rows import prediction_rows, sampled
-from serving.predlog.stats import LiveStats
 from serving.predlog.store import PredictionLogError, open_store
 from serving.predlog.writer import PredictionLog
 
@@ -596,7 +596,7 @@ def test_with_the_log_off_answers_keep_their_id_and_feedback_says_why(built_bund
 
 
 def test_new_request_ids_are_unique_and_ordered_by_time():
-    from serving.api.schemas import new_request_id, request_id
+    from serving.request_ids import new_request_id, request_id
 
     ids = []
     for _ in range(3):
@@ -636,7 +636,7 @@ def test_a_reused_request_id_drops_the_earlier_answers_label(log_url):
 
 
 def test_only_our_recent_ids_count_as_recent():
-    from serving.api.schemas import issued_within, new_request_id
+    from serving.request_ids import issued_within, new_request_id
 
     assert issued_within(new_request_id(), 30)
     assert not issued_within("client-1", 30)
@@ -646,7 +646,7 @@ def test_only_our_recent_ids_count_as_recent():
 def test_a_label_for_a_just_issued_id_not_yet_logged_is_retried_not_refused(logged_service):
     """Another replica may have answered it and not written it yet: 503 with
     Retry-After, where an old or foreign unknown id gets 404."""
-    from serving.api.schemas import new_request_id
+    from serving.request_ids import new_request_id
 
     young = post_feedback(logged_service.url, {"request_id": new_request_id(), "label": "pos"})
     assert young.status_code == 503 and young.headers["Retry-After"] == "1"

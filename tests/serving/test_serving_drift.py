@@ -12,9 +12,8 @@ import httpx
 from conftest import eventually, running_service
 from prometheus_client import generate_latest
 
-from serving.engine.batcher import BatchStats
 from serving.monitoring.drift import DriftMonitor
-from serving.monitoring.metrics import ServiceMetrics
+from serving.monitoring.metrics import BatchStats, ServiceMetrics
 
 # Training reference: lengths < 5 | 5..9 | >= 10 tokens in shares 1/4, 1/2, 1/4; one
 # token in ten unknown; classes balanced.

@@ -27,9 +27,10 @@ from pipeline.config import Paths
 from pipeline.data import grouping
 from pipeline.data.cleaning import clean_split
 from pipeline.data.feedback_split import merge_feedback
-from pipeline.data.profile import ValidationError, build_profile, validate
+from pipeline.data.profile import ValidationError, validate
 from pipeline.data.splits import FEEDBACK_TEST, column, load_dataset_dir
 from pipeline.data.splitting import split_rows
+from pipeline.tasks.text_classification.profile import build_profile
 from pipeline.tasks.text_classification.tokenizer import build_normalizer, build_tokenizer
 
 

@@ -26,10 +26,10 @@ from tokenizers import Tokenizer
 from pipeline import atomic
 from pipeline.config import Paths
 from pipeline.data.splits import column
-from pipeline.modeling import export, inference
-from pipeline.modeling.classifier import TextClassifier
-from pipeline.modeling.datamodule import TextDataModule
 from pipeline.tasks.base import Task
+from pipeline.tasks.text_classification import export, inference
+from pipeline.tasks.text_classification.classifier import TextClassifier
+from pipeline.tasks.text_classification.datamodule import TextDataModule
 from pipeline.tasks.text_classification.tokenizer import PAD
 from serving.bundle.tasks import TEXT_CLASSIFICATION
 

@@ -36,7 +36,8 @@ class PositionalEncoding(nn.Module):
 
 class MultiHeadSelfAttention(nn.Module):
     """`n_heads` heads of `head_dim` each; n_heads x head_dim is d_model unless heads
-    were pruned away (pipeline/modeling/prune.py), which keeps the survivors' width."""
+    were pruned away (pipeline/tasks/text_classification/prune.py), which keeps the
+    survivors' width."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float, head_dim: int | None = None):
         super().__init__()

@@ -27,7 +27,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from pipeline.modeling.inference import predict_logits
+from pipeline.tasks.text_classification.inference import predict_logits
 from serving.bundle.tensors import pad
 
 INPUTS = ("input_ids", "attention_mask")  # the bundle's inputs, in this order

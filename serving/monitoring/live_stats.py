@@ -1,8 +1,9 @@
 """The live-quality figures that the prediction log's labels give: `LiveStats`.
 
-A plain value, computed by the store (serving/predlog/store.py) and shown by the
-metrics (serving/monitoring/quality.py). It imports nothing of the service, so the
-metrics can name it without importing the log's writer, which imports the metrics.
+A plain value, computed by the prediction log's store (serving/predlog/store.py) and
+shown by the metrics (serving/monitoring/quality.py). It lives with the metrics and
+imports nothing of the service, so the log depends on monitoring and never the
+other way round.
 """
 
 from __future__ import annotations

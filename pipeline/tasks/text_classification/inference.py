@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.modeling.classifier import TextClassifier
+from pipeline.tasks.text_classification.classifier import TextClassifier
 from serving.bundle.tensors import in_length_order, pad
 
 
