@@ -10,6 +10,8 @@ from importlib import import_module
 
 from omegaconf import DictConfig
 
+from serving.bundle.tasks import DEFAULT_TASK
+
 # task name -> "module:class" of its Task
 TASKS = {
     "text_classification": "pipeline.tasks.text_classification.task:TextClassification",
@@ -31,4 +33,4 @@ def get(name: str):
 def from_config(cfg: DictConfig):
     """The task the composed configuration chose (text classification when it names
     none, as params.yaml files written before tasks existed do)."""
-    return get(cfg.get("task", {}).get("name", "text_classification"))
+    return get(cfg.get("task", {}).get("name", DEFAULT_TASK))

@@ -28,9 +28,12 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.tasks.text_classification.inference import predict_logits
+from serving.bundle.tasks import TASKS, TEXT_CLASSIFICATION
 from serving.bundle.tensors import pad
 
-INPUTS = ("input_ids", "attention_mask")  # the bundle's inputs, in this order
+# The signature's names, in order, as the service checks them (serving/bundle/tasks.py).
+INPUTS = TASKS[TEXT_CLASSIFICATION].inputs
+(LOGITS,) = TASKS[TEXT_CLASSIFICATION].outputs
 
 
 def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> None:
@@ -45,15 +48,15 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> 
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 5:] = 0  # trace the padded case too
     axes = {0: "batch", 1: "sequence"}
-    common = {"input_names": list(INPUTS), "output_names": ["logits"],
+    common = {"input_names": list(INPUTS), "output_names": [LOGITS],
               "opset_version": opset}
     if getattr(model, "onnx_exporter", "dynamo") == "torchscript":
         torch.onnx.export(model, (input_ids, attention_mask), str(path), dynamo=False,
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes,
-                                        "logits": {0: "batch"}}, **common)
+                          dynamic_axes={**dict.fromkeys(INPUTS, axes), LOGITS: {0: "batch"}},
+                          **common)
         return
     torch.onnx.export(model, (input_ids, attention_mask), str(path), dynamo=True,
-                      dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+                      dynamic_shapes=dict.fromkeys(INPUTS, axes),
                       external_data=False, verbose=False, **common)
     drop_stack_traces(path)
 
@@ -136,7 +139,7 @@ def quantize_int8(prepared: Path, int8: Path, calibration: Calibration, scheme: 
 
 def onnx_logits(model: Path, rows: list[list[int]], pad_id: int) -> np.ndarray:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(["logits"], batch)[0]
+    return np.concatenate([session.run([LOGITS], batch)[0]
                            for batch in Calibration(rows, pad_id, sort=False).batches])
 
 
