@@ -66,6 +66,14 @@ def test_ag_news_labels_map_to_class_names(tmp_path):
     assert len(text.split()) > 5  # title and description joined
 
 
+def test_own_data_example_reads_as_shipped(tmp_path):
+    """`data=files` with nothing else: the example in data/external/example/."""
+    manifest = collect(compose("data=files").data, 42, with_bundled_data(tmp_path))
+    assert sorted(manifest["label_names"]) == ["Business", "Sci/Tech", "Sports", "World"]
+    assert manifest["splits"]["train"]["rows"] == 6000
+    assert manifest["splits"]["test"]["rows"] == 1600
+
+
 def write_csv(path, text):
     path.write_text(text, encoding="utf-8")
     return path.name

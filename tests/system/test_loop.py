@@ -58,7 +58,7 @@ def write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
 OVERRIDES = [
     "experiment=smoke", "data=files", "data.name=loop", "data.format=tsv",
     "data.splits.train=data/external/loop/train.tsv",
-    "+data.splits.test=data/external/loop/test.tsv", "data.text_columns=[sentence]",
+    "data.splits.test=data/external/loop/test.tsv", "data.text_columns=[sentence]",
     "preprocess.tokenizer.type=wordpiece", "preprocess.tokenizer.vocab_size=400",
     "preprocess.tokenizer.min_frequency=1", "train.init_embeddings=null",
     "train.max_epochs=2", "train.lr=5e-3", "train.batch_size=16",
