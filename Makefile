@@ -21,7 +21,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup params repro deploy undeploy rollback serve test test-fast bench tune lint \
+.PHONY: help setup params repro deploy undeploy rollback serve test test-fast bench tune lint report docs \
         serving-env image docker mlflow-ui clean retrain rules manifests
 
 help:  ## list the targets
@@ -42,25 +42,24 @@ params: setup  ## recompose conf/ into params.yaml (make params OVERRIDES="model
 repro: setup  ## run the pipeline stages that are out of date
 	dvc repro
 
-deploy: repro  ## bring the pipeline up to date and serve the champion on PORT (in a container if Docker or Podman works; DEPLOY_RUNTIME=process: never)
-	$(PY) -m ops.control up --bundle models/current --port $(PORT) --run-dir $(RUN_DIR) \
-	    --runtime $(DEPLOY_RUNTIME)
+deploy: setup  ## bring the pipeline up to date and serve the champion on PORT (in a container if Docker or Podman works; DEPLOY_RUNTIME=process: never)
+	$(VENV)/bin/textops deploy --port $(PORT) --run-dir $(RUN_DIR) --runtime $(DEPLOY_RUNTIME) $(ARGS)
 
 undeploy: setup  ## stop the service or container started by `make deploy` (safe when none runs)
-	$(PY) -m ops.control down --run-dir $(RUN_DIR)
+	$(VENV)/bin/textops undeploy --run-dir $(RUN_DIR)
 
 retrain: setup  ## read the service on PORT, retrain on its feedback if a trigger fires (ARGS="--dry-run" or "--force")
-	$(PY) -m pipeline.loops.retrain --service-url http://127.0.0.1:$(PORT) $(ARGS)
+	$(VENV)/bin/textops retrain --service-url http://127.0.0.1:$(PORT) $(ARGS)
 
 rules:  ## check the Prometheus alerting rules and run their tests (promtool)
 	promtool check rules ops/prometheus/alerts.yml
 	promtool test rules ops/prometheus/alerts_test.yml
 
-rollback: setup  ## move champion and models/current back to the previous blessed version
-	$(PY) -m pipeline.tracking.registry rollback
+rollback: setup  ## move champion and models/current back to the previous blessed version (or VERSION=n)
+	$(VENV)/bin/textops rollback $(VERSION)
 
 serve: setup  ## run the service in the foreground on models/current
-	TEXTOPS_BUNDLE=models/current TEXTOPS_PORT=$(PORT) $(PY) -m serving
+	$(VENV)/bin/textops serve --bundle models/current --port $(PORT)
 
 test: setup  ## run the test suite
 	$(PY) -m pytest
@@ -73,12 +72,11 @@ bench: repro  ## benchmarks (bench/): ratios against baselines measured in the s
 	$(PY) bench/bench_serving.py
 	$(PY) bench/bench_logging.py
 
-tune: setup  ## Optuna search; writes conf/experiment/tuned.yaml (make tune OVERRIDES="...")
-	dvc repro preprocess
-	$(PY) -m pipeline.loops.tune $(OVERRIDES)
+tune: setup  ## Optuna search; writes conf/experiment/tuned.yaml (make tune OVERRIDES="..." ARGS="--workers 2")
+	$(VENV)/bin/textops tune $(ARGS) $(OVERRIDES)
 
 lint: setup  ## ruff and hadolint
-	$(VENV)/bin/ruff check pipeline serving ops tests bench
+	$(VENV)/bin/ruff check pipeline serving ops textops tests bench
 	$(VENV)/bin/hadolint Dockerfile
 
 manifests: setup  ## check the Kubernetes and KServe manifests in ops/k8s/ offline (ops/k8s/manifests.py)
@@ -97,6 +95,12 @@ image:  ## build the serving image with Docker or Podman (BUNDLE=models/current 
 	$(PYTHON) -m ops.image build $(if $(BUNDLE),--bundle $(BUNDLE))
 
 docker: image  ## the same as `make image`
+
+report: setup  ## one self-contained HTML page of the latest run: reports/report.html
+	$(VENV)/bin/textops report
+
+docs: setup  ## build the documentation site into build/site (mkdocs --strict)
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 mlflow-ui: setup  ## the MLflow UI on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

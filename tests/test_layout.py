@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-PACKAGES = ("pipeline", "serving", "ops")
+PACKAGES = ("pipeline", "serving", "ops", "textops")
 MAX_LINES = 300
 # What the service image must never import: training frameworks and the code that
 # trains (serving/ holds exactly what the image ships).
-NOT_IN_SERVING = ("torch", "pytorch_lightning", "lightning", "torchmetrics", "pipeline", "ops")
+NOT_IN_SERVING = ("torch", "pytorch_lightning", "lightning", "torchmetrics", "pipeline", "ops",
+                  "textops")
 # The bundle contract: what both sides load bundles with.
 CONTRACT_THIRD_PARTY = ("numpy", "onnxruntime", "tokenizers")
 # The registered MLflow model wraps the contract, so it needs MLflow and pandas too; a
@@ -130,6 +131,15 @@ def test_the_bundle_contract_stands_alone():
             else:
                 assert top in allowed or top in sys.stdlib_module_names or top == "__future__", \
                     f"{name} imports {imported}"
+
+
+def test_the_command_runs_deploy_tooling_only_as_a_process():
+    """textops/ is installed; ops/ is not (it would shadow PyPI's `ops`): the command
+    runs `python -m ops....` in the project's root instead of importing it."""
+    for name, path in product_modules().items():
+        if name.split(".")[0] == "textops":
+            bad = [i for i in imports(path) if i.split(".")[0] == "ops"]
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
 @pytest.mark.parametrize("package", PACKAGES)

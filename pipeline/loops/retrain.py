@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline import atomic
+from pipeline import atomic, logs
 from pipeline.config import Paths, load_params
 from pipeline.data import feedback
 from pipeline.loops.triggers import Signals, decide, iso, read_log, read_service
@@ -160,6 +160,7 @@ def succeeded(record: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logs.quiet()
     cfg = load_params()
     parser = argparse.ArgumentParser(prog="python -m pipeline.loops.retrain")
     parser.add_argument("--service-url", default=cfg.retrain.service_url)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import tasks
+from pipeline import logs, tasks
 from pipeline.config import Paths, load_params
 from pipeline.data.readers import CollectError
 
 
 def main() -> None:
+    logs.quiet()
     cfg = load_params()
     try:
         manifest = tasks.from_config(cfg).collect(cfg.data, cfg.seed, Paths())

@@ -12,7 +12,7 @@
    (pipeline/tracking/registry.py). Only a blessed version gets the `champion` alias and
    becomes `models/current`.
 
-Rollback is `python -m pipeline.tracking.registry rollback` (`make rollback`).
+Rollback and promotion by hand: `textops rollback`, `textops promote VERSION`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 from omegaconf import DictConfig
 
-from pipeline import atomic, tasks
+from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
 from pipeline.tasks.text_classification.export import quantize_best
@@ -247,6 +247,7 @@ def deploy(cfg: DictConfig, paths: Paths) -> dict:
 
 
 def main() -> None:
+    logs.quiet()
     cfg = load_params()
     try:
         report = deploy(cfg, Paths())

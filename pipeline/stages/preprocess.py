@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import tasks
+from pipeline import logs, tasks
 from pipeline.config import Paths, load_params
 from pipeline.data.profile import ValidationError
 
 
 def main() -> None:
+    logs.quiet()
     cfg = load_params()
     try:
         profile = tasks.from_config(cfg).preprocess(cfg.preprocess, cfg.seed, Paths())

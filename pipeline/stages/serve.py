@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ops import process
-from pipeline import atomic, tasks
+from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import load_splits
 from serving.bundle import Bundle
@@ -99,6 +99,7 @@ def check_service(cfg: DictConfig, paths: Paths) -> dict:
 
 
 def main() -> None:
+    logs.quiet()
     try:
         report = check_service(load_params(), Paths())
     except CanaryError as err:

@@ -29,7 +29,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
-from pipeline import atomic
+from pipeline import atomic, logs
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import NO_LABEL, column, load_splits
 from serving.bundle import Bundle, BundleError
@@ -137,6 +137,7 @@ def build_transfer(cfg: DictConfig, paths: Paths) -> dict:
 
 
 def main() -> None:
+    logs.quiet()
     try:
         build_transfer(load_params(), Paths())
     except (BundleError, FileNotFoundError) as err:

@@ -5,8 +5,7 @@ verdict), promotes a version (the `champion` alias and `models/current`, a symli
 into `models/bundles/` swapped atomically), rolls back to the previous blessed
 version, prunes old bundles from disk, and downloads a registered bundle.
 
-`python -m pipeline.tracking.registry rollback` (`make rollback`) moves `champion` and
-`current` back to the previous blessed version.
+`textops promote`, `textops rollback` and `textops history` are its commands.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from pipeline import atomic
-from pipeline.config import Paths, git_commit, load_params, tracking_uri
+from pipeline.config import Paths, git_commit
 from serving.bundle import REGISTERED_BUNDLE, Bundle
 from serving.bundle.pyfunc import BundleModel
 
@@ -170,18 +168,44 @@ def prune_store(keep: int, paths: Paths) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def main() -> None:
-    if sys.argv[1:] != ["rollback"]:
-        sys.exit("usage: python -m pipeline.tracking.registry rollback")
-    cfg, paths = load_params(), Paths()
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+def promote_version(model_name: str, version: str, paths: Paths, force: bool = False) -> Path:
+    """Make a registered `version` the champion and `models/current` by hand
+    (`textops promote`, `textops rollback VERSION`). A version the gate refused needs
+    `force`: promoting it is a decision someone should have to state."""
+    client = mlflow.MlflowClient()
     try:
-        version = rollback(cfg.deploy.model_name, paths)
-    except RegistryError as err:
-        sys.exit(f"rollback: {err}")
-    print(f"rollback: {cfg.deploy.model_name} champion is now v{version}; "
-          f"{paths.current} -> {os.readlink(paths.current)}")
+        found = client.get_model_version(model_name, version)
+    except MlflowException:
+        raise RegistryError(f"{model_name} has no version {version}") from None
+    if found.tags.get("blessed") != "true" and not force:
+        reasons = found.tags.get("gate_reasons") or "no verdict recorded"
+        raise RegistryError(f"{model_name} v{version} was refused at the gate ({reasons}); "
+                            "pass --force to promote it anyway")
+    if found.tags.get("rolled_back"):  # champion again: no longer the one rolled back from
+        client.delete_model_version_tag(model_name, str(version), "rolled_back")
+    target = paths.store / str(version)
+    if target.exists():
+        return promote(model_name, str(version), target, paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        return promote(model_name, str(version), download_bundle(model_name, Path(tmp), version),
+                       paths)
 
 
-if __name__ == "__main__":
-    main()
+def history(model_name: str) -> list[dict]:
+    """Every registered version, newest first: its verdict, accuracy, the champion and
+    when it was promoted or rolled back from (`textops history`)."""
+    client = mlflow.MlflowClient()
+    try:
+        champion = str(client.get_model_version_by_alias(model_name, CHAMPION).version)
+    except MlflowException:
+        champion = None
+    versions = sorted(client.search_model_versions(f"name = '{model_name}'"),
+                      key=lambda v: int(v.version), reverse=True)
+    return [{"version": str(v.version), "champion": str(v.version) == champion,
+             "blessed": v.tags.get("blessed") == "true",
+             "accuracy": v.tags.get("accuracy"), "bundle": v.tags.get("bundle_version"),
+             "registered": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.UTC)
+             .isoformat(timespec="seconds"),
+             "promoted_at": v.tags.get("promoted_at"),
+             "rolled_back": v.tags.get("rolled_back") == "true",
+             "reasons": v.tags.get("gate_reasons", "")} for v in versions]

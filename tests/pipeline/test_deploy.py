@@ -315,6 +315,21 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle):
     with pytest.raises(registry.RegistryError, match="is the first blessed version"):
         registry.rollback(name, paths)
 
+    # by hand (textops promote / rollback VERSION): a refused version needs --force
+    with pytest.raises(registry.RegistryError, match=r"v2 was refused at the gate \(accuracy"):
+        registry.promote_version(name, v2, paths)
+    with pytest.raises(registry.RegistryError, match="has no version 99"):
+        registry.promote_version(name, "99", paths)
+    registry.promote_version(name, v3, paths)
+    assert os.readlink(current) == f"bundles/{v3}"
+    registry.promote_version(name, v2, paths, force=True)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+    rows = registry.history(name)
+    assert [r["version"] for r in rows] == [v3, v2, v1]
+    assert [(r["champion"], r["blessed"]) for r in rows] == [(False, True), (True, False),
+                                                             (False, True)]
+    assert "accuracy 0.1 < floor 0.75" in rows[1]["reasons"]
+
 
 def make_store(root: Path, versions: range) -> Paths:
     paths = Paths(root)

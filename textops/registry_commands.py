@@ -1,0 +1,94 @@
+"""`textops promote`, `rollback` and `history`: which registered version is the champion."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from textops.project import fail
+
+
+def registry():
+    """The registry module with MLflow pointed at the project's tracking server."""
+    import mlflow
+
+    from pipeline.config import Paths, load_params, tracking_uri
+    from pipeline.tracking import registry as module
+
+    cfg = load_params()
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return module, cfg.deploy.model_name, Paths()
+
+
+def announce(name: str, version: str, paths) -> None:
+    typer.echo(f"{name} champion is now v{version}; "
+               f"{paths.current} -> {os.readlink(paths.current)}")
+
+
+def promote(version: str = typer.Argument(..., help="the registry version, e.g. 3"),
+            force: bool = typer.Option(False, "--force", help="promote a version the gate "
+                                       "refused")) -> None:
+    """Make a registered version the champion and models/current (a running service
+    that follows the champion switches to it).
+
+    Examples:
+
+      textops history          # find the version
+
+      textops promote 3
+    """
+    module, name, paths = registry()
+    try:
+        module.promote_version(name, version, paths, force)
+    except module.RegistryError as err:
+        raise fail(f"promote: {err}") from err
+    announce(name, version, paths)
+
+
+def rollback(version: str = typer.Argument(None, help="a version to return to (default: "
+                                           "the blessed one before the champion)")) -> None:
+    """Move the champion and models/current back.
+
+    Examples:
+
+      textops rollback         # to the previous blessed version
+
+      textops rollback 2
+    """
+    module, name, paths = registry()
+    try:
+        if version is None:
+            version = module.rollback(name, paths)
+        else:
+            module.promote_version(name, version, paths)
+    except module.RegistryError as err:
+        raise fail(f"rollback: {err}") from err
+    announce(name, version, paths)
+
+
+def history() -> None:
+    """Every registered version of the pipeline's model, newest first: its gate verdict,
+    accuracy, and which is the champion.
+
+    Examples:
+
+      textops history
+
+      textops run data=ag_news && textops history   # the AG News model's versions
+    """
+    module, name, _ = registry()
+    rows = module.history(name)
+    if not rows:
+        raise fail(f"history: {name} has no registered version yet", code=1)
+    typer.echo(f"{name}:")
+    for row in rows:
+        marks = ["champion" if row["champion"] else "",
+                 "blessed" if row["blessed"] else "refused",
+                 "rolled back from" if row["rolled_back"] else ""]
+        typer.echo(f"  v{row['version']:<4} {row['registered']}  accuracy "
+                   f"{row['accuracy'] or '-':<7} bundle {row['bundle'] or '-'}  "
+                   + ", ".join(m for m in marks if m))
+
+
+COMMANDS = [promote, rollback, history]
