@@ -1,4 +1,5 @@
-"""`make deploy` / `make undeploy`: bring the service up, take it down, say how it runs.
+"""`textops deploy` / `textops undeploy` (and their make targets): bring the service
+up, take it down, say how it runs.
 
 `up` serves a bundle as a long-running service: a Docker or Podman container when one
 of them works (built by ops/image.py, run by ops/container.py), else a local process
@@ -248,7 +249,7 @@ def main() -> None:
         print(f"  docs:  {url}/docs")
         print(f"  try:   curl -s -X POST {url}/predict -H 'Content-Type: application/json' "
               "-d '{\"texts\": [\"a gripping, beautifully acted film\"]}'")
-        print(f"  stop:  make undeploy   (log: {log})")
+        print(f"  stop:  textops undeploy   (log: {log})")
 
 
 if __name__ == "__main__":
