@@ -13,18 +13,16 @@ Throughput moves with whatever else the machine runs; the server's own CPU time 
 text (user + system, all its threads and its child processes, from /proc) moves much
 less, so it is printed beside it: on a saturated server, throughput falls as CPU per
 text rises.
-Writes bench/results/logging.json.
+Publishes bench/results/logging.json and docs/results/logging.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,8 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serving import CORES, HOST, bodies_for, dev_texts, machine  # noqa: E402
+from bench_serving import CORES, HOST, bodies_for, dev_texts  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
+from results import Result, Table, publish  # noqa: E402
 
 from ops import control  # noqa: E402
 
@@ -148,13 +147,31 @@ def report(rounds: dict[str, list[float]], cpu: dict[str, list[float]], written:
         print(f"  {'':<20} server CPU per text {statistics.median(cpu[name]):.1f} us vs "
               f"{statistics.median(cpu['log off']):.1f} us off: {(cpu_ratio - 1) * 100:+.1f}%")
         print(f"  {'':<20} the log: {written[name]}")
-    out = ROOT / "bench" / "results" / "logging.json"
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-                               "args": vars(args), "texts_per_s": rounds,
-                               "server_cpu_us_per_text": cpu, "ratio_on_off": ratios,
-                               "cpu_per_text_ratio_on_off": cpu_ratios,
-                               "log_counters": written}, indent=2))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    payload = {"args": vars(args), "texts_per_s": rounds, "server_cpu_us_per_text": cpu,
+               "ratio_on_off": ratios, "cpu_per_text_ratio_on_off": cpu_ratios,
+               "log_counters": written}
+    print(f"\nwrote {publish(as_result(payload)).relative_to(ROOT)}")
+
+
+ABOUT = f"""Two services on the same bundle, one with the prediction log off and one
+logging every answer, loaded in turns (off, on, on, off, ...) with SST-2 dev texts, one
+text per request. The ratio is the median over rounds of each round's on/off throughput;
+the target is a cost of at most {TARGET_COST * 100:.0f}%. The server's own CPU time per text
+moves less with the machine's load, so it is given beside. Run again:
+`python bench/bench_logging.py` (`make bench`)."""
+
+
+def as_result(payload: dict) -> Result:
+    rounds, cpu = payload["texts_per_s"], payload["server_cpu_us_per_text"]
+    rows = [[name, round(statistics.median(values)), round(statistics.median(cpu[name]), 1),
+             f"{payload['ratio_on_off'].get(name, 1.0):.3f}",
+             f"{payload['cpu_per_text_ratio_on_off'].get(name, 1.0):.3f}"]
+            for name, values in rounds.items()]
+    table = Table(f"Median of {payload['args']['rounds']} rounds at concurrency "
+                  f"{payload['args']['concurrency']}",
+                  ["setting", "texts/s", "server CPU per text (us)", "throughput vs off",
+                   "CPU per text vs off"], rows)
+    return Result("logging", "What the prediction log costs", ABOUT, [table], data=payload)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ the server being measured runs; the others are stopped (SIGSTOP) meanwhile. Prin
 throughput and p50/p95/p99 latency per setting, the load generator's CPU share, each
 server's memory (PSS, per process) and idle CPU, and the ratios against the targets: the
 service over the in-process limit and over each alternative at every point, and
-batching on over batching off. Writes bench/results/serving.json.
+batching on over batching off. Publishes bench/results/serving.json and
+docs/results/serving.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import importlib.metadata
 import json
 import multiprocessing
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
+from results import Plot, Result, Table, publish  # noqa: E402
 
 from ops import control  # noqa: E402
 from serving.bundle import Bundle, RuntimeOptions, softmax  # noqa: E402
@@ -469,14 +470,50 @@ def report(results: dict, setups: list[Setup], failed: dict[str, str],
     for name, sizes in memory.items():
         print(f"  {name:<26} {sum(sizes):7.0f} in {len(sizes)} processes: "
               + ", ".join(f"{size:.0f}" for size in sizes))
-    out = ROOT / "bench" / "results" / "serving.json"
-    out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "args": vars(args),
+    payload = {
+        "args": vars(args),
         "setups": {s.name: {"version": s.version, "settings": s.settings} for s in setups},
         "not_measured": failed, "results": results, "memory_mb": memory,
         "idle_cpu_cores": idle,
-        "service_over": versus, "ratios_at_concurrency_32": ratios}, indent=2))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+        "service_over": versus, "ratios_at_concurrency_32": ratios}
+    print(f"\nwrote {publish(as_result(payload)).relative_to(ROOT)}")
+
+
+ABOUT = """SST-2 dev texts over loopback, one and sixteen texts per request, at several
+concurrencies (`per request x concurrency`), against the same int8 model served by
+the alternatives a user would pick (bench/peers/) and an in-process limit (the ONNX model
+called without HTTP). Each point is measured in every setting in order, then in reverse
+order, so that a drift of the machine's speed weighs on all alike; only the server under
+load runs. Run again: `python bench/bench_serving.py` (`make bench`)."""
+
+
+def as_result(payload: dict) -> Result:
+    results, versus = payload["results"], payload["service_over"]
+    keys = list(results["in-process limit"])
+    throughput = Table("Texts per second (per request x concurrency)", ["setup", *keys],
+                       [[name, *(round(point.get(key, {}).get("texts_per_s", 0)) for key in keys)]
+                        for name, point in results.items()])
+    latency = Table("p99 latency, ms", ["setup", *keys],
+                    [[name, *(round(point.get(key, {}).get("p99_ms", 0), 1) for key in keys)]
+                     for name, point in results.items() if name != "in-process limit"])
+    ahead = Table(f"{SERVICE} over each alternative (texts/s ratio; ahead: > 1)",
+                  ["alternative", *keys],
+                  [[name, *(f"{row[key]:.2f}x" if key in row else "-" for key in keys)]
+                   for name, row in versus.items()])
+    memory = Table("Memory once warm (PSS, MB)", ["setup", "processes", "total MB"],
+                   [[name, len(sizes), round(sum(sizes))]
+                    for name, sizes in payload["memory_mb"].items()])
+    tables = [throughput, latency, ahead, memory]
+    if payload["not_measured"]:
+        tables.append(Table("Not measured", ["setup", "why"],
+                            [[name, why.splitlines()[0][:200]]
+                             for name, why in payload["not_measured"].items()]))
+    plot = Plot("Texts per second, 16 texts per request", "line", "concurrency", "texts/s",
+                {name: [[int(key.split("x")[1]), point[key]["texts_per_s"]]
+                        for key in keys if key.startswith("16x") and key in point]
+                 for name, point in results.items()})
+    return Result("serving", "Serving throughput against the alternatives", ABOUT, tables,
+                  [plot], data=payload)
 
 
 def version_of(distribution: str) -> str:
@@ -484,13 +521,6 @@ def version_of(distribution: str) -> str:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {CORES} cores, {platform.system()} {platform.release()}"
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ the same length-grouped batches, optimiser, schedule and clipping, for the same
 number of steps, interleaved; the ratio of their sequences per second is printed
 (target >= 0.95). Then times an end-to-end `dvc repro` of the smoke experiment in a
 temporary copy of the repository, and a no-op `dvc repro` after it.
-Writes bench/results/training.json.
+Publishes bench/results/training.json and docs/results/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from repo import clone_to, sh  # noqa: E402
+from results import Result, Table, publish  # noqa: E402
 
 from pipeline import tasks  # noqa: E402
 from pipeline.config import Paths, load_params  # noqa: E402
@@ -119,17 +119,36 @@ def main() -> None:
     print(f"model {cfg.model.name}, batch {cfg.train.batch_size}, {args.steps} steps x "
           f"{args.repeats}: plain loop {plain:.0f} seq/s, Lightning {lightning:.0f} seq/s, "
           f"ratio {ratio:.3f} ({'meets' if ratio >= 0.95 else 'MISSES'} the target 0.95)")
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": cfg.model.name,
-              "batch_size": cfg.train.batch_size, "steps": args.steps, "runs": runs,
-              "plain_seq_per_s": plain, "lightning_seq_per_s": lightning, "ratio": ratio}
+    result = {"model": cfg.model.name, "batch_size": cfg.train.batch_size,
+              "steps": args.steps, "runs": runs, "plain_seq_per_s": plain,
+              "lightning_seq_per_s": lightning, "ratio": ratio}
     if not args.no_repro:
         result.update(time_repro())
         print(f"dvc repro of the smoke experiment: {result['smoke_repro_s']} s; "
               f"no-op dvc repro: {result['noop_repro_s']} s")
-    out = ROOT / "bench" / "results" / "training.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {publish(as_result(result)).relative_to(ROOT)}")
+
+
+ABOUT = """The train stage's Lightning loop against a plain PyTorch loop over the same
+length-grouped batches, optimiser, schedule and clipping, for the same number of steps,
+interleaved (the best of each is kept; target: Lightning at 0.95 of the plain loop or
+better); then the wall time of the smoke experiment's `dvc repro` from nothing in a copy
+of the repository, and of a no-op `dvc repro` after it. Run again:
+`python bench/bench_training.py` (`make bench`)."""
+
+
+def as_result(result: dict) -> Result:
+    rows = [["plain PyTorch loop", round(result["plain_seq_per_s"]), "1.00x"],
+            ["Lightning (the train stage)", round(result["lightning_seq_per_s"]),
+             f"{result['ratio']:.2f}x"]]
+    tables = [Table(f"Sequences per second: {result['model']}, batch {result['batch_size']}, "
+                    f"{result['steps']} steps", ["loop", "sequences/s", "vs plain"], rows)]
+    if "smoke_repro_s" in result:
+        tables.append(Table("dvc repro", ["run", "seconds"],
+                            [["smoke experiment from nothing", result["smoke_repro_s"]],
+                             ["no-op, after it", result["noop_repro_s"]]]))
+    return Result("training", "Training loop overhead and pipeline wall time", ABOUT, tables,
+                  data=result)
 
 
 if __name__ == "__main__":
