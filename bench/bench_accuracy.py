@@ -90,7 +90,11 @@ def as_result(runs: list[dict]) -> Result:
                   ["overrides", "data", "train rows", "test rows", "test accuracy",
                    "validation accuracy", "macro F1", "ROC-AUC", "ECE", "epochs", "train (s)",
                    "collect → evaluate (s)"], rows)
-    return Result("accuracy", "Accuracy per configuration", ABOUT, [table], data={"runs": runs})
+    summary = [[f"test accuracy, {r['data']}"
+                + (f" ({' '.join(r['overrides'])})" if r["overrides"] else ""), r["accuracy"]]
+               for r in runs]
+    return Result("accuracy", "Accuracy per configuration", ABOUT, [table], data={"runs": runs},
+                  summary=summary)
 
 
 def main() -> None:

@@ -171,7 +171,10 @@ def as_result(payload: dict) -> Result:
                   f"{payload['args']['concurrency']}",
                   ["setting", "texts/s", "server CPU per text (us)", "throughput vs off",
                    "CPU per text vs off"], rows)
-    return Result("logging", "What the prediction log costs", ABOUT, [table], data=payload)
+    summary = [[f"prediction log ({name}): throughput vs off", f"{ratio:.3f}"]
+               for name, ratio in payload["ratio_on_off"].items()]
+    return Result("logging", "What the prediction log costs", ABOUT, [table], data=payload,
+                  summary=summary)
 
 
 if __name__ == "__main__":

@@ -512,8 +512,14 @@ def as_result(payload: dict) -> Result:
                 {name: [[int(key.split("x")[1]), point[key]["texts_per_s"]]
                         for key in keys if key.startswith("16x") and key in point]
                  for name, point in results.items()})
+    summary = [[f"{SERVICE}, texts/s at 16 texts x 32 concurrent",
+                round(results.get(SERVICE, {}).get("16x32", {}).get("texts_per_s", 0))]]
+    peers_measured = [row for name, row in versus.items() if name in PEER_NAMES]
+    if peers_measured:
+        summary.append(["ahead of MLServer, LitServe and BentoML by at least",
+                        f"{min(min(row.values()) for row in peers_measured):.2f}x"])
     return Result("serving", "Serving throughput against the alternatives", ABOUT, tables,
-                  [plot], data=payload)
+                  [plot], data=payload, summary=summary)
 
 
 def version_of(distribution: str) -> str:

@@ -6,8 +6,9 @@ plots as PNG files) is rendered from that JSON. Pages are never edited by hand:
 
     python bench/results.py          # re-render every page and the index from the JSON
 
-and the test suite checks that each page equals what its JSON renders to, so a number
-in the docs always has a measurement behind it.
+and the test suite checks that each page, and the README's summary table between its
+`<!-- results summary -->` markers, equal what the JSON renders to, so a number in the
+docs always has a measurement behind it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Result:
     plots: list[Plot] = field(default_factory=list)
     data: dict = field(default_factory=dict)  # the raw measurement, for anyone re-reading it
     stamp: dict = field(default_factory=dict)
+    # headline figures for the README's summary table: [what, figure] rows
+    summary: list[list] = field(default_factory=list)
 
 
 def cpu() -> dict:
@@ -156,6 +159,27 @@ def index(results: list[Result]) -> str:
             + markdown_table(table) + "\n")
 
 
+README = ROOT / "README.md"
+SUMMARY_START, SUMMARY_END = "<!-- results summary -->", "<!-- /results summary -->"
+
+
+def summary_table(results: list[Result]) -> str:
+    rows = [[what, cell(figure), f"[{r.title}](docs/results/{r.name}.md)",
+             f"{r.stamp['date']}, {r.stamp['cpu']['model']}"]
+            for r in sorted(results, key=lambda r: r.title) for what, figure in r.summary]
+    table = Table("Measured", ["what", "figure", "details", "measured on"], rows)
+    return "\n".join(markdown_table(table).splitlines()[2:])  # no caption in the README
+
+
+def with_summary(readme: str, results: list[Result]) -> str:
+    """The README with the block between the summary markers rendered from `results`."""
+    if SUMMARY_START not in readme or SUMMARY_END not in readme:
+        return readme
+    head, rest = readme.split(SUMMARY_START, 1)
+    _, tail = rest.split(SUMMARY_END, 1)
+    return f"{head}{SUMMARY_START}\n{summary_table(results)}\n{SUMMARY_END}{tail}"
+
+
 def load(path: Path) -> Result:
     raw = json.loads(path.read_text())
     try:
@@ -182,6 +206,8 @@ def render_all() -> list[Path]:
         write_text(PAGES / f"{result.name}.md", page(result))
         written.append(PAGES / f"{result.name}.md")
     write_text(PAGES / "index.md", index(results))
+    if README.exists():
+        write_text(README, with_summary(README.read_text(encoding="utf-8"), results))
     return written
 
 
