@@ -51,9 +51,11 @@ undeploy: setup  ## stop the service or container started by `make deploy` (safe
 retrain: setup  ## read the service on PORT, retrain on its feedback if a trigger fires (ARGS="--dry-run" or "--force")
 	$(VENV)/bin/textops retrain --service-url http://127.0.0.1:$(PORT) $(ARGS)
 
-rules:  ## check the Prometheus alerting rules and run their tests (promtool)
+rules:  ## check the Prometheus rules, their tests and scrape config (promtool), and that the Grafana dashboard is current
 	promtool check rules ops/prometheus/alerts.yml
 	promtool test rules ops/prometheus/alerts_test.yml
+	promtool check config ops/prometheus/prometheus.yml
+	$(PYTHON) ops/grafana/dashboard.py --check
 
 rollback: setup  ## move champion and models/current back to the previous blessed version (or VERSION=n)
 	$(VENV)/bin/textops rollback $(VERSION)

@@ -1,10 +1,13 @@
 """The kustomize subset that ops/k8s/ uses, rendered without kustomize: `render`.
 
-`resources` (files and directories) and `patches` (strategic-merge patch files, inline
-JSON 6902 patches); anything else in a kustomization.yaml is refused, not ignored.
-ops/k8s/manifests.py renders every kustomization with it and, where `kubectl` is
-installed, compares the result with `kubectl kustomize` (`kubectl_render`,
-`disagreement`), so this renderer cannot drift from the real tool unnoticed.
+`resources` (files and directories), `components` (ops/k8s/shared: the names several
+kustomizations share), `patches` (strategic-merge patch files, inline JSON 6902
+patches), `images` and `replacements` (ops/k8s/kustomize_transforms.py), and objects marked
+`config.kubernetes.io/local-config` (replacement sources) left out of the output;
+anything else in a kustomization.yaml is refused, not ignored. ops/k8s/manifests.py
+renders every kustomization with it and, where `kubectl` is installed, compares the
+result with `kubectl kustomize` (`kubectl_render`, `disagreement`), so this renderer
+cannot drift from the real tool unnoticed.
 
 Imported by its siblings as a top-level module (`python ops/k8s/manifests.py` puts
 ops/k8s/ on sys.path).
@@ -19,6 +22,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
+from kustomize_transforms import TransformError, apply_images, apply_replacements
 
 K8S_DIR = Path(__file__).resolve().parent
 # Strategic merge: the field names whose lists Kubernetes merges item by item, and the
@@ -26,7 +30,10 @@ K8S_DIR = Path(__file__).resolve().parent
 # other list is replaced whole, as it is in custom resources.
 MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name",
               "volumes": "name", "volumeMounts": "mountPath", "imagePullSecrets": "name"}
-KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches"}
+KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "components", "patches",
+                        "images", "replacements"}
+# Objects that only feed replacements: kustomize leaves them out of what it prints.
+LOCAL_CONFIG = "config.kubernetes.io/local-config"
 
 
 class ManifestError(Exception):
@@ -38,24 +45,49 @@ def describe(obj: dict) -> str:
 
 
 def kustomizations() -> list[Path]:
-    """Every directory a user applies with `kubectl apply -k`."""
-    return sorted(p.parent for p in K8S_DIR.rglob("kustomization.yaml"))
+    """Every directory a user applies with `kubectl apply -k` (not the components,
+    which only other kustomizations include)."""
+    return sorted(p.parent for p in K8S_DIR.rglob("kustomization.yaml")
+                  if yaml.safe_load(p.read_text()).get("kind") != "Component")
 
 
 def render(directory: Path) -> list[dict]:
     """The objects `kubectl kustomize directory` prints, in file order."""
+    objects = accumulate(directory)
+    names = [describe(o) for o in objects]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ManifestError(f"{directory}: {', '.join(twice)} more than once (a component "
+                            f"included twice?)")
+    return [o for o in objects
+            if o.get("metadata", {}).get("annotations", {}).get(LOCAL_CONFIG) != "true"]
+
+
+def accumulate(directory: Path, objects: list[dict] | None = None) -> list[dict]:
+    """`directory` built as kustomize builds it: its resources, then its components
+    (each adds its own and transforms everything so far), then its own patches, images
+    and replacements, in that order. A component adds to its parent's `objects`."""
     path = directory / "kustomization.yaml"
     spec = yaml.safe_load(path.read_text())
     unknown = set(spec) - KUSTOMIZATION_FIELDS
     if unknown:
         raise ManifestError(f"{path}: {', '.join(sorted(unknown))} is not supported by "
                             f"this renderer (only {', '.join(sorted(KUSTOMIZATION_FIELDS))})")
-    objects = []
+    if (spec.get("kind") == "Component") != (objects is not None):
+        raise ManifestError(f"{path}: a Component belongs under `components:`, anything "
+                            f"else under `resources:`")
+    objects = [] if objects is None else objects
     for entry in spec.get("resources", []):
         source = directory / entry
-        objects += render(source) if source.is_dir() else load_documents(source)
+        objects += accumulate(source) if source.is_dir() else load_documents(source)
+    for component in spec.get("components", []):
+        accumulate(directory / component, objects)
     for patch in spec.get("patches", []):
         apply_patch(objects, patch, directory, path)
+    try:
+        apply_images(objects, spec.get("images", []), str(path))
+        apply_replacements(objects, spec.get("replacements", []), str(path))
+    except TransformError as err:
+        raise ManifestError(str(err)) from None
     return objects
 
 

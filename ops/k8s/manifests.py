@@ -1,16 +1,17 @@
 """Offline checks of the Kubernetes and KServe manifests: `python ops/k8s/manifests.py`
 (`make manifests`). No cluster is needed.
 
-1. Render each kustomization (ops/k8s/base, ops/k8s/overlays/*, ops/k8s/kserve/*) with a small
-   renderer for the part of kustomize these directories use: `resources` (files and
-   directories) and `patches` (strategic-merge patch files, inline JSON 6902 patches).
-   Anything else in a kustomization.yaml is refused, not ignored. Where `kubectl` is
-   installed, its own `kubectl kustomize` renders each directory too and the two must
-   agree, so the renderer cannot drift from the real tool unnoticed.
+1. Render each kustomization (ops/k8s/base, overlays/*, kserve/*, monitoring, retrain)
+   with a small renderer for the part of kustomize these directories use (see
+   ops/k8s/kustomize.py). Anything else in a kustomization.yaml is refused, not
+   ignored. Where `kubectl` is installed, its own `kubectl kustomize` renders each
+   directory too and the two must agree, so the renderer cannot drift from the real
+   tool unnoticed.
 2. Validate every core object with `kubernetes-validate` against the schemas of
    Kubernetes KUBERNETES_VERSION, strictly (an unknown field is an error), and every
-   KServe InferenceService with `check-jsonschema` against ops/k8s/schemas/ (KServe's CRD
-   schema, see ops/k8s/schemas/SOURCE.md).
+   custom resource (KServe's InferenceService, the Prometheus operator's
+   ServiceMonitor) with `check-jsonschema` against its CRD's schema in ops/k8s/schemas/
+   (see ops/k8s/schemas/SOURCE.md).
 3. Check that the manifests agree with the code: the service's own app answers each
    probe's path as the probe needs while a bundle loads (startup and readiness 503,
    liveness 200; a missing route answers 404), container and probe ports are the
@@ -43,8 +44,13 @@ from kustomize import (
 
 ROOT = K8S_DIR.parent.parent  # ops/k8s/ -> the repository
 KUBERNETES_VERSION = "1.32.0"
-KSERVE_SCHEMA = K8S_DIR / "schemas" / "inferenceservice_v1beta1.json"
-KSERVE_API = "serving.kserve.io/v1beta1"
+# The custom resources the manifests use, each with its CRD's JSON schema.
+CUSTOM_SCHEMAS = {
+    ("serving.kserve.io/v1beta1", "InferenceService"):
+        K8S_DIR / "schemas" / "inferenceservice_v1beta1.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"):
+        K8S_DIR / "schemas" / "servicemonitor_v1.json",
+}
 
 
 # ---------------------------------------------------------------- validation
@@ -52,9 +58,10 @@ KSERVE_API = "serving.kserve.io/v1beta1"
 
 def validate(obj: dict, where: str) -> str:
     """Validate one object; returns what checked it, raises ManifestError."""
-    if obj.get("apiVersion") == KSERVE_API and obj.get("kind") == "InferenceService":
-        validate_inference_service(obj, where)
-        return f"check-jsonschema ({KSERVE_SCHEMA.name})"
+    schema = CUSTOM_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
+    if schema is not None:
+        validate_custom(obj, schema, where)
+        return f"check-jsonschema ({schema.name})"
     import kubernetes_validate.utils as kv
 
     try:
@@ -72,24 +79,25 @@ def check_jsonschema(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(tool), *args], capture_output=True, text=True, timeout=120)
 
 
-def validate_inference_service(obj: dict, where: str) -> None:
-    # The validator class named: check-jsonschema then skips checking the 1.4 MB schema
-    # against its metaschema on every call (2 to 4 s); check_kserve_schema() does that.
+def validate_custom(obj: dict, schema: Path, where: str) -> None:
+    # The validator class named: check-jsonschema then skips checking the schema (KServe's
+    # is 1.4 MB) against its metaschema on every call (2 to 4 s); check_schemas() does that.
     with tempfile.TemporaryDirectory() as tmp:
-        document = Path(tmp) / "inferenceservice.json"
+        document = Path(tmp) / "object.json"
         document.write_text(json.dumps(obj))
         result = check_jsonschema("--validator-class", "jsonschema:Draft202012Validator",
-                                  "--schemafile", str(KSERVE_SCHEMA), str(document))
+                                  "--schemafile", str(schema), str(document))
     if result.returncode != 0:
         problems = (result.stdout + result.stderr).replace(str(document), describe(obj))
         raise ManifestError(f"{where}: {problems.strip()}")
 
 
-def check_kserve_schema() -> None:
-    """The KServe schema is itself a valid JSON schema."""
-    result = check_jsonschema("--check-metaschema", str(KSERVE_SCHEMA))
-    if result.returncode != 0:
-        raise ManifestError(f"{KSERVE_SCHEMA}: {(result.stdout + result.stderr).strip()}")
+def check_schemas() -> None:
+    """Each custom resource's schema is itself a valid JSON schema."""
+    for schema in CUSTOM_SCHEMAS.values():
+        result = check_jsonschema("--check-metaschema", str(schema))
+        if result.returncode != 0:
+            raise ManifestError(f"{schema}: {(result.stdout + result.stderr).strip()}")
 
 
 # ---------------------------------------------------------------- the command
@@ -122,12 +130,12 @@ def check(directory: Path) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """`manifests.py [directory ...]`: check those kustomizations, or all of them and the
-    KServe schema itself."""
+    custom resources' schemas themselves."""
     directories = [Path(a).resolve() for a in argv] or kustomizations()
     failed = False
     if not argv:
         try:
-            check_kserve_schema()
+            check_schemas()
         except ManifestError as err:
             print(f"FAILED {err}", file=sys.stderr)
             failed = True

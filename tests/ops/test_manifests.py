@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import ROOT, compose
+from manifest_edits import copy_k8s, edit_field
 
 sys.path.insert(0, str(ROOT / "ops" / "k8s"))
 import agreement  # noqa: E402  (ops/k8s/agreement.py: the manifests against the code)
@@ -21,6 +21,13 @@ from serving.settings import Settings  # noqa: E402
 
 BASE, CHAMPION = ROOT / "ops/k8s/base", ROOT / "ops/k8s/overlays/champion"
 SERVERLESS, RAW = ROOT / "ops/k8s/kserve/serverless", ROOT / "ops/k8s/kserve/raw"
+MONITORING, RETRAIN = ROOT / "ops/k8s/monitoring", ROOT / "ops/k8s/retrain"
+EVERY = [BASE, CHAMPION, SERVERLESS, RAW, MONITORING, RETRAIN]
+# What each kustomization holds.
+KINDS = {BASE: {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"},
+         SERVERLESS: {"InferenceService"}, MONITORING: {"ServiceMonitor"},
+         RETRAIN: {"CronJob", "PersistentVolumeClaim"}}
+KINDS.update({CHAMPION: KINDS[BASE], RAW: KINDS[SERVERLESS]})
 KUBECTL = shutil.which("kubectl")
 
 
@@ -45,16 +52,14 @@ FROM_SECRET = {"secretKeyRef": {"name": "textops-prediction-log", "key": "url"}}
 
 
 def test_every_kustomization_is_checked():
-    assert set(manifests.kustomizations()) == {BASE, CHAMPION, SERVERLESS, RAW}
+    # ops/k8s/shared is a component: the others include it, nobody applies it alone
+    assert set(manifests.kustomizations()) == set(EVERY)
 
 
-@pytest.mark.parametrize("directory", [BASE, CHAMPION, SERVERLESS, RAW],
-                         ids=lambda d: str(d.relative_to(ROOT)))
+@pytest.mark.parametrize("directory", EVERY, ids=lambda d: str(d.relative_to(ROOT)))
 def test_every_manifest_validates(directory):
     lines = manifests.check(directory)
-    kinds = {"InferenceService"} if "kserve" in directory.parts else {
-        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
-    assert {line.split()[2].split("/")[0] for line in lines} == kinds
+    assert {line.split()[2].split("/")[0] for line in lines} == KINDS[directory]
     assert all("kubernetes-validate (Kubernetes 1.32.0, strict)" in line
                or "check-jsonschema" in line for line in lines)
 
@@ -65,20 +70,10 @@ def test_make_manifests_passes():
                              "manifests"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok  ops/k8s/") == 10
+    assert result.stdout.count("ok  ops/k8s/") == sum(len(KINDS[d]) for d in EVERY)
 
 
 # ---------------------------------------------------------------- a broken field fails
-
-
-def set_field(document: dict, path: str, value) -> None:
-    *parents, last = path.split(".")
-    for part in parents:
-        document = document[int(part)] if isinstance(document, list) else document[part]
-    if isinstance(document, list):
-        document[int(last)] = value
-    else:
-        document[last] = value
 
 
 BREAKAGES = {
@@ -117,9 +112,10 @@ BREAKAGES = {
     "a setting the service does not have": (
         "overlays/champion/follow-champion.yaml", "spec.template.spec.containers.0.env.2.name",
         "TEXTOPS_WATCH_INTERVAL", "TEXTOPS_WATCH_INTERVAL is not a setting"),
-    "a patch aimed at a misspelt container (it adds a second, bare one)": (
+    # it would add a second, bare container; textops would not get the model to follow
+    "a patch aimed at a misspelt container": (
         "overlays/champion/follow-champion.yaml", "spec.template.spec.containers.0.name",
-        "textop", "container textop: no HTTP startupProbe"),
+        "textop", "unable to find field 'spec.template.spec.containers.[name=textops].env"),
     "another user than the image's": (
         "kserve/serverless/inferenceservice.yaml",
         "spec.predictor.containers.0.securityContext.runAsUser", 1000,
@@ -127,37 +123,31 @@ BREAKAGES = {
     "no user in the pod or its container": (
         "base/deployment.yaml", "spec.template.spec.securityContext.runAsUser", None,
         "runAsUser None, the image's user is 10001"),
+    "a misspelt ServiceMonitor field": (
+        "monitoring/servicemonitor.yaml", "spec.endpoints.0.intervall", "15s",
+        "'intervall' was unexpected"),
+    "a misspelt CronJob field": (
+        "retrain/cronjob.yaml", "spec.concurrencypolicy", "Forbid",
+        "'concurrencypolicy' was unexpected"),
 }
 
 
 @pytest.fixture
 def k8s_copy(tmp_path) -> Path:
-    """ops/k8s/ and the Dockerfile it is checked against, in a directory of their own."""
-    shutil.copytree(ROOT / "ops" / "k8s", tmp_path / "k8s",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(ROOT / "Dockerfile", tmp_path / "Dockerfile")
-    return tmp_path / "k8s"
-
-
-def break_field(k8s: Path, file: str, path: str, value) -> Path:
-    target = k8s / file
-    document = yaml.safe_load(target.read_text())
-    set_field(document, path, value)
-    target.write_text(yaml.safe_dump(document))
-    return target.parent
+    return copy_k8s(tmp_path)
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
 def test_a_broken_field_fails_the_check(k8s_copy, breakage):
     file, path, value, message = BREAKAGES[breakage]
-    directory = break_field(k8s_copy, file, path, value)
+    directory = edit_field(k8s_copy, file, path, value)
     with pytest.raises(manifests.ManifestError) as failure:
         manifests.check(directory)
     assert message in str(failure.value)
 
 
 def test_the_command_fails_on_a_broken_manifest_and_names_it(k8s_copy, capsys):
-    break_field(k8s_copy, "kserve/serverless/inferenceservice.yaml",
+    edit_field(k8s_copy, "kserve/serverless/inferenceservice.yaml",
                 "spec.predictor.protocolVersion", "v2")
     directories = [k8s_copy / d for d in ("base", "kserve/serverless", "kserve/raw")]
     assert manifests.main([str(d) for d in directories]) == 1
@@ -202,8 +192,7 @@ def test_the_raw_inference_service_is_the_serverless_one_plus_raw_mode():
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its kustomize) is not installed")
-@pytest.mark.parametrize("directory", [BASE, CHAMPION, SERVERLESS, RAW],
-                         ids=lambda d: str(d.relative_to(ROOT)))
+@pytest.mark.parametrize("directory", EVERY, ids=lambda d: str(d.relative_to(ROOT)))
 def test_the_renderer_agrees_with_kubectl_kustomize(directory):
     assert manifests.disagreement(manifests.render(directory),
                                   manifests.kubectl_render(directory)) is None

@@ -6,8 +6,9 @@ then start a replica from `models:/<name>@champion`, promote a second model and 
 the replica switch without a restart, and push the clone's outputs to a DVC remote that
 a second clone pulls, after which `dvc repro` has nothing to run.
 
-The server is started with the README's own `mlflow server` command (its team
-section), so the flags the README tells a team to use are the ones tested here."""
+The server is started with the documentation's own `mlflow server` command (the team
+section of docs/deployment.md), so the flags the docs tell a team to use are the ones
+tested here."""
 
 from __future__ import annotations
 
@@ -61,21 +62,26 @@ def tracked(cmd: list[str], repo: Path, tracking: str, timeout: float = 600):
     return result
 
 
-# ---------------------------------------------------------------- the README's instruction
+# ---------------------------------------------------------------- the docs' instruction
+
+
+TEAM_PAGE = ROOT / "docs" / "deployment.md"
+TEAM_SECTION = "## A team's tracking server and DVC remote"
 
 
 def team_commands() -> list[list[str]]:
-    """The commands of the README's team section (its first bash block), each split as
-    the shell splits it, comments dropped."""
-    section = (ROOT / "README.md").read_text().split(
-        "## A team's tracking server and DVC remote", 1)[1]
+    """The commands of the docs' team section (its first bash block), each split as the
+    shell splits it, comments dropped."""
+    page = TEAM_PAGE.read_text()
+    assert TEAM_SECTION in page, f"{TEAM_PAGE} has no section {TEAM_SECTION!r}"
+    section = page.split(TEAM_SECTION, 1)[1]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     lines = block.replace("\\\n", " ").splitlines()
     return [words for line in lines if (words := shlex.split(line, comments=True))]
 
 
 def readme_server_options() -> dict[str, str]:
-    """The README's `mlflow server` command for the team, as {--option: value}."""
+    """The docs' `mlflow server` command for the team, as {--option: value}."""
     (command,) = [words for words in team_commands() if words[:2] == ["mlflow", "server"]]
     options = command[2:]
     assert len(options) % 2 == 0 and all(o.startswith("--") for o in options[::2]), command
@@ -95,13 +101,16 @@ def environment_values(node, name: str):
 
 
 def client_hosts() -> tuple[set[str], set[str]]:
-    """The Host headers the project's own clients send the tracking server: (the README's
+    """The Host headers the project's own clients send the tracking server: (the docs'
     `export MLFLOW_TRACKING_URI=...` for the team, the MLFLOW_TRACKING_URI of every
-    manifest in ops/k8s/ for replicas in a cluster)."""
+    rendered manifest in ops/k8s/ for replicas in a cluster)."""
     team = {words[1].split("=", 1)[1] for words in team_commands()
             if words[0] == "export" and words[1].startswith("MLFLOW_TRACKING_URI=")}
-    replicas = {value for path in (ROOT / "ops" / "k8s").rglob("*.yaml")
-                for document in yaml.safe_load_all(path.read_text())
+    # as kustomize renders them: the address is set once, in ops/k8s/shared/
+    sys.path.insert(0, str(ROOT / "ops" / "k8s"))
+    from kustomize import kustomizations, render  # ops/k8s/kustomize.py, run as a script
+
+    replicas = {value for directory in kustomizations() for document in render(directory)
                 for value in environment_values(document, "MLFLOW_TRACKING_URI")}
     return {urlsplit(uri).netloc for uri in team}, {urlsplit(uri).netloc for uri in replicas}
 
@@ -111,8 +120,8 @@ def client_hosts() -> tuple[set[str], set[str]]:
 
 @contextlib.contextmanager
 def mlflow_server(database: str, artifacts: Path, log: Path):
-    """`mlflow server` as the README starts the team's, but on `database` with a local
-    artifact store, on a free loopback port, one worker; always stopped. The README's
+    """`mlflow server` as the docs start the team's, but on `database` with a local
+    artifact store, on a free loopback port, one worker; always stopped. The docs'
     `--allowed-hosts` is kept, plus this server's own loopback address (which stands in
     for the team's mlflow.internal:5000). SQLAlchemy 2.1 reads a bare postgresql:// as
     psycopg 3: the URI names psycopg2, the driver installed."""
@@ -211,14 +220,14 @@ def test_the_pipeline_tracks_and_registers_on_the_team_server(team):
 
 
 def test_the_server_answers_the_names_its_clients_use(server):
-    """Started with the README's `--allowed-hosts`, the server answers every name the
-    project's clients reach it by: the README's MLFLOW_TRACKING_URI for the team, and
+    """Started with the docs' `--allowed-hosts`, the server answers every name the
+    project's clients reach it by: the docs' MLFLOW_TRACKING_URI for the team, and
     each manifest's for replicas, which reach it by a cluster DNS name. MLflow answers
     403 to a Host it does not allow (while /health still answers 200), so a name the
-    README's list misses, or a manifest pointing at a name it does not list, fails here;
+    docs' list misses, or a manifest pointing at a name it does not list, fails here;
     and a name nobody uses is refused."""
     team_hosts, replica_hosts = client_hosts()
-    assert team_hosts and replica_hosts, "no MLFLOW_TRACKING_URI in the README or ops/k8s/"
+    assert team_hosts and replica_hosts, "no MLFLOW_TRACKING_URI in docs/deployment.md or ops/k8s/"
     api = f"{server.tracking}/api/2.0/mlflow/registered-models/search"
     refused = "mlflow.elsewhere.example:5000"
     for host, status in [*((h, 200) for h in sorted(team_hosts | replica_hosts)),
