@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from omegaconf import DictConfig
 
@@ -107,6 +108,15 @@ def last_retraining(record_path: Path) -> dict | None:
     return atomic.read_json(record_path).get("last_retraining")
 
 
+def without_password(url: str) -> str:
+    """The URL as the record may show it: printed, and kept in reports/retrain.json."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def run(cfg: DictConfig, service_url: str, log_url: str, force: bool = False,
         dry_run: bool = False, paths: Paths | None = None) -> dict:
     """Read, decide, retrain if a trigger fired (unless `dry_run`), record. `paths.root`
@@ -122,7 +132,7 @@ def run(cfg: DictConfig, service_url: str, log_url: str, force: bool = False,
     fired = [t["reason"] for t in triggers if t["fired"]]
     now = time.time()
     record = {
-        "time": iso(now), "service": service_url, "prediction_log": log_url,
+        "time": iso(now), "service": service_url, "prediction_log": without_password(log_url),
         "decision": "retrain" if fired else "no retraining",
         "reasons": fired or ["no trigger fired"],
         "triggers": triggers, "thresholds": limits,

@@ -306,3 +306,12 @@ def test_a_forced_retraining_without_a_readable_log_is_recorded_as_failed(tmp_pa
     printed = capsys.readouterr().out
     assert "retrain: retrain, because: asked for with --force" in printed
     assert "retrain: the feedback could not be exported: " in printed
+
+
+def test_the_record_never_shows_the_log_database_password():
+    """The record is printed (a pod's log) and kept in reports/retrain.json."""
+    from pipeline.loops.retrain import without_password
+
+    assert without_password("postgresql://textops:s3cret@db:5432/log") \
+        == "postgresql://textops:***@db:5432/log"
+    assert without_password("sqlite:///run/predictions.db") == "sqlite:///run/predictions.db"
