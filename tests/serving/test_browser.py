@@ -1,5 +1,6 @@
 """The demo page in headless Chromium (Debian's chromium + chromedriver, driven by
-Selenium): type a text, see the label, the probabilities and highlighted tokens."""
+Selenium): type a text, see the label, the probabilities and highlighted tokens, and
+give the right label as feedback."""
 
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def test_demo_page_classifies_and_highlights(browser, live_service, built_bundle
     assert [t.text for t in tokens][:2] == ["superb", "film"]
     assert all(t.get_attribute("data-attribution") for t in tokens)
     assert any("rgba" in t.value_of_css_property("background-color") for t in tokens)
+
+    # the right label goes to the prediction log under the answer's request_id
+    browser.find_element(By.CSS_SELECTOR, "#feedback-labels button[data-label='neg']").click()
+    wait.until(ready.text_to_be_present_in_element((By.ID, "feedback-status"), "Recorded"))
+    assert "neg" in browser.find_element(By.ID, "feedback-status").text
 
     box.clear()
     box.send_keys(" ")  # an empty text: the page shows the service's error
