@@ -97,6 +97,17 @@ class Paths:
         return self.run_facts("train")
 
     @property
+    def train_curves(self) -> Path:
+        """Per-epoch training and validation metrics, rewritten after every epoch
+        (DVC plot data)."""
+        return self.root / "reports/train_curves.json"
+
+    @property
+    def train_curves_image(self) -> Path:
+        """The same curves as a picture, drawn when training ends."""
+        return self.train_curves.with_suffix(".png")
+
+    @property
     def metrics(self) -> Path:
         return self.root / "reports/metrics.json"
 
@@ -115,6 +126,11 @@ class Paths:
     @property
     def serve_report(self) -> Path:
         return self.root / "reports/serve.json"
+
+    @property
+    def report(self) -> Path:
+        """The run's one-page HTML report (pipeline/reporting/report.py)."""
+        return self.root / "reports/report.html"
 
     def run_facts(self, stage: str) -> Path:
         """What one run of `stage` measured (run ids, times, latencies): kept out of

@@ -79,7 +79,7 @@ def report(out: Path = typer.Option(Path("reports/report.html"), "--out", "-o",
 
     try:
         written = build_report(Path.cwd(), out, run_id)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, LookupError, ValueError) as err:
         raise fail(f"report: {err}") from err
     typer.echo(f"report: {written}")
 

@@ -19,8 +19,8 @@ def find_root(start: Path | None = None) -> Path:
     for candidate in (here, *here.parents):
         if (candidate / "dvc.yaml").is_file() and (candidate / "conf").is_dir():
             return candidate
-    raise typer.BadParameter(f"{here} is not inside a textops project "
-                             "(no dvc.yaml and conf/ here or above)")
+    raise fail(f"textops: {here} is not inside a textops project (no dvc.yaml and conf/ "
+               "here or above)", code=2)
 
 
 def enter(root: Path) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,12 +26,14 @@ from pytorch_lightning.callbacks import (
     EarlyStopping,
     LearningRateMonitor,
     ModelCheckpoint,
+    TQDMProgressBar,
 )
 from pytorch_lightning.loggers import MLFlowLogger
 
 from pipeline import atomic, tasks
 from pipeline.config import PARAMS_FILE, Paths, git_commit, tracking_uri
-from pipeline.modeling.callbacks import EpochSummary, MovingAverage, Progress
+from pipeline.modeling.callbacks import EpochSummary, MovingAverage, Progress, TrainingCurves
+from pipeline.reporting import sources
 from pipeline.tracking import lineage
 
 
@@ -67,6 +70,11 @@ def prepare_work_dir(work_dir: Path, key: str) -> tuple[Path | None, str | None,
     return None, None, None
 
 
+def on_terminal() -> bool:
+    """Someone watches: the stage's stderr is a terminal (dvc repro passes its own on)."""
+    return sys.stderr.isatty()
+
+
 def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
                   extra_callbacks: list[Callback] = ()) -> pl.Trainer:
     monitor = cfg.train.monitor
@@ -79,7 +87,8 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
         EarlyStopping(monitor=monitor, mode=mode, patience=cfg.train.patience),
         LearningRateMonitor(logging_interval="epoch"),
         EpochSummary(),
-        Progress(),
+        # a bar on a terminal; in a log (CI, a pod), a line with rate and ETA every 30 s
+        TQDMProgressBar() if on_terminal() else Progress(),
         *extra_callbacks,
     ]
     if cfg.train.get("ema_decay"):
@@ -92,7 +101,7 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
         logger=logger,
         callbacks=callbacks,
         default_root_dir=work_dir,
-        enable_progress_bar=False,
+        enable_progress_bar=on_terminal(),
         enable_model_summary=False,
         log_every_n_steps=50,
     )
@@ -125,7 +134,8 @@ def fit(
         tags={"git_commit": git_commit(), "data_hash": data_hash, "data": cfg.data.name,
               **(tags or {})},
     )
-    trainer = build_trainer(cfg, logger, work_dir, callbacks)
+    curves = TrainingCurves(paths.train_curves, paths.train_curves_image)
+    trainer = build_trainer(cfg, logger, work_dir, [*callbacks, curves])
     datamodule = task.datamodule(cfg, paths, transfer)
     module = task.module(cfg, paths, distilling=transfer is not None)
     if transfer is not None:
@@ -181,6 +191,8 @@ def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> 
     run.set_tag(logger.run_id, lineage.CHECKPOINT_TAG, lineage.digest(best))
     if (paths.root / PARAMS_FILE).exists():
         run.log_artifact(logger.run_id, str(paths.root / PARAMS_FILE))
+    # the data profile trained on, for the run's report (pipeline/reporting/)
+    run.log_artifact(logger.run_id, str(paths.processed / "profile.json"), sources.TRAINING)
     report = {
         "monitor": cfg.train.monitor,
         "best_score": float(checkpoint.best_model_score),

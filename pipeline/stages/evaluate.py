@@ -16,8 +16,9 @@ still held to the fixed test set's margins; and `gate.feedback` may also bound h
 the candidate falls behind the champion on the slice.
 
 Output: `reports/metrics.json` (DVC metrics), `reports/plots/` (confusion, ROC and PR
-data: DVC plots) and `reports/gate.json` (the verdict with every reason); all of it
-is also logged to the training run in MLflow.
+data, and PNGs of them and of the reliability diagram: DVC plots,
+pipeline/reporting/evaluation_plots.py) and `reports/gate.json` (the verdict with every
+reason); all of it is also logged to the training run in MLflow (`evaluation/`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import torchmetrics.functional.classification as tm
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from pipeline import atomic, tasks
+from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params, tracking_uri
 from pipeline.data.splits import FEEDBACK_TEST, column, load_splits
+from pipeline.reporting import sources
+from pipeline.reporting.evaluation_plots import write_plots
 from pipeline.tracking import lineage
 from pipeline.tracking.registry import CHAMPION, download_bundle
 from serving.bundle import Bundle
@@ -79,34 +82,6 @@ def compute_metrics(probs: np.ndarray, labels: np.ndarray, label_names: list[str
         },
         "confusion_matrix": tm.multiclass_confusion_matrix(p, y, k).tolist(),
     }
-
-
-def curve_rows(probs: np.ndarray, labels: np.ndarray) -> tuple[list[dict], list[dict]]:
-    """ROC and precision-recall points: of the positive class for two classes, else
-    micro-averaged over the one-vs-rest problems (one curve either way)."""
-    p, y = torch.from_numpy(probs).float(), torch.from_numpy(labels).long()
-    if p.shape[1] == 2:
-        scores, targets = p[:, 1], y
-    else:
-        scores = p.flatten()
-        targets = torch.nn.functional.one_hot(y, p.shape[1]).flatten()
-    fpr, tpr, _ = tm.binary_roc(scores, targets)
-    precision, recall, _ = tm.binary_precision_recall_curve(scores, targets)
-    roc = [{"fpr": float(a), "tpr": float(b)} for a, b in zip(fpr, tpr, strict=True)]
-    pr = [{"recall": float(r), "precision": float(q)}
-          for r, q in zip(recall, precision, strict=True)]
-    return roc, pr
-
-
-def write_plots(plots_dir: Path, probs: np.ndarray, labels: np.ndarray, names: list[str]) -> None:
-    roc, pr = curve_rows(probs, labels)
-    predicted = probs.argmax(axis=1)
-    confusion = [{"actual": names[a], "predicted": names[b]}
-                 for a, b in zip(labels, predicted, strict=True)]
-    with atomic.atomic_dir(plots_dir) as tmp:
-        atomic.write_json(tmp / "confusion.json", confusion)
-        atomic.write_json(tmp / "roc.json", roc)
-        atomic.write_json(tmp / "pr.json", pr)
 
 
 def slice_metrics(probs: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
@@ -239,7 +214,7 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     verdict = {"model_name": cfg.deploy.model_name, **judge(metrics, cfg.gate, champion)}
 
     atomic.write_json(paths.metrics, metrics)
-    write_plots(paths.plots, probs, labels, label_names)
+    write_plots(paths.plots, probs, labels, label_names, metrics, bins)
     atomic.write_json(paths.gate, verdict)
     log_to_run(metrics, verdict, cfg.mlflow.experiment, paths)
     return metrics, verdict
@@ -262,9 +237,9 @@ def log_to_run(metrics: dict, verdict: dict, experiment: str, paths: Paths) -> N
         flat[f"{FEEDBACK_TEST}_accuracy"] = metrics[FEEDBACK_TEST]["accuracy"]
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({mlflow_safe(k): v for k, v in flat.items()})
-        mlflow.log_artifact(str(paths.metrics), "evaluation")
-        mlflow.log_artifact(str(paths.gate), "evaluation")
-        mlflow.log_artifacts(str(paths.plots), "evaluation/plots")
+        mlflow.log_artifact(str(paths.metrics), sources.EVALUATION)
+        mlflow.log_artifact(str(paths.gate), sources.EVALUATION)
+        mlflow.log_artifacts(str(paths.plots), sources.EVALUATION_PLOTS)
         mlflow.set_tag("gate_blessed", str(verdict["blessed"]).lower())
 
 
@@ -274,6 +249,7 @@ def mlflow_safe(name: str) -> str:
 
 
 def main() -> None:
+    logs.quiet()
     metrics, verdict = evaluate(load_params(), Paths())
     print(f"evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}, "
           f"ROC-AUC {metrics['roc_auc']:.4f}, ECE {metrics['ece']:.4f}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import atomic, tasks
+from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import column, load_splits
 from pipeline.stages.evaluate import compute_metrics, predict_proba
@@ -55,6 +55,10 @@ class TeacherPaths(Paths):
     @property
     def train_facts(self) -> Path:
         return self.run_facts("teacher")
+
+    @property
+    def train_curves(self) -> Path:
+        return self.teacher / "train_curves.json"
 
     @property
     def candidate(self) -> Path:
@@ -161,6 +165,7 @@ def teach(cfg: DictConfig, paths: TeacherPaths) -> dict:
 
 
 def main() -> None:
+    logs.quiet()
     try:
         teach(load_params(), TeacherPaths())
     except TeacherError as err:

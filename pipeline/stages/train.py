@@ -4,7 +4,8 @@ left.
 
 Output: `models/checkpoints/{best,last}.ckpt` and `reports/train.json` (best score,
 epochs, steps: what the code, data and parameters determine, the same bytes in every
-run on one CPU); `reports/runs/train.json` (this run's MLflow run id, wall time and
+run on one CPU); `reports/train_curves.{json,png}` (per-epoch metrics, DVC plots);
+`reports/runs/train.json` (this run's MLflow run id, wall time and
 throughput, which DVC does not track); an MLflow run with every resolved parameter,
 the per-epoch curves, the git commit, the data hash, and the best checkpoint, tagged
 with the checkpoint's sha256 (`pipeline.tracking.lineage`).
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import tasks
+from pipeline import logs, tasks
 from pipeline.config import Paths, load_params
 from pipeline.modeling.training import fit
 
@@ -55,6 +56,7 @@ def prune_and_fine_tune(cfg: DictConfig, paths: Paths, transfer: Path | None) ->
 
 
 def main() -> None:
+    logs.quiet()
     cfg, paths = load_params(), Paths()
     transfer = transfer_set(paths)
     if pruning(cfg) and (cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1):

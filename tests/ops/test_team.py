@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 import httpx
 import psycopg2
 import pytest
-import yaml
 from conftest import ROOT, copy_repo, every_worker_serves, git_init, run, running_service
 from pg import postgres_server
 

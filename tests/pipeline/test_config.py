@@ -43,14 +43,15 @@ def test_each_stage_declares_existing_params_and_its_own_script():
     absent = object()
     for name, stage in stages.items():
         assert f"pipeline/stages/{name}.py" in stage["deps"], name
-        # code is listed by package: a stage's own scripts, pipeline's two shared
+        # code is listed by package: a stage's own scripts, pipeline's three shared
         # modules and the one ops module the serve stage starts services with are the
         # only single files (the rest of ops/ is deploy tooling no stage runs)
+        single = ("pipeline/config.py", "pipeline/atomic.py", "pipeline/logs.py",
+                  "ops/process.py")
         for dep in stage["deps"]:
             if dep.startswith(("pipeline/", "serving/", "ops/")):
-                assert (ROOT / dep).is_dir() or dep.startswith("pipeline/stages/") or dep in (
-                    "pipeline/config.py", "pipeline/atomic.py", "ops/process.py"), \
-                    f"{name}: {dep}"
+                assert (ROOT / dep).is_dir() or dep.startswith("pipeline/stages/") \
+                    or dep in single, f"{name}: {dep}"
         for key in stage["params"]:  # may be null (distill.teacher), never absent
             assert OmegaConf.select(params, key, default=absent) is not absent, f"{name}: {key}"
         assert "data" not in stage["params"] or name == "collect"

@@ -21,8 +21,9 @@ from sklearn.metrics import (
 
 from pipeline.config import Paths
 from pipeline.data.splits import column, load_splits
+from pipeline.reporting.evaluation_plots import curve_rows
 from pipeline.stages import evaluate as stage
-from pipeline.stages.evaluate import compute_metrics, curve_rows, judge
+from pipeline.stages.evaluate import compute_metrics, judge
 from pipeline.tasks.text_classification.task import TextClassification
 from pipeline.tracking import lineage
 
@@ -111,6 +112,9 @@ def test_stage_outputs_and_mlflow(workspace):
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
     assert "test_f1_pos" in run.data.metrics
     assert run.data.tags["gate_blessed"] == str(gate["blessed"]).lower()
+    plots = {a.path for a in mlflow.MlflowClient(cfg.mlflow.tracking_uri).list_artifacts(
+        run_id, "evaluation/plots")}
+    assert {f"evaluation/plots/{name}" for name in ("confusion.png", "reliability.png")} <= plots
 
 
 @pytest.fixture

@@ -39,6 +39,10 @@ def test_fit_writes_checkpoints_report_and_mlflow_run(workspace, monkeypatch):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 2, metric
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert artifacts == ["checkpoints/best.ckpt"]
+    # the per-epoch curves (DVC plots) and the data profile, for the run's report
+    assert [row["epoch"] for row in atomic.read_json("reports/train_curves.json")] == [1, 2]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "training")) == [
+        "training/profile.json", "training/train_curves.json", "training/train_curves.png"]
     # the run is found from the checkpoint's bytes, as evaluate and deploy find it
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     assert lineage.training_run(cfg.mlflow.experiment, path / "models/checkpoints/best.ckpt"
