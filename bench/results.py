@@ -8,7 +8,8 @@ plots as PNG files) is rendered from that JSON. Pages are never edited by hand:
 
 and the test suite checks that each page, and the README's summary table between its
 `<!-- results summary -->` markers, equal what the JSON renders to, so a number in the
-docs always has a measurement behind it.
+docs always has a measurement behind it. mkdocs.yml's Results section is written here
+too, so a new page is in the site's navigation.
 """
 
 from __future__ import annotations
@@ -159,7 +160,6 @@ def index(results: list[Result]) -> str:
             + markdown_table(table) + "\n")
 
 
-README = ROOT / "README.md"
 SUMMARY_START, SUMMARY_END = "<!-- results summary -->", "<!-- /results summary -->"
 
 
@@ -178,6 +178,22 @@ def with_summary(readme: str, results: list[Result]) -> str:
     head, rest = readme.split(SUMMARY_START, 1)
     _, tail = rest.split(SUMMARY_END, 1)
     return f"{head}{SUMMARY_START}\n{summary_table(results)}\n{SUMMARY_END}{tail}"
+
+
+NAV_START, NAV_END = "  # results nav:", "  # end of results nav"
+
+
+def with_nav(mkdocs: str, results: list[Result]) -> str:
+    """mkdocs.yml with its Results section listing every page (between the markers)."""
+    if NAV_START not in mkdocs or NAV_END not in mkdocs:
+        return mkdocs
+    head, rest = mkdocs.split(NAV_START, 1)
+    marker_line, rest = rest.split("\n", 1)
+    _, tail = rest.split(NAV_END, 1)
+    entries = [f"      - {r.title}: results/{r.name}.md"
+               for r in sorted(results, key=lambda r: r.title)]
+    section = "\n".join(["  - Results:", "      - results/index.md", *entries])
+    return f"{head}{NAV_START}{marker_line}\n{section}\n{NAV_END}{tail}"
 
 
 def load(path: Path) -> Result:
@@ -206,8 +222,13 @@ def render_all() -> list[Path]:
         write_text(PAGES / f"{result.name}.md", page(result))
         written.append(PAGES / f"{result.name}.md")
     write_text(PAGES / "index.md", index(results))
-    if README.exists():
-        write_text(README, with_summary(README.read_text(encoding="utf-8"), results))
+    # the repository the pages belong to (docs/results/ -> the root), which a run into
+    # a scratch directory does not touch
+    readme, mkdocs = PAGES.parent.parent / "README.md", PAGES.parent.parent / "mkdocs.yml"
+    if readme.exists():
+        write_text(readme, with_summary(readme.read_text(encoding="utf-8"), results))
+    if mkdocs.exists():
+        write_text(mkdocs, with_nav(mkdocs.read_text(encoding="utf-8"), results))
     return written
 
 

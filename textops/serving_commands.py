@@ -3,6 +3,7 @@ or over files."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -100,6 +101,10 @@ def predict(source: Path = typer.Argument(..., metavar="INPUT", exists=True, dir
 
     if on_error not in ("fail", "report"):
         raise typer.BadParameter("fail or report", param_hint="--on-error")
+    if model.startswith("models:/") and "MLFLOW_TRACKING_URI" not in os.environ:
+        from pipeline.config import load_params, tracking_uri
+
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(load_params())  # the project's
     try:
         summary = predict_file(source, out, model, column=column, workers=workers,
                                on_error=on_error)

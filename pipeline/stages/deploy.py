@@ -115,6 +115,8 @@ def bundle_meta(cfg: DictConfig, module, version: str, checkpoint_sha256: str, m
         "model_name": cfg.deploy.model_name,
         "model": dict(module.hparams.model),
         "label_names": list(module.hparams.label_names),
+        # what batch prediction reads from a file by default, as collect read it
+        "text_columns": list(cfg.data.text_columns),
         "max_length": profile["max_length"],
         "pad_id": pad_id,
         "files": {**MODEL_FILES, "tokenizer": "tokenizer.json"},

@@ -115,3 +115,33 @@ def test_a_promoted_model_is_served_without_warnings(tmp_path):
 @pytest.mark.parametrize("flag", ["--allow-other-data", "--no-repro"])
 def test_deploy_options_exist(flag):
     assert flag in CliRunner().invoke(app, ["deploy", "--help"], terminal_width=200).output
+
+
+def test_predict_writes_the_answers_of_the_batch_api(built_bundle, tmp_path):
+    """`textops predict` over a file: the rows predict_file gives, with its summary line."""
+    import gzip
+
+    from serving.batch import predict_file
+
+    bundle_dir, _ = built_bundle
+    with gzip.open(ROOT / "data/external/sst2/dev.tsv.gz", "rt") as dev:
+        source = tmp_path / "dev.tsv"
+        source.write_text("".join(next(dev) for _ in range(41)))  # header + 40 rows
+    out = tmp_path / "answers.csv"
+    result = subprocess.run([str(TEXTOPS), "predict", str(source), "--out", str(out),
+                             "--model", str(bundle_dir), "--workers", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "predict: 40 rows" in result.stdout
+    expected = predict_file(source, tmp_path / "expected.csv", str(bundle_dir), workers=1,
+                            progress=False)
+    assert expected.rows == 40
+    assert out.read_text() == (tmp_path / "expected.csv").read_text()
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine,1\n,0\n")
+    failed = subprocess.run([str(TEXTOPS), "predict", str(bad), "--out", str(tmp_path / "x.csv"),
+                             "--model", str(bundle_dir)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert failed.returncode == 1 and "bad.csv:3" in failed.stderr
+    assert not (tmp_path / "x.csv").exists()
