@@ -15,7 +15,7 @@ each bundle, in fp32 and int8, on the SST-2 dev texts (the pipeline's test split
     the size of the model file.
 Writes reports/compression.json (`dvc metrics show`) and reports/compression_plot.json
 (`dvc plots show`: accuracy against texts/s), both committed, since no stage makes
-them, and prints the table for the README.
+them, and prints the table.
 """
 
 from __future__ import annotations
