@@ -146,6 +146,7 @@ def teach(cfg: DictConfig, paths: TeacherPaths) -> dict:
     paths.teacher.mkdir(parents=True, exist_ok=True)
     if spec is None:
         report = {"teacher": None}
+        print("teacher: none (distill.teacher is null): train learns from the labels")
     else:
         bundle = train_teacher(cfg, paths) if spec == "train" else fetch_teacher(spec, paths)
         check_vocabulary(bundle, paths.processed, spec)

@@ -107,6 +107,7 @@ def build_transfer(cfg: DictConfig, paths: Paths) -> dict:
         report = {"teacher": None}
         with atomic.atomic_dir(out_dir) as tmp:
             atomic.write_json(tmp / "transfer.json", report)
+        print("transfer: no teacher, no transfer set")
         return report
     tokenizer = Tokenizer.from_file(str(processed / "tokenizer.json"))
     train = load_splits(processed)["train"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,6 +45,21 @@ def test_repro_runs_all_six_stages(smoke_repo):
     served = json.loads((smoke_repo / "reports/serve.json").read_text())
     assert served["mismatches"] == 0 and served["rows"] == 50
     assert json.loads((smoke_repo / "reports/runs/serve.json").read_text())["latency_ms"]["p50"] > 0
+
+
+# What dependencies print when left alone (pipeline/logs.py hides it): warnings, their
+# INFO lines, Lightning's tips and device banner, download-style progress bars.
+NOISE = re.compile(r"Warning\b|\bWARNING\b|W\d{4} \d\d:|\bINFO\b|💡|GPU available|"
+                   r"Seed set to|Loading weights|it/s\]")
+
+
+def test_repro_says_one_readable_line_per_step_and_no_dependency_noise(smoke_repo):
+    log = (smoke_repo / "repro.log").read_text()
+    noisy = [line for line in log.splitlines() if NOISE.search(line)]
+    assert not noisy, "\n".join(noisy[:20])
+    for step in ("collect:", "preprocess:", "teacher:", "transfer:", "train:", "evaluate:",
+                 "gate:", "deploy:", "serve:"):
+        assert step in log
 
 
 def registry_version(repo: Path) -> str:
