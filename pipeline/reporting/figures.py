@@ -154,7 +154,10 @@ def training_curves_png(rows: list[dict]) -> bytes:
 
 def _draw_training_curves(figure: Figure, rows: list[dict]) -> None:
     losses, scores = figure.subplots(1, 2)
-    names = sorted({key for row in rows for key in row} - {"epoch", "step"})
+    # the learning rate (LearningRateMonitor's lr-*) has its own scale: the curves
+    # table in the report lists it, the plot leaves it out
+    names = sorted({key for row in rows for key in row
+                    if key not in ("epoch", "step") and not key.startswith("lr-")})
     for name in names:
         points = [(row["epoch"], row[name]) for row in rows if name in row]
         ax = losses if name.endswith("loss") else scores
