@@ -145,3 +145,19 @@ def test_predict_writes_the_answers_of_the_batch_api(built_bundle, tmp_path):
                             text=True, timeout=300)
     assert failed.returncode == 1 and "bad.csv:3" in failed.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_tune_forwards_its_options_and_overrides(monkeypatch):
+    """`textops tune` brings preprocess up to date, then runs the search with its flags."""
+    import pipeline.loops.tune as tuning
+    from textops import pipeline_commands
+
+    calls = []
+    monkeypatch.setattr(pipeline_commands, "run_tool", lambda *cmd: calls.append(cmd))
+    monkeypatch.setattr(tuning, "main", lambda argv: calls.append(tuple(argv)))
+    result = CliRunner().invoke(app, ["tune", "--storage", "sqlite:///t.db", "--workers", "2",
+                                      "--trials", "6", "model=lstm"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("dvc", "repro", "preprocess"),
+                     ("--storage", "sqlite:///t.db", "--workers", "2", "--trials", "6",
+                      "model=lstm")]
