@@ -40,6 +40,10 @@ KNOWN_WARNINGS = [
     (UserWarning, r"# The axis name: \w+ will not be used",
      "the ONNX exporter merges axes that share constraints; the exported model keeps "
      "its batch and sequence axes dynamic (checked by the bundle's signature)"),
+    (UserWarning, r"Exporting a model to ONNX with a batch_size other than 1, with a "
+     r"variable length with LSTM",
+     "the deploy stage checks what it warns of: each text's logits alone must match its "
+     "logits inside a padded batch (deploy.int8_batch_max_abs_diff), or nothing ships"),
     (UserWarning, r"Checkpoint directory .* exists and is not empty",
      "train keeps its work directory on purpose: an interrupted run resumes from it"),
     (UserWarning, r"The number of training batches \(\d+\) is smaller than the logging interval",
