@@ -208,7 +208,10 @@ run. The service shares the cores with its load generator (client CPU share
         tables=[Table("Texts per second", ["way", "texts/s", "predict_file / this", "setting"],
                       rows)],
         data={"args": vars(args), "texts_per_s": runs, "median": medians, "ratios": ratios,
-              **extra}))
+              **extra},
+        summary=[["textops predict, texts/s over a file", round(medians[BATCH])],
+                 *([[f"textops predict vs {way}", f"{ratio:.2f}x"]
+                    for way, ratio in ratios.items()])]))
     print(f"\nwrote {page}")
 
 
