@@ -212,7 +212,7 @@ def feedback_line(request_id, text, label, created, position=0):
 def sst2_with_feedback(tmp_path, lines):
     (tmp_path / "data").mkdir(exist_ok=True)
     (tmp_path / "data" / "fb.jsonl").write_text("".join(line + "\n" for line in lines))
-    cfg = files_cfg(**{"splits.train": str(ROOT / "data/external/sst2/train.tsv.gz"),
+    cfg = files_cfg(**{"splits": {"train": str(ROOT / "data/external/sst2/train.tsv.gz")},
                        "labels": {"0": "negative", "1": "positive"}, "max_rows": 50,
                        "format": "tsv", "text_columns": ["sentence"],
                        "feedback.snapshot": "data/fb.jsonl"})
