@@ -514,10 +514,10 @@ def as_result(payload: dict) -> Result:
                  for name, point in results.items()})
     summary = [[f"{SERVICE}, texts/s at 16 texts x 32 concurrent",
                 round(results.get(SERVICE, {}).get("16x32", {}).get("texts_per_s", 0))]]
-    peers_measured = [row for name, row in versus.items() if name in PEER_NAMES]
-    if peers_measured:
-        summary.append(["ahead of MLServer, LitServe and BentoML by at least",
-                        f"{min(min(row.values()) for row in peers_measured):.2f}x"])
+    measured = {name: row for name, row in versus.items() if name in PEER_NAMES and row}
+    if measured:
+        summary.append([f"{SERVICE} over {', '.join(sorted(measured))}, the least ratio",
+                        f"{min(min(row.values()) for row in measured.values()):.2f}x"])
     return Result("serving", "Serving throughput against the alternatives", ABOUT, tables,
                   [plot], data=payload, summary=summary)
 
