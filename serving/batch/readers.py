@@ -181,17 +181,24 @@ class JsonlReader(TextFile):
                 yield Record(number, None, f"expected a JSON object, got {type(value).__name__}")
 
 
+def pyarrow_for(path: Path, doing: str):
+    """pyarrow.parquet, imported only for parquet files: the serving image leaves
+    pyarrow out, so its absence is a BatchError naming the file."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BatchError(f"{path}: {doing} parquet needs pyarrow (pip install pyarrow), "
+                         "which the serving image leaves out") from None
+    return pq
+
+
 class ParquetReader:
     """Parquet, read a row group slice at a time (pyarrow's iter_batches)."""
 
     BATCH_ROWS = 4096
 
     def __init__(self, path: Path):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise BatchError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
-                             "which the serving image leaves out") from None
+        pq = pyarrow_for(path, "reading")
         self.path = path
         try:
             self.file = pq.ParquetFile(path)

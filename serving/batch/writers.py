@@ -16,7 +16,7 @@ import os
 import secrets
 from pathlib import Path
 
-from serving.batch.readers import BatchError
+from serving.batch.readers import BatchError, pyarrow_for
 
 log = logging.getLogger("serving.batch")
 
@@ -96,12 +96,9 @@ class ParquetWriter:
     ROW_GROUP = 16_384
 
     def __init__(self, path: Path):
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise BatchError(f"{path}: writing parquet needs pyarrow (pip install pyarrow), "
-                             "which the serving image leaves out") from None
+        pq = pyarrow_for(path, "writing")
+        import pyarrow as pa  # present: pyarrow_for imported its parquet module
+
         self.pa, self.pq, self.path = pa, pq, path
         self.rows: list[dict] = []
         self.writer = None
