@@ -263,3 +263,11 @@ def test_bad_feedback_is_named_by_line_and_nothing_is_written(tmp_path, line, me
     with pytest.raises(CollectError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_collect(cfg, tmp_path)
     assert not (tmp_path / "raw").exists()
+
+
+def test_your_train_file_with_the_example_test_split_is_refused(tmp_path):
+    """Overriding only data.splits.train would score your model on the example's data."""
+    cfg = files_cfg(**{"splits.train": "data/external/mine/train.csv"})
+    with pytest.raises(CollectError, match=r"train read your files but test still the "
+                                           r"shipped example .*data\.splits\.test"):
+        collect(cfg, 42, Paths(tmp_path))

@@ -131,6 +131,26 @@ def feedback_dataset(feedback: FeedbackRows, names: list[str]) -> Dataset:
         "position": feedback.positions}, features=features)
 
 
+# conf/data/files.yaml's shipped example (data/external/example/SOURCE.md)
+EXAMPLE_DIR = "data/external/example/"
+
+
+def check_one_source(data: DictConfig) -> None:
+    """Pointing `data.splits.train` at your files while `test` still names the shipped
+    example would score your model on someone else's data: stop, and say so."""
+    if data.source != "files":
+        return
+    example = sorted(k for k, v in data.splits.items() if str(v).startswith(EXAMPLE_DIR))
+    yours = sorted(k for k, v in data.splits.items() if not str(v).startswith(EXAMPLE_DIR))
+    if example and yours:
+        raise CollectError(
+            f"data.splits: {', '.join(yours)} read your files but {', '.join(example)} "
+            f"still the shipped example ({EXAMPLE_DIR}); set "
+            + " and ".join(f"data.splits.{k}" for k in example)
+            + " to your files too, or drop them (~data.splits.test: test is then carved "
+            "from train)")
+
+
 def collect(data: DictConfig, seed: int, paths: Paths) -> dict:
     """Read the source, check it, and write `paths.raw` atomically. Relative data paths
     are read under `paths.root`. Returns the manifest."""
@@ -138,6 +158,7 @@ def collect(data: DictConfig, seed: int, paths: Paths) -> dict:
     root = paths.root
     if "train" not in data.splits:
         raise CollectError("data.splits must include a `train` split")
+    check_one_source(data)
     if data.source == "files":
         splits, class_names = read_files(data, root), None
     elif data.source == "hub":
