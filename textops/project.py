@@ -9,9 +9,6 @@ from pathlib import Path
 
 import typer
 
-# pipeline/logs.py reads it, here and in the processes DVC starts for the stages.
-VERBOSE_ENV = "TEXTOPS_VERBOSE"
-
 
 def find_root(start: Path | None = None) -> Path:
     """The nearest directory at or above `start` holding dvc.yaml and conf/."""
@@ -33,10 +30,10 @@ def enter(root: Path) -> None:
 
 def set_verbosity(verbose: bool) -> None:
     """After `enter`: the project's own logging rules, for this process and the stages'."""
-    if verbose:
-        os.environ[VERBOSE_ENV] = "1"
     from pipeline import logs
 
+    if verbose:  # the stages' processes, which DVC starts, inherit it
+        os.environ[logs.VERBOSE_ENV] = "1"
     logs.quiet()
 
 
