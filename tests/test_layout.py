@@ -17,7 +17,7 @@ MAX_LINES = 300
 NOT_IN_SERVING = ("torch", "pytorch_lightning", "lightning", "torchmetrics", "pipeline", "ops",
                   "textops")
 # The bundle contract: what both sides load bundles with.
-CONTRACT_THIRD_PARTY = ("numpy", "onnxruntime", "tokenizers")
+CONTRACT_THIRD_PARTY = ("numpy", "onnxruntime", "tokenizers", "PIL")  # PIL: image bundles
 # The registered MLflow model wraps the contract, so it needs MLflow and pandas too; a
 # registry URI is fetched with MLflow, imported only for such URIs.
 CONTRACT_EXTRAS = {"serving.bundle.pyfunc": ("mlflow", "pandas")}

@@ -2,16 +2,18 @@
 
 A bundle is a directory holding
 - `model.onnx` (fp32) and `model.int8.onnx` (statically quantised int8),
-- `tokenizer.json`, which carries the text normalisation and personal-data masking,
+- its task's preprocessing (serving/bundle/inputs.py): `tokenizer.json` for text,
+  which carries the normalisation and personal-data masking; `image_spec.json` for
+  images (size, channels, resize rule, mean and std),
 - `bundle.json`: its task and the model's signature (serving/bundle/tasks.py), label
-  names, max length, version, metrics, gate verdict, lineage and the training data
-  profile (the drift reference),
+  names, version, metrics, gate verdict, lineage and the training data profile (the
+  drift reference),
 - `MODEL_CARD.md`,
 - and, in a copy the registry promoted, `registry.json`: the registry version, the
   MLflow run and the git commit (kept out of bundle.json, which the same training
   must write byte for byte in any clone).
 
-Loading needs onnxruntime, tokenizers and numpy only: no torch, no pickle, nothing
+Loading needs onnxruntime, tokenizers, Pillow and numpy only: no torch, no pickle, nothing
 from `pipeline/`.
 """
 
@@ -25,13 +27,21 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from serving.bundle.tasks import TaskSpec, signature, signature_problems, task_of
-from serving.bundle.tensors import in_length_order, pad
+from serving.bundle.inputs import ImageInputs, TextInputs
+from serving.bundle.tasks import (
+    IMAGE_CLASSIFICATION,
+    TEXT_CLASSIFICATION,
+    TaskSpec,
+    signature,
+    signature_problems,
+    task_of,
+)
 
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 # Where a registered model version keeps its bundle, inside the version's artifacts.
 REGISTERED_BUNDLE = Path("artifacts") / "bundle"
-REQUIRED_META = ("version", "label_names", "max_length", "pad_id")
+REQUIRED_META = ("version", "label_names")  # and the task's own (TaskSpec.meta)
+INPUTS = {TEXT_CLASSIFICATION: TextInputs, IMAGE_CLASSIFICATION: ImageInputs}
 
 
 class BundleError(RuntimeError):
@@ -76,13 +86,13 @@ def read_meta(path: Path) -> dict:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{meta_file}: not valid JSON ({err})") from None
-    missing = [key for key in REQUIRED_META if key not in meta]
-    if missing:
-        raise BundleError(f"{meta_file}: missing fields {', '.join(missing)}")
     try:
-        task_of(meta)
+        task = task_of(meta)
     except KeyError as err:
         raise BundleError(f"{meta_file}: {err.args[0]}") from None
+    missing = [key for key in (*REQUIRED_META, *task.meta) if key not in meta]
+    if missing:
+        raise BundleError(f"{meta_file}: missing fields {', '.join(missing)}")
     return meta
 
 
@@ -90,7 +100,7 @@ def read_meta(path: Path) -> dict:
 class Bundle:
     path: Path
     meta: dict
-    tokenizer: Tokenizer
+    inputs: TextInputs | ImageInputs
     session: ort.InferenceSession
     precision: str
     label_names: list[str] = field(init=False)
@@ -111,11 +121,10 @@ class Bundle:
         if precision not in MODEL_FILES:
             raise BundleError(f"precision must be one of {', '.join(MODEL_FILES)}")
         meta = read_meta(path)
-        tokenizer_file = path / "tokenizer.json"
         try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as err:  # tokenizers raises a bare Exception
-            raise BundleError(f"{tokenizer_file}: cannot load ({err})") from None
+            inputs = INPUTS[task_of(meta).name](path, meta)
+        except ValueError as err:
+            raise BundleError(str(err)) from None
         model_file = path / MODEL_FILES[precision]
         if not model_file.is_file():
             raise BundleError(f"{model_file}: missing")
@@ -130,7 +139,7 @@ class Bundle:
         problems = signature_problems(task_of(meta), meta.get("signature"), signature(session))
         if problems:
             raise BundleError(f"{model_file}: {'; '.join(problems)}")
-        return cls(path=path, meta=meta, tokenizer=tokenizer, session=session,
+        return cls(path=path, meta=meta, inputs=inputs, session=session,
                    precision=precision)
 
     @property
@@ -138,10 +147,17 @@ class Bundle:
         return str(self.meta["version"])
 
     @property
+    def tokenizer(self) -> Tokenizer:
+        """A text bundle's tokenizer (AttributeError for other tasks)."""
+        return self.inputs.tokenizer
+
+    @property
     def unk_id(self) -> int | None:
-        """The tokenizer model's own unknown token ([UNK] for WordPiece), if it has one."""
-        unk = getattr(self.tokenizer.model, "unk_token", None)
-        return self.tokenizer.token_to_id(unk) if unk else None
+        """The tokenizer model's own unknown token ([UNK] for WordPiece), if it has one;
+        None for a bundle without a tokenizer."""
+        tokenizer = getattr(self.inputs, "tokenizer", None)
+        unk = getattr(tokenizer.model, "unk_token", None) if tokenizer else None
+        return tokenizer.token_to_id(unk) if unk else None
 
     @property
     def registry(self) -> dict | None:
@@ -149,24 +165,27 @@ class Bundle:
         record = self.path / "registry.json"
         return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids, normalised, masked and truncated exactly as in training."""
-        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+    def encode(self, items: list) -> list:
+        """Each request item as the model takes it, exactly as in training: token ids
+        for a text, a normalised float32 [channels, height, width] for an image."""
+        return self.inputs.encode(items)
 
-    def run(self, batch: list[list[int]]) -> np.ndarray:
-        """Logits for a batch of token id lists, padded to the batch's longest."""
-        return self.run_arrays(*pad(batch, self.meta["pad_id"]))
+    def run(self, batch: list) -> np.ndarray:
+        """Logits for a batch of encoded items (token ids are padded to the longest)."""
+        return self.run_feeds(self.inputs.feeds(batch))
 
     def run_arrays(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run(
-            ["logits"], {"input_ids": input_ids, "attention_mask": attention_mask}
-        )
+        """A text model's logits for padded arrays."""
+        return self.run_feeds({"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], feeds)
         return logits
 
-    def predict_logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Logits for any number of texts, batched by length, in the input order."""
-        return in_length_order(self.encode(texts), batch_size, len(self.label_names),
-                               self.run)
+    def predict_logits(self, items: list, batch_size: int = 64) -> np.ndarray:
+        """Logits for any number of items, batched (texts by length), in input order."""
+        return self.inputs.in_order(self.encode(items), batch_size, len(self.label_names),
+                                    self.run)
 
-    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        return softmax(self.predict_logits(texts, batch_size))
+    def predict_proba(self, items: list, batch_size: int = 64) -> np.ndarray:
+        return softmax(self.predict_logits(items, batch_size))

@@ -3,8 +3,8 @@
 The deploy stage logs this file with the bundle as an artifact, so that
 `mlflow models serve -m models:/<name>@champion --env-manager local` serves the
 same bundle through MLflow's own scoring server: input a DataFrame with a `text`
-column, output one row per text with the label, its score and every class's
-probability.
+column (an `image` column of encoded files, for an image bundle), output one row per
+item with the label, its score and every class's probability.
 """
 
 from __future__ import annotations
@@ -18,14 +18,21 @@ from serving.bundle import Bundle
 from serving.bundle.predictions import predictions
 
 
+def input_column(bundle: Bundle) -> str:
+    """The DataFrame column a bundle's items come in: `text` or `image`."""
+    return bundle.task.items.removesuffix("s")
+
+
 class BundleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         precision = os.environ.get("TEXTOPS_PRECISION", "int8")
         self.bundle = Bundle.load(context.artifacts["bundle"], precision=precision)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        texts = [str(t) for t in model_input["text"].tolist()]
-        probs = self.bundle.predict_proba(texts)
+        column = input_column(self.bundle)
+        items = model_input[column].tolist()
+        items = [bytes(i) for i in items] if column == "image" else [str(t) for t in items]
+        probs = self.bundle.predict_proba(items)
         names = self.bundle.label_names
         rows = []
         for answer in predictions(names, probs):

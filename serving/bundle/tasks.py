@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import onnxruntime as ort
 
 TEXT_CLASSIFICATION = "text_classification"
+IMAGE_CLASSIFICATION = "image_classification"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class TaskSpec:
     # input and output names, in the order the model declares them
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    # bundle.json fields its preprocessing needs besides the shared ones
+    meta: tuple[str, ...] = ()
+    # what a /predict body names its items (`{"texts": [...]}`, `{"images": [...]}`)
+    items: str = "texts"
 
 
 TASKS = {
@@ -38,6 +43,14 @@ TASKS = {
         preprocessing=("tokenizer.json",),
         inputs=("input_ids", "attention_mask"),  # int64 [batch, tokens]
         outputs=("logits",),  # float32 [batch, classes]
+        meta=("max_length", "pad_id"),
+    ),
+    IMAGE_CLASSIFICATION: TaskSpec(
+        name=IMAGE_CLASSIFICATION,
+        preprocessing=("image_spec.json",),
+        inputs=("pixels",),  # float32 [batch, channels, height, width], normalised
+        outputs=("logits",),  # float32 [batch, classes]
+        items="images",
     ),
 }
 # bundle.json written before tasks existed names none: it is a text classifier
