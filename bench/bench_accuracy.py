@@ -34,7 +34,7 @@ from pipeline.config import Paths, load_params
 from pipeline.data.splits import column, load_splits
 paths, task = Paths(), tasks.from_config(load_params())
 val = load_splits(paths.processed)["val"]
-logits = task.predict_logits(task.load_module(paths.checkpoint), task.model_inputs(val), 256)
+logits = task.predict_logits(task.load_module(paths.checkpoint), task.model_inputs(val, paths), 256)
 print(json.dumps(float((logits.argmax(1) == np.array(column(val, "label"))).mean())))
 """
 

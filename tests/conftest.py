@@ -83,6 +83,19 @@ def smoke_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def image_repo(tmp_path_factory) -> Path:
+    """A repository copy where `dvc repro` ran the image smoke experiment (600
+    Fashion-MNIST images per split, the MLP, one epoch) end to end."""
+    repo = copy_repo(tmp_path_factory.mktemp("image") / "repo")
+    run([sys.executable, "-m", "pipeline.config", "task=image_classification",
+         "experiment=image_smoke"], repo)
+    git_init(repo)
+    result = run(["dvc", "repro"], repo, timeout=900)
+    (repo / "repro.log").write_text(result.stdout + result.stderr)
+    return repo
+
+
+@pytest.fixture(scope="session")
 def workspace(tmp_path_factory):
     """A working directory where preprocess, train (2 epochs) and evaluate ran on a
     small synthetic data set, tracked in the directory's own MLflow database.

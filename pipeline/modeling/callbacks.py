@@ -69,7 +69,7 @@ class Progress(Callback):
         rate = done / (now - self.started)
         left = (total - done) / rate if rate else float("inf")
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: batch {done}/{total} "
-              f"({done / total:.0%}), {rate * len(batch['labels']):.0f} sequences/s, "
+              f"({done / total:.0%}), {rate * len(batch['labels']):.0f} examples/s, "
               f"epoch ends in {left / 60:.1f} min", flush=True)
 
 

@@ -3,7 +3,7 @@ their labels as the task reads them, and `manifest.json` (source, label names, r
 split, content hash). Bad input stops the stage naming the file and row; nothing is
 written then.
 
-Text classification's reader: pipeline/tasks/text_classification/collect.py.
+Each task's reader: pipeline/tasks/<task>/collect.py.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """deploy: the stage that turns the best checkpoint into a checked, registered bundle.
 
-1. Export to ONNX, fp32 and static int8 (pipeline/tasks/text_classification/export.py).
-2. Parity checks on the test split fail the stage: the saved tokenizer reproduces the
-   training token ids; fp32 ONNX logits match PyTorch within `fp32_max_abs_diff`;
-   int8 labels agree with PyTorch on at least `int8_min_agreement` of rows; a text's
-   logits alone match its logits inside a padded batch (fp32 within
-   `fp32_max_abs_diff`, int8 within `int8_batch_max_abs_diff`).
-3. The bundle (`models/candidate/`): both models, tokenizer.json, bundle.json and
-   MODEL_CARD.md, written atomically.
+1. Export to ONNX, fp32 and static int8 (the task's export, e.g.
+   pipeline/tasks/text_classification/export.py).
+2. Parity checks on the test split, sent as a client sends it (texts; images as PNG
+   files), fail the stage: the saved preprocessing (tokenizer.json, image_spec.json)
+   reproduces the inputs training saw; fp32 ONNX logits match PyTorch within
+   `fp32_max_abs_diff`; int8 labels agree with PyTorch on at least
+   `int8_min_agreement` of rows; an item's logits alone match its logits inside a
+   batch (fp32 within `fp32_max_abs_diff`, int8 within `int8_batch_max_abs_diff`).
+3. The bundle (`models/candidate/`): both models, the task's preprocessing files,
+   bundle.json and MODEL_CARD.md, written atomically.
 4. A new version of the registered pyfunc model, tagged with the gate's verdict
    (pipeline/tracking/registry.py). Only a blessed version gets the `champion` alias and
    becomes `models/current`.
@@ -30,7 +32,6 @@ from omegaconf import DictConfig
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
-from pipeline.tasks.text_classification.export import quantize_best
 from pipeline.tracking import lineage
 from pipeline.tracking.registry import promote, prune_store, register
 from serving.bundle import MODEL_FILES, Bundle, RuntimeOptions
@@ -44,21 +45,21 @@ class DeployError(RuntimeError):
 # ---------------------------------------------------------------- checks
 
 
-def check_parity(bundle_dir: Path, task, module, texts: list[str], ids: list[list[int]],
-                 cfg: DictConfig) -> dict:
-    """Compare the bundle with PyTorch on the test split; DeployError when broken."""
+def check_parity(bundle_dir: Path, task, module, texts: list, ids, cfg: DictConfig) -> dict:
+    """Compare the bundle with PyTorch on the test split: `texts` as a client sends
+    them, `ids` as training fed them; DeployError when broken."""
     reference = task.predict_logits(module, ids, cfg.evaluate.batch_size)
     fp32 = Bundle.load(bundle_dir, "fp32")
     int8 = Bundle.load(bundle_dir, "int8")
     mismatched = [i for i, (a, b) in enumerate(zip(fp32.encode(texts), ids, strict=True))
-                  if a != b]
+                  if not np.array_equal(a, b)]
     fp32_diff = float(np.abs(fp32.predict_logits(texts) - reference).max())
     int8_logits = int8.predict_logits(texts)
     agreement = float((int8_logits.argmax(1) == reference.argmax(1)).mean())
     sample = texts[: min(64, len(texts))]
     report = {
         "rows": len(texts),
-        "tokenizer_mismatches": len(mismatched),
+        "preprocessing_mismatches": len(mismatched),
         "fp32_max_abs_diff": fp32_diff,
         "int8_label_agreement": agreement,
         "int8_max_abs_diff": float(np.abs(int8_logits - reference).max()),
@@ -68,7 +69,8 @@ def check_parity(bundle_dir: Path, task, module, texts: list[str], ids: list[lis
     }
     problems = []
     if mismatched:
-        problems.append(f"tokenizer.json gives other token ids than training for "
+        saved = " and ".join(task.spec.preprocessing)
+        problems.append(f"{saved} gives other model inputs than training for "
                         f"{len(mismatched)} test rows (first: row {mismatched[0]})")
     if fp32_diff > cfg.deploy.fp32_max_abs_diff:
         problems.append(f"fp32 ONNX logits differ from PyTorch by {fp32_diff:.2e} "
@@ -102,24 +104,23 @@ def batch_invariance(bundle: Bundle, texts: list[str]) -> float:
 
 
 def bundle_meta(cfg: DictConfig, module, version: str, checkpoint_sha256: str, metrics: dict,
-                verdict: dict, profile: dict, pad_id: int, model_signature: dict) -> dict:
+                verdict: dict, profile: dict, model_signature: dict) -> dict:
     """bundle.json. Everything in it follows from the code, data and parameters, so the
     same training gives the same bundle, byte for byte; the registry version, the
     MLflow run and the git commit are recorded by the registry (`registry.json` beside
     a promoted bundle)."""
+    task = tasks.from_config(cfg)
+    own = task.bundle_fields(cfg, module, profile)
     return {
         "format": 2,  # 2: names its task and signature (1: "inputs", "outputs")
-        "task": tasks.from_config(cfg).name,
+        "task": task.name,
         "signature": model_signature,
         "version": version,
         "model_name": cfg.deploy.model_name,
         "model": dict(module.hparams.model),
         "label_names": list(module.hparams.label_names),
-        # what batch prediction reads from a file by default, as collect read it
-        "text_columns": list(cfg.data.text_columns),
-        "max_length": profile["max_length"],
-        "pad_id": pad_id,
-        "files": {**MODEL_FILES, "tokenizer": "tokenizer.json"},
+        **{key: value for key, value in own.items() if key != "files"},
+        "files": {**MODEL_FILES, **own["files"]},
         "metrics": {k: v for k, v in metrics.items() if k != "confusion_matrix"},
         "gate": {"blessed": verdict["blessed"], "reasons": verdict["reasons"]},
         "lineage": {
@@ -141,7 +142,7 @@ def content_version(bundle_dir: Path, preprocessing: tuple[str, ...]) -> str:
 
 def model_card(meta: dict) -> str:
     m = meta["metrics"]
-    classes = ", ".join(meta["label_names"])
+    model, inputs, use = tasks.get(meta["task"]).card_text(meta)
     per_class = "\n".join(
         f"| {name} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
         for name, v in m["per_class"].items()
@@ -150,15 +151,12 @@ def model_card(meta: dict) -> str:
     return f"""# Model card: {meta['model_name']} {meta['version']}
 
 ## Model
-A `{meta['model']['name']}` text classifier over {len(meta['label_names'])} classes
-({classes}), exported to ONNX (fp32 and static int8). Input: up to {meta['max_length']}
-tokens; longer texts are truncated.
+{model}
 
 ## Data
 `{meta['lineage']['data']}` (content hash `{meta['lineage']['data_hash'][:16]}`): train
 {splits['train']['rows']} rows, validation {splits['val']['rows']}, test {splits['test']['rows']}.
-Text is NFKC-normalised, HTML is stripped, e-mail addresses, URLs and phone numbers are
-replaced by placeholders before tokenization, in training and in serving alike.
+{inputs}
 
 ## Metrics (test split)
 accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}, ROC-AUC {m['roc_auc']:.4f},
@@ -172,14 +170,12 @@ Gate: {'blessed' if meta['gate']['blessed'] else 'not blessed'}.
 {chr(10).join('- ' + r for r in meta['gate']['reasons'])}
 
 ## Intended use
-Classifying short English texts like those in the training data, with a person
-or a downstream check able to act on a wrong answer.
+{use}
 
 ## Limitations
 - Scores are only as good as the training data is representative: texts unlike it
-  (other languages, domains, much longer texts) get confident answers that may be wrong;
+  (other languages, domains or kinds of picture) get confident answers that may be wrong;
   the service's drift metrics show when live traffic moves away from the training profile.
-- Masking of personal data is pattern-based and does not catch every form.
 - The data sets' own licences and biases carry over (see data/external/*/SOURCE.md).
 
 ## Lineage
@@ -194,13 +190,12 @@ def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
     Returns bundle.json."""
     task = tasks.from_config(cfg)
     module = task.load_module(paths.checkpoint)
-    pad_id = module.hparams.pad_id
     splits = load_splits(paths.processed)
     profile = atomic.read_json(paths.processed / "profile.json")
     with atomic.atomic_dir(paths.candidate) as tmp:
         task.export(module, tmp / MODEL_FILES["fp32"], cfg.deploy.opset)
-        int8 = quantize_best(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], module,
-                             task.model_inputs(splits["val"]), cfg)
+        int8 = task.quantize(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], module,
+                             splits["val"], paths, cfg)
         for name in task.spec.preprocessing:  # what turns a request into model inputs
             shutil.copy2(paths.processed / name, tmp / name)
         model_signature = signature(ort.InferenceSession(
@@ -209,11 +204,11 @@ def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
         meta = bundle_meta(cfg, module, content_version(tmp, task.spec.preprocessing),
                            lineage.digest(paths.checkpoint),
                            atomic.read_json(paths.metrics), atomic.read_json(paths.gate),
-                           profile, pad_id, model_signature)
+                           profile, model_signature)
         atomic.write_json(tmp / "bundle.json", meta)
         test = splits["test"]
         meta["parity"] = check_parity(tmp, task, module, task.requests(test),
-                                      task.model_inputs(test), cfg)
+                                      task.model_inputs(test, paths), cfg)
         meta["int8"] = int8
         atomic.write_json(tmp / "bundle.json", meta)
         atomic.write_text(tmp / "MODEL_CARD.md", model_card(meta))

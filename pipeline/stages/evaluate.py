@@ -197,7 +197,7 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     labels = np.asarray(column(test, "label"))
     task = tasks.from_config(cfg)
     module = task.load_module(paths.checkpoint)
-    probs = predict_proba(task, module, test, cfg.evaluate.batch_size)
+    probs = predict_proba(task, module, test, cfg.evaluate.batch_size, paths)
 
     bins = cfg.evaluate.calibration_bins
     metrics = compute_metrics(probs, labels, label_names, bins)
@@ -206,7 +206,7 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
         held = splits[FEEDBACK_TEST]
         feedback = (task.requests(held), np.asarray(column(held, "label")))
         metrics[FEEDBACK_TEST] = slice_metrics(
-            predict_proba(task, module, held, cfg.evaluate.batch_size), feedback[1],
+            predict_proba(task, module, held, cfg.evaluate.batch_size, paths), feedback[1],
             label_names)
     mlflow.set_tracking_uri(tracking_uri(cfg))
     champion = score_champion(cfg.deploy.model_name, task.requests(test), labels,
@@ -220,9 +220,9 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     return metrics, verdict
 
 
-def predict_proba(task, module, split, batch_size: int) -> np.ndarray:
+def predict_proba(task, module, split, batch_size: int, paths: Paths) -> np.ndarray:
     """The module's class probabilities for a split's rows, as the task feeds them."""
-    logits = task.predict_logits(module, task.model_inputs(split), batch_size)
+    logits = task.predict_logits(module, task.model_inputs(split, paths), batch_size)
     return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
 
 

@@ -1,9 +1,9 @@
 """serve: check the new bundle in the real service before it goes live.
 
 Starts the service (`python -m serving`) on a free loopback port against the
-candidate bundle, waits for readiness, sends canary texts from the test split over
-HTTP one request each, and checks every answer against the bundle's offline
-prediction for that text alone: the same label, probabilities within
+candidate bundle, waits for readiness, sends canary items from the test split (texts;
+images as base64 PNG files) over HTTP one request each, and checks every answer
+against the bundle's offline prediction for that item alone: the same label, probabilities within
 `CANARY_TOLERANCE`. Stops the service and writes `reports/serve.json` (the canary's
 result) and `reports/runs/serve.json` (this run's latency percentiles, which DVC does
 not track). A mismatch, an error answer or a service that never becomes ready fails
@@ -12,6 +12,7 @@ the stage.
 
 from __future__ import annotations
 
+import base64
 import sys
 import tempfile
 import time
@@ -37,12 +38,20 @@ class CanaryError(RuntimeError):
     pass
 
 
-def canary(url: str, texts: list[str], expected: np.ndarray, labels: list[str]) -> dict:
-    """Send each text alone; compare with `expected` probabilities; time each request."""
+def request_body(field: str, item: str | bytes) -> dict:
+    """One item as a client sends it to /predict: a text, or an image file in base64."""
+    if isinstance(item, bytes):
+        item = base64.b64encode(item).decode("ascii")
+    return {field: [item]}
+
+
+def canary(url: str, texts: list, expected: np.ndarray, labels: list[str],
+           field: str = "texts") -> dict:
+    """Send each item alone; compare with `expected` probabilities; time each request."""
     latencies, mismatches, max_diff = [], [], 0.0
     for i, text in enumerate(texts):
         started = time.perf_counter()
-        status, body = process.http_json("POST", f"{url}/predict", {"texts": [text]})
+        status, body = process.http_json("POST", f"{url}/predict", request_body(field, text))
         latencies.append((time.perf_counter() - started) * 1000)
         if status != 200:
             raise CanaryError(f"canary row {i}: HTTP {status} {body}")
@@ -79,7 +88,8 @@ def check_service(cfg: DictConfig, paths: Paths) -> dict:
                                      "TEXTOPS_PREDICTION_LOG": f"sqlite:///{tmp}/canary.db"})
         try:
             ready = process.wait_ready(service.url, cfg.serve.ready_timeout_s, service.process)
-            result = canary(service.url, texts, expected, bundle.label_names)
+            result = canary(service.url, texts, expected, bundle.label_names,
+                            bundle.task.items)
         except (RuntimeError, OSError) as err:
             raise CanaryError(f"{err}\n--- service log ---\n{service.log_tail()}") from None
         finally:

@@ -101,7 +101,7 @@ def train_teacher(cfg: DictConfig, paths: TeacherPaths) -> Path:
     task = tasks.from_config(teacher_cfg)
     module = task.load_module(paths.checkpoint)
     test = load_splits(paths.processed)["test"]
-    probs = predict_proba(task, module, test, cfg.evaluate.batch_size)
+    probs = predict_proba(task, module, test, cfg.evaluate.batch_size, paths)
     metrics = compute_metrics(probs, np.array(column(test, "label")),
                               list(module.hparams.label_names), cfg.evaluate.calibration_bins)
     atomic.write_json(paths.metrics, metrics)

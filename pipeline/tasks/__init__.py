@@ -15,6 +15,7 @@ from serving.bundle.tasks import DEFAULT_TASK
 # task name -> "module:class" of its Task
 TASKS = {
     "text_classification": "pipeline.tasks.text_classification.task:TextClassification",
+    "image_classification": "pipeline.tasks.image_classification.task:ImageClassification",
 }
 
 

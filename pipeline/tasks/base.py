@@ -51,6 +51,10 @@ class Task(ABC):
         profile it (the drift reference); writes `paths.processed` atomically and
         returns the profile. `cfg` is the configuration's `preprocess` section."""
 
+    def profile_summary(self, profile: dict) -> str:
+        """A few words on what preprocess fitted, for its closing line."""
+        return ""
+
     # -- train
     @abstractmethod
     def datamodule(self, cfg: DictConfig, paths: Paths,
@@ -74,8 +78,9 @@ class Task(ABC):
 
     # -- evaluate and deploy
     @abstractmethod
-    def model_inputs(self, split: Dataset) -> list:
-        """The split's rows as the model takes them (e.g. token ids)."""
+    def model_inputs(self, split: Dataset, paths: Paths) -> list:
+        """The split's rows as the model takes them (token ids; normalised pixels, with
+        the spec preprocess saved under `paths.processed`)."""
 
     @abstractmethod
     def requests(self, split: Dataset) -> list:
@@ -89,3 +94,20 @@ class Task(ABC):
     @abstractmethod
     def export(self, module: pl.LightningModule, path: Path, opset: int) -> None:
         """The model as ONNX with the task's signature (`spec.inputs` -> `spec.outputs`)."""
+
+    @abstractmethod
+    def quantize(self, fp32: Path, int8: Path, module: pl.LightningModule, val: Dataset,
+                 paths: Paths, cfg: DictConfig) -> dict:
+        """The static int8 model, calibrated on validation rows; returns what deploy
+        reports about it (scheme, agreement on validation)."""
+
+    @abstractmethod
+    def bundle_fields(self, cfg: DictConfig, module: pl.LightningModule, profile: dict
+                      ) -> dict:
+        """bundle.json's task-specific fields (spec.meta among them) and the `files` its
+        preprocessing adds."""
+
+    @abstractmethod
+    def card_text(self, meta: dict) -> tuple[str, str, str]:
+        """The model card's own words: what the model is and takes, how inputs are
+        prepared, and its intended use."""

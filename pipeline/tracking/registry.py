@@ -11,6 +11,7 @@ version, prunes old bundles from disk, and downloads a registered bundle.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import shutil
 import tempfile
@@ -20,16 +21,18 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from PIL import Image
 
 from pipeline import atomic
 from pipeline.config import Paths, git_commit
 from serving.bundle import REGISTERED_BUNDLE, Bundle
-from serving.bundle.pyfunc import BundleModel
+from serving.bundle.pyfunc import BundleModel, input_column
 
 CHAMPION = "champion"
 
 SERVE_REQUIREMENTS = [
-    "numpy==2.4.6", "onnxruntime==1.32.0", "tokenizers==0.23.3", "pandas==3.1.1",
+    "numpy==2.4.6", "onnxruntime==1.32.0", "tokenizers==0.23.3", "pillow==13.0.0",
+    "pandas==3.1.1",
 ]
 
 
@@ -46,14 +49,26 @@ def download_bundle(model_name: str, dst: Path, version: str | None = None) -> P
     return Path(local) / REGISTERED_BUNDLE
 
 
+def input_example(bundle: Bundle) -> pd.DataFrame:
+    """One request item in the bundle's input column: a text, or a mid-grey PNG of the
+    size the model takes."""
+    if input_column(bundle) == "text":
+        return pd.DataFrame({"text": ["a charming and often affecting journey"]})
+    spec = bundle.inputs.spec
+    picture = io.BytesIO()
+    Image.new("L" if spec.channels == 1 else "RGB", (spec.width, spec.height), 128).save(
+        picture, "PNG")
+    return pd.DataFrame({"image": [picture.getvalue()]})
+
+
 def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
     """Log the bundle as a pyfunc model in the training run `run_id`; returns the
     version, tagged with the bundle version, the verdict and the git commit."""
     serving_dir = Path(__file__).resolve().parents[2] / "serving"
-    example = pd.DataFrame({"text": ["a charming and often affecting journey"]})
     # The signature comes from the very class MLflow will serve, on this bundle.
     model = BundleModel()
     model.bundle = Bundle.load(bundle_dir, "fp32")
+    example = input_example(model.bundle)
     output = model.predict(None, example)
     with tempfile.TemporaryDirectory() as tmp, \
             mlflow.start_run(run_id=run_id):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import tracking_in
+from conftest import compose, tracking_in
 from omegaconf import OmegaConf
 
 from pipeline import tasks
@@ -18,8 +18,19 @@ from serving.bundle.tasks import TASKS
 
 def test_an_unknown_task_names_the_known_ones():
     with pytest.raises(tasks.UnknownTask, match=r"task.name: unknown task 'images' "
-                                                r"\(text_classification\)"):
+                                                r"\(image_classification, text_classification\)"):
         tasks.get("images")
+
+
+def test_the_image_task_chooses_its_own_data_model_and_preprocessing():
+    cfg = compose("task=image_classification")
+    assert (cfg.data.name, cfg.model.name) == ("fashion_mnist", "cnn")
+    assert "tokenizer" not in cfg.preprocess and "init_embeddings" not in cfg.train
+    assert cfg.train.augment == {"crop_padding": 2, "flip": True}  # the data set's
+    chosen = compose("task=image_classification", "data=cifar10", "model=resnet")
+    assert (chosen.data.name, chosen.model.name) == ("cifar10", "resnet")
+    assert chosen.train.augment.crop_padding == 4
+    assert tasks.from_config(cfg).name == "image_classification"
 
 
 def test_the_configuration_chooses_the_task(smoke_cfg):

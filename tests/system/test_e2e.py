@@ -126,7 +126,7 @@ def test_every_model_goes_through_all_six_stages(smoke_repo, model, extra):
     bundle = json.loads((smoke_repo / "models/candidate/bundle.json").read_text())
     assert bundle["model"]["name"] == {"transformer_base": "transformer", "lstm": "lstm",
                                        "minilm": "pretrained"}[model]
-    assert bundle["parity"]["tokenizer_mismatches"] == 0
+    assert bundle["parity"]["preprocessing_mismatches"] == 0
     assert (bundle["parity"]["batch_invariance_max_abs_diff"]["int8"]
             <= batch_tolerances(compose("experiment=smoke"))["int8"])
     served = json.loads((smoke_repo / "reports/serve.json").read_text())

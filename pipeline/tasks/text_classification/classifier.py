@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.data.splits import NO_LABEL
+from pipeline.tasks.optim import parameter_groups
 from pipeline.tasks.text_classification.models import build_model
 
 
@@ -106,14 +107,3 @@ class TextClassifier(pl.LightningModule):
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and embeddings (the usual practice)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        plain = param.ndim < 2 or "embedding" in name or "norm" in name
-        (no_decay if plain else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]

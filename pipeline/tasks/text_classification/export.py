@@ -27,6 +27,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from pipeline.tasks.onnx_tools import drop_stack_traces
 from pipeline.tasks.text_classification.inference import predict_logits
 from serving.bundle.tasks import TASKS, TEXT_CLASSIFICATION
 from serving.bundle.tensors import pad
@@ -59,25 +60,6 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> 
                       dynamic_shapes=dict.fromkeys(INPUTS, axes),
                       external_data=False, verbose=False, **common)
     drop_stack_traces(path)
-
-
-# Node metadata the exporter writes that names where the code lives: each node's
-# Python stack trace (absolute source paths) and the dotted paths of the classes it
-# came from (so moving a model's module would change the file).
-WHERE_THE_CODE_LIVES = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy",
-                        "namespace")
-
-
-def drop_stack_traces(path: Path) -> None:
-    """Without the metadata that names where the code lives, the file depends only on
-    the model: the same weights give the same bytes in any clone and after any move of
-    the code (and no local paths ship in a bundle)."""
-    exported = onnx.load(str(path))
-    for node in exported.graph.node:
-        kept = [p for p in node.metadata_props if p.key not in WHERE_THE_CODE_LIVES]
-        del node.metadata_props[:]
-        node.metadata_props.extend(kept)
-    onnx.save(exported, str(path))
 
 
 class Calibration(CalibrationDataReader):

@@ -47,6 +47,10 @@ class TextClassification(Task):
 
         return preprocess(cfg, seed, paths)
 
+    def profile_summary(self, profile: dict) -> str:
+        return (f"vocabulary {profile['vocab_size']}; train unknown-token rate "
+                f"{profile['splits']['train']['unk_rate']:.4f}")
+
     def datamodule(self, cfg: DictConfig, paths: Paths,
                    transfer: Path | None = None) -> pl.LightningDataModule:
         tokenizer = Tokenizer.from_file(str(paths.processed / "tokenizer.json"))
@@ -95,7 +99,7 @@ class TextClassification(Task):
     def load_module(self, checkpoint: Path) -> TextClassifier:
         return inference.load_module(checkpoint)
 
-    def model_inputs(self, split: Dataset) -> list[list[int]]:
+    def model_inputs(self, split: Dataset, paths: Paths) -> list[list[int]]:
         return column(split, "input_ids")
 
     def requests(self, split: Dataset) -> list[str]:
@@ -107,3 +111,29 @@ class TextClassification(Task):
 
     def export(self, module: TextClassifier, path: Path, opset: int) -> None:
         export.export_onnx(module.model, path, opset, module.hparams.pad_id)
+
+    def quantize(self, fp32: Path, int8: Path, module: TextClassifier, val: Dataset,
+                 paths: Paths, cfg: DictConfig) -> dict:
+        return export.quantize_best(fp32, int8, module, self.model_inputs(val, paths), cfg)
+
+    def bundle_fields(self, cfg: DictConfig, module: TextClassifier, profile: dict) -> dict:
+        return {
+            # what batch prediction reads from a file by default, as collect read it
+            "text_columns": list(cfg.data.text_columns),
+            "max_length": profile["max_length"],
+            "pad_id": module.hparams.pad_id,
+            "files": {"tokenizer": "tokenizer.json"},
+        }
+
+    def card_text(self, meta: dict) -> tuple[str, str, str]:
+        model = (f"A `{meta['model']['name']}` text classifier over "
+                 f"{len(meta['label_names'])} classes ({', '.join(meta['label_names'])}), "
+                 f"exported to ONNX (fp32 and static int8). Input: up to "
+                 f"{meta['max_length']} tokens; longer texts are truncated.")
+        inputs = ("Text is NFKC-normalised, HTML is stripped, e-mail addresses, URLs and "
+                  "phone numbers are replaced by placeholders before tokenization, in "
+                  "training and in serving alike. The masking is pattern-based and does "
+                  "not catch every form of personal data.")
+        use = ("Classifying short English texts like those in the training data, with a "
+               "person or a downstream check able to act on a wrong answer.")
+        return model, inputs, use

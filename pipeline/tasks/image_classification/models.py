@@ -1,0 +1,141 @@
+"""Image model architectures, chosen by `model.name` in conf/model/ (mlp, cnn, resnet).
+
+Every model maps normalised pixels, float32 [batch, channels, height, width], to logits
+[batch, num_classes]: the contract that export and serving rely on. The convolutional
+models take `norm`: "batch" (BatchNorm) or "group" (GroupNorm, whose statistics are per
+image: differentially private training cannot use BatchNorm, which mixes a batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+MODELS = ("mlp", "cnn", "resnet")
+NORMS = ("batch", "group")
+
+
+def norm_layer(norm: str, channels: int, groups: int) -> nn.Module:
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        if channels % groups:
+            raise ValueError(f"model.groups: {channels} channels are not divisible into "
+                             f"{groups} groups")
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"model.norm: unknown norm {norm!r} ({', '.join(NORMS)})")
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    # No bias: the norm that follows every convolution has its own shift.
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+class MLP(nn.Module):
+    """Flattened pixels through fully connected layers with ReLU and dropout."""
+
+    def __init__(self, channels: int, height: int, width: int, num_classes: int,
+                 hidden: Sequence[int] = (512, 256), dropout: float = 0.2):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        size = channels * height * width
+        for units in hidden:
+            layers += [nn.Linear(size, units), nn.ReLU(), nn.Dropout(dropout)]
+            size = units
+        layers.append(nn.Linear(size, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.layers(pixels)
+
+
+class CNN(nn.Module):
+    """The classic small convnet: blocks of two 3x3 convolutions (each with norm and
+    ReLU), 2x2 max pooling and dropout; then a hidden fully connected layer."""
+
+    def __init__(self, channels: int, height: int, width: int, num_classes: int,
+                 widths: Sequence[int] = (32, 64), hidden: int = 256, dropout: float = 0.25,
+                 norm: str = "batch", groups: int = 8):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        size = channels
+        for out in widths:
+            blocks += [conv3x3(size, out), norm_layer(norm, out, groups), nn.ReLU(),
+                       conv3x3(out, out), norm_layer(norm, out, groups), nn.ReLU(),
+                       nn.MaxPool2d(2), nn.Dropout(dropout)]
+            size = out
+        self.features = nn.Sequential(*blocks)
+        # Each pooling halves the sides, rounding down (7x7 -> 3x3).
+        side_h, side_w = height >> len(widths), width >> len(widths)
+        if side_h < 1 or side_w < 1:
+            raise ValueError(f"model.widths: {len(widths)} pooling blocks leave nothing of "
+                             f"a {height}x{width} image")
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(size * side_h * side_w, hidden), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.head(self.features(pixels))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with norms, added to the input (through a strided 1x1
+    projection where the shape changes), then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str,
+                 groups: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv3x3(in_channels, out_channels, stride), norm_layer(norm, out_channels, groups),
+            nn.ReLU(), conv3x3(out_channels, out_channels),
+            norm_layer(norm, out_channels, groups))
+        # The last norm's scale starts at zero, so each block starts as the identity and
+        # the signal passes through the untrained network undamped (Goyal et al., 2017).
+        nn.init.zeros_(self.body[-1].weight)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                norm_layer(norm, out_channels, groups))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A 3x3 stem, stages of basic blocks (stride 2 between stages), global average
+    pooling and a linear classifier."""
+
+    def __init__(self, channels: int, height: int, width: int, num_classes: int,
+                 widths: Sequence[int] = (32, 64, 128), blocks: int = 2, norm: str = "batch",
+                 groups: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(conv3x3(channels, widths[0]),
+                                  norm_layer(norm, widths[0], groups), nn.ReLU())
+        stages: list[nn.Module] = []
+        size = widths[0]
+        for stage, out in enumerate(widths):
+            for block in range(blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                stages.append(BasicBlock(size, out, stride, norm, groups))
+                size = out
+        self.stages = nn.Sequential(*stages)
+        self.classifier = nn.Linear(size, num_classes)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        # A mean over the spatial axes: any input size, exported as one ReduceMean.
+        return self.classifier(self.stages(self.stem(pixels)).mean(dim=(2, 3)))
+
+
+def build_model(config: dict, channels: int, height: int, width: int, num_classes: int
+                ) -> nn.Module:
+    """The model `config["name"]` names, with the rest of `config` as its options (an
+    unknown option is a TypeError naming it)."""
+    classes = {"mlp": MLP, "cnn": CNN, "resnet": ResNet}
+    name = config.get("name")
+    if name not in classes:
+        raise ValueError(f"model.name: unknown model {name!r} ({', '.join(MODELS)})")
+    options = {k: v for k, v in config.items() if k != "name"}
+    return classes[name](channels, height, width, num_classes, **options)

@@ -1,0 +1,26 @@
+"""Helpers for the ONNX files every task's export writes (beside the tasks, not in
+pipeline/modeling/, which imports the tasks: the folders stay layered)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+# Node metadata the exporter writes that names where the code lives: each node's
+# Python stack trace (absolute source paths) and the dotted paths of the classes it
+# came from (so moving a model's module would change the file).
+WHERE_THE_CODE_LIVES = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy",
+                        "namespace")
+
+
+def drop_stack_traces(path: Path) -> None:
+    """Without the metadata that names where the code lives, the file depends only on
+    the model: the same weights give the same bytes in any clone and after any move of
+    the code (and no local paths ship in a bundle)."""
+    exported = onnx.load(str(path))
+    for node in exported.graph.node:
+        kept = [p for p in node.metadata_props if p.key not in WHERE_THE_CODE_LIVES]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(exported, str(path))
