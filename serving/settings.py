@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     max_texts: int = Field(64, ge=1, description="texts per request")
     max_chars: int = Field(2000, ge=1, description="characters per text")
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body size")
+    max_images: int = Field(16, ge=1, description="images per request (an image model)")
+    max_image_bytes: int = Field(1_000_000, ge=1, description="bytes per encoded image")
 
     # Server processes (serving/processes/workers.py): one per core by default, since one Python
     # process answering HTTP left about half of a 2-core machine idle.

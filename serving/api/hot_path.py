@@ -26,9 +26,11 @@ import time
 import orjson
 from pydantic import ValidationError
 
+from serving.api import images
 from serving.api.schemas import PredictRequest
 from serving.api.security import bearer, secret_matches
 from serving.api.validation import check_texts
+from serving.bundle import Bundle
 from serving.bundle.predictions import predictions
 from serving.engine.service import InferenceService
 from serving.errors import ApiError
@@ -39,10 +41,15 @@ ROUTE = "/predict"
 JSON = (b"content-type", b"application/json")
 
 
-async def predict_answer(service: InferenceService, body: bytes, offered_id: str | None
+async def predict_answer(service: InferenceService, body: bytes, offered_id: str | None,
+                         content_type: str | None = None, scope: dict | None = None
                          ) -> tuple[bytes, str]:
-    """The JSON answer to a /predict body and its request id; ApiError if refused."""
+    """The JSON answer to a /predict body and its request id; ApiError if refused. An
+    image bundle takes images (serving/api/images.py), any other texts."""
     settings = service.settings
+    bundle = service.bundle
+    if bundle is not None and bundle.task.items == "images":
+        return await predict_images(service, bundle, body, offered_id, content_type, scope)
     if not body:
         raise ApiError(422, "invalid_request", "body: Field required", field="body")
     try:
@@ -55,6 +62,26 @@ async def predict_answer(service: InferenceService, body: bytes, offered_id: str
     service.log_prediction(rid, bundle, request.texts, probs)
     answer = {"request_id": rid, "model_version": bundle.version,
               "predictions": predictions(bundle.label_names, probs)}
+    return orjson.dumps(answer), rid
+
+
+async def predict_images(service: InferenceService, bundle: Bundle, body: bytes,
+                         offered_id: str | None, content_type: str | None,
+                         scope: dict | None) -> tuple[bytes, str]:
+    settings = service.settings
+    if content_type and content_type.startswith(images.MULTIPART) and scope is not None:
+        files = await images.from_multipart(scope, body, settings.max_images)
+    elif not body:
+        raise ApiError(422, "invalid_request", "body: Field required", field="body")
+    else:
+        files = images.from_json(body, invalid)
+    images.check(files, settings)
+    pixels = await images.decode(bundle, files)
+    rid = request_id(offered_id)
+    probs, used = await service.predict(list(pixels))
+    service.log_prediction(rid, used, images.log_keys(files), probs)
+    answer = {"request_id": rid, "model_version": used.version,
+              "predictions": predictions(used.label_names, probs)}
     return orjson.dumps(answer), rid
 
 
@@ -98,7 +125,8 @@ class PredictHotPath:
             self.authorize(headers)
             body = await self.read_body(headers, receive)
             answer, rid = await predict_answer(self.service, body,
-                                               _text(headers.get(b"x-request-id")))
+                                               _text(headers.get(b"x-request-id")),
+                                               _text(headers.get(b"content-type")), scope)
         except ClientGone:
             status = 499  # nginx's "client closed request": nobody to answer
         except ApiError as err:

@@ -88,14 +88,17 @@ def router(service: InferenceService, require_key) -> APIRouter:
     @routes.post("/predict", response_model=PredictResponse,
                  dependencies=[Depends(require_key)], openapi_extra=PREDICT_BODY)
     async def predict(http: Request) -> Response:
-        """Classify up to `max_texts` texts: label, score and every class probability.
+        """Classify up to `max_texts` texts (an image model: up to `max_images` images,
+        base64 in `{"images": [...]}` or multipart file uploads): label, score and
+        every class probability.
         The answer's `request_id` (a well-formed client X-Request-ID, or a new one)
         names it in POST /feedback.
 
         The service answers this route in serving/api/hot_path.py, ahead of FastAPI's
         routing; this declaration documents it and shares its code."""
         answer, rid = await predict_answer(service, await http.body(),
-                                           http.headers.get("x-request-id"))
+                                           http.headers.get("x-request-id"),
+                                           http.headers.get("content-type"), http.scope)
         return Response(answer, media_type="application/json", headers={"X-Request-ID": rid})
 
     @routes.post("/feedback", response_model=FeedbackResponse,

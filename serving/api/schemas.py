@@ -18,6 +18,14 @@ class PredictRequest(BaseModel):
     )
 
 
+class ImagePredictRequest(BaseModel):
+    """An image model's /predict body (multipart file uploads are the other way)."""
+
+    model_config = ConfigDict(extra="forbid")
+    images: list[StrictStr] = Field(description="images to classify: PNG, JPEG or any "
+                                    "format Pillow reads, base64-encoded")
+
+
 class Prediction(BaseModel):
     label: str
     score: float = Field(description="probability of the predicted label")

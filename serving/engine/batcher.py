@@ -60,8 +60,11 @@ def length_groups(lengths: list[int], max_padding: float = 1.25) -> list[list[in
     return groups
 
 
-def infer(bundle: Bundle, texts: list[str]) -> tuple[np.ndarray, BatchStats]:
-    """Probabilities for texts, run as length groups; the rows come back in order."""
+def infer(bundle: Bundle, texts: list) -> tuple[np.ndarray, BatchStats]:
+    """Probabilities for texts, run as length groups; the rows come back in order. An
+    image bundle's items (decoded uint8 pixels) run as one batch."""
+    if bundle.task.items == "images":
+        return infer_images(bundle, texts)
     started = time.perf_counter()
     encoded = bundle.encode(texts)
     lengths = [len(ids) for ids in encoded]
@@ -234,3 +237,12 @@ def _set_result(future: asyncio.Future, value) -> None:
 def _set_exception(future: asyncio.Future, err: Exception) -> None:
     if not future.done():
         future.set_exception(err)
+
+
+def infer_images(bundle: Bundle, images: list[np.ndarray]) -> tuple[np.ndarray, BatchStats]:
+    started = time.perf_counter()
+    probs = softmax(bundle.run(bundle.encode(images)))
+    stats = BatchStats(texts=len(images), requests=1, groups=1, real_tokens=0,
+                       padded_tokens=0, seconds=time.perf_counter() - started, lengths=[],
+                       unknown=[], predicted=probs.argmax(axis=1).tolist(), bundle=bundle)
+    return probs, stats

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from serving.bundle import Bundle, BundleError
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
@@ -39,10 +41,19 @@ def load_warm(path: Path, settings: Settings, workers: int = 1) -> Bundle:
     BundleError if it cannot serve."""
     bundle = Bundle.load(path, settings.precision, settings.runtime_options(workers))
     try:
-        bundle.predict_proba(WARM_UP_TEXTS)
+        bundle.predict_proba(warm_up_items(bundle))
     except Exception as err:  # noqa: BLE001 - a bundle that cannot predict is broken
-        raise BundleError(f"{path}: the model fails on warm-up texts ({err})") from err
+        raise BundleError(f"{path}: the model fails on warm-up inputs ({err})") from err
     return bundle
+
+
+def warm_up_items(bundle: Bundle) -> list:
+    """Inputs of the bundle's kind: two texts, or a black and a white image."""
+    if bundle.task.items != "images":
+        return WARM_UP_TEXTS
+    spec = bundle.inputs.spec
+    shape = (spec.height, spec.width, spec.channels)
+    return [np.zeros(shape, dtype=np.uint8), np.full(shape, 255, dtype=np.uint8)]
 
 
 class BundleFollowing:

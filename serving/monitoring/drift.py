@@ -76,8 +76,8 @@ class DriftMonitor:
             lengths, unknown = np.array(self.lengths), np.array(self.unknown)
             predicted, reference = np.array(self.predicted, dtype=np.int64), self.reference
             classes, version = len(self.label_names), self.version
-        edges = reference["length"]["edges"] if reference else []
-        return {"model": version, "texts": len(lengths),
+        edges = reference["length"]["edges"] if reference and "length" in reference else []
+        return {"model": version, "texts": len(predicted),
                 "lengths": length_counts(lengths, edges).tolist() if len(lengths) else [],
                 "unknown": int(unknown.sum()), "tokens": int(lengths.sum()),
                 "predicted": np.bincount(predicted, minlength=classes).tolist()}
@@ -104,16 +104,8 @@ class DriftMonitor:
                                 "texts in the drift window", value=window["texts"])
         if reference is None or window["texts"] == 0:
             return
-        yield GaugeMetricFamily("textops_drift_length_psi",
-                                "PSI of token lengths vs training",
-                                value=psi(window["lengths"], reference["length"]["shares"]))
-        rate = window["unknown"] / max(window["tokens"], 1)
-        yield GaugeMetricFamily("textops_unknown_token_rate",
-                                "share of unknown tokens in the window", value=float(rate))
-        expected_rate = reference["unk_rate"]
-        yield GaugeMetricFamily("textops_drift_unknown_token_psi",
-                                "PSI of the unknown-token rate vs training",
-                                value=psi([rate, 1 - rate], [expected_rate, 1 - expected_rate]))
+        if "length" in reference:  # a text model's
+            yield from self.token_drift(window, reference)
         counts = np.asarray(window["predicted"])
         share = GaugeMetricFamily("textops_predicted_class_share",
                                   "share of each predicted class in the window",
@@ -124,3 +116,17 @@ class DriftMonitor:
         yield GaugeMetricFamily("textops_drift_predicted_class_psi",
                                 "PSI of predicted classes vs the training class balance",
                                 value=psi(counts, reference["class_shares"]))
+
+    @staticmethod
+    def token_drift(window: dict, reference: dict):
+        """A text model's input drift: token lengths and the unknown-token rate."""
+        yield GaugeMetricFamily("textops_drift_length_psi",
+                                "PSI of token lengths vs training",
+                                value=psi(window["lengths"], reference["length"]["shares"]))
+        rate = window["unknown"] / max(window["tokens"], 1)
+        yield GaugeMetricFamily("textops_unknown_token_rate",
+                                "share of unknown tokens in the window", value=float(rate))
+        expected_rate = reference["unk_rate"]
+        yield GaugeMetricFamily("textops_drift_unknown_token_psi",
+                                "PSI of the unknown-token rate vs training",
+                                value=psi([rate, 1 - rate], [expected_rate, 1 - expected_rate]))

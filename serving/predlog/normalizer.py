@@ -27,7 +27,8 @@ _NORMALIZERS: dict[bytes, object] = {}
 
 
 def normalizer_state(bundle: Bundle) -> bytes | None:
-    normalizer = bundle.tokenizer.normalizer
+    tokenizer = getattr(bundle.inputs, "tokenizer", None)  # images are logged as hashes
+    normalizer = tokenizer.normalizer if tokenizer is not None else None
     return None if normalizer is None else pickle.dumps(normalizer)
 
 

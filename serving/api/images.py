@@ -1,0 +1,101 @@
+"""Images for `POST /predict`: base64 in JSON or multipart file uploads, checked and
+decoded before any of them reaches the model.
+
+- `{"images": ["<base64 PNG or JPEG>", ...]}` (a `data:image/...;base64,` prefix, as a
+  browser's FileReader gives, is accepted), or `multipart/form-data` with the files
+  under any field name, in order.
+- Limits: `max_images` per request, `max_image_bytes` per encoded file (413), the body
+  size as for text (413), and the bundle's `max_pixels` per decoded image (413: a
+  decompression bomb is refused from its header). A file that is not an image or is
+  truncated is a 422. Every refusal names the item (`images[i]`).
+- Decoding runs on a worker thread, per request, so a bad image fails its own request
+  only and the event loop never decodes.
+- The prediction log keeps each image's sha256, never the image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+
+import numpy as np
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from serving.api.schemas import ImagePredictRequest
+from serving.bundle import Bundle
+from serving.bundle.images import ImageError
+from serving.errors import ApiError
+from serving.settings import Settings
+
+MULTIPART = "multipart/form-data"
+
+
+def from_json(body: bytes, invalid) -> list[bytes]:
+    """The encoded files of a JSON body; `invalid` turns a ValidationError into the
+    route's 400/422."""
+    try:
+        request = ImagePredictRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise invalid(err) from None
+    images = []
+    for i, text in enumerate(request.images):
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        try:
+            images.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise ApiError(422, "invalid_base64", f"images[{i}] is not valid base64",
+                           item=i) from None
+    return images
+
+
+async def from_multipart(scope: dict, body: bytes, max_images: int) -> list[bytes]:
+    """The uploaded files of a multipart body, in order."""
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    request = Request(scope, replay)
+    try:
+        async with request.form(max_files=max_images + 1, max_fields=max_images + 1) as form:
+            return [await value.read() for _, value in form.multi_items()
+                    if isinstance(value, UploadFile)]
+    except Exception as err:  # starlette: MultiPartException, or a malformed body
+        raise ApiError(400, "invalid_multipart", f"the multipart body cannot be read "
+                       f"({err})") from None
+
+
+def check(images: list[bytes], settings: Settings) -> None:
+    if not images:
+        raise ApiError(422, "no_images", "images must hold at least one image")
+    if len(images) > settings.max_images:
+        raise ApiError(422, "too_many_images", f"{len(images)} images; at most "
+                       f"{settings.max_images} per request", limit="max_images",
+                       value=settings.max_images)
+    for i, data in enumerate(images):
+        if not data:
+            raise ApiError(422, "empty_image", f"images[{i}] is empty", item=i)
+        if len(data) > settings.max_image_bytes:
+            raise ApiError(413, "image_too_large", f"images[{i}] has {len(data)} bytes; at "
+                           f"most {settings.max_image_bytes}", limit="max_image_bytes",
+                           value=settings.max_image_bytes, item=i)
+
+
+async def decode(bundle: Bundle, images: list[bytes]) -> np.ndarray:
+    """uint8 [n, height, width, channels] by the bundle's spec; 413 for an image over
+    the pixel limit, 422 for one that cannot be decoded, naming it."""
+    try:
+        return await asyncio.to_thread(bundle.inputs.pixels, images)
+    except ImageError as err:
+        index = int(err.item.removeprefix("images[").removesuffix("]"))
+        status, code = ((413, "image_too_large") if "pixels, over the limit" in err.reason
+                        or "decompression bomb" in err.reason else (422, "invalid_image"))
+        raise ApiError(status, code, str(err), item=index) from None
+
+
+def log_keys(images: list[bytes]) -> list[str]:
+    """What the prediction log stores for each image: its sha256, not its pixels."""
+    return [f"sha256:{hashlib.sha256(data).hexdigest()}" for data in images]
