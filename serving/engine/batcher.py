@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import Bundle, softmax
+from serving.bundle.images import brightness_contrast
 from serving.monitoring.metrics import BatchStats
 
 
@@ -240,9 +241,13 @@ def _set_exception(future: asyncio.Future, err: Exception) -> None:
 
 
 def infer_images(bundle: Bundle, images: list[np.ndarray]) -> tuple[np.ndarray, BatchStats]:
+    """Probabilities for decoded images (uint8 at the spec's size), one model call."""
     started = time.perf_counter()
     probs = softmax(bundle.run(bundle.encode(images)))
+    brightness, contrast = brightness_contrast(np.stack(images))
     stats = BatchStats(texts=len(images), requests=1, groups=1, real_tokens=0,
                        padded_tokens=0, seconds=time.perf_counter() - started, lengths=[],
-                       unknown=[], predicted=probs.argmax(axis=1).tolist(), bundle=bundle)
+                       unknown=[], predicted=probs.argmax(axis=1).tolist(), bundle=bundle,
+                       images={"brightness": brightness.tolist(),
+                               "contrast": contrast.tolist()})
     return probs, stats

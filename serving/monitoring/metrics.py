@@ -39,6 +39,7 @@ class BatchStats:
     unknown: list[int]  # unknown tokens per text
     predicted: list[int]  # predicted class per text
     bundle: Bundle | None = None  # which model computed them (a reload may swap it)
+    images: dict[str, list[float]] | None = None  # an image model's drift features
 
 
 class ServiceMetrics:
@@ -130,4 +131,5 @@ class ServiceMetrics:
         self.inference.observe(stats.seconds)
         self.tokens.labels("real").inc(stats.real_tokens)
         self.tokens.labels("padded").inc(stats.padded_tokens)
-        self.drift.observe(stats.bundle, stats.lengths, stats.unknown, stats.predicted)
+        self.drift.observe(stats.bundle, stats.lengths, stats.unknown, stats.predicted,
+                           stats.images)

@@ -152,7 +152,7 @@ def test_feedback_on_an_image_answer_is_stored(image_service, garments):
     assert response.status_code == 200 and response.json()["accepted"] == 1
 
 
-def test_metrics_show_predicted_class_drift_for_images(image_service, garments):
+def test_metrics_show_image_drift(image_service, garments):
     httpx.post(f"{image_service.url}/predict", json={"images": [b64(g) for g in garments]})
 
     def drift_shown():
@@ -161,4 +161,6 @@ def test_metrics_show_predicted_class_drift_for_images(image_service, garments):
 
     metrics = eventually(drift_shown)
     assert 'textops_predicted_class_share{label="Trouser"}' in metrics
+    assert "textops_drift_brightness_psi" in metrics
+    assert "textops_drift_contrast_psi" in metrics
     assert "textops_drift_length_psi" not in metrics  # a text model's

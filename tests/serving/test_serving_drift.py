@@ -75,6 +75,26 @@ def test_a_window_like_the_training_data_has_no_drift():
     assert abs(values["textops_drift_predicted_class_psi"]) < 1e-12
 
 
+def test_an_image_window_reports_brightness_and_contrast_drift_and_no_token_figures():
+    # an image model's reference: brightness and contrast deciles (here two bins each)
+    reference = {"brightness": {"edges": [0.5], "shares": [0.5, 0.5]},
+                 "contrast": {"edges": [0.2], "shares": [0.5, 0.5]},
+                 "class_shares": [0.5, 0.5]}
+    model, drift = object(), DriftMonitor(window=100)
+    drift.reset(reference, ["cat", "dog"], model=model)
+    # three of four images bright (over 0.5); contrast as in training
+    drift.observe(model, [], [], [0, 1, 0, 1], images={"brightness": [0.1, 0.6, 0.7, 0.9],
+                                                       "contrast": [0.1, 0.1, 0.3, 0.3]})
+    values = gauges(drift)
+    expected = (0.25 - 0.5) * math.log(0.25 / 0.5) + (0.75 - 0.5) * math.log(0.75 / 0.5)
+    assert values["textops_drift_window_texts"] == 4
+    assert math.isclose(values["textops_drift_brightness_psi"], expected, rel_tol=1e-9)
+    assert abs(values["textops_drift_contrast_psi"]) < 1e-12
+    assert abs(values["textops_drift_predicted_class_psi"]) < 1e-12
+    assert "textops_drift_length_psi" not in values
+    assert "textops_unknown_token_rate" not in values
+
+
 def test_a_batch_of_the_old_bundle_finishing_after_a_reload_is_left_out():
     """A batch run on a 3-class bundle reports after the swap to a 2-class one."""
     old, new = fake_bundle(["neg", "neutral", "pos"]), fake_bundle(["bad", "good"])
