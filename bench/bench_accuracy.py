@@ -81,7 +81,8 @@ ABOUT = """Each configuration from a clean copy of the repository: `dvc repro ev
 (collect, preprocess, train, evaluate), timed. Test metrics are on the configuration's
 test split (SST-2: its dev set; Fashion-MNIST: its own test set; never seen in training
 or model selection); the validation accuracy is the selected checkpoint's, so a large
-gap says validation does not measure what test does. Run again: `python bench/bench_accuracy.py "" data=ag_news ...`."""
+gap says validation does not measure what test does. Run again:
+`python bench/bench_accuracy.py "" data=ag_news ...`."""
 
 
 def as_result(runs: list[dict], name: str = "accuracy") -> Result:
