@@ -74,14 +74,17 @@ def serve(bundle: str = typer.Option("models/current", "--bundle", "-b",
     run_module("serving", env={"TEXTOPS_BUNDLE": bundle, "TEXTOPS_PORT": str(port)})
 
 
-def predict(source: Path = typer.Argument(..., metavar="INPUT", exists=True, dir_okay=False,
-                                          help="csv, tsv, jsonl or parquet (gzip too)"),
+def predict(source: Path = typer.Argument(..., metavar="INPUT", exists=True,
+                                          help="csv, tsv, jsonl or parquet (gzip too); for "
+                                               "an image bundle, a folder of images or a "
+                                               "table of their paths"),
             out: Path = typer.Option(..., "--out", "-o", help="the output file; its suffix "
                                      "picks the format"),
             model: str = typer.Option("models/current", "--model", "-m",
                                       help="a bundle directory or models:/NAME@ALIAS"),
             column: str = typer.Option(None, "--column", "-c", help="the text column "
-                                       "(default: the bundle's, else text, else sentence)"),
+                                       "(default: the bundle's, else text, else sentence); "
+                                       "image paths: default path, else file"),
             workers: int = typer.Option(None, "--workers", "-w", min=1,
                                         help="processes (default: one per core)"),
             on_error: str = typer.Option("fail", "--on-error",
@@ -96,6 +99,8 @@ def predict(source: Path = typer.Argument(..., metavar="INPUT", exists=True, dir
       textops predict data/external/sst2/dev.tsv.gz --out predictions.csv
 
       textops predict reviews.jsonl -o labelled.parquet -m models:/sst2-classifier@champion
+
+      textops predict photos/ -o labels.csv -m models:/fashion_mnist-classifier@champion
     """
     from serving.batch import BatchError, predict_file
 

@@ -22,9 +22,16 @@ examples:
   # write the good rows, list the bad lines in scored.csv.errors.jsonl
   python -m serving.batch messy.csv --out scored.csv --on-error report
 
+  # an image bundle: every image in a folder (and its subfolders)
+  python -m serving.batch photos/ --out labels.csv \\
+      --model models:/fashion_mnist-classifier@champion
+
 input formats (from the name): .csv .tsv .jsonl (each also .gz) .parquet
+  an image bundle: a folder of .png .jpg .jpeg .gif .bmp .webp files, or a table of
+  their paths (relative to the table's folder) in the --column column
 output formats (from the name): .csv .tsv .jsonl (each also .gz) .parquet
 each output row: line, the input's fields, label, score, p_<class> for every class
+  (a folder of images: path, label, score, p_<class>)
 exit status: 0 done, 1 bad rows (nothing written), 2 bad arguments, input or model
 """
 
@@ -33,19 +40,21 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m serving.batch", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Predict every row of a file with a model bundle, as the service's "
-                    "/predict would answer each text.")
-    p.add_argument("input", help="the file to predict: csv, tsv, jsonl (or .gz), parquet")
+        description="Predict every row of a file (or every image of a folder) with a "
+                    "model bundle, as the service's /predict would answer each item.")
+    p.add_argument("input", help="the file to predict: csv, tsv, jsonl (or .gz), parquet; "
+                   "or, for an image bundle, a folder of images")
     p.add_argument("--out", "-o", required=True, help="where the predictions go (written "
                    "atomically: nothing appears unless the run succeeds)")
     p.add_argument("--model", "-m", default="models/current", help="a bundle directory or "
                    "a registry URI models:/<name>@<alias> or models:/<name>/<version> "
                    "(default: %(default)s)")
     p.add_argument("--column", "-c", help="the text column (default: the bundle's, else "
-                   "`text`, else `sentence`)")
+                   "`text`, else `sentence`); for an image bundle, the column of image "
+                   "paths (default: `path`, else `file`)")
     p.add_argument("--workers", "-w", type=int, help="worker processes, one core each "
                    "(default: every core)")
-    p.add_argument("--batch-size", type=int, default=64, help="texts per model call "
+    p.add_argument("--batch-size", type=int, default=64, help="texts or images per model call "
                    "(default: %(default)s, as the service)")
     p.add_argument("--precision", choices=("int8", "fp32"), help="the model to run "
                    "(default: the service's, TEXTOPS_PRECISION or int8)")

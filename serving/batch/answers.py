@@ -1,7 +1,8 @@
 """The model's answers as output rows, in the shape /predict gives them, flattened.
 
 Each row: `line`, the input's fields, `label`, `score` and `p_<class>` for every class;
-the values are serving/bundle/predictions.py's, as /predict answers them.
+the values are serving/bundle/predictions.py's, as /predict answers them. Rows of a
+folder of images have no `line`: their `path` field says which file each is.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ class OutputRows:
     (`input_input_<name>` if that is taken too: predicting a file of predictions again
     loses nothing)."""
 
-    def __init__(self, label_names: list[str]):
+    def __init__(self, label_names: list[str], numbered: bool = True):
         self.label_names = label_names
-        self.reserved = {"line", "label", "score", *(f"p_{n}" for n in label_names)}
+        self.numbered = numbered  # False: records are files, their number says nothing
+        self.reserved = {*(["line"] if numbered else []), "label", "score",
+                         *(f"p_{n}" for n in label_names)}
         self.renames: dict[tuple, list[str]] = {}  # input field names -> output names
 
     def names(self, keys: tuple) -> list[str]:
@@ -37,7 +40,7 @@ class OutputRows:
         return self.renames[keys]
 
     def row(self, record: Record, answer: dict) -> dict:
-        row = {"line": record.line}
+        row = {"line": record.line} if self.numbered else {}
         row.update(zip(self.names(tuple(record.fields)), record.fields.values(), strict=True))
         row["label"], row["score"] = answer["label"], answer["score"]
         row.update({f"p_{name}": p for name, p in answer["probabilities"].items()})

@@ -5,6 +5,8 @@ processes use N cores without fighting over them (as the service's workers do), 
 scores a chunk exactly as the service scores a batch: `infer` from
 serving/engine/batcher.py (the same tokenizer, truncation, length grouping and model).
 With one worker the chunks are scored in the calling process: no process to start.
+What a chunk is scored with is the scorer's `work` (`score` for texts;
+serving/batch/images.py's `score_files` reads and decodes image files in the worker).
 
 `ordered_map` keeps at most `max_in_flight` chunks submitted and not yet handed back,
 so however large the input, only that many chunks (and their rows) are held at once.
@@ -50,24 +52,30 @@ def start_worker(bundle_dir: str, precision: str) -> None:
     load_bundle(bundle_dir, precision)
 
 
-def score(texts: list[str]) -> np.ndarray:
-    """Class probabilities [texts, classes], float32, as the service computes them."""
+def worker_bundle() -> Bundle:
+    """This process's bundle, or BundleError saying why it could not be loaded."""
     if _bundle is None:
         raise BundleError(_load_error or "the worker has no bundle")
-    probs, _ = infer(_bundle, texts)
+    return _bundle
+
+
+def score(texts: list[str]) -> np.ndarray:
+    """Class probabilities [texts, classes], float32, as the service computes them."""
+    probs, _ = infer(worker_bundle(), texts)
     return probs
 
 
 class InlineScorer:
     """One worker: scores in this process, each chunk when it is submitted."""
 
-    def __init__(self, bundle_dir: str, precision: str):
+    def __init__(self, bundle_dir: str, precision: str, work: Callable[[list], object]):
         load_bundle(bundle_dir, precision)
+        self.work = work
 
-    def submit(self, texts: list[str]) -> Future:
+    def submit(self, items: list) -> Future:
         future: Future = Future()
         try:
-            future.set_result(score(texts))
+            future.set_result(self.work(items))
         except Exception as err:  # noqa: BLE001 - handed to whoever reads the result
             future.set_exception(err)
         return future
@@ -81,22 +89,27 @@ class ProcessScorer:
     """`workers` processes, started fresh (spawn): a fork would copy whatever threads
     and locks the caller holds."""
 
-    def __init__(self, bundle_dir: str, precision: str, workers: int):
+    def __init__(self, bundle_dir: str, precision: str, workers: int,
+                 work: Callable[[list], object]):
+        self.work = work  # a module-level function: the workers import it by name
         self.executor = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=start_worker, initargs=(bundle_dir, precision))
 
-    def submit(self, texts: list[str]) -> Future:
-        return self.executor.submit(score, texts)
+    def submit(self, items: list) -> Future:
+        return self.executor.submit(self.work, items)
 
     def close(self, cancel: bool = False) -> None:
         self.executor.shutdown(wait=True, cancel_futures=cancel)
 
 
-def scorer(bundle_dir: str, precision: str, workers: int) -> InlineScorer | ProcessScorer:
+def scorer(bundle_dir: str, precision: str, workers: int,
+           work: Callable[[list], object] | None = None) -> InlineScorer | ProcessScorer:
+    """Chunks scored by `work` (default: `score`, texts) in `workers` processes."""
+    work = work or score  # looked up now, not at import: a test may stand in for it
     if workers == 1:
-        return InlineScorer(bundle_dir, precision)
-    return ProcessScorer(bundle_dir, precision, workers)
+        return InlineScorer(bundle_dir, precision, work)
+    return ProcessScorer(bundle_dir, precision, workers, work)
 
 
 def ordered_map(submit: Callable[[T], Future], items: Iterable[T],

@@ -4,8 +4,10 @@ gzip-compressed, `.csv.gz`) and parquet, the format told by the file name.
 A reader yields `Record`s in file order: the row's line number (for parquet, its row
 number), its fields, or why the line is not a row (malformed JSON, a wrong count of
 fields, bytes that are not UTF-8), so that the caller reports it by line instead of
-skipping it. Another kind of input (a folder of images, say) is one more reader:
-`register_reader("images", ("",), ImageFolderReader)`.
+skipping it. Another kind of input is one more reader, registered for a suffix, or
+for folders under `DIRECTORY`: `register_reader("image-folder", (DIRECTORY,), ...)`
+(serving/batch/images.py). A reader whose records are the image files themselves says
+so with `items = "images"`: its rows are then reported by path, not by line.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Record:
     line: int  # 1-based line in the file (row number for parquet)
     fields: dict | None  # None: not a row; `problem` says why
     problem: str | None = None
+    item: str | None = None  # the file the row names (an image), reported instead of line
 
 
 class RowReader(Protocol):
@@ -51,6 +54,7 @@ class RowReader(Protocol):
 
 READERS: dict[str, Callable[[Path], RowReader]] = {}
 SUFFIXES: dict[str, str] = {}  # file suffix (no dot) -> reader format
+DIRECTORY = "/"  # the "suffix" of a folder: no file name's suffix holds a slash
 
 
 def register_reader(fmt: str, suffixes: tuple[str, ...],
@@ -63,13 +67,19 @@ def input_format(path: Path) -> str:
     suffixes = [s.lstrip(".").lower() for s in path.suffixes if s.lower() != ".gz"]
     fmt = SUFFIXES.get(suffixes[-1] if suffixes else "")
     if fmt is None:
+        named = ", ".join("." + s for s in SUFFIXES if s != DIRECTORY)
+        folder = ", or a folder" if DIRECTORY in SUFFIXES else ""
         raise BatchError(f"{path}: cannot tell the input format from the name; expected "
-                         f"one of {', '.join('.' + s for s in SUFFIXES)} (optionally .gz)")
+                         f"one of {named} (optionally .gz){folder}")
     return fmt
 
 
 def open_reader(path: Path) -> RowReader:
     path = Path(path)
+    if path.is_dir():  # a folder is told by what it is, whatever dots its name has
+        if DIRECTORY not in SUFFIXES:
+            raise BatchError(f"{path}: a folder; expected a file")
+        return READERS[SUFFIXES[DIRECTORY]](path)
     fmt = input_format(path)
     if not path.exists():
         raise BatchError(f"{path}: no such file")

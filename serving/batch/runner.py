@@ -6,9 +6,14 @@ back, so memory stays flat however large the file. Each answer is what the servi
 /predict gives for that text: the same bundle (a directory or a registry URI, fetched as
 the service fetches it), precision, tokenizer and batching.
 
-A row without a usable text is never skipped silently: by default the run stops,
-listing the first bad lines, and writes nothing; with on_error="report" the good rows
-are written and every bad line is listed in `<out>.errors.jsonl`.
+An image bundle takes a folder of images or a table of image paths instead
+(serving/batch/images.py): the workers read and decode the files, and each answer is
+what /predict gives for that file's bytes.
+
+A row without a usable text (or image) is never skipped silently: by default the run
+stops, listing the first bad lines (or files), and writes nothing; with
+on_error="report" the good rows are written and every bad one is listed in
+`<out>.errors.jsonl`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from serving.batch.answers import OutputRows
+from serving.batch.images import (
+    Scored,
+    bundle_takes_images,
+    holds_images,
+    marked,
+    score_files,
+    with_image_files,
+)
 from serving.batch.pool import ordered_map, scorer
 from serving.batch.progress import Progress, bar_wanted
 from serving.batch.readers import BatchError, Record, RowReader, open_reader
@@ -61,16 +74,21 @@ class BadRowsError(BatchError):
     def __init__(self, path: Path, bad: list[Record], complete: bool):
         self.bad_rows = bad
         count = f"{len(bad)}" if complete else f"{len(bad)} or more"
-        listed = "\n".join(f"  {path}:{r.line}: {r.problem}" for r in bad)
+        listed = "\n".join(f"  {where(path, r)}: {r.problem}" for r in bad)
         super().__init__(f"{path}: {count} bad rows; nothing was written. Fix them, or "
                          f"pass on_error='report' (--on-error report) to write the other "
                          f"rows and list the bad ones in <out>.errors.jsonl:\n{listed}")
 
 
+def where(path: Path, record: Record) -> str:
+    """A bad row as reported: the image file it names, else the input's file:line."""
+    return record.item or f"{path}:{record.line}"
+
+
 @dataclass
 class Chunk:
     records: list[Record]  # in file order, bad ones (with a problem) included
-    texts: list[str]  # the good records' texts, in the same order
+    texts: list[str]  # the good records' texts (image bundles: files), in the same order
 
 
 def service_default(name: str) -> str:
@@ -141,6 +159,7 @@ class Plan:
     batch_size: int
     progress: bool | None
     on_error: str
+    images: bool  # an image bundle: rows name image files
 
 
 def predict_file(source: str | Path, out: str | Path, model: str | Path = "models/current",
@@ -173,8 +192,10 @@ def predict_file(source: str | Path, out: str | Path, model: str | Path = "model
     reader = open_reader(source)  # a missing input fails before a model is fetched
     try:
         bundle_dir, identity = resolve_model(model)
-        plan = Plan(source, out, out_format, bundle_dir, read_meta(bundle_dir), precision,
-                    workers or available_cores(), column, batch_size, progress, on_error)
+        meta = read_meta(bundle_dir)
+        plan = Plan(source, out, out_format, bundle_dir, meta, precision,
+                    workers or available_cores(), column, batch_size, progress, on_error,
+                    bundle_takes_images(reader, meta, identity))
         log.info("%s -> %s: bundle %s (%s, %s), %d worker process(es)", source, out,
                  plan.meta["version"], identity, precision, plan.workers)
         written, bad = run(plan, reader)
@@ -201,9 +222,12 @@ def run(plan: Plan, reader: RowReader) -> tuple[int, int]:
         writers.append(open_writer(output.path, plan.out_format))
         writers.append(JsonlWriter(open(errors.path, "w", encoding="utf-8")))  # noqa: SIM115
         writer, error_writer = writers
-        pool = scorer(str(plan.bundle_dir), plan.precision, plan.workers)
-        shaper = OutputRows(list(plan.meta["label_names"]))
-        pairs = with_texts(reader, plan.column, plan.meta)
+        pool = scorer(str(plan.bundle_dir), plan.precision, plan.workers,
+                      score_files if plan.images else None)
+        numbered = not holds_images(reader)
+        shaper = OutputRows(list(plan.meta["label_names"]), numbered)
+        pairs = (with_image_files(reader, plan.column) if plan.images
+                 else with_texts(reader, plan.column, plan.meta))
         if plan.on_error == "fail":
             pairs = failing_on_bad_rows(pairs, plan.source)
         chunks = chunked(pairs, plan.batch_size)
@@ -211,12 +235,16 @@ def run(plan: Plan, reader: RowReader) -> tuple[int, int]:
         meter = Progress(plan.source.name, reader.total_rows, reader.fraction_read,
                          bar_wanted(plan.progress))
         try:
-            for chunk, probs in ordered_map(lambda c: submit(pool, c), chunks, in_flight):
-                writer.write(shaper.rows(chunk.records, probs))
+            for chunk, result in ordered_map(lambda c: submit(pool, c), chunks, in_flight):
+                # image files that turned out not to be images get their problem here
+                probs = marked(chunk.records, result) if isinstance(result, Scored) else result
                 failed = [r for r in chunk.records if r.problem]
-                error_writer.write([{"file": str(plan.source), "line": r.line,
-                                     "reason": r.problem} for r in failed])
-                written, bad = written + len(chunk.texts), bad + len(failed)
+                if failed and plan.on_error == "fail":  # only files: bad rows failed earlier
+                    raise BadRowsError(plan.source, failed[:SHOWN_BAD_ROWS], complete=False)
+                rows = shaper.rows(chunk.records, probs)
+                writer.write(rows)
+                error_writer.write([error_entry(plan.source, r, numbered) for r in failed])
+                written, bad = written + len(rows), bad + len(failed)
                 meter.advance(len(chunk.records))
         finally:
             meter.close()
@@ -239,6 +267,15 @@ def run(plan: Plan, reader: RowReader) -> tuple[int, int]:
         errors.discard()
         errors.target.unlink(missing_ok=True)
     return written, bad
+
+
+def error_entry(source: Path, record: Record, numbered: bool) -> dict:
+    """A line of <out>.errors.jsonl: the file to fix (the input, or the image a row
+    names), the input's line when it has lines, and the reason."""
+    entry = {"file": record.item or str(source)}
+    if numbered:
+        entry["line"] = record.line
+    return {**entry, "reason": record.problem}
 
 
 def error_file(out: Path) -> Path:
