@@ -247,8 +247,11 @@ def main() -> None:
         _, meta = http_json("GET", f"{url}/metadata")
         print(f"\nThe model {meta.get('model_name')} {meta.get('version')} answers at {url}")
         print(f"  docs:  {url}/docs")
-        print(f"  try:   curl -s -X POST {url}/predict -H 'Content-Type: application/json' "
-              "-d '{\"texts\": [\"a gripping, beautifully acted film\"]}'")
+        if meta.get("task") == "image_classification":
+            print(f"  try:   curl -s -X POST {url}/predict -F images=@picture.png")
+        else:
+            print(f"  try:   curl -s -X POST {url}/predict -H 'Content-Type: application/json' "
+                  "-d '{\"texts\": [\"a gripping, beautifully acted film\"]}'")
         print(f"  stop:  textops undeploy   (log: {log})")
 
 
