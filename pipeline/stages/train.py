@@ -30,28 +30,37 @@ def transfer_set(paths: Paths) -> Path | None:
 
 
 def pruning(cfg: DictConfig) -> bool:
+    """Whether `train.prune` asks for anything: text's heads or d_ff, images' channels."""
     prune = cfg.train.get("prune")
-    return bool(prune) and (prune.heads is not None or prune.d_ff is not None)
+    return bool(prune) and any(prune.get(key) is not None
+                               for key in ("heads", "d_ff", "channels"))
+
+
+def changes(before: dict, after: dict) -> str:
+    """The model options pruning changed, e.g. `n_heads=1, d_ff=16` or `widths=[16, 32]`."""
+    return ", ".join(f"{key}={value}" for key, value in after.items()
+                     if before.get(key) != value)
 
 
 def prune_and_fine_tune(cfg: DictConfig, paths: Paths, transfer: Path | None) -> dict:
-    """Remove the weakest heads and feed-forward units from the best checkpoint's
-    Transformer (pipeline/tasks/text_classification/prune.py) and fine-tune what is
-    left for `train.prune.epochs` on the same data; its checkpoints replace the
-    unpruned model's."""
-    from pipeline.tasks.text_classification.prune import prune
-
-    trained = tasks.from_config(cfg).load_module(paths.checkpoint)
+    """Prune the best checkpoint's model through its task (`Task.prune`: the Transformer's
+    weakest heads and feed-forward units, the image cnn's weakest convolution channels)
+    and fine-tune what is left for `train.prune.epochs` on the same data; its
+    checkpoints replace the unpruned model's."""
+    task = tasks.from_config(cfg)
+    trained = task.load_module(paths.checkpoint)
     settings = cfg.train.prune
-    model_cfg, state = prune(trained.model, dict(trained.hparams.model), settings.heads,
-                             settings.d_ff)
+    model_cfg, state = task.prune(trained, settings)
     before = sum(p.numel() for p in trained.model.parameters())
-    after = sum(v.numel() for v in state.values())
-    print(f"train: pruned to {model_cfg['n_heads']} heads and {model_cfg['d_ff']} "
-          f"feed-forward units per block ({after:,} of {before:,} parameters); "
-          f"fine-tuning {settings.epochs} epoch(s)", flush=True)
-    tuned = OmegaConf.merge(cfg, {"model": model_cfg, "train": {
-        "max_epochs": settings.epochs, "lr": settings.lr, "init_embeddings": None}})
+    # Parameters only: buffers (a norm's running statistics) are not weights.
+    names = {name for name, _ in trained.model.named_parameters()}
+    after = sum(v.numel() for k, v in state.items() if k in names)
+    print(f"train: pruned to {changes(dict(trained.hparams.model), model_cfg)} ({after:,} of "
+          f"{before:,} parameters); fine-tuning {settings.epochs} epoch(s)", flush=True)
+    train = {"max_epochs": settings.epochs, "lr": settings.lr}
+    if "init_embeddings" in cfg.train:  # the pruned model starts from its own weights
+        train["init_embeddings"] = None
+    tuned = OmegaConf.merge(cfg, {"model": model_cfg, "train": train})
     return fit(tuned, paths, transfer=transfer, start_from=state, tags={"pruned": "true"})
 
 

@@ -72,6 +72,14 @@ class Task(ABC):
         default a task has nothing to start from."""
         return
 
+    def prune(self, module: pl.LightningModule, settings: DictConfig) -> tuple[dict, dict]:
+        """Structured pruning of a trained module (`train.prune`): the smaller model's
+        config (what `module` builds from) and its state dict, which loads into that
+        model strictly; the train stage fine-tunes it. By default a task's models
+        cannot be pruned."""
+        raise ValueError(f"train.prune: {self.name} models cannot be pruned; set "
+                         "train.prune's heads, d_ff and channels to null")
+
     @abstractmethod
     def load_module(self, checkpoint: Path) -> pl.LightningModule:
         """A trained module back from its checkpoint, in eval mode."""

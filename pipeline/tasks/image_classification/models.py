@@ -50,21 +50,34 @@ class MLP(nn.Module):
         return self.layers(pixels)
 
 
+def block_widths(entry: int | Sequence[int]) -> tuple[int, int]:
+    """A CNN block's two convolution widths from its `widths` entry: one number for
+    both, or a pair (what channel pruning leaves when it keeps different counts)."""
+    if isinstance(entry, int):
+        return entry, entry
+    pair = tuple(entry)
+    if len(pair) != 2:
+        raise ValueError(f"model.widths: a block is one width or a pair, not {list(pair)}")
+    return pair
+
+
 class CNN(nn.Module):
     """The classic small convnet: blocks of two 3x3 convolutions (each with norm and
-    ReLU), 2x2 max pooling and dropout; then a hidden fully connected layer."""
+    ReLU), 2x2 max pooling and dropout; then a hidden fully connected layer. `widths`
+    has one entry per block (see `block_widths`)."""
 
     def __init__(self, channels: int, height: int, width: int, num_classes: int,
-                 widths: Sequence[int] = (32, 64), hidden: int = 256, dropout: float = 0.25,
-                 norm: str = "batch", groups: int = 8):
+                 widths: Sequence[int | Sequence[int]] = (32, 64), hidden: int = 256,
+                 dropout: float = 0.25, norm: str = "batch", groups: int = 8):
         super().__init__()
         blocks: list[nn.Module] = []
         size = channels
-        for out in widths:
-            blocks += [conv3x3(size, out), norm_layer(norm, out, groups), nn.ReLU(),
-                       conv3x3(out, out), norm_layer(norm, out, groups), nn.ReLU(),
+        for entry in widths:
+            first, second = block_widths(entry)
+            blocks += [conv3x3(size, first), norm_layer(norm, first, groups), nn.ReLU(),
+                       conv3x3(first, second), norm_layer(norm, second, groups), nn.ReLU(),
                        nn.MaxPool2d(2), nn.Dropout(dropout)]
-            size = out
+            size = second
         self.features = nn.Sequential(*blocks)
         # Each pooling halves the sides, rounding down (7x7 -> 3x3).
         side_h, side_w = height >> len(widths), width >> len(widths)

@@ -100,6 +100,16 @@ class ImageClassification(Task):
             label_smoothing=cfg.train.label_smoothing,
         )
 
+    def prune(self, module, settings: DictConfig) -> tuple[dict, dict]:
+        """The cnn's weakest convolution channels removed (`train.prune.channels`: the
+        share of each convolution's channels kept; prune.py)."""
+        from pipeline.tasks.image_classification.prune import prune
+
+        if settings.get("heads") is not None or settings.get("d_ff") is not None:
+            raise ValueError("train.prune.heads and d_ff prune the text Transformer; for "
+                             "images, set train.prune.channels, with heads and d_ff null")
+        return prune(module.model, dict(module.hparams.model), settings.get("channels"))
+
     def load_module(self, checkpoint: Path):
         from pipeline.tasks.image_classification.inference import load_module
 

@@ -96,6 +96,16 @@ class TextClassification(Task):
               f"{module.model.embedding.embedding_dim} dimensions ({explained:.0%} of the "
               "variance)", flush=True)
 
+    def prune(self, module: TextClassifier, settings: DictConfig) -> tuple[dict, dict]:
+        """The Transformer's weakest attention heads and feed-forward units removed
+        (`train.prune.heads`, `d_ff`; prune.py)."""
+        from pipeline.tasks.text_classification.prune import prune
+
+        if settings.get("channels") is not None:
+            raise ValueError("train.prune.channels prunes the image cnn; for text, set "
+                             "train.prune.heads or d_ff, with channels null")
+        return prune(module.model, dict(module.hparams.model), settings.heads, settings.d_ff)
+
     def load_module(self, checkpoint: Path) -> TextClassifier:
         return inference.load_module(checkpoint)
 
