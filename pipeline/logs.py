@@ -74,5 +74,9 @@ def quiet() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    if "torch" in sys.modules:
+        # torch resets its own loggers' levels when the ONNX exporter first loads
+        # torch._dynamo; told through its own API, it keeps this one
+        sys.modules["torch"]._logging.set_logs(onnx=NOISY_LOGGERS["torch.onnx"])
     for category, pattern, _why in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)

@@ -1,9 +1,10 @@
-"""Small data builders that several test modules share."""
+"""Small data builders and patterns that several test modules share."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
@@ -44,3 +45,7 @@ def synthetic_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return rows
 
 
+# What dependencies print when left alone (pipeline/logs.py hides it): warnings, their
+# INFO lines, Lightning's tips and device banner, download-style progress bars.
+NOISE = re.compile(r"Warning\b|\bWARNING\b|W\d{4} \d\d:|\bINFO\b|💡|GPU available|"
+                   r"Seed set to|Loading weights|it/s\]")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import compose, copy_repo, git_init, run
+from helpers import NOISE
 
 from ops import control
 from pipeline.stages.deploy import batch_tolerances
@@ -47,10 +47,6 @@ def test_repro_runs_all_six_stages(smoke_repo):
     assert json.loads((smoke_repo / "reports/runs/serve.json").read_text())["latency_ms"]["p50"] > 0
 
 
-# What dependencies print when left alone (pipeline/logs.py hides it): warnings, their
-# INFO lines, Lightning's tips and device banner, download-style progress bars.
-NOISE = re.compile(r"Warning\b|\bWARNING\b|W\d{4} \d\d:|\bINFO\b|💡|GPU available|"
-                   r"Seed set to|Loading weights|it/s\]")
 
 
 def test_repro_says_one_readable_line_per_step_and_no_dependency_noise(smoke_repo):

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import run
+from helpers import NOISE
 
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import load_splits
@@ -48,6 +49,12 @@ def test_repro_runs_every_stage_on_images(image_repo):
     assert served["rows"] == 50 and served["mismatches"] == 0
     card = (image_repo / "models/candidate/MODEL_CARD.md").read_text()
     assert "image classifier over 10 classes" in card and "28x28" in card
+
+
+def test_the_image_repro_prints_no_dependency_noise(image_repo):
+    log = (image_repo / "repro.log").read_text()
+    noisy = [line for line in log.splitlines() if NOISE.search(line)]
+    assert not noisy, "\n".join(noisy[:20])
 
 
 def test_the_spec_parity_check_fails_when_the_saved_spec_is_altered(image_repo, tmp_path,
