@@ -41,16 +41,21 @@ def from_json(body: bytes, invalid) -> list[bytes]:
         request = ImagePredictRequest.model_validate_json(body)
     except ValidationError as err:
         raise invalid(err) from None
-    images = []
-    for i, text in enumerate(request.images):
-        if text.startswith("data:") and "," in text:
-            text = text.split(",", 1)[1]
-        try:
-            images.append(base64.b64decode(text, validate=True))
-        except (binascii.Error, ValueError):
-            raise ApiError(422, "invalid_base64", f"images[{i}] is not valid base64",
-                           item=i) from None
-    return images
+    return [b64_file(text, f"images[{i}]", item=i) for i, text in enumerate(request.images)]
+
+
+def b64_file(text, name: str, **details) -> bytes:
+    """The file in a base64 string (a browser's `data:` prefix allowed); 422 naming it
+    else. `details` go into the error (the item's index)."""
+    if not isinstance(text, str):
+        raise ApiError(422, "invalid_request", f"{name} is not a string (base64 of a file)",
+                       **details)
+    try:
+        return base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text,
+                                validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_base64", f"{name} is not valid base64",
+                       **details) from None
 
 
 async def from_multipart(scope: dict, body: bytes, max_images: int) -> list[bytes]:

@@ -11,19 +11,23 @@ import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from serving.api.hot_path import predict_answer
+from serving.api.hot_path import invalid, predict_answer
+from serving.api.images import b64_file
 from serving.api.schemas import (
     ExplainRequest,
     ExplainResponse,
     FeedbackItem,
     FeedbackResponse,
+    ImageExplainRequest,
+    ImageExplainResponse,
     PredictRequest,
     PredictResponse,
     ReloadRequest,
 )
 from serving.api.security import check_admin
+from serving.api.v2_images import image_pixels
 from serving.api.validation import check_texts
 from serving.bundle import BundleError
 from serving.engine.service import InferenceService
@@ -36,6 +40,29 @@ _FEEDBACK_ITEM = FeedbackItem.model_json_schema()
 # the item; OpenAPI still documents it.
 FEEDBACK_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": {"oneOf": [_FEEDBACK_ITEM, {"type": "array", "items": _FEEDBACK_ITEM}]}}}}}
+
+
+# /explain takes a text or an image, by the model served; the body is parsed by
+# `explain_request` so that a field of the other kind is named.
+EXPLAIN_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"oneOf": [ExplainRequest.model_json_schema(),
+                         ImageExplainRequest.model_json_schema()]}}}}}
+OTHER_KIND = {"text": "this model classifies images: send {\"image\": \"<base64>\"}",
+              "image": "this model classifies texts: send {\"text\": \"...\"}"}
+
+
+def explain_request(model: type[BaseModel], body: bytes, wrong: str) -> BaseModel:
+    """An /explain body as `model`; 422 naming the field `wrong` (the other kind of
+    model's) when it is there, else as FastAPI names a bad field (400 for bad JSON)."""
+    if not body:
+        raise ApiError(422, "invalid_request", "body: Field required", field="body")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        if any(e["type"] == "extra_forbidden" and e["loc"] == (wrong,) for e in err.errors()):
+            raise ApiError(422, "invalid_request", f"{wrong}: {OTHER_KIND[wrong]}",
+                           field=wrong) from None
+        raise invalid(err) from None
 
 
 def feedback_items(body: bytes, max_items: int, labels: list[str]
@@ -111,10 +138,22 @@ def router(service: InferenceService, require_key) -> APIRouter:
         items = feedback_items(await http.body(), settings.max_texts, labels)
         return FeedbackResponse(accepted=await service.feedback(items))
 
-    @routes.post("/explain", response_model=ExplainResponse,
-                 dependencies=[Depends(require_key)])
-    async def explain_text(request: ExplainRequest) -> ExplainResponse:
-        """Per-token attributions by occlusion: how much each token supports the label."""
+    @routes.post("/explain", response_model=ExplainResponse | ImageExplainResponse,
+                 dependencies=[Depends(require_key)], openapi_extra=EXPLAIN_BODY)
+    async def explain(http: Request) -> ExplainResponse | ImageExplainResponse:
+        """Why the model gave its label, by occlusion. A text model (`{"text": ...}`):
+        how much each token supports the label. An image model (`{"image": "<base64>"}`,
+        optionally `cell_size`): per cell of a grid over the image, how much the
+        label's probability drops when the cell is grayed out."""
+        body = await http.body()
+        bundle = service.bundle
+        if bundle is not None and bundle.task.items == "images":
+            request = explain_request(ImageExplainRequest, body, wrong="text")
+            file = b64_file(request.image, "image")
+            pixels = await image_pixels(bundle, [file], settings, lambda i: "image", "image")
+            result, used = await service.explain(pixels[0], request.cell_size)
+            return ImageExplainResponse(model_version=used.version, **result)
+        request = explain_request(ExplainRequest, body, wrong="image")
         check_texts([request.text], settings.max_texts, settings.max_chars)
         result, bundle = await service.explain(request.text)
         return ExplainResponse(model_version=bundle.version, **result)

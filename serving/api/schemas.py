@@ -1,6 +1,6 @@
-"""The JSON bodies of /predict, /explain, /feedback and /admin/reload, as OpenAPI
-documents them (the request id that ties an answer to its feedback:
-serving/request_ids.py).
+"""The JSON bodies of /predict, /explain (a text model's and an image model's),
+/feedback and /admin/reload, as OpenAPI documents them (the request id that ties an
+answer to its feedback: serving/request_ids.py).
 
 Request models refuse unknown fields, so a typo in a field name is a 422, not a
 silently ignored field.
@@ -57,6 +57,35 @@ class ExplainResponse(BaseModel):
     score: float
     probabilities: dict[str, float]
     tokens: list[TokenAttribution]
+
+
+class ImageExplainRequest(BaseModel):
+    """An image model's /explain body."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: StrictStr = Field(description="the image: PNG, JPEG or any format Pillow reads, "
+                             "base64-encoded")
+    cell_size: StrictInt | None = Field(None, ge=1, description="side of an occluded cell "
+                                        "in the model's input pixels (default: a grid of "
+                                        "about 7x7 cells)")
+
+
+class Saliency(BaseModel):
+    rows: int
+    cols: int
+    cell_height: int = Field(description="in the model's input pixels (the last row and "
+                             "column may be cut short by the image's edge)")
+    cell_width: int
+    values: list[list[float]] = Field(description="per cell, row by row: the drop in the "
+                                      "label's probability when the cell is grayed out")
+
+
+class ImageExplainResponse(BaseModel):
+    model_version: str
+    label: str
+    score: float
+    probabilities: dict[str, float]
+    saliency: Saliency
 
 
 class ReloadRequest(BaseModel):

@@ -1,9 +1,11 @@
 """The Open Inference Protocol (KServe V2) REST API, beside `/predict`.
 
-The model takes a BYTES input `text` (one text per element) and returns
-`probabilities` (FP32, [n, classes]) and `label` (BYTES, [n]). Errors are
-`{"error": message}`, as the protocol says (serving/api/errors.py renders them so). The
-input limits are /predict's (serving/api/validation.py).
+A text model takes a BYTES input `text`; an image model `image`, BYTES, a base64 file
+per element, or `pixels`, UINT8 [N, height, width, channels 1|3|4] of any size, which
+the bundle's image spec converts as it does a file. Both answer `probabilities` (FP32,
+[n, classes]) and `label` (BYTES, [n]) as /predict does. Errors are `{"error": ...}`
+naming the element (serving/api/errors.py); the limits are /predict's, and each
+`pixels` image also keeps within `max_image_bytes` and `max_pixels`.
 
 An answer's request id (for POST /feedback and the prediction log) is the request's
 `id` when it is well-formed, else a well-formed X-Request-ID header, else a new one; it
@@ -13,13 +15,19 @@ echoed as the protocol requires (and holds the request id when the client sent n
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 
+from serving.api.v2_images import IMAGE_INPUTS, image_inputs
+from serving.api.v2_tensors import (
+    InferRequest,
+    bad_request,
+    counted,
+    flatten,
+    parse_request,
+    the_input,
+)
 from serving.api.validation import check_texts
 from serving.bundle import Bundle
 from serving.bundle.predictions import predictions
@@ -28,65 +36,6 @@ from serving.errors import ApiError
 from serving.request_ids import REQUEST_ID_PATTERN, request_id
 
 OUTPUTS = ("probabilities", "label")
-
-
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, "invalid_request", message)
-
-
-class InferInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list[Any]
-    parameters: dict[str, Any] | None = None
-
-
-class RequestedOutput(BaseModel):
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class InferRequest(BaseModel):
-    id: str | None = None
-    inputs: list[InferInput]
-    outputs: list[RequestedOutput] | None = None
-    parameters: dict[str, Any] | None = None
-
-
-def parse_request(body: bytes) -> InferRequest:
-    try:
-        return InferRequest.model_validate_json(body)
-    except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "json_invalid":
-            raise bad_request("the request body is not valid JSON") from None
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise bad_request(f"{where}: {first['msg']}") from None
-
-
-def flatten(data: list) -> list:
-    """V2 tensors may be sent flat or nested in row-major order."""
-    flat = []
-    for item in data:
-        flat.extend(flatten(item) if isinstance(item, list) else [item])
-    return flat
-
-
-def texts_from(request: InferRequest) -> list:
-    """The elements of the one BYTES input `text`, unchecked."""
-    if len(request.inputs) != 1 or request.inputs[0].name != "text":
-        raise bad_request("expected exactly one input, named 'text'")
-    tensor = request.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise bad_request(f"input 'text' must be BYTES, not {tensor.datatype}")
-    texts = flatten(tensor.data)
-    count = 1
-    for dim in tensor.shape:
-        count *= dim
-    if count != len(texts):
-        raise bad_request(f"input 'text' has shape {tensor.shape} but {len(texts)} elements")
-    return texts
 
 
 def wanted_outputs(request: InferRequest) -> list[str]:
@@ -106,18 +55,20 @@ def answer_id(body_id: str | None, header_id: str | None) -> str:
 
 
 def model_metadata(bundle: Bundle) -> dict:
-    return {
-        "name": bundle.meta["model_name"],
-        "versions": [bundle.version],
-        "platform": "onnxruntime_onnx",
-        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [
-            {"name": "probabilities", "datatype": "FP32",
-             "shape": [-1, len(bundle.label_names)]},
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-        ],
-        "parameters": {"label_names": bundle.label_names},
-    }
+    inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    parameters = {"label_names": bundle.label_names}
+    if bundle.task.items == "images":  # one of the two inputs, as `inputs_one_of` says
+        spec = bundle.inputs.spec
+        inputs = [{"name": name, "datatype": kind, "shape": [-1] * (1 if kind == "BYTES" else 4)}
+                  for name, kind in IMAGE_INPUTS.items()]
+        parameters |= {"inputs_one_of": list(IMAGE_INPUTS), "image_size": {
+            "height": spec.height, "width": spec.width, "channels": spec.channels,
+            "resize": spec.resize}}
+    outputs = [{"name": "probabilities", "datatype": "FP32",
+                "shape": [-1, len(bundle.label_names)]},
+               {"name": "label", "datatype": "BYTES", "shape": [-1]}]
+    return {"name": bundle.meta["model_name"], "versions": [bundle.version], "inputs": inputs,
+            "platform": "onnxruntime_onnx", "outputs": outputs, "parameters": parameters}
 
 
 def output_tensors(probs, bundle: Bundle) -> dict[str, dict]:
@@ -176,15 +127,19 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
     @router.post("/models/{name}/versions/{version}/infer", dependencies=[Depends(require_key)],
                  openapi_extra=body_schema)
     async def infer(name: str, raw: Request, version: str | None = None) -> Response:
-        bundle_named(name)
+        served = bundle_named(name)
         request = parse_request(await raw.body())
-        texts = texts_from(request)
-        check_texts(texts, settings.max_texts, settings.max_chars,
-                    name="input 'text' element {}".format)
+        if served.task.items == "images":
+            items, keys = await image_inputs(request, served, settings)
+        else:
+            tensor = the_input(request, {"text": "BYTES"})
+            items = keys = counted(tensor, flatten(tensor.data))
+            check_texts(items, settings.max_texts, settings.max_chars,
+                        name="input 'text' element {}".format)
         wanted = wanted_outputs(request)
         rid = answer_id(request.id, raw.headers.get("x-request-id"))
-        probs, bundle = await service.predict(texts)
-        service.log_prediction(rid, bundle, texts, probs)
+        probs, bundle = await service.predict(items)
+        service.log_prediction(rid, bundle, keys, probs)
         tensors = output_tensors(probs, bundle)
         response = {"model_name": name, "model_version": bundle.version,
                     "id": rid if request.id is None else request.id,

@@ -21,7 +21,7 @@ import numpy as np
 
 from serving.bundle import Bundle, BundleError
 from serving.engine.batcher import Batcher, QueueFull
-from serving.engine.explain import explain
+from serving.engine.explain import explain_item, grid
 from serving.engine.following import BundleFollowing
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
@@ -144,12 +144,20 @@ class InferenceService(BundleFollowing):
             self.group.note_feedback()
         return len(items)
 
-    async def explain(self, text: str) -> tuple[dict, Bundle]:
-        """Token attributions for `text` (serving/engine/explain.py) and the bundle used.
-        Queued like a prediction, so the same queue bound and timeout hold."""
-        self.require_bundle()
-        return await self._bounded(
-            self.batcher.submit_call(lambda bundle: explain(bundle, text), [text]))
+    async def explain(self, item: str | np.ndarray, cell_size: int | None = None
+                      ) -> tuple[dict, Bundle]:
+        """Token attributions for a text, or a saliency grid of `cell_size` cells for an
+        image's uint8 pixels (serving/engine/explain.py), and the bundle used. Queued
+        like a prediction, so the same queue bound and timeout hold."""
+        bundle = self.require_bundle()
+        if not isinstance(item, str):
+            try:  # refused here, not on the inference thread, for a clear 422
+                grid(bundle.inputs.spec, cell_size)
+            except ValueError as err:
+                raise ApiError(422, "invalid_request", f"cell_size: {err}",
+                               field="cell_size") from None
+        return await self._bounded(self.batcher.submit_call(
+            lambda used: explain_item(used, item, cell_size), [item]))
 
     async def _bounded(self, work: Awaitable[T]) -> T:
         """`work` within the request timeout; 503 when the queue is full, 504 late."""

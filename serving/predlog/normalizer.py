@@ -27,7 +27,7 @@ _NORMALIZERS: dict[bytes, object] = {}
 
 
 def normalizer_state(bundle: Bundle) -> bytes | None:
-    tokenizer = getattr(bundle.inputs, "tokenizer", None)  # images are logged as hashes
+    tokenizer = getattr(bundle, "tokenizer", None)  # none: images are logged as hashes
     normalizer = tokenizer.normalizer if tokenizer is not None else None
     return None if normalizer is None else pickle.dumps(normalizer)
 
