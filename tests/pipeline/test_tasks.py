@@ -33,6 +33,14 @@ def test_the_image_task_chooses_its_own_data_model_and_preprocessing():
     assert tasks.from_config(cfg).name == "image_classification"
 
 
+def test_a_model_can_decline_the_data_sets_augmentation(tmp_path):
+    task = tasks.get("image_classification")
+    cnn = task.datamodule(compose("task=image_classification"), Paths(tmp_path))
+    mlp = task.datamodule(compose("task=image_classification", "model=mlp"), Paths(tmp_path))
+    assert cnn.augment == {"crop_padding": 2, "flip": True}
+    assert mlp.augment == {}  # conf/model/mlp.yaml: augment: false
+
+
 def test_the_configuration_chooses_the_task(smoke_cfg):
     assert smoke_cfg.task.name == "text_classification"
     task = tasks.from_config(smoke_cfg)

@@ -73,7 +73,8 @@ class ImageClassification(Task):
         if transfer is not None:
             raise ValueError("distill.teacher: distillation is for text classification; "
                              "set distill.teacher=null for images")
-        augment = cfg.train.get("augment")
+        # `model.augment: false`: a model that trains better on the images as they are
+        augment = cfg.train.get("augment") if cfg.model.get("augment", True) else None
         return ImageDataModule(
             processed_dir=paths.processed,
             batch_size=cfg.train.batch_size,
@@ -88,7 +89,8 @@ class ImageClassification(Task):
         spec = spec_of(paths)
         profile = atomic.read_json(paths.processed / "profile.json")
         return ImageClassifier(
-            model=OmegaConf.to_container(cfg.model),
+            model={key: value for key, value in OmegaConf.to_container(cfg.model).items()
+                   if key != "augment"},  # the data's concern, not the network's
             channels=spec.channels,
             height=spec.height,
             width=spec.width,
