@@ -1,12 +1,23 @@
 """The demo page in headless Chromium (Debian's chromium + chromedriver, driven by
-Selenium): type a text, see the label, the probabilities and highlighted tokens, and
-give the right label as feedback."""
+Selenium). A text model: type a text, see the label, the probabilities and highlighted
+tokens, and give the right label as feedback. An image model: upload a file or draw
+one, see the label and probabilities, the occlusion heat map over the image, and give
+feedback; the service's errors are shown."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
+import os
 import shutil
+import sqlite3
+from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
+from conftest import eventually, running_service
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -62,3 +73,240 @@ def test_demo_page_classifies_and_highlights(browser, live_service, built_bundle
     box.send_keys(" ")  # an empty text: the page shows the service's error
     browser.find_element(By.ID, "classify").click()
     wait.until(ready.text_to_be_present_in_element((By.ID, "error"), "is empty"))
+
+
+# ------------------------------------------------------------------ an image model
+# The page asks /metadata for the task: for an image bundle (the image smoke
+# experiment's Fashion-MNIST MLP, `image_repo`) it offers a file input and a drawing
+# canvas instead of the textarea, the answer's probabilities, the image with an
+# occlusion heat map over it, and feedback buttons. `image_repo` runs `dvc repro`
+# (a minute or two), so these are slow as its other users are.
+
+
+@pytest.fixture(scope="module")
+def image_service(image_repo, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("browser-images")
+    with running_service(image_repo / "models/candidate", log_dir, max_image_bytes=30_000,
+                         max_body_bytes=2_000_000) as service:
+        service.log_dir = log_dir
+        yield service
+
+
+@pytest.fixture(scope="module")
+def garment_png(image_repo, tmp_path_factory) -> Path:
+    """A test-split image as the PNG file a user would upload."""
+    from pipeline.config import Paths
+    from pipeline.data.splits import load_splits
+    from pipeline.tasks.image_classification.task import ImageClassification
+
+    test = load_splits(Paths(image_repo).processed)["test"].select(range(1))
+    path = tmp_path_factory.mktemp("garment") / "garment.png"
+    path.write_bytes(ImageClassification().requests(test)[0])
+    return path
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def decoded(url: str) -> np.ndarray:
+    """A PNG data URL's pixels, RGBA [height, width, 4]."""
+    from PIL import Image
+
+    data = base64.b64decode(url.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
+
+
+def opened(browser, service):
+    """The page for `service`'s image model, ready: (wait, /metadata)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    metadata = httpx.get(f"{service.url}/metadata", timeout=10).json()
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{service.url}/")
+    wait.until(ready.text_to_be_present_in_element((By.ID, "meta"), metadata["version"]))
+    wait.until(ready.visibility_of_element_located((By.ID, "image-file")))
+    assert not browser.find_element(By.ID, "text").is_displayed()  # no textarea
+    return wait, metadata
+
+
+def predicted_on_page(browser, wait):
+    """Click Predict and wait for the answer: (label, score text)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+
+    browser.find_element(By.ID, "predict-image").click()
+    wait.until(ready.visibility_of_element_located((By.ID, "result")))
+    return (browser.find_element(By.ID, "label").text,
+            browser.find_element(By.ID, "score").text)
+
+
+def uploaded(browser, wait, path: Path):
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "image-file").send_keys(str(path))
+    return predicted_on_page(browser, wait)
+
+
+@pytest.mark.slow
+def test_uploaded_image_gets_the_services_answer(browser, image_service, garment_png):
+    from selenium.webdriver.common.by import By
+
+    wait, metadata = opened(browser, image_service)
+    label, score = uploaded(browser, wait, garment_png)
+    # the same file uploaded over HTTP (multipart, as curl -F sends it)
+    answer = httpx.post(f"{image_service.url}/predict", timeout=30, files=[
+        ("images", ("garment.png", garment_png.read_bytes(), "image/png"))]).json()
+    expected = answer["predictions"][0]
+    assert label == expected["label"]
+    assert score == f"({expected['score'] * 100:.1f}%)"
+    bars = browser.find_elements(By.CSS_SELECTOR, "#probs .bar")
+    assert [b.find_element(By.CLASS_NAME, "name").text for b in bars] == metadata["label_names"]
+    shown = [float(b.find_element(By.CLASS_NAME, "p").text) for b in bars]
+    assert shown == pytest.approx([expected["probabilities"][n] for n in metadata["label_names"]],
+                                  abs=6e-4)
+    # the image sent is shown, and no token view
+    preview = browser.find_element(By.ID, "preview")
+    assert preview.get_attribute("src") == data_url(garment_png.read_bytes())
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
+                                  preview) == 28
+    assert not browser.find_element(By.ID, "tokens").is_displayed()
+
+
+@pytest.mark.slow
+def test_a_drawing_is_classified(browser, image_service):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    wait, metadata = opened(browser, image_service)
+    canvas = browser.find_element(By.ID, "draw")
+    actions = ActionChains(browser)
+    # offsets from the canvas's centre: the outline of a T-shirt, more or less
+    for start, moves in (((-60, -60), [(120, 0), (0, 40), (-30, 0), (0, 80), (-60, 0),
+                                       (0, -80), (-30, 0), (0, -40)]),
+                         ((-20, -20), [(40, 0), (0, 60), (-40, 0)])):
+        actions.move_to_element_with_offset(canvas, *start).click_and_hold()
+        for dx, dy in moves:
+            actions.move_by_offset(dx, dy)
+        actions.release()
+    actions.perform()
+    assert browser.find_element(By.ID, "source-drawing").is_selected()
+    label, _ = predicted_on_page(browser, wait)
+    assert label in metadata["label_names"]
+
+    # what was sent is the drawing: white strokes on opaque black, as the page shows it
+    canvas_png = "return document.getElementById('draw').toDataURL('image/png')"
+    drawing = browser.execute_script(canvas_png)
+    assert browser.find_element(By.ID, "preview").get_attribute("src") == drawing
+    pixels = decoded(drawing)
+    assert (pixels[:, :, 3] == 255).all()
+    white = (pixels[:, :, :3].min(axis=2) > 200).mean()
+    assert 0.03 < white < 0.6
+    again = httpx.post(f"{image_service.url}/predict", json={"images": [drawing]}, timeout=30)
+    assert again.json()["predictions"][0]["label"] == label
+
+    # Clear: a blank canvas, and nothing drawn to send
+    browser.find_element(By.ID, "clear").click()
+    blank = decoded(browser.execute_script(canvas_png))
+    assert (blank[:, :, :3] == 0).all() and (blank[:, :, 3] == 255).all()
+
+@pytest.mark.slow
+def test_explain_draws_the_saliency_grid_over_the_image(browser, image_service, garment_png):
+    from selenium.webdriver.common.by import By
+
+    wait, metadata = opened(browser, image_service)
+    uploaded(browser, wait, garment_png)
+    heat = browser.find_element(By.ID, "heat")
+    assert not heat.is_displayed()
+    browser.find_element(By.ID, "explain-image").click()
+    wait.until(lambda _: heat.get_attribute("data-rows"))
+    saliency = httpx.post(f"{image_service.url}/explain", timeout=30,
+                          json={"image": data_url(garment_png.read_bytes())}).json()["saliency"]
+    rows, cols = saliency["rows"], saliency["cols"]
+    shown = int(heat.get_attribute("data-rows")), int(heat.get_attribute("data-cols"))
+    assert shown == (rows, cols)
+    assert heat.is_displayed()
+
+    # the overlay covers the preview exactly, at its size
+    size = browser.execute_script(
+        "const h = arguments[0], p = document.getElementById('preview');"
+        "const a = h.getBoundingClientRect(), b = p.getBoundingClientRect();"
+        "return [h.width, h.height, a.left, a.top, a.width, a.height,"
+        "        b.left, b.top, b.width, b.height];", heat)
+    width, height, *boxes = size
+    assert boxes[:4] == boxes[4:] and (width, height) == (boxes[2], boxes[3])
+
+    # each cell's centre: red where hiding the cell lowers the label's probability,
+    # blue where it raises it, more opaque the larger the change
+    image = metadata["image"]
+    ch, cw = saliency["cell_height"], saliency["cell_width"]
+    points = [[int((c * cw + min(cw, image["width"] - c * cw) / 2) * width / image["width"]),
+               int((r * ch + min(ch, image["height"] - r * ch) / 2) * height / image["height"])]
+              for r in range(rows) for c in range(cols)]
+    flat = browser.execute_script(
+        "const h = arguments[0], pen = h.getContext('2d');"
+        "return arguments[1].map(([x, y]) => Array.from(pen.getImageData(x, y, 1, 1).data));",
+        heat, points)
+    centres = [flat[r * cols:(r + 1) * cols] for r in range(rows)]
+    values = saliency["values"]
+    scale = max(abs(v) for row in values for v in row)
+    assert scale > 0
+    assert sum(1 for row in centres for *_, a in row if a > 0) >= rows * cols // 4
+    for r in range(rows):
+        for c in range(cols):
+            red, _, blue, alpha = centres[r][c]
+            value = values[r][c]
+            assert alpha == pytest.approx(255 * 0.7 * abs(value) / scale, abs=3), (r, c)
+            if abs(value) > 0.1 * scale:
+                assert (red > blue) == (value > 0), (r, c, value, centres[r][c])
+    assert "row" in browser.find_element(By.ID, "heat-summary").text
+
+
+@pytest.mark.slow
+def test_feedback_on_an_image_answer_is_stored(browser, image_service, garment_png):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+
+    wait, metadata = opened(browser, image_service)
+    label, _ = uploaded(browser, wait, garment_png)
+    buttons = browser.find_elements(By.CSS_SELECTOR, "#feedback-labels button")
+    assert [b.text for b in buttons] == metadata["label_names"]
+    right = next(name for name in metadata["label_names"] if name != label)
+    browser.find_element(By.CSS_SELECTOR, f"#feedback-labels button[data-label='{right}']").click()
+    wait.until(ready.text_to_be_present_in_element((By.ID, "feedback-status"), "Recorded"))
+
+    def stored():
+        with sqlite3.connect(image_service.log_dir / "predictions.db") as db:
+            return db.execute(
+                "select f.request_id, f.position, f.label, p.text from feedback f join "
+                "predictions p using (request_id, position)").fetchall()
+
+    [(request_id, position, given, image)] = eventually(stored)
+    assert (position, given) == (0, right)
+    assert image == f"sha256:{hashlib.sha256(garment_png.read_bytes()).hexdigest()}"
+    assert request_id in browser.find_element(By.ID, "feedback-status").text
+
+
+@pytest.mark.slow
+def test_the_services_errors_are_shown(browser, image_service, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+
+    wait, _ = opened(browser, image_service)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_bytes(b"these are notes, not a picture")
+    browser.find_element(By.ID, "image-file").send_keys(str(not_an_image))
+    browser.find_element(By.ID, "predict-image").click()
+    wait.until(ready.text_to_be_present_in_element((By.ID, "error"), "not an image"))
+    assert not browser.find_element(By.ID, "result").is_displayed()
+
+    # over the service's 30 kB per image: its 413 is shown too
+    noise = tmp_path / "noise.png"
+    Image.frombytes("RGB", (120, 120), os.urandom(120 * 120 * 3)).save(noise)
+    assert noise.stat().st_size > 30_000
+    browser.find_element(By.ID, "image-file").send_keys(str(noise))
+    browser.find_element(By.ID, "predict-image").click()
+    wait.until(ready.text_to_be_present_in_element((By.ID, "error"), "30000"))
