@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+from onnxruntime.quantization import CalibrationDataReader
 
 # Node metadata the exporter writes that names where the code lives: each node's
 # Python stack trace (absolute source paths) and the dotted paths of the classes it
@@ -24,3 +25,18 @@ def drop_stack_traces(path: Path) -> None:
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
     onnx.save(exported, str(path))
+
+
+class BatchReader(CalibrationDataReader):
+    """Static quantisation's calibration data: prepared input batches (name -> array),
+    handed to onnxruntime one at a time."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+        self.position = 0
+
+    def get_next(self) -> dict | None:
+        if self.position == len(self.batches):
+            return None
+        self.position += 1
+        return self.batches[self.position - 1]

@@ -13,12 +13,12 @@ import pytorch_lightning as pl
 import torch
 from datasets import Array3D, Dataset, DatasetDict, Features, Value
 
+from pipeline.tasks.classifier import parameter_groups
 from pipeline.tasks.image_classification.classifier import ImageClassifier
 from pipeline.tasks.image_classification.datamodule import ImageDataModule
 from pipeline.tasks.image_classification.export import export_onnx, quantize_int8
 from pipeline.tasks.image_classification.inference import load_module, predict_logits
 from pipeline.tasks.image_classification.models import build_model
-from pipeline.tasks.optim import parameter_groups
 from serving.bundle.images import ImageSpec
 
 SIDE, CLASSES = 8, 3

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -22,7 +21,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from pipeline.tasks.onnx_tools import drop_stack_traces
+from pipeline.tasks.onnx_tools import BatchReader, drop_stack_traces
 from serving.bundle.tasks import IMAGE_CLASSIFICATION, TASKS
 
 # The signature's names, as the service checks them (serving/bundle/tasks.py).
@@ -51,20 +50,13 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int, channels: int, h
     drop_stack_traces(path)
 
 
-class Calibration(CalibrationDataReader):
+class Calibration(BatchReader):
     """Batches of normalised images for static int8 calibration."""
 
     def __init__(self, pixels: np.ndarray, batch_size: int = 64):
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        self.batches = [{PIXELS: pixels[i:i + batch_size]}
-                        for i in range(0, len(pixels), batch_size)]
-        self.position = 0
-
-    def get_next(self) -> dict | None:
-        if self.position == len(self.batches):
-            return None
-        self.position += 1
-        return self.batches[self.position - 1]
+        super().__init__([{PIXELS: pixels[i:i + batch_size]}
+                          for i in range(0, len(pixels), batch_size)])
 
 
 def quantize_int8(fp32: Path, int8: Path, calibration: np.ndarray) -> None:

@@ -19,7 +19,6 @@ import onnxruntime as ort
 import torch
 from omegaconf import DictConfig
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     CalibrationMethod,
     QuantFormat,
     QuantType,
@@ -27,7 +26,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from pipeline.tasks.onnx_tools import drop_stack_traces
+from pipeline.tasks.onnx_tools import BatchReader, drop_stack_traces
 from pipeline.tasks.text_classification.inference import predict_logits
 from serving.bundle.tasks import TASKS, TEXT_CLASSIFICATION
 from serving.bundle.tensors import pad
@@ -62,22 +61,15 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int, pad_id: int) -> 
     drop_stack_traces(path)
 
 
-class Calibration(CalibrationDataReader):
+class Calibration(BatchReader):
     """Padded batches of validation rows for static int8 calibration."""
 
     def __init__(self, rows: list[list[int]], pad_id: int, batch_size: int = 32,
                  sort: bool = True):
         if sort:
             rows = sorted(rows, key=len)  # batches of similar length, as served
-        self.batches = [dict(zip(INPUTS, pad(rows[i : i + batch_size], pad_id), strict=True))
-                        for i in range(0, len(rows), batch_size)]
-        self.position = 0
-
-    def get_next(self) -> dict | None:
-        if self.position == len(self.batches):
-            return None
-        self.position += 1
-        return self.batches[self.position - 1]
+        super().__init__([dict(zip(INPUTS, pad(rows[i : i + batch_size], pad_id), strict=True))
+                          for i in range(0, len(rows), batch_size)])
 
 
 # Activation schemes tried for int8: symmetric int8 or asymmetric uint8 (skewed
