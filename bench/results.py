@@ -193,7 +193,8 @@ def with_nav(mkdocs: str, results: list[Result]) -> str:
     head, rest = mkdocs.split(NAV_START, 1)
     marker_line, rest = rest.split("\n", 1)
     _, tail = rest.split(NAV_END, 1)
-    entries = [f"      - {r.title}: results/{r.name}.md"
+    # a title is a YAML key: quoted (as JSON, which YAML reads), so a colon in it is text
+    entries = [f"      - {json.dumps(r.title)}: results/{r.name}.md"
                for r in sorted(results, key=lambda r: r.title)]
     section = "\n".join(["  - Results:", "      - results/index.md", *entries])
     return f"{head}{NAV_START}{marker_line}\n{section}\n{NAV_END}{tail}"
