@@ -32,6 +32,10 @@ NOISY_LOGGERS = {
     "httpx": logging.WARNING,
 }
 
+# The ONNX exporter registers torchvision's operators and warns, on every export, that
+# torchvision is absent: no model here uses them.
+TORCHVISION_NOTICES = "torch.onnx._internal.exporter._registration"
+
 # Warnings raised inside dependencies about their own internals: (category, message
 # pattern, why it does not concern the user).
 KNOWN_WARNINGS = [
@@ -51,6 +55,10 @@ KNOWN_WARNINGS = [
     (UserWarning, r"The '\w+_dataloader' does not have many workers",
      "the data is tokenised in memory: more loader workers only add processes"),
 ]
+
+
+def errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def verbose() -> bool:
@@ -74,9 +82,10 @@ def quiet() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
-    if "torch" in sys.modules:
-        # torch resets its own loggers' levels when the ONNX exporter first loads
-        # torch._dynamo; told through its own API, it keeps this one
-        sys.modules["torch"]._logging.set_logs(onnx=NOISY_LOGGERS["torch.onnx"])
+    # torch resets its own loggers' levels when the ONNX exporter starts; a filter on
+    # the logger that announces the absent torchvision operators outlasts that
+    notices = logging.getLogger(TORCHVISION_NOTICES)
+    if errors_only not in notices.filters:
+        notices.addFilter(errors_only)
     for category, pattern, _why in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)

@@ -25,7 +25,7 @@ def test_an_unknown_task_names_the_known_ones():
 def test_the_image_task_chooses_its_own_data_model_and_preprocessing():
     cfg = compose("task=image_classification")
     assert (cfg.data.name, cfg.model.name) == ("fashion_mnist", "cnn")
-    assert "tokenizer" not in cfg.preprocess and "init_embeddings" not in cfg.train
+    assert "tokenizer" not in cfg.preprocess and cfg.train.init_embeddings is None
     assert cfg.train.augment == {"crop_padding": 2, "flip": True}  # the data set's
     chosen = compose("task=image_classification", "data=cifar10", "model=resnet")
     assert (chosen.data.name, chosen.model.name) == ("cifar10", "resnet")
