@@ -96,6 +96,33 @@ def image_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def image_bundle(image_repo) -> Path:
+    return image_repo / "models/candidate"
+
+
+@pytest.fixture(scope="session")
+def image_service(image_bundle, tmp_path_factory):
+    """The service on the image smoke bundle, with small image limits to test against;
+    `log_dir` holds its prediction log."""
+    log_dir = tmp_path_factory.mktemp("image-service")
+    with running_service(image_bundle, log_dir, max_images=4, max_image_bytes=200_000,
+                         max_body_bytes=2_000_000) as service:
+        service.log_dir = log_dir
+        yield service
+
+
+@pytest.fixture(scope="session")
+def garments(image_repo) -> list[bytes]:
+    """Four test images as PNG files, the way a client has them."""
+    from pipeline.config import Paths
+    from pipeline.data.splits import load_splits
+    from pipeline.tasks.image_classification.task import ImageClassification
+
+    test = load_splits(Paths(image_repo).processed)["test"].select(range(4))
+    return ImageClassification().requests(test)
+
+
+@pytest.fixture(scope="session")
 def workspace(tmp_path_factory):
     """A working directory where preprocess, train (2 epochs) and evaluate ran on a
     small synthetic data set, tracked in the directory's own MLflow database.

@@ -15,7 +15,7 @@ import sqlite3
 import httpx
 import numpy as np
 import pytest
-from conftest import eventually, running_service
+from conftest import eventually
 from PIL import Image
 
 from serving.bundle import Bundle
@@ -31,31 +31,6 @@ def png(image: Image.Image, kind: str = "PNG") -> bytes:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-@pytest.fixture(scope="module")
-def image_bundle(image_repo):
-    return image_repo / "models/candidate"
-
-
-@pytest.fixture(scope="module")
-def image_service(image_bundle, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("image-service")
-    with running_service(image_bundle, log_dir, max_images=4, max_image_bytes=200_000,
-                         max_body_bytes=2_000_000) as service:
-        service.log_dir = log_dir
-        yield service
-
-
-@pytest.fixture(scope="module")
-def garments(image_repo):
-    """A few test images as PNG files, the way a client has them."""
-    from pipeline.config import Paths
-    from pipeline.data.splits import load_splits
-    from pipeline.tasks.image_classification.task import ImageClassification
-
-    test = load_splits(Paths(image_repo).processed)["test"].select(range(4))
-    return ImageClassification().requests(test)
 
 
 def test_base64_images_get_the_bundles_offline_answers(image_service, image_bundle, garments):

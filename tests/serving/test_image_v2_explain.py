@@ -16,7 +16,7 @@ import sqlite3
 import httpx
 import numpy as np
 import pytest
-from conftest import eventually, running_service
+from conftest import eventually
 from PIL import Image
 
 from serving.bundle import Bundle, softmax
@@ -35,38 +35,13 @@ def b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(image_repo):
-    return image_repo / "models/candidate"
+def bundle(image_bundle):
+    return Bundle.load(image_bundle)  # int8, as served
 
 
 @pytest.fixture(scope="module")
-def bundle(bundle_dir):
-    return Bundle.load(bundle_dir)  # int8, as served
-
-
-@pytest.fixture(scope="module")
-def service(bundle_dir, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("image-v2")
-    with running_service(bundle_dir, log_dir, max_images=4, max_image_bytes=200_000,
-                         max_body_bytes=2_000_000) as running:
-        running.log_dir = log_dir
-        yield running
-
-
-@pytest.fixture(scope="module")
-def garments(image_repo):
-    """Four test images as PNG files, the way a client has them."""
-    from pipeline.config import Paths
-    from pipeline.data.splits import load_splits
-    from pipeline.tasks.image_classification.task import ImageClassification
-
-    test = load_splits(Paths(image_repo).processed)["test"].select(range(4))
-    return ImageClassification().requests(test)
-
-
-@pytest.fixture(scope="module")
-def infer_url(service, bundle):
-    return f"{service.url}/v2/models/{bundle.meta['model_name']}/infer"
+def infer_url(image_service, bundle):
+    return f"{image_service.url}/v2/models/{bundle.meta['model_name']}/infer"
 
 
 def predict(url: str, files: list[bytes]) -> list[dict]:
@@ -90,8 +65,8 @@ def assert_same_answers(response: httpx.Response, expected: list[dict], labels: 
     assert probs.shape == served.shape and np.abs(probs - served).max() < 1e-6
 
 
-def test_v2_bytes_and_uint8_tensors_answer_as_predict(service, infer_url, bundle, garments):
-    expected = predict(service.url, garments)
+def test_v2_bytes_and_uint8_tensors_answer_as_predict(image_service, infer_url, bundle, garments):
+    expected = predict(image_service.url, garments)
     files = v2(infer_url, "image", "BYTES", [4], [b64(g) for g in garments])
     assert_same_answers(files, expected, bundle.label_names)
     pixels = np.stack([np.asarray(Image.open(io.BytesIO(g)).convert("L")) for g in garments])
@@ -103,10 +78,10 @@ def test_v2_bytes_and_uint8_tensors_answer_as_predict(service, infer_url, bundle
 
 
 def test_v2_converts_an_rgb_tensor_of_another_size_as_predict_converts_a_file(
-        service, infer_url, bundle):
+        image_service, infer_url, bundle):
     rgb = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     rgb[8:22, 12:28] = (250, 240, 230)  # a light block on noise: not a flat answer
-    expected = predict(service.url, [png(Image.fromarray(rgb))])  # PNG is lossless
+    expected = predict(image_service.url, [png(Image.fromarray(rgb))])  # PNG is lossless
     response = v2(infer_url, "pixels", "UINT8", [1, 30, 40, 3], rgb.ravel().tolist())
     assert_same_answers(response, expected, bundle.label_names)
     # logged as the sha256 of the tensor's bytes and its shape, never the pixels
@@ -114,16 +89,16 @@ def test_v2_converts_an_rgb_tensor_of_another_size_as_predict_converts_a_file(
     key = f"sha256:{hashlib.sha256(rgb.tobytes()).hexdigest()}:uint8[30,40,3]"
 
     def logged():
-        with sqlite3.connect(service.log_dir / "predictions.db") as db:
+        with sqlite3.connect(image_service.log_dir / "predictions.db") as db:
             return db.execute("select text from predictions where request_id = ?",
                               (rid,)).fetchall()
 
     assert eventually(logged) == [(key,)]
 
 
-def test_v2_metadata_describes_both_image_inputs(service, bundle):
+def test_v2_metadata_describes_both_image_inputs(image_service, bundle):
     name = bundle.meta["model_name"]
-    metadata = httpx.get(f"{service.url}/v2/models/{name}").json()
+    metadata = httpx.get(f"{image_service.url}/v2/models/{name}").json()
     assert metadata["inputs"] == [
         {"name": "image", "datatype": "BYTES", "shape": [-1]},
         {"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, -1]}]
@@ -172,13 +147,13 @@ def batches(url: str) -> str:
 ], ids=["not_an_image", "not_base64", "too_many_bytes", "too_many_files", "image_as_uint8",
         "pixels_as_fp32", "two_channels", "three_dims", "too_few_values", "over_255",
         "not_an_integer", "too_many_tensors", "over_max_pixels", "over_max_bytes"])
-def test_v2_refuses_bad_elements_by_name(service, infer_url, garments, tensor, status, words):
-    before = batches(service.url)
+def test_v2_refuses_bad_elements_by_name(image_service, infer_url, garments, tensor, status, words):
+    before = batches(image_service.url)
     response = v2(infer_url, *tensor(garments))
     assert response.status_code == status, response.text
     assert set(response.json()) == {"error"}  # the protocol's error shape
     assert words in response.json()["error"]
-    assert batches(service.url) == before  # nothing of it reached the model
+    assert batches(image_service.url) == before  # nothing of it reached the model
 
 
 # ---------------------------------------------------------------- /explain
@@ -197,11 +172,11 @@ def explain(url: str, body: dict) -> httpx.Response:
     return httpx.post(f"{url}/explain", json=body, timeout=60)
 
 
-def test_explain_gives_the_occlusion_saliency_of_the_bundle(service, bundle, garments):
-    response = explain(service.url, {"image": b64(garments[1])})
+def test_explain_gives_the_occlusion_saliency_of_the_bundle(image_service, bundle, garments):
+    response = explain(image_service.url, {"image": b64(garments[1])})
     assert response.status_code == 200, response.text
     body = response.json()
-    (expected,) = predict(service.url, garments[1:2])
+    (expected,) = predict(image_service.url, garments[1:2])
     assert body["label"] == expected["label"]
     assert abs(body["score"] - expected["score"]) < 1e-6
     saliency = body["saliency"]
@@ -217,13 +192,13 @@ def test_explain_gives_the_occlusion_saliency_of_the_bundle(service, bundle, gar
     pixels = bundle.inputs.pixels([garments[1]])[0, :, :, 0].copy()
     pixels[row * 4:(row + 1) * 4, col * 4:(col + 1) * 4] = round(bundle.inputs.spec.mean[0]
                                                                  * 255)
-    (grayed,) = predict(service.url, [png(Image.fromarray(pixels))])
+    (grayed,) = predict(image_service.url, [png(Image.fromarray(pixels))])
     dropped = expected["score"] - grayed["probabilities"][expected["label"]]
     assert dropped == pytest.approx(values[row, col], abs=0.01)
 
 
-def test_explain_takes_a_cell_size(service, bundle, garments):
-    body = explain(service.url, {"image": b64(garments[0]), "cell_size": 10}).json()
+def test_explain_takes_a_cell_size(image_service, bundle, garments):
+    body = explain(image_service.url, {"image": b64(garments[0]), "cell_size": 10}).json()
     saliency = body["saliency"]
     assert (saliency["rows"], saliency["cols"], saliency["cell_height"]) == (3, 3, 10)
     values = np.array(saliency["values"])
@@ -240,8 +215,8 @@ def test_explain_takes_a_cell_size(service, bundle, garments):
     ({"image": b64(b"x" * 200_001)}, 413, "image has 200001 bytes; at most 200000"),
     ({"image": b64(b"x"), "cell_size": 0}, 422, "cell_size: Input should be greater"),
 ], ids=["text", "not_base64", "not_an_image", "too_many_bytes", "cell_size"])
-def test_explain_refuses_what_is_not_an_image_by_name(service, body, status, words):
-    response = explain(service.url, body)
+def test_explain_refuses_what_is_not_an_image_by_name(image_service, body, status, words):
+    response = explain(image_service.url, body)
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
 
