@@ -4,6 +4,8 @@
     python bench/bench_accuracy.py "" "data=ag_news" "data=files"   # several, one per argument
     python bench/bench_accuracy.py "model=transformer seed=1"
     python bench/bench_accuracy.py --name image_accuracy "task=image_classification model=mlp"
+    python bench/bench_accuracy.py --name image_accuracy --append --keep-bundles /tmp/b \
+        "task=image_classification train.prune.channels=0.5"
 
 Each argument is one configuration: Hydra overrides separated by spaces ("" is the
 default). For each, the repository is copied to a temporary directory (so the
@@ -14,11 +16,18 @@ validation split (the gap between the two says whether validation measures what 
 does), the leakage the profile found, and the wall times; publishes them as
 bench/results/<name>.json and docs/results/<name>.md (bench/results.py; `--name`,
 default `accuracy`: the text configurations; `image_accuracy`: the image ones).
+
+`--append` keeps the runs already published under that name whose overrides differ
+(each run records the commit it was measured at). `--keep-bundles DIR` also runs
+`dvc repro deploy` after the timing and copies each configuration's bundle to
+DIR/<overrides joined by _> (for bench/bench_compression.py and bench_serving.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,12 +57,22 @@ def validation_accuracy(repo: Path) -> float:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure(overrides: list[str]) -> dict:
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True).stdout.strip() or "unknown"
+
+
+def measure(overrides: list[str], keep_bundles: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         repo = clone_to(Path(tmp) / "repo", overrides)
         started = time.perf_counter()
         sh(repo, "dvc", "repro", "evaluate")
         wall = time.perf_counter() - started
+        if keep_bundles is not None:
+            sh(repo, "dvc", "repro", "deploy")
+            shutil.copytree(repo / "models/candidate",
+                            keep_bundles / ("_".join(overrides) or "defaults"),
+                            dirs_exist_ok=True)
         metrics = json.loads((repo / "reports/metrics.json").read_text())
         train = json.loads((repo / "reports/train.json").read_text())
         facts = json.loads((repo / "reports/runs/train.json").read_text())
@@ -74,6 +93,7 @@ def measure(overrides: list[str]) -> dict:
         "epochs": train["epochs"],
         "train_s": facts["wall_time_s"],
         "repro_to_evaluate_s": round(wall, 1),
+        "commit": commit(),
     }
 
 
@@ -88,11 +108,12 @@ gap says validation does not measure what test does. Run again:
 def as_result(runs: list[dict], name: str = "accuracy") -> Result:
     rows = [[" ".join(r["overrides"]) or "(defaults)", r["data"], r["train_rows"],
              r["test_rows"], r["accuracy"], r["val_accuracy"], r["f1_macro"], r["roc_auc"],
-             r["ece"], r["epochs"], r["train_s"], r["repro_to_evaluate_s"]] for r in runs]
+             r["ece"], r["epochs"], r["train_s"], r["repro_to_evaluate_s"],
+             r.get("commit", "")] for r in runs]
     table = Table("Test metrics and wall time per configuration",
                   ["overrides", "data", "train rows", "test rows", "test accuracy",
                    "validation accuracy", "macro F1", "ROC-AUC", "ECE", "epochs", "train (s)",
-                   "collect → evaluate (s)"], rows)
+                   "collect → evaluate (s)", "commit"], rows)
     summary = [[f"test accuracy, {r['data']}"
                 + (f" ({' '.join(r['overrides'])})" if r["overrides"] else ""), r["accuracy"]]
                for r in runs]
@@ -103,17 +124,28 @@ def as_result(runs: list[dict], name: str = "accuracy") -> Result:
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    name = "accuracy"
-    if args and args[0] == "--name":
-        name, args = args[1], args[2:]
-    configurations = [arg.split() for arg in args] or [[]]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("configurations", nargs="*", metavar="OVERRIDES")
+    parser.add_argument("--name", default="accuracy")
+    parser.add_argument("--append", action="store_true")
+    parser.add_argument("--keep-bundles", type=Path, metavar="DIR")
+    args = parser.parse_args()
+    configurations = [arg.split() for arg in args.configurations] or [[]]
     runs = []
     for overrides in configurations:
         print(f"accuracy: {' '.join(overrides) or '(defaults)'} ...", flush=True)
-        runs.append(measure(overrides))
+        runs.append(measure(overrides, args.keep_bundles))
         print(f"accuracy: {json.dumps(runs[-1])}", flush=True)
-    print(publish(as_result(runs, name)).read_text())
+    if args.append:
+        published = Path(__file__).parent / "results" / f"{args.name}.json"
+        measured = {tuple(run["overrides"]) for run in runs}
+        earlier = []
+        if published.exists():
+            old = json.loads(published.read_text())
+            earlier = [{**run, "commit": run.get("commit", old["stamp"]["commit"][:7])}
+                       for run in old["data"]["runs"]]
+        runs = [run for run in earlier if tuple(run["overrides"]) not in measured] + runs
+    print(publish(as_result(runs, args.name)).read_text())
 
 
 if __name__ == "__main__":
