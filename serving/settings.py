@@ -93,6 +93,12 @@ class Settings(BaseSettings):
                                          "beyond this are deleted")
     feedback_window: int = Field(1000, ge=1, description="latest labels live accuracy "
                                  "rests on")
+    # What the log keeps of an image (an image model): its file's sha256 only, or also
+    # a thumbnail, the image as the model saw it (the bundle's size and channels, a
+    # PNG), which `make retrain` can train on once it is labelled.
+    prediction_log_images: str = Field("hash", pattern="^(hash|thumbnail)$",
+                                       description="hash: a sha256 per image; thumbnail: "
+                                       "also the converted image, as PNG")
 
     @field_validator("prediction_log")
     @classmethod

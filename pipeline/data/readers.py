@@ -261,3 +261,15 @@ def read_feedback(path: Path) -> FeedbackRows:
         request_ids=[str(r["request_id"]) for _, _, r in kept],
         positions=[int(r["position"]) for _, _, r in kept], sha256=digest,
         repeats=lines - len(kept))
+
+
+def read_feedback_snapshot(config: dict | None, root: Path) -> FeedbackRows | None:
+    """The feedback snapshot (`data.feedback`) when one is configured and written and
+    holds rows, else None: no feedback exported yet, the base data alone."""
+    if not config or not config.get("snapshot"):
+        return None
+    path = root / config["snapshot"]
+    if not path.exists():
+        return None
+    feedback = read_feedback(path)
+    return feedback if feedback.texts else None

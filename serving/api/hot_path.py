@@ -79,7 +79,9 @@ async def predict_images(service: InferenceService, bundle: Bundle, body: bytes,
     pixels = await images.decode(bundle, files)
     rid = request_id(offered_id)
     probs, used = await service.predict(list(pixels))
-    service.log_prediction(rid, used, images.log_keys(files), probs)
+    logged = await images.log_keys(images.file_keys(files), pixels,
+                                   settings.prediction_log_images)
+    service.log_prediction(rid, used, logged, probs)
     answer = {"request_id": rid, "model_version": used.version,
               "predictions": predictions(used.label_names, probs)}
     return orjson.dumps(answer), rid

@@ -10,7 +10,11 @@ decoded before any of them reaches the model.
   truncated is a 422. Every refusal names the item (`images[i]`).
 - Decoding runs on a worker thread, per request, so a bad image fails its own request
   only and the event loop never decodes.
-- The prediction log keeps each image's sha256, never the image.
+- The prediction log keeps each image's sha256 and, when
+  `TEXTOPS_PREDICTION_LOG_IMAGES=thumbnail`, the image as the model saw it: the
+  bundle's size and channels, as a PNG `data:` URI (`log_keys`), which collect reads
+  back as feedback (pipeline/tasks/image_classification/feedback.py). Never the
+  uploaded file itself.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from starlette.requests import Request
 
 from serving.api.schemas import ImagePredictRequest
 from serving.bundle import Bundle
-from serving.bundle.images import ImageError
+from serving.bundle.images import ImageError, thumbnail
 from serving.errors import ApiError
 from serving.settings import Settings
 
@@ -101,6 +105,18 @@ async def decode(bundle: Bundle, images: list[bytes]) -> np.ndarray:
         raise ApiError(status, code, str(err), item=index) from None
 
 
-def log_keys(images: list[bytes]) -> list[str]:
-    """What the prediction log stores for each image: its sha256, not its pixels."""
+def file_keys(images: list[bytes]) -> list[str]:
+    """Each encoded file's sha256, as the prediction log names it."""
     return [f"sha256:{hashlib.sha256(data).hexdigest()}" for data in images]
+
+
+async def log_keys(keys: list[str], pixels, policy: str) -> list[str]:
+    """What the prediction log stores for each image: its key (a sha256) under the
+    `hash` policy; under `thumbnail` the decoded pixels (uint8 [h, w, c] each, as the
+    model took them) as a PNG data URI, with the key in its fragment so that the row
+    still names what was sent. PNG encoding runs on a worker thread."""
+    if policy != "thumbnail":
+        return keys
+    uris = await asyncio.to_thread(lambda: [thumbnail(image) for image in pixels])
+    return [f"{uri}#{key}" for uri, key in zip(uris, keys, strict=True)]
+

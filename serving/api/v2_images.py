@@ -82,8 +82,9 @@ def pixel_array(tensor: InferInput, shape: list[int]) -> np.ndarray:
 
 async def image_inputs(request: InferRequest, bundle: Bundle, settings: Settings
                        ) -> tuple[list[np.ndarray], list[str]]:
-    """The request's images as the model's uint8 pixels, and their prediction log keys:
-    a file's sha256 as /predict logs it; a tensor's raw bytes' sha256 and its shape."""
+    """The request's images as the model's uint8 pixels, and their prediction log keys
+    (`images.log_keys`): a file's sha256 as /predict logs it; a tensor's raw bytes'
+    sha256 and its shape."""
     tensor = the_input(request, IMAGE_INPUTS)
     name = f"input {tensor.name!r} element {{}}".format
     if tensor.name == "image":
@@ -91,10 +92,11 @@ async def image_inputs(request: InferRequest, bundle: Bundle, settings: Settings
         at_most(len(texts), settings, "input 'image'")
         files = [b64_file(text, name(i)) for i, text in enumerate(texts)]
         pixels = await image_pixels(bundle, files, settings, name, "input 'image'")
-        return list(pixels), images.log_keys(files)
+        return list(pixels), await images.log_keys(
+            images.file_keys(files), pixels, settings.prediction_log_images)
     shape = pixel_shape(tensor, settings, bundle.inputs.spec.max_pixels)
     sent = await asyncio.to_thread(pixel_array, tensor, shape)
     pixels = await image_pixels(bundle, list(sent), settings, name, "input 'pixels'")
     keys = [f"sha256:{hashlib.sha256(one.tobytes()).hexdigest()}:uint8"
             f"[{','.join(map(str, one.shape))}]" for one in sent]
-    return list(pixels), keys
+    return list(pixels), await images.log_keys(keys, pixels, settings.prediction_log_images)

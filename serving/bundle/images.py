@@ -10,6 +10,7 @@ numpy and Pillow only: no torch, nothing from `pipeline/`.
 
 from __future__ import annotations
 
+import base64
 import io
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -259,3 +260,15 @@ def brightness_contrast(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not means:
         return np.zeros(0), np.zeros(0)
     return np.concatenate(means), np.concatenate(stds)
+
+
+# How the prediction log keeps an image under the `thumbnail` policy, and how collect
+# reads it back as feedback: the pixels the model took, as a lossless PNG data URI.
+THUMBNAIL_PREFIX = "data:image/png;base64,"
+
+
+def thumbnail(pixels: np.ndarray) -> str:
+    """One uint8 [h, w, c] image as a PNG data URI."""
+    out = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(out, format="PNG")
+    return THUMBNAIL_PREFIX + base64.b64encode(out.getvalue()).decode("ascii")

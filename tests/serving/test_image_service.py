@@ -15,7 +15,7 @@ import sqlite3
 import httpx
 import numpy as np
 import pytest
-from conftest import eventually
+from conftest import eventually, running_service
 from PIL import Image
 
 from serving.bundle import Bundle
@@ -139,3 +139,33 @@ def test_metrics_show_image_drift(image_service, garments):
     assert "textops_drift_brightness_psi" in metrics
     assert "textops_drift_contrast_psi" in metrics
     assert "textops_drift_length_psi" not in metrics  # a text model's
+
+
+def test_the_thumbnail_policy_logs_what_retraining_reads_back(image_bundle, garments,
+                                                               tmp_path):
+    """TEXTOPS_PREDICTION_LOG_IMAGES=thumbnail: the log keeps each image as the model
+    took it, and a labelled one, exported as `make retrain` does, comes back from
+    collect's reader with the very pixels the bundle saw and the label given."""
+    from pipeline.data.feedback import export
+    from pipeline.tasks.image_classification.feedback import read_feedback_images
+
+    log = f"sqlite:///{tmp_path / 'predictions.db'}"
+    with running_service(image_bundle, tmp_path, prediction_log=log,
+                         prediction_log_images="thumbnail") as service:
+        answer = httpx.post(f"{service.url}/predict",
+                            json={"images": [b64(garments[0]), b64(garments[1])]}).json()
+        rid = answer["request_id"]
+        eventually(lambda: httpx.post(f"{service.url}/feedback", json={
+            "request_id": rid, "position": 1, "label": "Bag"}).status_code == 200)
+    export(log, tmp_path / "labelled.jsonl")
+    bundle = Bundle.load(image_bundle, "fp32")
+    split, read = read_feedback_images({"snapshot": "labelled.jsonl"}, bundle.inputs.spec,
+                                       bundle.label_names, tmp_path)
+    assert read["rows"] == 1 and read["hash_only_skipped"] == 0
+    assert split["request_id"] == [rid] and split["position"] == [1]
+    assert bundle.label_names[split["label"][0]] == "Bag"
+    np.testing.assert_array_equal(np.asarray(split["pixels"][0], dtype=np.uint8),
+                                  bundle.inputs.pixels([garments[1]])[0])
+    # the row still names the file sent
+    digest = hashlib.sha256(garments[1]).hexdigest()
+    assert digest in (tmp_path / "labelled.jsonl").read_text()

@@ -23,6 +23,7 @@ from pipeline.config import Paths
 from pipeline.data.readers import CollectError
 from pipeline.tasks.image_classification import readers
 from pipeline.tasks.image_classification.arrays import to_dataset
+from pipeline.tasks.image_classification.feedback import read_feedback_images
 from serving.bundle.images import ImageError, ImageSpec
 
 SOURCES = ("idx", "cifar", "folder")
@@ -140,24 +141,15 @@ def content_hash(dataset: dict[str, RawImages], names: list[str]) -> str:
     return digest.hexdigest()
 
 
-def check_feedback(data: DictConfig, root: Path) -> None:
-    """The prediction log keeps a hash of each image, not the image: there is nothing
-    to merge into training. Say so rather than train without the feedback unnoticed."""
-    snapshot = (data.get("feedback") or {}).get("snapshot")
-    if snapshot and (root / snapshot).is_file():
-        raise CollectError(f"{snapshot}: a feedback snapshot, but images are logged as "
-                           "hashes, not pixels, so their labels cannot be trained on; "
-                           "remove it or set data.feedback=null")
-
-
 def collect(data: DictConfig, seed: int, paths: Paths) -> dict:
-    """Read the source, convert and check every image, write `paths.raw` atomically."""
+    """Read the source, convert and check every image, and the feedback snapshot's
+    labelled thumbnails (feedback.py) as a `feedback` split; write `paths.raw`
+    atomically."""
     datasets.disable_progress_bars()
     root = paths.root
     if data.source not in SOURCES:
         raise CollectError(f"data.source: unknown image source {data.source!r} "
                            f"({', '.join(SOURCES)})")
-    check_feedback(data, root)
     spec = source_spec(data)
     names = list(data.label_names) if data.get("label_names") else None
     if data.source == "idx":
@@ -188,7 +180,15 @@ def collect(data: DictConfig, seed: int, paths: Paths) -> dict:
         manifest_splits[split] = {"origin": raw.origin, "rows": len(raw.labels),
                                   "sha256": raw.sha256}
     source = OmegaConf.to_container(data, resolve=True)
-    source.pop("feedback", None)
+    # The feedback snapshot is recorded only when there is one, so that without it
+    # the manifest (and every output after it) is what it was before feedback existed.
+    feedback_config = source.pop("feedback", None)
+    feedback, read = read_feedback_images(feedback_config, spec, names, root)
+    if feedback is not None:
+        dataset["feedback"] = feedback
+        source["feedback"] = feedback_config
+    if read is not None:
+        manifest_splits["feedback"] = read
     manifest = {
         "name": data.name,
         "source": source,

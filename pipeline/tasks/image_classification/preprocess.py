@@ -8,6 +8,8 @@ profile every split.
   by label (`pipeline.data.grouping.draw_groups`, as for text).
 - Leakage: validation and test images that equal or near-duplicate a training image
   are counted with an example pair and bounded by `validation.max_leakage`.
+- Production feedback (collect's `feedback` split: labelled thumbnails) joins train,
+  but for a slice held out as `feedback_test` (feedback.py's rule).
 - `image_spec.json`: the conversion policy collect applied plus the training split's
   per-channel mean and std; the bundle carries it and the service normalises uploads
   with it (serving/bundle/images.py), the very function the training batches go
@@ -28,9 +30,10 @@ from pipeline import atomic
 from pipeline.config import Paths
 from pipeline.data.grouping import draw_groups
 from pipeline.data.profile import ValidationError, reference_histogram
-from pipeline.data.splits import column, load_dataset_dir
+from pipeline.data.splits import FEEDBACK_TEST, column, load_dataset_dir
 from pipeline.tasks.image_classification import duplicates
 from pipeline.tasks.image_classification.arrays import pixels
+from pipeline.tasks.image_classification.feedback import merge_feedback
 from serving.bundle.images import ImageSpec, brightness_contrast, channel_stats
 
 SPEC_FILE = "image_spec.json"
@@ -99,6 +102,8 @@ def validate(profile: dict, cfg: DictConfig) -> None:
     """ValidationError listing every configured anomaly found."""
     problems = []
     for name, split in profile["splits"].items():
+        if name == FEEDBACK_TEST:  # whatever production sent: no minimum per class
+            continue
         if split["rows"] == 0:
             problems.append(f"split {name!r} is empty")
             continue
@@ -146,6 +151,10 @@ def preprocess(cfg: DictConfig, seed: int, paths: Paths) -> dict:
             found["example"]["train_source_row"] = column(splits["train"], "source_row")[
                 found["example"]["train_row"]]
         leakage[name] = found
+    feedback = None
+    if "feedback" in raw:
+        splits, feedback = merge_feedback(raw["feedback"], splits, arrays, hashes, cfg, seed)
+        arrays = {name: pixels(ds) for name, ds in splits.items()}
 
     spec = ImageSpec.from_dict(manifest["image"]).with_stats(*channel_stats(arrays["train"]))
     brightness, contrast = brightness_contrast(arrays["train"])
@@ -159,6 +168,7 @@ def preprocess(cfg: DictConfig, seed: int, paths: Paths) -> dict:
                    for name, ds in splits.items()},
         "splitting": splitting,
         "leakage": leakage,
+        **({"feedback": feedback} if feedback else {}),
         # What the service compares live traffic with (drift): train-split distributions.
         "reference": {
             "brightness": reference_histogram(brightness),

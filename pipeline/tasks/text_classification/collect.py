@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from pathlib import Path
 
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -40,7 +39,7 @@ from pipeline.data.readers import (
     FeedbackRows,
     RawSplit,
     as_label,
-    read_feedback,
+    read_feedback_snapshot,
     read_files,
     read_hub,
 )
@@ -103,17 +102,6 @@ def content_hash(dataset: DatasetDict) -> str:
         for text, label in zip(column(ds, "text"), column(ds, "label"), strict=True):
             digest.update(f"{split}\t{names[label]}\t{text}\n".encode())
     return digest.hexdigest()
-
-
-def read_feedback_split(config: dict | None, root: Path) -> FeedbackRows | None:
-    """The feedback snapshot when one is configured and written, else None."""
-    if not config or not config.get("snapshot"):
-        return None
-    path = root / config["snapshot"]
-    if not path.exists():
-        return None  # no feedback exported yet: the base data alone
-    feedback = read_feedback(path)
-    return feedback if feedback.texts else None
 
 
 def feedback_dataset(feedback: FeedbackRows, names: list[str]) -> Dataset:
@@ -184,7 +172,7 @@ def collect(data: DictConfig, seed: int, paths: Paths) -> dict:
     # Only a merged snapshot is part of what was collected: without one the manifest
     # (and so every output after it) is what it was before feedback existed.
     feedback_config = source.pop("feedback", None)
-    feedback = read_feedback_split(feedback_config, root)
+    feedback = read_feedback_snapshot(feedback_config, root)
     manifest_splits = {
         split: {"origin": raw.origin, "rows": dataset[split].num_rows, "sha256": raw.sha256}
         for split, raw in splits.items()
