@@ -102,7 +102,8 @@ ABOUT = """Each configuration from a clean copy of the repository: `dvc repro ev
 test split (SST-2: its dev set; Fashion-MNIST: its own test set; never seen in training
 or model selection); the validation accuracy is the selected checkpoint's, so a large
 gap says validation does not measure what test does. Run again:
-`python bench/bench_accuracy.py "" data=ag_news ...`."""
+`python bench/bench_accuracy.py --name {name} "<overrides>" ...`, one argument per row
+of the first column ("" for the defaults)."""
 
 
 def as_result(runs: list[dict], name: str = "accuracy") -> Result:
@@ -120,7 +121,8 @@ def as_result(runs: list[dict], name: str = "accuracy") -> Result:
     title = {"accuracy": "Accuracy per configuration",
              "image_accuracy": "Image classification: accuracy per configuration"}.get(
                  name, f"Accuracy per configuration ({name})")
-    return Result(name, title, ABOUT, [table], data={"runs": runs}, summary=summary)
+    return Result(name, title, ABOUT.format(name=name), [table], data={"runs": runs},
+                  summary=summary)
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     errors = f", bad rows listed in {summary.errors}" if summary.bad_rows else ""
     print(f"{summary.out}: {summary.rows} rows, {summary.bad_rows} bad, "
-          f"{summary.seconds:.1f} s, {summary.texts_per_s:.0f} texts/s, "
+          f"{summary.seconds:.1f} s, {summary.texts_per_s:.0f} rows/s, "
           f"model {summary.model_version}{errors}")
     return 0
 

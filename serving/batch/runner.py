@@ -206,7 +206,7 @@ def predict_file(source: str | Path, out: str | Path, model: str | Path = "model
                            texts_per_s=written / seconds if seconds else 0.0, out=out,
                            model_version=str(plan.meta["version"]), model=identity,
                            errors=error_file(out) if on_error == "report" else None)
-    log.info("%s: %d rows, %d bad, in %.1f s (%.0f texts/s)", out, written, bad, seconds,
+    log.info("%s: %d rows, %d bad, in %.1f s (%.0f rows/s)", out, written, bad, seconds,
              summary.texts_per_s)
     return summary
 
