@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serving import CORES, HOST, bodies_for, dev_texts  # noqa: E402
+from bench_serving import CORES, HOST  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
 from results import Result, Table, publish  # noqa: E402
+from workload import bodies_for, dev_texts  # noqa: E402
 
 from ops import control  # noqa: E402
 

@@ -1,13 +1,17 @@
 """Serving benchmark: this service against the in-process limit and the alternatives.
 
-    python bench/bench_serving.py [--seconds 5] [--concurrency 1 8 32 128]
+    python bench/bench_serving.py [--bundle models/current] [--seconds 5]
+                                  [--concurrency 1 8 32 128] [--per-request 1 16]
                                   [--skip naive mlflow MLServer LitServe BentoML]   (make bench)
 
+The bundle says what is sent (bench/workload.py): a text bundle gets SST-2 dev texts
+and publishes `serving`; an image bundle gets Fashion-MNIST test images, PNG files in
+base64, and publishes `serving_images` (no naive baseline: it serves text only).
 Measured in one run, interleaved (the machine's speed drifts over minutes: each point
 is measured in every setting in order, then again in reverse order, half the time
-each, and the halves added up), with
-SST-2 dev texts, one text and 16 texts per request, loopback only:
-  1. in-process limit: the same ONNX model called in-process, no HTTP, length-grouped
+each, and the halves added up), with one item and 16 items per request, loopback only:
+  1. in-process limit: the same work as the service minus HTTP (texts: tokenizing and
+     length-grouped ONNX calls; images: base64 and PNG decoding, one ONNX call), on
      batches of 1 to 64, in one process on every core and in one process per core
      (the best is kept);
   2. this service as deployed: one server process per core, micro-batching on (int8);
@@ -16,7 +20,7 @@ SST-2 dev texts, one text and 16 texts per request, loopback only:
   5. naive baseline: FastAPI calling the PyTorch checkpoint once per request;
   6. `mlflow models serve` of the registered champion;
   7. the servers a user would pick instead, each wrapping the same int8 model and
-     tokenizer with its own batching (bench/peers/): MLServer, LitServe, BentoML. A
+     preprocessing with its own batching (bench/peers/): MLServer, LitServe, BentoML. A
      peer that cannot install or start is reported, with the reason, not dropped.
 The service's and each peer's answers are checked against the bundle before they are
 measured (the naive server and mlflow run the fp32/PyTorch model: not compared). Only
@@ -24,20 +28,17 @@ the server being measured runs; the others are stopped (SIGSTOP) meanwhile. Prin
 throughput and p50/p95/p99 latency per setting, the load generator's CPU share, each
 server's memory (PSS, per process) and idle CPU, and the ratios against the targets: the
 service over the in-process limit and over each alternative at every point, and
-batching on over batching off. Publishes bench/results/serving.json and
-docs/results/serving.md.
+batching on over batching off. Publishes bench/results/<serving|serving_images>.json
+and docs/results/<the same>.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gzip
 import importlib.metadata
 import json
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -49,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,18 +57,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
+from processes import freeze, idle_cpu, memory_mb, thaw, tree  # noqa: E402
 from results import Plot, Result, Table, publish  # noqa: E402
+from workload import Workload, for_bundle  # noqa: E402
 
 from ops import control  # noqa: E402
-from serving.bundle import Bundle, RuntimeOptions, softmax  # noqa: E402
-from serving.engine.batcher import length_groups  # noqa: E402
+from serving.bundle import Bundle, RuntimeOptions  # noqa: E402
 from serving.settings import available_cores  # noqa: E402
 
 CORES = available_cores()  # as the service counts them (affinity, CPU quota)
 HOST = "127.0.0.1"
-# Issue 14's targets: at concurrency 32, the service at 0.7x the in-process limit with
-# one text per request (goal 0.85x) and 0.95x with 16.
-TARGETS = {"2/1 (1 text)": 0.7, "2/1 (16 texts)": 0.95}
 SERVICE = "service"
 SERVICE_OFF = "service, batching off"
 SERVICE_ONE = "service, 1 process"
@@ -77,22 +75,17 @@ MLFLOW = "mlflow models serve"
 PEER_NAMES = set(peers.PEERS)
 
 
-def dev_texts() -> list[str]:
-    with gzip.open(ROOT / "data/external/sst2/dev.tsv.gz", "rt", encoding="utf-8") as f:
-        return [line.split("\t")[0].strip() for line in f.read().splitlines()[1:]]
-
-
 # ---------------------------------------------------------------- 1. in-process limit
 
 
 _bundles: dict[tuple[str, int], Bundle] = {}  # per limit process: loaded once
 
 
-def limit_run(bundle_dir: str, threads: int, texts: list[str], size: int, seconds: float,
+def limit_run(bundle_dir: str, threads: int, workload: Workload, size: int, seconds: float,
               start_at: float) -> tuple[int, float, list[float]]:
-    """In one process: tokenize + length-grouped ONNX calls on batches of `size`, for
-    `seconds` from `start_at` (so that several processes run together); (texts done,
-    seconds taken, latency per batch)."""
+    """In one process: the workload's batches of `size` (texts: tokenize + length-grouped
+    ONNX calls), for `seconds` from `start_at` (so that several processes run together);
+    (items done, seconds taken, latency per batch)."""
     key = (bundle_dir, threads)
     if key not in _bundles:
         _bundles[key] = Bundle.load(Path(bundle_dir), "int8",
@@ -101,22 +94,19 @@ def limit_run(bundle_dir: str, threads: int, texts: list[str], size: int, second
     time.sleep(max(0.0, start_at - time.time()))
     count, started, latencies = 0, time.perf_counter(), []
     while time.perf_counter() - started < seconds:
-        for start in range(0, len(texts), size):
-            chunk = texts[start : start + size]
+        for start in range(0, len(workload.items), size):
+            chunk = workload.items[start : start + size]
             t0 = time.perf_counter()
-            encoded = bundle.encode(chunk)
-            lengths = [len(ids) for ids in encoded]
-            for group in length_groups(lengths):
-                softmax(bundle.run([encoded[i] for i in group]))
+            workload.batch(bundle, chunk)
             latencies.append(time.perf_counter() - t0)
             count += len(chunk)
     return count, time.perf_counter() - started, latencies
 
 
 def in_process_limit(pools: dict[str, ProcessPoolExecutor], bundle_dir: Path,
-                     texts: list[str], batch_sizes=(1, 4, 16, 64), seconds: float = 3.0
+                     workload: Workload, batch_sizes=(1, 4, 16, 64), seconds: float = 3.0
                      ) -> dict:
-    """Texts per second of the model called in-process, no HTTP, for each batch size
+    """Items per second of the model called in-process, no HTTP, for each batch size
     and two layouts: one process with onnxruntime on every core, and one process per
     core with one thread each (how the service runs it). The best of all is the limit."""
     results = {}
@@ -125,12 +115,12 @@ def in_process_limit(pools: dict[str, ProcessPoolExecutor], bundle_dir: Path,
         for size in batch_sizes:
             start_at = time.time() + 0.5
             runs = [f.result() for f in [
-                pool.submit(limit_run, str(bundle_dir), threads, texts, size, seconds,
+                pool.submit(limit_run, str(bundle_dir), threads, workload, size, seconds,
                             start_at) for _ in range(processes)]]
             ms = np.concatenate([np.asarray(latencies) for _, _, latencies in runs]) * 1000
             results[f"{size}, {layout}"] = {
                 "batch_size": size, "layout": layout,
-                "texts_per_s": sum(count / elapsed for count, elapsed, _ in runs),
+                workload.rate: sum(count / elapsed for count, elapsed, _ in runs),
                 "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
                 "p99_ms": float(np.percentile(ms, 99))}
     return results
@@ -163,16 +153,6 @@ def our_service(bundle_dir: Path, port: int, log: Path, settings: dict):
     return server([sys.executable, "-m", "serving"], port, "/health/ready", log, env)
 
 
-def bodies_for(kind: str, texts: list[str], per_request: int) -> list[bytes]:
-    chunks = [texts[i : i + per_request] for i in range(0, len(texts) - per_request + 1,
-                                                        per_request)]
-    if kind == "mlflow":
-        return [json.dumps({"dataframe_split": {"columns": ["text"],
-                                                "data": [[t] for t in c]}}).encode()
-                for c in chunks]
-    return [json.dumps({"texts": c}).encode() for c in chunks]
-
-
 @dataclass
 class Setup:
     """One server to measure: how to start it, what to send, how to read answers."""
@@ -182,7 +162,7 @@ class Setup:
     settings: dict
     path: str
     start: Callable[[int, Path], AbstractContextManager]  # (port, log) -> (port, process)
-    bodies: Callable[[list[str], int], list[bytes]]
+    bodies: Callable[[list, int], list[bytes]]  # (items, per request) -> bodies
     parse: Callable[[bytes], list[list[float]]] | None = None  # None: not checked
 
 
@@ -190,7 +170,8 @@ def service_answers(body: bytes) -> list[list[float]]:
     return [list(p["probabilities"].values()) for p in json.loads(body)["predictions"]]
 
 
-def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str) -> list[Setup]:
+def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str, workload: Workload
+               ) -> list[Setup]:
     python = sys.executable
     version = f"textops (uvicorn {version_of('uvicorn')}, fastapi {version_of('fastapi')})"
 
@@ -206,7 +187,7 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str) -> list[Setup]
                  "max_batch_size": 64, "max_wait_ms": 0.0,
                  "onnx_threads_per_worker": max(1, CORES // workers)}
         return Setup("", version, shown, "/predict", start,
-                     lambda texts, n: bodies_for("service", texts, n), service_answers)
+                     lambda items, n: workload.bodies("service", items, n), service_answers)
 
     on = service({"TEXTOPS_BATCHING": "true"})
     off = service({"TEXTOPS_BATCHING": "false"})
@@ -219,7 +200,7 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str) -> list[Setup]
         lambda port, log: server([python, "bench/naive_server.py", checkpoint,
                                   str(bundle_dir / "tokenizer.json"), str(port)],
                                  port, "/health", log, {"PYTHONPATH": str(ROOT)}),
-        lambda texts, n: bodies_for("naive", texts, n))
+        lambda items, n: workload.bodies("naive", items, n))
     mlflow = Setup(
         MLFLOW, f"mlflow {version_of('mlflow')}",
         {"workers": 1, "batching": "none", "model": "registered pyfunc (this bundle)"},
@@ -231,14 +212,15 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str) -> list[Setup]
             # it starts `uvicorn` from PATH: the venv's, not activated
             {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
              "PATH": f"{Path(python).parent}:{os.environ['PATH']}"}),
-        lambda texts, n: bodies_for("mlflow", texts, n))
-    return [on, off, alone, naive, mlflow]
+        lambda items, n: workload.bodies("mlflow", items, n))
+    return [on, off, alone, naive, mlflow] if workload.naive else [on, off, alone, mlflow]
 
 
-def peer_setups(bundle_dir: Path, names: list[str]) -> tuple[list[Setup], dict[str, str]]:
+def peer_setups(bundle_dir: Path, names: list[str], workload: Workload
+                ) -> tuple[list[Setup], dict[str, str]]:
     """The peers that installed, as setups, and why the others cannot run."""
     setups, unavailable = [], {}
-    for peer in peers.prepare(names, cores=CORES):
+    for peer in peers.prepare(names, cores=CORES, items=workload.key):
         if isinstance(peer, peers.PeerUnavailable):
             unavailable[peer.name] = peer.reason
             continue
@@ -254,31 +236,20 @@ def peer_setups(bundle_dir: Path, names: list[str]) -> tuple[list[Setup], dict[s
     return setups, unavailable
 
 
-def check_answers(setup: Setup, port: int, bundle: Bundle, texts: list[str]) -> None:
-    """The server's probabilities for 16 texts equal the bundle's (int8 batching may
+def check_answers(setup: Setup, port: int, bundle: Bundle, workload: Workload) -> None:
+    """The server's probabilities for 16 items equal the bundle's (int8 batching may
     move a probability by a rounding step); a wrong server is not worth measuring."""
     if setup.parse is None:
         return
-    body = setup.bodies(texts[:16], 16)[0]
+    body = setup.bodies(workload.items[:16], 16)[0]
     request = urllib.request.Request(f"http://{HOST}:{port}{setup.path}", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         got = np.asarray(setup.parse(response.read()), dtype=np.float32)
-    expected = bundle.predict_proba(texts[:16])
+    expected = workload.expected(bundle, workload.items[:16])
     if got.shape != expected.shape or np.abs(got - expected).max() > 0.02:
         raise RuntimeError(f"{setup.name}: its answers differ from the bundle's "
                            f"(shape {got.shape}, expected {expected.shape})")
-
-
-def memory_mb(process: subprocess.Popen) -> list[float]:
-    """Memory of the server and every process it started, MB each: the proportional
-    set size (pages shared between forked processes counted once, split among them),
-    so that a server that forks its workers is not charged twice for shared pages."""
-    sizes = []
-    for member in tree(process):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            sizes.append(member.memory_full_info().pss / 2**20)
-    return sorted(sizes, reverse=True)
 
 
 def main() -> None:
@@ -295,15 +266,15 @@ def main() -> None:
 
     bundle_dir = (ROOT / args.bundle).resolve()
     bundle = Bundle.load(bundle_dir, "int8")
-    texts = dev_texts()
+    workload = for_bundle(bundle)
     logs = ROOT / "bench" / "results"
     logs.mkdir(parents=True, exist_ok=True)
     skip = {name.lower() for name in args.skip}
-    setups = [s for s in our_setups(bundle_dir, bundle, args.checkpoint)
+    setups = [s for s in our_setups(bundle_dir, bundle, args.checkpoint, workload)
               if s.name.lower() not in skip and s.name.split()[0].strip(",").lower()
               not in skip]
     peer_names = [name for name in peers.PEERS if name.lower() not in skip]
-    more, failed = peer_setups(bundle_dir, peer_names) if peer_names else ([], {})
+    more, failed = peer_setups(bundle_dir, peer_names, workload) if peer_names else ([], {})
     setups += more
     results: dict = {"in-process limit": {}, **{s.name: {} for s in setups}}
     memory: dict[str, list[float]] = {}
@@ -318,13 +289,13 @@ def main() -> None:
             try:
                 ports[setup.name], processes[setup.name] = stack.enter_context(
                     setup.start(port, log))
-                check_answers(setup, ports[setup.name], bundle, texts)
+                check_answers(setup, ports[setup.name], bundle, workload)
             except Exception as err:  # noqa: BLE001 - reported, and the others still run
                 failed[setup.name] = f"{type(err).__name__}: {err}"[:2000]
                 results.pop(setup.name)
         setups = [s for s in setups if s.name in results]
         idle = idle_cpu({name: processes[name] for name in results if name in processes})
-        print_setups(setups, failed, idle)
+        print_setups(setups, failed, idle, workload)
         # Only the server being measured runs: one that polls while idle (see the idle
         # CPU above) would otherwise take the cores from the one under load.
         for process in processes.values():
@@ -333,8 +304,8 @@ def main() -> None:
         for per_request in args.per_request:
             for concurrency in args.concurrency:
                 key = f"{per_request}x{concurrency}"
-                limit = in_process_limit(pools, bundle_dir, texts, seconds=args.seconds / 2)
-                best = max(limit.values(), key=lambda run: run["texts_per_s"])
+                limit = in_process_limit(pools, bundle_dir, workload, seconds=args.seconds / 2)
+                best = max(limit.values(), key=lambda run: run[workload.rate])
                 results["in-process limit"][key] = {**best, "all": limit}
                 # Each setting is measured twice, half the time each, in order and
                 # then in reverse order: a drift of the machine's speed over the
@@ -342,7 +313,7 @@ def main() -> None:
                 loads = {}
                 for setup in [*setups, *reversed(setups)]:
                     requests = build_requests(HOST, setup.path,
-                                              setup.bodies(texts, per_request))
+                                              setup.bodies(workload.items, per_request))
                     members = {m.pid for m in tree(processes[setup.name])}
                     thaw(processes[setup.name])
                     load = run_load(HOST, ports[setup.name], requests, concurrency,
@@ -355,61 +326,19 @@ def main() -> None:
                         results[setup.name].setdefault("processes_died", []).append(key)
                         print(f"  ! {setup.name}: a process of it ended during this point")
                 for setup in setups:
-                    results[setup.name][key] = loads[setup.name].summary(per_request, CORES)
-                    print_row(setup.name, per_request, concurrency, results[setup.name][key])
+                    results[setup.name][key] = loads[setup.name].summary(
+                        per_request, CORES, workload.rate)
+                    print_row(setup.name, per_request, concurrency, results[setup.name][key],
+                              workload)
                 print_row("in-process limit", per_request, concurrency,
-                          results["in-process limit"][key])
+                          results["in-process limit"][key], workload)
         for setup in setups:  # after the load: what each holds once warm
             memory[setup.name] = memory_mb(processes[setup.name])
-    report(results, setups, failed, memory, idle, args)
+    report(results, setups, failed, memory, idle, args, workload)
 
 
-def tree(process: subprocess.Popen) -> list[psutil.Process]:
-    """The server and every process it started, the server first."""
-    try:
-        root = psutil.Process(process.pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def signal_all(members: list[psutil.Process], signal_number: int) -> None:
-    for member in members:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.send_signal(signal_number)
-
-
-def freeze(process: subprocess.Popen) -> None:
-    """SIGSTOP the server, then its workers (a supervisor stopped first cannot see a
-    stopped worker as hung)."""
-    signal_all(tree(process), signal.SIGSTOP)
-
-
-def thaw(process: subprocess.Popen) -> None:
-    """SIGCONT the workers first, so that a supervisor's pending health check finds
-    them answering when it resumes."""
-    signal_all(tree(process)[::-1], signal.SIGCONT)
-    time.sleep(0.2)
-
-
-def idle_cpu(processes: dict[str, subprocess.Popen], seconds: float = 5.0
-             ) -> dict[str, float]:
-    """Each server's CPU use while nobody sends it anything, in cores."""
-    def cpu(members):
-        total = 0.0
-        for member in members:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += sum(member.cpu_times()[:2])
-        return total
-
-    trees = {name: tree(process) for name, process in processes.items()}
-    before = {name: cpu(members) for name, members in trees.items()}
-    time.sleep(seconds)
-    return {name: (cpu(members) - before[name]) / seconds for name, members in trees.items()}
-
-
-def print_setups(setups: list[Setup], failed: dict[str, str], idle: dict[str, float]
-                 ) -> None:
+def print_setups(setups: list[Setup], failed: dict[str, str], idle: dict[str, float],
+                 workload: Workload) -> None:
     print("Setups (idle CPU: what each uses while nobody sends it anything):")
     for setup in setups:
         shown = ", ".join(f"{k} {v}" for k, v in setup.settings.items())
@@ -417,28 +346,33 @@ def print_setups(setups: list[Setup], failed: dict[str, str], idle: dict[str, fl
               f"{idle.get(setup.name, 0) * 100:.1f}% of a core\n  {'':<26} {shown}")
     for name, reason in failed.items():
         print(f"  {name:<26} NOT MEASURED: {reason.splitlines()[0][:300]}")
+    if not workload.naive:
+        print(f"  {NAIVE:<26} left out: it serves the PyTorch text checkpoint only")
     print(flush=True)
 
 
-def print_row(name: str, per_request: int, concurrency: int, r: dict) -> None:
+def print_row(name: str, per_request: int, concurrency: int, r: dict, workload: Workload
+              ) -> None:
     cpu = f"{r['client_cpu_share'] * 100:4.1f}%" if "client_cpu_share" in r else "   - "
     extra = f" (batch {r['batch_size']}, {r['layout']})" if "layout" in r else ""
-    print(f"{name + extra:<36} {per_request:>3} text/req  c={concurrency:<4} "
-          f"{r['texts_per_s']:8.1f} texts/s  p50 {r['p50_ms']:7.2f}  p95 {r['p95_ms']:7.2f}  "
+    print(f"{name + extra:<36} {per_request:>3} {workload.noun}/req  c={concurrency:<4} "
+          f"{r[workload.rate]:8.1f} {workload.plural}/s  p50 {r['p50_ms']:7.2f}  "
+          f"p95 {r['p95_ms']:7.2f}  "
           f"p99 {r['p99_ms']:7.2f} ms  errors {r.get('errors', 0):<4} client CPU {cpu}",
           flush=True)
 
 
 def report(results: dict, setups: list[Setup], failed: dict[str, str],
-           memory: dict[str, list[float]], idle: dict[str, float], args) -> None:
+           memory: dict[str, list[float]], idle: dict[str, float], args,
+           workload: Workload) -> None:
     def tps(name, key):
-        return results.get(name, {}).get(key, {}).get("texts_per_s")
+        return results.get(name, {}).get(key, {}).get(workload.rate)
 
     if SERVICE not in results:
         print(f"\nthe service did not start: {failed.get(SERVICE, '?')}")
         return
     keys = list(results["in-process limit"])
-    print("\nThe service over each alternative, texts/s (ahead: > 1):")
+    print(f"\nThe service over each alternative, {workload.plural}/s (ahead: > 1):")
     print(f"  {'':<26}" + "".join(f"{key:>9}" for key in keys))
     versus = {}
     for setup in setups:
@@ -454,18 +388,23 @@ def report(results: dict, setups: list[Setup], failed: dict[str, str],
           f"  NOT ahead: {', '.join(behind)}")
 
     ratios = {}
-    for per_request, label in ((1, "1 text"), (16, "16 texts")):
+    for per_request in (1, 16):
         key = f"{per_request}x32"
         if tps(SERVICE, key) and tps("in-process limit", key):
-            ratios[f"2/1 ({label})"] = tps(SERVICE, key) / tps("in-process limit", key)
+            ratios[f"2/1 ({workload.count(per_request)})"] = (
+                tps(SERVICE, key) / tps("in-process limit", key))
     p99 = results[SERVICE].get("1x32", {}).get("p99_ms")
     print("\nAt concurrency 32:")
     for name, value in ratios.items():
-        verdict = "meets" if value >= TARGETS[name] else "MISSES"
-        print(f"  {name:<16} {value:5.2f}x   ({verdict} the target {TARGETS[name]}x)")
+        target = workload.targets.get(name)
+        verdict = "no target" if target is None else (
+            f"{'meets' if value >= target else 'MISSES'} the target {target}x")
+        print(f"  {name:<16} {value:5.2f}x   ({verdict})")
     if p99 is not None:
-        print(f"  p99, 1 text     {p99:5.1f} ms ({'meets' if p99 <= 60 else 'MISSES'} the "
-              "target 60 ms)")
+        target = workload.p99_target_ms
+        verdict = "" if target is None else (
+            f" ({'meets' if p99 <= target else 'MISSES'} the target {target} ms)")
+        print(f"  {'p99, ' + workload.count(1):<16}{p99:5.1f} ms{verdict}")
     print("\nMemory once warm (PSS, MB per process):")
     for name, sizes in memory.items():
         print(f"  {name:<26} {sum(sizes):7.0f} in {len(sizes)} processes: "
@@ -476,27 +415,20 @@ def report(results: dict, setups: list[Setup], failed: dict[str, str],
         "not_measured": failed, "results": results, "memory_mb": memory,
         "idle_cpu_cores": idle,
         "service_over": versus, "ratios_at_concurrency_32": ratios}
-    print(f"\nwrote {publish(as_result(payload)).relative_to(ROOT)}")
+    print(f"\nwrote {publish(as_result(payload, workload)).relative_to(ROOT)}")
 
 
-ABOUT = """SST-2 dev texts over loopback, one and sixteen texts per request, at several
-concurrencies (`per request x concurrency`), against the same int8 model served by
-the alternatives a user would pick (bench/peers/) and an in-process limit (the ONNX model
-called without HTTP). Each point is measured in every setting in order, then in reverse
-order, so that a drift of the machine's speed weighs on all alike; only the server under
-load runs. Run again: `python bench/bench_serving.py` (`make bench`)."""
-
-
-def as_result(payload: dict) -> Result:
+def as_result(payload: dict, workload: Workload) -> Result:
     results, versus = payload["results"], payload["service_over"]
-    keys = list(results["in-process limit"])
-    throughput = Table("Texts per second (per request x concurrency)", ["setup", *keys],
-                       [[name, *(round(point.get(key, {}).get("texts_per_s", 0)) for key in keys)]
+    keys, rate, units = list(results["in-process limit"]), workload.rate, workload.plural
+    throughput = Table(f"{units.capitalize()} per second (per request x concurrency)",
+                       ["setup", *keys],
+                       [[name, *(round(point.get(key, {}).get(rate, 0)) for key in keys)]
                         for name, point in results.items()])
     latency = Table("p99 latency, ms", ["setup", *keys],
                     [[name, *(round(point.get(key, {}).get("p99_ms", 0), 1) for key in keys)]
                      for name, point in results.items() if name != "in-process limit"])
-    ahead = Table(f"{SERVICE} over each alternative (texts/s ratio; ahead: > 1)",
+    ahead = Table(f"{SERVICE} over each alternative ({units}/s ratio; ahead: > 1)",
                   ["alternative", *keys],
                   [[name, *(f"{row[key]:.2f}x" if key in row else "-" for key in keys)]
                    for name, row in versus.items()])
@@ -508,18 +440,20 @@ def as_result(payload: dict) -> Result:
         tables.append(Table("Not measured", ["setup", "why"],
                             [[name, why.splitlines()[0][:200]]
                              for name, why in payload["not_measured"].items()]))
-    plot = Plot("Texts per second, 16 texts per request", "line", "concurrency", "texts/s",
-                {name: [[int(key.split("x")[1]), point[key]["texts_per_s"]]
-                        for key in keys if key.startswith("16x") and key in point]
+    shown = workload.headline  # items per request
+    plot = Plot(f"{units.capitalize()} per second, {workload.count(shown)} per request", "line",
+                "concurrency", f"{units}/s",
+                {name: [[int(key.split("x")[1]), point[key][rate]]
+                        for key in keys if key.startswith(f"{shown}x") and key in point]
                  for name, point in results.items()})
-    summary = [[f"{SERVICE}, texts/s at 16 texts x 32 concurrent",
-                round(results.get(SERVICE, {}).get("16x32", {}).get("texts_per_s", 0))]]
+    summary = [[f"{SERVICE}, {units}/s at {workload.count(shown)} x 32 concurrent",
+                round(results.get(SERVICE, {}).get(f"{shown}x32", {}).get(rate, 0))]]
     measured = {name: row for name, row in versus.items() if name in PEER_NAMES and row}
     if measured:
         summary.append([f"{SERVICE} over {', '.join(sorted(measured))}, the least ratio",
                         f"{min(min(row.values()) for row in measured.values()):.2f}x"])
-    return Result("serving", "Serving throughput against the alternatives", ABOUT, tables,
-                  [plot], data=payload, summary=summary)
+    return Result(workload.result, workload.title, workload.about, tables, [plot],
+                  data=payload, summary=summary)
 
 
 def version_of(distribution: str) -> str:

@@ -29,13 +29,15 @@ class LoadResult:
                           self.latencies + other.latencies, self.seconds + other.seconds,
                           self.client_cpu_s + other.client_cpu_s)
 
-    def summary(self, texts_per_request: int, cores: int) -> dict:
+    def summary(self, items_per_request: int, cores: int, rate: str = "texts_per_s") -> dict:
+        """Throughput (requests, and items under the key `rate`), latency percentiles,
+        errors and the load generator's share of the cores."""
         ms = np.asarray(self.latencies) * 1000 if self.latencies else np.zeros(1)
         return {
             "requests": self.requests,
             "errors": self.errors,
             "req_per_s": self.requests / self.seconds,
-            "texts_per_s": self.requests * texts_per_request / self.seconds,
+            rate: self.requests * items_per_request / self.seconds,
             "p50_ms": float(np.percentile(ms, 50)),
             "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)),

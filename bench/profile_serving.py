@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serving import HOST, bodies_for, dev_texts, our_service  # noqa: E402
+from bench_serving import HOST, our_service  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
+from workload import bodies_for, dev_texts  # noqa: E402
 
 from ops import control  # noqa: E402
 

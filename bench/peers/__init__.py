@@ -2,22 +2,27 @@
 
 Each peer wraps the SAME int8 ONNX bundle and computes its answers with our own code
 (`serving.bundle.Bundle` + `serving.engine.batcher.infer`), so the benchmark compares only what
-the framework adds: its HTTP layer, its batching, its processes and their IPC.
+the framework adds: its HTTP layer, its batching, its processes and their IPC. A text
+bundle takes texts; an image bundle takes PNG or JPEG files in base64, which each wrapper
+decodes with the bundle's own `bundle.inputs.pixels` before `infer`.
 
     from bench.peers import prepare
-    for peer in prepare(cores=2):           # PeerServer, or PeerUnavailable with a reason
-        with peer.running(bundle_dir, port, log, cores=2):
+    for peer in prepare(cores=2, items="texts"):  # or "images"; PeerServer, or
+        with peer.running(bundle_dir, port, log, cores=2):  # PeerUnavailable (why)
             ...POST peer.bodies(texts, 16) to peer.path, check with peer.parse(answer)
 
-| peer     | wrapper                      | route (POST)                  | batching          |
-|----------|------------------------------|-------------------------------|-------------------|
-| MLServer | bench/peers/mlserver_runtime | /v2/models/textops/infer (V2) | adaptive batching |
-| LitServe | bench/peers/litserve_app     | /predict                      | LitAPI batching   |
-| BentoML  | bench/peers/bentoml_service  | /classify                     | adaptive batching |
+| peer     | wrapper                      | route (POST): texts, images     | batching          |
+|----------|------------------------------|---------------------------------|-------------------|
+| MLServer | bench/peers/mlserver_runtime | /v2/models/textops/infer (V2)   | adaptive batching |
+| LitServe | bench/peers/litserve_app     | /predict                        | LitAPI batching   |
+| BentoML  | bench/peers/bentoml_service  | /classify, /classify_images     | adaptive batching |
+
+The body holds the items under "texts" or "images" (for MLServer, the name of its V2
+BYTES input tensor); the wrapper checks that they are what the bundle takes.
 
 Each peer runs from its own virtual environment, build/peers/<peer>/venv, installed from
-bench/peers/requirements-<peer>.txt (the framework pinned, plus numpy, onnxruntime and
-tokenizers pinned as pyproject.toml's `serve` extra pins them, and for MLServer uvloop:
+bench/peers/requirements-<peer>.txt (the framework pinned, plus numpy, onnxruntime,
+tokenizers and pillow pinned as pyproject.toml's `serve` extra pins them, and for MLServer uvloop:
 see that file; no torch, which `ensure_venv` checks after installing). A venv is
 reused while its requirements file is unchanged (build/peers/<peer>/venv/.requirements
 holds the file's sha256); an install that fails makes that peer a `PeerUnavailable`
@@ -37,7 +42,7 @@ dispatcher, model) under a circus arbiter.
 The batching knobs match our service's where the framework has the same knob (64 per
 batch, a 10 s request timeout), so a difference in the benchmark comes from how the
 framework batches, not from different numbers. The unit of "64" differs: MLServer and
-LitServe count requests, BentoML counts texts (as our service does). The wait for a
+LitServe count requests, BentoML counts items (as our service does). The wait for a
 batch to fill is 2 ms, where our service waits 0: measured both ways on 2026-11-24
 (1 and 16 texts per request, concurrency 8 and 32), MLServer and BentoML did better
 with 2 ms at every point (up to 2.8x and 4.5x) and LitServe about the same, so each
@@ -113,18 +118,19 @@ class PeerServer:
     ready_path: str  # GET route answering 200 once the model is loaded
     python: Path = field(repr=False, default=Path())  # the venv's interpreter
     key: str = field(repr=False, default="")  # build/peers/<key>
+    items: str = "texts"  # what the bundle takes: "texts", or "images" (base64 files)
 
-    def bodies(self, texts: list[str], per_request: int) -> list[bytes]:
-        """Request bodies, `per_request` texts each, in order (a last, short chunk is
+    def bodies(self, items: list[str], per_request: int) -> list[bytes]:
+        """Request bodies, `per_request` items each, in order (a last, short chunk is
         dropped, as the bench does for our service)."""
-        return [self._body(texts[i : i + per_request])
-                for i in range(0, len(texts) - per_request + 1, per_request)]
+        return [self._body(items[i : i + per_request])
+                for i in range(0, len(items) - per_request + 1, per_request)]
 
     def parse(self, body: bytes) -> list[tuple[str, list[float]]]:
-        """(label, probabilities) per text of an answer body, in the request's order."""
+        """(label, probabilities) per item of an answer body, in the request's order."""
         raise NotImplementedError
 
-    def _body(self, texts: list[str]) -> bytes:
+    def _body(self, items: list[str]) -> bytes:
         raise NotImplementedError
 
     def _command(self, bundle_dir: Path, port: int, run_dir: Path, cores: int
@@ -246,8 +252,9 @@ def stop_group(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
 
 class MLServerPeer(PeerServer):
     """MLServer with a custom runtime (bench/peers/mlserver_runtime.py), spoken to in
-    the V2 / Open Inference Protocol: a BYTES input tensor "texts" of shape [n]; the
-    answer holds "probabilities" (FP32 [n, k]) and "label" (BYTES [n])."""
+    the V2 / Open Inference Protocol: a BYTES input tensor "texts" (or "images", base64
+    strings: V2's JSON carries BYTES as strings) of shape [n]; the answer holds
+    "probabilities" (FP32 [n, k]) and "label" (BYTES [n])."""
 
     def _settings(self, cores: int) -> dict:
         workers = max(1, cores)
@@ -264,9 +271,9 @@ class MLServerPeer(PeerServer):
             "access_log": False,
         }
 
-    def _body(self, texts: list[str]) -> bytes:
-        return json.dumps({"inputs": [{"name": "texts", "datatype": "BYTES",
-                                       "shape": [len(texts)], "data": texts}]}).encode()
+    def _body(self, items: list[str]) -> bytes:
+        return json.dumps({"inputs": [{"name": self.items, "datatype": "BYTES",
+                                       "shape": [len(items)], "data": items}]}).encode()
 
     def parse(self, body: bytes) -> list[tuple[str, list[float]]]:
         outputs = {o["name"]: o for o in json.loads(body)["outputs"]}
@@ -301,8 +308,9 @@ class MLServerPeer(PeerServer):
 
 
 class LitServePeer(PeerServer):
-    """LitServe (bench/peers/litserve_app.py): POST /predict with {"texts": [...]},
-    answered {"predictions": [{"label": ..., "probabilities": [...]}, ...]}."""
+    """LitServe (bench/peers/litserve_app.py): POST /predict with {"texts": [...]} (or
+    {"images": [base64, ...]}), answered {"predictions": [{"label": ...,
+    "probabilities": [...]}, ...]}."""
 
     def _settings(self, cores: int) -> dict:
         workers = max(1, cores)
@@ -320,8 +328,8 @@ class LitServePeer(PeerServer):
             "log_level": "warning",
         }
 
-    def _body(self, texts: list[str]) -> bytes:
-        return json.dumps({"texts": texts}).encode()
+    def _body(self, items: list[str]) -> bytes:
+        return json.dumps({self.items: items}).encode()
 
     def parse(self, body: bytes) -> list[tuple[str, list[float]]]:
         return [(p["label"], p["probabilities"]) for p in json.loads(body)["predictions"]]
@@ -339,7 +347,8 @@ class LitServePeer(PeerServer):
 
 class BentoMLPeer(PeerServer):
     """BentoML (bench/peers/bentoml_service.py) under `bentoml serve`: POST /classify
-    with {"texts": [...]}, answered with a JSON list of {"label", "probabilities"}."""
+    with {"texts": [...]} (or /classify_images with {"images": [base64, ...]}), answered
+    with a JSON list of {"label", "probabilities"}."""
 
     def _settings(self, cores: int) -> dict:
         workers = max(1, cores)
@@ -349,14 +358,14 @@ class BentoMLPeer(PeerServer):
                             "Build with BentoML > Parallelize requests handling",
             "intra_op_threads": threads_per_worker(workers, cores),
             "adaptive_batching": True,
-            "max_batch_size": f"{MAX_BATCH} texts",
+            "max_batch_size": f"{MAX_BATCH} {self.items}",
             "max_latency_ms": REQUEST_TIMEOUT_S * 1000,
             "timeout_s": REQUEST_TIMEOUT_S,
             "access_log": False,
         }
 
-    def _body(self, texts: list[str]) -> bytes:
-        return json.dumps({"texts": texts}).encode()
+    def _body(self, items: list[str]) -> bytes:
+        return json.dumps({self.items: items}).encode()
 
     def parse(self, body: bytes) -> list[tuple[str, list[float]]]:
         return [(p["label"], p["probabilities"]) for p in json.loads(body)]
@@ -377,12 +386,16 @@ class BentoMLPeer(PeerServer):
                 "--working-dir", str(ROOT), "--host", HOST, "--port", str(port)], env
 
 
-# name -> (venv key, distribution whose version is reported, class, POST route, ready route)
-PEERS: dict[str, tuple[str, str, type[PeerServer], str, str]] = {
-    "MLServer": ("mlserver", "mlserver", MLServerPeer, f"/v2/models/{MODEL_NAME}/infer",
+# name -> (venv key, distribution whose version is reported, class,
+#          POST route for texts and for images, ready route)
+PEERS: dict[str, tuple[str, str, type[PeerServer], dict[str, str], str]] = {
+    "MLServer": ("mlserver", "mlserver", MLServerPeer,
+                 dict.fromkeys(("texts", "images"), f"/v2/models/{MODEL_NAME}/infer"),
                  f"/v2/models/{MODEL_NAME}/ready"),
-    "LitServe": ("litserve", "litserve", LitServePeer, "/predict", "/health"),
-    "BentoML": ("bentoml", "bentoml", BentoMLPeer, "/classify", "/readyz"),
+    "LitServe": ("litserve", "litserve", LitServePeer,
+                 dict.fromkeys(("texts", "images"), "/predict"), "/health"),
+    "BentoML": ("bentoml", "bentoml", BentoMLPeer,
+                {"texts": "/classify", "images": "/classify_images"}, "/readyz"),
 }
 
 
@@ -445,24 +458,25 @@ def installed_version(python: Path, distribution: str) -> str:
     return result.stdout.strip()
 
 
-def prepare(names: list[str] | None = None, cores: int = os.cpu_count() or 1
-            ) -> list[PeerServer | PeerUnavailable]:
-    """Create/reuse each peer's venv and return what can run; never raises for one
-    peer's failure (it comes back as PeerUnavailable with the reason)."""
+def prepare(names: list[str] | None = None, cores: int = os.cpu_count() or 1,
+            items: str = "texts") -> list[PeerServer | PeerUnavailable]:
+    """Create/reuse each peer's venv and return what can run, each sending `items`
+    ("texts", or "images" for an image bundle); never raises for one peer's failure
+    (it comes back as PeerUnavailable with the reason)."""
     results: list[PeerServer | PeerUnavailable] = []
     for name in names or list(PEERS):
         if name not in PEERS:
             results.append(PeerUnavailable(name, f"unknown peer (known: {', '.join(PEERS)})"))
             continue
-        key, distribution, cls, path, ready_path = PEERS[name]
+        key, distribution, cls, routes, ready_path = PEERS[name]
         try:
             python = ensure_venv(key)
             version = installed_version(python, distribution)
         except Exception as err:  # noqa: BLE001 - one peer's failure must not stop the rest
             results.append(PeerUnavailable(name, str(err)))
             continue
-        peer = cls(name=name, version=version, settings={}, path=path,
-                   ready_path=ready_path, python=python, key=key)
+        peer = cls(name=name, version=version, settings={}, path=routes[items],
+                   ready_path=ready_path, python=python, key=key, items=items)
         peer.settings = peer._settings(cores)
         results.append(peer)
     return results

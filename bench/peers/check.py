@@ -4,13 +4,16 @@
                                 [--cores N]
 
 For each peer: install or reuse its venv, start it on a free loopback port, send a few
-requests of 1 and of 16 texts one at a time, then 32 requests of one text at once;
+requests of 1 and of 16 items one at a time, then 32 requests of one item at once;
 every answer's labels and probabilities must equal `infer(Bundle.load(bundle,
-"int8"), texts)` within 1e-4. The wrappers report each model call's size in their log
-(TEXTOPS_PEER_LOG_BATCHES=1, set only here), which shows both batching paths taken: a
-request alone in its model call, and requests grouped into one. After the stop, no
-process of the peer's venv may be left and its port must be closed. One line per peer:
-its version, settings and OK, or what failed. Logs: build/peers/<peer>/check.log.
+"int8"), items)` within 1e-4. The items are what the bundle takes: SST-2 dev texts, or
+for an image bundle Fashion-MNIST test images as base64 PNG files (decoded with the
+bundle's `inputs.pixels` before `infer`, as the wrappers do). The wrappers report
+each model call's size in their log (TEXTOPS_PEER_LOG_BATCHES=1, set only here), which
+shows both batching paths taken: a request alone in its model call, and requests
+grouped into one. After the stop, no process of the peer's venv may be left and its
+port must be closed. One line per peer: its version, settings and OK, or what failed.
+Logs: build/peers/<peer>/check.log.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import BUILD, HOST, PeerServer, PeerUnavailable, free_port, prepare  # noqa: E402
+from bench.workload import ImageWorkload  # noqa: E402
 from serving.bundle import Bundle  # noqa: E402
 from serving.engine.batcher import infer  # noqa: E402
 
@@ -41,6 +45,13 @@ FALLBACK_TEXTS = [
     "the best thing i have seen this year", "a mess from start to finish",
     "charming, funny and warm", "i wanted my two hours back", "an uneven but bold debut",
 ]
+
+
+def sample_items(bundle: Bundle, count: int = 48) -> list[str]:
+    """Items as a client sends them: texts, or base64 PNG files for an image bundle."""
+    if bundle.task.items == "images":
+        return ImageWorkload.load(count).items
+    return sample_texts(count)
 
 
 def sample_texts(count: int = 48) -> list[str]:
@@ -59,21 +70,24 @@ def post(url: str, body: bytes, timeout: float = 30) -> bytes:
         return response.read()
 
 
-def compare(peer: PeerServer, body: bytes, texts: list[str], bundle: Bundle) -> None:
+def compare(peer: PeerServer, body: bytes, items: list[str], bundle: Bundle) -> None:
     """Raise AssertionError unless the answer matches the in-process probabilities."""
     answer = peer.parse(body)
-    probs, _stats = infer(bundle, texts)
-    if len(answer) != len(texts):
-        raise AssertionError(f"{len(answer)} answers for {len(texts)} texts")
+    if bundle.task.items == "images":
+        probs, _stats = infer(bundle, list(bundle.inputs.pixels(ImageWorkload.files(items))))
+    else:
+        probs, _stats = infer(bundle, items)
+    if len(answer) != len(items):
+        raise AssertionError(f"{len(answer)} answers for {len(items)} items")
     for i, (label, got) in enumerate(answer):
         want = probs[i]
         if len(got) != len(want):
-            raise AssertionError(f"text {i}: {len(got)} probabilities, want {len(want)}")
+            raise AssertionError(f"item {i}: {len(got)} probabilities, want {len(want)}")
         worst = max(abs(float(g) - float(w)) for g, w in zip(got, want, strict=True))
         if worst > TOLERANCE:
-            raise AssertionError(f"text {i}: probabilities differ by {worst:.2e}")
+            raise AssertionError(f"item {i}: probabilities differ by {worst:.2e}")
         if label != bundle.label_names[int(want.argmax())]:
-            raise AssertionError(f"text {i}: label {label!r}, want "
+            raise AssertionError(f"item {i}: label {label!r}, want "
                                  f"{bundle.label_names[int(want.argmax())]!r}")
 
 
@@ -103,7 +117,7 @@ def port_open(port: int) -> bool:
         return s.connect_ex((HOST, port)) == 0
 
 
-def check(peer: PeerServer, bundle: Bundle, bundle_dir: Path, texts: list[str],
+def check(peer: PeerServer, bundle: Bundle, bundle_dir: Path, items: list[str],
           cores: int) -> str:
     log = BUILD / peer.key / "check.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -118,18 +132,18 @@ def check(peer: PeerServer, bundle: Bundle, bundle_dir: Path, texts: list[str],
             # one at a time: each request is alone in its model call
             offset = log.stat().st_size
             for per_request, count in ((1, 4), (16, 2)):
-                chunks = [texts[i * per_request : (i + 1) * per_request] for i in range(count)]
-                for chunk, body in zip(chunks, peer.bodies(texts, per_request), strict=False):
+                chunks = [items[i * per_request : (i + 1) * per_request] for i in range(count)]
+                for chunk, body in zip(chunks, peer.bodies(items, per_request), strict=False):
                     compare(peer, post(url, body), chunk, bundle)
             time.sleep(0.3)  # the log lines of workers of other processes come through
             alone = batch_sizes(log, offset)
             # 32 at once: some must share a model call
             offset = log.stat().st_size
-            bodies = peer.bodies(texts[:32], 1)
+            bodies = peer.bodies(items[:32], 1)
             with ThreadPoolExecutor(32) as pool:
                 answers = list(pool.map(lambda b: post(url, b), bodies))
             for i, body in enumerate(answers):
-                compare(peer, body, [texts[i]], bundle)
+                compare(peer, body, [items[i]], bundle)
             time.sleep(0.3)
             together = batch_sizes(log, offset)
     except Exception as err:  # noqa: BLE001 - reported on the peer's line
@@ -138,7 +152,7 @@ def check(peer: PeerServer, bundle: Bundle, bundle_dir: Path, texts: list[str],
         os.environ.pop("TEXTOPS_PEER_LOG_BATCHES", None)
     problems = []
     if 1 not in alone:
-        problems.append(f"no model call of a single text seen (sizes {alone})")
+        problems.append(f"no model call of a single item seen (sizes {alone})")
     if not any(size > 1 for size in together):
         problems.append(f"32 concurrent requests were never grouped (sizes {together})")
     if port_open(port):
@@ -161,14 +175,14 @@ def main() -> None:
     args = parser.parse_args()
     bundle_dir = (ROOT / args.bundle).resolve()
     bundle = Bundle.load(bundle_dir, "int8")
-    texts = sample_texts()
+    items = sample_items(bundle)
     failed = False
-    for peer in prepare(args.peers, cores=args.cores):
+    for peer in prepare(args.peers, cores=args.cores, items=bundle.task.items):
         if isinstance(peer, PeerUnavailable):
             print(f"{peer.name}: UNAVAILABLE: {peer.reason}", flush=True)
             failed = True
             continue
-        verdict = check(peer, bundle, bundle_dir, texts, args.cores)
+        verdict = check(peer, bundle, bundle_dir, items, args.cores)
         failed |= not verdict.startswith("OK")
         print(f"{peer.name} {peer.version} {json.dumps(peer.settings)}: {verdict}", flush=True)
     sys.exit(1 if failed else 0)

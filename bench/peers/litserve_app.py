@@ -6,13 +6,16 @@ PYTHONPATH=<repo root> and its settings in TEXTOPS_PEER_* variables. A request:
     POST /predict  {"texts": ["...", ...]}
 
 is answered {"predictions": [{"label": "...", "probabilities": [...]}, ...]}, one per
-text, in order. GET /health answers 200 once every inference worker has loaded.
+text, in order. An image bundle takes {"images": ["<base64 PNG or JPEG>", ...]}
+instead, decoded per request (in `decode_request`, as our service decodes each
+request's images before batching) with the bundle's `inputs.pixels`. GET /health
+answers 200 once every inference worker has loaded.
 
 How it is configured, and why:
 - Batching on: `LitAPI(max_batch_size=64, batch_timeout=0.002)` (since LitServe 0.2.x
   these are LitAPI's arguments; LitServer's are deprecated). LitServe's docs
   (Features > Batching) leave the values to the user; these are our service's (64 per
-  batch, 2 ms). A batch is a list of requests: `predict` flattens their texts into one
+  batch, 2 ms). A batch is a list of requests: `predict` flattens their items into one
   `infer` call and splits the rows back, one list per request.
 - `LitServer(accelerator="cpu", workers_per_device=cores)`: LitServer's docstring and
   its API reference (LitServer > workers_per_device): "For CPU, set to the number of
@@ -30,6 +33,7 @@ How it is configured, and why:
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -52,20 +56,26 @@ class TextClassifierAPI(ls.LitAPI):
     def setup(self, device):
         self.bundle = Bundle.load(Path(_env("BUNDLE")), "int8",
                                   RuntimeOptions(intra_op_threads=int(_env("THREADS"))))
+        self.key = self.bundle.task.items  # "texts" or "images"
 
     def decode_request(self, request):
-        texts = request["texts"]
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise ValueError('the body must be {"texts": [strings]}')
-        return texts
+        items = request.get(self.key)
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise ValueError(f'the body must be {{"{self.key}": [strings]}}')
+        if self.key == "images":  # a list of uint8 [H, W, C] arrays, not one array:
+            # LitAPI's default `batch` would stack arrays
+            files = [base64.b64decode(item, validate=True) for item in items]
+            return list(self.bundle.inputs.pixels(files))
+        return items
 
     def predict(self, batch):
         # With max_batch_size > 1, `batch` is the list of decoded requests (lists of
-        # texts); the answer must be a list with one element per request.
-        texts = [text for request in batch for text in request]
-        probs, _stats = infer(self.bundle, texts)
+        # texts or of decoded images); the answer must be a list with one element per
+        # request.
+        items = [item for request in batch for item in request]
+        probs, _stats = infer(self.bundle, items)
         if LOG_BATCHES:
-            print(f"textops-batch texts={len(texts)} requests={len(batch)}", flush=True)
+            print(f"textops-batch texts={len(items)} requests={len(batch)}", flush=True)
         names = self.bundle.label_names
         rows = [(names[i], row.tolist()) for i, row in zip(probs.argmax(axis=1), probs,
                                                            strict=True)]

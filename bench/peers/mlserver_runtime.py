@@ -8,14 +8,16 @@ textops/model-settings.json are written by the peer. A request:
     {"inputs": [{"name": "texts", "datatype": "BYTES", "shape": [n], "data": [...]}]}
 
 is answered with two output tensors, "probabilities" (FP32, [n, k], row-major) and
-"label" (BYTES, [n]).
+"label" (BYTES, [n]). An image bundle takes an input named "images" instead, whose
+strings are PNG or JPEG files in base64 (V2's JSON carries BYTES as strings): each
+batch is decoded with the bundle's `inputs.pixels`, then scored by `infer`.
 
 How it is configured, and why:
 - Adaptive batching on: `max_batch_size` 64 (requests) and `max_batch_time` 2 ms in
   model-settings.json. MLServer leaves it off by default and says the values are to be
   found by experiment (docs: User Guide > Adaptive Batching); these are our service's
   own values (64 per batch, 2 ms), so both batch by the same numbers. MLServer's batcher
-  runs in the main process, concatenates the requests' "texts" tensors along their
+  runs in the main process, concatenates the requests' input tensors along their
   first dimension, calls `predict` once, and splits every output back by the first
   dimension, which is why the outputs here are flat and row-major.
 - Inference pool: `parallel_workers` = cores, a server-wide setting since MLServer 1.5
@@ -30,6 +32,7 @@ How it is configured, and why:
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -41,34 +44,41 @@ from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
 from serving.bundle import Bundle, RuntimeOptions
 from serving.engine.batcher import infer
 
-INPUT = "texts"
-
 # Set by bench/peers/check.py only: one log line per model call, to see the batching.
 LOG_BATCHES = os.environ.get("TEXTOPS_PEER_LOG_BATCHES") == "1"
 
 
 class TextClassifierRuntime(MLModel):
-    """One bundle per inference worker; `predict` gets a whole adaptive batch."""
+    """One bundle per inference worker; `predict` gets a whole adaptive batch (of texts,
+    or of images for an image bundle: the class keeps its name, model-settings.json
+    names it)."""
 
     async def load(self) -> bool:
         parameters = self.settings.parameters
         threads = int((parameters.extra or {}).get("intra_op_threads", 1))
         self._bundle = Bundle.load(Path(parameters.uri), "int8",
                                    RuntimeOptions(intra_op_threads=threads))
+        self._input = self._bundle.task.items  # "texts" or "images": the tensor's name
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        texts = None
+        items = None
         for request_input in payload.inputs:
-            if request_input.name == INPUT:
-                texts = StringCodec.decode_input(request_input)
-        if texts is None:
-            raise InferenceError(f"no input tensor named {INPUT!r} (BYTES, shape [n])")
+            if request_input.name == self._input:
+                items = StringCodec.decode_input(request_input)
+        if items is None:
+            raise InferenceError(f"no input tensor named {self._input!r} (BYTES, shape [n])")
         # Blocking is fine here: this runs in an inference worker process, which
         # serves one batch at a time.
-        probs, _stats = infer(self._bundle, texts)
+        if self._input == "images":
+            try:
+                files = [base64.b64decode(item, validate=True) for item in items]
+                items = list(self._bundle.inputs.pixels(files))
+            except ValueError as err:  # bad base64 (binascii.Error), ImageError
+                raise InferenceError(f"images: {err}") from None
+        probs, _stats = infer(self._bundle, items)
         if LOG_BATCHES:
-            print(f"textops-batch texts={len(texts)}", flush=True)
+            print(f"textops-batch texts={len(items)}", flush=True)
         names = self._bundle.label_names
         labels = [names[i] for i in probs.argmax(axis=1)]
         return InferenceResponse(
