@@ -44,8 +44,12 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001
 WORKDIR /home/app
 EXPOSE 8000
+# /health/live on the service's own port, over HTTPS when TEXTOPS_TLS_CERT_FILE is set
+# (serving/healthcheck.py). HTTPS and signed bundles need no other change to the image:
+# mount the certificate, its key and the public key, and set TEXTOPS_TLS_CERT_FILE,
+# TEXTOPS_TLS_KEY_FILE and TEXTOPS_BUNDLE_PUBLIC_KEY (docs/deployment.md).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2).status != 200)"]
+    CMD ["python", "-m", "serving.healthcheck"]
 # Exec form: the service is PID 1 and gets the runtime's SIGTERM itself; it drains the
 # requests in flight and exits 0.
 CMD ["python", "-m", "serving"]

@@ -90,7 +90,7 @@ serving-env:  ## install the serving image's dependencies into $(SERVE_VENV), as
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install --quiet --no-cache-dir './build/serve-src[serve,registry]'
 	$(SERVE_VENV)/bin/python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the serving image'"
-	cd build && ../$(SERVE_VENV)/bin/python -c "import serving.api.app, serving.bundle; print('serving image dependencies: ok')"
+	cd build && ../$(SERVE_VENV)/bin/python -c "import serving.api.app, serving.bundle, model_signing; print('serving image dependencies: ok')"
 
 # The standard library is enough (ops/image.py): no need for .venv.
 image:  ## build the serving image with Docker or Podman (BUNDLE=models/current bakes a bundle in)

@@ -2,12 +2,14 @@
 
     python bench/bench_logging.py [--bundle models/current] [--seconds 5] [--rounds 5]
 
-Two services on the same bundle, one with the prediction log off and one logging every
-answer to SQLite (optionally a third on PostgreSQL: --postgres URL), loaded in turns
-(off, on, on, off, ...: the machine's speed drifts over minutes) at concurrency 32 with
-SST-2 dev texts, one text per request. Prints texts/s per round, the median ratio
-on/off against the target (the log costs at most 5%), and what the log wrote and
-dropped: a log that dropped entries would look cheap.
+Three services on the same bundle, one with the prediction log off, one logging every
+answer to SQLite and one logging to SQLite encrypted (TEXTOPS_PREDICTION_LOG_KEYS,
+serving/predlog/crypto.py; optionally a fourth on PostgreSQL: --postgres URL), loaded
+in turns (off, on, on, off, ...: the machine's speed drifts over minutes) at
+concurrency 32 with SST-2 dev texts, one text per request. Prints texts/s per round,
+the median ratio on/off against the target (the log costs at most 5%), the median
+ratio encrypted/plain log against the same target (encryption costs at most 5%), and
+what the log wrote and dropped: a log that dropped entries would look cheap.
 
 Throughput moves with whatever else the machine runs; the server's own CPU time per
 text (user + system, all its threads and its child processes, from /proc) moves much
@@ -41,6 +43,7 @@ from workload import bodies_for, dev_texts  # noqa: E402
 from ops import control  # noqa: E402
 
 TARGET_COST = 0.05
+PLAIN, ENCRYPTED = "log on, SQLite", "log on, SQLite, encrypted"
 TICK = 1 / os.sysconf("SC_CLK_TCK")
 
 
@@ -89,13 +92,17 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     requests = build_requests(HOST, "/predict", bodies_for("service", dev_texts(), 1))
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        setups = {"log off": "", "log on, SQLite": f"sqlite:///{tmp}/predictions.db"}
+        from cryptography.fernet import Fernet
+
+        setups = {"log off": {"TEXTOPS_PREDICTION_LOG": ""},
+                  PLAIN: {"TEXTOPS_PREDICTION_LOG": f"sqlite:///{tmp}/predictions.db"},
+                  ENCRYPTED: {"TEXTOPS_PREDICTION_LOG": f"sqlite:///{tmp}/encrypted.db",
+                              "TEXTOPS_PREDICTION_LOG_KEYS": Fernet.generate_key().decode()}}
         if args.postgres:
-            setups["log on, PostgreSQL"] = args.postgres
+            setups["log on, PostgreSQL"] = {"TEXTOPS_PREDICTION_LOG": args.postgres}
         services = {}
-        for name, log_url in setups.items():
-            env = {"TEXTOPS_MAX_QUEUE": "4096", "TEXTOPS_WATCH_INTERVAL_S": "0",
-                   "TEXTOPS_PREDICTION_LOG": log_url}
+        for name, log_env in setups.items():
+            env = {"TEXTOPS_MAX_QUEUE": "4096", "TEXTOPS_WATCH_INTERVAL_S": "0", **log_env}
             service = control.start(bundle, control.free_port(),
                                     logs / f"logging-{len(services)}.log", env=env)
             stack.callback(control.stop, service.process)
@@ -118,11 +125,11 @@ def main() -> None:
                 texts = summary["texts_per_s"] * (args.seconds + 0.5)
                 rounds[name].append(summary["texts_per_s"])
                 cpu[name].append(used / texts * 1e6)
-                print(f"round {round_ + 1:>2}  {name:<20} {summary['texts_per_s']:8.1f} texts/s "
+                print(f"round {round_ + 1:>2}  {name:<26} {summary['texts_per_s']:8.1f} texts/s "
                       f" server CPU {cpu[name][-1]:6.1f} us/text  p99 {summary['p99_ms']:6.1f} ms"
                       f"  errors {summary['errors']}", flush=True)
         written = {name: counters(int(services[name].url.rsplit(":", 1)[1]))
-                   for name in setups if setups[name]}
+                   for name in setups if setups[name]["TEXTOPS_PREDICTION_LOG"]}
     report(rounds, cpu, written, args)
 
 
@@ -139,26 +146,35 @@ def report(rounds: dict[str, list[float]], cpu: dict[str, list[float]], written:
         ratios[name] = ratio
         cost = 1 - ratio
         verdict = "meets" if cost <= TARGET_COST else "MISSES"
-        print(f"  {name:<20} {statistics.median(values):8.1f} texts/s vs "
+        print(f"  {name:<26} {statistics.median(values):8.1f} texts/s vs "
               f"{statistics.median(off):8.1f} off: ratio {ratio:.3f}, cost {cost * 100:+.1f}% "
               f"({verdict} the target {TARGET_COST * 100:.0f}%); per round "
               f"{', '.join(f'{r:.3f}' for r in per_round)}")
         cpu_ratio = statistics.median(cpu[name]) / statistics.median(cpu["log off"])
         cpu_ratios[name] = cpu_ratio
-        print(f"  {'':<20} server CPU per text {statistics.median(cpu[name]):.1f} us vs "
+        print(f"  {'':<26} server CPU per text {statistics.median(cpu[name]):.1f} us vs "
               f"{statistics.median(cpu['log off']):.1f} us off: {(cpu_ratio - 1) * 100:+.1f}%")
-        print(f"  {'':<20} the log: {written[name]}")
+        print(f"  {'':<26} the log: {written[name]}")
+    # Encryption's own cost: the encrypted log against the plain one, round by round.
+    per_round = [e / p for e, p in zip(rounds[ENCRYPTED], rounds[PLAIN], strict=True)]
+    encryption = statistics.median(per_round)
+    verdict = "meets" if 1 - encryption <= TARGET_COST else "MISSES"
+    print(f"  encryption: ratio encrypted/plain log {encryption:.3f}, cost "
+          f"{(1 - encryption) * 100:+.1f}% ({verdict} the target {TARGET_COST * 100:.0f}%); "
+          f"per round {', '.join(f'{r:.3f}' for r in per_round)}")
     payload = {"args": vars(args), "texts_per_s": rounds, "server_cpu_us_per_text": cpu,
                "ratio_on_off": ratios, "cpu_per_text_ratio_on_off": cpu_ratios,
-               "log_counters": written}
+               "ratio_encrypted_plain": encryption, "log_counters": written}
     print(f"\nwrote {publish(as_result(payload)).relative_to(ROOT)}")
 
 
-ABOUT = f"""Two services on the same bundle, one with the prediction log off and one
-logging every answer, loaded in turns (off, on, on, off, ...) with SST-2 dev texts, one
-text per request. The ratio is the median over rounds of each round's on/off throughput;
-the target is a cost of at most {TARGET_COST * 100:.0f}%. The server's own CPU time per text
-moves less with the machine's load, so it is given beside. Run again:
+ABOUT = f"""Services on the same bundle, one with the prediction log off, one logging
+every answer and one logging every answer encrypted (Fernet, serving/predlog/crypto.py),
+loaded in turns (off, on, on, off, ...) with SST-2 dev texts, one text per request. The
+ratio is the median over rounds of each round's on/off throughput (and of encrypted/plain
+log, for encryption's own cost); the target for each is a cost of at most
+{TARGET_COST * 100:.0f}%. The server's own CPU time per text moves less with the
+machine's load, so it is given beside. Run again:
 `python bench/bench_logging.py` (`make bench`)."""
 
 
@@ -174,6 +190,8 @@ def as_result(payload: dict) -> Result:
                    "CPU per text vs off"], rows)
     summary = [[f"prediction log ({name}): throughput vs off", f"{ratio:.3f}"]
                for name, ratio in payload["ratio_on_off"].items()]
+    summary.append(["prediction log encryption: throughput encrypted vs plain log",
+                    f"{payload['ratio_encrypted_plain']:.3f}"])
     return Result("logging", "What the prediction log costs", ABOUT, [table], data=payload,
                   summary=summary)
 

@@ -21,6 +21,9 @@ IMAGE_USER = 10001  # the Dockerfile's USER
 # The image's WORKDIR/run: where the service keeps what it writes by default (its
 # prediction log, sqlite:///run/predictions.db).
 STATE_DIR = "/home/app/run"
+# Where files named by settings (a certificate, its key, the bundles' public key) are
+# mounted, one read-only file each, named after its variable.
+FILES_DIR = "/etc/textops"
 
 
 def bundle_mount(bundle: Path) -> tuple[Path, str, str]:
@@ -41,10 +44,11 @@ def bundle_mount(bundle: Path) -> tuple[Path, str, str]:
 def run_args(runtime: Runtime, image: str, name: str, port: int, host: str = "127.0.0.1",
              bundle: Path | None = None, env: dict | None = None,
              detach: bool = False, remove: bool = True,
-             state_dir: Path | None = None) -> list[str]:
+             state_dir: Path | None = None, files: dict | None = None) -> list[str]:
     """Arguments of `run` for the image as container `name`, its port 8000 published
     on host:port only; `bundle` is mounted read-only (else the image's baked one
-    serves); `state_dir` receives what the service writes (`state_args`).
+    serves); `state_dir` receives what the service writes (`state_args`); `files`
+    ({variable: host file}) are mounted read-only, each variable naming its file there.
     `runtime.command(*run_args(...))` is the command line."""
     args = ["run", "--name", name, "--publish", f"{host}:{port}:8000"]
     if detach:
@@ -60,6 +64,10 @@ def run_args(runtime: Runtime, image: str, name: str, port: int, host: str = "12
         args += ["--volume", f"{host_dir}:{mounted_at}:ro", "--env", f"TEXTOPS_BUNDLE={inside}"]
     if state_dir is not None:
         args += state_args(runtime, state_dir)
+    for variable, host_file in (files or {}).items():
+        inside = f"{FILES_DIR}/{variable.lower()}"
+        args += ["--volume", f"{Path(host_file).resolve()}:{inside}:ro",
+                 "--env", f"{variable}={inside}"]
     for key, value in (env or {}).items():
         args += ["--env", f"{key}={value}"]
     return [*args, image]
@@ -97,6 +105,19 @@ def check_mountable(bundle: Path) -> None:
                              f"{', '.join(problems[:3])}: chmod -R a+rX {host_dir}")
 
 
+def check_files_readable(files: dict) -> None:
+    """ContainerError naming a file of `files` that the image's user could not read:
+    run by root, the container runs as that user (`state_args`), and a private key is
+    usually its owner's alone."""
+    if os.geteuid() != 0:
+        return  # the container runs as this user, who can read them
+    closed = [f"{path} (mode {Path(path).stat().st_mode & 0o777:o})"
+              for path in files.values() if Path(path).stat().st_mode & 0o004 == 0]
+    if closed:
+        raise ContainerError(f"the image's user (uid {IMAGE_USER}) cannot read "
+                             f"{', '.join(closed)}")
+
+
 def unreadable(bundle: Path) -> list[str]:
     """Files and directories of `bundle` that other users cannot read (or enter): the
     image's user cannot serve them."""
@@ -111,11 +132,12 @@ def unreadable(bundle: Path) -> list[str]:
 
 
 def start(runtime: Runtime, image: str, name: str, port: int, host: str,
-          bundle: Path | None, state_dir: Path | None = None) -> None:
+          bundle: Path | None, state_dir: Path | None = None,
+          files: dict | None = None) -> None:
     """Run the image in the background as container `name`, kept after it exits so
     its log can tell why (`stop` removes it)."""
     runtime.run(*run_args(runtime, image, name, port, host, bundle, detach=True,
-                          remove=False, state_dir=state_dir))
+                          remove=False, state_dir=state_dir, files=files))
 
 
 def stop(runtime: Runtime, name: str, timeout: int = 30) -> None:

@@ -4,10 +4,15 @@ up, take it down, say how it runs.
 `up` serves a bundle as a long-running service: a Docker or Podman container when one
 of them works (built by ops/image.py, run by ops/container.py), else a local process
 (ops/process.py); its pid or container name and its log are kept in a run directory,
-which `down` and `status` read.
+which `down` and `status` read. With `--public-key`, the bundle's signature is verified
+first (serving/bundle/signature.py: an altered bundle is not served, and the message
+names the file that changed), and the service gets the key to verify every bundle it
+loads later. A certificate and key in the environment (`TEXTOPS_TLS_CERT_FILE`,
+`TEXTOPS_TLS_KEY_FILE`) make it serve HTTPS, in a process or a container.
 
     python -m ops.control up   [--bundle models/current] [--port 8000] [--run-dir run]
                                    [--runtime auto|docker|podman|process]
+                                   [--public-key keys/bundle-signing.pub]
     python -m ops.control down [--run-dir run]
     python -m ops.control status [--run-dir run]
 
@@ -32,6 +37,7 @@ from ops import container, image, runtimes
 from ops.process import (  # noqa: F401  (Service, free_port, stop: for control.<name> callers)
     STOP_TIMEOUT_S,
     Service,
+    base_url,
     free_port,
     http_json,
     start,
@@ -114,19 +120,23 @@ def switched_in_place(url: str, version: str, timeout: float) -> bool:
 
 
 def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float,
-       runtime_choice: str = "auto") -> tuple[str, str]:
+       runtime_choice: str = "auto", public_key: Path | None = None) -> tuple[str, str]:
     """Serve `bundle` on host:port and wait until it is ready; (URL, where its log is).
 
     If this run directory's service is already up, it switches to the new bundle
     without a restart; only if it does not is it replaced. `runtime_choice` "auto"
     takes a container when Docker or Podman works and the local process when none
     does or the container fails, saying why; "docker" or "podman" insist on one;
-    "process" never tries a container.
+    "process" never tries a container. With `public_key`, a bundle it does not verify
+    is refused before anything starts.
     """
     if not (Path(bundle) / "bundle.json").exists():
         raise RuntimeError(f"{bundle}: no bundle; run `dvc repro` first (a blessed model "
                            "is needed for models/current)")
-    url = f"http://{host}:{port}"
+    if public_key is not None:
+        check_signature(bundle, public_key)
+    files = served_files(public_key)
+    url = base_url(host, port, os.environ)
     version = bundle_version(bundle)
     running = running_pid(run_dir) or running_container(run_dir)
     if running and switched_in_place(url, version, timeout=15):
@@ -137,7 +147,7 @@ def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float,
     runtime = choose_runtime(runtime_choice)
     if runtime is not None:
         try:
-            up_container(runtime, bundle, port, run_dir, host, timeout)
+            up_container(runtime, bundle, port, run_dir, host, timeout, files)
             return url, log_hint(run_dir)
         except runtimes.ContainerError as err:
             down(run_dir)
@@ -145,8 +155,29 @@ def up(bundle: Path, port: int, run_dir: Path, host: str, timeout: float,
                 raise RuntimeError(f"{runtime.name}: {err}") from None
             print(f"deploy: the {runtime.name} container failed, so a local process serves "
                   f"instead: {err}")
-    up_process(bundle, port, run_dir, host, timeout)
+    up_process(bundle, port, run_dir, host, timeout, files)
     return url, log_hint(run_dir)
+
+
+def check_signature(bundle: Path, public_key: Path) -> None:
+    """RuntimeError unless `public_key` verifies the bundle's signature."""
+    from serving.bundle.signature import SignatureError, verify
+
+    try:
+        verify(Path(bundle).resolve(), public_key)
+    except SignatureError as err:
+        raise RuntimeError(f"refusing to serve {bundle}: {err}") from None
+
+
+def served_files(public_key: Path | None) -> dict[str, Path]:
+    """The files the service reads by path, by their variables: the bundles' public key,
+    and a certificate and its key from the environment."""
+    files = {name: Path(os.environ[name]) for name in ("TEXTOPS_TLS_CERT_FILE",
+                                                       "TEXTOPS_TLS_KEY_FILE")
+             if os.environ.get(name, "").strip()}
+    if public_key is not None:
+        files["TEXTOPS_BUNDLE_PUBLIC_KEY"] = Path(public_key)
+    return files
 
 
 def choose_runtime(choice: str) -> runtimes.Runtime | None:
@@ -170,14 +201,15 @@ def container_name(port: int) -> str:
 
 
 def up_container(runtime: runtimes.Runtime, bundle: Path, port: int, run_dir: Path,
-                 host: str, timeout: float) -> None:
-    """Build the image and run it with the bundle's directory mounted read-only and
-    the run directory writable."""
+                 host: str, timeout: float, files: dict[str, Path]) -> None:
+    """Build the image and run it with the bundle's directory and `files` mounted
+    read-only and the run directory writable."""
     name = container_name(port)
     host_dir, mounted_at, _ = container.bundle_mount(bundle)
     print(f"deploy: serving in a {runtime.name} container, {name} "
           f"({host_dir} mounted read-only at {mounted_at})")
     container.check_mountable(bundle)
+    container.check_files_readable(files)
     build_log = run_dir / "image-build.log"
     print(f"deploy: building {image.IMAGE} (log: {build_log})")
     image.build(runtime, build_log, image.IMAGE)
@@ -188,15 +220,18 @@ def up_container(runtime: runtimes.Runtime, bundle: Path, port: int, run_dir: Pa
     container.stop(runtime, name)
     # run_dir becomes the container's run/: its prediction log is the host's
     # run/predictions.db, as with a local process
-    container.start(runtime, image.IMAGE, name, port, host, bundle, state_dir=run_dir)
+    container.start(runtime, image.IMAGE, name, port, host, bundle, state_dir=run_dir,
+                    files=files)
     try:
-        wait_ready(f"http://{host}:{port}", timeout)
+        wait_ready(base_url(host, port, os.environ), timeout)
     except RuntimeError as err:
         raise runtimes.ContainerError(f"{err}\n{container.logs(runtime, name)}") from None
 
 
-def up_process(bundle: Path, port: int, run_dir: Path, host: str, timeout: float) -> None:
-    service = start(bundle, port, run_dir / "service.log", host=host, detach=True)
+def up_process(bundle: Path, port: int, run_dir: Path, host: str, timeout: float,
+               files: dict[str, Path]) -> None:
+    env = {name: str(path.resolve()) for name, path in files.items()}
+    service = start(bundle, port, run_dir / "service.log", host=host, env=env, detach=True)
     (run_dir / "service.pid").write_text(f"{service.process.pid}\n")
     try:
         wait_ready(service.url, timeout, service.process)
@@ -233,6 +268,9 @@ def main() -> None:
     parser.add_argument("--runtime", default="auto",
                         choices=["auto", *runtimes.RUNTIMES, "process"],
                         help="auto: a Docker or Podman container if one works, else a process")
+    parser.add_argument("--public-key", type=Path, default=None,
+                        help="verify the bundle's signature with this PEM public key, and "
+                             "have the service verify every bundle it loads")
     args = parser.parse_args()
     if args.action == "down":
         print(down(args.run_dir))
@@ -241,7 +279,7 @@ def main() -> None:
     else:
         try:
             url, log = up(args.bundle, args.port, args.run_dir, args.host, args.timeout,
-                          args.runtime)
+                          args.runtime, args.public_key)
         except RuntimeError as err:
             sys.exit(f"deploy: {err}")
         _, meta = http_json("GET", f"{url}/metadata")

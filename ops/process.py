@@ -4,7 +4,9 @@
 `stop` drains and ends it: the serve stage's throw-away canary service, `make deploy`'s
 local process (ops/control.py), the tests' and benchmarks' services. `free_port`,
 `http_json` and `wait_until` are the standard-library HTTP helpers for any server
-(this service, an MLflow server, ...).
+(this service, an MLflow server, ...). They take https URLs too: a service started with
+`TEXTOPS_TLS_CERT_FILE` has one (`base_url`), and a certificate no public CA signed (a
+self-signed one) is trusted by pointing OpenSSL's `SSL_CERT_FILE` at it.
 
 ops/control.py imports these names again, so `control.start`, `control.free_port`, ...
 keep working for the code that uses them there.
@@ -24,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +99,13 @@ class Service:
         return ""
 
 
+def base_url(host: str, port: int, environment: Mapping[str, str]) -> str:
+    """The address of a service started with `environment`: https when it has a
+    certificate (serving/tls.py)."""
+    tls = environment.get("TEXTOPS_TLS_CERT_FILE", "").strip()
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
 def start(bundle: str | Path, port: int, log_path: Path, host: str = "127.0.0.1",
           env: dict | None = None, detach: bool = False) -> Service:
     """Start `python -m serving` on host:port; `detach` puts it in its own session so
@@ -109,7 +118,8 @@ def start(bundle: str | Path, port: int, log_path: Path, host: str = "127.0.0.1"
             [sys.executable, "-m", "serving"], env=environment, stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=detach,
         )
-    return Service(process=process, url=f"http://{host}:{port}", log_path=log_path)
+    return Service(process=process, url=base_url(host, port, environment),
+                   log_path=log_path)
 
 
 def wait_ready(url: str, timeout: float, process: subprocess.Popen | None = None) -> dict:

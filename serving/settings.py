@@ -16,10 +16,11 @@ import math
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.bundle import RuntimeOptions
+from serving.predlog.crypto import LogCipher, PredictionLogKeyError, cipher_from
 from serving.predlog.store import URL_FORMS, PredictionLogError, check_url
 
 ENV_PREFIX = "TEXTOPS_"
@@ -77,6 +78,14 @@ class Settings(BaseSettings):
     # Security: both off by default.
     admin_token: str | None = Field(None, description="enables POST /admin/reload")
     api_keys: str | None = Field(None, description="comma-separated keys for prediction routes")
+    # Encryption in transit (serving/tls.py): with a certificate and its key every server
+    # process speaks HTTPS only. Empty: plain HTTP, unless REQUIRE_TLS refuses to start.
+    tls_cert_file: str = Field("", description="PEM certificate (chain) served for HTTPS")
+    tls_key_file: str = Field("", description="PEM private key of the certificate")
+    require_tls: bool = Field(False, description="refuse to start without a certificate")
+    # Signed bundles (serving/bundle/signature.py): with a public key, a bundle whose
+    # model.sig it does not verify is refused at start and on every reload.
+    bundle_public_key: str = Field("", description="PEM public key bundles are signed for")
 
     drift_window: int = Field(2000, ge=10, description="recent texts compared with training")
 
@@ -99,6 +108,12 @@ class Settings(BaseSettings):
     prediction_log_images: str = Field("hash", pattern="^(hash|thumbnail)$",
                                        description="hash: a sha256 per image; thumbnail: "
                                        "also the converted image, as PNG")
+    # Encryption at rest of the logged texts (serving/predlog/crypto.py): on when keys
+    # are given. Secret: kept out of reprs, and a bad key is named by its position only.
+    prediction_log_keys: SecretStr | None = Field(None, description="comma-separated "
+                                                  "Fernet keys, newest first")
+    prediction_log_key_file: str | None = Field(None, description="a file of Fernet keys, "
+                                                "one a line, newest first (a mounted secret)")
 
     @field_validator("prediction_log")
     @classmethod
@@ -109,10 +124,38 @@ class Settings(BaseSettings):
             raise ValueError(f"expected {URL_FORMS}, or empty for no log") from None
 
     @model_validator(mode="after")
+    def _log_keys_load(self):
+        # a model validator: its error shows no input, which would be the keys
+        try:
+            self.log_cipher()
+        except PredictionLogKeyError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @model_validator(mode="after")
     def _limits_fit_the_queue(self):
         if self.max_texts > self.max_queue:
             raise ValueError(f"{ENV_PREFIX}MAX_TEXTS ({self.max_texts}) must not exceed "
                              f"{ENV_PREFIX}MAX_QUEUE ({self.max_queue})")
+        return self
+
+    @field_validator("tls_cert_file", "tls_key_file", "bundle_public_key")
+    @classmethod
+    def _a_readable_file(cls, path: str) -> str:
+        path = path.strip()
+        if path and not os.access(path, os.R_OK):
+            raise ValueError("no such file, or not readable by this user")
+        return path
+
+    @model_validator(mode="after")
+    def _tls_is_whole(self):
+        cert, key = f"{ENV_PREFIX}TLS_CERT_FILE", f"{ENV_PREFIX}TLS_KEY_FILE"
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError(f"{cert} and {key} go together: HTTPS needs both")
+        if self.require_tls and not self.tls_cert_file:
+            raise ValueError(f"{ENV_PREFIX}REQUIRE_TLS is on: set {cert} and {key} (a "
+                             "certificate and its private key), or the service would "
+                             "serve plain HTTP")
         return self
 
     @classmethod
@@ -140,6 +183,12 @@ class Settings(BaseSettings):
 
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in (self.api_keys or "").split(",") if key.strip()]
+
+    def log_cipher(self) -> LogCipher | None:
+        """The prediction log's cipher; None: its texts are stored as they are."""
+        keys = self.prediction_log_keys
+        return cipher_from(keys.get_secret_value() if keys else None,
+                           self.prediction_log_key_file)
 
 
 def available_cores() -> int:

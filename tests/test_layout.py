@@ -20,7 +20,10 @@ NOT_IN_SERVING = ("torch", "pytorch_lightning", "lightning", "torchmetrics", "pi
 CONTRACT_THIRD_PARTY = ("numpy", "onnxruntime", "tokenizers", "PIL")  # PIL: image bundles
 # The registered MLflow model wraps the contract, so it needs MLflow and pandas too; a
 # registry URI is fetched with MLflow, imported only for such URIs.
-CONTRACT_EXTRAS = {"serving.bundle.pyfunc": ("mlflow", "pandas")}
+# A signed bundle's signature is OpenSSF model signing's, checked with its package
+# (on cryptography), imported only to sign or verify.
+CONTRACT_EXTRAS = {"serving.bundle.pyfunc": ("mlflow", "pandas"),
+                   "serving.bundle.signature": ("model_signing", "cryptography")}
 
 
 def product_modules() -> dict[str, Path]:

@@ -28,6 +28,8 @@ def deploy(port: int = PORT,
            run_dir: Path = RUN_DIR) -> None:
     """Bring the pipeline up to date and serve the champion (models/current). Says when
     the model just trained was refused at the gate, why, and what is served instead.
+    The champion's signature is verified with the deploy stage's public key
+    (deploy.signing_key + .pub) first: an altered bundle is not served.
 
     Examples:
 
@@ -36,18 +38,26 @@ def deploy(port: int = PORT,
       textops deploy --port 8080 --runtime process
     """
     from pipeline.config import Paths, load_params
+    from pipeline.tracking.signing import key_paths
     from textops.deploy_check import check
 
     if repro:
         run_tool("dvc", "repro")
-    verdict = check(load_params(), Paths(), allow_other_data)
+    cfg = load_params()
+    verdict = check(cfg, Paths(), allow_other_data)
     for line in verdict.notices:
         typer.secho(line, fg=typer.colors.YELLOW if verdict.refused_model else None,
                     bold=verdict.refused_model, err=True)
     if verdict.refusal:
         raise fail(f"deploy: {verdict.refusal}", code=2)
+    _, public_key = key_paths(cfg, Paths())
+    if not public_key.is_file():  # never serve unverified because a key went missing
+        raise fail(f"deploy: no public key at {public_key} to verify models/current with; "
+                   "the deploy stage makes the key pair and signs what it promotes "
+                   "(`dvc repro --force --single-item deploy`)", code=2)
     run_module("ops.control", "up", "--bundle", "models/current", "--port", str(port),
-               "--run-dir", str(run_dir), "--runtime", runtime)
+               "--run-dir", str(run_dir), "--runtime", runtime, "--public-key",
+               str(public_key))
 
 
 def undeploy(run_dir: Path = RUN_DIR) -> None:

@@ -2,8 +2,10 @@
 each probe's path as the probe needs while a bundle loads (startup and readiness 503,
 liveness 200; a missing route answers 404), container and probe ports are the image's
 TEXTOPS_PORT, pods run as the image's user, every TEXTOPS_* variable is a setting of
-serving/settings.py. ops/k8s/manifests.py asks `disagreements_with_code` of every
-rendered object.
+serving/settings.py, the probes speak HTTPS exactly when the service does
+(TEXTOPS_TLS_CERT_FILE), and each file a setting names (a certificate, its key, the
+bundles' public key) lies in a volume mounted into the container.
+ops/k8s/manifests.py asks `disagreements_with_code` of every rendered object.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def setting_names() -> set[str]:
     return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
 
+# Settings that name a file the service reads at start: absent, it refuses to start.
+FILE_SETTINGS = ("TEXTOPS_TLS_CERT_FILE", "TEXTOPS_TLS_KEY_FILE", "TEXTOPS_BUNDLE_PUBLIC_KEY")
+
 # What each probe's path must answer while the bundle is still loading: the startup
 # and readiness probes must wait for the load (503), liveness must not (200).
 PROBES = {"startupProbe": 503, "readinessProbe": 503, "livenessProbe": 200}
@@ -84,7 +89,8 @@ def disagreements_with_code(obj: dict) -> list[str]:
         name = f"{describe(obj)} container {container['name']}"
         problems += [f"{name}: {problem}" for problem in
                      user_problems(spec, container) + port_problems(container)
-                     + probe_problems(container) + env_problems(container)]
+                     + probe_problems(container) + env_problems(container)
+                     + tls_problems(container) + file_problems(container)]
     return problems
 
 
@@ -127,3 +133,28 @@ def env_problems(container: dict) -> list[str]:
         if name not in settings and name not in OTHER_ENV:
             problems.append(f"{name} is not a setting of serving/settings.py")
     return problems
+
+
+def literal_env(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if e.get("value")}
+
+
+def tls_problems(container: dict) -> list[str]:
+    """The kubelet's probes must speak what the service speaks: HTTP to an HTTPS port
+    fails the handshake (every probe fails), HTTPS to an HTTP port too."""
+    https = bool(literal_env(container).get("TEXTOPS_TLS_CERT_FILE"))
+    problems = []
+    for probe in PROBES:
+        get = container.get(probe, {}).get("httpGet")
+        scheme = (get or {}).get("scheme", "HTTP")
+        if get is not None and (scheme == "HTTPS") != https:
+            problems.append(f"{probe} scheme {scheme}, the service serves "
+                            f"{'HTTPS (TEXTOPS_TLS_CERT_FILE)' if https else 'plain HTTP'}")
+    return problems
+
+
+def file_problems(container: dict) -> list[str]:
+    mounts = [m["mountPath"].rstrip("/") + "/" for m in container.get("volumeMounts", [])]
+    return [f"{name}={path} is in no volume mounted into the container"
+            for name, path in literal_env(container).items()
+            if name in FILE_SETTINGS and not any(path.startswith(m) for m in mounts)]

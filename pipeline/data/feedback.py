@@ -10,6 +10,11 @@ The snapshot accumulates: rows already in it are kept, and a row the log holds a
 predictions (retention by age and size), and the labels that trained earlier models
 must not vanish with them.
 
+An encrypted log is decrypted with the keys the service's settings name
+(TEXTOPS_PREDICTION_LOG_KEYS or TEXTOPS_PREDICTION_LOG_KEY_FILE, read from the
+environment by serving/predlog/crypto.py); without them the export fails, naming them.
+The snapshot holds plaintext, as training reads it: DVC tracks it, git does not.
+
     python -m pipeline.data.feedback export [--log URL] [--out PATH]
 """
 

@@ -10,9 +10,12 @@
    batch (fp32 within `fp32_max_abs_diff`, int8 within `int8_batch_max_abs_diff`).
 3. The bundle (`models/candidate/`): both models, the task's preprocessing files,
    bundle.json and MODEL_CARD.md, written atomically.
-4. A new version of the registered pyfunc model, tagged with the gate's verdict
+4. A signed copy of it (model.sig, OpenSSF model signing with `deploy.signing_key`,
+   made on the first deploy: pipeline/tracking/signing.py) as a new version of the
+   registered pyfunc model, tagged with the gate's verdict
    (pipeline/tracking/registry.py). Only a blessed version gets the `champion` alias and
-   becomes `models/current`.
+   becomes `models/current`. The candidate itself stays unsigned, so that every clone
+   writes the same bytes.
 
 Rollback and promotion by hand: `textops rollback`, `textops promote VERSION`.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -32,7 +36,7 @@ from omegaconf import DictConfig
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
-from pipeline.tracking import lineage
+from pipeline.tracking import lineage, signing
 from pipeline.tracking.registry import promote, prune_store, register
 from serving.bundle import MODEL_FILES, Bundle, RuntimeOptions
 from serving.bundle.tasks import signature
@@ -222,13 +226,19 @@ def deploy(cfg: DictConfig, paths: Paths) -> dict:
     """Build, register and (when blessed) promote. Writes the report (what the inputs
     determine) and the run's facts (the registry version and run it got); returns both."""
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    private_key, public_key = signing.key_paths(cfg, paths)
+    if signing.ensure_key_pair(private_key, public_key):
+        print(f"deploy: made a signing key pair, {private_key} and {public_key} "
+              "(services verify bundles with the .pub)")
     meta = build_bundle(cfg, paths)
     run_id = lineage.training_run(cfg.mlflow.experiment, paths.checkpoint)
-    version = register(paths.candidate, meta, run_id)
     blessed = meta["gate"]["blessed"]
-    if blessed:
-        promote(meta["model_name"], version, paths.candidate, paths)
-        prune_store(cfg.deploy.keep_bundles, paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        signed = signing.signed_copy(paths.candidate, Path(tmp) / "bundle", private_key)
+        version = register(signed, meta, run_id)
+        if blessed:
+            promote(meta["model_name"], version, signed, paths)
+            prune_store(cfg.deploy.keep_bundles, paths)
     report = {
         "model_name": meta["model_name"],
         "bundle_version": meta["version"],

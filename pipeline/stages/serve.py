@@ -82,10 +82,15 @@ def check_service(cfg: DictConfig, paths: Paths) -> dict:
     expected = np.concatenate([bundle.predict_proba([text]) for text in texts])
     port = process.free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        # The canary's answers go to a log of their own, never the production one.
+        # The canary's answers go to a log of their own, never the production one. It
+        # serves the candidate, which is unsigned (pipeline/tracking/signing.py), over
+        # loopback: a public key or a certificate in the environment is not for it.
         service = process.start(bundle_dir, port, Path(tmp) / "service.log",
                                 env={"TEXTOPS_PRECISION": cfg.serve.precision,
-                                     "TEXTOPS_PREDICTION_LOG": f"sqlite:///{tmp}/canary.db"})
+                                     "TEXTOPS_PREDICTION_LOG": f"sqlite:///{tmp}/canary.db",
+                                     "TEXTOPS_BUNDLE_PUBLIC_KEY": "",
+                                     "TEXTOPS_TLS_CERT_FILE": "", "TEXTOPS_TLS_KEY_FILE": "",
+                                     "TEXTOPS_REQUIRE_TLS": "false"})
         try:
             ready = process.wait_ready(service.url, cfg.serve.ready_timeout_s, service.process)
             result = canary(service.url, texts, expected, bundle.label_names,

@@ -31,12 +31,15 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from serving import tls
 from serving.api import routes, v2
 from serving.api.errors import add_error_handlers
 from serving.api.hot_path import PredictHotPath
 from serving.api.middleware import BodySizeLimit, RequestMetrics
 from serving.api.security import api_key_dependency
 from serving.engine.service import InferenceService
+from serving.predlog.crypto import check_log
+from serving.predlog.store import PredictionLogError
 from serving.processes.supervisor import Supervisor
 from serving.processes.workers import MULTIPROC_ENV
 from serving.settings import Settings, SettingsError
@@ -90,9 +93,20 @@ def main() -> None:
     except SettingsError as err:  # a clear message, not a traceback
         sys.exit(f"serving: {err}")
     configure_process(settings)
+    # An encrypted log and no key, or keys that cannot open it: no start
+    # (serving/predlog/crypto.py; the log's writer checks again whenever it connects).
+    try:
+        if settings.prediction_log:
+            check_log(settings.prediction_log, settings.log_cipher())
+    except PredictionLogError as err:
+        sys.exit(f"serving: {err}")
     options = {"host": settings.host, "port": settings.port, "log_level": "info",
                "access_log": False,
                "timeout_graceful_shutdown": int(settings.request_timeout_s * 3)}
+    try:  # HTTPS: every worker gets the certificate (serving/tls.py)
+        options.update(tls.server_options(settings))
+    except SettingsError as err:
+        sys.exit(f"serving: {err}")
     workers = settings.worker_count()
     if workers == 1:
         uvicorn.run(create_app(settings), **options)

@@ -11,7 +11,9 @@ A bundle is a directory holding
 - `MODEL_CARD.md`,
 - and, in a copy the registry promoted, `registry.json`: the registry version, the
   MLflow run and the git commit (kept out of bundle.json, which the same training
-  must write byte for byte in any clone).
+  must write byte for byte in any clone),
+- and, in what the deploy stage registers and promotes, `model.sig`: its signature
+  over every other file but registry.json (serving/bundle/signature.py).
 
 Loading needs onnxruntime, tokenizers, Pillow and numpy only: no torch, no pickle, nothing
 from `pipeline/`.

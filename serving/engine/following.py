@@ -2,9 +2,10 @@
 
 `BundleFollowing` is the half of `InferenceService` (serving/engine/service.py) that
 changes the bundle: a reload (the admin's, or the watcher's when the link or the
-registry alias moves) loads and warms the new bundle, then swaps it in with one
-assignment, so requests in flight finish on the old one; a bundle that fails to load or
-to warm up is refused and the old one keeps serving. With several server processes,
+registry alias moves) verifies the new bundle's signature (when a public key is set),
+loads and warms it, then swaps it in with one assignment, so requests in flight finish
+on the old one; a bundle that fails any of these is refused and the old one keeps
+serving. With several server processes,
 each follows the others' reloads, publishes its drift window and memory, and beats for
 the supervisor, through serving/processes/workers.py.
 """
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serving.bundle import Bundle, BundleError
+from serving.bundle.signature import verify as verify_signature
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
 from serving.processes.workers import SYNC_INTERVAL_S
@@ -38,7 +40,10 @@ MEMORY_INTERVAL_S = 5.0
 
 def load_warm(path: Path, settings: Settings, workers: int = 1) -> Bundle:
     """Load a bundle and run it once, as one of `workers` server processes;
-    BundleError if it cannot serve."""
+    BundleError if it cannot serve. With `TEXTOPS_BUNDLE_PUBLIC_KEY`, a bundle whose
+    signature that key does not verify is refused before anything of it is read."""
+    if settings.bundle_public_key:
+        verify_signature(path, settings.bundle_public_key)
     bundle = Bundle.load(path, settings.precision, settings.runtime_options(workers))
     try:
         bundle.predict_proba(warm_up_items(bundle))

@@ -4,6 +4,7 @@ One module per job, and no re-exports here, so that importing one (the settings'
 check, the pipeline's reader, the normaliser's child process) does not import the
 service's writer: `store` (schema, URLs, one connection), `stats` (the live figures),
 `rows` (sampling, the rows of an answer), `normalizer` (normalising off the GIL),
-`feedback` (storing labels), `writer` (`PredictionLog`, the service's queue and
-thread) and `reader` (`read_labelled`, for the pipeline).
+`feedback` (storing labels), `crypto` (encryption at rest: keys, cipher, rotation),
+`writer` (`PredictionLog`, the service's queue and thread) and `reader`
+(`read_labelled`, for the pipeline).
 """

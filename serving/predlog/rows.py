@@ -2,7 +2,8 @@
 
 `sampled` decides per request id (the same way in every replica); `prediction_rows`
 turns one answered request into its `predictions` rows (serving/predlog/store.py has
-the schema), its texts normalised by serving/predlog/normalizer.py.
+the schema), its texts normalised by serving/predlog/normalizer.py and, with the log's
+keys set, encrypted by serving/predlog/crypto.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from serving.bundle import Bundle
+    from serving.predlog.crypto import LogCipher
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -32,17 +34,22 @@ def sampled(request_id: str, rate: float) -> bool:
 
 
 def prediction_rows(request_id: str, created: float, bundle: Bundle, texts: list[str],
-                    probs: np.ndarray, normalized: list[str] | None = None) -> list[tuple]:
+                    probs: np.ndarray, normalized: list[str] | None = None,
+                    cipher: LogCipher | None = None) -> list[tuple]:
     """The predictions rows of one request, its texts normalised and masked by the
     bundle's own tokenizer normalizer, as training saw them (`normalized`: already
-    done, by `normalize_texts`)."""
+    done, by `normalize_texts`); with a `cipher`, each text encrypted and its hash
+    keyed."""
     if normalized is None:
         normalized = normalize_texts(normalizer_state(bundle), texts)
     names, version = bundle.label_names, bundle.version
     rows = []
     for position, (stored, row) in enumerate(zip(normalized, probs.tolist(), strict=True)):
         label = names[row.index(max(row))]  # the first of ties, as /predict
-        rows.append((request_id, position, created, version, stored,
-                     hashlib.sha256(stored.encode()).hexdigest(), orjson.dumps(row).decode(),
-                     label))
+        if cipher is None:
+            text, digest = stored, hashlib.sha256(stored.encode()).hexdigest()
+        else:
+            text, digest = cipher.seal(stored), cipher.digest(stored)
+        rows.append((request_id, position, created, version, text, digest,
+                     orjson.dumps(row).decode(), label))
     return rows

@@ -10,7 +10,9 @@ Two tables, the same SQL on SQLite (the default, one file in WAL mode) and Postg
 
 `text` is the text *after the bundle's own normalisation and masking* (the
 tokenizer.json normalizer: e-mail addresses, URLs and phone numbers are already
-placeholders), so no raw personal data is stored. `created` is unix seconds.
+placeholders), so no raw personal data is stored. `created` is unix seconds. With the
+log's keys set, `text` is a Fernet token and `text_sha256` a keyed hash,
+`hmac-sha256:<hex>` (serving/predlog/crypto.py).
 
 `LogStore` is one connection, each method one transaction; the service's writer
 (serving/predlog/writer.py), the pipeline's reader (serving/predlog/reader.py) and the

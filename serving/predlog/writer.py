@@ -3,7 +3,8 @@
 The service writes through `PredictionLog`: a request only puts a tuple on a bounded
 queue (a full queue drops the entry and counts it, never the request); one thread turns
 entries into rows (the normalisation in a child process, off the service's GIL) and
-inserts them in batches, one transaction each. When the database
+inserts them in batches, one transaction each (with the log's keys set, their texts
+encrypted here too: serving/predlog/crypto.py). When the database
 fails, batches are dropped and counted, the error is logged once and the connection is
 retried with backoff; retention (by age and by row count) and the live-quality figures
 are the same thread's periodic work.
@@ -25,6 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from serving.monitoring.live_stats import LiveStats
+from serving.predlog.crypto import LogCipher, check_store
 from serving.predlog.feedback import FeedbackStore, LogBehind
 from serving.predlog.normalizer import Normalizing
 from serving.predlog.rows import prediction_rows, sampled
@@ -54,8 +56,10 @@ class PredictionLog:
                  sample: float = 1.0, retention_days: float = 30,
                  max_rows: int = 1_000_000, feedback_window: int = 1000,
                  batch_size: int = 2000, linger_s: float = 0.1, prune_interval_s: float = 60,
-                 stats_interval_s: float = 10, retry_s: tuple[float, float] = (0.2, 5.0)):
+                 stats_interval_s: float = 10, retry_s: tuple[float, float] = (0.2, 5.0),
+                 cipher: LogCipher | None = None):
         self.url = check_url(url)
+        self.cipher = cipher  # None: the texts are stored as they are
         self.metrics = metrics
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.sample, self.batch_size, self.linger_s = sample, batch_size, linger_s
@@ -82,7 +86,8 @@ class PredictionLog:
                    sample=settings.prediction_log_sample,
                    retention_days=settings.prediction_log_retention_days,
                    max_rows=settings.prediction_log_max_rows,
-                   feedback_window=settings.feedback_window)
+                   feedback_window=settings.feedback_window,
+                   cipher=settings.log_cipher())
 
     def start(self) -> None:
         self.thread.start()
@@ -196,7 +201,13 @@ class PredictionLog:
         if self.store is None:
             if self.failing and time.monotonic() < self.retry_at:
                 raise Unavailable(self.failing)
-            self.store = open_store(self.url)
+            store = open_store(self.url)
+            try:  # encrypted rows and no key, or not this one: write nothing (see crypto)
+                check_store(store, self.cipher)
+            except Exception:
+                store.close()
+                raise
+            self.store = store
         return self.store
 
     def _write(self, entries: list[tuple]) -> None:
@@ -204,7 +215,8 @@ class PredictionLog:
         try:
             normalized = self.normalizing(entries)
             rows = [row for entry, texts in zip(entries, normalized, strict=True)
-                    for row in prediction_rows(*entry, normalized=texts)]
+                    for row in prediction_rows(*entry, normalized=texts,
+                                               cipher=self.cipher)]
             self._connection().write_predictions(rows)
         except Exception as err:  # noqa: BLE001 - the log drops entries, never fails
             self._failed(err, count)

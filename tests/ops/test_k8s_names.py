@@ -79,10 +79,11 @@ def test_changing_a_name_in_one_file_changes_every_rendered_occurrence(tmp_path)
     text = json.dumps(rendered)
     for old in (MODEL, MLFLOW, SERVING, PIPELINE):
         assert old not in text, old
-    assert text.count("registry.example/serving:v7") == 4  # base, champion, serverless, raw
+    # base, champion, secure, serverless, raw
+    assert text.count("registry.example/serving:v7") == 5
     assert text.count("textops-pipeline:2026-01") == 1
-    assert text.count("models:/reviews@challenger") == 3
-    assert text.count("http://mlflow.team:5000") == 4
+    assert text.count("models:/reviews@challenger") == 4
+    assert text.count("http://mlflow.team:5000") == 5
     if KUBECTL:  # and kustomize itself renders the copy the same way
         for directory in ("overlays/champion", "kserve/raw", "retrain"):
             ours = kustomize.render(k8s / directory)

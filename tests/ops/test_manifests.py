@@ -20,14 +20,15 @@ import manifests  # noqa: E402  (ops/k8s/manifests.py: the checks `make manifest
 from serving.settings import Settings  # noqa: E402
 
 BASE, CHAMPION = ROOT / "ops/k8s/base", ROOT / "ops/k8s/overlays/champion"
+SECURE = ROOT / "ops/k8s/overlays/secure"
 SERVERLESS, RAW = ROOT / "ops/k8s/kserve/serverless", ROOT / "ops/k8s/kserve/raw"
 MONITORING, RETRAIN = ROOT / "ops/k8s/monitoring", ROOT / "ops/k8s/retrain"
-EVERY = [BASE, CHAMPION, SERVERLESS, RAW, MONITORING, RETRAIN]
+EVERY = [BASE, CHAMPION, SECURE, SERVERLESS, RAW, MONITORING, RETRAIN]
 # What each kustomization holds.
 KINDS = {BASE: {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"},
          SERVERLESS: {"InferenceService"}, MONITORING: {"ServiceMonitor"},
          RETRAIN: {"CronJob", "PersistentVolumeClaim"}}
-KINDS.update({CHAMPION: KINDS[BASE], RAW: KINDS[SERVERLESS]})
+KINDS.update({CHAMPION: KINDS[BASE], SECURE: KINDS[BASE], RAW: KINDS[SERVERLESS]})
 KUBECTL = shutil.which("kubectl")
 
 
@@ -116,6 +117,14 @@ BREAKAGES = {
     "a patch aimed at a misspelt container": (
         "overlays/champion/follow-champion.yaml", "spec.template.spec.containers.0.name",
         "textop", "unable to find field 'spec.template.spec.containers.[name=textops].env"),
+    "TLS on, probes still on plain HTTP (every probe would fail)": (
+        "components/tls/https.yaml", "spec.template.spec.containers.0.livenessProbe",
+        {"httpGet": {"scheme": "HTTP"}},
+        "livenessProbe scheme HTTP, the service serves HTTPS (TEXTOPS_TLS_CERT_FILE)"),
+    "a public key outside every mounted volume (the service would not start)": (
+        "components/signed-bundles/bundle-key.yaml",
+        "spec.template.spec.containers.0.env.0.value", "/etc/textops/bundle-signing.pub",
+        "TEXTOPS_BUNDLE_PUBLIC_KEY=/etc/textops/bundle-signing.pub is in no volume"),
     "another user than the image's": (
         "kserve/serverless/inferenceservice.yaml",
         "spec.predictor.containers.0.securityContext.runAsUser", 1000,
@@ -141,6 +150,8 @@ def k8s_copy(tmp_path) -> Path:
 def test_a_broken_field_fails_the_check(k8s_copy, breakage):
     file, path, value, message = BREAKAGES[breakage]
     directory = edit_field(k8s_copy, file, path, value)
+    if directory.parent.name == "components":  # checked where it is used
+        directory = k8s_copy / "overlays/secure"
     with pytest.raises(manifests.ManifestError) as failure:
         manifests.check(directory)
     assert message in str(failure.value)
@@ -247,7 +258,7 @@ def test_the_deployment_rolls_and_drains_without_losing_a_request():
         == cpu_limit
 
 
-@pytest.mark.parametrize("directory", [BASE, CHAMPION, SERVERLESS, RAW],
+@pytest.mark.parametrize("directory", [BASE, CHAMPION, SECURE, SERVERLESS, RAW],
                          ids=lambda d: str(d.relative_to(ROOT)))
 def test_pods_run_unprivileged_and_write_only_to_empty_dirs(directory):
     (obj,) = [o for o in manifests.render(directory) if agreement.pod_spec(o)]
@@ -265,9 +276,13 @@ def test_pods_run_unprivileged_and_write_only_to_empty_dirs(directory):
     # ... and its prediction log (by default a SQLite file under the working directory,
     # on the read-only root): off, or one PostgreSQL database for every replica
     assert variables["TEXTOPS_PREDICTION_LOG"] == ("" if directory == BASE else FROM_SECRET)
+    # ... and what it only reads is mounted read-only (the secure overlay's certificate
+    # and public key)
+    read_only = {v["name"] for v in spec["volumes"] if "secret" in v or "configMap" in v}
+    assert all(m.get("readOnly") for m in main["volumeMounts"] if m["name"] in read_only)
 
 
-@pytest.mark.parametrize("directory", [CHAMPION, SERVERLESS, RAW],
+@pytest.mark.parametrize("directory", [CHAMPION, SECURE, SERVERLESS, RAW],
                          ids=lambda d: str(d.relative_to(ROOT)))
 def test_replicas_follow_the_champion_of_the_deployed_model(directory):
     (obj,) = [o for o in manifests.render(directory) if agreement.pod_spec(o)]
@@ -291,3 +306,33 @@ def test_service_hpa_and_budget_select_the_pods():
     assert hpa["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["minReplicas"] == deployment["spec"]["replicas"] < hpa["maxReplicas"]
     assert objects["PodDisruptionBudget"]["spec"]["maxUnavailable"] < hpa["minReplicas"]
+
+
+def test_the_secure_overlay_is_the_champion_over_https_verifying_bundles():
+    """components/tls and components/signed-bundles over overlays/champion: HTTPS only
+    (the Secret textops-tls, every probe over HTTPS, the Service on 443), and the
+    bundles' public key from the ConfigMap textops-bundle-key."""
+    champion, secure = rendered(CHAMPION), rendered(SECURE)
+    deployment = secure["Deployment"]
+    pod, main = deployment["spec"]["template"]["spec"], container(deployment)
+    variables = env(deployment)
+    assert variables == {**env(champion["Deployment"]),
+                         "TEXTOPS_TLS_CERT_FILE": "/etc/textops/tls/tls.crt",
+                         "TEXTOPS_TLS_KEY_FILE": "/etc/textops/tls/tls.key",
+                         "TEXTOPS_REQUIRE_TLS": "true",
+                         "TEXTOPS_BUNDLE_PUBLIC_KEY": "/etc/textops/bundle-key/bundle-signing.pub"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "textops-tls"
+    assert volumes["bundle-key"]["configMap"]["name"] == "textops-bundle-key"
+    for probe in agreement.PROBES:
+        assert main[probe]["httpGet"]["scheme"] == "HTTPS"
+        assert {k: v for k, v in main[probe]["httpGet"].items() if k != "scheme"} \
+            == container(champion["Deployment"])[probe]["httpGet"]
+    assert deployment["spec"]["template"]["metadata"]["annotations"][
+        "prometheus.io/scheme"] == "https"
+    assert secure["Service"]["spec"]["ports"] == [
+        {"name": "https", "port": 443, "targetPort": "http", "protocol": "TCP"}]
+    # nothing else changes: the same pods, rollout and limits as the champion overlay
+    same = ("env", "volumeMounts", *agreement.PROBES)
+    assert {k: v for k, v in main.items() if k not in same} == \
+        {k: v for k, v in container(champion["Deployment"]).items() if k not in same}

@@ -406,3 +406,35 @@ def test_the_exported_model_says_nothing_of_where_the_code_lives(built_bundle):
     values = [p.value for node in model.graph.node for p in node.metadata_props]
     assert values, "the exporter's own node metadata is kept"
     assert not [v for v in values if "pipeline" in v or str(ROOT) in v]
+
+
+def test_deploy_signs_what_it_registers_and_promotes(own_workspace, bundle, monkeypatch,
+                                                     tmp_path):
+    """The registered and the promoted bundle carry model.sig, made with a key pair the
+    first deploy makes; the candidate (a DVC output, the same bytes in every clone)
+    stays unsigned; the registry's copy verifies as downloaded."""
+    from serving.bundle.signature import SIGNATURE, verify
+
+    path, cfg = own_workspace
+    paths = Paths(path)
+    meta = {**json.loads(json.dumps(bundle[1])), "gate": {"blessed": True, "reasons": []}}
+    # the candidate is already built (own_workspace copies it): sign and register it
+    monkeypatch.setattr(deploy, "build_bundle", lambda cfg, paths: json.loads(json.dumps(meta)))
+    before = {p.name: p.read_bytes() for p in paths.candidate.iterdir()}
+    report = deploy.deploy(cfg, paths)
+    private, public = path / "keys/bundle-signing.pem", path / "keys/bundle-signing.pub"
+    assert private.stat().st_mode & 0o777 == 0o600 and public.exists()
+    assert {p.name: p.read_bytes() for p in paths.candidate.iterdir()} == before
+    assert SIGNATURE not in before
+    current = paths.current.resolve()
+    assert {SIGNATURE, "registry.json"} <= {p.name for p in current.iterdir()}
+    verify(current, public)
+    downloaded = registry.download_bundle(meta["model_name"], tmp_path / "download",
+                                          report["registry_version"])
+    verify(downloaded, public)
+    # a second deploy signs with the same key
+    key = private.read_bytes()
+    again = deploy.deploy(cfg, paths)
+    assert private.read_bytes() == key
+    verify(paths.current.resolve(), public)
+    assert int(again["registry_version"]) == int(report["registry_version"]) + 1
