@@ -48,8 +48,9 @@ deploy: setup  ## bring the pipeline up to date and serve the champion on PORT (
 undeploy: setup  ## stop the service or container started by `make deploy` (safe when none runs)
 	$(VENV)/bin/textops undeploy --run-dir $(RUN_DIR)
 
+# https when a certificate is set: `make deploy` then serves HTTPS only (serving/tls.py)
 retrain: setup  ## read the service on PORT, retrain on its feedback if a trigger fires (ARGS="--dry-run" or "--force")
-	$(VENV)/bin/textops retrain --service-url http://127.0.0.1:$(PORT) $(ARGS)
+	$(VENV)/bin/textops retrain --service-url $(if $(strip $(TEXTOPS_TLS_CERT_FILE)),https,http)://127.0.0.1:$(PORT) $(ARGS)
 
 rules:  ## check the Prometheus rules, their tests and scrape config (promtool), and that the Grafana dashboard is current
 	promtool check rules ops/prometheus/alerts.yml

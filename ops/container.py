@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 from ops.runtimes import ContainerError, Runtime
@@ -21,9 +22,20 @@ IMAGE_USER = 10001  # the Dockerfile's USER
 # The image's WORKDIR/run: where the service keeps what it writes by default (its
 # prediction log, sqlite:///run/predictions.db).
 STATE_DIR = "/home/app/run"
-# Where files named by settings (a certificate, its key, the bundles' public key) are
-# mounted, one read-only file each, named after its variable.
+# Where files named by settings (a certificate, its key, the bundles' public key, the
+# prediction log's key file) are mounted, one read-only file each, named after its
+# variable.
 FILES_DIR = "/etc/textops"
+# The settings from the environment that name such a file (`make deploy` mounts each
+# one that is set), and those passed by name alone (`--env NAME`): the runtime copies
+# the value from its own environment, so no key shows on a command line (`ps` shows
+# those to every user). Without them a container would not get what a local process
+# inherits, and would write the prediction log in plaintext, or serve plain HTTP,
+# while the environment asks for keys or TLS.
+FILE_SETTINGS = ("TEXTOPS_TLS_CERT_FILE", "TEXTOPS_TLS_KEY_FILE",
+                 "TEXTOPS_PREDICTION_LOG_KEY_FILE")
+PASSED_BY_NAME = ("TEXTOPS_PREDICTION_LOG_KEYS", "TEXTOPS_REQUIRE_TLS",
+                  "TEXTOPS_REQUIRE_LOG_ENCRYPTION")
 
 
 def bundle_mount(bundle: Path) -> tuple[Path, str, str]:
@@ -44,11 +56,13 @@ def bundle_mount(bundle: Path) -> tuple[Path, str, str]:
 def run_args(runtime: Runtime, image: str, name: str, port: int, host: str = "127.0.0.1",
              bundle: Path | None = None, env: dict | None = None,
              detach: bool = False, remove: bool = True,
-             state_dir: Path | None = None, files: dict | None = None) -> list[str]:
+             state_dir: Path | None = None, files: dict | None = None,
+             passed: Iterable[str] = ()) -> list[str]:
     """Arguments of `run` for the image as container `name`, its port 8000 published
     on host:port only; `bundle` is mounted read-only (else the image's baked one
     serves); `state_dir` receives what the service writes (`state_args`); `files`
-    ({variable: host file}) are mounted read-only, each variable naming its file there.
+    ({variable: host file}) are mounted read-only, each variable naming its file there;
+    the variables `passed` get their values from the runtime's environment.
     `runtime.command(*run_args(...))` is the command line."""
     args = ["run", "--name", name, "--publish", f"{host}:{port}:8000"]
     if detach:
@@ -68,9 +82,16 @@ def run_args(runtime: Runtime, image: str, name: str, port: int, host: str = "12
         inside = f"{FILES_DIR}/{variable.lower()}"
         args += ["--volume", f"{Path(host_file).resolve()}:{inside}:ro",
                  "--env", f"{variable}={inside}"]
+    for variable in passed:
+        args += ["--env", variable]  # no value: copied from the environment
     for key, value in (env or {}).items():
         args += ["--env", f"{key}={value}"]
     return [*args, image]
+
+
+def passed_settings(environ=os.environ) -> list[str]:
+    """The PASSED_BY_NAME variables set in `environ`, for `run_args(passed=...)`."""
+    return [name for name in PASSED_BY_NAME if name in environ]
 
 
 def state_args(runtime: Runtime, state_dir: Path) -> list[str]:
@@ -133,11 +154,11 @@ def unreadable(bundle: Path) -> list[str]:
 
 def start(runtime: Runtime, image: str, name: str, port: int, host: str,
           bundle: Path | None, state_dir: Path | None = None,
-          files: dict | None = None) -> None:
+          files: dict | None = None, passed: Iterable[str] = ()) -> None:
     """Run the image in the background as container `name`, kept after it exits so
     its log can tell why (`stop` removes it)."""
     runtime.run(*run_args(runtime, image, name, port, host, bundle, detach=True,
-                          remove=False, state_dir=state_dir, files=files))
+                          remove=False, state_dir=state_dir, files=files, passed=passed))
 
 
 def stop(runtime: Runtime, name: str, timeout: int = 30) -> None:

@@ -8,7 +8,9 @@ which `down` and `status` read. With `--public-key`, the bundle's signature is v
 first (serving/bundle/signature.py: an altered bundle is not served, and the message
 names the file that changed), and the service gets the key to verify every bundle it
 loads later. A certificate and key in the environment (`TEXTOPS_TLS_CERT_FILE`,
-`TEXTOPS_TLS_KEY_FILE`) make it serve HTTPS, in a process or a container.
+`TEXTOPS_TLS_KEY_FILE`) make it serve HTTPS, and the prediction log's keys
+(`TEXTOPS_PREDICTION_LOG_KEYS` or `_KEY_FILE`) encrypt its log, in a process or a
+container alike (ops/container.py: FILE_SETTINGS, PASSED_BY_NAME).
 
     python -m ops.control up   [--bundle models/current] [--port 8000] [--run-dir run]
                                    [--runtime auto|docker|podman|process]
@@ -171,9 +173,8 @@ def check_signature(bundle: Path, public_key: Path) -> None:
 
 def served_files(public_key: Path | None) -> dict[str, Path]:
     """The files the service reads by path, by their variables: the bundles' public key,
-    and a certificate and its key from the environment."""
-    files = {name: Path(os.environ[name]) for name in ("TEXTOPS_TLS_CERT_FILE",
-                                                       "TEXTOPS_TLS_KEY_FILE")
+    and from the environment a certificate, its key and the prediction log's keys."""
+    files = {name: Path(os.environ[name]) for name in container.FILE_SETTINGS
              if os.environ.get(name, "").strip()}
     if public_key is not None:
         files["TEXTOPS_BUNDLE_PUBLIC_KEY"] = Path(public_key)
@@ -221,7 +222,7 @@ def up_container(runtime: runtimes.Runtime, bundle: Path, port: int, run_dir: Pa
     # run_dir becomes the container's run/: its prediction log is the host's
     # run/predictions.db, as with a local process
     container.start(runtime, image.IMAGE, name, port, host, bundle, state_dir=run_dir,
-                    files=files)
+                    files=files, passed=container.passed_settings())
     try:
         wait_ready(base_url(host, port, os.environ), timeout)
     except RuntimeError as err:

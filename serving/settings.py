@@ -20,7 +20,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.bundle import RuntimeOptions
-from serving.predlog.crypto import LogCipher, PredictionLogKeyError, cipher_from
+from serving.predlog.crypto import EITHER, LogCipher, PredictionLogKeyError, cipher_from
 from serving.predlog.store import URL_FORMS, PredictionLogError, check_url
 
 ENV_PREFIX = "TEXTOPS_"
@@ -114,6 +114,11 @@ class Settings(BaseSettings):
                                                   "Fernet keys, newest first")
     prediction_log_key_file: str | None = Field(None, description="a file of Fernet keys, "
                                                 "one a line, newest first (a mounted secret)")
+    # Without keys a log is written in plaintext; the start's check (crypto.check_log)
+    # only notices missing keys once the log holds an encrypted row. Where encryption
+    # is mandatory (a new log, a Secret that did not mount), this refuses to start.
+    require_log_encryption: bool = Field(False, description="refuse to start with a "
+                                         "prediction log and no keys")
 
     @field_validator("prediction_log")
     @classmethod
@@ -127,9 +132,13 @@ class Settings(BaseSettings):
     def _log_keys_load(self):
         # a model validator: its error shows no input, which would be the keys
         try:
-            self.log_cipher()
+            cipher = self.log_cipher()
         except PredictionLogKeyError as err:
             raise ValueError(str(err)) from None
+        if self.require_log_encryption and self.prediction_log and cipher is None:
+            raise ValueError(f"{ENV_PREFIX}REQUIRE_LOG_ENCRYPTION is on: set {EITHER} (the "
+                             "prediction log's keys), or its texts would be stored in "
+                             "plaintext")
         return self
 
     @model_validator(mode="after")

@@ -4,7 +4,8 @@ liveness 200; a missing route answers 404), container and probe ports are the im
 TEXTOPS_PORT, pods run as the image's user, every TEXTOPS_* variable is a setting of
 serving/settings.py, the probes speak HTTPS exactly when the service does
 (TEXTOPS_TLS_CERT_FILE), and each file a setting names (a certificate, its key, the
-bundles' public key) lies in a volume mounted into the container.
+bundles' public key, the prediction log's keys) lies in a volume mounted into the
+container.
 ops/k8s/manifests.py asks `disagreements_with_code` of every rendered object.
 """
 
@@ -72,7 +73,8 @@ def setting_names() -> set[str]:
 
 
 # Settings that name a file the service reads at start: absent, it refuses to start.
-FILE_SETTINGS = ("TEXTOPS_TLS_CERT_FILE", "TEXTOPS_TLS_KEY_FILE", "TEXTOPS_BUNDLE_PUBLIC_KEY")
+FILE_SETTINGS = ("TEXTOPS_TLS_CERT_FILE", "TEXTOPS_TLS_KEY_FILE", "TEXTOPS_BUNDLE_PUBLIC_KEY",
+                 "TEXTOPS_PREDICTION_LOG_KEY_FILE")
 
 # What each probe's path must answer while the bundle is still loading: the startup
 # and readiness probes must wait for the load (503), liveness must not (200).

@@ -2,7 +2,8 @@
 
 `resources` (files and directories), `components` (ops/k8s/shared: the names several
 kustomizations share), `patches` (strategic-merge patch files, inline JSON 6902
-patches), `images` and `replacements` (ops/k8s/kustomize_transforms.py), and objects marked
+patches; one with a `target` changes what that selects, which may be nothing),
+`images` and `replacements` (ops/k8s/kustomize_transforms.py), and objects marked
 `config.kubernetes.io/local-config` (replacement sources) left out of the output;
 anything else in a kustomization.yaml is refused, not ignored. ops/k8s/manifests.py
 renders every kustomization with it and, where `kubectl` is installed, compares the
@@ -106,24 +107,32 @@ def apply_patch(objects: list[dict], patch: dict, directory: Path, origin: Path)
         body = body[0]
     else:
         body = yaml.safe_load(patch["patch"])
-    if isinstance(body, list):  # JSON 6902: a list of operations on the target
-        target = find(objects, patch.get("target", {}), origin)
-        for operation in body:
-            json_patch(target, operation, origin)
-    else:  # strategic merge, aimed by its own kind and name
+    if "target" in patch:
+        # As kustomize: a patch with a `target` changes whatever that selects, nothing
+        # included. A component can thus patch the Deployment where there is one and
+        # the CronJob where there is one (components/tls, components/log-encryption).
+        targets = select(objects, patch["target"])
+    elif isinstance(body, list):
+        raise ManifestError(f"{origin}: a JSON 6902 patch needs a `target`")
+    else:  # a strategic merge aimed by its own kind and name: exactly one object
         aim = {"kind": body["kind"], "name": body["metadata"]["name"]}
-        target = find(objects, {**aim, **patch.get("target", {})}, origin)
-        merged = strategic_merge(target, body, custom=is_custom(target))
-        target.clear()
-        target.update(merged)
+        targets = select(objects, aim)
+        if len(targets) != 1:
+            raise ManifestError(f"{origin}: patch target {aim} matches {len(targets)} "
+                                "objects")
+    for target in targets:
+        if isinstance(body, list):  # JSON 6902: a list of operations on the target
+            for operation in body:
+                json_patch(target, operation, origin)
+        else:
+            merged = strategic_merge(target, body, custom=is_custom(target))
+            target.clear()
+            target.update(merged)
 
 
-def find(objects: list[dict], target: dict, origin: Path) -> dict:
-    matches = [o for o in objects if o["kind"] == target.get("kind", o["kind"])
-               and o["metadata"]["name"] == target.get("name", o["metadata"]["name"])]
-    if len(matches) != 1:
-        raise ManifestError(f"{origin}: patch target {target} matches {len(matches)} objects")
-    return matches[0]
+def select(objects: list[dict], target: dict) -> list[dict]:
+    return [o for o in objects if o["kind"] == target.get("kind", o["kind"])
+            and o["metadata"]["name"] == target.get("name", o["metadata"]["name"])]
 
 
 def is_custom(obj: dict) -> bool:

@@ -17,7 +17,8 @@
    liveness 200; a missing route answers 404), container and probe ports are the
    image's TEXTOPS_PORT, pods run as the image's user, every TEXTOPS_* variable is a
    setting of serving/settings.py, probes speak HTTPS exactly when the service does, and
-   the files settings name (certificate, key, public key) are in mounted volumes.
+   the files settings name (certificate, key, public key, the log's keys) are in
+   mounted volumes.
 
 Rendering is ops/k8s/kustomize.py, the agreement with the code ops/k8s/agreement.py;
 validation and the command are here.

@@ -258,7 +258,7 @@ def main() -> None:
     cfg = load_params()
     try:
         report = deploy(cfg, Paths())
-    except DeployError as err:
+    except (DeployError, signing.SigningKeyError) as err:
         sys.exit(f"deploy: {err}")
     p = report["parity"]
     print(f"deploy: {report['model_name']} v{report['registry_version']} "

@@ -34,9 +34,16 @@ def key_paths(cfg: DictConfig, paths: Paths) -> tuple[Path, Path]:
     return private, private.with_suffix(".pub")
 
 
+class SigningKeyError(RuntimeError):
+    """A key pair that does not belong together; the message says how to mend it."""
+
+
 def ensure_key_pair(private: Path, public: Path) -> bool:
     """Make a P-256 key pair where there is no private key yet; True if it made one.
-    A private key without its public key gets the public key written again."""
+    A private key without its public key gets the public key written again; one with a
+    public key of another key is an error (SigningKeyError), not a rewrite: services
+    given that .pub would refuse every bundle signed from now on, and which of the two
+    files is the stray one only their owner knows."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -51,12 +58,31 @@ def ensure_key_pair(private: Path, public: Path) -> bool:
         descriptor = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as out:
             out.write(pem)
+    derived = serialization.load_pem_private_key(private.read_bytes(), password=None
+                                                 ).public_key()
     if made or not public.exists():
-        key = serialization.load_pem_private_key(private.read_bytes(), password=None)
-        public.write_bytes(key.public_key().public_bytes(
+        public.write_bytes(derived.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         public.chmod(0o644)  # the container's user reads it (ops/container.py)
+    elif not same_key(public, derived):
+        raise SigningKeyError(
+            f"{public} is not the public key of {private}: bundles signed now would not "
+            f"verify with it. Delete {public} to have it written again from {private}, or "
+            f"put back the private key it belongs to")
     return made
+
+
+def same_key(public: Path, derived) -> bool:
+    """Whether the PEM file `public` holds the public key `derived` (compared as DER,
+    so a file with other line breaks or comments still matches)."""
+    from cryptography.hazmat.primitives import serialization
+
+    der = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        found = serialization.load_pem_public_key(public.read_bytes())
+    except ValueError:  # not a PEM public key at all
+        return False
+    return found.public_bytes(*der) == derived.public_bytes(*der)
 
 
 def signed_copy(bundle_dir: Path, destination: Path, private: Path) -> Path:

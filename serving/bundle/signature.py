@@ -13,10 +13,11 @@ Two files stay outside the signature: `model.sig` itself, and `registry.json`, w
 the registry writes beside a promoted copy after signing (its registry version, run
 and commit, which /metadata shows; nothing the model runs on). The list is part of the
 signed statement, so it cannot be widened afterwards. The package's own command checks
-a bundle without this code:
+a bundle without this code, given the directory itself (it refuses a symlink such as
+models/current):
 
-    model_signing verify key models/current --signature models/current/model.sig \\
-        --public_key keys/bundle-signing.pub
+    model_signing verify key "$(readlink -f models/current)" \\
+        --signature models/current/model.sig --public_key keys/bundle-signing.pub
 
 model-signing (with Sigstore's libraries) is imported only to sign or verify: a service
 without a key never loads it.

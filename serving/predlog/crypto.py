@@ -20,9 +20,11 @@ Keys (newest first), from one of
 A key that does not parse, a key file that cannot be read, and a log that holds
 encrypted rows while no key (or no right key) is given stop the service at its start
 (`check_log`) and the export, naming the setting; nothing is written in plaintext
-while keys are given. Rotation: put a new key first, keep the old ones after it,
-restart the service, run `rotate` (every row re-encrypted under the newest key, none
-lost), then drop the old keys.
+while keys are given. A log with no encrypted row yet cannot tell that keys are
+missing: `TEXTOPS_REQUIRE_LOG_ENCRYPTION` (serving/settings.py) refuses to start a
+service with a log and no keys. Rotation: put a new key first, keep the old ones
+after it, restart the service, run `rotate` (every row re-encrypted under the newest
+key, none lost), then drop the old keys.
 
     python -m serving.predlog.crypto new-key
     python -m serving.predlog.crypto rotate [--log URL]
@@ -43,14 +45,21 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from serving.predlog.store import LogStore, PredictionLogError, open_store, redacted, sqlite_path
+from serving.predlog.store import (
+    IS_SEALED,
+    SEALED,
+    LogStore,
+    PredictionLogError,
+    open_store,
+    redacted,
+    sqlite_path,
+)
 
 log = logging.getLogger("serving.prediction_log")
 
 KEYS_ENV = "TEXTOPS_PREDICTION_LOG_KEYS"
 KEY_FILE_ENV = "TEXTOPS_PREDICTION_LOG_KEY_FILE"
 EITHER = f"{KEYS_ENV} or {KEY_FILE_ENV}"
-SEALED = "hmac-sha256:"  # how `text_sha256` starts in an encrypted row
 NEW_KEY = "`python -m serving.predlog.crypto new-key` makes one"
 
 
@@ -147,10 +156,10 @@ def opened(row: dict, cipher: LogCipher | None) -> dict:
 
 
 def newest_sealed(store: LogStore) -> tuple | None:
+    # no parameters: the literal `%` of IS_SEALED stays as it is for psycopg2 too
     cursor = store.connection.cursor()
-    cursor.execute(store._sql("SELECT request_id, position, text FROM predictions WHERE "
-                              "text_sha256 LIKE ? ORDER BY created DESC LIMIT 1"),
-                   (SEALED + "%",))
+    cursor.execute("SELECT request_id, position, text FROM predictions WHERE "  # noqa: S608
+                   f"{IS_SEALED} ORDER BY created DESC LIMIT 1")
     return cursor.fetchone()
 
 

@@ -28,6 +28,11 @@ from pathlib import Path
 
 from serving.monitoring.live_stats import LiveStats
 
+SEALED = "hmac-sha256:"  # how `text_sha256` starts in an encrypted row (crypto.py)
+# A literal, not a parameter: the query planners use the partial index below only for
+# the very expression it was made with.
+IS_SEALED = f"text_sha256 LIKE '{SEALED}%'"
+
 # DOUBLE PRECISION, not REAL: PostgreSQL's REAL is 4 bytes, which holds unix seconds
 # only to about two minutes. SQLite reads either name as its 8-byte REAL.
 SCHEMA = (
@@ -49,6 +54,10 @@ SCHEMA = (
         PRIMARY KEY (request_id, position))""",
     "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created)",
     "CREATE INDEX IF NOT EXISTS feedback_created ON feedback (created)",
+    # The encrypted rows alone, by time (a partial index, empty while encryption is
+    # off): the check at every start and connection (crypto.newest_sealed) finds the
+    # newest, or that there is none, without reading every row of a plaintext log.
+    f"CREATE INDEX IF NOT EXISTS predictions_sealed ON predictions (created) WHERE {IS_SEALED}",
 )
 
 # A client reusing a request id replaces its earlier answer: the latest is the one a
@@ -149,6 +158,9 @@ class LogStore:
         # check_same_thread off: a store moves between the threads of asyncio.to_thread,
         # one at a time (its owner holds a lock).
         connection = sqlite3.connect(path, timeout=5, check_same_thread=False)
+        # Deleted and overwritten rows (pruning, rotation's re-encryption) are zeroed,
+        # not left readable in free pages, whatever the SQLite build's default.
+        connection.execute("PRAGMA secure_delete=ON")
         if create:  # the writer's settings; WAL mode, once set, stays with the file
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")

@@ -58,10 +58,12 @@ def test_the_rendered_manifests_carry_the_shared_names():
     rendered = everything(K8S)
     assert images(rendered["base"]) == images(rendered["overlays/champion"]) == {SERVING}
     assert images(rendered["kserve/serverless"]) == images(rendered["kserve/raw"]) == {SERVING}
-    assert images(rendered["retrain"]) == {PIPELINE}
+    assert images(rendered["retrain"]) == images(rendered["overlays/secure-retrain"]) \
+        == {PIPELINE}
     for where in ("overlays/champion", "kserve/serverless", "kserve/raw"):
         assert env_values(rendered[where], "TEXTOPS_BUNDLE") == {MODEL}, where
-    for where in ("overlays/champion", "kserve/serverless", "kserve/raw", "retrain"):
+    for where in ("overlays/champion", "kserve/serverless", "kserve/raw", "retrain",
+                  "overlays/secure-retrain"):
         assert env_values(rendered[where], "MLFLOW_TRACKING_URI") == {MLFLOW}, where
     # the source of the values stays out of what is applied
     assert not any(o["kind"] == "ConfigMap" for objects in rendered.values() for o in objects)
@@ -81,9 +83,10 @@ def test_changing_a_name_in_one_file_changes_every_rendered_occurrence(tmp_path)
         assert old not in text, old
     # base, champion, secure, serverless, raw
     assert text.count("registry.example/serving:v7") == 5
-    assert text.count("textops-pipeline:2026-01") == 1
+    # retrain, secure-retrain
+    assert text.count("textops-pipeline:2026-01") == 2
     assert text.count("models:/reviews@challenger") == 4
-    assert text.count("http://mlflow.team:5000") == 5
+    assert text.count("http://mlflow.team:5000") == 6
     if KUBECTL:  # and kustomize itself renders the copy the same way
         for directory in ("overlays/champion", "kserve/raw", "retrain"):
             ours = kustomize.render(k8s / directory)
@@ -137,4 +140,26 @@ replacements:
         fieldPaths: [spec.replicas]
 """})
     with pytest.raises(kustomize.ManifestError, match="selects no object"):
+        kustomize.render(top)
+
+
+def test_a_targeted_patch_may_select_nothing_an_untargeted_one_may_not(tmp_path):
+    """As kustomize: a patch with a `target` changes what it selects, maybe nothing, so
+    one component can patch the Deployment or the CronJob, whichever a kustomization
+    has (components/tls, components/log-encryption); a patch without one must find its
+    object."""
+    plain = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: names}\ndata: {model: m}\n"
+    patch = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: textops}\nspec: {}\n"
+    component = write(tmp_path / "component", {"p.yaml": patch, "kustomization.yaml": (
+        "kind: Component\npatches:\n  - path: p.yaml\n"
+        "    target: {kind: Deployment, name: textops}\n")})
+    top = write(tmp_path / "top", {"c.yaml": plain, "kustomization.yaml":
+                                   "resources: [c.yaml]\ncomponents: [../component]\n"})
+    assert kustomize.render(top) == [yaml.safe_load(plain)]
+    if KUBECTL:
+        assert kustomize.disagreement(kustomize.render(top), kustomize.kubectl_render(top)) \
+            is None
+    (component / "kustomization.yaml").write_text(
+        "kind: Component\npatches:\n  - path: p.yaml\n")
+    with pytest.raises(kustomize.ManifestError, match="matches 0 objects"):
         kustomize.render(top)

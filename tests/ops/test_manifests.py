@@ -23,12 +23,14 @@ BASE, CHAMPION = ROOT / "ops/k8s/base", ROOT / "ops/k8s/overlays/champion"
 SECURE = ROOT / "ops/k8s/overlays/secure"
 SERVERLESS, RAW = ROOT / "ops/k8s/kserve/serverless", ROOT / "ops/k8s/kserve/raw"
 MONITORING, RETRAIN = ROOT / "ops/k8s/monitoring", ROOT / "ops/k8s/retrain"
-EVERY = [BASE, CHAMPION, SECURE, SERVERLESS, RAW, MONITORING, RETRAIN]
+SECURE_RETRAIN = ROOT / "ops/k8s/overlays/secure-retrain"
+EVERY = [BASE, CHAMPION, SECURE, SERVERLESS, RAW, MONITORING, RETRAIN, SECURE_RETRAIN]
 # What each kustomization holds.
 KINDS = {BASE: {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"},
          SERVERLESS: {"InferenceService"}, MONITORING: {"ServiceMonitor"},
          RETRAIN: {"CronJob", "PersistentVolumeClaim"}}
-KINDS.update({CHAMPION: KINDS[BASE], SECURE: KINDS[BASE], RAW: KINDS[SERVERLESS]})
+KINDS.update({CHAMPION: KINDS[BASE], SECURE: KINDS[BASE], RAW: KINDS[SERVERLESS],
+              SECURE_RETRAIN: KINDS[RETRAIN]})
 KUBECTL = shutil.which("kubectl")
 
 
@@ -125,6 +127,10 @@ BREAKAGES = {
         "components/signed-bundles/bundle-key.yaml",
         "spec.template.spec.containers.0.env.0.value", "/etc/textops/bundle-signing.pub",
         "TEXTOPS_BUNDLE_PUBLIC_KEY=/etc/textops/bundle-signing.pub is in no volume"),
+    "the log's key file outside every mounted volume (the service would not start)": (
+        "components/log-encryption/replicas.yaml",
+        "spec.template.spec.containers.0.env.0.value", "/etc/textops/keys",
+        "TEXTOPS_PREDICTION_LOG_KEY_FILE=/etc/textops/keys is in no volume"),
     "another user than the image's": (
         "kserve/serverless/inferenceservice.yaml",
         "spec.predictor.containers.0.securityContext.runAsUser", 1000,
@@ -309,9 +315,10 @@ def test_service_hpa_and_budget_select_the_pods():
 
 
 def test_the_secure_overlay_is_the_champion_over_https_verifying_bundles():
-    """components/tls and components/signed-bundles over overlays/champion: HTTPS only
-    (the Secret textops-tls, every probe over HTTPS, the Service on 443), and the
-    bundles' public key from the ConfigMap textops-bundle-key."""
+    """components/tls, components/signed-bundles and components/log-encryption over
+    overlays/champion: HTTPS only (the Secret textops-tls, every probe over HTTPS, the
+    Service on 443), the bundles' public key from the ConfigMap textops-bundle-key, and
+    the prediction log's keys from the Secret textops-prediction-log-keys, required."""
     champion, secure = rendered(CHAMPION), rendered(SECURE)
     deployment = secure["Deployment"]
     pod, main = deployment["spec"]["template"]["spec"], container(deployment)
@@ -320,10 +327,13 @@ def test_the_secure_overlay_is_the_champion_over_https_verifying_bundles():
                          "TEXTOPS_TLS_CERT_FILE": "/etc/textops/tls/tls.crt",
                          "TEXTOPS_TLS_KEY_FILE": "/etc/textops/tls/tls.key",
                          "TEXTOPS_REQUIRE_TLS": "true",
-                         "TEXTOPS_BUNDLE_PUBLIC_KEY": "/etc/textops/bundle-key/bundle-signing.pub"}
+                         "TEXTOPS_BUNDLE_PUBLIC_KEY": "/etc/textops/bundle-key/bundle-signing.pub",
+                         "TEXTOPS_PREDICTION_LOG_KEY_FILE": "/etc/textops/log-keys/keys",
+                         "TEXTOPS_REQUIRE_LOG_ENCRYPTION": "true"}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "textops-tls"
     assert volumes["bundle-key"]["configMap"]["name"] == "textops-bundle-key"
+    assert volumes["log-keys"]["secret"]["secretName"] == "textops-prediction-log-keys"
     for probe in agreement.PROBES:
         assert main[probe]["httpGet"]["scheme"] == "HTTPS"
         assert {k: v for k, v in main[probe]["httpGet"].items() if k != "scheme"} \

@@ -1,6 +1,7 @@
 """The retraining CronJob (ops/k8s/retrain/) runs the loop the repository has, against
 the service and the prediction log the replicas use, one run at a time, and keeps the
-loop's record between runs."""
+loop's record between runs; its secure variant (ops/k8s/overlays/secure-retrain) reads
+the secure replicas over HTTPS and decrypts their log."""
 
 from __future__ import annotations
 
@@ -91,3 +92,36 @@ def test_the_loops_record_outlives_the_pod(job):
     claims = {o["metadata"]["name"] for o in kustomize.render(K8S / "retrain")
               if o["kind"] == "PersistentVolumeClaim"}
     assert volume["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_the_secure_variant_calls_https_trusting_the_certificate_and_has_the_log_keys():
+    cron = by_kind("overlays/secure-retrain")["CronJob"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    serving = by_kind("overlays/secure")
+    url = urlsplit(container["args"][container["args"].index("--service-url") + 1])
+    # the secure Service answers HTTPS on 443 only
+    assert url.scheme == "https" and url.hostname == serving["Service"]["metadata"]["name"]
+    assert [p["port"] for p in serving["Service"]["spec"]["ports"]] == [url.port or 443]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    replicas = env(serving["Deployment"]["spec"]["template"]["spec"]["containers"][0])
+
+    def secret_of(path: str) -> dict:
+        """The Secret volume mounted read-only at the directory holding `path`."""
+        mount = mounts[path.rsplit("/", 1)[0]]
+        assert mount.get("readOnly") is True
+        return volumes[mount["name"]]["secret"]
+
+    # it trusts the certificate the replicas serve, and gets nothing else of its Secret
+    trusted = secret_of(env(container)["SSL_CERT_FILE"])
+    assert trusted["secretName"] == "textops-tls"
+    assert trusted["items"] == [{"key": "tls.crt", "path": "tls.crt"}]
+    assert env(container)["SSL_CERT_FILE"].endswith("/tls.crt")
+    # the export decrypts with the replicas' own keys
+    keys = env(container)["TEXTOPS_PREDICTION_LOG_KEY_FILE"]
+    assert keys == replicas["TEXTOPS_PREDICTION_LOG_KEY_FILE"]
+    assert secret_of(keys)["secretName"] == "textops-prediction-log-keys"
+    # the rest is the plain CronJob's
+    plain = by_kind("retrain")["CronJob"]
+    assert cron["spec"]["schedule"] == plain["spec"]["schedule"]

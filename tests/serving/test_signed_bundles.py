@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import running_service
+from conftest import ROOT, running_service
 
 from ops import container, control, runtimes
-from pipeline.tracking.signing import ensure_key_pair, signed_copy
+from pipeline.tracking.signing import SigningKeyError, ensure_key_pair, signed_copy
+from serving.bundle import signature as signature_module
 from serving.bundle.signature import SIGNATURE, SignatureError, verify
 
 ADMIN = {"Authorization": "Bearer t"}
@@ -97,6 +102,33 @@ def test_a_missing_public_key_is_named(signed, tmp_path):
         in refusal(signed, tmp_path / "none.pub")
 
 
+def documented_commands() -> list[str]:
+    """The `model_signing verify` command lines of docs/deployment.md and of
+    serving/bundle/signature.py, as a shell would read them."""
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    (inline,) = re.findall(r"`(model_signing verify key[^`]+)`", page)
+    (block,) = re.findall(r"^ *(model_signing verify key.+?\.pub)$", signature_module.__doc__,
+                          re.M | re.S)
+    return [" ".join(inline.split()), block]
+
+
+@pytest.mark.parametrize("where", ["docs/deployment.md", "serving/bundle/signature.py"])
+def test_the_documented_command_verifies_the_served_bundle(where, signed, keys, tmp_path):
+    """Run where `make deploy` runs: models/current, a link the package refuses to
+    follow; registry.json beside the promoted copy."""
+    target = Path(shutil.copytree(signed, tmp_path / "models" / "bundles" / "3"))
+    (target / "registry.json").write_text('{"registry_version": "3"}')
+    (tmp_path / "models" / "current").symlink_to("bundles/3")
+    (tmp_path / "keys").mkdir()
+    shutil.copy(keys[1], tmp_path / "keys" / "bundle-signing.pub")
+    command = documented_commands()[where.startswith("serving")]
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                     f"{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_the_key_pair_is_made_once_and_the_private_key_kept_private(tmp_path):
     private, public = key_pair(tmp_path / "keys")
     assert private.stat().st_mode & 0o777 == 0o600
@@ -105,6 +137,19 @@ def test_the_key_pair_is_made_once_and_the_private_key_kept_private(tmp_path):
     public.unlink()
     assert not ensure_key_pair(private, public)  # kept; its public key written again
     assert private.read_bytes() == first and public.exists()
+
+
+def test_a_public_key_of_another_private_key_is_refused(tmp_path):
+    private, public = key_pair(tmp_path / "keys")
+    mine = public.read_bytes()
+    _, other = key_pair(tmp_path / "other")
+    public.write_bytes(other.read_bytes())  # a stray .pub, say an older pair's
+    with pytest.raises(SigningKeyError, match=f"{public} is not the public key of "
+                                              f"{private}: .* Delete {public}"):
+        ensure_key_pair(private, public)
+    assert public.read_bytes() == other.read_bytes()  # not overwritten
+    public.write_bytes(b"# the team's key\n" + mine)  # the same key, another layout
+    assert not ensure_key_pair(private, public)
 
 
 # ---------------------------------------------------------------- the service

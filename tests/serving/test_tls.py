@@ -148,3 +148,15 @@ def test_a_whole_pair_gives_uvicorn_its_files_and_no_pair_plain_http(certificate
     assert tls.server_options(pair) == {"ssl_certfile": str(cert_file),
                                         "ssl_keyfile": str(key_file)}
     assert tls.server_options(Settings()) == {}
+
+
+@pytest.mark.parametrize("cert, scheme", [("", "http"), ("tls.crt", "https")])
+def test_make_retrain_reads_the_service_as_make_deploy_serves_it(cert, scheme):
+    """A certificate in the environment: `make deploy` serves HTTPS only, so `make
+    retrain` must call https (printed, not run: `make -n`)."""
+    env = {**os.environ, "TEXTOPS_TLS_CERT_FILE": cert}
+    done = subprocess.run(["make", "-n", "-o", f"{sys.prefix}/.installed",
+                           f"VENV={sys.prefix}", "PORT=8123", "retrain"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"--service-url {scheme}://127.0.0.1:8123" in done.stdout, done.stdout
