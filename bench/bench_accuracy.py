@@ -68,11 +68,16 @@ def measure(overrides: list[str], keep_bundles: Path | None = None) -> dict:
         started = time.perf_counter()
         sh(repo, "dvc", "repro", "evaluate")
         wall = time.perf_counter() - started
+        deployed = None
         if keep_bundles is not None:
-            sh(repo, "dvc", "repro", "deploy")
-            shutil.copytree(repo / "models/candidate",
-                            keep_bundles / ("_".join(overrides) or "defaults"),
-                            dirs_exist_ok=True)
+            # A bundle deploy refuses (e.g. int8 agreement under its floor) is a finding
+            # about that configuration, not a reason to lose the measurements.
+            deployed = subprocess.run(["dvc", "repro", "deploy"], cwd=repo, env=ENV,
+                                      capture_output=True, text=True)
+            if deployed.returncode == 0:
+                shutil.copytree(repo / "models/candidate",
+                                keep_bundles / ("_".join(overrides) or "defaults"),
+                                dirs_exist_ok=True)
         metrics = json.loads((repo / "reports/metrics.json").read_text())
         train = json.loads((repo / "reports/train.json").read_text())
         facts = json.loads((repo / "reports/runs/train.json").read_text())
@@ -94,7 +99,16 @@ def measure(overrides: list[str], keep_bundles: Path | None = None) -> dict:
         "train_s": facts["wall_time_s"],
         "repro_to_evaluate_s": round(wall, 1),
         "commit": commit(),
+        **({} if deployed is None else {"deploy": "bundle kept" if deployed.returncode == 0
+                                        else "refused: " + last_line(deployed)}),
     }
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    """The stage's own verdict: its last line naming what it refused."""
+    lines = [line for line in (result.stdout + result.stderr).splitlines()
+             if line.startswith("deploy:")]
+    return lines[-1] if lines else f"exit status {result.returncode}"
 
 
 ABOUT = """Each configuration from a clean copy of the repository: `dvc repro evaluate`
