@@ -297,3 +297,28 @@ def _restore_tracking_uri():
     """No test tracks into another's database."""
     with restored_tracking_uri():
         yield
+
+
+# The prediction log's tests run on both databases: one PostgreSQL server per module
+# (tests/pg.py), emptied for each test.
+@pytest.fixture(scope="module")
+def postgres():
+    from pg import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log_url(request, tmp_path):
+    """A fresh, empty prediction log on each kind of database."""
+    from serving.predlog.store import open_store
+
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/log.db"
+    server = request.getfixturevalue("postgres")
+    store = open_store(server.url)
+    with store.connection:
+        store.connection.cursor().execute("DELETE FROM feedback; DELETE FROM predictions")
+    store.close()
+    return server.url

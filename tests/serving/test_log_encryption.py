@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from conftest import ROOT, eventually, running_service
 from cryptography.fernet import Fernet
-from pg import postgres_server
 from tokenizers import normalizers
 
 from pipeline.data import feedback
@@ -83,25 +82,6 @@ def raw_rows(url: str) -> list[tuple]:
 def _no_keys_from_outside(monkeypatch):
     monkeypatch.delenv(KEYS_ENV, raising=False)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def log_url(request, tmp_path):
-    """A fresh, empty log on each kind of database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/log.db"
-    server = request.getfixturevalue("postgres")
-    store = open_store(server.url)
-    with store.connection:
-        store.connection.cursor().execute("DELETE FROM feedback; DELETE FROM predictions")
-    store.close()
-    return server.url
 
 
 # ---------------------------------------------------------------- keys and rows

@@ -53,25 +53,6 @@ def counter(metrics: ServiceMetrics, name: str, **labels) -> float:
     return metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    with postgres_server() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def log_url(request, tmp_path):
-    """A fresh, empty log on each kind of database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/log.db"
-    server = request.getfixturevalue("postgres")
-    store = open_store(server.url)  # one server for the module: empty its tables
-    with store.connection:
-        store.connection.cursor().execute("DELETE FROM feedback; DELETE FROM predictions")
-    store.close()
-    return server.url
-
-
 # ---------------------------------------------------------------- the store
 
 
