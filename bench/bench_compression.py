@@ -38,8 +38,6 @@ Writes, both committed since no stage makes them, and prints the table:
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import json
 import os
 import platform
@@ -57,38 +55,11 @@ sys.path.insert(0, str(ROOT))
 from pipeline import atomic  # noqa: E402
 from serving.bundle import MODEL_FILES, Bundle, RuntimeOptions  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from workload import fashion_mnist_test, sst2_dev  # noqa: E402
+
 PRECISIONS = ("fp32", "int8")
 BATCH = 64
-IMAGE_DATA = ROOT / "conf/data/fashion_mnist.yaml"
-
-
-def sst2_dev() -> tuple[list[str], list[str]]:
-    """The SST-2 dev texts and their labels' names (the data set's 0/1)."""
-    with gzip.open(ROOT / "data/external/sst2/dev.tsv.gz", "rt", encoding="utf-8") as f:
-        rows = [line.rstrip("\n").split("\t") for line in f][1:]
-    return [text for text, _ in rows], [("negative", "positive")[int(y)] for _, y in rows]
-
-
-def png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    plane = pixels if pixels.ndim == 2 or pixels.shape[2] != 1 else pixels[:, :, 0]
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(plane)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def fashion_mnist_test() -> tuple[list[bytes], list[str]]:
-    """Fashion-MNIST's test images as PNG files, and their labels' names: an IDX label
-    numbers the data config's `label_names` (pipeline/tasks/image_classification/collect)."""
-    from omegaconf import OmegaConf
-
-    from pipeline.tasks.image_classification.readers import read_idx
-
-    data = OmegaConf.load(IMAGE_DATA)
-    pixels, labels = read_idx(ROOT / data.splits.test.images, ROOT / data.splits.test.labels)
-    names = list(data.label_names)
-    return [png(image) for image in pixels], [names[y] for y in labels]
 
 
 def text_pass(bundle: Bundle, texts: list[str]) -> dict[str, float]:

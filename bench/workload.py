@@ -25,7 +25,6 @@ import base64
 import gzip
 import io
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from serving.bundle import Bundle, softmax
 from serving.engine.batcher import infer, length_groups
 
 ROOT = Path(__file__).resolve().parent.parent
-FASHION_TEST = ROOT / "data/external/fashion_mnist/t10k-images-idx3-ubyte.gz"
+FASHION_DATA = ROOT / "conf/data/fashion_mnist.yaml"  # its test split, its class names
 IMAGES = 2000  # test images sent: enough variety, cheap to encode
 
 
@@ -127,17 +126,8 @@ bundle>`."""
 
     @classmethod
     def load(cls, count: int = IMAGES) -> ImageWorkload:
-        data = gzip.decompress(FASHION_TEST.read_bytes())
-        magic, total, rows, cols = struct.unpack(">4I", data[:16])
-        if magic != 0x00000803:
-            raise ValueError(f"{FASHION_TEST}: not an IDX images file (magic 0x{magic:08x})")
-        pixels = np.frombuffer(data, np.uint8, rows * cols * min(count, total), 16)
-        items = []
-        for image in pixels.reshape(-1, rows, cols):
-            png = io.BytesIO()
-            Image.fromarray(image, mode="L").save(png, "PNG")
-            items.append(base64.b64encode(png.getvalue()).decode("ascii"))
-        return cls(items)
+        files, _ = fashion_mnist_test(count)
+        return cls([base64.b64encode(data).decode("ascii") for data in files])
 
     @staticmethod
     def files(items: list[str]) -> list[bytes]:
@@ -150,10 +140,39 @@ bundle>`."""
         return bundle.predict_proba(self.files(items))
 
 
+def sst2_dev() -> tuple[list[str], list[str]]:
+    """SST-2's dev texts and their labels' names (the data set's 0/1)."""
+    with gzip.open(ROOT / "data/external/sst2/dev.tsv.gz", "rt", encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    return [text.strip() for text, _ in rows], [("negative", "positive")[int(y)]
+                                                for _, y in rows]
+
+
 def dev_texts() -> list[str]:
     """SST-2's dev texts (the other benchmarks send them too)."""
-    with gzip.open(ROOT / "data/external/sst2/dev.tsv.gz", "rt", encoding="utf-8") as f:
-        return [line.split("\t")[0].strip() for line in f.read().splitlines()[1:]]
+    return sst2_dev()[0]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """One uint8 [h, w] or [h, w, c] image as a PNG file, as a client uploads it."""
+    plane = pixels[:, :, 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(plane)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fashion_mnist_test(count: int | None = None) -> tuple[list[bytes], list[str]]:
+    """The first `count` (all: None) of Fashion-MNIST's test images as PNG files, and
+    their labels' names: an IDX label numbers the data config's `label_names`, as
+    collect reads it (pipeline/tasks/image_classification/collect.py)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.tasks.image_classification.readers import read_idx
+
+    data = OmegaConf.load(FASHION_DATA)
+    pixels, labels = read_idx(ROOT / data.splits.test.images, ROOT / data.splits.test.labels)
+    names = list(data.label_names)
+    return [png(image) for image in pixels[:count]], [names[y] for y in labels[:count]]
 
 
 def bodies_for(kind: str, texts: list[str], per_request: int) -> list[bytes]:
