@@ -29,80 +29,17 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import onnxruntime as ort
 from omegaconf import DictConfig
 
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
+from pipeline.tasks.parity import DeployError
 from pipeline.tracking import lineage, signing
 from pipeline.tracking.registry import promote, prune_store, register
-from serving.bundle import MODEL_FILES, Bundle, RuntimeOptions
+from serving.bundle import MODEL_FILES, RuntimeOptions
 from serving.bundle.tasks import signature
-
-
-class DeployError(RuntimeError):
-    """A check failed: nothing was registered or promoted."""
-
-
-# ---------------------------------------------------------------- checks
-
-
-def check_parity(bundle_dir: Path, task, module, texts: list, ids, cfg: DictConfig) -> dict:
-    """Compare the bundle with PyTorch on the test split: `texts` as a client sends
-    them, `ids` as training fed them; DeployError when broken."""
-    reference = task.predict_logits(module, ids, cfg.evaluate.batch_size)
-    fp32 = Bundle.load(bundle_dir, "fp32")
-    int8 = Bundle.load(bundle_dir, "int8")
-    mismatched = [i for i, (a, b) in enumerate(zip(fp32.encode(texts), ids, strict=True))
-                  if not np.array_equal(a, b)]
-    fp32_diff = float(np.abs(fp32.predict_logits(texts) - reference).max())
-    int8_logits = int8.predict_logits(texts)
-    agreement = float((int8_logits.argmax(1) == reference.argmax(1)).mean())
-    sample = texts[: min(64, len(texts))]
-    report = {
-        "rows": len(texts),
-        "preprocessing_mismatches": len(mismatched),
-        "fp32_max_abs_diff": fp32_diff,
-        "int8_label_agreement": agreement,
-        "int8_max_abs_diff": float(np.abs(int8_logits - reference).max()),
-        "batch_invariance_max_abs_diff": {
-            "fp32": batch_invariance(fp32, sample), "int8": batch_invariance(int8, sample)
-        },
-    }
-    problems = []
-    if mismatched:
-        saved = " and ".join(task.spec.preprocessing)
-        problems.append(f"{saved} gives other model inputs than training for "
-                        f"{len(mismatched)} test rows (first: row {mismatched[0]})")
-    if fp32_diff > cfg.deploy.fp32_max_abs_diff:
-        problems.append(f"fp32 ONNX logits differ from PyTorch by {fp32_diff:.2e} "
-                        f"(allowed {cfg.deploy.fp32_max_abs_diff:.0e})")
-    if agreement < cfg.deploy.int8_min_agreement:
-        problems.append(f"int8 labels agree with PyTorch on {agreement:.4f} of test rows "
-                        f"(required {cfg.deploy.int8_min_agreement})")
-    allowed = batch_tolerances(cfg)
-    for precision, diff in report["batch_invariance_max_abs_diff"].items():
-        if diff > allowed[precision]:
-            problems.append(f"{precision}: a text's logits change with its batch by {diff:.2e} "
-                            f"(allowed {allowed[precision]:.0e})")
-    if problems:
-        raise DeployError("; ".join(problems))
-    return report
-
-
-def batch_tolerances(cfg: DictConfig) -> dict[str, float]:
-    """How far a text's logits may move between being scored alone and in a batch."""
-    return {"fp32": cfg.deploy.fp32_max_abs_diff, "int8": cfg.deploy.int8_batch_max_abs_diff}
-
-
-def batch_invariance(bundle: Bundle, texts: list[str]) -> float:
-    """Largest logit change between a text scored alone and inside one padded batch."""
-    alone = np.concatenate([bundle.run(bundle.encode([t])) for t in texts])
-    together = bundle.run(bundle.encode(texts))
-    return float(np.abs(alone - together).max())
-
 
 # ---------------------------------------------------------------- the bundle
 
@@ -145,12 +82,8 @@ def content_version(bundle_dir: Path, preprocessing: tuple[str, ...]) -> str:
 
 
 def model_card(meta: dict) -> str:
-    m = meta["metrics"]
-    model, inputs, use = tasks.get(meta["task"]).card_text(meta)
-    per_class = "\n".join(
-        f"| {name} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
-        for name, v in m["per_class"].items()
-    )
+    task = tasks.get(meta["task"])
+    model, inputs, use = task.card_text(meta)
     splits = meta["profile"]["splits"]
     return f"""# Model card: {meta['model_name']} {meta['version']}
 
@@ -163,12 +96,7 @@ def model_card(meta: dict) -> str:
 {inputs}
 
 ## Metrics (test split)
-accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}, ROC-AUC {m['roc_auc']:.4f},
-PR-AUC {m['pr_auc']:.4f}, expected calibration error {m['ece']:.4f}.
-
-| class | precision | recall | F1 | support |
-|---|---|---|---|---|
-{per_class}
+{task.scoring().card(meta['metrics'])}
 
 Gate: {'blessed' if meta['gate']['blessed'] else 'not blessed'}.
 {chr(10).join('- ' + r for r in meta['gate']['reasons'])}
@@ -211,8 +139,7 @@ def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
                            profile, model_signature)
         atomic.write_json(tmp / "bundle.json", meta)
         test = splits["test"]
-        meta["parity"] = check_parity(tmp, task, module, task.requests(test),
-                                      task.model_inputs(test, paths), cfg)
+        meta["parity"] = task.check_bundle(tmp, module, test, paths, cfg)
         meta["int8"] = int8
         atomic.write_json(tmp / "bundle.json", meta)
         atomic.write_text(tmp / "MODEL_CARD.md", model_card(meta))

@@ -1,13 +1,16 @@
 """evaluate: score the best checkpoint on the test split, then judge it at the gate.
 
-Metrics (torchmetrics): accuracy, macro and per-class precision / recall / F1, the
-confusion matrix, ROC-AUC and PR-AUC (one-vs-rest, macro-averaged, for more than two
-classes) and the expected calibration error.
+The metrics are the task's (`Task.scoring()`, pipeline/tasks/scoring.py). For
+classification (torchmetrics): accuracy, macro and per-class precision / recall / F1,
+the confusion matrix, ROC-AUC and PR-AUC (one-vs-rest, macro-averaged, for more than
+two classes) and the expected calibration error; for next-word prediction: perplexity
+and top-1 / top-5 accuracy beside a Kneser-Ney n-gram baseline on the same text.
 
-The gate blesses a candidate when it meets every floor in `gate.floors` and, when the
-MLflow registry already holds a `champion` for this model name, falls behind it by no
-more than `gate.max_regression`. The champion is scored on *this* test split through
-its own served bundle, so both are judged on the same rows.
+The gate blesses a candidate when it meets every floor in `gate.floors` (and ceiling
+in `gate.ceilings`) and, when the MLflow registry already holds a `champion` for this
+model name, falls behind it by no more than `gate.max_regression`. The champion is
+scored on *this* test split through its own served bundle, so both are judged on the
+same rows.
 
 When the data holds production feedback, preprocess held a slice of it out
 (`feedback_test`): both models are scored on that slice too, beside the fixed test
@@ -15,9 +18,9 @@ set. A model that learns the new domain shows it there; one that forgets the old
 still held to the fixed test set's margins; and `gate.feedback` may also bound how far
 the candidate falls behind the champion on the slice.
 
-Output: `reports/metrics.json` (DVC metrics), `reports/plots/` (confusion, ROC and PR
-data, and PNGs of them and of the reliability diagram: DVC plots,
-pipeline/reporting/evaluation_plots.py) and `reports/gate.json` (the verdict with every
+Output: `reports/metrics.json` (DVC metrics), `reports/plots/` (for classification,
+confusion, ROC and PR data, and PNGs of them and of the reliability diagram: DVC
+plots, pipeline/reporting/evaluation_plots.py) and `reports/gate.json` (the verdict with every
 reason); all of it is also logged to the training run in MLflow (`evaluation/`).
 """
 
@@ -28,77 +31,25 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import torch
-import torchmetrics.functional.classification as tm
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params, tracking_uri
-from pipeline.data.splits import FEEDBACK_TEST, column, load_splits
+from pipeline.data.splits import FEEDBACK_TEST, load_splits
 from pipeline.reporting import sources
-from pipeline.reporting.evaluation_plots import write_plots
+from pipeline.tasks.scoring import Scored, Scoring
 from pipeline.tracking import lineage
 from pipeline.tracking.registry import CHAMPION, download_bundle
-from serving.bundle import Bundle
-
-# ---------------------------------------------------------------- metrics
-
-
-def compute_metrics(probs: np.ndarray, labels: np.ndarray, label_names: list[str],
-                    calibration_bins: int = 15) -> dict:
-    p, y = torch.from_numpy(probs).float(), torch.from_numpy(labels).long()
-    k = len(label_names)
-    per_class = {
-        "precision": tm.multiclass_precision(p, y, k, average=None),
-        "recall": tm.multiclass_recall(p, y, k, average=None),
-        "f1": tm.multiclass_f1_score(p, y, k, average=None),
-    }
-    support = torch.bincount(y, minlength=k)
-    if k == 2:
-        roc_auc = tm.binary_auroc(p[:, 1], y)
-        pr_auc = tm.binary_average_precision(p[:, 1], y)
-    else:
-        roc_auc = tm.multiclass_auroc(p, y, k, average="macro")
-        pr_auc = tm.multiclass_average_precision(p, y, k, average="macro")
-    return {
-        "rows": int(len(y)),
-        "accuracy": float(tm.multiclass_accuracy(p, y, k, average="micro")),
-        "precision_macro": float(per_class["precision"].mean()),
-        "recall_macro": float(per_class["recall"].mean()),
-        "f1_macro": float(per_class["f1"].mean()),
-        "roc_auc": float(roc_auc),
-        "pr_auc": float(pr_auc),
-        "ece": float(tm.multiclass_calibration_error(p, y, k, n_bins=calibration_bins)),
-        "per_class": {
-            name: {
-                "precision": float(per_class["precision"][i]),
-                "recall": float(per_class["recall"][i]),
-                "f1": float(per_class["f1"][i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(label_names)
-        },
-        "confusion_matrix": tm.multiclass_confusion_matrix(p, y, k).tolist(),
-    }
-
-
-def slice_metrics(probs: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
-    """Accuracy and per-class recall on a slice that may lack a class (feedback comes
-    as users send it; ROC or macro F1 would be undefined or misleading there)."""
-    predicted = probs.argmax(axis=1)
-    recall = {name: float((predicted[labels == i] == i).mean())
-              for i, name in enumerate(label_names) if (labels == i).any()}
-    return {"rows": int(len(labels)), "accuracy": float((predicted == labels).mean()),
-            "recall": recall}
-
 
 # ---------------------------------------------------------------- the gate
 
 
-def judge(metrics: dict, gate: DictConfig, champion: dict | None) -> dict:
-    """The verdict: blessed only if every check passes; every check is a reason."""
+def judge(metrics: dict, gate: DictConfig, champion: dict | None,
+          lower_is_better: frozenset[str] = frozenset()) -> dict:
+    """The verdict: blessed only if every check passes; every check is a reason.
+    `gate.floors` bound metrics from below, `gate.ceilings` (when set) from above;
+    a champion margin is read the way its metric improves (`lower_is_better`)."""
     checks = []
     for metric, floor in gate.floors.items():
         value = metrics[metric]
@@ -107,13 +58,22 @@ def judge(metrics: dict, gate: DictConfig, champion: dict | None) -> dict:
             "passed": value >= floor,
             "reason": f"{metric} {value:.4f} {'>=' if value >= floor else '<'} floor {floor}",
         })
+    for metric, ceiling in (gate.get("ceilings") or {}).items():
+        value = metrics[metric]
+        checks.append({
+            "rule": "ceiling", "metric": metric, "value": value, "threshold": ceiling,
+            "passed": value <= ceiling,
+            "reason": f"{metric} {value:.4f} {'<=' if value <= ceiling else '>'} "
+                      f"ceiling {ceiling}",
+        })
     if champion is not None and "error" in champion:
         checks.append({"rule": "champion", "passed": False,
                        "reason": f"the champion could not be scored: {champion['error']}"})
     elif champion is not None:
         for metric, margin in gate.max_regression.items():
             value, best = metrics[metric], champion["metrics"][metric]
-            passed = value >= best - margin
+            passed = (value <= best + margin if metric in lower_is_better
+                      else value >= best - margin)
             checks.append({
                 "rule": "no_regression", "metric": metric, "value": value,
                 "champion_value": best, "margin": margin, "passed": passed,
@@ -159,11 +119,10 @@ def feedback_check(candidate: dict, rule: DictConfig | None, champion: dict | No
             "reason": f"{said}: {verdict} the margin {margin}"}
 
 
-def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
-                   label_names: list[str], bins: int,
-                   feedback: tuple[list[str], np.ndarray] | None = None) -> dict | None:
-    """The registry's champion scored on these rows through its bundle, or None; on
-    the held-out feedback rows too when they are given."""
+def score_champion(model_name: str, scoring: Scoring, scored: Scored, cfg: DictConfig
+                   ) -> dict | None:
+    """The registry's champion scored through its own bundle on the rows `scored` was
+    measured on, or None when there is no champion."""
     client = mlflow.MlflowClient()
     try:
         version = client.get_model_version_by_alias(model_name, CHAMPION)
@@ -171,18 +130,13 @@ def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
         return None  # no such model or no champion alias yet
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            bundle = Bundle.load(download_bundle(model_name, Path(tmp)), precision="fp32")
-            if bundle.label_names != label_names:
-                raise ValueError(f"its classes {bundle.label_names} differ from {label_names}")
-            probs = bundle.predict_proba(texts)
-            feedback_probs = bundle.predict_proba(feedback[0]) if feedback else None
+            metrics = scoring.score_bundle(download_bundle(model_name, Path(tmp)), scored, cfg)
     except Exception as err:  # noqa: BLE001 - any failure is reported at the gate
         return {"version": str(version.version), "error": str(err)}
-    scored = {"version": str(version.version),
-              "metrics": compute_metrics(probs, labels, label_names, bins)}
-    if feedback:
-        scored[FEEDBACK_TEST] = slice_metrics(feedback_probs, feedback[1], label_names)
-    return scored
+    champion = {"version": str(version.version), "metrics": metrics}
+    if FEEDBACK_TEST in metrics:  # judged beside the test set (feedback_check)
+        champion[FEEDBACK_TEST] = metrics.pop(FEEDBACK_TEST)
+    return champion
 
 
 # ---------------------------------------------------------------- the stage
@@ -191,72 +145,38 @@ def score_champion(model_name: str, texts: list[str], labels: np.ndarray,
 def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     """Score `paths.checkpoint` on the test split, plot, judge and log. Returns
     (metrics, verdict)."""
-    splits = load_splits(paths.processed)
-    test = splits["test"]
-    label_names = test.features["label"].names
-    labels = np.asarray(column(test, "label"))
     task = tasks.from_config(cfg)
+    scoring = task.scoring()
     module = task.load_module(paths.checkpoint)
-    probs = predict_proba(task, module, test, cfg.evaluate.batch_size, paths)
-
-    bins = cfg.evaluate.calibration_bins
-    metrics = compute_metrics(probs, labels, label_names, bins)
-    feedback = None
-    if FEEDBACK_TEST in splits:
-        held = splits[FEEDBACK_TEST]
-        feedback = (task.requests(held), np.asarray(column(held, "label")))
-        metrics[FEEDBACK_TEST] = slice_metrics(
-            predict_proba(task, module, held, cfg.evaluate.batch_size, paths), feedback[1],
-            label_names)
+    scored = scoring.score(task, module, load_splits(paths.processed), paths, cfg)
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    champion = score_champion(cfg.deploy.model_name, task.requests(test), labels,
-                              label_names, bins, feedback)
-    verdict = {"model_name": cfg.deploy.model_name, **judge(metrics, cfg.gate, champion)}
+    champion = score_champion(cfg.deploy.model_name, scoring, scored, cfg)
+    verdict = {"model_name": cfg.deploy.model_name,
+               **judge(scored.metrics, cfg.gate, champion, scoring.lower_is_better)}
 
-    atomic.write_json(paths.metrics, metrics)
-    write_plots(paths.plots, probs, labels, label_names, metrics, bins)
+    atomic.write_json(paths.metrics, scored.metrics)
+    scoring.write_plots(paths.plots, scored, cfg)
     atomic.write_json(paths.gate, verdict)
-    log_to_run(metrics, verdict, cfg.mlflow.experiment, paths)
-    return metrics, verdict
+    log_to_run(scoring.logged(scored.metrics), verdict, cfg.mlflow.experiment, paths)
+    return scored.metrics, verdict
 
 
-def predict_proba(task, module, split, batch_size: int, paths: Paths) -> np.ndarray:
-    """The module's class probabilities for a split's rows, as the task feeds them."""
-    logits = task.predict_logits(module, task.model_inputs(split, paths), batch_size)
-    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
-
-
-def log_to_run(metrics: dict, verdict: dict, experiment: str, paths: Paths) -> None:
+def log_to_run(flat: dict[str, float], verdict: dict, experiment: str, paths: Paths) -> None:
     """Add the test results to the training run, so one MLflow run tells the story."""
     run_id = lineage.training_run(experiment, paths.checkpoint)
-    flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
-    for name, values in metrics["per_class"].items():
-        flat.update({f"test_{metric}_{name}": values[metric]
-                     for metric in ("precision", "recall", "f1")})
-    if FEEDBACK_TEST in metrics:
-        flat[f"{FEEDBACK_TEST}_accuracy"] = metrics[FEEDBACK_TEST]["accuracy"]
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({mlflow_safe(k): v for k, v in flat.items()})
+        mlflow.log_metrics(flat)
         mlflow.log_artifact(str(paths.metrics), sources.EVALUATION)
         mlflow.log_artifact(str(paths.gate), sources.EVALUATION)
         mlflow.log_artifacts(str(paths.plots), sources.EVALUATION_PLOTS)
         mlflow.set_tag("gate_blessed", str(verdict["blessed"]).lower())
 
 
-def mlflow_safe(name: str) -> str:
-    """MLflow metric names allow letters, digits and _-. /: class names may not."""
-    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in name)
-
-
 def main() -> None:
     logs.quiet()
-    metrics, verdict = evaluate(load_params(), Paths())
-    print(f"evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['f1_macro']:.4f}, "
-          f"ROC-AUC {metrics['roc_auc']:.4f}, ECE {metrics['ece']:.4f}")
-    if FEEDBACK_TEST in metrics:
-        held = metrics[FEEDBACK_TEST]
-        print(f"evaluate: held-out feedback: accuracy {held['accuracy']:.4f} "
-              f"({held['rows']} rows)")
+    cfg = load_params()
+    metrics, verdict = evaluate(cfg, Paths())
+    print(f"evaluate: {tasks.from_config(cfg).scoring().summary(metrics)}")
     print(f"gate: {'BLESSED' if verdict['blessed'] else 'NOT blessed'}")
     for reason in verdict["reasons"]:
         print(f"  - {reason}")

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import column, load_splits
-from pipeline.stages.evaluate import compute_metrics, predict_proba
+from pipeline.tasks.scoring import compute_metrics, predict_proba
 from serving.bundle import Bundle
 from serving.engine.source import BundleSource
 

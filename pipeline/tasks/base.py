@@ -85,6 +85,24 @@ class Task(ABC):
         """A trained module back from its checkpoint, in eval mode."""
 
     # -- evaluate and deploy
+    def scoring(self):
+        """How its models are scored, judged and described (pipeline/tasks/scoring.py);
+        classification's by default."""
+        from pipeline.tasks.scoring import ClassificationScoring
+
+        return ClassificationScoring()
+
+    def check_bundle(self, bundle_dir: Path, module: pl.LightningModule, test: Dataset,
+                     paths: Paths, cfg: DictConfig) -> dict:
+        """Deploy's checks of the written bundle against the module on the test split;
+        the report, or DeployError (pipeline/tasks/parity.py) naming what broke. By
+        default classification's: preprocessing, fp32 and int8 parity, batch
+        invariance."""
+        from pipeline.tasks.parity import check_parity
+
+        return check_parity(bundle_dir, self, module, self.requests(test),
+                            self.model_inputs(test, paths), cfg)
+
     @abstractmethod
     def model_inputs(self, split: Dataset, paths: Paths) -> list:
         """The split's rows as the model takes them (token ids; normalised pixels, with

@@ -30,7 +30,7 @@ from conftest import ROOT, compose
 from ops import container, control, runtimes
 from ops.base_image import base_image
 from ops.image import build, image_size
-from pipeline.stages.deploy import batch_tolerances
+from pipeline.tasks.parity import batch_tolerances
 from pipeline.tracking import registry
 from serving.bundle import Bundle
 

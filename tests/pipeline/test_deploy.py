@@ -16,12 +16,14 @@ import numpy as np
 import onnx
 import pytest
 from conftest import ROOT
+from omegaconf import OmegaConf
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.config import Paths
 from pipeline.data.splits import column, load_splits
 from pipeline.stages import deploy
 from pipeline.stages.evaluate import score_champion
+from pipeline.tasks.scoring import ClassificationScoring, Scored
 from pipeline.tasks.text_classification import export
 from pipeline.tasks.text_classification.inference import load_module, predict_logits
 from pipeline.tracking import lineage, registry
@@ -301,7 +303,10 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle):
     # the champion scored on the test split through its bundle, for the gate
     test = load_splits(path / "data/processed")["test"]
     labels = np.asarray(column(test, "label"))
-    scored = score_champion(name, column(test, "text"), labels, ["neg", "pos"], 15)
+    cfg = OmegaConf.create({"evaluate": {"calibration_bins": 15}})
+    measured = Scored({}, plot_data=(None, labels, ["neg", "pos"]),
+                      requests={"test": (column(test, "text"), labels)})
+    scored = score_champion(name, ClassificationScoring(), measured, cfg)
     assert scored["version"] == v3 and "error" not in scored, scored
     assert scored["metrics"]["accuracy"] == pytest.approx(meta["metrics"]["accuracy"], abs=0.02)
 

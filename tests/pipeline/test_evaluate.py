@@ -23,7 +23,8 @@ from pipeline.config import Paths
 from pipeline.data.splits import column, load_splits
 from pipeline.reporting.evaluation_plots import curve_rows
 from pipeline.stages import evaluate as stage
-from pipeline.stages.evaluate import compute_metrics, judge
+from pipeline.stages.evaluate import judge
+from pipeline.tasks.scoring import compute_metrics
 from pipeline.tasks.text_classification.task import TextClassification
 from pipeline.tracking import lineage
 
@@ -93,6 +94,22 @@ def test_gate_against_a_champion():
                for r in behind["reasons"])
     broken = judge({"accuracy": 0.9, "f1_macro": 0.9}, GATE, {"version": "3", "error": "gone"})
     assert not broken["blessed"]  # a champion that cannot be scored blocks, not waves through
+
+
+def test_gate_reads_a_lower_is_better_metric_the_right_way_round():
+    """Perplexity: a ceiling bounds it from above, and a champion margin allows it to
+    rise by at most the margin (next-word prediction's gate)."""
+    gate = OmegaConf.create({"floors": {"accuracy": 0.1}, "ceilings": {"perplexity": 150},
+                             "max_regression": {"perplexity": 2.0}})
+    lower = frozenset({"perplexity"})
+    assert judge({"accuracy": 0.2, "perplexity": 149.0}, gate, None, lower)["blessed"]
+    over = judge({"accuracy": 0.2, "perplexity": 151.0}, gate, None, lower)
+    assert not over["blessed"] and "perplexity 151.0000 > ceiling 150" in over["reasons"][1]
+    champion = {"version": "4", "metrics": {"accuracy": 0.2, "perplexity": 100.0}}
+    assert judge({"accuracy": 0.2, "perplexity": 101.9}, gate, champion, lower)["blessed"]
+    assert not judge({"accuracy": 0.2, "perplexity": 102.1}, gate, champion, lower)["blessed"]
+    # better by a lot is no regression (read as higher-is-better, it would be)
+    assert judge({"accuracy": 0.2, "perplexity": 60.0}, gate, champion, lower)["blessed"]
 
 
 def test_stage_outputs_and_mlflow(workspace):

@@ -22,7 +22,7 @@ from pipeline import atomic
 from pipeline.modeling.callbacks import TrainingCurves
 from pipeline.reporting import figures, sources
 from pipeline.reporting.evaluation_plots import write_plots
-from pipeline.stages.evaluate import compute_metrics
+from pipeline.tasks.scoring import compute_metrics
 
 
 def picture(data: bytes) -> Image.Image:

@@ -25,6 +25,7 @@ from pipeline.reporting.evaluation_plots import write_plots
 from pipeline.reporting.report import MissingMetrics, build_report, main
 from pipeline.stages import deploy
 from pipeline.stages import evaluate as stage
+from pipeline.tasks.scoring import ClassificationScoring, compute_metrics
 from pipeline.tasks.text_classification.preprocess import preprocess
 from pipeline.tracking import lineage
 
@@ -54,7 +55,7 @@ def write_workspace(root: Path) -> dict:
     atomic.write_json(paths.processed / "profile.json", profile)
 
     probs, labels = random_predictions(60, 2)
-    metrics = stage.compute_metrics(probs, labels, ["neg", "pos"])
+    metrics = compute_metrics(probs, labels, ["neg", "pos"])
     atomic.write_json(paths.metrics, metrics)
     write_plots(paths.plots, probs, labels, ["neg", "pos"], metrics, 15)
     verdict = {"model_name": MODEL, **stage.judge(metrics, GATE, None)}
@@ -164,7 +165,7 @@ def test_a_reader_sees_the_verdict_the_metrics_and_every_picture(workspace_repor
 def test_only_the_metrics_are_required(tmp_path):
     paths = Paths(tmp_path)
     probs, labels = random_predictions(40, 2)
-    atomic.write_json(paths.metrics, stage.compute_metrics(probs, labels, ["neg", "pos"]))
+    atomic.write_json(paths.metrics, compute_metrics(probs, labels, ["neg", "pos"]))
     text = build_report(tmp_path, tmp_path / "report.html").read_text()
     for missing in ("reports/gate.json is missing", "reports/plots/confusion.png",
                     "reports/train_curves.json is missing",
@@ -186,7 +187,7 @@ def test_text_from_the_run_is_shown_not_interpreted(tmp_path):
     paths = Paths(tmp_path)
     hostile = '<img src=x onerror="alert(1)">'
     probs, labels = random_predictions(40, 2)
-    atomic.write_json(paths.metrics, stage.compute_metrics(probs, labels, ["neg", hostile]))
+    atomic.write_json(paths.metrics, compute_metrics(probs, labels, ["neg", hostile]))
     atomic.write_text(paths.candidate / "MODEL_CARD.md", "# Card\n<script>alert(2)</script>\n")
     text = build_report(tmp_path, tmp_path / "report.html").read_text()
     assert [tag for tag, _ in Tags(text).tags if tag in ("img", "script")] == []
@@ -197,7 +198,7 @@ def test_text_from_the_run_is_shown_not_interpreted(tmp_path):
 def test_the_command_writes_the_report(tmp_path, capsys):
     paths = Paths(tmp_path)
     probs, labels = random_predictions(40, 2)
-    atomic.write_json(paths.metrics, stage.compute_metrics(probs, labels, ["neg", "pos"]))
+    atomic.write_json(paths.metrics, compute_metrics(probs, labels, ["neg", "pos"]))
     main(["--root", str(tmp_path)])
     assert paths.report.read_text().startswith("<!doctype html>")
     assert capsys.readouterr().out == f"report: {paths.report}\n"
@@ -224,7 +225,8 @@ def test_a_report_from_an_mlflow_run(workspace, tracking, tmp_path, monkeypatch)
     paths.checkpoint.write_bytes(b"a checkpoint")  # evaluate finds the run by its hash
     client.set_tag(run_id, lineage.CHECKPOINT_TAG, lineage.digest(paths.checkpoint))
     mlflow.set_tracking_uri(uri)
-    stage.log_to_run(metrics, atomic.read_json(paths.gate), "textops", paths)
+    stage.log_to_run(ClassificationScoring().logged(metrics), atomic.read_json(paths.gate),
+                     "textops", paths)
     # deploy registers the bundle as a model version of the run (its artifacts/bundle)
     staged = shutil.copytree(Paths(root).candidate, tmp_path / "model/artifacts/bundle")
     client.create_registered_model(MODEL)

@@ -8,7 +8,7 @@ import pytest
 from conftest import compose
 
 from ops import control
-from pipeline.stages.deploy import batch_tolerances
+from pipeline.tasks.parity import batch_tolerances
 from serving.bundle import Bundle
 
 

@@ -25,7 +25,7 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.stages.deploy import batch_tolerances
+from pipeline.tasks.parity import batch_tolerances
 from serving.bundle import Bundle
 from serving.engine.batcher import Batcher, infer, length_groups
 

@@ -17,7 +17,7 @@ from conftest import compose, copy_repo, git_init, run
 from helpers import NOISE
 
 from ops import control
-from pipeline.stages.deploy import batch_tolerances
+from pipeline.tasks.parity import batch_tolerances
 from serving.bundle import Bundle
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ from helpers import NOISE
 
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import load_splits
-from pipeline.stages.deploy import DeployError, check_parity
 from pipeline.tasks.image_classification.task import ImageClassification
+from pipeline.tasks.parity import DeployError, check_parity
 from serving.bundle import Bundle
 
 pytestmark = pytest.mark.slow
