@@ -41,7 +41,8 @@ class EpochSummary(Callback):
             return
         metrics = trainer.callback_metrics
         shown = "  ".join(f"{k} {float(metrics[k]):.4f}" for k in
-                          ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1")
+                          ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1",
+                           "val_ppl")  # (val_ppl: next-word prediction)
                           if k in metrics)
         print(f"epoch {self.finished_epoch + 1}/{trainer.max_epochs}: {shown}", flush=True)
         self.finished_epoch = None

@@ -1,5 +1,6 @@
 """The pipeline's pictures as PNG bytes: the confusion matrix, ROC and precision-recall
-curves, the reliability (calibration) diagram, and the training curves.
+curves, the reliability (calibration) diagram, a model beside its baseline, and the
+training curves.
 
 Drawn on matplotlib's Agg canvas without pyplot, so no figure or backend is left in
 global state (a stage may import this beside a notebook or a test that uses pyplot);
@@ -98,6 +99,21 @@ def _draw_curve(figure: Figure, x: list[float], y: list[float], labels: tuple[st
     ax.grid(alpha=0.3)
 
 
+def bars_png(names: list[str], values: list[float], title: str) -> bytes:
+    """One horizontal bar per name (next-word prediction: a model's perplexity beside
+    its n-gram baseline's)."""
+    return render(_draw_bars, names, values, title)
+
+
+def _draw_bars(figure: Figure, names: list[str], values: list[float], title: str) -> None:
+    axes = figure.add_subplot()
+    bars = axes.barh(names, values, color="tab:blue")
+    axes.bar_label(bars, fmt="%.1f", padding=3)
+    axes.invert_yaxis()  # the first name on top
+    axes.set_xlim(0, max(values) * 1.2)
+    axes.set_title(title, fontsize=9)
+
+
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> dict:
     """Top-label confidence against accuracy in `n_bins` equal-width bins, binned as
     torchmetrics bins them for the expected calibration error (a bin holds
@@ -154,10 +170,12 @@ def training_curves_png(rows: list[dict]) -> bytes:
 
 def _draw_training_curves(figure: Figure, rows: list[dict]) -> None:
     losses, scores = figure.subplots(1, 2)
-    # the learning rate (LearningRateMonitor's lr-*) has its own scale: the curves
-    # table in the report lists it, the plot leaves it out
+    # the learning rate (LearningRateMonitor's lr-*) and a language model's perplexity
+    # (*_ppl, exp of its loss, in the hundreds) have their own scales: the curves table
+    # in the report lists them, the plot leaves them out
     names = sorted({key for row in rows for key in row
-                    if key not in ("epoch", "step") and not key.startswith("lr-")})
+                    if key not in ("epoch", "step") and not key.startswith("lr-")
+                    and not key.endswith("_ppl")})
     for name in names:
         points = [(row["epoch"], row[name]) for row in rows if name in row]
         ax = losses if name.endswith("loss") else scores
