@@ -96,6 +96,20 @@ def image_repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def next_word_repo(tmp_path_factory) -> Path:
+    """A repository copy where `dvc repro` ran the next-word smoke experiment (the
+    first 300 speeches of Tiny Shakespeare, a one-layer Transformer, one epoch) end to
+    end."""
+    repo = copy_repo(tmp_path_factory.mktemp("next-word") / "repo")
+    run([sys.executable, "-m", "pipeline.config", "task=next_word",
+         "experiment=next_word_smoke"], repo)
+    git_init(repo)
+    result = run(["dvc", "repro"], repo, timeout=900)
+    (repo / "repro.log").write_text(result.stdout + result.stderr)
+    return repo
+
+
+@pytest.fixture(scope="session")
 def image_bundle(image_repo) -> Path:
     return image_repo / "models/candidate"
 

@@ -23,7 +23,9 @@ def main() -> None:
     except CollectError as err:
         sys.exit(f"collect: {err}")
     rows = ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())
-    print(f"collect: {manifest['name']}: {rows} rows, classes {manifest['label_names']}")
+    classes = manifest.get("label_names")  # none for a corpus (next-word prediction)
+    print(f"collect: {manifest['name']}: {rows} rows"
+          + (f", classes {classes}" if classes else ""))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def main() -> None:
           f"(bundle {report['bundle_version']}): "
           f"{'promoted to champion' if report['promoted'] else 'registered, NOT promoted'}; "
           f"fp32 max |diff| {p['fp32_max_abs_diff']:.1e}, "
-          f"int8 agreement {p['int8_label_agreement']:.4f}")
+          f"int8 agreement {p.get('int8_label_agreement', p.get('int8_top1_agreement')):.4f}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 Starts the service (`python -m serving`) on a free loopback port against the
 candidate bundle, waits for readiness, sends canary items from the test split (texts;
-images as base64 PNG files) over HTTP one request each, and checks every answer
-against the bundle's offline prediction for that item alone: the same label, probabilities within
-`CANARY_TOLERANCE`. Stops the service and writes `reports/serve.json` (the canary's
-result) and `reports/runs/serve.json` (this run's latency percentiles, which DVC does
-not track). A mismatch, an error answer or a service that never becomes ready fails
-the stage.
+images as base64 PNG files; for next-word prediction, the first half of test
+documents) over HTTP one request each, and checks every answer against the bundle's
+offline prediction for that item alone: the same label (the same top-k next words),
+probabilities within `CANARY_TOLERANCE`. Stops the service and writes
+`reports/serve.json` (the canary's result) and `reports/runs/serve.json` (this run's
+latency percentiles, which DVC does not track). A mismatch, an error answer or a
+service that never becomes ready fails the stage.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import base64
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import load_splits
 from serving.bundle import Bundle
+from serving.bundle.tasks import NEXT_WORD
 
 # The canary sends one text per request, one request at a time, so the service runs
 # each text alone; offline, each text is scored alone too. Both then run the same
@@ -73,13 +76,61 @@ def canary(url: str, texts: list, expected: np.ndarray, labels: list[str],
     }
 
 
+def next_word_canary(url: str, prompts: list[str], expected: list[list[tuple[str, float]]]
+                     ) -> dict:
+    """For a next-word bundle: each prompt alone to /predict; the served top-k words
+    must be the offline ones, their probabilities within `CANARY_TOLERANCE`."""
+    latencies, mismatches, max_diff = [], [], 0.0
+    k = len(expected[0]) if expected else 1
+    for i, prompt in enumerate(prompts):
+        started = time.perf_counter()
+        status, body = process.http_json("POST", f"{url}/predict",
+                                         {"texts": [prompt], "k": k})
+        latencies.append((time.perf_counter() - started) * 1000)
+        if status != 200:
+            raise CanaryError(f"canary prompt {i}: HTTP {status} {body}")
+        served = [(w["word"], w["probability"]) for w in body["predictions"][0]["next_words"]]
+        diff = max((abs(a[1] - b[1]) for a, b in zip(served, expected[i], strict=False)),
+                   default=0.0)
+        max_diff = max(max_diff, diff)
+        if [w for w, _ in served] != [w for w, _ in expected[i]] or diff > CANARY_TOLERANCE:
+            mismatches.append(i)
+    ms = np.asarray(latencies)
+    return {
+        "rows": len(prompts),
+        "mismatches": len(mismatches),
+        "first_mismatch": mismatches[0] if mismatches else None,
+        "max_abs_prob_diff": max_diff,
+        "latency_ms": {p: round(float(np.percentile(ms, q)), 2)
+                       for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "latency_ms_mean": round(float(ms.mean()), 2),
+    }
+
+
+def canary_prompts(documents: list[str], count: int) -> list[str]:
+    """Prompts from the test documents: the first half of each one's words (the
+    service is asked what comes next mid-speech, as a typist would)."""
+    return [" ".join(words[: max(len(words) // 2, 1)])
+            for words in (doc.split() for doc in documents[:count])]
+
+
 def check_service(cfg: DictConfig, paths: Paths) -> dict:
     """The canary against the service on `paths.candidate`; writes `paths.serve_report`."""
     bundle_dir = paths.candidate
     bundle = Bundle.load(bundle_dir, cfg.serve.precision)
-    test = load_splits(paths.processed)["test"]
-    texts = tasks.get(bundle.task.name).requests(test)[: cfg.serve.canary_rows]
-    expected = np.concatenate([bundle.predict_proba([text]) for text in texts])
+    if bundle.task.name == NEXT_WORD:
+        from pipeline.tasks.next_word.processed import prompts
+
+        texts = canary_prompts(prompts(paths, "test"), cfg.serve.canary_rows)
+        expected = [bundle.decoder.next_word_topk([text], cfg.serve.top_k)[0]
+                    for text in texts]
+        run_canary = partial(next_word_canary, prompts=texts, expected=expected)
+    else:
+        test = load_splits(paths.processed)["test"]
+        texts = tasks.get(bundle.task.name).requests(test)[: cfg.serve.canary_rows]
+        expected = np.concatenate([bundle.predict_proba([text]) for text in texts])
+        run_canary = partial(canary, texts=texts, expected=expected,
+                             labels=bundle.label_names, field=bundle.task.items)
     port = process.free_port()
     with tempfile.TemporaryDirectory() as tmp:
         # The canary's answers go to a log of their own, never the production one. It
@@ -93,8 +144,7 @@ def check_service(cfg: DictConfig, paths: Paths) -> dict:
                                      "TEXTOPS_REQUIRE_TLS": "false"})
         try:
             ready = process.wait_ready(service.url, cfg.serve.ready_timeout_s, service.process)
-            result = canary(service.url, texts, expected, bundle.label_names,
-                            bundle.task.items)
+            result = run_canary(service.url)
         except (RuntimeError, OSError) as err:
             raise CanaryError(f"{err}\n--- service log ---\n{service.log_tail()}") from None
         finally:

@@ -16,6 +16,7 @@ from serving.bundle.tasks import DEFAULT_TASK
 TASKS = {
     "text_classification": "pipeline.tasks.text_classification.task:TextClassification",
     "image_classification": "pipeline.tasks.image_classification.task:ImageClassification",
+    "next_word": "pipeline.tasks.next_word.task:NextWord",
 }
 
 

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 TEXT_CLASSIFICATION = "text_classification"
 IMAGE_CLASSIFICATION = "image_classification"
+NEXT_WORD = "next_word"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,19 @@ TASKS = {
         inputs=("pixels",),  # float32 [batch, channels, height, width], normalised
         outputs=("logits",),  # float32 [batch, classes]
         items="images",
+    ),
+    NEXT_WORD: TaskSpec(
+        name=NEXT_WORD,
+        preprocessing=("tokenizer.json",),
+        # int64 [batch, tokens]; int64 [batch, past + tokens] (0: left padding);
+        # float32 [layers, 2, batch, heads, past, head_dim] (past may be 0 long)
+        inputs=("input_ids", "attention_mask", "past_key_values"),
+        # float32 [batch, tokens, vocabulary]; the cache with this call's entries added
+        outputs=("logits", "present_key_values"),
+        # max_len: the context in tokens (null: unbounded, a recurrent model); cache:
+        # "all" entries (a Transformer's keys and values) or the "last" (an LSTM's state)
+        # special: the ids of [PAD], [UNK] and [EOS] ({pad_id, unk_id, eos_id})
+        meta=("max_len", "cache", "special"),
     ),
 }
 # bundle.json written before tasks existed names none: it is a text classifier

@@ -18,8 +18,16 @@ from serving.bundle.tasks import TASKS
 
 def test_an_unknown_task_names_the_known_ones():
     with pytest.raises(tasks.UnknownTask, match=r"task.name: unknown task 'images' "
-                                                r"\(image_classification, text_classification\)"):
+                                                r"\(image_classification, next_word, "
+                                                r"text_classification\)"):
         tasks.get("images")
+
+
+def test_the_next_word_task_chooses_its_own_data_model_gate_and_preprocessing():
+    cfg = compose("task=next_word")
+    assert (cfg.data.name, cfg.model.name) == ("tiny_shakespeare", "lm_lstm")
+    assert cfg.preprocess.tokenizer.type == "word" and "f1_macro" not in cfg.gate.floors
+    assert cfg.gate.ceilings.perplexity_vs_baseline == 0.8
 
 
 def test_the_image_task_chooses_its_own_data_model_and_preprocessing():

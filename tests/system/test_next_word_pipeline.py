@@ -1,0 +1,99 @@
+"""Next-word prediction end to end: `dvc repro` of the next-word smoke experiment
+through every stage (the `next_word_repo` fixture), then what each stage left behind
+and the service on its bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+from conftest import running_service
+from helpers import NOISE
+
+from pipeline.config import Paths, load_params
+from pipeline.data.splits import load_splits
+from pipeline.tasks.next_word.task import NextWord
+from pipeline.tasks.parity import DeployError
+from serving.bundle import Bundle
+from serving.bundle.decoding import generate
+from serving.bundle.sampling import Sampling
+
+pytestmark = pytest.mark.slow
+
+
+def read(repo, path):
+    return json.loads((repo / path).read_text())
+
+
+def test_repro_runs_every_stage_on_a_corpus(next_word_repo):
+    log = (next_word_repo / "repro.log").read_text()
+    for stage in ("collect", "preprocess", "train", "evaluate", "deploy", "serve"):
+        assert f"'{stage}'" in log
+    manifest = read(next_word_repo, "data/raw/manifest.json")
+    assert manifest["splits"]["train"]["rows"] == 300  # speeches, before carving
+    profile = read(next_word_repo, "data/processed/profile.json")
+    assert set(profile["leakage"]) == {"val", "test"}
+    assert profile["tokenizer"]["type"] == "word"
+    metrics = read(next_word_repo, "reports/metrics.json")
+    baseline = metrics["baseline"]
+    # model and n-gram scored on the very same test tokens, in the same run
+    assert baseline["name"] == "kneser_ney_3" and baseline["tokens"] == metrics["tokens"]
+    assert metrics["perplexity_vs_baseline"] == pytest.approx(
+        metrics["perplexity"] / baseline["perplexity"])
+    assert 0 < metrics["accuracy"] <= metrics["top5_accuracy"] <= 1
+    plots = read(next_word_repo, "reports/plots/baseline.json")
+    assert [row["model"] for row in plots] == ["candidate", "kneser_ney_3"]
+    bundle = read(next_word_repo, "models/candidate/bundle.json")
+    assert bundle["task"] == "next_word" and bundle["cache"] == "all"
+    assert list(bundle["signature"]["inputs"]) == ["input_ids", "attention_mask",
+                                                   "past_key_values"]
+    parity = bundle["parity"]
+    assert parity["preprocessing_mismatches"] == 0 and not parity["greedy"]["different"]
+    served = read(next_word_repo, "reports/serve.json")
+    # the serve stage sent 20 test prompts over HTTP: every top-k equals the bundle's
+    assert served["rows"] == 20 and served["mismatches"] == 0
+    card = (next_word_repo / "models/candidate/MODEL_CARD.md").read_text()
+    assert "language model predicting the next token" in card and "kneser_ney_3" in card
+
+
+def test_the_next_word_repro_prints_no_dependency_noise(next_word_repo):
+    log = (next_word_repo / "repro.log").read_text()
+    noisy = [line for line in log.splitlines() if NOISE.search(line)]
+    assert not noisy, "\n".join(noisy[:20])
+
+
+def test_deploy_refuses_a_bundle_whose_tokenizer_differs_from_training(next_word_repo,
+                                                                        tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.chdir(next_word_repo)
+    cfg, paths = load_params(next_word_repo / "params.yaml"), Paths(next_word_repo)
+    task = NextWord()
+    module = task.load_module(paths.checkpoint)
+    test = load_splits(paths.processed)["test"]
+    altered = shutil.copytree(paths.candidate, tmp_path / "bundle")
+    assert task.check_bundle(altered, module, test, paths, cfg)["preprocessing_mismatches"] == 0
+    tokenizer = json.loads((altered / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[5:7]  # two ordinary words swap ids
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (altered / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(DeployError, match="tokenizer.json gives other token ids than "
+                                          "training for the test documents"):
+        task.check_bundle(altered, module, test, paths, cfg)
+
+
+def test_the_service_generates_what_the_bundle_generates_offline(next_word_repo, tmp_path):
+    bundle_dir = next_word_repo / "models/candidate"
+    offline = Bundle.load(bundle_dir, "int8").decoder
+    prompt = "first citizen: we are"
+    expected = generate(offline, prompt, Sampling(max_new_tokens=8))
+    with running_service(bundle_dir, tmp_path) as service:
+        answer = httpx.post(f"{service.url}/generate",
+                            json={"prompt": prompt, "max_new_tokens": 8}, timeout=30).json()
+        top = httpx.post(f"{service.url}/predict", json={"texts": [prompt], "k": 3},
+                         timeout=30).json()
+    assert answer["text"] == expected.text and answer["finish_reason"] == expected.finish_reason
+    assert [w["word"] for w in top["predictions"][0]["next_words"]] == [
+        word for word, _ in offline.next_word_topk([prompt], 3)[0]]
