@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1, description="request body size")
     max_images: int = Field(16, ge=1, description="images per request (an image model)")
     max_image_bytes: int = Field(1_000_000, ge=1, description="bytes per encoded image")
+    # A next-word model (serving/engine/generation.py): /predict's k and /generate's
+    # length. Its decoding steps take up to max_batch_size sequences and up to
+    # max_queue more wait for a place; a prompt is bounded by max_chars and the
+    # model's context.
+    next_words: int = Field(5, ge=1, description="next words per text when /predict "
+                            "names no k")
+    max_next_words: int = Field(20, ge=1, description="the largest k /predict takes")
+    max_new_tokens: int = Field(128, ge=1, description="tokens /generate makes per "
+                                "request, at most")
 
     # Server processes (serving/processes/workers.py): one per core by default, since one Python
     # process answering HTTP left about half of a 2-core machine idle.
@@ -146,6 +155,13 @@ class Settings(BaseSettings):
         if self.max_texts > self.max_queue:
             raise ValueError(f"{ENV_PREFIX}MAX_TEXTS ({self.max_texts}) must not exceed "
                              f"{ENV_PREFIX}MAX_QUEUE ({self.max_queue})")
+        return self
+
+    @model_validator(mode="after")
+    def _default_k_within_bound(self):
+        if self.next_words > self.max_next_words:
+            raise ValueError(f"{ENV_PREFIX}NEXT_WORDS ({self.next_words}) must not exceed "
+                             f"{ENV_PREFIX}MAX_NEXT_WORDS ({self.max_next_words})")
         return self
 
     @field_validator("tls_cert_file", "tls_key_file", "bundle_public_key")

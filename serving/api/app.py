@@ -5,6 +5,8 @@ serving/settings.py) or `uvicorn --factory serving.api.app:create_app` (one proc
 
 Routes (serving/api/routes.py, serving/api/v2.py)
 - `POST /predict`, `POST /explain`, and the Open Inference Protocol under `/v2`;
+- `POST /generate` for a next-word model (serving/api/next_word.py), whose requests
+  share every decoding step (serving/engine/generation.py);
 - `POST /feedback`: the right label for an answer, by its request id (the prediction
   log, serving/predlog/, keeps the answers; live accuracy goes to /metrics);
 - `GET /health/live`, `GET /health/ready` (503 until a bundle is loaded and warm),
@@ -32,7 +34,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from serving import tls
-from serving.api import routes, v2
+from serving.api import next_word, routes, v2
 from serving.api.errors import add_error_handlers
 from serving.api.hot_path import PredictHotPath
 from serving.api.middleware import BodySizeLimit, RequestMetrics
@@ -68,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_error_handlers(app)
     require_key = api_key_dependency(service.settings.api_key_list())
     app.include_router(routes.router(service, require_key))
+    app.include_router(next_word.generate_router(service, require_key))
     app.include_router(v2.v2_router(service, require_key))
     return app
 

@@ -27,9 +27,10 @@ import orjson
 from pydantic import ValidationError
 
 from serving.api import images
+from serving.api.next_word import predict_next_words
 from serving.api.schemas import PredictRequest
 from serving.api.security import bearer, secret_matches
-from serving.api.validation import check_texts
+from serving.api.validation import check_texts, invalid
 from serving.bundle import Bundle
 from serving.bundle.predictions import predictions
 from serving.engine.service import InferenceService
@@ -45,11 +46,14 @@ async def predict_answer(service: InferenceService, body: bytes, offered_id: str
                          content_type: str | None = None, scope: dict | None = None
                          ) -> tuple[bytes, str]:
     """The JSON answer to a /predict body and its request id; ApiError if refused. An
-    image bundle takes images (serving/api/images.py), any other texts."""
+    image bundle takes images (serving/api/images.py), any other texts; a next-word
+    bundle answers their next words (serving/api/next_word.py)."""
     settings = service.settings
     bundle = service.bundle
     if bundle is not None and bundle.task.items == "images":
         return await predict_images(service, bundle, body, offered_id, content_type, scope)
+    if bundle is not None and bundle.decoder is not None:  # a next-word model
+        return await predict_next_words(service, bundle, body, offered_id)
     if not body:
         raise ApiError(422, "invalid_request", "body: Field required", field="body")
     try:
@@ -85,19 +89,6 @@ async def predict_images(service: InferenceService, bundle: Bundle, body: bytes,
     answer = {"request_id": rid, "model_version": used.version,
               "predictions": predictions(used.label_names, probs)}
     return orjson.dumps(answer), rid
-
-
-def invalid(err: ValidationError) -> ApiError:
-    """A body that is not a PredictRequest, answered as FastAPI's validation errors
-    are everywhere else (serving/api/errors.py): 400 for bad JSON, 422 naming the field."""
-    first = err.errors(include_url=False)[0]
-    if first["type"] == "json_invalid":
-        return ApiError(400, "invalid_json", "the request body is not valid JSON")
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    details = {"field": where}
-    if len(first["loc"]) > 1 and isinstance(first["loc"][1], int):
-        details["item"] = first["loc"][1]
-    return ApiError(422, "invalid_request", f"{where}: {first['msg']}", **details)
 
 
 class ClientGone(Exception):

@@ -22,6 +22,8 @@ from serving.api.schemas import (
     FeedbackResponse,
     ImageExplainRequest,
     ImageExplainResponse,
+    NextWordPredictRequest,
+    NextWordPredictResponse,
     PredictRequest,
     PredictResponse,
     ReloadRequest,
@@ -33,8 +35,10 @@ from serving.bundle import BundleError
 from serving.engine.service import InferenceService
 from serving.errors import ApiError
 
+# A classifier's body, or a next-word model's (serving/api/next_word.py)
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": PredictRequest.model_json_schema()}}}}
+    "schema": {"oneOf": [PredictRequest.model_json_schema(),
+                         NextWordPredictRequest.model_json_schema()]}}}}}
 _FEEDBACK_ITEM = FeedbackItem.model_json_schema()
 # The body is one item or a list, parsed by `feedback_items` so that an error can name
 # the item; OpenAPI still documents it.
@@ -112,12 +116,13 @@ def router(service: InferenceService, require_key) -> APIRouter:
     async def demo() -> str:
         return resources.files("serving.api").joinpath("static/index.html").read_text("utf-8")
 
-    @routes.post("/predict", response_model=PredictResponse,
+    @routes.post("/predict", response_model=PredictResponse | NextWordPredictResponse,
                  dependencies=[Depends(require_key)], openapi_extra=PREDICT_BODY)
     async def predict(http: Request) -> Response:
         """Classify up to `max_texts` texts (an image model: up to `max_images` images,
         base64 in `{"images": [...]}` or multipart file uploads): label, score and
-        every class probability.
+        every class probability. A next-word model: each text's `k` most probable
+        next words, with their probabilities.
         The answer's `request_id` (a well-formed client X-Request-ID, or a new one)
         names it in POST /feedback.
 
@@ -147,6 +152,10 @@ def router(service: InferenceService, require_key) -> APIRouter:
         label's probability drops when the cell is grayed out."""
         body = await http.body()
         bundle = service.bundle
+        if bundle is not None and bundle.decoder is not None:
+            raise ApiError(404, "not_a_classifier", "POST /explain explains a "
+                           "classifier's label; this service serves a next-word model "
+                           f"({bundle.version})", task=bundle.task.name)
         if bundle is not None and bundle.task.items == "images":
             request = explain_request(ImageExplainRequest, body, wrong="text")
             file = b64_file(request.image, "image")

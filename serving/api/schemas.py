@@ -1,6 +1,7 @@
 """The JSON bodies of /predict, /explain (a text model's and an image model's),
-/feedback and /admin/reload, as OpenAPI documents them (the request id that ties an
-answer to its feedback: serving/request_ids.py).
+/generate and a next-word model's /predict, /feedback and /admin/reload, as OpenAPI
+documents them (the request id that ties an answer to its feedback:
+serving/request_ids.py).
 
 Request models refuse unknown fields, so a typo in a field name is a 422, not a
 silently ignored field.
@@ -8,7 +9,18 @@ silently ignored field.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+)
 
 
 class PredictRequest(BaseModel):
@@ -103,3 +115,77 @@ class FeedbackItem(BaseModel):
 
 class FeedbackResponse(BaseModel):
     accepted: int = Field(description="labels stored; a repeated label replaces the earlier")
+
+
+# ---------------------------------------------------------------- a next-word model
+
+
+class NextWordPredictRequest(BaseModel):
+    """A next-word model's /predict body."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[StrictStr] = Field(description="texts whose next word is wanted",
+                                   examples=[["the cat sat on the"]])
+    k: StrictInt | None = Field(None, ge=1, description="next words per text (default "
+                                "TEXTOPS_NEXT_WORDS, at most TEXTOPS_MAX_NEXT_WORDS)")
+
+
+class NextWord(BaseModel):
+    word: str
+    probability: float = Field(description="under the model's whole distribution")
+
+
+class NextWordPrediction(BaseModel):
+    next_words: list[NextWord] = Field(description="the k most probable, best first")
+
+
+class NextWordPredictResponse(BaseModel):
+    request_id: str = Field(description="also the X-Request-ID header")
+    model_version: str
+    predictions: list[NextWordPrediction]
+
+
+StopText = Annotated[StrictStr, StringConstraints(min_length=1, max_length=200)]
+DEFAULT_NEW_TOKENS = 32
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate: continue a prompt, greedily (temperature 0) or by sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: StrictStr = Field(description="the text to continue (empty: a new document)",
+                              examples=["the cat sat"])
+    # Left out, these four take the bundle's `generation` defaults (bundle.json), else
+    # the ones below.
+    max_new_tokens: StrictInt | None = Field(
+        None, ge=1, description=f"tokens to generate at most (default: the bundle's, "
+        f"else {DEFAULT_NEW_TOKENS}; never over TEXTOPS_MAX_NEW_TOKENS)")
+    temperature: StrictFloat = Field(0.0, ge=0, allow_inf_nan=False,
+                                     description="0: greedy; above: sample")
+    top_k: StrictInt = Field(0, ge=0, description="sample among the k most probable "
+                             "tokens (0: all)")
+    top_p: StrictFloat = Field(1.0, gt=0, le=1, allow_inf_nan=False,
+                               description="sample among the most probable tokens "
+                               "holding this much probability (1: all)")
+    seed: StrictInt | None = Field(None, ge=0, lt=2**64, description="the same seed, "
+                                   "prompt and settings give the same sample")
+    stop: list[StopText] = Field([], max_length=8, description="texts that end the "
+                                 "continuation where they first appear (not returned)")
+    stream: StrictBool = Field(False, description="answer as server-sent events, one per "
+                               "token, then one with the finish reason")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str = Field(description="the continuation, cut before a stop text")
+    tokens: list[str] = Field(description="the tokens generated, in order")
+    finish_reason: Literal["eos", "stop", "length"] = Field(
+        description="eos: the model ended the document; stop: a stop text appeared; "
+        "length: max_new_tokens, or the model's context, reached")
+    request_id: str
+    model_version: str
+    usage: Usage

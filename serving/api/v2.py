@@ -128,6 +128,9 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
                  openapi_extra=body_schema)
     async def infer(name: str, raw: Request, version: str | None = None) -> Response:
         served = bundle_named(name)
+        if served.decoder is not None:
+            raise ApiError(422, "not_served", "the V2 route does not serve next-word "
+                           "models yet: use POST /predict or POST /generate")
         request = parse_request(await raw.body())
         if served.task.items == "images":
             items, keys = await image_inputs(request, served, settings)

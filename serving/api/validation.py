@@ -1,12 +1,15 @@
-"""The input limits, checked before any text reaches the model.
+"""The input limits, checked before any text reaches the model, and how a body that
+is not what a route takes is answered.
 
-One check for every prediction route (/predict, /explain and the V2 infer route), so
-that `max_texts` and `max_chars` hold wherever a text comes in.
+One check for every prediction route (/predict, /explain, /generate and the V2 infer
+route), so that `max_texts` and `max_chars` hold wherever a text comes in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from pydantic import ValidationError
 
 from serving.errors import ApiError
 
@@ -33,3 +36,16 @@ def check_texts(texts: list, max_texts: int, max_chars: int,
             raise ApiError(422, "text_too_long",
                            f"{name(i)} has {len(text)} characters; at most {max_chars}",
                            limit="max_chars", value=max_chars, item=i)
+
+
+def invalid(err: ValidationError) -> ApiError:
+    """A body that is not the route's request model, answered as FastAPI's validation errors
+    are everywhere else (serving/api/errors.py): 400 for bad JSON, 422 naming the field."""
+    first = err.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return ApiError(400, "invalid_json", "the request body is not valid JSON")
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    details = {"field": where}
+    if len(first["loc"]) > 1 and isinstance(first["loc"][1], int):
+        details["item"] = first["loc"][1]
+    return ApiError(422, "invalid_request", f"{where}: {first['msg']}", **details)

@@ -4,7 +4,9 @@ A bundle is a directory holding
 - `model.onnx` (fp32) and `model.int8.onnx` (statically quantised int8),
 - its task's preprocessing (serving/bundle/inputs.py): `tokenizer.json` for text,
   which carries the normalisation and personal-data masking; `image_spec.json` for
-  images (size, channels, resize rule, mean and std),
+  images (size, channels, resize rule, mean and std); `tokenizer.json` for next-word
+  prediction too (serving/bundle/decoding.py), whose model is a cached language model
+  that a `Decoder` runs rather than a classifier,
 - `bundle.json`: its task and the model's signature (serving/bundle/tasks.py), label
   names, version, metrics, gate verdict, lineage and the training data profile (the
   drift reference),
@@ -29,9 +31,11 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from serving.bundle.decoding import Decoder, NextWordInputs
 from serving.bundle.inputs import ImageInputs, TextInputs
 from serving.bundle.tasks import (
     IMAGE_CLASSIFICATION,
+    NEXT_WORD,
     TEXT_CLASSIFICATION,
     TaskSpec,
     signature,
@@ -43,7 +47,8 @@ MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 # Where a registered model version keeps its bundle, inside the version's artifacts.
 REGISTERED_BUNDLE = Path("artifacts") / "bundle"
 REQUIRED_META = ("version", "label_names")  # and the task's own (TaskSpec.meta)
-INPUTS = {TEXT_CLASSIFICATION: TextInputs, IMAGE_CLASSIFICATION: ImageInputs}
+INPUTS = {TEXT_CLASSIFICATION: TextInputs, IMAGE_CLASSIFICATION: ImageInputs,
+          NEXT_WORD: NextWordInputs}
 
 
 class BundleError(RuntimeError):
@@ -102,15 +107,24 @@ def read_meta(path: Path) -> dict:
 class Bundle:
     path: Path
     meta: dict
-    inputs: TextInputs | ImageInputs
+    inputs: TextInputs | ImageInputs | NextWordInputs
     session: ort.InferenceSession
     precision: str
     label_names: list[str] = field(init=False)
     task: TaskSpec = field(init=False)
+    # a next-word bundle's batched, cached decoding (None for a classifier): made once,
+    # so every request and decoding step on this bundle shares it
+    decoder: Decoder | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.label_names = list(self.meta["label_names"])
         self.task = task_of(self.meta)
+        if self.task.name == NEXT_WORD:
+            try:
+                self.decoder = Decoder(self.session, self.meta, self.inputs)
+            except (KeyError, ValueError) as err:
+                raise BundleError(f"{self.path / 'bundle.json'}: not a next-word model "
+                                  f"this service can run ({err})") from None
 
     @classmethod
     def load(

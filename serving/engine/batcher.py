@@ -4,7 +4,9 @@ Requests put their texts on a bounded queue and await a future. Each inference t
 (`workers` of them) takes everything that is waiting (up to `max_batch_size` texts),
 tokenizes it, groups it by length so that short texts do not pay for long ones'
 padding, runs the groups through onnxruntime and resolves each request's future. The
-event loop only queues and awaits: tokenization and inference never run on it.
+event loop only queues and awaits: tokenization and inference never run on it. A
+next-word bundle's /predict is a batched prefill the same way (its top-k next words);
+its /generate runs in serving/engine/generation.py's decoding steps instead.
 
 - Idle and alone, a request runs at once: a thread waits `max_wait_ms` for
   companions only while its previous batch had several requests (that is, under load).
@@ -61,11 +63,14 @@ def length_groups(lengths: list[int], max_padding: float = 1.25) -> list[list[in
     return groups
 
 
-def infer(bundle: Bundle, texts: list) -> tuple[np.ndarray, BatchStats]:
+def infer(bundle: Bundle, texts: list, top_k: int = 20) -> tuple[np.ndarray, BatchStats]:
     """Probabilities for texts, run as length groups; the rows come back in order. An
-    image bundle's items (decoded uint8 pixels) run as one batch."""
+    image bundle's items (decoded uint8 pixels) run as one batch; a next-word bundle
+    gives each text's `top_k` next words instead (`infer_next_words`)."""
     if bundle.task.items == "images":
         return infer_images(bundle, texts)
+    if bundle.decoder is not None:
+        return infer_next_words(bundle, texts, top_k)
     started = time.perf_counter()
     encoded = bundle.encode(texts)
     lengths = [len(ids) for ids in encoded]
@@ -84,14 +89,44 @@ def infer(bundle: Bundle, texts: list) -> tuple[np.ndarray, BatchStats]:
     return probs, stats
 
 
+def infer_next_words(bundle: Bundle, texts: list[str], k: int
+                     ) -> tuple[list[list[tuple[str, float]]], BatchStats]:
+    """Each text's k most probable next words and their probabilities: one prefill
+    per length group (serving/bundle/decoding.py `Decoder.topk`), rows in order.
+    A prompt over the model's context (the route refuses those; a reload to a shorter
+    context may still slip one in) keeps its latest tokens."""
+    started = time.perf_counter()
+    decoder = bundle.decoder
+    encoded = decoder.inputs.encode(texts)
+    if decoder.max_len is not None:
+        encoded = [ids[len(ids) - decoder.max_len + 1:] if len(ids) >= decoder.max_len
+                   else ids for ids in encoded]
+    lengths = [len(ids) + 1 for ids in encoded]  # the [EOS] each prompt follows
+    rows: list = [None] * len(texts)
+    groups = length_groups(lengths)
+    for group in groups:
+        for i, best in zip(group, decoder.topk([encoded[i] for i in group], k), strict=True):
+            rows[i] = [(word, p) for word, (_, p) in
+                       zip(decoder.inputs.words([t for t, _ in best]), best, strict=True)]
+    # no drift figures yet: a language model's prompts have no classes to compare
+    stats = BatchStats(texts=len(texts), requests=1, groups=len(groups),
+                       real_tokens=sum(lengths),
+                       padded_tokens=sum(max(lengths[i] for i in g) * len(g) for g in groups),
+                       seconds=time.perf_counter() - started, lengths=[], unknown=[],
+                       predicted=[], bundle=bundle)
+    return rows, stats
+
+
 class Batcher:
     """Runs jobs on `workers` inference threads, batching what arrives together."""
 
     def __init__(self, get_bundle: Callable[[], Bundle], max_batch_size: int = 64,
                  max_wait_ms: float = 0.0, max_queue: int = 1024,
                  on_batch: Callable[[BatchStats], None] | None = None, enabled: bool = True,
-                 workers: int = 1, on_depth: Callable[[int], None] | None = None):
+                 workers: int = 1, on_depth: Callable[[int], None] | None = None,
+                 top_k: int = 20):
         self.get_bundle = get_bundle
+        self.top_k = top_k  # next words computed per text for a next-word bundle
         self.enabled = enabled  # False: each request runs alone, in a worker thread
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
@@ -146,7 +181,7 @@ class Batcher:
         try:
             if call is not None:
                 return await asyncio.to_thread(call, bundle), bundle
-            probs, stats = await asyncio.to_thread(infer, bundle, texts)
+            probs, stats = await asyncio.to_thread(infer, bundle, texts, self.top_k)
         finally:
             self._taken_texts(len(texts))
         self.on_batch(stats)
@@ -216,7 +251,7 @@ class Batcher:
         texts = [text for job in batch for text in job.texts]
         bundle = self.get_bundle()
         try:
-            probs, stats = infer(bundle, texts)
+            probs, stats = infer(bundle, texts, self.top_k)
         except Exception as err:  # noqa: BLE001 - every waiting request gets the error
             for job in batch:
                 job.loop.call_soon_threadsafe(_set_exception, job.future, err)

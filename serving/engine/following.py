@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serving.bundle import Bundle, BundleError
+from serving.bundle.decoding import Decoder
+from serving.bundle.sampling import Sampling
 from serving.bundle.signature import verify as verify_signature
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
@@ -46,7 +48,10 @@ def load_warm(path: Path, settings: Settings, workers: int = 1) -> Bundle:
         verify_signature(path, settings.bundle_public_key)
     bundle = Bundle.load(path, settings.precision, settings.runtime_options(workers))
     try:
-        bundle.predict_proba(warm_up_items(bundle))
+        if bundle.decoder is not None:
+            warm_up_decoder(bundle.decoder)
+        else:
+            bundle.predict_proba(warm_up_items(bundle))
     except Exception as err:  # noqa: BLE001 - a bundle that cannot predict is broken
         raise BundleError(f"{path}: the model fails on warm-up inputs ({err})") from err
     return bundle
@@ -59,6 +64,18 @@ def warm_up_items(bundle: Bundle) -> list:
     spec = bundle.inputs.spec
     shape = (spec.height, spec.width, spec.channels)
     return [np.zeros(shape, dtype=np.uint8), np.full(shape, 255, dtype=np.uint8)]
+
+
+def warm_up_decoder(decoder: Decoder) -> None:
+    """A next-word model's calls of every shape the service makes: a batched prefill
+    (/predict's top-k), then a decoding step where a prompt joins a running sequence.
+    Prompts are cut to the model's context (a short one must still warm up)."""
+    room = decoder.max_len - 2 if decoder.max_len else None
+    prompts = [ids[-room:] if room else ids for ids in decoder.inputs.encode(WARM_UP_TEXTS)]
+    decoder.topk(prompts, 1)
+    first = decoder.start(prompts[0], Sampling(max_new_tokens=2))
+    decoder.advance([first])
+    decoder.advance([s for s in (first, decoder.start(prompts[1])) if not s.finished])
 
 
 class BundleFollowing:

@@ -2,7 +2,9 @@
 
 `InferenceService` holds what the routes share: the settings, the bundle (swapped in
 with one assignment, so requests in flight finish on the old one), the batcher that
-every prediction and explanation goes through, the metrics and the prediction log.
+every prediction and explanation goes through, the generator whose decoding steps run
+a next-word model's generations (serving/engine/generation.py), the metrics and the
+prediction log.
 Loading and reloading the bundle, and following the other server processes, are its
 `BundleFollowing` half (serving/engine/following.py): a bundle that fails to load or
 to warm up is refused and the old one keeps serving. With several server processes,
@@ -20,9 +22,11 @@ from typing import TypeVar
 import numpy as np
 
 from serving.bundle import Bundle, BundleError
+from serving.bundle.sampling import Sampling
 from serving.engine.batcher import Batcher, QueueFull
 from serving.engine.explain import explain_item, grid
 from serving.engine.following import BundleFollowing
+from serving.engine.generation import Closed, Generation, Generator
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
 from serving.monitoring.metrics import ServiceMetrics
@@ -54,6 +58,7 @@ class InferenceService(BundleFollowing):
         self.error: str | None = None  # why no bundle serves, if one failed to load
         self.refused_identity: str | None = None  # not retried until the source moves
         self.batcher: Batcher | None = None
+        self.generator: Generator | None = None
         self.reload_lock = asyncio.Lock()
         self.watcher: asyncio.Task | None = None
         self.coordinator: asyncio.Task | None = None
@@ -72,7 +77,9 @@ class InferenceService(BundleFollowing):
         self.batcher = Batcher(lambda: self.bundle, s.max_batch_size, s.max_wait_ms,
                                s.max_queue, on_batch=self.metrics.observe_batch,
                                enabled=s.batching, workers=s.inference_threads,
-                               on_depth=self.metrics.queue_depth.set)
+                               on_depth=self.metrics.queue_depth.set,
+                               top_k=s.max_next_words)
+        self.generator = Generator(s.max_batch_size, s.max_queue, self.metrics)
         self.metrics.note_memory()
         if self.prediction_log:  # it connects in its own thread: a slow database never
             self.prediction_log.start()  # delays readiness
@@ -93,6 +100,8 @@ class InferenceService(BundleFollowing):
                 task.cancel()
         if self.group:
             self.group.leave()
+        if self.generator:  # generations still running finish, or are cut after the timeout
+            await asyncio.to_thread(self.generator.close, self.settings.request_timeout_s)
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
         if self.prediction_log:
@@ -110,6 +119,35 @@ class InferenceService(BundleFollowing):
         """Probabilities and the bundle that computed them."""
         self.require_bundle()
         return await self._bounded(self.batcher.submit(texts))
+
+    def require_next_word(self, route: str) -> Bundle:
+        """The bundle being served, if it is a next-word model; 404 naming the task
+        served otherwise."""
+        bundle = self.require_bundle()
+        if bundle.decoder is None:
+            raise ApiError(404, "not_a_language_model", f"POST {route} needs a next-word "
+                           f"model; this service serves a {bundle.task.name} model "
+                           f"({bundle.version})", task=bundle.task.name)
+        return bundle
+
+    def generate(self, bundle: Bundle, prompt: list[int], sampling: Sampling) -> Generation:
+        """Start decoding `prompt`'s word ids on `bundle` (its decoder, to the end);
+        422 naming `prompt` when it does not fit the model's context, 503 when the
+        waiting generations fill the queue or the service is stopping."""
+        try:
+            seq = bundle.decoder.start(prompt, sampling)
+        except ValueError as err:
+            raise ApiError(422, "prompt_too_long", f"prompt: {err}", field="prompt",
+                           limit="max_len", value=bundle.decoder.max_len) from None
+        try:
+            return self.generator.submit(bundle, seq)
+        except QueueFull as err:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ApiError(503, "overloaded", f"the service is at capacity: {err}",
+                           headers={"Retry-After": "1"}) from None
+        except Closed as err:
+            raise ApiError(503, "shutting_down", str(err),
+                           headers={"Retry-After": "1"}) from None
 
     def log_prediction(self, request_id: str, bundle: Bundle, texts: list[str],
                        probs: np.ndarray) -> None:
@@ -170,6 +208,9 @@ class InferenceService(BundleFollowing):
             raise ApiError(503, "overloaded", f"the service is at capacity: {err}",
                            headers={"Retry-After": "1"}) from None
         except TimeoutError:
-            self.metrics.rejected.labels("timeout").inc()
-            raise ApiError(504, "timeout", "no answer within "
-                           f"{self.settings.request_timeout_s} s") from None
+            raise self.timed_out() from None
+
+    def timed_out(self) -> ApiError:
+        """504 `timeout` for a request past the request timeout, counted."""
+        self.metrics.rejected.labels("timeout").inc()
+        return ApiError(504, "timeout", f"no answer within {self.settings.request_timeout_s} s")

@@ -1,7 +1,9 @@
 """Prometheus metrics (`GET /metrics`): `ServiceMetrics`, the service's registry.
 
 Every metric the service exports is made here: requests, latency, batches, tokens,
-rejections, reloads, the model being served, memory, the prediction log's counters.
+a next-word model's generation (tokens generated, time to first token, inter-token
+latency, sequences per decoding step, sequences running and waiting), rejections,
+reloads, the model being served, memory, the prediction log's counters.
 What is computed at scrape time has a module of its own: input drift
 (serving/monitoring/drift.py) and live quality from the prediction log
 (serving/monitoring/quality.py). With several server processes
@@ -23,6 +25,7 @@ from serving.processes.workers import WorkerGroup, resident_bytes
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 @dataclass
@@ -65,6 +68,22 @@ class ServiceMetrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("textops_tokens_total", "tokens run through the model",
                               ["kind"], registry=r)
+        # a next-word model's decoding (serving/engine/generation.py)
+        self.generated = Counter("textops_generated_tokens_total",
+                                 "tokens generated (POST /generate)", registry=r)
+        self.first_token = Histogram("textops_time_to_first_token_seconds",
+                                     "from a generation's admission to its first token",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("textops_inter_token_seconds",
+                                     "between consecutive tokens of a generation",
+                                     buckets=TOKEN_BUCKETS, registry=r)
+        self.step_sequences = Histogram("textops_decode_step_sequences",
+                                        "sequences per decoding step (model call)",
+                                        buckets=SIZE_BUCKETS, registry=r)
+        self.running = Gauge("textops_running_sequences", "generations being decoded",
+                             registry=r, multiprocess_mode="livesum")
+        self.waiting = Gauge("textops_waiting_sequences", "generations waiting to join "
+                             "the decoding steps", registry=r, multiprocess_mode="livesum")
         self.rejected = Counter("textops_rejected_total", "requests refused for load",
                                 ["reason"], registry=r)
         self.reloads = Counter("textops_reloads_total", "bundle reloads", ["outcome"],

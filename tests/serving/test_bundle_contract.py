@@ -44,7 +44,7 @@ def test_a_bundle_of_another_task_is_refused_by_name(built_bundle, tmp_path):
         Bundle.load(copy)
     assert str(copy / "bundle.json") in str(err.value)
     assert ("'speech_recognition' is not one this service serves (image_classification, "
-            "text_classification)") in str(err.value)
+            "next_word, text_classification)") in str(err.value)
 
 
 @pytest.mark.parametrize("change,words", [

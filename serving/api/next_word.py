@@ -1,0 +1,209 @@
+"""A next-word model's answers: /predict's top-k next words and POST /generate.
+
+- `POST /predict` with `{"texts": [...], "k": 5}`: each text's k most probable next
+  words with their probabilities. Answered on the hot path (serving/api/hot_path.py)
+  through `predict_next_words`, and computed by the batcher (serving/engine/batcher.py)
+  as one prefill per length group: a top-k is one model call over the prompt and
+  nothing after it, which is what the batcher already does for classification, with
+  its queue bound, timeout, length grouping and batch metrics; concurrent /predict
+  requests share calls there. The decoding steps (below) are for what takes many.
+- `POST /generate`: a continuation of a prompt, greedy or sampled, decoded in the
+  generator's continuous batching (serving/engine/generation.py); the JSON answer
+  when the sequence ends, or with `"stream": true` server-sent events: one per token,
+  `data: {"token": ..., "text": <the continuation so far>}`, then a last one holding
+  the whole answer as the JSON route gives it (`finish_reason` among it). A failure
+  after the stream has started (the request timeout, a shutdown) ends it with
+  `event: error` and `{"error", "code"}`; before the first token it is an HTTP error
+  as on any route.
+
+Limits (422 naming the field): `k` up to TEXTOPS_MAX_NEXT_WORDS, `max_new_tokens` up
+to TEXTOPS_MAX_NEW_TOKENS, a text or prompt up to TEXTOPS_MAX_CHARS characters and
+the model's context in tokens. The prediction log does not keep next-word answers
+yet (its rows are a classifier's: one label among the bundle's label_names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from serving.api.schemas import (
+    DEFAULT_NEW_TOKENS,
+    GenerateRequest,
+    GenerateResponse,
+    NextWordPredictRequest,
+)
+from serving.api.validation import check_texts, invalid
+from serving.bundle import Bundle
+from serving.bundle.sampling import Sampling
+from serving.engine.generation import Closed, Generation, Update
+from serving.engine.service import InferenceService
+from serving.errors import ApiError
+from serving.request_ids import request_id
+
+log = logging.getLogger("serving")
+GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": GenerateRequest.model_json_schema()}}}}
+SSE_EVENTS = {200: {"description": "with `stream`: server-sent events, one per token "
+                    "(`{\"token\", \"text\"}`), then the whole answer",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def check_context(bundle: Bundle, prompts: list[str], name: Callable[[int], str]) -> list:
+    """Each prompt's word ids; 422 naming the first that does not fit the model's
+    context (it follows an [EOS], as documents did in training)."""
+    encoded = bundle.decoder.inputs.encode(prompts)
+    room = bundle.decoder.max_len
+    for i, ids in enumerate(encoded):
+        if room is not None and len(ids) + 1 > room:
+            field = name(i)
+            raise ApiError(422, "prompt_too_long", f"{field} has {len(ids)} tokens; the "
+                           f"model's context holds {room - 1}", field=field.split("[")[0],
+                           limit="max_len", value=room - 1,
+                           **({"item": i} if "[" in field else {}))
+    return encoded
+
+
+def parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    """A JSON body (whatever its Content-Type says, as /predict reads it) as `model`;
+    400 for bad JSON, 422 naming the field."""
+    if not body:
+        raise ApiError(422, "invalid_request", "body: Field required", field="body")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        raise invalid(err) from None
+
+
+async def predict_next_words(service: InferenceService, bundle: Bundle, body: bytes,
+                             offered_id: str | None) -> tuple[bytes, str]:
+    """The JSON answer to a next-word /predict body and its request id."""
+    settings = service.settings
+    request = parse(NextWordPredictRequest, body)
+    k = request.k or settings.next_words
+    if k > settings.max_next_words:
+        raise ApiError(422, "invalid_request", f"k: at most {settings.max_next_words} "
+                       f"next words per text, not {k}", field="k",
+                       limit="max_next_words", value=settings.max_next_words)
+    check_texts(request.texts, settings.max_texts, settings.max_chars)
+    check_context(bundle, request.texts, "texts[{}]".format)
+    rid = request_id(offered_id)
+    rows, used = await service.predict(request.texts)
+    answer = {"request_id": rid, "model_version": used.version, "predictions": [
+        {"next_words": [{"word": word, "probability": p} for word, p in row[:k]]}
+        for row in rows]}
+    return orjson.dumps(answer), rid
+
+
+def sampling(request: GenerateRequest, bundle: Bundle, limit: int) -> Sampling:
+    """How the request decodes: what it says, else the bundle's `generation` defaults
+    (bundle.json, from the task's configuration), else the schema's; 422 naming
+    `max_new_tokens` over `limit`."""
+    defaults = bundle.meta.get("generation") or {}
+    chosen = {name: getattr(request, name) if name in request.model_fields_set
+              else defaults.get(name, getattr(request, name))
+              for name in ("temperature", "top_k", "top_p")}
+    new_tokens = request.max_new_tokens or min(
+        defaults.get("max_new_tokens", DEFAULT_NEW_TOKENS), limit)
+    if new_tokens > limit:
+        raise ApiError(422, "invalid_request", f"max_new_tokens: at most {limit}, not "
+                       f"{new_tokens}", field="max_new_tokens", limit="max_new_tokens",
+                       value=limit)
+    return Sampling(**chosen, seed=request.seed, max_new_tokens=new_tokens,
+                    stop=tuple(request.stop))
+
+
+def answer(generation: Generation, rid: str, prompt_tokens: int) -> dict:
+    seq = generation.seq
+    return {"text": seq.text, "tokens": generation.decoder.inputs.words(seq.generated),
+            "finish_reason": seq.finish_reason, "request_id": rid,
+            "model_version": generation.bundle.version,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(seq.generated)}}
+
+
+def failure(service: InferenceService, err: Exception) -> ApiError:
+    """What a generation that did not finish is answered."""
+    if isinstance(err, TimeoutError):
+        return service.timed_out()
+    if isinstance(err, Closed):
+        return ApiError(503, "shutting_down", str(err), headers={"Retry-After": "1"})
+    log.error("a generation failed: %r", err)
+    return ApiError(500, "internal_error", "the model failed on this request")
+
+
+def event(data: dict, name: str | None = None) -> bytes:
+    return (f"event: {name}\n".encode() if name else b"") + b"data: " + orjson.dumps(data) \
+        + b"\n\n"
+
+
+async def events(service: InferenceService, generation: Generation, first: Update,
+                 updates: AsyncIterator[Update], rid: str, prompt_tokens: int
+                 ) -> AsyncIterator[bytes]:
+    """The stream of a generation whose first update has come."""
+    try:
+        update = first
+        while True:
+            if update.token is not None:
+                yield event({"token": update.token, "text": update.text})
+            if update.finish_reason is not None:
+                yield event(answer(generation, rid, prompt_tokens))
+                return
+            try:
+                update = await anext(updates)
+            except Exception as err:  # noqa: BLE001 - told to the client, in the stream
+                error = failure(service, err)
+                yield event({"error": error.message, "code": error.code}, "error")
+                return
+    finally:  # the client left (the response was cancelled), or it ended
+        generation.cancel()
+
+
+def generate_router(service: InferenceService, require_key) -> APIRouter:
+    """POST /generate over `service`; `require_key` guards it."""
+    settings = service.settings
+    routes = APIRouter()
+
+    @routes.post("/generate", response_model=GenerateResponse, responses=SSE_EVENTS,
+                 dependencies=[Depends(require_key)], openapi_extra=GENERATE_BODY)
+    async def generate(http: Request) -> Response:
+        """Continue `prompt` with a next-word model: greedy (`temperature` 0) or
+        sampled (`temperature`, `top_k`, `top_p`; a `seed` repeats a sample), up to
+        `max_new_tokens`, ending early at [EOS] or a `stop` text. Requests in flight
+        share every decoding step (continuous batching). With `stream`, server-sent
+        events: one per token, then the whole answer."""
+        bundle = service.require_next_word("/generate")
+        request = parse(GenerateRequest, await http.body())
+        if len(request.prompt) > settings.max_chars:
+            raise ApiError(422, "text_too_long", f"prompt has {len(request.prompt)} "
+                           f"characters; at most {settings.max_chars}", field="prompt",
+                           limit="max_chars", value=settings.max_chars)
+        chosen = sampling(request, bundle, settings.max_new_tokens)
+        (prompt,) = check_context(bundle, [request.prompt], lambda i: "prompt")
+        rid = request_id(http.headers.get("x-request-id"))
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+        generation = service.generate(bundle, prompt, chosen)
+        headers = {"X-Request-ID": rid}
+        if not request.stream:
+            try:
+                await generation.result(deadline)
+            except Exception as err:  # noqa: BLE001 - answered as failure() says
+                raise failure(service, err) from None
+            return JSONResponse(answer(generation, rid, len(prompt)), headers=headers)
+        updates = generation.stream(deadline)
+        try:  # errors before the first token are still HTTP errors
+            first = await anext(updates)
+        except Exception as err:  # noqa: BLE001
+            raise failure(service, err) from None
+        return StreamingResponse(events(service, generation, first, updates, rid,
+                                        len(prompt)),
+                                 media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    return routes
