@@ -23,7 +23,10 @@ from pipeline.reporting.page import document, esc, image, key_values, missing, n
 from pipeline.reporting.sources import RunFiles
 
 HEADLINE = ("accuracy", "f1_macro", "precision_macro", "recall_macro", "roc_auc", "pr_auc",
-            "ece", "rows")
+            "ece",
+            # next-word prediction's (pipeline/tasks/next_word/scoring.py)
+            "perplexity", "perplexity_per_word", "perplexity_vs_baseline", "top5_accuracy",
+            "tokens", "rows")
 
 
 class MissingMetrics(FileNotFoundError):

@@ -107,11 +107,16 @@ def next_word_canary(url: str, prompts: list[str], expected: list[list[tuple[str
     }
 
 
-def canary_prompts(documents: list[str], count: int) -> list[str]:
+def canary_prompts(documents: list[str], count: int, bundle: Bundle) -> list[str]:
     """Prompts from the test documents: the first half of each one's words (the
-    service is asked what comes next mid-speech, as a typist would)."""
-    return [" ".join(words[: max(len(words) // 2, 1)])
-            for words in (doc.split() for doc in documents[:count])]
+    service is asked what comes next mid-speech, as a typist would), the first `count`
+    of them that fit the model's context."""
+    room = (bundle.meta["max_len"] or 0) - 1  # the prompt follows [EOS]
+    prompts = [" ".join(words[: max(len(words) // 2, 1)])
+               for words in (doc.split() for doc in documents)]
+    encoded = bundle.inputs.encode(prompts)
+    return [p for p, ids in zip(prompts, encoded, strict=True)
+            if room < 0 or len(ids) <= room][:count]
 
 
 def check_service(cfg: DictConfig, paths: Paths) -> dict:
@@ -121,7 +126,7 @@ def check_service(cfg: DictConfig, paths: Paths) -> dict:
     if bundle.task.name == NEXT_WORD:
         from pipeline.tasks.next_word.processed import prompts
 
-        texts = canary_prompts(prompts(paths, "test"), cfg.serve.canary_rows)
+        texts = canary_prompts(prompts(paths, "test"), cfg.serve.canary_rows, bundle)
         expected = [bundle.decoder.next_word_topk([text], cfg.serve.top_k)[0]
                     for text in texts]
         run_canary = partial(next_word_canary, prompts=texts, expected=expected)

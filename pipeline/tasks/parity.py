@@ -2,7 +2,7 @@
 the saved preprocessing reproduces training's inputs, fp32 ONNX matches PyTorch, int8
 agrees on labels, and an item's logits do not depend on its batch. (A task with other
 outputs checks its own way: `Task.check_bundle`, e.g. next-word prediction's cached
-decoding, pipeline/tasks/next_word/export.py.)"""
+decoding, pipeline/tasks/next_word/parity.py.)"""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ evaluate (pipeline/stages/evaluate.py) knows a task's figures only through its
 PR-AUC, calibration, the held-out feedback slice, and their plots); next-word
 prediction's is pipeline/tasks/next_word/scoring.py (perplexity and top-k accuracy
 beside an n-gram baseline). The gate's rules are shared; a scoring says which of its
-metrics are better lower (`lower_is_better`), so that a floor and a champion margin
-read the right way round.
+metrics are better lower (`lower_is_better`), so that a champion margin reads the right
+way round (a floor bounds from below and a ceiling from above, whatever the metric).
 """
 
 from __future__ import annotations

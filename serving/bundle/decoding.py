@@ -29,7 +29,6 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from serving.bundle.sampling import Sampling, choose, log_softmax
-from serving.bundle.words import detokenize
 
 INPUTS = ("input_ids", "attention_mask", "past_key_values")
 OUTPUTS = ("logits", "present_key_values")
@@ -60,12 +59,16 @@ class NextWordInputs:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def words(self, ids: Seq[int]) -> list[str]:
-        return [self.tokenizer.id_to_token(int(i)) for i in ids]
+        """Each id as text on its own: a word (word level), or a BPE piece without its
+        byte-level space marker."""
+        return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
 
     def decode(self, ids: Seq[int]) -> str:
-        """The text of word ids, punctuation attached (serving/bundle/words.py);
-        padding and end-of-document markers are not words."""
-        return detokenize(self.words([i for i in ids if i not in (self.pad_id, self.eos_id)]))
+        """The text of token ids through tokenizer.json's own decoder (word level:
+        punctuation attached, serving/bundle/words.py; BPE: bytes joined back), [UNK]
+        kept visible; padding and end-of-document markers are not text."""
+        return self.tokenizer.decode([int(i) for i in ids if i not in (self.pad_id, self.eos_id)],
+                                     skip_special_tokens=False)
 
 
 @dataclass

@@ -119,6 +119,9 @@ class Generator:
         with self.cond:
             if self.closing:
                 raise Closed("the service is shutting down")
+            # a waiting generation whose requester left or timed out holds no place
+            if any(g.cancelled for g in self.waiting):
+                self.waiting = deque(g for g in self.waiting if not g.cancelled)
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} generations waiting "
                                 f"(limit {self.max_queue})")

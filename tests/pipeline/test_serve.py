@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -61,3 +62,14 @@ def test_a_service_that_answers_otherwise_fails_the_stage(workspace, built_bundl
     with pytest.raises(serve.CanaryError, match="canary answers differ from the offline"):
         serve.check_service(cfg, paths)
     assert not paths.serve_report.exists()  # no report claims a pass
+
+
+def test_next_word_canary_prompts_fit_the_models_context():
+    """Half a long speech can outgrow a Transformer's context: such prompts are passed
+    over for the next ones, never sent to fail offline or in the service."""
+    words = SimpleNamespace(encode=lambda texts: [t.split() for t in texts])
+    documents = ["a b c d e f g h i j", "k l", "m n o p q r", "s t u v"]
+    bounded = SimpleNamespace(meta={"max_len": 4}, inputs=words)  # prompts of <= 3 words
+    assert serve.canary_prompts(documents, 2, bounded) == ["k", "m n o"]
+    unbounded = SimpleNamespace(meta={"max_len": None}, inputs=words)  # an LSTM's state
+    assert serve.canary_prompts(documents, 2, unbounded) == ["a b c d e", "k"]

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import httpx
 import pytest
-from conftest import running_service
+from conftest import run, running_service
 from helpers import NOISE
 
 from pipeline.config import Paths, load_params
@@ -46,7 +47,8 @@ def test_repro_runs_every_stage_on_a_corpus(next_word_repo):
     plots = read(next_word_repo, "reports/plots/baseline.json")
     assert [row["model"] for row in plots] == ["candidate", "kneser_ney_3"]
     bundle = read(next_word_repo, "models/candidate/bundle.json")
-    assert bundle["task"] == "next_word" and bundle["cache"] == "all"
+    # the smoke model is an LSTM, as the default: its cache is its last state
+    assert bundle["task"] == "next_word" and bundle["cache"] == "last"
     assert list(bundle["signature"]["inputs"]) == ["input_ids", "attention_mask",
                                                    "past_key_values"]
     parity = bundle["parity"]
@@ -56,6 +58,21 @@ def test_repro_runs_every_stage_on_a_corpus(next_word_repo):
     assert served["rows"] == 20 and served["mismatches"] == 0
     card = (next_word_repo / "models/candidate/MODEL_CARD.md").read_text()
     assert "language model predicting the next token" in card and "kneser_ney_3" in card
+
+
+def test_a_second_evaluate_scores_the_champion_bundle_on_the_same_text(next_word_repo):
+    """Once deploy promoted the model, evaluate scores that champion through its ONNX
+    bundle (the LSTM's one-token graph, a token at a time with its cache) and compares
+    perplexity per word: the same model scores the same."""
+    run([sys.executable, "-m", "pipeline.stages.evaluate"], next_word_repo)
+    gate = read(next_word_repo, "reports/gate.json")
+    champion = gate["champion"]
+    assert "error" not in champion, champion
+    metrics = read(next_word_repo, "reports/metrics.json")
+    assert champion["metrics"]["perplexity_per_word"] == pytest.approx(
+        metrics["perplexity_per_word"], rel=1e-4)
+    assert gate["blessed"] and any("perplexity_per_word" in r and "within" in r
+                                   for r in gate["reasons"])
 
 
 def test_the_next_word_repro_prints_no_dependency_noise(next_word_repo):
@@ -89,6 +106,7 @@ def test_the_service_generates_what_the_bundle_generates_offline(next_word_repo,
     offline = Bundle.load(bundle_dir, "int8").decoder
     prompt = "first citizen: we are"
     expected = generate(offline, prompt, Sampling(max_new_tokens=8))
+    assert expected.generated  # something to compare
     with running_service(bundle_dir, tmp_path) as service:
         answer = httpx.post(f"{service.url}/generate",
                             json={"prompt": prompt, "max_new_tokens": 8}, timeout=30).json()

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from pipeline import atomic
 from pipeline.data.splits import column
 from pipeline.reporting import figures
+from pipeline.tasks.next_word import export
 from pipeline.tasks.next_word.evaluation import lm_metrics
 from pipeline.tasks.next_word.inference import logits_fn
 from pipeline.tasks.next_word.ngram import KneserNey, stream_of
@@ -33,14 +34,15 @@ HEADLINE = ("perplexity", "perplexity_per_word", "accuracy", "top5_accuracy",
             "cross_entropy")
 
 
-def onnx_logits(session: ort.InferenceSession):
-    """The same from a bundle's ONNX model, with an empty cache."""
-    layers, _, _, heads, _, head_dim = session.get_inputs()[2].shape
-
+def onnx_logits(session: ort.InferenceSession, pad_id: int):
+    """The same from a bundle's ONNX model with an empty cache: whole blocks at once, or
+    a token at a time carrying the cache for a graph that takes one (the LSTM's)."""
     def logits(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        past = np.zeros((layers, 2, len(ids), heads, 0, head_dim), np.float32)
-        return session.run(["logits"], {"input_ids": ids, "attention_mask": mask,
-                                        "past_key_values": past})[0]
+        rows = [row[:int(real.sum())].tolist() for row, real in zip(ids, mask, strict=True)]
+        out = np.zeros((*ids.shape, session.get_outputs()[0].shape[-1]), np.float32)
+        for i, row in enumerate(export.onnx_logits(session, rows, pad_id, len(rows))):
+            out[i, :len(row)] = row
+        return out
     return logits
 
 
@@ -88,8 +90,9 @@ class NextWordScoring(Scoring):
         if bundle.meta.get("max_len"):
             size = min(size, bundle.meta["max_len"] - 1)
         blocks = [b.tolist() for b in pack(stream(ids, bundle.meta["special"]["eos_id"]), size)]
-        return named(lm_metrics(onnx_logits(bundle.session), blocks,
-                                cfg.evaluate.batch_size, scored.requests["words"]))
+        pad_id = bundle.meta["special"]["pad_id"]
+        return named(lm_metrics(onnx_logits(bundle.session, pad_id), blocks,
+                                cfg.evaluate.batch_size, scored.requests["words"], pad_id))
 
     def write_plots(self, plots_dir: Path, scored: Scored, cfg: DictConfig) -> None:
         """The candidate beside the n-gram baseline (perplexity and accuracy), as plot
