@@ -64,16 +64,7 @@ def canary(url: str, texts: list, expected: np.ndarray, labels: list[str],
         max_diff = max(max_diff, diff)
         if answer["label"] != labels[int(expected[i].argmax())] or diff > CANARY_TOLERANCE:
             mismatches.append(i)
-    ms = np.asarray(latencies)
-    return {
-        "rows": len(texts),
-        "mismatches": len(mismatches),
-        "first_mismatch": mismatches[0] if mismatches else None,
-        "max_abs_prob_diff": max_diff,
-        "latency_ms": {p: round(float(np.percentile(ms, q)), 2)
-                       for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
-        "latency_ms_mean": round(float(ms.mean()), 2),
-    }
+    return outcome(len(texts), mismatches, max_diff, latencies)
 
 
 def next_word_canary(url: str, prompts: list[str], expected: list[list[tuple[str, float]]]
@@ -95,9 +86,15 @@ def next_word_canary(url: str, prompts: list[str], expected: list[list[tuple[str
         max_diff = max(max_diff, diff)
         if [w for w, _ in served] != [w for w, _ in expected[i]] or diff > CANARY_TOLERANCE:
             mismatches.append(i)
+    return outcome(len(prompts), mismatches, max_diff, latencies)
+
+
+def outcome(rows: int, mismatches: list[int], max_diff: float, latencies: list[float]
+            ) -> dict:
+    """A canary's result: what differed, and the latency percentiles."""
     ms = np.asarray(latencies)
     return {
-        "rows": len(prompts),
+        "rows": rows,
         "mismatches": len(mismatches),
         "first_mismatch": mismatches[0] if mismatches else None,
         "max_abs_prob_diff": max_diff,

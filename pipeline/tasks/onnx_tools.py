@@ -40,3 +40,14 @@ class BatchReader(CalibrationDataReader):
             return None
         self.position += 1
         return self.batches[self.position - 1]
+
+
+def activation_products(model: Path, op_types: tuple[str, ...] = ("MatMul",)) -> list[str]:
+    """Matrix products (`op_types` nodes) that multiply two activations, such as
+    attention scores and their use: their ranges vary with every input, so fixed int8
+    scales fit them badly and quantisation leaves them out."""
+    graph = onnx.load(str(model)).graph
+    constant = {i.name for i in graph.initializer}
+    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node
+            if n.op_type in op_types and not any(i in constant for i in n.input)]

@@ -33,7 +33,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.tasks.next_word.models import LSTMLM
-from pipeline.tasks.onnx_tools import BatchReader, drop_stack_traces
+from pipeline.tasks.onnx_tools import BatchReader, activation_products, drop_stack_traces
 from serving.bundle.decoding import INPUTS, OUTPUTS
 from serving.bundle.tensors import pad
 
@@ -147,16 +147,6 @@ def top1(logits: list[np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------- int8
 
 
-def activation_products(model: Path) -> list[str]:
-    """MatMul nodes that multiply two activations (attention scores and their use):
-    their ranges vary with every input, so fixed int8 scales fit them badly."""
-    graph = onnx.load(str(model)).graph
-    constant = {i.name for i in graph.initializer}
-    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in graph.node
-            if n.op_type in ("MatMul", "Gemm") and not any(i in constant for i in n.input)]
-
-
 def output_layer(model: Path) -> list[str]:
     """The matrix multiplications that give the logits (the tied output layer): the
     first MatMul or Gemm nodes met walking back from the `logits` output."""
@@ -189,7 +179,7 @@ def quantize_scheme(prepared: Path, int8: Path, scheme: str, calibration: list[d
     """
     common = {"per_channel": True, "reduce_range": True, "weight_type": QuantType.QInt8,
               "op_types_to_quantize": ["MatMul", "Gemm"]}
-    excluded = activation_products(prepared)
+    excluded = activation_products(prepared, ("MatMul", "Gemm"))
     if scheme == "static":
         quantize_static(str(prepared), str(int8), BatchReader(calibration),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from omegaconf import DictConfig
@@ -26,7 +25,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from pipeline.tasks.onnx_tools import BatchReader, drop_stack_traces
+from pipeline.tasks.onnx_tools import BatchReader, activation_products, drop_stack_traces
 from pipeline.tasks.text_classification.inference import predict_logits
 from serving.bundle.tasks import TASKS, TEXT_CLASSIFICATION
 from serving.bundle.tensors import pad
@@ -80,16 +79,6 @@ INT8_SCHEMES = {
                   "extra_options": {"ActivationSymmetric": True}},
     "asymmetric": {"activation_type": QuantType.QUInt8, "extra_options": {}},
 }
-
-
-def activation_products(model: Path) -> list[str]:
-    """MatMul nodes that multiply two activations (attention scores and their use):
-    their ranges vary with every input, so fixed int8 scales fit them badly."""
-    graph = onnx.load(str(model)).graph
-    constant = {i.name for i in graph.initializer}
-    constant |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in graph.node
-            if n.op_type == "MatMul" and not any(i in constant for i in n.input)]
 
 
 def quantize_int8(prepared: Path, int8: Path, calibration: Calibration, scheme: str) -> None:
