@@ -2,7 +2,8 @@
 
 - `POST /predict` with `{"texts": [...], "k": 5}`: each text's k most probable next
   words with their probabilities. Answered on the hot path (serving/api/hot_path.py)
-  through `predict_next_words`, and computed by the batcher (serving/engine/batcher.py)
+  through `predict_next_words` (and on V2 infer, serving/api/v2_next_word.py, through
+  `top_next_words`), and computed by the batcher (serving/engine/batcher.py)
   as one prefill per length group: a top-k is one model call over the prompt and
   nothing after it, which is what the batcher already does for classification, with
   its queue bound, timeout, length grouping and batch metrics; concurrent /predict
@@ -46,6 +47,7 @@ from serving.engine.generation import Closed, Generation, Update
 from serving.engine.service import InferenceService
 from serving.errors import ApiError
 from serving.request_ids import request_id
+from serving.settings import Settings
 
 log = logging.getLogger("serving")
 GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {
@@ -81,22 +83,39 @@ def parse(model: type[BaseModel], body: bytes) -> BaseModel:
         raise invalid(err) from None
 
 
-async def predict_next_words(service: InferenceService, bundle: Bundle, body: bytes,
-                             offered_id: str | None) -> tuple[bytes, str]:
-    """The JSON answer to a next-word /predict body and its request id."""
-    settings = service.settings
-    request = parse(NextWordPredictRequest, body)
-    k = request.k or settings.next_words
+def bounded_k(k: int | None, settings: Settings) -> int:
+    """`k` next words per text, else TEXTOPS_NEXT_WORDS; 422 naming `k` over
+    TEXTOPS_MAX_NEXT_WORDS."""
+    k = k or settings.next_words
     if k > settings.max_next_words:
         raise ApiError(422, "invalid_request", f"k: at most {settings.max_next_words} "
                        f"next words per text, not {k}", field="k",
                        limit="max_next_words", value=settings.max_next_words)
-    check_texts(request.texts, settings.max_texts, settings.max_chars)
-    check_context(bundle, request.texts, "texts[{}]".format)
+    return k
+
+
+async def top_next_words(service: InferenceService, bundle: Bundle, texts: list, k: int,
+                         name: Callable[[int], str] = "texts[{}]".format
+                         ) -> tuple[list[list[tuple[str, float]]], Bundle]:
+    """Each text's k most probable next words (word, probability), computed by the
+    batcher, and the bundle that computed them; 422 naming (`name(i)`) a text over the
+    limits or the model's context."""
+    settings = service.settings
+    check_texts(texts, settings.max_texts, settings.max_chars, name)
+    check_context(bundle, texts, name)
+    rows, used = await service.predict(texts)
+    return [row[:k] for row in rows], used
+
+
+async def predict_next_words(service: InferenceService, bundle: Bundle, body: bytes,
+                             offered_id: str | None) -> tuple[bytes, str]:
+    """The JSON answer to a next-word /predict body and its request id."""
+    request = parse(NextWordPredictRequest, body)
+    k = bounded_k(request.k, service.settings)
+    rows, used = await top_next_words(service, bundle, request.texts, k)
     rid = request_id(offered_id)
-    rows, used = await service.predict(request.texts)
     answer = {"request_id": rid, "model_version": used.version, "predictions": [
-        {"next_words": [{"word": word, "probability": p} for word, p in row[:k]]}
+        {"next_words": [{"word": word, "probability": p} for word, p in row]}
         for row in rows]}
     return orjson.dumps(answer), rid
 

@@ -3,9 +3,11 @@
 A text model takes a BYTES input `text`; an image model `image`, BYTES, a base64 file
 per element, or `pixels`, UINT8 [N, height, width, channels 1|3|4] of any size, which
 the bundle's image spec converts as it does a file. Both answer `probabilities` (FP32,
-[n, classes]) and `label` (BYTES, [n]) as /predict does. Errors are `{"error": ...}`
-naming the element (serving/api/errors.py); the limits are /predict's, and each
-`pixels` image also keeps within `max_image_bytes` and `max_pixels`.
+[n, classes]) and `label` (BYTES, [n]) as /predict does. A next-word model takes
+`text` and an optional request parameter `k`, and answers `next_words` (BYTES) and
+`probabilities` (FP32), both [n, k] (serving/api/v2_next_word.py). Errors are
+`{"error": ...}` naming the element (serving/api/errors.py); the limits are /predict's,
+and each `pixels` image also keeps within `max_image_bytes` and `max_pixels`.
 
 An answer's request id (for POST /feedback and the prediction log) is the request's
 `id` when it is well-formed, else a well-formed X-Request-ID header, else a new one; it
@@ -20,13 +22,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from serving.api.v2_images import IMAGE_INPUTS, image_inputs
+from serving.api.v2_next_word import infer_next_words, next_word_metadata
 from serving.api.v2_tensors import (
     InferRequest,
-    bad_request,
     counted,
     flatten,
     parse_request,
     the_input,
+    wanted_outputs,
 )
 from serving.api.validation import check_texts
 from serving.bundle import Bundle
@@ -34,16 +37,9 @@ from serving.bundle.predictions import predictions
 from serving.engine.service import InferenceService
 from serving.errors import ApiError
 from serving.request_ids import REQUEST_ID_PATTERN, request_id
+from serving.settings import Settings
 
 OUTPUTS = ("probabilities", "label")
-
-
-def wanted_outputs(request: InferRequest) -> list[str]:
-    wanted = [o.name for o in request.outputs] if request.outputs else list(OUTPUTS)
-    unknown = [o for o in wanted if o not in OUTPUTS]
-    if unknown:
-        raise bad_request(f"unknown output {unknown[0]!r} (outputs: {', '.join(OUTPUTS)})")
-    return wanted
 
 
 def answer_id(body_id: str | None, header_id: str | None) -> str:
@@ -54,7 +50,11 @@ def answer_id(body_id: str | None, header_id: str | None) -> str:
     return request_id(header_id)
 
 
-def model_metadata(bundle: Bundle) -> dict:
+def model_metadata(bundle: Bundle, settings: Settings) -> dict:
+    common = {"name": bundle.meta["model_name"], "versions": [bundle.version],
+              "platform": "onnxruntime_onnx"}
+    if bundle.decoder is not None:
+        return common | next_word_metadata(settings)
     inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     parameters = {"label_names": bundle.label_names}
     if bundle.task.items == "images":  # one of the two inputs, as `inputs_one_of` says
@@ -67,8 +67,7 @@ def model_metadata(bundle: Bundle) -> dict:
     outputs = [{"name": "probabilities", "datatype": "FP32",
                 "shape": [-1, len(bundle.label_names)]},
                {"name": "label", "datatype": "BYTES", "shape": [-1]}]
-    return {"name": bundle.meta["model_name"], "versions": [bundle.version], "inputs": inputs,
-            "platform": "onnxruntime_onnx", "outputs": outputs, "parameters": parameters}
+    return common | {"inputs": inputs, "outputs": outputs, "parameters": parameters}
 
 
 def output_tensors(probs, bundle: Bundle) -> dict[str, dict]:
@@ -93,6 +92,21 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
                            f"unknown model {name!r} (serving {bundle.meta['model_name']!r})")
         return bundle
 
+    async def classify(served: Bundle, request: InferRequest, rid: str
+                       ) -> tuple[list[dict], Bundle]:
+        if served.task.items == "images":
+            items, keys = await image_inputs(request, served, settings)
+        else:
+            tensor = the_input(request, {"text": "BYTES"})
+            items = keys = counted(tensor, flatten(tensor.data))
+            check_texts(items, settings.max_texts, settings.max_chars,
+                        name="input 'text' element {}".format)
+        wanted = wanted_outputs(request, OUTPUTS)
+        probs, bundle = await service.predict(items)
+        service.log_prediction(rid, bundle, keys, probs)
+        tensors = output_tensors(probs, bundle)
+        return [tensors[o] for o in wanted], bundle
+
     @router.get("")
     async def server_metadata() -> dict:
         return {"name": "textops", "version": "1", "extensions": []}
@@ -109,7 +123,7 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
     @router.get("/models/{name}")
     @router.get("/models/{name}/versions/{version}")
     async def metadata(name: str, version: str | None = None) -> dict:
-        return model_metadata(bundle_named(name))
+        return model_metadata(bundle_named(name), settings)
 
     @router.get("/models/{name}/ready")
     @router.get("/models/{name}/versions/{version}/ready")
@@ -128,26 +142,16 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
                  openapi_extra=body_schema)
     async def infer(name: str, raw: Request, version: str | None = None) -> Response:
         served = bundle_named(name)
-        if served.decoder is not None:
-            raise ApiError(422, "not_served", "the V2 route does not serve next-word "
-                           "models yet: use POST /predict or POST /generate")
         request = parse_request(await raw.body())
-        if served.task.items == "images":
-            items, keys = await image_inputs(request, served, settings)
-        else:
-            tensor = the_input(request, {"text": "BYTES"})
-            items = keys = counted(tensor, flatten(tensor.data))
-            check_texts(items, settings.max_texts, settings.max_chars,
-                        name="input 'text' element {}".format)
-        wanted = wanted_outputs(request)
         rid = answer_id(request.id, raw.headers.get("x-request-id"))
-        probs, bundle = await service.predict(items)
-        service.log_prediction(rid, bundle, keys, probs)
-        tensors = output_tensors(probs, bundle)
+        if served.decoder is not None:  # not logged: the log's rows are a classifier's
+            outputs, bundle = await infer_next_words(service, served, request)
+        else:
+            outputs, bundle = await classify(served, request, rid)
         response = {"model_name": name, "model_version": bundle.version,
                     "id": rid if request.id is None else request.id,
                     "parameters": {"request_id": rid},
-                    "outputs": [tensors[o] for o in wanted]}
+                    "outputs": outputs}
         return Response(orjson.dumps(response), media_type="application/json",
                         headers={"X-Request-ID": rid})
 

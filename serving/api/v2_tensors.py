@@ -1,6 +1,6 @@
 """The Open Inference Protocol's request body: its tensors, parsed and checked, with
-errors in the protocol's terms (400, naming the input). Shared by the text and image
-halves of the V2 route (serving/api/v2.py, serving/api/v2_images.py)."""
+errors in the protocol's terms (400, naming the input). Shared by the text, image and
+next-word halves of the V2 route (serving/api/v2.py, v2_images.py, v2_next_word.py)."""
 
 from __future__ import annotations
 
@@ -73,3 +73,12 @@ def counted(tensor: InferInput, elements: list) -> list:
         raise bad_request(f"input {tensor.name!r} has shape {tensor.shape} but "
                           f"{len(elements)} elements")
     return elements
+
+
+def wanted_outputs(request: InferRequest, known: tuple[str, ...]) -> list[str]:
+    """The outputs the request asks for (all of `known` when it names none)."""
+    wanted = [o.name for o in request.outputs] if request.outputs else list(known)
+    unknown = [o for o in wanted if o not in known]
+    if unknown:
+        raise bad_request(f"unknown output {unknown[0]!r} (outputs: {', '.join(known)})")
+    return wanted

@@ -159,6 +159,53 @@ def test_what_a_request_leaves_out_comes_from_the_bundle(service):
     assert longer["tokens"][:6] == default["tokens"] and len(longer["tokens"]) == 8
 
 
+def v2_infer(service, body: dict) -> httpx.Response:
+    return post(service, "/v2/models/tiny-next-word/infer", body)
+
+
+def text_input(texts: list[str]) -> dict:
+    return {"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}
+
+
+def test_v2_infer_answers_the_bundles_offline_top_k(service, offline):
+    texts = PROMPTS[:4]
+    response = v2_infer(service, {"inputs": [text_input(texts)], "parameters": {"k": 4}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == "tiny-1"
+    assert body["parameters"]["request_id"] == response.headers["x-request-id"]
+    words, probs = body["outputs"]
+    assert words["name"] == "next_words" and words["datatype"] == "BYTES"
+    assert probs["name"] == "probabilities" and probs["datatype"] == "FP32"
+    assert words["shape"] == probs["shape"] == [4, 4]
+    expected = offline.next_word_topk(texts, 4)
+    assert words["data"] == [w for row in expected for w, _ in row]
+    assert probs["data"] == pytest.approx([p for row in expected for _, p in row], abs=1e-6)
+    # without k: TEXTOPS_NEXT_WORDS of them; `outputs` chooses what comes back
+    chosen = v2_infer(service, {"inputs": [text_input(["the cat"])],
+                                "outputs": [{"name": "probabilities"}]}).json()["outputs"]
+    assert [o["name"] for o in chosen] == ["probabilities"]
+    assert chosen[0]["shape"] == [1, LIMITS["next_words"]]
+    metadata = httpx.get(f"{service.url}/v2/models/tiny-next-word").json()
+    assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert [(o["name"], o["datatype"]) for o in metadata["outputs"]] == \
+        [("next_words", "BYTES"), ("probabilities", "FP32")]
+    assert metadata["parameters"] == {"k": LIMITS["next_words"],
+                                      "max_k": LIMITS["max_next_words"]}
+
+
+@pytest.mark.parametrize("body,named", [
+    ({"inputs": [text_input(["the cat"])], "parameters": {"k": 11}}, "k: at most 10"),
+    ({"inputs": [text_input(["the cat"])], "parameters": {"k": "3"}}, "parameter 'k'"),
+    ({"inputs": [text_input(["a " * 40])]}, "element 0 has 40 tokens; the model's context"),
+    ({"inputs": [text_input(["the cat"])], "outputs": [{"name": "label"}]}, "label"),
+], ids=["k_over_the_bound", "k_not_an_int", "prompt_tokens", "unknown_output"])
+def test_v2_infer_refuses_what_predict_refuses(service, body, named):
+    response = v2_infer(service, body)  # V2 answers bad requests 400, not 422
+    assert response.status_code == 400, response.text
+    assert named in response.json()["error"]
+
+
 # ---------------------------------------------------------------- limits
 
 
