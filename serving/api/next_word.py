@@ -98,8 +98,8 @@ async def top_next_words(service: InferenceService, bundle: Bundle, texts: list,
                          name: Callable[[int], str] = "texts[{}]".format
                          ) -> tuple[list[list[tuple[str, float]]], Bundle]:
     """Each text's k most probable next words (word, probability), computed by the
-    batcher, and the bundle that computed them; 422 naming (`name(i)`) a text over the
-    limits or the model's context."""
+    batcher, and the bundle that computed them; 422 (400 on V2 routes) naming
+    (`name(i)`) a text over the limits or the model's context."""
     settings = service.settings
     check_texts(texts, settings.max_texts, settings.max_chars, name)
     check_context(bundle, texts, name)
