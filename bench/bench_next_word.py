@@ -41,10 +41,11 @@ def read(repo: Path, path: str) -> dict:
 
 
 def verdict(result: subprocess.CompletedProcess) -> str:
-    """The last line a stage printed about itself, for a run that stopped."""
-    lines = [line for line in (result.stdout + result.stderr).splitlines()
-             if line.split(":")[0] in STAGES]
-    return lines[-1] if lines else f"exit status {result.returncode}"
+    """Why a run stopped: the stage's own refusal (`<stage>: ...` on stderr), else the
+    last line of its error output."""
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    refusals = [line for line in errors if line.split(":")[0] in STAGES]
+    return (refusals or errors or [f"exit status {result.returncode}"])[-1]
 
 
 def measure(overrides: list[str], keep: Path | None = None) -> dict:

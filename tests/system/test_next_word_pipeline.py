@@ -115,3 +115,17 @@ def test_the_service_generates_what_the_bundle_generates_offline(next_word_repo,
     assert answer["text"] == expected.text and answer["finish_reason"] == expected.finish_reason
     assert [w["word"] for w in top["predictions"][0]["next_words"]] == [
         word for word, _ in offline.next_word_topk([prompt], 3)[0]]
+
+
+def test_the_transformer_trains_and_deploys_with_its_cache(next_word_repo):
+    """The Transformer (model.max_len = the block size: only positions a block
+    reaches are trained) through train, evaluate and deploy in the same repository:
+    int8 calibration and the parity checks feed it no position past its context. Runs
+    last: it leaves the repository on the Transformer."""
+    run([sys.executable, "-m", "pipeline.config", "task=next_word",
+         "experiment=next_word_smoke", "model=lm_transformer_tiny"], next_word_repo)
+    run(["dvc", "repro", "deploy"], next_word_repo, timeout=600)
+    bundle = read(next_word_repo, "models/candidate/bundle.json")
+    assert bundle["cache"] == "all" and bundle["max_len"] == 32  # the smoke block size
+    parity = bundle["parity"]
+    assert parity["cached_max_abs_diff"] < 1e-4 and not parity["greedy"]["different"]

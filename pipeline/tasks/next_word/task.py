@@ -109,7 +109,10 @@ class NextWord(Task):
                  cfg: DictConfig) -> dict:
         from pipeline.tasks.next_word.export import quantize_int8
 
-        return quantize_int8(fp32, int8, module, self.model_inputs(val, paths), cfg)
+        # a block's inputs are its ids but the last (the last is only a target): as
+        # many positions as training fed, which a Transformer has embeddings for
+        inputs = [block[:-1] for block in self.model_inputs(val, paths)]
+        return quantize_int8(fp32, int8, module, inputs, cfg)
 
     def scoring(self):
         from pipeline.tasks.next_word.scoring import NextWordScoring
