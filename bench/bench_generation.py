@@ -24,9 +24,9 @@ speed drifts over minutes), loopback only:
      and 8 at a time (continuous: a finished sequence's place is taken at the next step).
 
 Tokens are counted, never assumed: the service's `usage.completion_tokens`, the
-Decoder's own. /generate ends at [EOS] and has no option to ignore it, so the prompts
-are chosen first: each candidate is continued greedily in-process (the service's int8
-model, the same greedy choice) and those that reach the full 32 tokens are kept (if too
+Decoder's own. Every request sets `min_new_tokens` to the tokens asked for, so [EOS]
+does not end a continuation early; a prompt is kept only where its greedy continuation
+(in-process, the service's int8 model) still has room in the model's context (if too
 few do, the longest continuations fill up, and the tokens per request are reported). The
 PyTorch loop makes exactly as many tokens per prompt as the bundle's greedy continuation
 (its [EOS] banned until then), so every setting does the same work per request.
@@ -108,7 +108,7 @@ def decoder_load(decoder: Decoder, prompts: list[list[int]], batch: int, new_tok
     """Continuous batching without HTTP: up to `batch` sequences advance together, and
     a finished one's place is taken by the next prompt at the next step."""
     run, turn, running = Run(), itertools.count(), []
-    settings = Sampling(max_new_tokens=new_tokens)
+    settings = Sampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     start = time.perf_counter()
     stop_at = start + seconds
     while True:
@@ -218,7 +218,8 @@ def choose_prompts(decoder: Decoder, texts: list[str], new_tokens: int, wanted: 
         (ids,) = decoder.inputs.encode([text])
         if not ids or (room is not None and len(ids) > max(room, 1)):
             continue  # empty, or no room left for the new tokens in the context
-        seq = generate(decoder, ids, Sampling(max_new_tokens=new_tokens))
+        seq = generate(decoder, ids, Sampling(max_new_tokens=new_tokens,
+                                              min_new_tokens=new_tokens))
         screened.append({"text": text, "ids": ids, "tokens": len(seq.generated),
                          "finish_reason": seq.finish_reason})
         if sum(p["tokens"] == new_tokens for p in screened) >= wanted:
@@ -242,10 +243,11 @@ def check_service(port: int, decoder: Decoder, prompts: list[dict], new_tokens: 
     for prompt in prompts[:3]:
         status, body = control.http_json(
             "POST", f"http://{HOST}:{port}/generate",
-            {"prompt": prompt["text"], "max_new_tokens": new_tokens, "temperature": 0.0},
+            {"prompt": prompt["text"], "max_new_tokens": new_tokens,
+             "min_new_tokens": new_tokens, "temperature": 0.0},
             timeout=60)
         expected = decoder.inputs.words(generate(decoder, prompt["ids"], Sampling(
-            max_new_tokens=new_tokens)).generated)
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens)).generated)
         if status != 200 or body.get("tokens") != expected:
             raise RuntimeError(f"the service's continuation of {prompt['text']!r} is not "
                                f"the bundle's: {status} {str(body)[:300]} (expected "

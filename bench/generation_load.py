@@ -148,7 +148,8 @@ def http_requests(prompts: list[str], new_tokens: int, streamed: bool) -> list[b
     out = []
     for prompt in prompts:
         body = json.dumps({"prompt": prompt, "max_new_tokens": new_tokens,
-                           "temperature": 0.0, "stream": streamed}).encode()
+                           "min_new_tokens": new_tokens, "temperature": 0.0,
+                           "stream": streamed}).encode()
         out.append((f"POST /generate HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: "
                     f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
     return out

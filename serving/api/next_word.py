@@ -134,8 +134,12 @@ def sampling(request: GenerateRequest, bundle: Bundle, limit: int) -> Sampling:
         raise ApiError(422, "invalid_request", f"max_new_tokens: at most {limit}, not "
                        f"{new_tokens}", field="max_new_tokens", limit="max_new_tokens",
                        value=limit)
+    if request.min_new_tokens > new_tokens:
+        raise ApiError(422, "invalid_request", f"min_new_tokens: at most max_new_tokens "
+                       f"({new_tokens}), not {request.min_new_tokens}",
+                       field="min_new_tokens")
     return Sampling(**chosen, seed=request.seed, max_new_tokens=new_tokens,
-                    stop=tuple(request.stop))
+                    min_new_tokens=request.min_new_tokens, stop=tuple(request.stop))
 
 
 def answer(generation: Generation, rid: str, prompt_tokens: int) -> dict:

@@ -160,6 +160,9 @@ class GenerateRequest(BaseModel):
     max_new_tokens: StrictInt | None = Field(
         None, ge=1, description=f"tokens to generate at most (default: the bundle's, "
         f"else {DEFAULT_NEW_TOKENS}; never over TEXTOPS_MAX_NEW_TOKENS)")
+    min_new_tokens: StrictInt = Field(0, ge=0, description="tokens to generate before "
+                                      "the end of a document may end the continuation "
+                                      "(a stop text or the model's context still may)")
     temperature: StrictFloat = Field(0.0, ge=0, allow_inf_nan=False,
                                      description="0: greedy; above: sample")
     top_k: StrictInt = Field(0, ge=0, description="sample among the k most probable "

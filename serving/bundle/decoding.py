@@ -235,6 +235,9 @@ class Decoder:
         (None where it ended on [EOS])."""
         logits = self.step(seqs)
         logits[:, self.banned] = -np.inf
+        early = [row for row, s in enumerate(seqs)
+                 if len(s.generated) < s.settings.min_new_tokens]
+        logits[early, self.eos_id] = -np.inf  # not done before min_new_tokens
         tokens = []
         for s, row in zip(seqs, logits, strict=True):
             token = choose(row, s.settings, s.rng)

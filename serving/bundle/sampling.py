@@ -28,6 +28,9 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 32
+    # tokens made before [EOS] may end the continuation (a stop text or the model's
+    # context still may): continuations of a known length, as benchmarks need
+    min_new_tokens: int = 0
     stop: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -41,6 +44,9 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be within 0..max_new_tokens "
+                             f"({self.max_new_tokens}), not {self.min_new_tokens}")
         if any(not s for s in self.stop):
             raise ValueError("stop sequences must not be empty")
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -378,3 +378,19 @@ def test_shutdown_lets_running_generations_finish():
         return await asyncio.gather(*(g.result(deadline) for g in gens))
 
     assert [len(s.generated) for s in asyncio.run(run())] == [20, 20, 20]
+
+
+def test_min_new_tokens_keeps_the_end_of_a_document_from_ending_a_continuation(service,
+                                                                               offline):
+    """A greedy continuation that ends at [EOS] goes on to min_new_tokens when asked;
+    min_new_tokens over max_new_tokens is refused naming the field."""
+    prompt = "looked at the door until the dog came home"
+    ended = generate(offline, prompt, Sampling(max_new_tokens=12))
+    assert ended.finish_reason == "eos"  # the tiny model ends its documents
+    answer = httpx.post(f"{service.url}/generate", json={
+        "prompt": prompt, "max_new_tokens": 12, "min_new_tokens": 12}, timeout=30).json()
+    assert answer["usage"]["completion_tokens"] == 12, answer
+    assert answer["finish_reason"] == "length"
+    refused = httpx.post(f"{service.url}/generate", json={
+        "prompt": "the cat", "max_new_tokens": 4, "min_new_tokens": 5}, timeout=30)
+    assert refused.status_code == 422 and refused.json()["field"] == "min_new_tokens"
