@@ -44,6 +44,11 @@ def test_repro_runs_every_stage_on_a_corpus(next_word_repo):
     assert metrics["perplexity_vs_baseline"] == pytest.approx(
         metrics["perplexity"] / baseline["perplexity"])
     assert 0 < metrics["accuracy"] <= metrics["top5_accuracy"] <= 1
+    # validation scored too (choices are made there), on its own tokens
+    validation = metrics["validation"]
+    assert validation["tokens"] != metrics["tokens"]
+    assert validation["perplexity_per_word"] > validation["perplexity"] > 1
+    assert validation["baseline_perplexity"] > 1
     plots = read(next_word_repo, "reports/plots/baseline.json")
     assert [row["model"] for row in plots] == ["candidate", "kneser_ney_3"]
     bundle = read(next_word_repo, "models/candidate/bundle.json")

@@ -72,6 +72,14 @@ class NextWordScoring(Scoring):
                                **named(ngram.score(blocks, words=words))}
         metrics["perplexity_vs_baseline"] = (metrics["perplexity"]
                                              / metrics["baseline"]["perplexity"])
+        # The same figures on validation: what choices (tokenizer, model, the baseline's
+        # order and discount) are made on, so that the test split is never tuned to.
+        val_blocks, val_words = column(splits["val"], "ids"), profile["splits"]["val"]["words"]
+        validation = named(lm_metrics(logits_fn(module), val_blocks, batch, val_words))
+        val_baseline = ngram.score(val_blocks, words=val_words)
+        validation["baseline_perplexity"] = val_baseline["perplexity"]
+        validation["baseline_perplexity_per_word"] = val_baseline["perplexity_per_word"]
+        metrics["validation"] = validation
         requests = {"documents": prompts(paths, "test"), "words": words,
                     "block_size": profile["block_size"]}
         return Scored(metrics, requests=requests)
@@ -113,6 +121,8 @@ class NextWordScoring(Scoring):
     def logged(self, metrics: dict) -> dict[str, float]:
         flat = {f"test_{k}": float(metrics[k]) for k in (*HEADLINE, "perplexity_vs_baseline")}
         flat.update({f"baseline_{k}": float(metrics["baseline"][k]) for k in HEADLINE})
+        if "validation" in metrics:  # a champion scored on test alone has none
+            flat.update({f"val_{k}": float(metrics["validation"][k]) for k in HEADLINE})
         return flat
 
     def summary(self, metrics: dict) -> str:
