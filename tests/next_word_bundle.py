@@ -20,9 +20,13 @@ import onnxruntime as ort
 import torch
 from omegaconf import OmegaConf
 
+from pipeline.data.profile import reference_histogram
 from pipeline.tasks.next_word.export import export_onnx, quantize_best
 from pipeline.tasks.next_word.models import DecoderLM
+from pipeline.tasks.next_word.processed import typed_lengths
+from pipeline.tasks.next_word.task import surprisal_reference
 from pipeline.tasks.next_word.tokenizer import encode, train_tokenizer
+from serving.bundle import Bundle
 from serving.bundle.tasks import NEXT_WORD, signature
 
 DOCUMENTS = [
@@ -86,6 +90,13 @@ def build_bundle(path: Path, version: str = "tiny-1", model: torch.nn.Module | N
             # what a /generate request that names none of these decodes with
             "generation": {"max_new_tokens": 6, "temperature": 0.0, "top_k": 0,
                            "top_p": 1.0}}
+    (path / "bundle.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    # the drift reference, as preprocess and deploy make it
+    lengths = typed_lengths([len(ids) for ids in encode(tokenizer, DOCUMENTS * 25)])
+    decoder = Bundle.load(path, precision="fp32").decoder
+    meta["profile"] = {"reference": {
+        "length": reference_histogram(lengths), "unk_rate": 0.0,
+        "surprisal": surprisal_reference(decoder, DOCUMENTS * 25, MAX_LEN)}}
     (path / "bundle.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return path
 

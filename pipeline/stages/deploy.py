@@ -141,6 +141,8 @@ def build_bundle(cfg: DictConfig, paths: Paths) -> dict:
         test = splits["test"]
         meta["parity"] = task.check_bundle(tmp, module, test, paths, cfg)
         meta["int8"] = int8
+        if measured := task.drift_reference(tmp, paths, cfg):
+            profile["reference"] = {**profile.get("reference", {}), **measured}
         atomic.write_json(tmp / "bundle.json", meta)
         atomic.write_text(tmp / "MODEL_CARD.md", model_card(meta))
     return meta

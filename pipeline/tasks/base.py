@@ -92,6 +92,12 @@ class Task(ABC):
 
         return ClassificationScoring()
 
+    def drift_reference(self, bundle_dir: Path, paths: Paths, cfg: DictConfig) -> dict:
+        """Drift references only the model can give, measured with the written bundle
+        as the service measures requests; deploy adds them to the profile's
+        `reference` in bundle.json. None by default (the profile's are the data's)."""
+        return {}
+
     def check_bundle(self, bundle_dir: Path, module: pl.LightningModule, test: Dataset,
                      paths: Paths, cfg: DictConfig) -> dict:
         """Deploy's checks of the written bundle against the module on the test split;

@@ -19,8 +19,12 @@
 
 Limits (422 naming the field): `k` up to TEXTOPS_MAX_NEXT_WORDS, `max_new_tokens` up
 to TEXTOPS_MAX_NEW_TOKENS, a text or prompt up to TEXTOPS_MAX_CHARS characters and
-the model's context in tokens. The prediction log does not keep next-word answers
-yet (its rows are a classifier's: one label among the bundle's label_names).
+the model's context in tokens.
+
+The prediction log keeps each /predict text with its top words, and each finished
+/generate prompt with its continuation (serving/predlog/rows.py); the word the model
+put first (a continuation's first word) is what `POST /feedback`'s label, the word
+typed next, is compared with for live top-1 accuracy.
 """
 
 from __future__ import annotations
@@ -114,10 +118,19 @@ async def predict_next_words(service: InferenceService, bundle: Bundle, body: by
     k = bounded_k(request.k, service.settings)
     rows, used = await top_next_words(service, bundle, request.texts, k)
     rid = request_id(offered_id)
+    log_next_words(service, rid, used, request.texts, rows)
     answer = {"request_id": rid, "model_version": used.version, "predictions": [
         {"next_words": [{"word": word, "probability": p} for word, p in row]}
         for row in rows]}
     return orjson.dumps(answer), rid
+
+
+def log_next_words(service: InferenceService, rid: str, bundle: Bundle, texts: list[str],
+                   rows: list[list[tuple[str, float]]]) -> None:
+    """Answered texts into the prediction log, each under its top word."""
+    service.log_prediction(rid, bundle, texts, [
+        (row[0][0] if row else "", {"next_words": [[word, p] for word, p in row]})
+        for row in rows])
 
 
 def sampling(request: GenerateRequest, bundle: Bundle, limit: int) -> Sampling:
@@ -150,6 +163,16 @@ def answer(generation: Generation, rid: str, prompt_tokens: int) -> dict:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(seq.generated)}}
 
 
+def log_generation(service: InferenceService, generation: Generation, rid: str,
+                   prompt: str) -> None:
+    """A finished continuation into the prediction log, under its first word."""
+    seq = generation.seq
+    first = generation.decoder.inputs.words(seq.generated[:1])
+    service.log_prediction(rid, generation.bundle, [prompt], [
+        (first[0] if first else "", {"completion": seq.text,
+                                     "finish_reason": seq.finish_reason})])
+
+
 def failure(service: InferenceService, err: Exception) -> ApiError:
     """What a generation that did not finish is answered."""
     if isinstance(err, TimeoutError):
@@ -166,7 +189,7 @@ def event(data: dict, name: str | None = None) -> bytes:
 
 
 async def events(service: InferenceService, generation: Generation, first: Update,
-                 updates: AsyncIterator[Update], rid: str, prompt_tokens: int
+                 updates: AsyncIterator[Update], rid: str, prompt: str, prompt_tokens: int
                  ) -> AsyncIterator[bytes]:
     """The stream of a generation whose first update has come."""
     try:
@@ -175,6 +198,7 @@ async def events(service: InferenceService, generation: Generation, first: Updat
             if update.token is not None:
                 yield event({"token": update.token, "text": update.text})
             if update.finish_reason is not None:
+                log_generation(service, generation, rid, prompt)
                 yield event(answer(generation, rid, prompt_tokens))
                 return
             try:
@@ -217,6 +241,7 @@ def generate_router(service: InferenceService, require_key) -> APIRouter:
                 await generation.result(deadline)
             except Exception as err:  # noqa: BLE001 - answered as failure() says
                 raise failure(service, err) from None
+            log_generation(service, generation, rid, request.prompt)
             return JSONResponse(answer(generation, rid, len(prompt)), headers=headers)
         updates = generation.stream(deadline)
         try:  # errors before the first token are still HTTP errors
@@ -224,7 +249,7 @@ def generate_router(service: InferenceService, require_key) -> APIRouter:
         except Exception as err:  # noqa: BLE001
             raise failure(service, err) from None
         return StreamingResponse(events(service, generation, first, updates, rid,
-                                        len(prompt)),
+                                        request.prompt, len(prompt)),
                                  media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})

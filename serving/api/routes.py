@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 from importlib import resources
 
-import orjson
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
+from serving.api.feedback import feedback_items, label_rule
 from serving.api.hot_path import invalid, predict_answer
 from serving.api.images import b64_file
 from serving.api.schemas import (
@@ -69,44 +69,6 @@ def explain_request(model: type[BaseModel], body: bytes, wrong: str) -> BaseMode
         raise invalid(err) from None
 
 
-def feedback_items(body: bytes, max_items: int, labels: list[str]
-                   ) -> list[tuple[str, int, str]]:
-    """(request_id, position, label) of each item of a /feedback body; a 4xx naming the
-    first bad item and what is wrong with it."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
-    if not isinstance(payload, dict | list):
-        raise ApiError(422, "invalid_request",
-                       "the body must be a feedback object or a list of them")
-    items = payload if isinstance(payload, list) else [payload]
-    if not items:
-        raise ApiError(422, "no_feedback", "send at least one feedback item")
-    if len(items) > max_items:
-        raise ApiError(422, "too_many_items", f"{len(items)} feedback items; at most "
-                       f"{max_items} per request", limit="max_texts", value=max_items)
-    return [feedback_item(item, i if isinstance(payload, list) else None, labels)
-            for i, item in enumerate(items)]
-
-
-def feedback_item(item, index: int | None, labels: list[str]) -> tuple[str, int, str]:
-    where = "body" if index is None else f"[{index}]"
-    details = {} if index is None else {"item": index}
-    try:
-        parsed = FeedbackItem.model_validate(item)
-    except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        field = ".".join(str(part) for part in first["loc"]) or "item"
-        raise ApiError(422, "invalid_request", f"{where}.{field}: {first['msg']}",
-                       field=field, **details) from None
-    if parsed.label not in labels:
-        raise ApiError(422, "unknown_label", f"{where}.label: {parsed.label!r} is not a "
-                       f"label of the model (labels: {', '.join(labels)})",
-                       labels=labels, **details)
-    return parsed.request_id, parsed.position, parsed.label
-
-
 def router(service: InferenceService, require_key) -> APIRouter:
     """Routes over `service`; `require_key` guards the prediction routes."""
     settings = service.settings
@@ -138,9 +100,10 @@ def router(service: InferenceService, require_key) -> APIRouter:
     async def feedback(http: Request) -> FeedbackResponse:
         """The right label for answered texts: one `{request_id, label, position}` or a
         list of up to `max_texts`. All are stored or none; a repeated label replaces
-        the earlier one. Live accuracy in /metrics rests on these."""
-        labels = service.require_bundle().label_names
-        items = feedback_items(await http.body(), settings.max_texts, labels)
+        the earlier one. Live accuracy in /metrics rests on these. A next-word model's
+        label is the word typed next (or the first word of a kept continuation)."""
+        rule = label_rule(service.require_bundle())
+        items = feedback_items(await http.body(), settings.max_texts, rule)
         return FeedbackResponse(accepted=await service.feedback(items))
 
     @routes.post("/explain", response_model=ExplainResponse | ImageExplainResponse,

@@ -144,8 +144,8 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
         served = bundle_named(name)
         request = parse_request(await raw.body())
         rid = answer_id(request.id, raw.headers.get("x-request-id"))
-        if served.decoder is not None:  # not logged: the log's rows are a classifier's
-            outputs, bundle = await infer_next_words(service, served, request)
+        if served.decoder is not None:
+            outputs, bundle = await infer_next_words(service, served, request, rid)
         else:
             outputs, bundle = await classify(served, request, rid)
         response = {"model_name": name, "model_version": bundle.version,

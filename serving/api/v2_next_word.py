@@ -6,7 +6,7 @@ checks and the batcher (serving/api/next_word.py `top_next_words`)."""
 
 from __future__ import annotations
 
-from serving.api.next_word import bounded_k, top_next_words
+from serving.api.next_word import bounded_k, log_next_words, top_next_words
 from serving.api.v2_tensors import (
     InferRequest,
     bad_request,
@@ -37,15 +37,17 @@ def requested_k(request: InferRequest, settings: Settings) -> int:
     return bounded_k(k, settings)
 
 
-async def infer_next_words(service: InferenceService, bundle: Bundle, request: InferRequest
-                           ) -> tuple[list[dict], Bundle]:
-    """The output tensors the request asks for, and the bundle that computed them."""
+async def infer_next_words(service: InferenceService, bundle: Bundle, request: InferRequest,
+                           rid: str) -> tuple[list[dict], Bundle]:
+    """The output tensors the request asks for, and the bundle that computed them; the
+    answers logged under `rid` as /predict's are."""
     k = requested_k(request, service.settings)
     tensor = the_input(request, {"text": "BYTES"})
     texts = counted(tensor, flatten(tensor.data))
     wanted = wanted_outputs(request, OUTPUTS)
     rows, used = await top_next_words(service, bundle, texts, k,
                                       "input 'text' element {}".format)
+    log_next_words(service, rid, used, texts, rows)
     shape = [len(rows), len(rows[0]) if rows else k]
     tensors = {
         "next_words": {"name": "next_words", "datatype": "BYTES", "shape": shape,

@@ -93,6 +93,10 @@ class Sequence:
     entries: int = 0
     buffer: np.ndarray | None = field(default=None, repr=False)
     rng: np.random.Generator = field(init=False, repr=False)
+    # Measured when not None: the model's surprisal (nats) of each token fed after the
+    # first, and the log-probabilities the last fed token gave for the one after it.
+    surprisal: list[float] | None = field(default=None, repr=False)
+    last_logprobs: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.pending = list(self.ids)
@@ -227,6 +231,8 @@ class Decoder:
             # its own new entries only: the padding other rows needed is not kept
             s.keep(present[:, :, row, :, past + new - len(chunk):], self.keep_last)
             s.fed += len(chunk)
+            if s.surprisal is not None:
+                measure(s, chunk, logits[row, new - len(chunk):])
         return logits[:, -1]
 
     def advance(self, seqs: list[Sequence]) -> list[int | None]:
@@ -271,12 +277,26 @@ class Decoder:
     def topk(self, prompts: list[list[int]], k: int) -> list[list[tuple[int, float]]]:
         """The k most probable next words of each prompt's word ids, with their
         probabilities (under the model's full distribution), in one model call."""
-        logits = self.step([self.start(p) for p in prompts])
+        return self.best(self.step([self.start(p) for p in prompts]), k)
+
+    def best(self, logits: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """The k most probable words of each row of next-token logits [n, V]."""
         logprobs = log_softmax(logits.astype(np.float64))
         logprobs[:, [*self.banned, self.eos_id]] = -np.inf  # not words to suggest
         best = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
         return [[(int(i), float(np.exp(row[i]))) for i in ids]
                 for row, ids in zip(logprobs, best, strict=True)]
+
+    def topk_surprisal(self, prompts: list[list[int]], k: int
+                       ) -> tuple[list[list[tuple[int, float]]], list[float | None]]:
+        """`topk`'s answer and each prompt's mean surprisal per token (nats; None for
+        an empty prompt) under the model, from the same call: how unexpected the
+        prompt's own words were, one figure of the drift monitor."""
+        seqs = [self.start(p) for p in prompts]
+        for s in seqs:
+            s.surprisal = []
+        rows = self.best(self.step(seqs), k)
+        return rows, [float(np.mean(s.surprisal)) if s.surprisal else None for s in seqs]
 
     def next_word_topk(self, texts: list[str], k: int) -> list[list[tuple[str, float]]]:
         """The k most probable next words of each text, with probabilities."""
@@ -284,6 +304,18 @@ class Decoder:
             raise ValueError("next_word_topk: this decoder has no tokenizer (inputs)")
         return [[(self.inputs.words([i])[0], p) for i, p in row]
                 for row in self.topk(self.inputs.encode(texts), k)]
+
+
+def measure(s: Sequence, chunk: list[int], logits: np.ndarray) -> None:
+    """Add the surprisal of `chunk`'s tokens, fed in one call whose logits at the
+    chunk's positions are `logits` [len(chunk), V]: each token is scored by the
+    position before it (the first by the previous call's last position; the very
+    first token, [EOS], has none)."""
+    logprobs = log_softmax(logits.astype(np.float64))
+    if s.last_logprobs is not None:
+        s.surprisal.append(-float(s.last_logprobs[chunk[0]]))
+    s.surprisal.extend((-logprobs[np.arange(len(chunk) - 1), chunk[1:]]).tolist())
+    s.last_logprobs = logprobs[-1]
 
 
 def generate(decoder: Decoder, prompt: list[int] | str, settings: Sampling | None = None

@@ -103,17 +103,24 @@ def infer_next_words(bundle: Bundle, texts: list[str], k: int
                    else ids for ids in encoded]
     lengths = [len(ids) + 1 for ids in encoded]  # the [EOS] each prompt follows
     rows: list = [None] * len(texts)
+    surprisal: list = [None] * len(texts)
     groups = length_groups(lengths)
     for group in groups:
-        for i, best in zip(group, decoder.topk([encoded[i] for i in group], k), strict=True):
+        best, measured = decoder.topk_surprisal([encoded[i] for i in group], k)
+        for i, top, value in zip(group, best, measured, strict=True):
             rows[i] = [(word, p) for word, (_, p) in
-                       zip(decoder.inputs.words([t for t, _ in best]), best, strict=True)]
-    # no drift figures yet: a language model's prompts have no classes to compare
+                       zip(decoder.inputs.words([t for t, _ in top]), top, strict=True)]
+            surprisal[i] = value
+    # drift: the prompts' lengths and unknown words, and how surprising the model
+    # found them (there are no classes to compare)
     stats = BatchStats(texts=len(texts), requests=1, groups=len(groups),
                        real_tokens=sum(lengths),
                        padded_tokens=sum(max(lengths[i] for i in g) * len(g) for g in groups),
-                       seconds=time.perf_counter() - started, lengths=[], unknown=[],
-                       predicted=[], bundle=bundle)
+                       seconds=time.perf_counter() - started,
+                       lengths=[len(ids) for ids in encoded],
+                       unknown=[ids.count(decoder.unk_id) for ids in encoded],
+                       predicted=[], bundle=bundle,
+                       features={"surprisal": [v for v in surprisal if v is not None]})
     return rows, stats
 
 
@@ -283,6 +290,6 @@ def infer_images(bundle: Bundle, images: list[np.ndarray]) -> tuple[np.ndarray, 
     stats = BatchStats(texts=len(images), requests=1, groups=1, real_tokens=0,
                        padded_tokens=0, seconds=time.perf_counter() - started, lengths=[],
                        unknown=[], predicted=probs.argmax(axis=1).tolist(), bundle=bundle,
-                       images={"brightness": brightness.tolist(),
-                               "contrast": contrast.tolist()})
+                       features={"brightness": brightness.tolist(),
+                                 "contrast": contrast.tolist()})
     return probs, stats

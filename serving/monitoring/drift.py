@@ -5,9 +5,14 @@ bundle carries (`bundle.json` -> profile.reference), as population stability ind
 (PSI; above about 0.2 is commonly read as a significant shift):
 - token-length distribution, over the training deciles;
 - unknown-token rate, as the two-bucket distribution (unknown, known) of tokens;
-- predicted-class distribution, against the training class balance;
+- predicted-class distribution, against the training class balance (a classifier's);
 - for an image model, in place of the token figures: each image's brightness (mean
-  pixel) and contrast (pixel standard deviation), over the training deciles.
+  pixel) and contrast (pixel standard deviation), over the training deciles;
+- for a next-word model, beside the token figures: each prompt's surprisal, the mean
+  negative log-probability per token that the model gives the prompt's own words,
+  over the deciles of the validation documents' (deploy measures them with the
+  bundle; pipeline/tasks/next_word/task.py). Prompts unlike the training text, or
+  garbled ones, read as more surprising.
 
 A reload starts the window over; batches that the old bundle finishes afterwards are
 left out, since their classes and token ids are the old bundle's. With several server
@@ -29,9 +34,11 @@ from prometheus_client.core import GaugeMetricFamily
 
 from serving.bundle.tensors import length_counts
 
-# An image model's per-image drift features, as its profile's reference names them
-# (pipeline/tasks/image_classification/preprocess.py computes them the same way).
-IMAGE_FEATURES = ("brightness", "contrast")
+# Per-item drift features, as a profile's reference names them: an image model's
+# (pipeline/tasks/image_classification/preprocess.py computes them the same way) and a
+# next-word model's (serving/bundle/decoding.py `topk_surprisal`).
+ITEM_FEATURES = {"brightness": "image brightness", "contrast": "image contrast",
+                 "surprisal": "prompt surprisal per token"}
 
 
 def psi(actual: np.ndarray, expected: np.ndarray, floor: float = 1e-4) -> float:
@@ -64,20 +71,20 @@ class DriftMonitor:
             self.lengths: deque[int] = deque(maxlen=self.window)
             self.unknown: deque[int] = deque(maxlen=self.window)
             self.predicted: deque[int] = deque(maxlen=self.window)
-            self.images = {name: deque(maxlen=self.window) for name in IMAGE_FEATURES}
+            self.features = {name: deque(maxlen=self.window) for name in ITEM_FEATURES}
             self.observed += 1
 
     def observe(self, model: object, lengths: list[int], unknown: list[int],
-                predicted: list[int], images: dict[str, list[float]] | None = None) -> None:
-        """One batch's figures; `images`: an image model's per-image features."""
+                predicted: list[int], features: dict[str, list[float]] | None = None) -> None:
+        """One batch's figures; `features`: per-item features (ITEM_FEATURES)."""
         with self.lock:
             if model is not self.model:  # finished on a bundle swapped out since
                 return
             self.lengths.extend(lengths)
             self.unknown.extend(unknown)
             self.predicted.extend(predicted)
-            for name, values in (images or {}).items():
-                self.images[name].extend(values)
+            for name, values in (features or {}).items():
+                self.features[name].extend(values)
             self.observed += 1
 
     def summary(self) -> dict:
@@ -86,15 +93,15 @@ class DriftMonitor:
             lengths, unknown = np.array(self.lengths), np.array(self.unknown)
             predicted, reference = np.array(self.predicted, dtype=np.int64), self.reference
             classes, version = len(self.label_names), self.version
-            images = {name: np.array(values) for name, values in self.images.items()}
+            features = {name: np.array(values) for name, values in self.features.items()}
         reference = reference or {}
         edges = reference["length"]["edges"] if "length" in reference else []
-        return {"model": version, "texts": len(predicted),
+        return {"model": version, "texts": max(len(predicted), len(lengths)),
                 "lengths": length_counts(lengths, edges).tolist() if len(lengths) else [],
                 "unknown": int(unknown.sum()), "tokens": int(lengths.sum()),
                 "predicted": np.bincount(predicted, minlength=classes).tolist(),
                 **{name: length_counts(values, reference[name]["edges"]).tolist()
-                   for name, values in images.items() if name in reference and len(values)}}
+                   for name, values in features.items() if name in reference and len(values)}}
 
     def merged(self) -> dict:
         """This window's summary plus the other workers' of the same model."""
@@ -110,7 +117,7 @@ class DriftMonitor:
             total["tokens"] += other["tokens"]
             total["lengths"] = np.add(total["lengths"], other["lengths"]).tolist()
             total["predicted"] = np.add(total["predicted"], other["predicted"]).tolist()
-            for name in IMAGE_FEATURES:
+            for name in ITEM_FEATURES:
                 if name in other:
                     total[name] = np.add(total.get(name, 0), other[name]).tolist()
         return total
@@ -123,11 +130,13 @@ class DriftMonitor:
             return
         if "length" in reference:  # a text model's
             yield from self.token_drift(window, reference)
-        for name in IMAGE_FEATURES:  # an image model's
+        for name, what in ITEM_FEATURES.items():
             if name in reference and name in window:
                 yield GaugeMetricFamily(f"textops_drift_{name}_psi",
-                                        f"PSI of image {name} vs training",
+                                        f"PSI of {what} vs the reference",
                                         value=psi(window[name], reference[name]["shares"]))
+        if "class_shares" not in reference:  # a next-word model has no classes
+            return
         counts = np.asarray(window["predicted"])
         share = GaugeMetricFamily("textops_predicted_class_share",
                                   "share of each predicted class in the window",

@@ -42,7 +42,9 @@ class BatchStats:
     unknown: list[int]  # unknown tokens per text
     predicted: list[int]  # predicted class per text
     bundle: Bundle | None = None  # which model computed them (a reload may swap it)
-    images: dict[str, list[float]] | None = None  # an image model's drift features
+    # per-item drift features: an image model's brightness and contrast, a next-word
+    # model's surprisal of each prompt
+    features: dict[str, list[float]] | None = None
 
 
 class ServiceMetrics:
@@ -143,6 +145,7 @@ class ServiceMetrics:
         self.model_labels = labels
         self.drift.reset(meta.get("profile", {}).get("reference"), list(bundle.label_names),
                          model=bundle)
+        self.live_quality.per_label = getattr(bundle, "decoder", None) is None
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_texts.observe(stats.texts)
@@ -151,4 +154,4 @@ class ServiceMetrics:
         self.tokens.labels("real").inc(stats.real_tokens)
         self.tokens.labels("padded").inc(stats.padded_tokens)
         self.drift.observe(stats.bundle, stats.lengths, stats.unknown, stats.predicted,
-                           stats.images)
+                           stats.features)

@@ -5,6 +5,10 @@ per-class recall over the latest `feedback_window` labels, computed in the datab
 the log's own threads (so it survives a restart and never waits on a scrape), and the
 share of logged answers that received a label. `LiveQuality` keeps the latest reading
 (a `LiveStats`, serving/monitoring/live_stats.py) and shows it on scrapes.
+
+For a next-word model the labels are words typed next: live accuracy is top-1
+next-word accuracy, and there is no per-label recall (a series per word of a
+vocabulary would swamp Prometheus).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class LiveQuality:
     def __init__(self):
         self.stats: LiveStats | None = None  # None: no log, or not read yet
         self.lock = threading.Lock()
+        self.per_label = True  # recall per label: a classifier's, not a next-word model's
 
     def update(self, stats: LiveStats) -> None:
         """Keep `stats` unless a reading begun later is already there (the writer's
@@ -39,6 +44,7 @@ class LiveQuality:
         if stats.accuracy is not None:
             yield GaugeMetricFamily("textops_live_accuracy",
                                     "accuracy over the latest labels", value=stats.accuracy)
+        if stats.accuracy is not None and self.per_label:
             recall = GaugeMetricFamily("textops_live_recall",
                                        "recall of each labelled class over the latest labels",
                                        labels=["label"])

@@ -1,7 +1,8 @@
 """Which answers the prediction log keeps, and the rows it stores for each.
 
 `sampled` decides per request id (the same way in every replica); `prediction_rows`
-turns one answered request into its `predictions` rows (serving/predlog/store.py has
+turns one answered request (a classifier's probabilities, or a next-word model's top
+words or continuation) into its `predictions` rows (serving/predlog/store.py has
 the schema), its texts normalised by serving/predlog/normalizer.py and, with the log's
 keys set, encrypted by serving/predlog/crypto.py.
 """
@@ -14,6 +15,11 @@ from typing import TYPE_CHECKING
 import orjson
 
 from serving.predlog.normalizer import normalize_texts, normalizer_state
+
+# A next-word model's answer to one text, as logged: the word it put first (what the
+# word typed next is compared with; "" when it had none) and what it answered, e.g.
+# {"next_words": [[word, probability], ...]} or {"completion": ..., "finish_reason": ...}.
+NextWordAnswer = tuple[str, dict]
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,23 +39,34 @@ def sampled(request_id: str, rate: float) -> bool:
     return int.from_bytes(digest, "big") < rate * 2**64
 
 
+def answers(bundle: Bundle, probs: np.ndarray | list[NextWordAnswer]) -> list[tuple[str, str]]:
+    """Each text's (label, probabilities column): a classifier's predicted class and
+    every class probability; a next-word model's top word and what it answered."""
+    if getattr(bundle, "decoder", None) is not None:
+        return [(label, orjson.dumps(answer).decode()) for label, answer in probs]
+    names = bundle.label_names
+    # the first of ties, as /predict
+    return [(names[row.index(max(row))], orjson.dumps(row).decode()) for row in probs.tolist()]
+
+
 def prediction_rows(request_id: str, created: float, bundle: Bundle, texts: list[str],
-                    probs: np.ndarray, normalized: list[str] | None = None,
+                    probs: np.ndarray | list[NextWordAnswer],
+                    normalized: list[str] | None = None,
                     cipher: LogCipher | None = None) -> list[tuple]:
     """The predictions rows of one request, its texts normalised and masked by the
     bundle's own tokenizer normalizer, as training saw them (`normalized`: already
     done, by `normalize_texts`); with a `cipher`, each text encrypted and its hash
-    keyed."""
+    keyed. `probs`: a classifier's probabilities [n, classes], or a next-word model's
+    answers (`NextWordAnswer` each)."""
     if normalized is None:
         normalized = normalize_texts(normalizer_state(bundle), texts)
-    names, version = bundle.label_names, bundle.version
+    version = bundle.version
     rows = []
-    for position, (stored, row) in enumerate(zip(normalized, probs.tolist(), strict=True)):
-        label = names[row.index(max(row))]  # the first of ties, as /predict
+    for position, (stored, (label, answer)) in enumerate(
+            zip(normalized, answers(bundle, probs), strict=True)):
         if cipher is None:
             text, digest = stored, hashlib.sha256(stored.encode()).hexdigest()
         else:
             text, digest = cipher.seal(stored), cipher.digest(stored)
-        rows.append((request_id, position, created, version, text, digest,
-                     orjson.dumps(row).decode(), label))
+        rows.append((request_id, position, created, version, text, digest, answer, label))
     return rows

@@ -12,7 +12,11 @@ Two tables, the same SQL on SQLite (the default, one file in WAL mode) and Postg
 tokenizer.json normalizer: e-mail addresses, URLs and phone numbers are already
 placeholders), so no raw personal data is stored. `created` is unix seconds. With the
 log's keys set, `text` is a Fernet token and `text_sha256` a keyed hash,
-`hmac-sha256:<hex>` (serving/predlog/crypto.py).
+`hmac-sha256:<hex>` (serving/predlog/crypto.py). A classifier's row holds its class
+probabilities (a JSON list) and predicted class; a next-word model's, the prompt, its
+answer as JSON (`{"next_words": [[word, p], ...]}`, or `{"completion", ...}` for
+/generate) and the word it put first, which a label (the word typed next) is compared
+with (serving/predlog/rows.py).
 
 `LogStore` is one connection, each method one transaction; the service's writer
 (serving/predlog/writer.py), the pipeline's reader (serving/predlog/reader.py) and the

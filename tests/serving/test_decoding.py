@@ -274,6 +274,27 @@ def test_top_k_next_words_are_the_models_most_probable_words(transformer):
         assert np.allclose([p for _, p in alone], [p for _, p in suggestions], atol=1e-6)
 
 
+def test_a_prompts_surprisal_is_its_mean_token_log_loss_under_pytorch(built):
+    """Measured in the same cached call as the top-k, alone or beside prompts of other
+    lengths: each prompt word scored by the position before it ([EOS] for the first)."""
+    decoder = built.decoder
+    prompts = [ids(decoder, t) for t in PROMPTS[:4]]
+    rows, surprisal = decoder.topk_surprisal(prompts, 3)
+    assert rows == decoder.topk(prompts, 3)
+    for prompt, measured in zip(prompts, surprisal, strict=True):
+        logits = torch.from_numpy(torch_logits(built.model, [[2, *prompt]], 0)[0]).double()
+        logprobs = torch.log_softmax(logits, -1)[:-1]  # the last predicts what follows
+        expected = -logprobs[torch.arange(len(prompt)), torch.tensor(prompt)].mean().item()
+        assert measured == pytest.approx(expected, abs=1e-4)
+        assert decoder.topk_surprisal([prompt], 3)[1][0] == pytest.approx(measured, abs=1e-5)
+    # nothing to measure in an empty prompt; text like the training chain's is far
+    # less surprising than the same words in reverse
+    assert decoder.topk_surprisal([[]], 3)[1] == [None]
+    chain = word_chain(len(WORDS) + 3, 1, 12)[0]
+    (forwards, backwards) = decoder.topk_surprisal([chain, chain[::-1]], 3)[1]
+    assert backwards > 2 * forwards
+
+
 def test_int8_keeps_pytorchs_next_word_and_static_int8_ignores_the_batch(built):
     report = built.int8_report
     scores = report["validation_top1_agreement"]

@@ -83,7 +83,7 @@ def test_an_image_window_reports_brightness_and_contrast_drift_and_no_token_figu
     model, drift = object(), DriftMonitor(window=100)
     drift.reset(reference, ["cat", "dog"], model=model)
     # three of four images bright (over 0.5); contrast as in training
-    drift.observe(model, [], [], [0, 1, 0, 1], images={"brightness": [0.1, 0.6, 0.7, 0.9],
+    drift.observe(model, [], [], [0, 1, 0, 1], features={"brightness": [0.1, 0.6, 0.7, 0.9],
                                                        "contrast": [0.1, 0.1, 0.3, 0.3]})
     values = gauges(drift)
     expected = (0.25 - 0.5) * math.log(0.25 / 0.5) + (0.75 - 0.5) * math.log(0.75 / 0.5)

@@ -56,6 +56,11 @@ def test_repro_runs_every_stage_on_a_corpus(next_word_repo):
     assert bundle["task"] == "next_word" and bundle["cache"] == "last"
     assert list(bundle["signature"]["inputs"]) == ["input_ids", "attention_mask",
                                                    "past_key_values"]
+    # the drift reference: typed prompts' lengths and unknown words (preprocess), and
+    # the model's surprisal at them (deploy, measured with the bundle)
+    reference = bundle["profile"]["reference"]
+    assert set(reference) == {"length", "unk_rate", "surprisal"}
+    assert sum(reference["surprisal"]["shares"]) == pytest.approx(1)
     parity = bundle["parity"]
     assert parity["preprocessing_mismatches"] == 0 and not parity["greedy"]["different"]
     served = read(next_word_repo, "reports/serve.json")
@@ -132,5 +137,10 @@ def test_the_transformer_trains_and_deploys_with_its_cache(next_word_repo):
     run(["dvc", "repro", "deploy"], next_word_repo, timeout=600)
     bundle = read(next_word_repo, "models/candidate/bundle.json")
     assert bundle["cache"] == "all" and bundle["max_len"] == 32  # the smoke block size
+    # the drift reference: typed prompts' lengths and unknown words (preprocess), and
+    # the model's surprisal at them (deploy, measured with the bundle)
+    reference = bundle["profile"]["reference"]
+    assert set(reference) == {"length", "unk_rate", "surprisal"}
+    assert sum(reference["surprisal"]["shares"]) == pytest.approx(1)
     parity = bundle["parity"]
     assert parity["cached_max_abs_diff"] < 1e-4 and not parity["greedy"]["different"]

@@ -31,6 +31,7 @@ from pipeline.config import Paths
 from pipeline.data.profile import ValidationError, reference_histogram
 from pipeline.data.splits import column, load_dataset_dir
 from pipeline.tasks.next_word import leakage, splits
+from pipeline.tasks.next_word.processed import typed_lengths
 from pipeline.tasks.next_word.tokenizer import EOS, PAD, UNK, encode, train_tokenizer
 
 SPLITS = ("train", "val", "test")
@@ -74,6 +75,10 @@ def split_documents(raw: DatasetDict, cfg: DictConfig, seed: int
     out = {name: documents(raw[name]) for name in given}
     for name, rows in indices.items():
         out[name] = {key: [values[i] for i in rows] for key, values in train.items()}
+    if "feedback" in raw:  # users' own text: trained on, never held out (feedback.py)
+        found = documents(raw["feedback"])
+        out["train"] = {key: out["train"][key] + found[key] for key in found}
+        report["feedback_documents"] = len(found["text"])
     return {name: out[name] for name in SPLITS}, report
 
 
@@ -133,17 +138,18 @@ def preprocess(cfg: DictConfig, seed: int, paths: Paths) -> dict:
              for name in ("val", "test")}
 
     unk_id, eos_id = tokenizer.token_to_id(UNK), tokenizer.token_to_id(EOS)
-    blocks, documents, split_profiles = {}, {}, {}
+    blocks, documents, split_profiles, lengths = {}, {}, {}, {}
     for name in SPLITS:
         texts = [normalize(text) for text in docs[name]["text"]]
         ids = encode(tokenizer, texts)
+        lengths[name] = np.asarray([len(row) for row in ids])
         packed = pack(stream(ids, eos_id), int(cfg.block_size))
         blocks[name] = Dataset.from_dict({"ids": [b.tolist() for b in packed]},
                                          features=BLOCK_FEATURES)
         documents[name] = Dataset.from_dict({"text": texts}, features=DOCUMENT_FEATURES)
         split_profiles[name] = split_profile(texts, ids, len(packed), unk_id)
 
-    train_words = np.asarray([len(t.split()) for t in docs["train"]["text"]])
+    typed = typed_lengths(lengths["train"])
     profile = {
         "data": {"name": manifest["name"], "content_hash": manifest["content_hash"]},
         "label_names": [],
@@ -156,8 +162,12 @@ def preprocess(cfg: DictConfig, seed: int, paths: Paths) -> dict:
                     "eos_id": eos_id},
         "splitting": splitting,
         "leakage": found,
-        # What the service compares prompts with (drift): training documents' lengths.
-        "prompt_words": reference_histogram(train_words),
+        # What the service compares prompts with (drift): the training documents'
+        # token lengths, cut as typed text (processed.typed_lengths), and unknown-token
+        # rate; deploy adds the model's surprisal.
+        "reference": {"length": reference_histogram(typed),
+                      "mean_tokens": float(typed.mean()),
+                      "unk_rate": split_profiles["train"]["unk_rate"]},
     }
     validate(profile, cfg)
     with atomic.atomic_dir(paths.processed) as tmp:

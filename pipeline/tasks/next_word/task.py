@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import Paths
 from pipeline.data.splits import column
 from pipeline.tasks.base import Task
-from pipeline.tasks.next_word.processed import profile_of, prompts
+from pipeline.tasks.next_word.processed import profile_of, prompts, typed_lengths
 from serving.bundle.tasks import NEXT_WORD
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -146,6 +146,16 @@ class NextWord(Task):
         return {"preprocessing_mismatches": 0,
                 **check_bundle(bundle_dir, module, documents, cfg)}
 
+    def drift_reference(self, bundle_dir: Path, paths: Paths, cfg: DictConfig) -> dict:
+        """The validation documents' surprisal (mean nats per token) under the bundle,
+        as the service measures each prompt's (serving/bundle/decoding.py
+        `topk_surprisal`), as decile bins: what prompts are compared with."""
+        from serving.bundle import Bundle
+
+        decoder = Bundle.load(bundle_dir, precision="fp32").decoder
+        return {"surprisal": surprisal_reference(decoder, prompts(paths, "val"),
+                                                 profile_of(paths)["block_size"])}
+
     def bundle_fields(self, cfg: DictConfig, module, profile: dict) -> dict:
         recurrent = module.hparams.model["name"] == "lm_lstm"
         return {"max_len": None if recurrent else int(module.hparams.model["max_len"]),
@@ -173,3 +183,20 @@ class NextWord(Task):
                "facts.")
         return model, inputs, use
 
+
+def surprisal_reference(decoder, texts: list[str], block_size: int) -> dict:
+    """Decile bins of the surprisal under `decoder` (a serving Decoder) of the texts cut
+    as a service sees them (`typed_lengths`), and to the model's context (an LSTM's: a
+    training block)."""
+    from pipeline.data.profile import reference_histogram
+
+    room = (decoder.max_len or block_size) - 1
+    encoded = [row for row in decoder.inputs.encode(texts) if row]
+    cuts = typed_lengths([len(row) for row in encoded])
+    ids = sorted((row[:min(int(n), room)] for row, n in zip(encoded, cuts, strict=True)),
+                 key=len)  # calls over prompts of like length pad little
+    values: list[float] = []
+    for start in range(0, len(ids), 64):
+        values += decoder.topk_surprisal(ids[start:start + 64], 1)[1]
+    # rounded: float noise across CPUs should not change the bundle's bytes
+    return reference_histogram(np.round(values, 4))
