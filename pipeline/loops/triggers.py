@@ -4,7 +4,8 @@ reason (`decide`). pipeline.loops.retrain acts on the decision and records it.
 
 Triggers (`retrain` in conf/retrain/default.yaml), any one is enough:
 
-- drift: a PSI of `/metrics` (token lengths, unknown-token rate, predicted classes)
+- drift: a PSI of `/metrics` (token lengths, unknown-token rate, predicted classes;
+  an image model's brightness and contrast; a next-word model's prompt surprisal)
   over its threshold, counted only once the drift window holds `drift.min_window`
   texts. A PSI has a spread under no change that shrinks with the window (with 100
   texts a threshold of 0.1 fires on unchanged data most of the time), so each
@@ -31,7 +32,12 @@ from serving.monitoring.drift import psi
 # PSI gauges of /metrics, by the name the record gives them
 DRIFT_METRICS = {"length": "textops_drift_length_psi",
                  "unknown_token": "textops_drift_unknown_token_psi",
-                 "predicted_class": "textops_drift_predicted_class_psi"}
+                 "predicted_class": "textops_drift_predicted_class_psi",
+                 "brightness": "textops_drift_brightness_psi",  # an image model's
+                 "contrast": "textops_drift_contrast_psi",
+                 "surprisal": "textops_drift_surprisal_psi"}  # a next-word model's
+# the per-item features whose reference is decile bins, drawn from like the lengths
+BINNED = ("brightness", "contrast", "surprisal")
 
 
 @dataclass
@@ -105,25 +111,38 @@ def calibrate(profile: dict, window: int, quantile: float, samples: int,
     from the training profile's own distributions, scored as the service scores them
     (serving.monitoring.drift.psi).
 
-    Token lengths and predicted classes: multinomial draws over the reference's bins
-    and class shares, which is exactly drawing texts from the reference split (its
-    length bins are its own deciles). Unknown tokens: a binomial draw over the
-    window's expected tokens at the reference rate; unknown tokens that cluster in a
-    few texts spread wider than this, which `drift.min_psi` covers.
+    Token lengths, predicted classes and the binned features (an image's brightness
+    and contrast, a prompt's surprisal): multinomial draws over the reference's bins
+    and class shares, which is exactly drawing items from the reference (its bins are
+    its own deciles). Unknown tokens: a binomial draw over the window's expected
+    tokens at the reference rate; unknown tokens that cluster in a few texts spread
+    wider than this, which `drift.min_psi` covers. Only what the reference holds is
+    calibrated: each task's service reports those PSIs and no others.
     """
     reference = profile["reference"]
     rng = np.random.default_rng(seed)
-    lengths = np.asarray(reference["length"]["shares"])
-    classes = np.asarray(reference["class_shares"])
-    rate = reference["unk_rate"]
-    tokens = max(1, round(window * profile["splits"]["train"]["tokens"]["mean"]))
-    unknown = rng.binomial(tokens, rate, samples) / tokens
-    spread = {
-        "length": [psi(c, lengths) for c in rng.multinomial(window, lengths, samples)],
-        "unknown_token": [psi([u, 1 - u], [rate, 1 - rate]) for u in unknown],
-        "predicted_class": [psi(c, classes) for c in rng.multinomial(window, classes, samples)],
-    }
+    spread = {}
+    if "unk_rate" in reference:
+        rate = reference["unk_rate"]
+        tokens = max(1, round(window * tokens_per_text(profile)))
+        unknown = rng.binomial(tokens, rate, samples) / tokens
+        spread["unknown_token"] = [psi([u, 1 - u], [rate, 1 - rate]) for u in unknown]
+    binned = {name: np.asarray(reference[name]["shares"])
+              for name in ("length", *BINNED) if name in reference}
+    if "class_shares" in reference:
+        binned["predicted_class"] = np.asarray(reference["class_shares"])
+    for name, shares in binned.items():
+        spread[name] = [psi(c, shares) for c in rng.multinomial(window, shares, samples)]
     return {name: float(np.quantile(values, quantile)) for name, values in spread.items()}
+
+
+def tokens_per_text(profile: dict) -> float:
+    """The mean tokens of a text the service is sent: a classifier's training text's,
+    or a next-word model's typed prompt's (its reference says)."""
+    reference = profile["reference"]
+    if "mean_tokens" in reference:
+        return reference["mean_tokens"]
+    return profile["splits"]["train"]["tokens"]["mean"]
 
 
 def thresholds(signals: Signals, drift: DictConfig) -> dict:

@@ -323,3 +323,42 @@ def test_a_hub_data_set_by_its_splits(tmp_path, monkeypatch):
         collect(data_cfg(source="hub", path=str(hub), splits={"test": "test",
                                                               "train": "train"}),
                 42, Paths(tmp_path))
+
+
+# ---------------------------------------------------------------- production feedback
+
+
+def snapshot(root, rows: list[tuple[str, str]]) -> str:
+    """A feedback snapshot as `make retrain` exports it: (prompt, word typed next)."""
+    path = root / "data/feedback/labelled.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"request_id": f"r{i}", "position": 0, "text": text,
+                                        "label": label, "created": 1000.0 + i}) + "\n"
+                            for i, (text, label) in enumerate(rows)))
+    return "data/feedback/labelled.jsonl"
+
+
+def test_feedback_trains_on_what_users_wrote_and_never_on_held_out_text(tmp_path):
+    # a writer typing "o gentle moon, be kind" labelled each prefix with its next word
+    typed = [("o", "gentle"), ("o gentle", "moon"), ("o gentle moon", ","),
+             ("o gentle moon ,", "be"), ("o gentle moon , be", "kind"),
+             ("farewell", "sweet"), ("farewell", "sweet")]  # a label sent twice
+    path = snapshot(tmp_path, typed)
+    plain = collected(tmp_path)
+    plain_profile, plain_out = processed(tmp_path)
+    manifest = collected(tmp_path, **{"feedback": {"snapshot": path}})
+    # only the whole text of each run, once: its prefixes would count its words again
+    raw = load_from_disk(str(tmp_path / "data/raw/dataset"))
+    assert column(raw["feedback"], "text") == ["o gentle moon , be kind", "farewell sweet"]
+    assert column(raw["feedback"], "source_row") == [5, 7]  # their snapshot lines
+    assert manifest["splits"]["feedback"]["rows"] == 2
+    assert manifest["content_hash"] != plain["content_hash"]
+    profile, out = processed(tmp_path)
+    train = column(out["documents"]["train"], "text")
+    assert train[-2:] == ["o gentle moon , be kind", "farewell sweet"]
+    assert profile["splitting"]["feedback_documents"] == 2
+    # validation and test are the corpus's, carved as before
+    for name in ("val", "test"):
+        assert column(out["documents"][name], "text") == \
+            column(plain_out["documents"][name], "text")
+    assert profile["splits"]["train"]["rows"] == plain_profile["splits"]["train"]["rows"] + 2

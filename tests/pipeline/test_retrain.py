@@ -61,6 +61,24 @@ def live_length_psi(rng, window: int) -> float:
     return psi(counts, reference["shares"])
 
 
+def test_each_task_calibrates_the_psis_its_service_reports():
+    rng = np.random.default_rng(2)
+    surprisal = reference_histogram(rng.gamma(4.0, 1.2, 5000))
+    next_word = {"reference": {"length": reference_histogram(RNG_LENGTHS), "unk_rate": 0.05,
+                               "mean_tokens": 9.0, "surprisal": surprisal},
+                 "splits": {"train": {"tokens": 200_000}}}  # a count, not statistics
+    image = {"reference": {"brightness": surprisal, "contrast": surprisal,
+                           "class_shares": [0.1] * 10}}
+    assert set(calibrate(next_word, 500, 0.99, 500)) == {"length", "unknown_token",
+                                                         "surprisal"}
+    assert set(calibrate(image, 500, 0.99, 500)) == {"brightness", "contrast",
+                                                     "predicted_class"}
+    # every one of them a real spread: larger for a smaller window
+    small, large = calibrate(next_word, 100, 0.99, 500), calibrate(next_word, 5000, 0.99, 500)
+    assert all(small[name] > large[name] > 0 for name in small)
+    assert set(DRIFT_METRICS) >= set(small) | {"brightness", "contrast", "predicted_class"}
+
+
 @pytest.mark.parametrize("window", [100, 1000])
 def test_calibrated_thresholds_rarely_fire_on_unchanged_data(window):
     limit = calibrate(PROFILE, window, quantile=0.99, samples=2000)["length"]
@@ -212,7 +230,9 @@ def test_a_dry_run_reads_the_service_and_records_its_decision(logged_service, tm
     assert record["reasons"] == ["6 labelled answers ever, at least 5"]
     signals = record["signals"]
     assert signals["new_labels"] == 6 and signals["live_labels"] == 6
-    assert signals["drift_window"] == 6 and set(signals["psi"]) == set(DRIFT_METRICS)
+    # a text classifier's PSIs: no image or next-word figures
+    assert signals["drift_window"] == 6
+    assert set(signals["psi"]) == {"length", "unknown_token", "predicted_class"}
     assert record["triggers"][0]["reason"].startswith("the drift window holds 6 texts")
     assert record["last_retraining"] is None and not (tmp_path / "data").exists()
 

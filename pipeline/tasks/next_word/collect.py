@@ -10,6 +10,10 @@ source order: `text` (str, lines joined with LF), `file` (where it was read) and
 `source_row` (its first line or row there, 1-based); and `manifest.json`: source,
 documents, words, content hash.
 
+With a feedback snapshot (`data.feedback`, written by `make retrain`), a `feedback`
+split holds the texts users typed, each completed by the word they typed next
+(feedback.py); preprocess trains on it.
+
 `data.max_documents` keeps the first documents of each split, not a seeded sample: a
 sample would leave gaps between neighbouring speeches, and the splits are carved from
 contiguous runs of them. The seed is therefore unused here.
@@ -25,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import atomic
 from pipeline.config import Paths
-from pipeline.data.readers import CollectError
+from pipeline.data.readers import CollectError, read_feedback_snapshot
 from pipeline.tasks.next_word.corpus import Documents, read_corpus
+from pipeline.tasks.next_word.feedback import feedback_documents
 
 __all__ = ["CollectError", "collect"]
 
@@ -60,14 +65,19 @@ def collect(data: DictConfig, seed: int, paths: Paths) -> dict:
     splits = {split: docs.head(max_documents)
               for split, docs in read_corpus(data, paths.root).items()}
 
+    source = OmegaConf.to_container(data, resolve=True)
+    # Only a merged snapshot is part of what was collected: without one the manifest
+    # (and so every output after it) is what it was before feedback existed.
+    feedback_config = source.pop("feedback", None)
+    feedback = read_feedback_snapshot(feedback_config, paths.root)
+    if feedback is not None:  # the texts users wrote, for training (feedback.py)
+        splits["feedback"] = feedback_documents(feedback)
+        source["feedback"] = feedback_config
+
     dataset = DatasetDict({
         split: Dataset.from_dict({"text": docs.texts, "file": docs.files,
                                   "source_row": docs.rows}, features=FEATURES)
         for split, docs in splits.items()})
-    source = OmegaConf.to_container(data, resolve=True)
-    # Production feedback (conf/config.yaml's data.feedback) is not merged into a
-    # corpus: left out of the manifest, so that configuring it changes nothing here.
-    source.pop("feedback", None)
     words = {split: word_count(docs.texts) for split, docs in splits.items()}
     manifest = {
         "name": data.name,
