@@ -310,3 +310,165 @@ def test_the_services_errors_are_shown(browser, image_service, tmp_path):
     browser.find_element(By.ID, "image-file").send_keys(str(noise))
     browser.find_element(By.ID, "predict-image").click()
     wait.until(ready.text_to_be_present_in_element((By.ID, "error"), "30000"))
+
+
+# ------------------------------------------------------------------ a next-word model
+# For a next-word bundle (tests/next_word_bundle.py: a tiny model that has memorised
+# four short documents) the page offers a textarea with the model's next words as
+# chips while one types, sends the word actually typed next as feedback, and streams a
+# continuation from /generate. The service keeps its prediction log beside its own log
+# (running_service's TEXTOPS_PREDICTION_LOG), where the feedback is read back.
+
+
+@pytest.fixture(scope="module")
+def next_word_service(tmp_path_factory):
+    from next_word_bundle import build_bundle
+
+    bundle = build_bundle(tmp_path_factory.mktemp("browser-next-word") / "bundle")
+    log_dir = tmp_path_factory.mktemp("browser-next-word-log")
+    with running_service(bundle, log_dir,
+                         prediction_log=f"sqlite:///{log_dir / 'predictions.db'}") as service:
+        service.log_dir = log_dir
+        yield service
+
+
+def next_word_page(browser, service):
+    """The page for `service`'s next-word model, ready: (wait, /metadata, textarea)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    metadata = httpx.get(f"{service.url}/metadata", timeout=10).json()
+    assert metadata["task"] == "next_word"
+    wait = WebDriverWait(browser, 30)
+    browser.get(f"{service.url}/")
+    wait.until(ready.text_to_be_present_in_element((By.ID, "meta"), metadata["version"]))
+    box = wait.until(ready.visibility_of_element_located((By.ID, "nw-text")))
+    # no classifier or image input, no label to explain
+    for hidden in ("text", "classify", "image-file", "result", "explain-image"):
+        assert not browser.find_element(By.ID, hidden).is_displayed(), hidden
+    return wait, metadata, box
+
+
+def suggested(browser, wait, service, text: str) -> tuple[list[dict], str]:
+    """Wait until the chips are the service's own top 5 for `text` (typing may have
+    shown some for a shorter text first): (its next words, the page's request id)."""
+    from selenium.webdriver.common.by import By
+
+    expected = httpx.post(f"{service.url}/predict", json={"texts": [text], "k": 5},
+                          timeout=30).json()["predictions"][0]["next_words"]
+
+    def chips():
+        shown = browser.find_elements(By.CSS_SELECTOR, "#suggestions button.suggestion")
+        return [c.get_attribute("data-word") for c in shown] == [w["word"] for w in expected]
+
+    wait.until(lambda _: chips())
+    assert browser.find_element(By.ID, "nw-text").get_attribute("value") == text
+    return expected, browser.find_element(By.ID, "suggestions").get_attribute("data-request-id")
+
+
+def feedback_labels(service) -> dict[str, tuple[int, str]]:
+    """request_id: (position, label) of each feedback row in the prediction log."""
+    path = service.log_dir / "predictions.db"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(path) as db:
+        return {rid: (position, label) for rid, position, label in
+                db.execute("select request_id, position, label from feedback")}
+
+
+def test_next_word_suggestions_while_typing(browser, next_word_service):
+    from next_word_bundle import DOCUMENTS
+    from selenium.webdriver.common.by import By
+
+    wait, _, box = next_word_page(browser, next_word_service)
+    text = " ".join(DOCUMENTS[0].split()[:5])
+    assert text == "the cat sat on the"
+    box.send_keys(text)
+    expected, request_id = suggested(browser, wait, next_word_service, text)
+    chips = browser.find_elements(By.CSS_SELECTOR, "#suggestions button.suggestion")
+    assert chips[0].get_attribute("data-word") == expected[0]["word"] == "mat"
+    assert chips[0].text.endswith(f"{expected[0]['probability'] * 100:.1f}%")
+    assert request_id
+
+
+def test_next_word_suggestion_chip_appends_and_sends_feedback(browser, next_word_service):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+
+    wait, _, box = next_word_page(browser, next_word_service)
+    text = "the cat sat on the"
+    box.send_keys(text)
+    _, chip_request = suggested(browser, wait, next_word_service, text)
+    browser.find_element(By.CSS_SELECTOR, "#suggestions button[data-word='mat']").click()
+    assert box.get_attribute("value") == "the cat sat on the mat"
+    # the click asks for the next words of the new text at once
+    _, after_chip = suggested(browser, wait, next_word_service, "the cat sat on the mat")
+    assert after_chip != chip_request
+    wait.until(ready.text_to_be_present_in_element((By.ID, "feedback-status"), "'mat'"))
+    status = browser.find_element(By.ID, "feedback-status").text
+    assert "feedback sent: 'mat'" in status, status  # not: the service refused it
+    assert eventually(lambda: feedback_labels(next_word_service).get(chip_request)) == (0, "mat")
+
+    # a word typed by hand is feedback too, once a space ends it
+    box.send_keys(" and ")
+    wait.until(ready.text_to_be_present_in_element((By.ID, "feedback-status"), "'and'"))
+    status = browser.find_element(By.ID, "feedback-status").text
+    assert "feedback sent: 'and'" in status, status
+    eventually(lambda: (0, "and") in feedback_labels(next_word_service).values())
+
+
+def test_next_word_continue_streams_the_continuation(browser, next_word_service):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+
+    wait, metadata, box = next_word_page(browser, next_word_service)
+    # the settings start at the bundle's generation defaults (6 tokens, greedy)
+    tokens, temperature = (browser.find_element(By.ID, name) for name in
+                           ("max-new-tokens", "temperature"))
+    assert int(tokens.get_attribute("value")) == metadata["generation"]["max_new_tokens"] == 6
+    assert float(temperature.get_attribute("value")) == 0
+    prompt = "the cat sat"
+    box.send_keys(prompt)
+    browser.find_element(By.ID, "continue").click()
+    reason = browser.find_element(By.ID, "finish-reason")
+    wait.until(lambda _: reason.get_attribute("textContent"))
+    expected = httpx.post(f"{next_word_service.url}/generate", timeout=30, json={
+        "prompt": prompt, "max_new_tokens": 6, "temperature": 0}).json()
+    continuation = browser.find_element(By.ID, "continuation")
+    assert continuation.get_attribute("textContent") == expected["text"]
+    assert expected["text"].startswith("on the mat")
+    assert reason.text == expected["finish_reason"] == "length"
+    # it came as a stream: one event per token before the whole answer
+    assert continuation.get_attribute("data-tokens") == str(len(expected["tokens"]))
+
+    # an error before the stream starts is the service's HTTP error, shown as such
+    tokens.clear()
+    tokens.send_keys("100000")
+    browser.find_element(By.ID, "continue").click()
+    wait.until(ready.text_to_be_present_in_element((By.ID, "error"), "max_new_tokens"))
+    assert not browser.find_element(By.ID, "accept").is_enabled()
+
+
+def test_next_word_accept_appends_the_continuation(browser, next_word_service):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+
+    wait, _, box = next_word_page(browser, next_word_service)
+    box.send_keys("a bird sang")
+    browser.find_element(By.ID, "continue").click()
+    accept = browser.find_element(By.ID, "accept")
+    wait.until(lambda _: accept.is_enabled())
+    continuation = browser.find_element(By.ID, "continuation")
+    text, request_id = (continuation.get_attribute(name)
+                        for name in ("textContent", "data-request-id"))
+    assert text.startswith("in the tall tree")
+    accept.click()
+    assert box.get_attribute("value") == f"a bird sang {text}"
+    assert not accept.is_enabled()
+    suggested(browser, wait, next_word_service, f"a bird sang {text}")
+    # the service logs /generate with its first word: taking it is its feedback
+    wait.until(ready.text_to_be_present_in_element((By.ID, "feedback-status"), "'in'"))
+    status = browser.find_element(By.ID, "feedback-status").text
+    assert "feedback sent: 'in'" in status, status
+    assert eventually(lambda: feedback_labels(next_word_service).get(request_id)) == (0, "in")
