@@ -134,7 +134,10 @@ PANELS = [
     row("Input drift"),
     panel("Drift: PSI against the training data",
           [(f"textops_drift_{signal}_psi{{{S}}}", f"{{{{instance}}}} {signal}")
-           for signal in ("length", "unknown_token", "predicted_class")],
+           # a text classifier's three; an image model's brightness and contrast; a
+           # next-word model's surprisal (a service reports its own task's)
+           for signal in ("length", "unknown_token", "predicted_class", "brightness",
+                          "contrast", "surprisal")],
           width=12, thresholds=[("green", None), ("red", 0.1)],
           description="Alerts (TextopsInputDrift) over 0.1 once the window holds 1,000 "
                       "texts. Each replica compares its own window."),

@@ -147,7 +147,8 @@ def tokens_per_text(profile: dict) -> float:
 
 def thresholds(signals: Signals, drift: DictConfig) -> dict:
     """The PSI thresholds for the live window: calibrated, floored at `min_psi`."""
-    if signals.profile is None or not signals.drift_window:
+    if signals.profile is None or not signals.drift_window \
+            or "reference" not in signals.profile:  # a bundle from before drift references
         return {}
     calibrated = calibrate(signals.profile, signals.drift_window, drift.quantile,
                            drift.samples)
@@ -179,7 +180,12 @@ def drift_triggers(signals: Signals, cfg: DictConfig, limits: dict) -> list[dict
                         f"than {least}: its PSIs are not trusted yet", window=window)]
     found = []
     for name, value in signals.psi.items():
-        limit = limits[name]
+        limit = limits.get(name)
+        if limit is None:
+            found.append(trigger(f"drift:{name}", False, f"{name} PSI {value:.4f}: the "
+                                 "served bundle's profile has no reference to calibrate "
+                                 "a threshold on", value=value, window=window))
+            continue
         over = value > limit["threshold"]
         found.append(trigger(
             f"drift:{name}", over,

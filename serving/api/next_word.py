@@ -23,8 +23,9 @@ the model's context in tokens.
 
 The prediction log keeps each /predict text with its top words, and each finished
 /generate prompt with its continuation (serving/predlog/rows.py); the word the model
-put first (a continuation's first word) is what `POST /feedback`'s label, the word
-typed next, is compared with for live top-1 accuracy.
+put first after the prompt (for /generate too, whatever a sample then took) is what
+`POST /feedback`'s label, the word typed next, is compared with for live top-1
+accuracy.
 """
 
 from __future__ import annotations
@@ -165,12 +166,15 @@ def answer(generation: Generation, rid: str, prompt_tokens: int) -> dict:
 
 def log_generation(service: InferenceService, generation: Generation, rid: str,
                    prompt: str) -> None:
-    """A finished continuation into the prediction log, under its first word."""
+    """A finished continuation into the prediction log, under the word the model put
+    first after the prompt (a sample may have taken another), as /predict's answer
+    would be logged. An empty prompt is not logged: no text to learn from."""
     seq = generation.seq
-    first = generation.decoder.inputs.words(seq.generated[:1])
+    if not prompt.strip() or seq.first_top is None:
+        return
+    (first,) = generation.decoder.inputs.words([seq.first_top])
     service.log_prediction(rid, generation.bundle, [prompt], [
-        (first[0] if first else "", {"completion": seq.text,
-                                     "finish_reason": seq.finish_reason})])
+        (first, {"completion": seq.text, "finish_reason": seq.finish_reason})])
 
 
 def failure(service: InferenceService, err: Exception) -> ApiError:

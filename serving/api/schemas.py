@@ -109,7 +109,8 @@ class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: StrictStr = Field(min_length=1, max_length=128,
                                   description="the answer's request_id")
-    label: StrictStr = Field(description="the right label for the text; for a next-word "
+    label: StrictStr = Field(max_length=200,
+                             description="the right label for the text; for a next-word "
                              "model, the word typed next")
     position: StrictInt = Field(0, ge=0, description="which text of the request (from 0)")
 

@@ -94,9 +94,12 @@ class Sequence:
     buffer: np.ndarray | None = field(default=None, repr=False)
     rng: np.random.Generator = field(init=False, repr=False)
     # Measured when not None: the model's surprisal (nats) of each token fed after the
-    # first, and the log-probabilities the last fed token gave for the one after it.
+    # first, and the last fed token's logits (with their logsumexp) for the one after.
     surprisal: list[float] | None = field(default=None, repr=False)
-    last_logprobs: np.ndarray | None = field(default=None, repr=False)
+    last_logprobs: tuple[np.ndarray, float] | None = field(default=None, repr=False)
+    # the word the model put first after the prompt (what /predict would suggest
+    # first), whatever the sampling then chose: what the prediction log labels
+    first_top: int | None = None
 
     def __post_init__(self):
         self.pending = list(self.ids)
@@ -246,6 +249,9 @@ class Decoder:
         logits[early, self.eos_id] = -np.inf  # not done before min_new_tokens
         tokens = []
         for s, row in zip(seqs, logits, strict=True):
+            if s.first_top is None:  # the first step: its best word, [EOS] aside
+                s.first_top = int(np.argmax(np.where(np.arange(len(row)) == self.eos_id,
+                                                     -np.inf, row)))
             token = choose(row, s.settings, s.rng)
             tokens.append(self._take(s, token))
         return tokens
@@ -310,12 +316,16 @@ def measure(s: Sequence, chunk: list[int], logits: np.ndarray) -> None:
     """Add the surprisal of `chunk`'s tokens, fed in one call whose logits at the
     chunk's positions are `logits` [len(chunk), V]: each token is scored by the
     position before it (the first by the previous call's last position; the very
-    first token, [EOS], has none)."""
-    logprobs = log_softmax(logits.astype(np.float64))
-    if s.last_logprobs is not None:
-        s.surprisal.append(-float(s.last_logprobs[chunk[0]]))
-    s.surprisal.extend((-logprobs[np.arange(len(chunk) - 1), chunk[1:]]).tolist())
-    s.last_logprobs = logprobs[-1]
+    first token, [EOS], has none). -log p = logsumexp(row) - row[token], in float32
+    with float64 sums: only the chosen entries are gathered, no log-softmax table."""
+    top = logits.max(axis=-1)
+    lse = np.log(np.exp(logits - top[:, None]).sum(axis=-1, dtype=np.float64)) + top
+    if s.last_logprobs is not None:  # (the previous call's last logits row, its lse)
+        previous, previous_lse = s.last_logprobs
+        s.surprisal.append(float(previous_lse - previous[chunk[0]]))
+    rows = np.arange(len(chunk) - 1)
+    s.surprisal.extend((lse[:-1] - logits[rows, chunk[1:]]).tolist())
+    s.last_logprobs = (logits[-1], lse[-1])
 
 
 def generate(decoder: Decoder, prompt: list[int] | str, settings: Sampling | None = None

@@ -340,8 +340,9 @@ def snapshot(root, rows: list[tuple[str, str]]) -> str:
 
 def test_feedback_trains_on_what_users_wrote_and_never_on_held_out_text(tmp_path):
     # a writer typing "o gentle moon, be kind" labelled each prefix with its next word
+    # (as a client sends them: no space before a comma)
     typed = [("o", "gentle"), ("o gentle", "moon"), ("o gentle moon", ","),
-             ("o gentle moon ,", "be"), ("o gentle moon , be", "kind"),
+             ("o gentle moon,", "be"), ("o gentle moon, be", "kind"),
              ("farewell", "sweet"), ("farewell", "sweet")]  # a label sent twice
     path = snapshot(tmp_path, typed)
     plain = collected(tmp_path)
@@ -349,13 +350,13 @@ def test_feedback_trains_on_what_users_wrote_and_never_on_held_out_text(tmp_path
     manifest = collected(tmp_path, **{"feedback": {"snapshot": path}})
     # only the whole text of each run, once: its prefixes would count its words again
     raw = load_from_disk(str(tmp_path / "data/raw/dataset"))
-    assert column(raw["feedback"], "text") == ["o gentle moon , be kind", "farewell sweet"]
+    assert column(raw["feedback"], "text") == ["o gentle moon, be kind", "farewell sweet"]
     assert column(raw["feedback"], "source_row") == [5, 7]  # their snapshot lines
     assert manifest["splits"]["feedback"]["rows"] == 2
     assert manifest["content_hash"] != plain["content_hash"]
     profile, out = processed(tmp_path)
     train = column(out["documents"]["train"], "text")
-    assert train[-2:] == ["o gentle moon , be kind", "farewell sweet"]
+    assert train[-2:] == ["o gentle moon, be kind", "farewell sweet"]
     assert profile["splitting"]["feedback_documents"] == 2
     # validation and test are the corpus's, carved as before
     for name in ("val", "test"):

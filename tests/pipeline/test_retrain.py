@@ -26,6 +26,7 @@ from pipeline.loops.triggers import (
     accuracy_trigger,
     calibrate,
     decide,
+    drift_triggers,
     new_labels_trigger,
     thresholds,
 )
@@ -77,6 +78,17 @@ def test_each_task_calibrates_the_psis_its_service_reports():
     small, large = calibrate(next_word, 100, 0.99, 500), calibrate(next_word, 5000, 0.99, 500)
     assert all(small[name] > large[name] > 0 for name in small)
     assert set(DRIFT_METRICS) >= set(small) | {"brightness", "contrast", "predicted_class"}
+
+
+def test_a_bundle_without_a_drift_reference_fires_no_drift_trigger(cfg):
+    """A next-word bundle from before drift references reports PSIs it has nothing
+    to calibrate against: said, not fired, and no crash."""
+    signals = Signals(drift_window=5000, psi={"length": 3.0},
+                      profile={"splits": {"train": {"tokens": 1000}}})
+    limits = thresholds(signals, cfg.drift)
+    assert limits == {}
+    (found,) = drift_triggers(signals, cfg, limits)
+    assert not found["fired"] and "no reference to calibrate" in found["reason"]
 
 
 @pytest.mark.parametrize("window", [100, 1000])
@@ -301,8 +313,12 @@ def test_alerting_rules_use_the_retrain_thresholds(cfg):
     rules = yaml.safe_load((ROOT / "ops/prometheus/alerts.yml").read_text())
     expr = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
     drift = expr["TextopsInputDrift"]
-    assert drift.count(f"> {cfg.drift.min_psi}") == 3
-    assert drift.count(f"textops_drift_window_texts >= {cfg.drift.min_window}") == 3
+    # every PSI the triggers read, each bounded as they bound it
+    for gauge in DRIFT_METRICS.values():
+        assert f"label_replace({gauge}, " in drift, gauge
+    assert drift.count(f"> {cfg.drift.min_psi}") == len(DRIFT_METRICS)
+    assert drift.count(f"textops_drift_window_texts >= {cfg.drift.min_window}") == \
+        len(DRIFT_METRICS)
     accuracy = expr["TextopsLiveAccuracyLow"]
     assert f"textops_live_accuracy < {cfg.accuracy.floor}" in accuracy
     assert f"textops_live_labels >= {cfg.accuracy.min_labels}" in accuracy

@@ -70,7 +70,7 @@ def test_answers_are_logged_and_the_word_typed_next_labels_them(served):
     assert not any(name.startswith("textops_live_recall") for name in metrics)
 
 
-def test_a_kept_continuation_labels_the_generate_request(served):
+def test_a_continuation_is_logged_under_the_models_first_word(served):
     (service, db) = served
     answer = post(service.url, "/generate", {"prompt": "my old friend",
                                              "max_new_tokens": 3}).json()
@@ -81,6 +81,25 @@ def test_a_kept_continuation_labels_the_generate_request(served):
                      answer["request_id"])
     assert logged[0] == first == "wrote"
     assert json.loads(logged[1]) == {"completion": answer["text"], "finish_reason": "length"}
+    # a sample is logged under the top word, as /predict answers it, not under its own
+    # draw: live accuracy stays top-1 accuracy
+    top = post(service.url, "/predict", {"texts": ["a bird"]}).json()
+    suggested = top["predictions"][0]["next_words"][0]["word"]
+    for seed in range(20):
+        sampled = post(service.url, "/generate", {"prompt": "a bird", "temperature": 5.0,
+                                                  "seed": seed, "max_new_tokens": 1}).json()
+        if sampled["tokens"][0] != suggested:
+            break
+    assert sampled["tokens"][0] != suggested, "every sample drew the top word"
+    # (the log writes a moment later)
+    assert eventually(lambda: rows(db, "SELECT label FROM predictions WHERE request_id = ?",
+                                   sampled["request_id"])) == [(suggested,)]
+    # an empty prompt: nothing to log (and nothing a label could teach)
+    empty = post(service.url, "/generate", {"prompt": "", "max_new_tokens": 2}).json()
+    assert post(service.url, "/feedback", {"request_id": top["request_id"],  # a flush
+                                           "label": suggested}).status_code == 200
+    assert rows(db, "SELECT 1 FROM predictions WHERE request_id = ?",
+                empty["request_id"]) == []
 
 
 @pytest.mark.parametrize(("label", "says"), [

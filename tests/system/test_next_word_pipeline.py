@@ -59,7 +59,7 @@ def test_repro_runs_every_stage_on_a_corpus(next_word_repo):
     # the drift reference: typed prompts' lengths and unknown words (preprocess), and
     # the model's surprisal at them (deploy, measured with the bundle)
     reference = bundle["profile"]["reference"]
-    assert set(reference) == {"length", "unk_rate", "surprisal"}
+    assert set(reference) == {"length", "mean_tokens", "unk_rate", "surprisal"}
     assert sum(reference["surprisal"]["shares"]) == pytest.approx(1)
     parity = bundle["parity"]
     assert parity["preprocessing_mismatches"] == 0 and not parity["greedy"]["different"]
@@ -140,7 +140,7 @@ def test_the_transformer_trains_and_deploys_with_its_cache(next_word_repo):
     # the drift reference: typed prompts' lengths and unknown words (preprocess), and
     # the model's surprisal at them (deploy, measured with the bundle)
     reference = bundle["profile"]["reference"]
-    assert set(reference) == {"length", "unk_rate", "surprisal"}
+    assert set(reference) == {"length", "mean_tokens", "unk_rate", "surprisal"}
     assert sum(reference["surprisal"]["shares"]) == pytest.approx(1)
     parity = bundle["parity"]
     assert parity["cached_max_abs_diff"] < 1e-4 and not parity["greedy"]["different"]

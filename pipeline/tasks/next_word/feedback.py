@@ -14,8 +14,18 @@ the corpus's, so a retrained model is scored on the same text as the champion.
 
 from __future__ import annotations
 
+import re
+
 from pipeline.data.readers import FeedbackRows
 from pipeline.tasks.next_word.corpus import Documents
+
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> tuple[str, ...]:
+    """A text's words and punctuation marks, however they were spaced: "moon," and
+    "moon ," are the same text to a writer."""
+    return tuple(WORD.findall(text))
 
 
 def feedback_documents(feedback: FeedbackRows) -> Documents:
@@ -24,14 +34,15 @@ def feedback_documents(feedback: FeedbackRows) -> Documents:
     written = [(f"{text} {label}".strip(), row)
                for text, label, row in zip(feedback.texts, feedback.labels, feedback.rows,
                                            strict=True)]
-    ordered = sorted({text for text, _ in written})
+    ordered = sorted({words(text) for text, _ in written})
     # in sorted order, whatever continues a text comes right after it
     continued = {text for text, after in zip(ordered, ordered[1:], strict=False)
-                 if after.startswith(text + " ")}
+                 if after[:len(text)] == text}
     documents = Documents(feedback.origin, sources=1, sha256=feedback.sha256)
-    seen: set[str] = set()
+    seen: set[tuple[str, ...]] = set()
     for text, row in written:
-        if text not in continued and text not in seen:
-            seen.add(text)
+        key = words(text)
+        if key and key not in continued and key not in seen:
+            seen.add(key)
             documents.extend([(row, text)], feedback.origin)
     return documents

@@ -149,7 +149,8 @@ def preprocess(cfg: DictConfig, seed: int, paths: Paths) -> dict:
         documents[name] = Dataset.from_dict({"text": texts}, features=DOCUMENT_FEATURES)
         split_profiles[name] = split_profile(texts, ids, len(packed), unk_id)
 
-    typed = typed_lengths(lengths["train"])
+    # as a service sees them: cut where a writer might pause, and to the context
+    typed = np.minimum(typed_lengths(lengths["train"]), int(cfg.block_size) - 1)
     profile = {
         "data": {"name": manifest["name"], "content_hash": manifest["content_hash"]},
         "label_names": [],
@@ -163,11 +164,12 @@ def preprocess(cfg: DictConfig, seed: int, paths: Paths) -> dict:
         "splitting": splitting,
         "leakage": found,
         # What the service compares prompts with (drift): the training documents'
-        # token lengths, cut as typed text (processed.typed_lengths), and unknown-token
-        # rate; deploy adds the model's surprisal.
+        # token lengths, cut as typed text (processed.typed_lengths), and the
+        # validation split's unknown-token rate (text the tokenizer never saw, as live
+        # prompts are; training text has half as many); deploy adds the surprisal.
         "reference": {"length": reference_histogram(typed),
                       "mean_tokens": float(typed.mean()),
-                      "unk_rate": split_profiles["train"]["unk_rate"]},
+                      "unk_rate": split_profiles["val"]["unk_rate"]},
     }
     validate(profile, cfg)
     with atomic.atomic_dir(paths.processed) as tmp:

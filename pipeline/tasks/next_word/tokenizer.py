@@ -22,7 +22,19 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from pipeline.tasks.text_classification.tokenizer import (
+    EMAIL,
+    EMAIL_PATTERN,
+    PHONE,
+    PHONE_PATTERN,
+    URL,
+    URL_PATTERN,
+)
 from serving.bundle.words import word_decoder
+
+# Personal data masked before anything is learnt or logged (URLs first: a URL may hold
+# something that looks like an e-mail address)
+MASKS = ((URL_PATTERN, URL), (EMAIL_PATTERN, EMAIL), (PHONE_PATTERN, PHONE))
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, EOS]  # ids 0, 1, 2, in this order
@@ -37,6 +49,9 @@ def build_normalizer(cfg: DictConfig) -> normalizers.Normalizer:
     steps: list[normalizers.Normalizer] = [normalizers.NFKC()]
     if cfg.tokenizer.get("lowercase", True):
         steps.append(normalizers.Lowercase())
+    if cfg.tokenizer.get("mask_pii", True):  # as text classification's: what the log keeps
+        steps += [normalizers.Replace(Regex(pattern), f" {placeholder} ")
+                  for pattern, placeholder in MASKS]
     steps += [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
     return normalizers.Sequence(steps)
 
