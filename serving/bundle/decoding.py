@@ -230,12 +230,17 @@ class Decoder:
         logits, present = self.session.run(
             list(OUTPUTS), {"input_ids": input_ids, "attention_mask": mask,
                             "past_key_values": kv})
+        measured = [row for row, s in enumerate(seqs) if s.surprisal is not None]
+        lse = None  # [rows, new], at once (no copy when every row is measured)
+        if measured:
+            lse = logsumexp(logits if len(measured) == len(seqs) else logits[measured])
         for row, (s, chunk) in enumerate(zip(seqs, chunks, strict=True)):
             # its own new entries only: the padding other rows needed is not kept
             s.keep(present[:, :, row, :, past + new - len(chunk):], self.keep_last)
             s.fed += len(chunk)
             if s.surprisal is not None:
-                measure(s, chunk, logits[row, new - len(chunk):])
+                start = new - len(chunk)
+                measure(s, chunk, logits[row, start:], lse[measured.index(row), start:])
         return logits[:, -1]
 
     def advance(self, seqs: list[Sequence]) -> list[int | None]:
@@ -312,14 +317,18 @@ class Decoder:
                 for row in self.topk(self.inputs.encode(texts), k)]
 
 
-def measure(s: Sequence, chunk: list[int], logits: np.ndarray) -> None:
-    """Add the surprisal of `chunk`'s tokens, fed in one call whose logits at the
-    chunk's positions are `logits` [len(chunk), V]: each token is scored by the
-    position before it (the first by the previous call's last position; the very
-    first token, [EOS], has none). -log p = logsumexp(row) - row[token], in float32
-    with float64 sums: only the chosen entries are gathered, no log-softmax table."""
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    """Over the last axis, in float32 with float64 sums."""
     top = logits.max(axis=-1)
-    lse = np.log(np.exp(logits - top[:, None]).sum(axis=-1, dtype=np.float64)) + top
+    return np.log(np.exp(logits - top[..., None]).sum(axis=-1, dtype=np.float64)) + top
+
+
+def measure(s: Sequence, chunk: list[int], logits: np.ndarray, lse: np.ndarray) -> None:
+    """Add the surprisal of `chunk`'s tokens, fed in one call whose logits at the
+    chunk's positions are `logits` [len(chunk), V] (`lse` their logsumexp): each token
+    is scored by the position before it (the first by the previous call's last
+    position; the very first token, [EOS], has none). -log p = logsumexp(row) -
+    row[token]: only the chosen entries are gathered, no log-softmax table."""
     if s.last_logprobs is not None:  # (the previous call's last logits row, its lse)
         previous, previous_lse = s.last_logprobs
         s.surprisal.append(float(previous_lse - previous[chunk[0]]))
