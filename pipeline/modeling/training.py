@@ -32,9 +32,11 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from pipeline import atomic, tasks
 from pipeline.config import PARAMS_FILE, Paths, git_commit, tracking_uri
+from pipeline.modeling import privacy
 from pipeline.modeling.callbacks import EpochSummary, MovingAverage, Progress, TrainingCurves
 from pipeline.reporting import sources
 from pipeline.tracking import lineage
+from pipeline.tracking import privacy as privacy_record
 
 
 def fingerprint(cfg: DictConfig, processed_dir: Path, preprocessing: tuple[str, ...],
@@ -97,7 +99,8 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
         **OmegaConf.to_container(cfg.trainer),
         max_epochs=cfg.train.max_epochs,
         limit_train_batches=cfg.train.limit_train_batches,
-        gradient_clip_val=cfg.train.gradient_clip_val,
+        # a private fit clips each example's gradient instead (privacy.py)
+        gradient_clip_val=None if privacy.enabled(cfg) else cfg.train.gradient_clip_val,
         logger=logger,
         callbacks=callbacks,
         default_root_dir=work_dir,
@@ -135,8 +138,15 @@ def fit(
               **(tags or {})},
     )
     curves = TrainingCurves(paths.train_curves, paths.train_curves_image)
-    trainer = build_trainer(cfg, logger, work_dir, [*callbacks, curves])
     datamodule = task.datamodule(cfg, paths, transfer)
+    fed = datamodule
+    if privacy.enabled(cfg):  # DP-SGD: Poisson-sampled batches, clipped noisy steps
+        fed = privacy.PoissonSampling(datamodule, cfg.seed)
+        public = [f"token embeddings of {cfg.train.init_embeddings}"] \
+            if cfg.train.get("init_embeddings") else []
+        callbacks = [*callbacks, privacy.DifferentialPrivacy(
+            cfg.train.privacy, cfg.train.max_epochs, public)]
+    trainer = build_trainer(cfg, logger, work_dir, [*callbacks, curves])
     module = task.module(cfg, paths, distilling=transfer is not None)
     if transfer is not None:
         print(f"train: distilling from the transfer set {transfer} (loss: "
@@ -154,7 +164,7 @@ def fit(
         )
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=fed, ckpt_path=resume_from)
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return None
@@ -202,6 +212,8 @@ def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> 
         "stopped_early": trainer.early_stopping_callback.stopped_epoch > 0,
         "train_rows": len(datamodule.rows["train"]),
     }
+    if (spent := privacy_record.spent(paths.checkpoint)) is not None:
+        report["privacy"] = spent  # what the best checkpoint's weights spent
     facts = {
         "run_id": logger.run_id,
         "experiment_id": logger.experiment_id,

@@ -36,7 +36,7 @@ from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
 from pipeline.tasks.parity import DeployError
-from pipeline.tracking import lineage, signing
+from pipeline.tracking import lineage, privacy, signing
 from pipeline.tracking.registry import promote, prune_store, register
 from serving.bundle import MODEL_FILES, RuntimeOptions
 from serving.bundle.tasks import signature
@@ -100,6 +100,9 @@ def model_card(meta: dict) -> str:
 
 Gate: {'blessed' if meta['gate']['blessed'] else 'not blessed'}.
 {chr(10).join('- ' + r for r in meta['gate']['reasons'])}
+
+## Privacy
+{privacy.describe(meta['metrics'].get('privacy'))}
 
 ## Intended use
 {use}

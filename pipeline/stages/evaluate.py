@@ -39,7 +39,7 @@ from pipeline.config import Paths, load_params, tracking_uri
 from pipeline.data.splits import FEEDBACK_TEST, load_splits
 from pipeline.reporting import sources
 from pipeline.tasks.scoring import Scored, Scoring
-from pipeline.tracking import lineage
+from pipeline.tracking import lineage, privacy
 from pipeline.tracking.registry import CHAMPION, download_bundle
 
 # ---------------------------------------------------------------- the gate
@@ -66,6 +66,8 @@ def judge(metrics: dict, gate: DictConfig, champion: dict | None,
             "reason": f"{metric} {value:.4f} {'<=' if value <= ceiling else '>'} "
                       f"ceiling {ceiling}",
         })
+    if gate.get("max_epsilon") is not None:
+        checks.append(privacy_check(metrics.get("privacy"), gate.max_epsilon))
     if champion is not None and "error" in champion:
         checks.append({"rule": "champion", "passed": False,
                        "reason": f"the champion could not be scored: {champion['error']}"})
@@ -92,6 +94,21 @@ def judge(metrics: dict, gate: DictConfig, champion: dict | None,
         "checks": checks,
         "champion": champion,
     }
+
+
+def privacy_check(record: dict | None, max_epsilon: float) -> dict:
+    """The privacy bound: a model trained without differential privacy never passes."""
+    if record is None:
+        return {"rule": "privacy", "metric": "epsilon", "value": None,
+                "threshold": max_epsilon, "passed": False,
+                "reason": f"not trained with differential privacy (train.privacy), and the "
+                          f"gate asks for epsilon <= {max_epsilon}"}
+    epsilon = record["epsilon"]
+    passed = epsilon <= max_epsilon
+    return {"rule": "privacy", "metric": "epsilon", "value": epsilon,
+            "threshold": max_epsilon, "passed": passed,
+            "reason": f"epsilon {epsilon:.3f} (delta {record['delta']:.1e}) "
+                      f"{'<=' if passed else '>'} max_epsilon {max_epsilon}"}
 
 
 def feedback_check(candidate: dict, rule: DictConfig | None, champion: dict | None) -> dict:
@@ -149,6 +166,8 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     scoring = task.scoring()
     module = task.load_module(paths.checkpoint)
     scored = scoring.score(task, module, load_splits(paths.processed), paths, cfg)
+    if (record := privacy.spent(paths.checkpoint)) is not None:
+        scored.metrics["privacy"] = record  # the epsilon these very weights spent
     mlflow.set_tracking_uri(tracking_uri(cfg))
     champion = score_champion(cfg.deploy.model_name, scoring, scored, cfg)
     verdict = {"model_name": cfg.deploy.model_name,
@@ -157,7 +176,10 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     atomic.write_json(paths.metrics, scored.metrics)
     scoring.write_plots(paths.plots, scored, cfg)
     atomic.write_json(paths.gate, verdict)
-    log_to_run(scoring.logged(scored.metrics), verdict, cfg.mlflow.experiment, paths)
+    flat = scoring.logged(scored.metrics)
+    if record is not None:
+        flat["epsilon"] = record["epsilon"]
+    log_to_run(flat, verdict, cfg.mlflow.experiment, paths)
     return scored.metrics, verdict
 
 

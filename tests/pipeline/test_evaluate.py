@@ -9,6 +9,7 @@ import shutil
 import mlflow
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from sklearn.metrics import (
     accuracy_score,
@@ -149,7 +150,9 @@ def known_predictions(workspace, tmp_path, monkeypatch):
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     experiment = client.create_experiment("known", (tmp_path / "mlruns").as_uri())
     paths.checkpoint.parent.mkdir(parents=True)
-    paths.checkpoint.write_bytes(b"a checkpoint")  # the run that trained it is found by hash
+    # a checkpoint of a fit without differential privacy; the run that trained it is
+    # found by hash
+    torch.save({"state_dict": {}, "callbacks": {}}, paths.checkpoint)
     client.create_run(experiment, tags={lineage.CHECKPOINT_TAG: lineage.digest(paths.checkpoint)})
 
     labels = np.asarray(column(load_splits(paths.processed)["test"], "label"))

@@ -1,0 +1,155 @@
+"""Differentially private training (DP-SGD with Opacus) inside the shared Lightning loop,
+for any task whose model Opacus can take per-example gradients of.
+
+`train.privacy.enabled` (conf/config.yaml) makes three changes to a fit, and nothing
+else in the task or the stages:
+- batches are drawn by Poisson sampling (each training row joins a step with
+  probability batch_size / rows, so batch sizes vary and a batch may be empty), as the
+  privacy analysis assumes (`PoissonSampling`);
+- every example's gradient is clipped to `max_grad_norm` and Gaussian noise of
+  `noise_multiplier x max_grad_norm` is added to their sum before the optimiser's step
+  (Opacus's DPOptimizer around the task's own AdamW; its schedule is untouched);
+- an accountant (`accountant`: prv, rdp or gdp) counts the privacy spent step by step.
+  The noise multiplier is the smallest that keeps `max_epochs` epochs within the target
+  `epsilon` at `delta` (null: 1 / (10 x training rows), well under 1/n).
+
+`DifferentialPrivacy` keeps its state (the accountant's history, and epsilon so far) in
+every checkpoint, so a resumed fit goes on counting where it stopped, and the best
+checkpoint carries the epsilon spent when it was saved: what evaluate reports for the
+very weights it scores (pipeline/tracking/privacy.py `spent`). Early stopping spends
+less than the target.
+
+Per-example gradients come from Opacus's hooks on the model's own layers (Linear,
+Embedding, LayerNorm, GroupNorm, convolutions; other modules through functorch), so the
+model stays the task's model, its state dict and export unchanged. BatchNorm mixes
+examples and cannot be private: a model with it is refused, naming the setting that
+replaces it (`model.norm=group`). Lightning's gradient-norm clipping is off in a
+private fit, since clipping is per example here.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.lightning import DPLightningDataModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+from pytorch_lightning.callbacks import Callback
+
+from pipeline.tracking.privacy import STATE_KEY
+
+
+class PrivacyError(ValueError):
+    """A private fit that cannot be run as configured; the message says why."""
+
+
+def enabled(cfg: DictConfig) -> bool:
+    privacy = cfg.train.get("privacy")
+    return bool(privacy and privacy.get("enabled"))
+
+
+def target_delta(privacy: DictConfig, rows: int) -> float:
+    return float(privacy.delta) if privacy.get("delta") else 1.0 / (10 * rows)
+
+
+class PoissonSampling(DPLightningDataModule):
+    """The task's datamodule with Poisson-sampled training batches, drawn by a seeded
+    generator (Opacus's own wrapper leaves its generator unused)."""
+
+    def __init__(self, datamodule: pl.LightningDataModule, seed: int):
+        super().__init__(datamodule, generator=torch.Generator().manual_seed(seed))
+
+    def train_dataloader(self):
+        return DPDataLoader.from_data_loader(self.datamodule.train_dataloader(),
+                                             generator=self.generator)
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """PrivacyError naming what Opacus cannot train privately, and the way out."""
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        hint = (" (set model.norm=group: GroupNorm in place of BatchNorm)"
+                if any("BatchNorm" in str(p) for p in problems) else "")
+        raise PrivacyError(f"train.privacy: this model cannot be trained with "
+                           f"differential privacy: {problems[0]}{hint}")
+
+
+class DifferentialPrivacy(Callback):
+    """DP-SGD for one fit: wraps the optimiser, counts the privacy spent, logs epsilon
+    per epoch and keeps the accountant in checkpoints."""
+
+    def __init__(self, privacy: DictConfig, epochs: int, public: list[str] = ()):
+        """`public`: what the model starts from that is not covered (pre-trained
+        weights are public data), named on the model card."""
+        self.settings = privacy
+        self.epochs = epochs
+        self.public = list(public)
+        self.accountant = create_accountant(mechanism=str(privacy.accountant))
+        self.restored: dict | None = None
+        self.facts: dict = {}
+        self.hooks: GradSampleModule | None = None
+
+    @property
+    def state_key(self) -> str:
+        return STATE_KEY
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            raise PrivacyError("train.privacy: private training runs on one device; "
+                               "this fit has several (trainer.devices, num_nodes)")
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DPDataLoader):
+            raise PrivacyError("train.privacy: the training batches are not Poisson-"
+                               "sampled (fit the datamodule through PoissonSampling)")
+        check_model(pl_module.model)
+        rows, sample_rate = len(loader.dataset), loader.sample_rate
+        delta = target_delta(self.settings, rows)
+        noise = get_noise_multiplier(target_epsilon=float(self.settings.epsilon),
+                                     target_delta=delta, sample_rate=sample_rate,
+                                     epochs=self.epochs, accountant=self.accountant.mechanism())
+        if self.restored is not None:  # a resumed fit: the steps already taken count
+            self.accountant.load_state_dict(self.restored["accountant_state"])
+        # hooks on the model's layers; the module keeps calling its model directly
+        self.hooks = GradSampleModule(pl_module.model)
+        (optimizer,) = trainer.strategy.optimizers
+        private = DPOptimizer(optimizer, noise_multiplier=noise,
+                              max_grad_norm=float(self.settings.max_grad_norm),
+                              expected_batch_size=max(1, round(sample_rate * rows)))
+        private.attach_step_hook(self.accountant.get_optimizer_hook_fn(
+            sample_rate=sample_rate))
+        trainer.strategy.optimizers = [private]
+        self.facts = {"accountant": self.accountant.mechanism(), "delta": delta,
+                      "target_epsilon": float(self.settings.epsilon),
+                      "noise_multiplier": noise,
+                      "max_grad_norm": float(self.settings.max_grad_norm),
+                      "sample_rate": sample_rate, "rows": rows, "public": self.public}
+        print(f"train: differentially private: noise multiplier {noise:.3f} for epsilon "
+              f"{self.settings.epsilon} at delta {delta:.2e} over {self.epochs} epochs "
+              f"(sample rate {sample_rate:.5f}, {self.accountant.mechanism()} accountant)",
+              flush=True)
+
+    def epsilon(self) -> float:
+        """The privacy spent so far (0 before the first step)."""
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(self.facts["delta"]))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("epsilon", self.epsilon())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.hooks is not None:  # the model goes on (export, pruning) without them
+            self.hooks.remove_hooks()
+
+    def state_dict(self) -> dict:
+        steps = sum(n for _, _, n in self.accountant.history)
+        return {"accountant_state": self.accountant.state_dict(), **self.facts,
+                "steps": steps, "epsilon": self.epsilon() if self.facts else 0.0}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.restored = state_dict

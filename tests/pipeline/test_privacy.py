@@ -1,0 +1,123 @@
+"""Differentially private training (train.privacy): Poisson-sampled batches, per-example
+gradients clipped and noised, the epsilon spent recorded in the checkpoint, the train
+report, metrics.json and MLflow, carried across a resume, and bounded by the gate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+import pytest
+import torch
+from conftest import restored_tracking_uri
+from omegaconf import OmegaConf
+from opacus.accountants import create_accountant
+from pytorch_lightning.callbacks import Callback
+from test_scale import loads, start_training, train_dir
+
+from pipeline.config import Paths
+from pipeline.modeling.privacy import PrivacyError, check_model
+from pipeline.modeling.training import fit
+from pipeline.stages.evaluate import evaluate, judge
+from pipeline.tasks.image_classification.models import CNN
+from pipeline.tracking import privacy
+
+EPSILON = 3.0
+PRIVATE = ("train.privacy.enabled=true", f"train.privacy.epsilon={EPSILON}",
+           "train.max_epochs=2", "train.batch_size=16", "train.patience=10")
+
+
+class Spy(Callback):
+    """What each optimiser step of a fit sees: the batch size, the optimiser, and
+    whether every trainable parameter holds one gradient per example."""
+
+    def __init__(self):
+        self.sizes, self.optimizers, self.per_example = [], set(), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sizes.append(len(batch["labels"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.optimizers.add(type(getattr(optimizer, "optimizer", optimizer)).__name__)
+        params = [p for p in pl_module.model.parameters() if p.requires_grad]
+        self.per_example.append(all(p.grad_sample.shape[0] == self.sizes[-1]
+                                    for p in params))
+
+
+def test_a_private_fit_spends_at_most_its_target_and_every_report_says_so(workspace,
+                                                                           tmp_path):
+    cfg = train_dir(workspace, tmp_path, *PRIVATE)
+    spy = Spy()
+    with restored_tracking_uri():
+        report = fit(cfg, Paths(tmp_path), callbacks=[spy])
+        cfg.gate.max_epsilon = EPSILON
+        metrics, verdict = evaluate(cfg, Paths(tmp_path))
+    rows = report["train_rows"]
+    # Poisson sampling: batch sizes vary around 16; DP-SGD's optimiser, per-example grads
+    assert len(set(spy.sizes)) > 3 and abs(sum(spy.sizes) / len(spy.sizes) - 16) < 4
+    assert spy.optimizers == {"DPOptimizer"} and all(spy.per_example)
+    # the whole fit spends close to the target, never more; the best checkpoint no more
+    whole = privacy.spent(tmp_path / "models/checkpoints/last.ckpt")
+    best = report["privacy"]
+    assert 0.9 * EPSILON <= whole["epsilon"] <= EPSILON + 1e-6
+    assert 0 < best["epsilon"] <= whole["epsilon"]
+    assert best["delta"] == pytest.approx(1 / (10 * rows)) and best["noise_multiplier"] > 0
+    assert whole["steps"] == report["global_step"]
+    # evaluate reports the epsilon of the weights it scored, and the gate reads it
+    assert metrics["privacy"] == best
+    (check,) = [c for c in verdict["checks"] if c["rule"] == "privacy"]
+    assert check["passed"] and check["value"] == best["epsilon"]
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    run_id = json.loads((tmp_path / "reports/runs/train.json").read_text())["run_id"]
+    per_epoch = [m.value for m in client.get_metric_history(run_id, "epsilon")]
+    assert len(per_epoch) >= 2 and per_epoch[0] < per_epoch[1]
+    assert per_epoch[-1] == pytest.approx(best["epsilon"])  # evaluate's, last
+    # the model card's words
+    assert f"({best['epsilon']:.2f}, " in privacy.describe(best)
+    assert privacy.describe(None).startswith("Not trained with differential privacy")
+
+
+def test_the_gate_refuses_a_model_over_its_epsilon_or_not_private_at_all():
+    gate = OmegaConf.create({"floors": {}, "max_regression": {}, "max_epsilon": 4.0})
+    record = {"epsilon": 5.2, "delta": 1e-5}
+    over = judge({"privacy": record}, gate, None)
+    plain = judge({}, gate, None)
+    within = judge({"privacy": {**record, "epsilon": 3.9}}, gate, None)
+    assert not over["blessed"] and "epsilon 5.200 (delta 1.0e-05) > max_epsilon 4.0" in \
+        over["reasons"]
+    assert not plain["blessed"] and any(r.startswith("not trained with differential privacy")
+                                        for r in plain["reasons"])
+    assert within["blessed"]
+    # no bound set: a model without differential privacy passes as before
+    assert judge({}, OmegaConf.create({"floors": {}, "max_regression": {}}), None)["blessed"]
+
+
+def test_a_model_with_batch_norm_is_refused_naming_the_setting():
+    with pytest.raises(PrivacyError, match=r"model\.norm=group"):
+        check_model(CNN(1, 28, 28, 10, norm="batch"))
+    check_model(CNN(1, 28, 28, 10, norm="group"))  # GroupNorm: per example
+
+
+@pytest.mark.slow
+def test_a_killed_private_fit_resumes_its_accountant(workspace, tmp_path):
+    train_dir(workspace, tmp_path, *PRIVATE, "train.max_epochs=3", "train.batch_size=8")
+    work = tmp_path / "models" / "train-work"
+    process = start_training(tmp_path)
+    while not loads(work / "last.ckpt"):
+        assert process.poll() is None, process.stdout.read()[-3000:]
+    process.kill()
+    process.wait()
+    killed = torch.load(work / "last.ckpt", map_location="cpu", weights_only=False)
+    assert killed["epoch"] < 2, "the run finished before it could be killed"
+    process = start_training(tmp_path)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-4000:]
+    report = json.loads((tmp_path / "reports/train.json").read_text())
+    whole = privacy.spent(tmp_path / "models/checkpoints/last.ckpt")
+    # every step counts, before the kill and after: the epsilon of one unbroken fit
+    assert whole["steps"] == report["global_step"] > killed["global_step"]
+    accountant = create_accountant(whole["accountant"])
+    accountant.history = [(whole["noise_multiplier"], whole["sample_rate"], whole["steps"])]
+    assert whole["epsilon"] == pytest.approx(accountant.get_epsilon(whole["delta"]), rel=1e-6)
+    assert whole["epsilon"] <= EPSILON + 1e-6 and not math.isnan(whole["epsilon"])
