@@ -54,6 +54,13 @@ KNOWN_WARNINGS = [
      "metrics are logged per epoch, not per step"),
     (UserWarning, r"The '\w+_dataloader' does not have many workers",
      "the data is tokenised in memory: more loader workers only add processes"),
+    (UserWarning, r"Full backward hook is firing when gradients are computed with respect "
+     r"to module outputs",
+     "Opacus's per-example gradient hooks on a model's first layer, whose input (the "
+     "data) needs no gradient: what private training expects"),
+    (UserWarning, r"Optimal order is the largest alpha",
+     "Opacus's search for the noise multiplier tries very small noise on its way; the "
+     "epsilon reported is the accountant's for the noise chosen"),
 ]
 
 

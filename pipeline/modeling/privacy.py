@@ -23,8 +23,9 @@ Per-example gradients come from Opacus's hooks on the model's own layers (Linear
 Embedding, LayerNorm, GroupNorm, convolutions; other modules through functorch), so the
 model stays the task's model, its state dict and export unchanged. BatchNorm mixes
 examples and cannot be private: a model with it is refused, naming the setting that
-replaces it (`model.norm=group`). Lightning's gradient-norm clipping is off in a
-private fit, since clipping is per example here.
+replaces it (`model.norm=group`); so is an nn.LSTM (text's default model: use
+`model=transformer`). Lightning's gradient-norm clipping is off in a private fit,
+since clipping is per example here.
 """
 
 from __future__ import annotations
@@ -58,23 +59,31 @@ def target_delta(privacy: DictConfig, rows: int) -> float:
 
 
 class PoissonSampling(DPLightningDataModule):
-    """The task's datamodule with Poisson-sampled training batches, drawn by a seeded
-    generator (Opacus's own wrapper leaves its generator unused)."""
+    """The task's datamodule with Poisson-sampled training batches at the rate of its
+    batch size, drawn by a seeded generator: Opacus's DPDataLoader over the task's own
+    loader, or the datamodule's `poisson_train_dataloader(sample_rate)` where its
+    loader yields whole batches (images). Either loader has `sample_rate`."""
 
     def __init__(self, datamodule: pl.LightningDataModule, seed: int):
         super().__init__(datamodule, generator=torch.Generator().manual_seed(seed))
 
     def train_dataloader(self):
-        return DPDataLoader.from_data_loader(self.datamodule.train_dataloader(),
-                                             generator=self.generator)
+        plain = self.datamodule.train_dataloader()
+        if hasattr(self.datamodule, "poisson_train_dataloader"):
+            return self.datamodule.poisson_train_dataloader(1 / len(plain))
+        return DPDataLoader.from_data_loader(plain, generator=self.generator)
 
 
 def check_model(model: torch.nn.Module) -> None:
     """PrivacyError naming what Opacus cannot train privately, and the way out."""
     problems = ModuleValidator.validate(model, strict=False)
     if problems:
+        said = " ".join(str(p) for p in problems)
         hint = (" (set model.norm=group: GroupNorm in place of BatchNorm)"
-                if any("BatchNorm" in str(p) for p in problems) else "")
+                if "BatchNorm" in said else
+                " (for text, model=transformer: its per-example gradients are Opacus's "
+                "own; an LSTM needs Opacus's DPLSTM, not wired in yet)"
+                if "LSTM" in said else "")
         raise PrivacyError(f"train.privacy: this model cannot be trained with "
                            f"differential privacy: {problems[0]}{hint}")
 
@@ -103,7 +112,7 @@ class DifferentialPrivacy(Callback):
             raise PrivacyError("train.privacy: private training runs on one device; "
                                "this fit has several (trainer.devices, num_nodes)")
         loader = trainer.train_dataloader
-        if not isinstance(loader, DPDataLoader):
+        if getattr(loader, "sample_rate", None) is None:
             raise PrivacyError("train.privacy: the training batches are not Poisson-"
                                "sampled (fit the datamodule through PoissonSampling)")
         check_model(pl_module.model)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import mlflow
 import pytest
 import torch
-from conftest import restored_tracking_uri
+from conftest import compose, restored_tracking_uri
 from omegaconf import OmegaConf
 from opacus.accountants import create_accountant
 from pytorch_lightning.callbacks import Callback
@@ -20,6 +21,7 @@ from pipeline.config import Paths
 from pipeline.modeling.privacy import PrivacyError, check_model
 from pipeline.modeling.training import fit
 from pipeline.stages.evaluate import evaluate, judge
+from pipeline.tasks.image_classification.datamodule import PoissonBatches
 from pipeline.tasks.image_classification.models import CNN
 from pipeline.tracking import privacy
 
@@ -32,11 +34,12 @@ class Spy(Callback):
     """What each optimiser step of a fit sees: the batch size, the optimiser, and
     whether every trainable parameter holds one gradient per example."""
 
-    def __init__(self):
+    def __init__(self, key: str = "labels"):
+        self.key = key
         self.sizes, self.optimizers, self.per_example = [], set(), []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.sizes.append(len(batch["labels"]))
+        self.sizes.append(len(batch[self.key]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.optimizers.add(type(getattr(optimizer, "optimizer", optimizer)).__name__)
@@ -78,6 +81,28 @@ def test_a_private_fit_spends_at_most_its_target_and_every_report_says_so(worksp
     assert privacy.describe(None).startswith("Not trained with differential privacy")
 
 
+def test_an_image_model_trains_privately_on_poisson_batches(image_repo, tmp_path):
+    """The image loader yields whole batches: its own Poisson sampler, seeded."""
+    shutil.copytree(image_repo / "data/processed", tmp_path / "data/processed")
+    cfg = compose("task=image_classification", "experiment=image_smoke", "model=cnn",
+                  "model.norm=group", *PRIVATE)
+    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spy = Spy(key="labels")
+    with restored_tracking_uri():
+        report = fit(cfg, Paths(tmp_path), callbacks=[spy])
+    assert spy.optimizers == {"DPOptimizer"} and all(spy.per_example)
+    assert len(set(spy.sizes)) > 3
+    assert 0 < report["privacy"]["epsilon"] <= EPSILON + 1e-6
+    # the same seed draws the same batches: a private fit repeats
+    sampler = PoissonBatches(1000, 0.05, seed=3)
+    again = PoissonBatches(1000, 0.05, seed=3)
+    drawn = [indices.tolist() for _, _, indices in sampler]
+    assert drawn == [indices.tolist() for _, _, indices in again] and len(drawn) == 20
+    assert 35 < sum(map(len, drawn)) / len(drawn) < 65  # about 50 a batch
+    sampler.set_epoch(1)
+    assert [indices.tolist() for _, _, indices in sampler] != drawn
+
+
 def test_the_gate_refuses_a_model_over_its_epsilon_or_not_private_at_all():
     gate = OmegaConf.create({"floors": {}, "max_regression": {}, "max_epsilon": 4.0})
     record = {"epsilon": 5.2, "delta": 1e-5}
@@ -93,10 +118,12 @@ def test_the_gate_refuses_a_model_over_its_epsilon_or_not_private_at_all():
     assert judge({}, OmegaConf.create({"floors": {}, "max_regression": {}}), None)["blessed"]
 
 
-def test_a_model_with_batch_norm_is_refused_naming_the_setting():
+def test_a_model_opacus_cannot_take_is_refused_naming_the_setting():
     with pytest.raises(PrivacyError, match=r"model\.norm=group"):
         check_model(CNN(1, 28, 28, 10, norm="batch"))
     check_model(CNN(1, 28, 28, 10, norm="group"))  # GroupNorm: per example
+    with pytest.raises(PrivacyError, match=r"model=transformer"):
+        check_model(torch.nn.LSTM(8, 8))
 
 
 @pytest.mark.slow

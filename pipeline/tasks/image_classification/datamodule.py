@@ -108,6 +108,26 @@ class Batches(Sampler):
             yield self.epoch, number, order[start:start + self.batch_size]
 
 
+class PoissonBatches(Batches):
+    """Batches by Poisson sampling, as differentially private training assumes
+    (pipeline/modeling/privacy.py): each of the epoch's batches holds every row with
+    probability `sample_rate`, independently, so batch sizes vary (and one may be
+    empty); drawn from a generator seeded by the seed, the epoch and the batch."""
+
+    def __init__(self, rows: int, sample_rate: float, seed: int = 0):
+        super().__init__(rows, max(1, round(sample_rate * rows)), shuffle=True, seed=seed)
+        self.sample_rate = sample_rate
+
+    def __len__(self) -> int:
+        return round(1 / self.sample_rate)
+
+    def __iter__(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        for number in range(len(self)):
+            rng = generator(self.seed, self.epoch, number)
+            chosen = torch.rand(self.rows, generator=rng) < self.sample_rate
+            yield self.epoch, number, chosen.nonzero()[:, 0]
+
+
 class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -143,6 +163,17 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
+
+    def poisson_train_dataloader(self, sample_rate: float) -> DataLoader:
+        """The training batches by Poisson sampling (PoissonSampling calls it: the
+        loader yields whole batches, which Opacus's own sampling cannot make)."""
+        images = self.rows["train"]
+        loader = DataLoader(images, batch_size=None,
+                            sampler=PoissonBatches(len(images), sample_rate, self.seed),
+                            num_workers=self.num_workers,
+                            persistent_workers=self.num_workers > 0)
+        loader.sample_rate = sample_rate
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
