@@ -213,7 +213,21 @@ class Generator:
         if self.metrics:
             self.metrics.generated.inc(produced)
             self.metrics.step_sequences.observe(len(group))
+            for generation in group:
+                if generation.seq.surprisal is not None:  # its prompt went in this step
+                    self._observe_prompt(generation)
         return updates
+
+    def _observe_prompt(self, generation: Generation) -> None:
+        """A prompt into the drift window, as /predict's are (serving/engine/batcher.py):
+        its length, unknown words and surprisal, measured while it was fed."""
+        seq, decoder = generation.seq, generation.decoder
+        prompt = seq.ids[1:len(seq.ids) - len(seq.generated)]  # after the leading [EOS]
+        measured = seq.surprisal
+        seq.surprisal = None  # the continuation's own tokens are not the prompt's
+        self.metrics.drift.observe(
+            generation.bundle, [len(prompt)], [prompt.count(decoder.unk_id)], [],
+            {"surprisal": [float(sum(measured) / len(measured))] if measured else []})
 
     @staticmethod
     def _deliver(deliveries: list[tuple[Generation, Update | Exception]]) -> None:

@@ -136,6 +136,7 @@ class InferenceService(BundleFollowing):
         waiting generations fill the queue or the service is stopping."""
         try:
             seq = bundle.decoder.start(prompt, sampling)
+            seq.surprisal = []  # measured while the prompt is fed: the drift window's
         except ValueError as err:
             raise ApiError(422, "prompt_too_long", f"prompt: {err}", field="prompt",
                            limit="max_len", value=bundle.decoder.max_len) from None

@@ -72,8 +72,11 @@ def test_answers_are_logged_and_the_word_typed_next_labels_them(served):
 
 def test_a_continuation_is_logged_under_the_models_first_word(served):
     (service, db) = served
+    window = scrape(service.url)["textops_drift_window_texts"]
     answer = post(service.url, "/generate", {"prompt": "my old friend",
                                              "max_new_tokens": 3}).json()
+    # its prompt joins the drift window, as a /predict text does
+    assert scrape(service.url)["textops_drift_window_texts"] == window + 1
     first = answer["tokens"][0]
     assert post(service.url, "/feedback", {"request_id": answer["request_id"],
                                            "label": first}).status_code == 200
