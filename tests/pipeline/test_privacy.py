@@ -128,7 +128,7 @@ def test_a_model_opacus_cannot_take_is_refused_naming_the_setting():
 
 @pytest.mark.slow
 def test_a_killed_private_fit_resumes_its_accountant(workspace, tmp_path):
-    train_dir(workspace, tmp_path, *PRIVATE, "train.max_epochs=3", "train.batch_size=8")
+    train_dir(workspace, tmp_path, *PRIVATE, "train.max_epochs=3")
     work = tmp_path / "models" / "train-work"
     process = start_training(tmp_path)
     while not loads(work / "last.ckpt"):
