@@ -92,10 +92,11 @@ class ServiceMetrics:
                                registry=r)
         # A gauge, not an Info: prometheus-client's multiprocess mode has no Info. 1 for
         # the bundle being served; with several workers, 0 for one served before.
+        # `task`: alerts whose numbers differ by task (live accuracy) select by it
         self.model = Gauge("textops_model_info", "the bundle being served",
-                           ["model_name", "precision", "version"], registry=r,
+                           ["model_name", "precision", "version", "task"], registry=r,
                            multiprocess_mode="livemax")
-        self.model_labels: tuple[str, str, str] | None = None
+        self.model_labels: tuple[str, str, str, str] | None = None
         self.resident = Gauge("textops_worker_resident_bytes",
                               "resident memory of each server process (label pid with "
                               "several workers)", registry=r, multiprocess_mode="liveall")
@@ -136,7 +137,9 @@ class ServiceMetrics:
 
     def set_model(self, bundle: Bundle) -> None:
         meta = bundle.meta
-        labels = (str(meta.get("model_name", "")), bundle.precision, str(meta["version"]))
+        task = getattr(getattr(bundle, "task", None), "name", "")
+        labels = (str(meta.get("model_name", "")), bundle.precision, str(meta["version"]),
+                  str(task))
         if self.model_labels and self.model_labels != labels:
             self.model.labels(*self.model_labels).set(0)  # what a multiprocess file keeps
             if self.group is None:  # multiprocess mode cannot remove a series

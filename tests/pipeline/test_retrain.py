@@ -290,7 +290,7 @@ def test_alerting_rules_are_valid_and_raise_what_their_tests_expect():
     checked = subprocess.run([PROMTOOL, "check", "rules", "ops/prometheus/alerts.yml"], cwd=ROOT,
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 6 rules found" in checked.stdout
+    assert "SUCCESS: 7 rules found" in checked.stdout
     tested = subprocess.run([PROMTOOL, "test", "rules", "ops/prometheus/alerts_test.yml"],
                             cwd=ROOT, capture_output=True, text=True)
     assert tested.returncode == 0, tested.stdout + tested.stderr
@@ -322,6 +322,12 @@ def test_alerting_rules_use_the_retrain_thresholds(cfg):
     accuracy = expr["TextopsLiveAccuracyLow"]
     assert f"textops_live_accuracy < {cfg.accuracy.floor}" in accuracy
     assert f"textops_live_labels >= {cfg.accuracy.min_labels}" in accuracy
+    # a next-word model's floor is its task's (conf/task/next_word.yaml)
+    next_word = compose("task=next_word").retrain.accuracy
+    words = expr["TextopsLiveNextWordAccuracyLow"]
+    assert f"textops_live_accuracy < {next_word.floor}" in words
+    assert f"textops_live_labels >= {next_word.min_labels}" in words
+    assert 'textops_model_info{task="next_word"}' in accuracy and words
     assert expr["TextopsRetrainLabelsWaiting"].endswith(f">= {cfg.new_labels.min}")
 
 

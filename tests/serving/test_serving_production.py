@@ -203,8 +203,11 @@ def test_reload_under_load_fails_no_request(built_bundle, tmp_path, workers):
         metrics = httpx.get(f"{service.url}/metrics").text
     assert statuses and set(statuses) == {200}
     assert "v-old" in versions and versions[-1] == "v-new"
-    assert 'textops_model_info{model_name="synthetic-classifier",precision="int8",' \
-           'version="v-new"} 1.0' in metrics
+    served = {tuple(sorted(sample.labels.items())) for family
+              in text_string_to_metric_families(metrics) for sample in family.samples
+              if sample.name == "textops_model_info" and sample.value == 1}
+    assert (("model_name", "synthetic-classifier"), ("precision", "int8"),
+            ("task", "text_classification"), ("version", "v-new")) in served
 
 
 @WORKERS
