@@ -95,8 +95,8 @@ timed from nothing on this machine. Perplexity is per token of the word-level
 tokenizer (per word: the same log-loss over the test text's whitespace-separated
 words); the Kneser-Ney trigram is fitted on the same training split and scored on the
 same test tokens in the same run. Configurations are compared on validation per
-word (a tokenizer's token count differs; its word count does not). The target: test perplexity at most 0.8 of the baseline's, a served model
-within 15 minutes. Run again:
+word (a tokenizer's token count differs; its word count does not). The target: test
+perplexity at most 0.8 of the baseline's, a served model within 15 minutes. Run again:
 `python bench/bench_next_word.py "<overrides>" ...`, one argument per row of the first
 column ("" for the defaults)."""
 
