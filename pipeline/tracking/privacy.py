@@ -38,4 +38,6 @@ def describe(record: dict | None) -> str:
             f"norm clipped to {record['max_grad_norm']}). Not covered, treated as public "
             "data: the validation split, which chose the checkpoint"
             + "".join(f"; the {name}" for name in record.get("public", [])) + "."
+            + (f" Not trained, kept as they started: {', '.join(record['frozen'])}."
+               if record.get("frozen") else "")
             + ("" if math.isfinite(epsilon) else " The bound is infinite."))

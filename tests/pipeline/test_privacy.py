@@ -38,6 +38,15 @@ class Spy(Callback):
         self.key = key
         self.sizes, self.optimizers, self.per_example = [], set(), []
 
+    def on_train_start(self, trainer, pl_module):
+        self.tables = {name: layer.weight.detach().clone()
+                       for name, layer in pl_module.model.named_modules()
+                       if isinstance(layer, torch.nn.Embedding)}
+
+    def on_train_end(self, trainer, pl_module):
+        self.tables_kept = all(torch.equal(pl_module.model.get_submodule(name).weight, start)
+                               for name, start in self.tables.items())
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.sizes.append(len(batch[self.key]))
 
@@ -60,6 +69,8 @@ def test_a_private_fit_spends_at_most_its_target_and_every_report_says_so(worksp
     # Poisson sampling: batch sizes vary around 16; DP-SGD's optimiser, per-example grads
     assert len(set(spy.sizes)) > 3 and abs(sum(spy.sizes) / len(spy.sizes) - 16) < 4
     assert spy.optimizers == {"DPOptimizer"} and all(spy.per_example)
+    # the token embeddings are kept as they started (train.privacy.freeze_embeddings)
+    assert spy.tables and spy.tables_kept
     # the whole fit spends close to the target, never more; the best checkpoint no more
     whole = privacy.spent(tmp_path / "models/checkpoints/last.ckpt")
     best = report["privacy"]
@@ -78,6 +89,7 @@ def test_a_private_fit_spends_at_most_its_target_and_every_report_says_so(worksp
     assert per_epoch[-1] == pytest.approx(best["epsilon"])  # evaluate's, last
     # the model card's words
     assert f"({best['epsilon']:.2f}, " in privacy.describe(best)
+    assert best["frozen"] and "Not trained, kept as they started" in privacy.describe(best)
     assert privacy.describe(None).startswith("Not trained with differential privacy")
 
 
