@@ -14,10 +14,13 @@ else in the task or the stages:
   `epsilon` at `delta` (null: 1 / (10 x training rows), well under 1/n).
 
 `DifferentialPrivacy` keeps its state (the accountant's history, and epsilon so far) in
-every checkpoint, so a resumed fit goes on counting where it stopped, and the best
-checkpoint carries the epsilon spent when it was saved: what evaluate reports for the
-very weights it scores (pipeline/tracking/privacy.py `spent`). Early stopping spends
-less than the target.
+every checkpoint, so a resumed fit goes on counting where it stopped. The checkpoints
+the fit leaves carry the whole fit's epsilon (training.py `finish`): the best one was
+chosen after every later epoch ran, so its weights owe them too. Evaluate reports it
+(pipeline/tracking/privacy.py `spent`). Early stopping spends less than the target.
+The noise and the batches come from the operating system's randomness, not `seed`
+(`secret_generator`), and the noise is drawn in Opacus's secure mode. Pruning,
+distillation and gradient accumulation are refused with privacy (`check_settings`).
 
 Per-example gradients come from Opacus's hooks on the model's own layers (Linear,
 Embedding, LayerNorm, GroupNorm, convolutions; other modules through functorch), so the
@@ -29,6 +32,8 @@ since clipping is per example here.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import pytorch_lightning as pl
 import torch
@@ -54,23 +59,50 @@ def enabled(cfg: DictConfig) -> bool:
     return bool(privacy and privacy.get("enabled"))
 
 
+def secret_generator() -> torch.Generator:
+    """A generator seeded from the operating system's randomness. The noise and the
+    batches of a private fit must not follow `seed`: it is in params.yaml and MLflow,
+    and whoever knows it could replay the noise and subtract it. So a private fit
+    does not repeat bit for bit, and a resumed one draws afresh."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def check_settings(cfg: DictConfig, distilling: bool) -> None:
+    """PrivacyError for what a private fit cannot account for."""
+    prune = cfg.train.get("prune") or {}
+    if any(prune.get(key) is not None for key in ("heads", "d_ff", "channels")):
+        raise PrivacyError("train.privacy with train.prune: the pruned model's fine-tune "
+                           "would spend a budget of its own, which is not counted; "
+                           "prune without privacy, or train privately without pruning")
+    if distilling:
+        raise PrivacyError("train.privacy with distillation (distill.teacher): the "
+                           "teacher learns from the training split without privacy, and "
+                           "its logits on augmented copies would carry it to the student")
+    if int(cfg.trainer.get("accumulate_grad_batches") or 1) != 1:
+        raise PrivacyError("train.privacy with trainer.accumulate_grad_batches: one noisy "
+                           "step over several Poisson batches is not what the accountant "
+                           "counts; raise train.batch_size instead")
+
+
 def target_delta(privacy: DictConfig, rows: int) -> float:
     return float(privacy.delta) if privacy.get("delta") else 1.0 / (10 * rows)
 
 
 class PoissonSampling(DPLightningDataModule):
     """The task's datamodule with Poisson-sampled training batches at the rate of its
-    batch size, drawn by a seeded generator: Opacus's DPDataLoader over the task's own
-    loader, or the datamodule's `poisson_train_dataloader(sample_rate)` where its
-    loader yields whole batches (images). Either loader has `sample_rate`."""
+    batch size, drawn from secret randomness (`secret_generator`): Opacus's
+    DPDataLoader over the task's own loader, or the datamodule's
+    `poisson_train_dataloader(sample_rate, seed)` where its loader yields whole batches
+    (images). Either loader has `sample_rate`."""
 
-    def __init__(self, datamodule: pl.LightningDataModule, seed: int):
-        super().__init__(datamodule, generator=torch.Generator().manual_seed(seed))
+    def __init__(self, datamodule: pl.LightningDataModule):
+        super().__init__(datamodule, generator=secret_generator())
 
     def train_dataloader(self):
         plain = self.datamodule.train_dataloader()
         if hasattr(self.datamodule, "poisson_train_dataloader"):
-            return self.datamodule.poisson_train_dataloader(1 / len(plain))
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            return self.datamodule.poisson_train_dataloader(1 / len(plain), seed)
         return DPDataLoader.from_data_loader(plain, generator=self.generator)
 
 
@@ -81,8 +113,8 @@ def check_model(model: torch.nn.Module) -> None:
         said = " ".join(str(p) for p in problems)
         hint = (" (set model.norm=group: GroupNorm in place of BatchNorm)"
                 if "BatchNorm" in said else
-                " (for text, model=transformer: its per-example gradients are Opacus's "
-                "own; an LSTM needs Opacus's DPLSTM, not wired in yet)"
+                " (for text model=transformer, for next words model=lm_transformer: an "
+                "LSTM needs Opacus's DPLSTM, not wired in yet)"
                 if "LSTM" in said else "")
         raise PrivacyError(f"train.privacy: this model cannot be trained with "
                            f"differential privacy: {problems[0]}{hint}")
@@ -109,19 +141,20 @@ class DifferentialPrivacy(Callback):
         return STATE_KEY
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Before the optimiser exists: freeze the token embeddings when asked. Their
+        """Before the optimiser exists: freeze the token embedding table when asked and
+        it started from public embeddings (train.init_embeddings fills
+        `model.embedding`; text's MiniLM start). Its
         per-example gradients are a vocabulary x width table per example (30,522 x 128
         for text's MiniLM vocabulary), which made private training 19.7 times slower
         than plain, 4.1 times frozen (bench/bench_privacy.py); a frozen table started from
         public embeddings is a fixed feature, and DP learns better on good fixed
         features (Tramer & Boneh 2021)."""
-        if not self.settings.get("freeze_embeddings"):
-            return
-        frozen = [name for name, layer in pl_module.model.named_modules()
-                  if isinstance(layer, torch.nn.Embedding)]
-        for name in frozen:
-            pl_module.model.get_submodule(name).requires_grad_(False)
-        self.frozen = frozen
+        table = getattr(pl_module.model, "embedding", None)
+        if not (self.settings.get("freeze_embeddings") and self.public
+                and isinstance(table, torch.nn.Embedding)):
+            return  # nothing public to keep: a table trained from scratch learns
+        table.requires_grad_(False)
+        self.frozen = ["embedding"]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
@@ -134,17 +167,21 @@ class DifferentialPrivacy(Callback):
         check_model(pl_module.model)
         rows, sample_rate = len(loader.dataset), loader.sample_rate
         delta = target_delta(self.settings, rows)
+        steps = self.epochs * len(loader)  # the steps the fit will take, exactly
         noise = get_noise_multiplier(target_epsilon=float(self.settings.epsilon),
                                      target_delta=delta, sample_rate=sample_rate,
-                                     epochs=self.epochs, accountant=self.accountant.mechanism())
+                                     steps=steps, accountant=self.accountant.mechanism())
         if self.restored is not None:  # a resumed fit: the steps already taken count
             self.accountant.load_state_dict(self.restored["accountant_state"])
         # hooks on the model's layers; the module keeps calling its model directly
         self.hooks = GradSampleModule(pl_module.model)
         (optimizer,) = trainer.strategy.optimizers
+        # noise from secret randomness, drawn the way that resists floating-point
+        # attacks on the Gaussian sampler (Opacus's secure mode)
         private = DPOptimizer(optimizer, noise_multiplier=noise,
                               max_grad_norm=float(self.settings.max_grad_norm),
-                              expected_batch_size=max(1, round(sample_rate * rows)))
+                              expected_batch_size=max(1, round(sample_rate * rows)),
+                              generator=secret_generator(), secure_mode=True)
         private.attach_step_hook(self.accountant.get_optimizer_hook_fn(
             sample_rate=sample_rate))
         trainer.strategy.optimizers = [private]

@@ -141,7 +141,8 @@ def fit(
     datamodule = task.datamodule(cfg, paths, transfer)
     fed = datamodule
     if privacy.enabled(cfg):  # DP-SGD: Poisson-sampled batches, clipped noisy steps
-        fed = privacy.PoissonSampling(datamodule, cfg.seed)
+        privacy.check_settings(cfg, distilling=transfer is not None)
+        fed = privacy.PoissonSampling(datamodule)
         public = [f"token embeddings of {cfg.train.init_embeddings}"] \
             if cfg.train.get("init_embeddings") else []
         callbacks = [*callbacks, privacy.DifferentialPrivacy(
@@ -172,11 +173,16 @@ def fit(
     return finish(cfg, trainer, logger, datamodule, paths, seconds, resumed)
 
 
-def portable_copy(source: Path, target: Path, root: Path) -> None:
+def portable_copy(source: Path, target: Path, root: Path, privacy_state: dict | None = None
+                  ) -> None:
     """Copy a checkpoint with the absolute paths that ModelCheckpoint records in it
     (its directory, the best model's path) made relative to `root`, the repository,
-    so the same training gives the same bytes in any clone."""
+    so the same training gives the same bytes in any clone. `privacy_state`: the whole
+    fit's privacy record, in place of the one saved with the checkpoint (a best
+    checkpoint is chosen after later epochs ran, so it owes their epsilon too)."""
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    if privacy_state is not None:
+        checkpoint["callbacks"][privacy_record.STATE_KEY] = privacy_state
     for state in checkpoint.get("callbacks", {}).values():
         for key, value in state.items():
             if isinstance(value, str) and os.path.isabs(value):
@@ -191,10 +197,13 @@ def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> 
     """Move the checkpoints into place, log and tag them, and write the report and the
     run's facts (rank 0). Returns both in one dict."""
     checkpoint, work_dir = trainer.checkpoint_callback, paths.train_work
+    # a private fit's whole spend: the weights kept were chosen after every epoch ran
+    spent = next((c.state_dict() for c in trainer.callbacks
+                  if getattr(c, "state_key", None) == privacy_record.STATE_KEY), None)
     with atomic.atomic_dir(paths.checkpoint.parent) as tmp:
         root = paths.root.resolve()
-        portable_copy(Path(checkpoint.best_model_path), tmp / "best.ckpt", root)
-        portable_copy(work_dir / "last.ckpt", tmp / "last.ckpt", root)
+        portable_copy(Path(checkpoint.best_model_path), tmp / "best.ckpt", root, spent)
+        portable_copy(work_dir / "last.ckpt", tmp / "last.ckpt", root, spent)
     best = paths.checkpoint
     run = logger.experiment
     run.log_artifact(logger.run_id, str(best), "checkpoints")
@@ -212,8 +221,8 @@ def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> 
         "stopped_early": trainer.early_stopping_callback.stopped_epoch > 0,
         "train_rows": len(datamodule.rows["train"]),
     }
-    if (spent := privacy_record.spent(paths.checkpoint)) is not None:
-        report["privacy"] = spent  # what the best checkpoint's weights spent
+    if (record := privacy_record.spent(paths.checkpoint)) is not None:
+        report["privacy"] = record  # what the whole fit spent
     facts = {
         "run_id": logger.run_id,
         "experiment_id": logger.experiment_id,

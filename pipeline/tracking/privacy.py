@@ -26,18 +26,24 @@ def spent(checkpoint: Path) -> dict | None:
 
 
 def describe(record: dict | None) -> str:
-    """The model card's line."""
+    """The model card's paragraph."""
     if record is None:
         return ("Not trained with differential privacy: no bound on what the weights "
                 "reveal about any one training example.")
     epsilon = record["epsilon"]
+    frozen = (f" Not trained, kept as they started: {', '.join(record['frozen'])}."
+              if record.get("frozen") else "")
     return (f"Trained with differential privacy (DP-SGD): ({epsilon:.2f}, "
-            f"{record['delta']:.1e})-DP with respect to one training example, by the "
-            f"{record['accountant']} accountant over {record['steps']} noisy steps "
-            f"(noise multiplier {record['noise_multiplier']:.3f}, per-example gradient "
-            f"norm clipped to {record['max_grad_norm']}). Not covered, treated as public "
-            "data: the validation split, which chose the checkpoint"
+            f"{record['delta']:.1e})-DP over the whole fit, by the {record['accountant']} "
+            f"accountant over {record['steps']} noisy steps (noise multiplier "
+            f"{record['noise_multiplier']:.3f}, per-example gradient norm clipped to "
+            f"{record['max_grad_norm']}, noise and batches from the operating system's "
+            "randomness). The unit protected is one row of the processed training data: "
+            "a source that splits one record into several rows (SST-2's phrases of a "
+            "sentence, a next-word corpus's token blocks) protects that record as "
+            "several. Not covered, treated as public data: the validation split, which "
+            "chose the checkpoint; the data profile and vocabulary in bundle.json"
             + "".join(f"; the {name}" for name in record.get("public", [])) + "."
-            + (f" Not trained, kept as they started: {', '.join(record['frozen'])}."
-               if record.get("frozen") else "")
+            + frozen + " Each training run spends its own budget: hyperparameter "
+            "searches and retrainings on the same data add up, and are not counted here."
             + ("" if math.isfinite(epsilon) else " The bound is infinite."))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -18,7 +19,13 @@ from pytorch_lightning.callbacks import Callback
 from test_scale import loads, start_training, train_dir
 
 from pipeline.config import Paths
-from pipeline.modeling.privacy import PrivacyError, check_model
+from pipeline.modeling.privacy import (
+    DifferentialPrivacy,
+    PoissonSampling,
+    PrivacyError,
+    check_model,
+    check_settings,
+)
 from pipeline.modeling.training import fit
 from pipeline.stages.evaluate import evaluate, judge
 from pipeline.tasks.image_classification.datamodule import PoissonBatches
@@ -69,13 +76,14 @@ def test_a_private_fit_spends_at_most_its_target_and_every_report_says_so(worksp
     # Poisson sampling: batch sizes vary around 16; DP-SGD's optimiser, per-example grads
     assert len(set(spy.sizes)) > 3 and abs(sum(spy.sizes) / len(spy.sizes) - 16) < 4
     assert spy.optimizers == {"DPOptimizer"} and all(spy.per_example)
-    # the token embeddings are kept as they started (train.privacy.freeze_embeddings)
-    assert spy.tables and spy.tables_kept
-    # the whole fit spends close to the target, never more; the best checkpoint no more
+    # a table started from scratch is no public feature: it trains
+    assert spy.tables and not spy.tables_kept
+    # the whole fit spends close to the target, never more; the best checkpoint was
+    # chosen after the later epochs ran, so it carries the whole fit's epsilon
     whole = privacy.spent(tmp_path / "models/checkpoints/last.ckpt")
     best = report["privacy"]
     assert 0.9 * EPSILON <= whole["epsilon"] <= EPSILON + 1e-6
-    assert 0 < best["epsilon"] <= whole["epsilon"]
+    assert best == whole
     assert best["delta"] == pytest.approx(1 / (10 * rows)) and best["noise_multiplier"] > 0
     assert whole["steps"] == report["global_step"]
     # evaluate reports the epsilon of the weights it scored, and the gate reads it
@@ -89,7 +97,7 @@ def test_a_private_fit_spends_at_most_its_target_and_every_report_says_so(worksp
     assert per_epoch[-1] == pytest.approx(best["epsilon"])  # evaluate's, last
     # the model card's words
     assert f"({best['epsilon']:.2f}, " in privacy.describe(best)
-    assert best["frozen"] and "Not trained, kept as they started" in privacy.describe(best)
+    assert best["frozen"] == [] and "Not trained, kept" not in privacy.describe(best)
     assert privacy.describe(None).startswith("Not trained with differential privacy")
 
 
@@ -113,6 +121,37 @@ def test_an_image_model_trains_privately_on_poisson_batches(image_repo, tmp_path
     assert 35 < sum(map(len, drawn)) / len(drawn) < 65  # about 50 a batch
     sampler.set_epoch(1)
     assert [indices.tolist() for _, _, indices in sampler] != drawn
+
+
+def test_a_public_embedding_table_is_frozen_and_named_on_the_card():
+    module = SimpleNamespace(model=torch.nn.Module())
+    module.model.embedding = torch.nn.Embedding(50, 8)
+    module.model.positions = torch.nn.Embedding(16, 8)
+    settings = OmegaConf.create({"accountant": "prv", "freeze_embeddings": True})
+    DifferentialPrivacy(settings, 1, public=[]).setup(None, module, "fit")
+    assert module.model.embedding.weight.requires_grad  # from scratch: trained
+    started = DifferentialPrivacy(settings, 1, public=["token embeddings of minilm"])
+    started.setup(None, module, "fit")
+    assert not module.model.embedding.weight.requires_grad
+    assert module.model.positions.weight.requires_grad  # not the public table
+    assert started.frozen == ["embedding"]
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("train.prune.heads=2", "train.prune"), ("+trainer.accumulate_grad_batches=2",
+                                             "accumulate_grad_batches")])
+def test_what_a_private_fit_cannot_account_for_is_refused(override, says):
+    cfg = compose(*PRIVATE, override)
+    with pytest.raises(PrivacyError, match=says):
+        check_settings(cfg, distilling=False)
+    with pytest.raises(PrivacyError, match="distillation"):
+        check_settings(compose(*PRIVATE), distilling=True)
+    check_settings(compose(*PRIVATE), distilling=False)
+
+
+def test_noise_and_batches_do_not_follow_the_public_seed():
+    draws = {PoissonSampling(SimpleNamespace()).generator.initial_seed() for _ in range(3)}
+    assert len(draws) == 3
 
 
 def test_the_gate_refuses_a_model_over_its_epsilon_or_not_private_at_all():

@@ -164,12 +164,13 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def poisson_train_dataloader(self, sample_rate: float) -> DataLoader:
-        """The training batches by Poisson sampling (PoissonSampling calls it: the
-        loader yields whole batches, which Opacus's own sampling cannot make)."""
+    def poisson_train_dataloader(self, sample_rate: float, seed: int) -> DataLoader:
+        """The training batches by Poisson sampling, drawn from `seed` (PoissonSampling
+        calls it with a secret one: the loader yields whole batches, which Opacus's own
+        sampling cannot make)."""
         images = self.rows["train"]
         loader = DataLoader(images, batch_size=None,
-                            sampler=PoissonBatches(len(images), sample_rate, self.seed),
+                            sampler=PoissonBatches(len(images), sample_rate, seed),
                             num_workers=self.num_workers,
                             persistent_workers=self.num_workers > 0)
         loader.sample_rate = sample_rate
