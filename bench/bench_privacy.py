@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_accuracy import commit  # noqa: E402
+from bench_training import Clock  # noqa: E402
 from repo import clone_to, sh  # noqa: E402
 from results import Result, Table, publish  # noqa: E402
 
@@ -41,19 +41,6 @@ CONFIGURATIONS = {
     "text": ["model=transformer"],
     "image": ["task=image_classification", "model=cnn", "model.norm=group"],
 }
-
-
-class Clock(pl.Callback):
-    """Examples and seconds of the training batches alone."""
-
-    def on_train_start(self, trainer, module):
-        self.seen, self.started = 0, time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.seen += len(batch["labels"])
-
-    def on_train_end(self, trainer, module):
-        self.seconds = time.perf_counter() - self.started
 
 
 def examples_per_s(cfg, repo: Path, steps: int, private: bool) -> float:
