@@ -31,8 +31,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from serving.bundle.decoding import Decoder, NextWordInputs
+from serving.bundle.decoding import Decoder
 from serving.bundle.inputs import ImageInputs, TextInputs
+from serving.bundle.next_word_inputs import NextWordInputs
 from serving.bundle.tasks import (
     IMAGE_CLASSIFICATION,
     NEXT_WORD,

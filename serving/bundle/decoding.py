@@ -20,57 +20,17 @@ numpy, onnxruntime and tokenizers only: no torch, nothing from `pipeline/`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
+from serving.bundle.next_word_inputs import NextWordInputs
 from serving.bundle.sampling import Sampling, choose, log_softmax
+from serving.bundle.surprisal import logsumexp, measure
 
 INPUTS = ("input_ids", "attention_mask", "past_key_values")
 OUTPUTS = ("logits", "present_key_values")
-SPECIALS = {"pad_id": "[PAD]", "unk_id": "[UNK]", "eos_id": "[EOS]"}
-
-
-class NextWordInputs:
-    """Texts to word ids and back, through the bundle's tokenizer.json (word level;
-    [PAD] 0, [UNK] 1, [EOS] 2, the end of a document)."""
-
-    def __init__(self, path: Path, meta: dict):
-        tokenizer_file = Path(path) / "tokenizer.json"
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as err:  # tokenizers raises a bare Exception
-            raise ValueError(f"{tokenizer_file}: cannot load ({err})") from None
-        special = meta.get("special", {})
-        for key, token in SPECIALS.items():
-            found = self.tokenizer.token_to_id(token)
-            if found is None or found != special.get(key, found):
-                raise ValueError(f"{tokenizer_file}: {token} is id {found}, bundle.json's "
-                                 f"special.{key} says {special.get(key)}")
-            setattr(self, key, found)
-        self.vocab_size = self.tokenizer.get_vocab_size()
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Word ids, normalised exactly as in training, without special tokens."""
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-
-    def words(self, ids: Seq[int]) -> list[str]:
-        """Each id as text on its own: a word (word level), or a BPE piece without its
-        byte-level space marker."""
-        return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
-
-    def decode(self, ids: Seq[int]) -> str:
-        """The text of token ids through tokenizer.json's own decoder (word level:
-        punctuation attached, serving/bundle/words.py; BPE: bytes joined back), [UNK]
-        kept visible; padding and end-of-document markers are not text."""
-        return self.tokenizer.decode([int(i) for i in ids if i not in (self.pad_id, self.eos_id)],
-                                     skip_special_tokens=False)
-
-
 @dataclass
 class Sequence:
     """One request's decoding state.
@@ -315,26 +275,6 @@ class Decoder:
             raise ValueError("next_word_topk: this decoder has no tokenizer (inputs)")
         return [[(self.inputs.words([i])[0], p) for i, p in row]
                 for row in self.topk(self.inputs.encode(texts), k)]
-
-
-def logsumexp(logits: np.ndarray) -> np.ndarray:
-    """Over the last axis, in float32 with float64 sums."""
-    top = logits.max(axis=-1)
-    return np.log(np.exp(logits - top[..., None]).sum(axis=-1, dtype=np.float64)) + top
-
-
-def measure(s: Sequence, chunk: list[int], logits: np.ndarray, lse: np.ndarray) -> None:
-    """Add the surprisal of `chunk`'s tokens, fed in one call whose logits at the
-    chunk's positions are `logits` [len(chunk), V] (`lse` their logsumexp): each token
-    is scored by the position before it (the first by the previous call's last
-    position; the very first token, [EOS], has none). -log p = logsumexp(row) -
-    row[token]: only the chosen entries are gathered, no log-softmax table."""
-    if s.last_logprobs is not None:  # (the previous call's last logits row, its lse)
-        previous, previous_lse = s.last_logprobs
-        s.surprisal.append(float(previous_lse - previous[chunk[0]]))
-    rows = np.arange(len(chunk) - 1)
-    s.surprisal.extend((lse[:-1] - logits[rows, chunk[1:]]).tolist())
-    s.last_logprobs = (logits[-1], lse[-1])
 
 
 def generate(decoder: Decoder, prompt: list[int] | str, settings: Sampling | None = None

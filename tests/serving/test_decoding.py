@@ -25,7 +25,8 @@ from pipeline.tasks.next_word.parity import (
     staggered_invariance,
 )
 from pipeline.tasks.parity import DeployError
-from serving.bundle.decoding import Decoder, NextWordInputs, Sequence, generate
+from serving.bundle.decoding import Decoder, Sequence, generate
+from serving.bundle.next_word_inputs import NextWordInputs
 from serving.bundle.sampling import Sampling
 from serving.bundle.words import DECODER
 

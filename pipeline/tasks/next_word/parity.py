@@ -25,7 +25,8 @@ import torch
 from pipeline.tasks.next_word.export import onnx_logits, top1, torch_logits
 from pipeline.tasks.parity import DeployError
 from serving.bundle.bundle import MODEL_FILES
-from serving.bundle.decoding import Decoder, NextWordInputs, generate
+from serving.bundle.decoding import Decoder, generate
+from serving.bundle.next_word_inputs import NextWordInputs
 from serving.bundle.sampling import Sampling
 
 # Tokens of a prompt checked at most, for a model without a context limit (the LSTM):

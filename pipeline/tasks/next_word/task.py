@@ -129,7 +129,7 @@ class NextWord(Task):
         from pipeline.tasks.next_word.preprocess import pack, stream
         from pipeline.tasks.parity import DeployError
         from serving.bundle.bundle import read_meta
-        from serving.bundle.decoding import NextWordInputs
+        from serving.bundle.next_word_inputs import NextWordInputs
 
         documents = prompts(paths, "test")
         meta = read_meta(bundle_dir)
