@@ -50,7 +50,7 @@ def examples_per_s(cfg, repo: Path, steps: int, private: bool) -> float:
     datamodule = task.datamodule(cfg, Paths(repo))
     clock, callbacks = Clock(), []
     if private:
-        datamodule = privacy.PoissonSampling(datamodule, cfg.seed)
+        datamodule = privacy.PoissonSampling(datamodule)
         callbacks.append(privacy.DifferentialPrivacy(cfg.train.privacy, cfg.train.max_epochs))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False,

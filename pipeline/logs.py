@@ -30,6 +30,10 @@ NOISY_LOGGERS = {
     "datasets": logging.WARNING,
     "alembic": logging.WARNING,
     "httpx": logging.WARNING,
+    # Flower's per-round lines (train says its own) and its notices that the gRPC
+    # server and client functions used here are deprecated in favour of its
+    # SuperLink deployment runtime, which the train stage does not use
+    "flwr": logging.ERROR,
 }
 
 # The ONNX exporter registers torchvision's operators and warns, on every export, that
@@ -58,6 +62,9 @@ KNOWN_WARNINGS = [
      r"to module outputs",
      "Opacus's per-example gradient hooks on a model's first layer, whose input (the "
      "data) needs no gradient: what private training expects"),
+    (UserWarning, r"You defined a `validation_step` but have no `val_dataloader`",
+     "a federated client trains without validating: the server validates the averaged "
+     "model after every round"),
     (UserWarning, r"Optimal order is the largest alpha",
      "Opacus's search for the noise multiplier tries very small noise on its way; the "
      "epsilon reported is the accountant's for the noise chosen"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import datasets
@@ -34,3 +35,11 @@ def load_dataset_dir(path: Path) -> DatasetDict:
 
 def load_splits(processed_dir: Path) -> DatasetDict:
     return load_dataset_dir(Path(processed_dir) / "dataset")
+
+
+def with_train(datamodule, train):
+    """A shallow copy of a task's data module whose training split is `train` (a
+    federated client's share of the rows); the other splits stay shared."""
+    narrowed = copy.copy(datamodule)
+    narrowed.rows = {**datamodule.rows, "train": train}
+    return narrowed

@@ -77,6 +77,13 @@ def on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+def trainer_options(cfg: DictConfig) -> dict:
+    """`trainer`'s Lightning options (a federated trainer's own settings aside)."""
+    options = OmegaConf.to_container(cfg.trainer)
+    options.pop("federated", None)
+    return options
+
+
 def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
                   extra_callbacks: list[Callback] = ()) -> pl.Trainer:
     monitor = cfg.train.monitor
@@ -96,7 +103,7 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
     if cfg.train.get("ema_decay"):
         callbacks.append(MovingAverage(cfg.train.ema_decay))
     return pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer),
+        **trainer_options(cfg),
         max_epochs=cfg.train.max_epochs,
         limit_train_batches=cfg.train.limit_train_batches,
         # a private fit clips each example's gradient instead (privacy.py)
@@ -107,6 +114,19 @@ def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
         enable_progress_bar=on_terminal(),
         enable_model_summary=False,
         log_every_n_steps=50,
+    )
+
+
+def mlflow_logger(cfg: DictConfig, data_hash: str, run_id: str | None = None,
+                  tags: dict | None = None) -> MLFlowLogger:
+    """The training run's MLflow run (`run_id`: one a killed fit left, to go on in)."""
+    return MLFlowLogger(
+        experiment_name=cfg.mlflow.experiment,
+        run_name=f"{cfg.data.name}-{cfg.model.name}",
+        tracking_uri=tracking_uri(cfg),
+        run_id=run_id,
+        tags={"git_commit": git_commit(), "data_hash": data_hash, "data": cfg.data.name,
+              **(tags or {})},
     )
 
 
@@ -129,14 +149,7 @@ def fit(
     key = fingerprint(cfg, paths.processed, task.spec.preprocessing, transfer)
     resume_from, run_id, position = prepare_work_dir(work_dir, key)
 
-    logger = MLFlowLogger(
-        experiment_name=cfg.mlflow.experiment,
-        run_name=f"{cfg.data.name}-{cfg.model.name}",
-        tracking_uri=tracking_uri(cfg),
-        run_id=run_id,
-        tags={"git_commit": git_commit(), "data_hash": data_hash, "data": cfg.data.name,
-              **(tags or {})},
-    )
+    logger = mlflow_logger(cfg, data_hash, run_id, tags)
     curves = TrainingCurves(paths.train_curves, paths.train_curves_image)
     datamodule = task.datamodule(cfg, paths, transfer)
     fed = datamodule
@@ -169,8 +182,17 @@ def fit(
     seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
         return None
+    # a private fit's whole spend: the weights kept were chosen after every epoch ran
+    spent = next((c.state_dict() for c in trainer.callbacks
+                  if getattr(c, "state_key", None) == privacy_record.STATE_KEY), None)
+    checkpoint = trainer.checkpoint_callback
+    outcome = {"best_path": Path(checkpoint.best_model_path),
+               "best_score": float(checkpoint.best_model_score),
+               "epochs": trainer.current_epoch, "global_step": trainer.global_step,
+               "stopped_early": trainer.early_stopping_callback.stopped_epoch > 0}
     resumed = {"from": resume_from, "at": position}
-    return finish(cfg, trainer, logger, datamodule, paths, seconds, resumed)
+    return finish(cfg, logger, paths, outcome, len(datamodule.rows["train"]), seconds,
+                  resumed, spent)
 
 
 def portable_copy(source: Path, target: Path, root: Path, privacy_state: dict | None = None
@@ -193,16 +215,16 @@ def portable_copy(source: Path, target: Path, root: Path, privacy_state: dict | 
     torch.save(checkpoint, target)
 
 
-def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> dict:
+def finish(cfg: DictConfig, logger: MLFlowLogger, paths: Paths, outcome: dict,
+           train_rows: int, seconds: float, resumed: dict, spent: dict | None = None) -> dict:
     """Move the checkpoints into place, log and tag them, and write the report and the
-    run's facts (rank 0). Returns both in one dict."""
-    checkpoint, work_dir = trainer.checkpoint_callback, paths.train_work
-    # a private fit's whole spend: the weights kept were chosen after every epoch ran
-    spent = next((c.state_dict() for c in trainer.callbacks
-                  if getattr(c, "state_key", None) == privacy_record.STATE_KEY), None)
+    run's facts (rank 0). Returns both in one dict. `outcome`: the best checkpoint's
+    path and score, epochs, optimizer steps, whether it stopped early, and anything
+    else the report carries (a federated run's rounds)."""
+    work_dir = paths.train_work
     with atomic.atomic_dir(paths.checkpoint.parent) as tmp:
         root = paths.root.resolve()
-        portable_copy(Path(checkpoint.best_model_path), tmp / "best.ckpt", root, spent)
+        portable_copy(outcome["best_path"], tmp / "best.ckpt", root, spent)
         portable_copy(work_dir / "last.ckpt", tmp / "last.ckpt", root, spent)
     best = paths.checkpoint
     run = logger.experiment
@@ -212,14 +234,18 @@ def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> 
         run.log_artifact(logger.run_id, str(paths.root / PARAMS_FILE))
     # the data profile trained on, for the run's report (pipeline/reporting/)
     run.log_artifact(logger.run_id, str(paths.processed / "profile.json"), sources.TRAINING)
+    extra = {key: value for key, value in outcome.items()
+             if key not in ("best_path", "best_score", "epochs", "global_step",
+                            "stopped_early")}
     report = {
         "monitor": cfg.train.monitor,
-        "best_score": float(checkpoint.best_model_score),
+        "best_score": outcome["best_score"],
         "best_checkpoint": str(best),
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "stopped_early": trainer.early_stopping_callback.stopped_epoch > 0,
-        "train_rows": len(datamodule.rows["train"]),
+        "epochs": outcome["epochs"],
+        "global_step": outcome["global_step"],
+        "stopped_early": outcome["stopped_early"],
+        "train_rows": train_rows,
+        **extra,
     }
     if (record := privacy_record.spent(paths.checkpoint)) is not None:
         report["privacy"] = record  # what the whole fit spent
@@ -230,7 +256,7 @@ def finish(cfg, trainer, logger, datamodule, paths: Paths, seconds, resumed) -> 
         "resumed_at": resumed["at"],
         "wall_time_s": round(seconds, 1),
         # Optimizer steps x batch size over the whole fit, validation included.
-        "sequences_per_s": round(trainer.global_step * cfg.train.batch_size / seconds, 1),
+        "sequences_per_s": round(outcome["global_step"] * cfg.train.batch_size / seconds, 1),
     }
     for name in ("wall_time_s", "sequences_per_s"):
         run.log_metric(logger.run_id, name, facts[name])

@@ -1,6 +1,7 @@
 """train: fit the configured model (pipeline/modeling/training.py), on the labels or,
 with a teacher, on the transfer set; with `train.prune`, prune it and fine-tune what is
-left.
+left. `trainer=federated` trains it across clients instead
+(pipeline/modeling/federated/).
 
 Output: `models/checkpoints/{best,last}.ckpt` and `reports/train.json` (best score,
 epochs, steps: what the code, data and parameters determine, the same bytes in every
@@ -71,12 +72,19 @@ def main() -> None:
     if pruning(cfg) and (cfg.trainer.devices != 1 or cfg.trainer.num_nodes != 1):
         raise SystemExit("train: train.prune runs on one device; set trainer.devices=1 "
                          "and trainer.num_nodes=1, or prune nothing")
-    report = fit(cfg, paths, transfer=transfer)
+    if cfg.trainer.get("federated") is not None:  # trainer=federated
+        from pipeline.modeling.federated import run as federated
+
+        federated.check_settings(cfg, distilling=transfer is not None)
+        report = federated.fit(cfg, paths)
+    else:
+        report = fit(cfg, paths, transfer=transfer)
     if report and pruning(cfg):
         report = prune_and_fine_tune(cfg, paths, transfer)
     if report:
+        passes = "rounds" if "federated" in report else "epochs"
         print(f"train: best {report['monitor']} {report['best_score']:.4f} after "
-              f"{report['epochs']} epochs in {report['wall_time_s']} s "
+              f"{report['epochs']} {passes} in {report['wall_time_s']} s "
               f"(MLflow run {report['run_id']})")
 
 

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import atomic
-from pipeline.data.splits import column, load_splits
+from pipeline.data.splits import column, load_splits, with_train
 from pipeline.tasks.image_classification.arrays import pixels as split_pixels
 from serving.bundle.images import ImageSpec
 
@@ -161,7 +161,15 @@ class ImageDataModule(pl.LightningDataModule):
             augment = self.augment if name == "train" else None
             self.rows[name] = Images(pixels, labels, background, augment, self.seed)
 
+    def with_train_rows(self, indices: list[int]) -> ImageDataModule:
+        """A copy that trains on these images of the training split only."""
+        train = self.rows["train"]
+        keep = torch.as_tensor(indices, dtype=torch.int64)
+        return with_train(self, Images(train.pixels[keep], train.labels[keep],
+                                       train.background, train.augment, train.seed))
+
     def train_dataloader(self) -> DataLoader:
+        self.rows["train"].seed = self.seed  # augmentation draws follow the module's seed
         return self._loader("train", shuffle=True)
 
     def poisson_train_dataloader(self, sample_rate: float, seed: int) -> DataLoader:

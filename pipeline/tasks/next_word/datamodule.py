@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data.splits import NO_LABEL, column, load_splits
+from pipeline.data.splits import NO_LABEL, column, load_splits, with_train
 
 
 def collate(blocks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -75,6 +75,10 @@ class NextWordDataModule(pl.LightningDataModule):
             return
         for name, ds in load_splits(self.processed_dir).items():
             self.rows[name] = column(ds, "ids")
+
+    def with_train_rows(self, indices: list[int]) -> NextWordDataModule:
+        """A copy that trains on these blocks of the training split only."""
+        return with_train(self, [self.rows["train"][i] for i in indices])
 
     def train_dataloader(self) -> DataLoader:
         rows = self.rows["train"]

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from pipeline.data.splits import column, load_dataset_dir, load_splits
+from pipeline.data.splits import column, load_dataset_dir, load_splits, with_train
 from serving.bundle.tensors import pad
 
 # (token ids, label) or, from a transfer set, (token ids, label, the teacher's logits)
@@ -72,6 +72,10 @@ class TextDataModule(pl.LightningDataModule):
             ds = load_dataset_dir(self.transfer)
             self.rows["train"] = list(zip(column(ds, "input_ids"), column(ds, "label"),
                                           column(ds, "teacher_logits"), strict=True))
+
+    def with_train_rows(self, indices: list[int]) -> TextDataModule:
+        """A copy that trains on these rows of the training split only."""
+        return with_train(self, [self.rows["train"][i] for i in indices])
 
     def train_dataloader(self) -> DataLoader:
         rows = self.rows["train"]

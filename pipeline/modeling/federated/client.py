@@ -1,0 +1,137 @@
+"""One federated client: its own training rows, the task's module, and a local
+Lightning fit from the global weights each round.
+
+The same client runs inside the train stage's process (`mode: simulation`) or as a
+process of its own that talks to the stage's Flower server over gRPC (`mode: clients`):
+
+    python -m pipeline.modeling.federated.client --address 127.0.0.1:PORT \
+        --partition models/train-work/partitions/client-3.json
+
+A client process reads the configuration (params.yaml) and the processed data, keeps
+the training rows its partition file lists and drops the rest before it trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from flwr.client import NumPyClient
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Callback
+
+from pipeline import atomic, logs, tasks
+from pipeline.config import Paths, load_params
+
+
+def weights(model: torch.nn.Module) -> list[np.ndarray]:
+    """The model's state (parameters and buffers, such as a norm's running statistics)
+    as arrays, in the state dict's order, which every copy of the model shares."""
+    return [value.detach().cpu().numpy().copy() for value in model.state_dict().values()]
+
+
+def load_weights(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
+    """Set the model's state from `weights`' arrays. An averaged integer buffer (a
+    norm's batch count) comes back as a float and is cast to its own type."""
+    names = list(model.state_dict())
+    if len(names) != len(arrays):
+        raise ValueError(f"federated: {len(arrays)} weight arrays for a model with "
+                         f"{len(names)} (client and server built different models)")
+    state = {name: torch.from_numpy(np.asarray(array)).to(value.dtype)
+             for (name, value), array in zip(model.state_dict().items(), arrays, strict=True)}
+    model.load_state_dict(state)
+
+
+class ProximalTerm(Callback):
+    """FedProx's proximal term, mu/2 * ||w - w_global||^2, added through its gradient
+    mu * (w - w_global) after each backward pass: the same step as adding it to the
+    loss, without the task's loss knowing (Li et al. 2020). It keeps a client whose
+    rows are skewed from drifting far from the global model in its local epochs."""
+
+    def __init__(self, mu: float):
+        self.mu = mu
+        self.anchor: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.anchor = [p.detach().clone() for p in pl_module.model.parameters()]
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for param, anchor in zip(pl_module.model.parameters(), self.anchor, strict=True):
+            if param.grad is not None:
+                param.grad.add_(param.detach() - anchor, alpha=self.mu)
+
+
+class LocalClient(NumPyClient):
+    """A client's side of a round: the global weights in, `local_epochs` of training on
+    its rows, its weights, row count and training loss out. Seeded per client and
+    round, so a simulated run repeats."""
+
+    def __init__(self, cfg: DictConfig, number: int, datamodule: pl.LightningDataModule,
+                 module: pl.LightningModule):
+        self.cfg, self.number = cfg, number
+        self.datamodule, self.module = datamodule, module
+        self.rows = len(datamodule.rows["train"])
+
+    def get_parameters(self, config: dict) -> list[np.ndarray]:
+        return weights(self.module.model)
+
+    def fit(self, parameters: list[np.ndarray], config: dict):
+        load_weights(self.module.model, parameters)
+        seed = int(self.cfg.seed) + 1000 * int(config["round"]) + self.number
+        pl.seed_everything(seed, workers=True, verbose=False)
+        self.datamodule.seed = seed  # a new order of its rows every round
+        mu = float(config.get("proximal_mu") or 0.0)
+        trainer = pl.Trainer(
+            accelerator=self.cfg.trainer.accelerator, devices=1,
+            precision=self.cfg.trainer.precision,
+            max_epochs=int(config["local_epochs"]),
+            limit_train_batches=self.cfg.train.limit_train_batches,
+            limit_val_batches=0, num_sanity_val_steps=0,  # the server validates
+            gradient_clip_val=self.cfg.train.gradient_clip_val,
+            callbacks=[ProximalTerm(mu)] if mu > 0 else [],
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(self.module, train_dataloaders=self.datamodule.train_dataloader())
+        loss = trainer.callback_metrics.get("train_loss")
+        metrics = {"client": self.number, "steps": int(trainer.global_step),
+                   "train_loss": float(loss) if loss is not None else float("nan")}
+        return weights(self.module.model), self.rows, metrics
+
+
+def build(cfg: DictConfig, paths: Paths, number: int, rows: list[int],
+          datamodule: pl.LightningDataModule | None = None,
+          module: pl.LightningModule | None = None) -> LocalClient:
+    """Client `number` holding training rows `rows`. In one process the clients share
+    the loaded splits (`datamodule`, which each narrows to its own rows on a shallow
+    copy) and one module, since they train one after another."""
+    task = tasks.from_config(cfg)
+    if datamodule is None:
+        datamodule = task.datamodule(cfg, paths)
+        datamodule.setup("fit")
+    own = datamodule.with_train_rows(rows)
+    return LocalClient(cfg, number, own, module or task.module(cfg, paths))
+
+
+def main() -> None:
+    from flwr.client import start_client
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--address", required=True, help="the Flower server, host:port")
+    parser.add_argument("--partition", required=True,
+                        help="this client's partition file (its number and rows)")
+    parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads")
+    parser.add_argument("--connect-timeout", type=float, default=120.0)
+    args = parser.parse_args()
+    logs.quiet()
+    torch.set_num_threads(args.threads)
+    mine = atomic.read_json(args.partition)
+    client = build(load_params(), Paths(), int(mine["client"]), mine["rows"])
+    start_client(server_address=args.address, client=client.to_client(), insecure=True,
+                 max_wait_time=args.connect_timeout)
+
+
+if __name__ == "__main__":
+    main()

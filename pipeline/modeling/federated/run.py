@@ -1,0 +1,184 @@
+"""Federated training (`trainer=federated`): the training split partitioned into
+clients, Flower rounds of local training and averaging, and the result handed on as
+the checkpoints and report a centralised fit leaves, so that evaluate, the gate,
+deploy and the service take it unchanged.
+
+`trainer.federated.mode`:
+- `simulation`: every client in this process, trained one after another; the fastest
+  way to measure a federated setting;
+- `clients`: a Flower server in this process and one process per client
+  (`pipeline/modeling/federated/client.py`), talking gRPC over loopback, each client
+  holding only its own rows. A client that dies mid-round is counted as a failure and
+  the run goes on with those left, down to `min_clients`.
+
+A federated fit does not resume after a kill: it starts again from round 1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from flwr.server import Server, ServerConfig, SimpleClientManager, start_server
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import atomic, tasks
+from pipeline.config import Paths
+from pipeline.data.splits import column, load_splits
+from pipeline.modeling import privacy, training
+from pipeline.modeling.federated import client as local
+from pipeline.modeling.federated.partition import describe, partition
+from pipeline.modeling.federated.server import (
+    GlobalModel,
+    InProcessClient,
+    Tracked,
+    strategy,
+)
+from pipeline.reporting import figures, sources
+
+
+def enabled(cfg: DictConfig) -> bool:
+    return cfg.trainer.get("federated") is not None
+
+
+def check_settings(cfg: DictConfig, distilling: bool) -> None:
+    """SystemExit naming what a federated fit cannot combine with."""
+    clashes = [(privacy.enabled(cfg), "train.privacy (client-level DP is not wired in)"),
+               (distilling, "a teacher's transfer set (distill)"),
+               (bool(cfg.train.get("prune")) and any(
+                   cfg.train.prune.get(k) is not None for k in ("heads", "d_ff", "channels")),
+                "train.prune (its fine-tuning would see every client's rows)"),
+               (cfg.train.get("ema_decay") is not None, "train.ema_decay")]
+    named = [what for clash, what in clashes if clash]
+    if named:
+        raise SystemExit(f"train: trainer=federated does not combine with {', '.join(named)}")
+
+
+def training_columns(paths: Paths) -> tuple[list | None, list | None, int]:
+    """The training split's labels and groups (None where it has none) and its rows."""
+    train = load_splits(paths.processed)["train"]
+    labels = column(train, "label") if "label" in train.column_names else None
+    groups = column(train, "group") if "group" in train.column_names else None
+    return labels, groups, train.num_rows
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def simulate(tracked: Tracked, settings: DictConfig, rounds: int, clients: list) -> None:
+    manager = SimpleClientManager()
+    for number, client in enumerate(clients):
+        manager.register(InProcessClient(str(number), client))
+    server = Server(client_manager=manager, strategy=tracked)
+    server.set_max_workers(1)  # one Lightning fit at a time in this process
+    server.fit(num_rounds=rounds, timeout=float(settings.round_timeout_s))
+
+
+def with_clients(tracked: Tracked, settings: DictConfig, rounds: int,
+                 parts: list[list[int]], work_dir: Path) -> None:
+    """A Flower server on a free loopback port and a process per client; every client
+    process is stopped when the rounds end or fail."""
+    address = f"127.0.0.1:{free_port()}"
+    threads = max(1, (os.cpu_count() or 1) // len(parts))
+    processes = []
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for number, rows in enumerate(parts):
+            path = work_dir / "partitions" / f"client-{number}.json"
+            atomic.write_json(path, {"client": number, "rows": rows})
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "pipeline.modeling.federated.client",
+                 "--address", address, "--partition", str(path), "--threads", str(threads),
+                 "--connect-timeout", str(settings.connect_timeout_s)]))
+        start_server(server_address=address, strategy=tracked,
+                     config=ServerConfig(num_rounds=rounds,
+                                         round_timeout=float(settings.round_timeout_s)))
+    finally:
+        for sig, handler in handlers.items():  # Flower's server replaces them
+            signal.signal(sig, handler)
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
+    """Train federated; write and return the report a centralised fit would."""
+    settings = cfg.trainer.federated
+    check_settings(cfg, distilling=False)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    task, work_dir = tasks.from_config(cfg), paths.train_work
+    shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume (module docstring)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    labels, groups, rows = training_columns(paths)
+    clients = int(settings.clients)
+    parts = partition(settings.partition, clients, labels, groups, rows, cfg.seed)
+    rounds = int(settings.rounds or cfg.train.max_epochs)
+    profile = atomic.read_json(paths.processed / "profile.json")
+    logger = training.mlflow_logger(cfg, profile["data"]["content_hash"], None,
+                                    {"trainer": "federated", **(tags or {})})
+    logger.log_hyperparams(OmegaConf.to_container(cfg))
+
+    datamodule = task.datamodule(cfg, paths)
+    datamodule.setup("fit")
+    module = task.module(cfg, paths)
+    task.warm_start(module, cfg, paths)
+    global_model = GlobalModel(module, datamodule, cfg, work_dir, logger.log_metrics)
+    inner = strategy(settings, local.weights(module.model), int(settings.local_epochs))
+    tracked = Tracked(inner, settings, clients, rounds, global_model)
+    print(f"train: federated, {settings.mode}: {clients} clients ({settings.partition.by} "
+          f"partition, {min(map(len, parts))}-{max(map(len, parts))} rows each), "
+          f"{rounds} rounds of {settings.local_epochs} local epoch(s), {settings.strategy}",
+          flush=True)
+    started = time.perf_counter()
+    if settings.mode == "simulation":
+        shared = task.module(cfg, paths)  # the clients train one after another
+        simulate(tracked, settings, rounds, [
+            local.build(cfg, paths, number, part, datamodule, shared)
+            for number, part in enumerate(parts)])
+    elif settings.mode == "clients":
+        with_clients(tracked, settings, rounds, parts, work_dir)
+    else:
+        raise SystemExit(f"train: trainer.federated.mode {settings.mode!r} is not "
+                         "simulation or clients")
+    seconds = time.perf_counter() - started
+    if global_model.best_score is None:
+        raise SystemExit("train: no federated round finished; nothing to hand on")
+    curves = [{"epoch": r["round"], "step": r["round"], "train_loss": r["train_loss"],
+               **{k: v for k, v in r.items() if k.startswith("val_")}}
+              for r in tracked.rounds_log]
+    atomic.write_json(paths.train_curves, curves)
+    atomic.write_bytes(paths.train_curves_image, figures.training_curves_png(curves))
+    for path in (paths.train_curves, paths.train_curves_image):
+        logger.experiment.log_artifact(logger.run_id, str(path), sources.TRAINING)
+    outcome = {
+        "best_path": work_dir / "best.ckpt", "best_score": global_model.best_score,
+        "epochs": len(tracked.rounds_log),
+        "global_step": sum(r["steps"] for r in tracked.rounds_log),
+        "stopped_early": False,
+        "federated": {
+            "mode": settings.mode, "strategy": settings.strategy, "clients": clients,
+            "partition": OmegaConf.to_container(settings.partition),
+            "best_round": global_model.best_round,
+            "clients_rows": describe(parts, labels),
+            "rounds": [{key: r[key] for key in ("round", "clients", "failures", "rows")}
+                       for r in tracked.rounds_log],
+        },
+    }
+    return training.finish(cfg, logger, paths, outcome, rows, seconds,
+                           {"from": None, "at": None})

@@ -1,0 +1,141 @@
+"""Federated training (trainer=federated): partitions, FedAvg and FedProx rounds in one
+process and across real client processes, a client killed mid-run, and the result
+handed to evaluate as a centralised fit's is."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+import torch
+from conftest import compose, restored_tracking_uri
+from omegaconf import OmegaConf
+from test_scale import start_training, train_dir
+
+from pipeline.config import Paths
+from pipeline.modeling.federated.client import ProximalTerm
+from pipeline.modeling.federated.partition import PartitionError, partition
+from pipeline.modeling.federated.run import fit
+from pipeline.stages.evaluate import evaluate
+from pipeline.tasks.text_classification.inference import load_module
+
+
+def settings(**values):
+    return OmegaConf.create({"by": "dirichlet", "alpha": 0.5, **values})
+
+
+def federated(*overrides: str) -> list[str]:
+    """The overrides that make a fit federated, the trainer group's own first."""
+    trainer = OmegaConf.to_container(compose("trainer=federated").trainer)
+    flat = [f"trainer.{k}={v}" for k, v in trainer.items() if k != "federated"]
+    inner = [f"trainer.federated.{k}={v}" for k, v in trainer["federated"].items()
+             if k != "partition"]
+    return [*flat, *inner, "trainer.federated.partition.by=iid",
+            "trainer.federated.partition.alpha=0.5", "train.batch_size=16", *overrides]
+
+
+def test_every_row_goes_to_exactly_one_client_and_alpha_sets_the_skew():
+    labels = np.random.default_rng(0).integers(0, 4, 4000).tolist()
+
+    def skew(alpha):
+        parts = partition(settings(alpha=alpha), 10, labels, None, len(labels), seed=7)
+        assert sorted(i for part in parts for i in part) == list(range(len(labels)))
+        assert parts == partition(settings(alpha=alpha), 10, labels, None, len(labels), 7)
+        # the share of each client's rows that its most common label takes
+        return np.mean([Counter(labels[i] for i in p).most_common(1)[0][1] / len(p)
+                        for p in parts])
+
+    assert skew(0.1) > 0.7 and skew(100) < 0.35  # 4 balanced labels: 0.25 when iid
+    iid = partition(settings(by="iid"), 3, None, None, 10, seed=0)
+    assert sorted(map(len, iid)) == [3, 3, 4]
+
+
+def test_groups_stay_whole_on_one_client_and_impossible_partitions_are_named():
+    groups = [f"user{i % 7}" for i in range(70)]
+    parts = partition(settings(by="group"), 3, None, groups, 70, seed=0)
+    owners = {g: {c for c, part in enumerate(parts) for i in part if groups[i] == g}
+              for g in set(groups)}
+    assert all(len(owner) == 1 for owner in owners.values())
+    with pytest.raises(PartitionError, match="7 group"):
+        partition(settings(by="group"), 8, None, groups, 70, seed=0)
+    with pytest.raises(PartitionError, match="data.group_column"):
+        partition(settings(by="group"), 3, None, None, 70, seed=0)
+    with pytest.raises(PartitionError, match="no labels|have none"):
+        partition(settings(), 3, None, None, 70, seed=0)
+
+
+def test_the_proximal_term_pulls_each_weight_back_toward_the_global_model():
+    layer = torch.nn.Linear(3, 1)
+    module = torch.nn.Module()
+    module.model = layer
+    term = ProximalTerm(mu=0.5)
+    term.on_train_start(None, module)
+    with torch.no_grad():
+        layer.weight += 2.0  # drifted from the global weights
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    term.on_after_backward(None, module)
+    assert torch.allclose(layer.weight.grad, torch.full_like(layer.weight, 1.0))  # 0.5 * 2
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
+        workspace, tmp_path, strategy):
+    cfg = train_dir(workspace, tmp_path, *federated(
+        "trainer.federated.clients=3", "trainer.federated.rounds=3",
+        f"trainer.federated.strategy={strategy}", "trainer.federated.proximal_mu=0.1"))
+    with restored_tracking_uri():
+        report = fit(cfg, Paths(tmp_path))
+        metrics, _ = evaluate(cfg, Paths(tmp_path))
+    rounds = report["federated"]["rounds"]
+    assert [r["clients"] for r in rounds] == [[0, 1, 2]] * 3
+    assert sum(c["rows"] for c in report["federated"]["clients_rows"]) == report["train_rows"]
+    assert report["epochs"] == 3 and report["global_step"] > 0
+    # the synthetic task is learnable: the averaged model learned it
+    assert metrics["accuracy"] > 0.75, metrics
+    module = load_module(tmp_path / "models/checkpoints/best.ckpt")
+    assert module.hparams.num_classes == 2
+    curves = json.loads((tmp_path / "reports/train_curves.json").read_text())
+    assert [row["epoch"] for row in curves] == [1, 2, 3]
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    history = client.get_metric_history(report["run_id"], "clients")
+    assert [m.value for m in history] == [3, 3, 3]
+
+
+def client_processes(stage: psutil.Process) -> list[psutil.Process]:
+    return [child for child in stage.children(recursive=True)
+            if "pipeline.modeling.federated.client" in " ".join(child.cmdline())]
+
+
+def test_real_clients_go_on_without_one_killed_mid_run(workspace, tmp_path):
+    train_dir(workspace, tmp_path, *federated(
+        "trainer.federated.mode=clients", "trainer.federated.clients=3",
+        "trainer.federated.rounds=4", "train.limit_train_batches=1.0"))
+    process = start_training(tmp_path)
+    stage, lines = psutil.Process(process.pid), []
+    deadline = time.monotonic() + 300
+    for line in process.stdout:
+        lines.append(line)
+        if "federated round 1/4" in line:
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    clients = client_processes(stage)
+    assert len(clients) == 3, "".join(lines)
+    clients[-1].kill()  # round 2 has begun: this client dies in it
+    rest, _ = process.communicate(timeout=600)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output[-4000:]
+    report = json.loads((tmp_path / "reports/train.json").read_text())
+    rounds = report["federated"]["rounds"]
+    assert len(rounds) == 4 and len(rounds[0]["clients"]) == 3
+    assert len(rounds[-1]["clients"]) == 2  # the dead one is gone, the run went on
+    assert "federated round 4/4: 2 of 3 clients" in output
+    assert (tmp_path / "models/checkpoints/best.ckpt").exists()
+    assert not client_processes(stage) if stage.is_running() else True
+    assert "flwr" not in output.lower() and "deprecated" not in output, output[-3000:]
