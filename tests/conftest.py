@@ -238,6 +238,17 @@ def running_service(bundle, log_dir: Path, wait: bool = True, **env):
         control.stop(service.process)
 
 
+def post_json(url: str, path: str, body) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=30)
+
+
+def metric_samples(url: str) -> dict[str, float]:
+    """Every sample of the service's /metrics, keyed by its name and labels as written."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def eventually(check, timeout: float = 20.0, interval: float = 0.1):
     """`check()`'s first truthy value within `timeout` s; AssertionError otherwise.
     For what another thread or server process does a moment later (a log writer, a

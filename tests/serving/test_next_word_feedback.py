@@ -13,31 +13,26 @@ from __future__ import annotations
 import json
 import sqlite3
 
-import httpx
 import numpy as np
 import pytest
-from conftest import eventually, running_service
+from conftest import eventually, metric_samples, post_json, running_service
 from next_word_bundle import DOCUMENTS, build_bundle
 
 WINDOW = 200  # the drift window: 200 prompts replace it
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("next-word-feedback")
-    bundle = build_bundle(root / "bundle")
-    with running_service(bundle, root, workers=1, drift_window=WINDOW) as running:
-        yield running, root / "predictions.db"
+def bundle(tmp_path_factory):
+    return build_bundle(tmp_path_factory.mktemp("next-word-feedback") / "bundle")
 
 
-def post(url: str, path: str, body) -> httpx.Response:
-    return httpx.post(f"{url}{path}", json=body, timeout=30)
+@pytest.fixture
+def served(bundle, tmp_path):
+    """A service of its own per test: live accuracy and the drift window start empty."""
+    with running_service(bundle, tmp_path, workers=1, drift_window=WINDOW) as running:
+        yield running, tmp_path / "predictions.db"
 
 
-def scrape(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics").text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def rows(db, sql: str, *args) -> list[tuple]:
@@ -47,12 +42,12 @@ def rows(db, sql: str, *args) -> list[tuple]:
 
 def test_answers_are_logged_and_the_word_typed_next_labels_them(served):
     (service, db) = served
-    answer = post(service.url, "/predict", {"texts": ["the cat", "a bird"], "k": 3}).json()
+    answer = post_json(service.url, "/predict", {"texts": ["the cat", "a bird"], "k": 3}).json()
     rid = answer["request_id"]
     tops = [p["next_words"][0]["word"] for p in answer["predictions"]]
     assert tops[0] == "sat"
     # "Sat" is the suggestion taken (the tokenizer lower-cases); "sings," is not "sang"
-    stored = post(service.url, "/feedback", [
+    stored = post_json(service.url, "/feedback", [
         {"request_id": rid, "position": 0, "label": "Sat"},
         {"request_id": rid, "position": 1, "label": "sings,"}])
     assert stored.status_code == 200, stored.text
@@ -63,7 +58,7 @@ def test_answers_are_logged_and_the_word_typed_next_labels_them(served):
         [w["word"] for w in answer["predictions"][0]["next_words"]]
     assert rows(db, "SELECT position, label FROM feedback WHERE request_id = ? "
                     "ORDER BY position", rid) == [(0, "sat"), (1, "sings")]
-    metrics = eventually(lambda: (m := scrape(service.url)).get("textops_live_labels") == 2
+    metrics = eventually(lambda: (m := metric_samples(service.url)).get("textops_live_labels") == 2
                          and m)
     assert metrics["textops_live_accuracy"] == 0.5
     # top-1 accuracy only: no series per word of the vocabulary
@@ -72,13 +67,13 @@ def test_answers_are_logged_and_the_word_typed_next_labels_them(served):
 
 def test_a_continuation_is_logged_under_the_models_first_word(served):
     (service, db) = served
-    window = scrape(service.url)["textops_drift_window_texts"]
-    answer = post(service.url, "/generate", {"prompt": "my old friend",
+    window = metric_samples(service.url)["textops_drift_window_texts"]
+    answer = post_json(service.url, "/generate", {"prompt": "my old friend",
                                              "max_new_tokens": 3}).json()
     # its prompt joins the drift window, as a /predict text does
-    assert scrape(service.url)["textops_drift_window_texts"] == window + 1
+    assert metric_samples(service.url)["textops_drift_window_texts"] == window + 1
     first = answer["tokens"][0]
-    assert post(service.url, "/feedback", {"request_id": answer["request_id"],
+    assert post_json(service.url, "/feedback", {"request_id": answer["request_id"],
                                            "label": first}).status_code == 200
     (logged,) = rows(db, "SELECT label, probabilities FROM predictions WHERE request_id = ?",
                      answer["request_id"])
@@ -86,10 +81,10 @@ def test_a_continuation_is_logged_under_the_models_first_word(served):
     assert json.loads(logged[1]) == {"completion": answer["text"], "finish_reason": "length"}
     # a sample is logged under the top word, as /predict answers it, not under its own
     # draw: live accuracy stays top-1 accuracy
-    top = post(service.url, "/predict", {"texts": ["a bird"]}).json()
+    top = post_json(service.url, "/predict", {"texts": ["a bird"]}).json()
     suggested = top["predictions"][0]["next_words"][0]["word"]
     for seed in range(20):
-        sampled = post(service.url, "/generate", {"prompt": "a bird", "temperature": 5.0,
+        sampled = post_json(service.url, "/generate", {"prompt": "a bird", "temperature": 5.0,
                                                   "seed": seed, "max_new_tokens": 1}).json()
         if sampled["tokens"][0] != suggested:
             break
@@ -98,8 +93,8 @@ def test_a_continuation_is_logged_under_the_models_first_word(served):
     assert eventually(lambda: rows(db, "SELECT label FROM predictions WHERE request_id = ?",
                                    sampled["request_id"])) == [(suggested,)]
     # an empty prompt: nothing to log (and nothing a label could teach)
-    empty = post(service.url, "/generate", {"prompt": "", "max_new_tokens": 2}).json()
-    assert post(service.url, "/feedback", {"request_id": top["request_id"],  # a flush
+    empty = post_json(service.url, "/generate", {"prompt": "", "max_new_tokens": 2}).json()
+    assert post_json(service.url, "/feedback", {"request_id": top["request_id"],  # a flush
                                            "label": suggested}).status_code == 200
     assert rows(db, "SELECT 1 FROM predictions WHERE request_id = ?",
                 empty["request_id"]) == []
@@ -109,8 +104,8 @@ def test_a_continuation_is_logged_under_the_models_first_word(served):
     ("sat down", "more than one word"), ("  ", "empty"), ("", "empty")])
 def test_a_label_that_is_not_one_word_is_refused_naming_the_item(served, label, says):
     (service, _) = served
-    rid = post(service.url, "/predict", {"texts": ["the cat"]}).json()["request_id"]
-    refused = post(service.url, "/feedback", [{"request_id": rid, "label": "sat"},
+    rid = post_json(service.url, "/predict", {"texts": ["the cat"]}).json()["request_id"]
+    refused = post_json(service.url, "/feedback", [{"request_id": rid, "label": "sat"},
                                                {"request_id": rid, "label": label}])
     assert refused.status_code == 422
     body = refused.json()
@@ -126,14 +121,14 @@ def test_drift_reads_prompts_unlike_the_training_text_as_surprising(served):
     beginnings = [" ".join(d.split()[:int(rng.integers(1, len(d.split()) + 1))])
                   for d in DOCUMENTS * (WINDOW // len(DOCUMENTS))]
     for start in range(0, WINDOW, 20):
-        post(service.url, "/predict", {"texts": beginnings[start:start + 20]})
-    usual = scrape(service.url)
+        post_json(service.url, "/predict", {"texts": beginnings[start:start + 20]})
+    usual = metric_samples(service.url)
     # the same words in a random order: known words, and every one a surprise
     shuffled_texts = [" ".join(rng.permutation(words)[:len(text.split())])
                       for text in beginnings]
     for start in range(0, WINDOW, 20):
-        post(service.url, "/predict", {"texts": shuffled_texts[start:start + 20]})
-    shuffled = scrape(service.url)
+        post_json(service.url, "/predict", {"texts": shuffled_texts[start:start + 20]})
+    shuffled = metric_samples(service.url)
     assert usual["textops_drift_window_texts"] == shuffled["textops_drift_window_texts"] \
         == WINDOW
     assert usual["textops_drift_surprisal_psi"] < 0.2  # the usual reading: no shift

@@ -19,7 +19,7 @@ from unittest.mock import ANY
 
 import httpx
 import pytest
-from conftest import answers, running_service, send_without_reading
+from conftest import answers, metric_samples, running_service, send_without_reading
 from next_word_bundle import DOCUMENTS, build_bundle
 
 from serving.bundle import Bundle
@@ -74,9 +74,7 @@ def sse(service, body: dict) -> list[tuple[str, dict]]:
 
 
 def scrape(service) -> dict[str, float]:
-    text = httpx.get(f"{service.url}/metrics").text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
+    return metric_samples(service.url)
 
 
 # ---------------------------------------------------------------- answers
