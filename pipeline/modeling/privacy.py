@@ -26,14 +26,16 @@ Per-example gradients come from Opacus's hooks on the model's own layers (Linear
 Embedding, LayerNorm, GroupNorm, convolutions; other modules through functorch), so the
 model stays the task's model, its state dict and export unchanged. BatchNorm mixes
 examples and cannot be private: a model with it is refused, naming the setting that
-replaces it (`model.norm=group`); so is an nn.LSTM (text's default model: use
-`model=transformer`). Lightning's gradient-norm clipping is off in a private fit,
-since clipping is per example here.
+replaces it (`model.norm=group`). An nn.LSTM runs as Opacus's DPLSTM for the fit
+(`private_layers`): the same weights under the same names, so checkpoints, export and
+the service see an nn.LSTM's state dict. Lightning's gradient-norm clipping is off in a
+private fit, since clipping is per example here.
 """
 
 from __future__ import annotations
 
 import secrets
+from functools import partial
 
 import pytorch_lightning as pl
 import torch
@@ -45,6 +47,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.lightning import DPLightningDataModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
+from opacus.validators.lstm import fix as dp_lstm
 from pytorch_lightning.callbacks import Callback
 
 from pipeline.tracking.privacy import STATE_KEY
@@ -112,12 +115,44 @@ def check_model(model: torch.nn.Module) -> None:
     if problems:
         said = " ".join(str(p) for p in problems)
         hint = (" (set model.norm=group: GroupNorm in place of BatchNorm)"
-                if "BatchNorm" in said else
-                " (for text model=transformer, for next words model=lm_transformer: an "
-                "LSTM needs Opacus's DPLSTM, not wired in yet)"
-                if "LSTM" in said else "")
+                if "BatchNorm" in said else "")
         raise PrivacyError(f"train.privacy: this model cannot be trained with "
                            f"differential privacy: {problems[0]}{hint}")
+
+
+def private_layers(model: torch.nn.Module) -> list[str]:
+    """Swap each nn.LSTM in `model` for Opacus's DPLSTM (whose per-example gradients
+    Opacus's hooks can take; nn.LSTM's fused kernel hides them), weights copied.
+    Returns the swapped modules' names.
+
+    A DPLSTM keeps its weights in cells (`l0.ih.weight`) and shows them under
+    nn.LSTM's names (`weight_ih_l0`), but only as the top module: inside a model both
+    names reach the state dict. The hooks below keep nn.LSTM's names alone in it, so a
+    checkpoint loads into the task's own model, and give the cells their weights back
+    when a resumed fit loads one."""
+    swapped = {}
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, torch.nn.LSTM):
+            private = dp_lstm(layer)
+            private.register_load_state_dict_pre_hook(_cells_from_lstm_names)
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, private)
+            swapped[name] = private
+    if swapped:
+        model.register_state_dict_post_hook(partial(_lstm_names_only, swapped))
+    return list(swapped)
+
+
+def _lstm_names_only(swapped: dict, model, state_dict, prefix, local_metadata) -> None:
+    for name, layer in swapped.items():
+        for internal in layer.old_to_new:
+            state_dict.pop(f"{prefix}{name}.{internal}", None)
+
+
+def _cells_from_lstm_names(layer, state_dict, prefix, *args) -> None:
+    for internal, public in layer.old_to_new.items():
+        if prefix + public in state_dict:
+            state_dict.setdefault(prefix + internal, state_dict[prefix + public])
 
 
 class DifferentialPrivacy(Callback):
@@ -133,6 +168,7 @@ class DifferentialPrivacy(Callback):
         self.accountant = create_accountant(mechanism=str(privacy.accountant))
         self.restored: dict | None = None
         self.frozen: list[str] = []
+        self.swapped: list[str] = []
         self.facts: dict = {}
         self.hooks: GradSampleModule | None = None
 
@@ -148,7 +184,9 @@ class DifferentialPrivacy(Callback):
         for text's MiniLM vocabulary), which made private training 19.7 times slower
         than plain, 4.1 times frozen (bench/bench_privacy.py); a frozen table started from
         public embeddings is a fixed feature, and DP learns better on good fixed
-        features (Tramer & Boneh 2021)."""
+        features (Tramer & Boneh 2021). And swap nn.LSTMs for DPLSTMs
+        (`private_layers`)."""
+        self.swapped = private_layers(pl_module.model)
         table = getattr(pl_module.model, "embedding", None)
         if not (self.settings.get("freeze_embeddings") and self.public
                 and isinstance(table, torch.nn.Embedding)):

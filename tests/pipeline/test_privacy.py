@@ -25,11 +25,13 @@ from pipeline.modeling.privacy import (
     PrivacyError,
     check_model,
     check_settings,
+    private_layers,
 )
 from pipeline.modeling.training import fit
 from pipeline.stages.evaluate import evaluate, judge
 from pipeline.tasks.image_classification.datamodule import PoissonBatches
 from pipeline.tasks.image_classification.models import CNN
+from pipeline.tasks.text_classification.inference import load_module
 from pipeline.tracking import privacy
 
 EPSILON = 3.0
@@ -173,8 +175,40 @@ def test_a_model_opacus_cannot_take_is_refused_naming_the_setting():
     with pytest.raises(PrivacyError, match=r"model\.norm=group"):
         check_model(CNN(1, 28, 28, 10, norm="batch"))
     check_model(CNN(1, 28, 28, 10, norm="group"))  # GroupNorm: per example
-    with pytest.raises(PrivacyError, match=r"model=transformer"):
-        check_model(torch.nn.LSTM(8, 8))
+    lstm = torch.nn.Module()
+    lstm.inner = torch.nn.LSTM(8, 8, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    expected, _ = lstm.inner(x)
+    assert private_layers(lstm) == ["inner"]  # nn.LSTM hides its per-example gradients
+    check_model(lstm)
+    assert type(lstm.inner).__name__ == "DPLSTM"
+    assert torch.allclose(lstm.inner(x)[0], expected, atol=1e-6)
+    # nn.LSTM's names alone, both ways: a checkpoint loads into either model
+    state = lstm.state_dict()
+    assert set(state) == {f"inner.{n}" for n in ("weight_ih_l0", "weight_hh_l0",
+                                                  "bias_ih_l0", "bias_hh_l0")}
+    plain = torch.nn.Module()
+    plain.inner = torch.nn.LSTM(8, 8, batch_first=True)
+    plain.load_state_dict(state)
+    fresh = torch.nn.Module()
+    fresh.inner = torch.nn.LSTM(8, 8, batch_first=True)
+    private_layers(fresh)
+    fresh.load_state_dict(state)
+    assert torch.allclose(fresh.inner(x)[0], expected, atol=1e-6)
+
+
+def test_the_default_text_lstm_trains_privately_and_is_saved_as_an_lstm(workspace, tmp_path):
+    cfg = train_dir(workspace, tmp_path, *PRIVATE, "train.max_epochs=1")
+    cfg.model = OmegaConf.merge(compose("model=lstm").model,
+                                {"embedding_dim": 16, "hidden_size": 16})
+    spy = Spy()
+    with restored_tracking_uri():
+        report = fit(cfg, Paths(tmp_path), callbacks=[spy])
+    assert spy.optimizers == {"DPOptimizer"} and all(spy.per_example)
+    assert 0 < report["privacy"]["epsilon"] <= EPSILON + 1e-6
+    # the checkpoint holds an nn.LSTM's weights: the task's own model loads it
+    module = load_module(tmp_path / "models/checkpoints/best.ckpt")
+    assert isinstance(module.model.forward_lstm, torch.nn.LSTM)
 
 
 @pytest.mark.slow
