@@ -43,7 +43,8 @@ ABOUT = """Each configuration from a clean copy of the repository: `dvc repro ev
 test set, which neither training nor the choice of round saw. The federated runs
 (`trainer=federated`, simulation mode) deal the training split to clients with
 Dirichlet label skew and train one local epoch per round, as many rounds as the
-centralised fit's epochs: the same passes over the data. Run again:
+centralised fit's epochs: the same passes over the data. Wall times are in the JSON
+only: these runs shared the machine with other work. Run again:
 `python bench/bench_federated.py`."""
 
 
@@ -53,12 +54,10 @@ def as_result(runs: list[dict]) -> Result:
     for r in runs:
         gap = "" if central is None else round(r["accuracy"] - central["accuracy"], 4)
         rows.append([r["name"], " ".join(r["overrides"]), r["accuracy"], gap,
-                     r["val_accuracy"], r["f1_macro"], r["epochs"], r["train_s"],
-                     r["commit"]])
+                     r["val_accuracy"], r["f1_macro"], r["epochs"], r["commit"]])
     table = Table("Test accuracy, federated and centralised",
                   ["configuration", "overrides", "test accuracy", "against centralised",
-                   "validation accuracy", "macro F1", "epochs or rounds", "train (s)",
-                   "commit"], rows)
+                   "validation accuracy", "macro F1", "epochs or rounds", "commit"], rows)
     summary = [[f"federated ({r['name']}, {r['clients']} clients, Dirichlet "
                 f"{r['alpha']}) against centralised, Fashion-MNIST",
                 f"{r['accuracy'] - central['accuracy']:+.4f}"]

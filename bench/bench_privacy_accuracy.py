@@ -71,7 +71,8 @@ then for each privacy budget the same model, epochs and batch size train (DP-SGD
 Opacus: Poisson batches, per-example clipping, the noise multiplier the accountant
 derives from epsilon at delta = 1/(10 x training rows)) and are scored on the test
 split (Fashion-MNIST's own test set, SST-2's dev set), which neither training nor the
-checkpoint's choice saw. "inf" is the same fit without differential privacy. Anchor:
+checkpoint's choice saw. "inf" is the same fit without differential privacy. The
+cost in time is bench/bench_privacy.py's (wall times here are in the JSON only). Anchor:
 Tramèr & Boneh 2021, Fashion-MNIST at epsilon 3, 86.0% for an end-to-end CNN. Run
 again: `python bench/bench_privacy_accuracy.py`."""
 
@@ -84,12 +85,11 @@ def as_result(runs: list[dict]) -> Result:
     rows = [[r["data"], label(r["target_epsilon"]),
              "" if r["epsilon"] is None else round(r["epsilon"], 3),
              "" if r["noise_multiplier"] is None else round(r["noise_multiplier"], 3),
-             r["accuracy"], r["f1_macro"], " ".join(r["overrides"]),
-             r["train_and_evaluate_s"], r["commit"]] for r in runs]
+             r["accuracy"], r["f1_macro"], " ".join(r["overrides"]), r["commit"]]
+            for r in runs]
     table = Table("Test accuracy per privacy budget",
                   ["data", "target epsilon", "epsilon spent", "noise multiplier",
-                   "test accuracy", "macro F1", "overrides", "train + evaluate (s)",
-                   "commit"], rows)
+                   "test accuracy", "macro F1", "overrides", "commit"], rows)
     series = {}
     for r in runs:  # no privacy drawn at epsilon 16, right of the budgets, as a reference
         x = 16.0 if r["target_epsilon"] is None else r["target_epsilon"]
