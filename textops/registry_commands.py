@@ -26,9 +26,13 @@ def announce(name: str, version: str, paths) -> None:
                f"{paths.current} -> {os.readlink(paths.current)}")
 
 
+REASON = typer.Option("", "--reason", help="why, for the audit trail (textops history)")
+
+
 def promote(version: str = typer.Argument(..., help="the registry version, e.g. 3"),
             force: bool = typer.Option(False, "--force", help="promote a version the gate "
-                                       "refused")) -> None:
+                                       "refused"),
+            reason: str = REASON) -> None:
     """Make a registered version the champion and models/current (a running service
     that follows the champion switches to it).
 
@@ -36,32 +40,33 @@ def promote(version: str = typer.Argument(..., help="the registry version, e.g. 
 
       textops history          # find the version
 
-      textops promote 3
+      textops promote 3 --reason "better on last week's labels"
     """
     module, name, paths = registry()
     try:
-        module.promote_version(name, version, paths, force)
+        module.promote_version(name, version, paths, force, reason=reason)
     except module.RegistryError as err:
         raise fail(f"promote: {err}") from err
     announce(name, version, paths)
 
 
 def rollback(version: str = typer.Argument(None, help="a version to return to (default: "
-                                           "the blessed one before the champion)")) -> None:
+                                           "the blessed one before the champion)"),
+             reason: str = REASON) -> None:
     """Move the champion and models/current back.
 
     Examples:
 
       textops rollback         # to the previous blessed version
 
-      textops rollback 2
+      textops rollback 2 --reason "complaints since v3"
     """
     module, name, paths = registry()
     try:
         if version is None:
-            version = module.rollback(name, paths)
+            version = module.rollback(name, paths, reason=reason)
         else:
-            module.promote_version(name, version, paths)
+            module.promote_version(name, version, paths, kind="rollback", reason=reason)
     except module.RegistryError as err:
         raise fail(f"rollback: {err}") from err
     announce(name, version, paths)
@@ -69,7 +74,8 @@ def rollback(version: str = typer.Argument(None, help="a version to return to (d
 
 def history() -> None:
     """Every registered version of the pipeline's model, newest first: its gate verdict,
-    accuracy, and which is the champion.
+    accuracy, and which is the champion; then every move of the champion alias (the
+    audit trail): when, from and to which version, who or what moved it, and why.
 
     Examples:
 
@@ -89,6 +95,13 @@ def history() -> None:
         typer.echo(f"  v{row['version']:<4} {row['registered']}  accuracy "
                    f"{row['accuracy'] or '-':<7} bundle {row['bundle'] or '-'}  "
                    + ", ".join(m for m in marks if m))
+    moves = module.moves(name)
+    if moves:
+        typer.echo("moves of the champion alias:")
+    for move in moves:
+        typer.echo(f"  {move['moved_at'][:19]}Z  v{move['from_version'] or '-'} -> "
+                   f"v{move['to_version']}  {move['kind']} by {move['actor']}: "
+                   f"{move['reason'] or '-'}")
 
 
 COMMANDS = [promote, rollback, history]

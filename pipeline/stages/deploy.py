@@ -169,7 +169,8 @@ def deploy(cfg: DictConfig, paths: Paths) -> dict:
         signed = signing.signed_copy(paths.candidate, Path(tmp) / "bundle", private_key)
         version = register(signed, meta, run_id)
         if blessed:
-            promote(meta["model_name"], version, signed, paths)
+            promote(meta["model_name"], version, signed, paths, kind="deploy",
+                    reason=("blessed by the gate: " + "; ".join(meta["gate"]["reasons"]))[:500])
             prune_store(cfg.deploy.keep_bundles, paths)
     report = {
         "model_name": meta["model_name"],

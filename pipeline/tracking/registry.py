@@ -5,7 +5,9 @@ verdict), promotes a version (the `champion` alias and `models/current`, a symli
 into `models/bundles/` swapped atomically), rolls back to the previous blessed
 version, prunes old bundles from disk, and downloads a registered bundle.
 
-`textops promote`, `textops rollback` and `textops history` are its commands.
+Every move of the champion alias is recorded in the audit trail
+(pipeline/tracking/audit.py). `textops promote`, `textops rollback` and `textops
+history` are its commands.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from PIL import Image
 
 from pipeline import atomic
 from pipeline.config import Paths, git_commit
+from pipeline.tracking import audit
 from serving.bundle import REGISTERED_BUNDLE, Bundle
 from serving.bundle.pyfunc import BundleModel, input_column
 
@@ -127,18 +130,35 @@ def point_current(target: Path, current: Path) -> None:
     os.replace(link, current)
 
 
-def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths) -> Path:
-    """Make `version` the champion and the current bundle."""
+def champion_version(client: mlflow.MlflowClient, model_name: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(model_name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths,
+            kind: str = "deploy", by: str | None = None, reason: str = "",
+            evidence: dict | None = None) -> Path:
+    """Make `version` the champion and the current bundle, and record the move in the
+    audit trail (pipeline/tracking/audit.py): `kind` (deploy, promote, rollback,
+    decision), who or what moved it (`by`) and why. The bundle's registry.json carries
+    the move as its `episode`, which the service shows in /metadata."""
     client = mlflow.MlflowClient()
-    target = store_bundle(bundle_dir, registry_record(client, model_name, version), paths.store)
+    record = registry_record(client, model_name, version)
+    target = store_bundle(bundle_dir, record, paths.store)
+    before = champion_version(client, model_name)
     client.set_registered_model_alias(model_name, CHAMPION, version)
     client.set_model_version_tag(model_name, version, "promoted_at",
                                  dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    move = audit.record(client, model_name, CHAMPION, before, version, kind,
+                        by or audit.actor(kind), reason, evidence)
+    atomic.write_json(target / "registry.json", {**record, "episode": move})
     point_current(target, paths.current)
     return target
 
 
-def rollback(model_name: str, paths: Paths) -> str:
+def rollback(model_name: str, paths: Paths, by: str | None = None, reason: str = "") -> str:
     """Return champion and current to the blessed version before the champion.
 
     A bundle pruned from disk is downloaded again from the registry, into a temporary
@@ -166,6 +186,11 @@ def rollback(model_name: str, paths: Paths) -> str:
     # only once the bundle is on disk: a failed download changes nothing
     client.set_model_version_tag(model_name, str(champion), "rolled_back", "true")
     client.set_registered_model_alias(model_name, CHAMPION, previous)
+    move = audit.record(client, model_name, CHAMPION, str(champion), previous, "rollback",
+                        by or audit.actor("rollback"),
+                        reason or f"back to the blessed version before v{champion}")
+    atomic.write_json(target / "registry.json",
+                      {**registry_record(client, model_name, previous), "episode": move})
     point_current(target, paths.current)
     return previous
 
@@ -183,10 +208,11 @@ def prune_store(keep: int, paths: Paths) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def promote_version(model_name: str, version: str, paths: Paths, force: bool = False) -> Path:
+def promote_version(model_name: str, version: str, paths: Paths, force: bool = False,
+                    kind: str = "promote", by: str | None = None, reason: str = "") -> Path:
     """Make a registered `version` the champion and `models/current` by hand
-    (`textops promote`, `textops rollback VERSION`). A version the gate refused needs
-    `force`: promoting it is a decision someone should have to state."""
+    (`textops promote`, `textops rollback VERSION`: `kind`). A version the gate refused
+    needs `force`: promoting it is a decision someone should have to state."""
     client = mlflow.MlflowClient()
     try:
         found = client.get_model_version(model_name, version)
@@ -198,22 +224,23 @@ def promote_version(model_name: str, version: str, paths: Paths, force: bool = F
                             "pass --force to promote it anyway")
     if found.tags.get("rolled_back"):  # champion again: no longer the one rolled back from
         client.delete_model_version_tag(model_name, str(version), "rolled_back")
+    if force and found.tags.get("blessed") != "true":
+        reason = f"{reason}; " if reason else ""
+        reason += f"forced past the gate ({found.tags.get('gate_reasons') or 'no verdict'})"
+    moved = {"kind": kind, "by": by, "reason": reason or "by hand"}
     target = paths.store / str(version)
     if target.exists():
-        return promote(model_name, str(version), target, paths)
+        return promote(model_name, str(version), target, paths, **moved)
     with tempfile.TemporaryDirectory() as tmp:
         return promote(model_name, str(version), download_bundle(model_name, Path(tmp), version),
-                       paths)
+                       paths, **moved)
 
 
 def history(model_name: str) -> list[dict]:
     """Every registered version, newest first: its verdict, accuracy, the champion and
     when it was promoted or rolled back from (`textops history`)."""
     client = mlflow.MlflowClient()
-    try:
-        champion = str(client.get_model_version_by_alias(model_name, CHAMPION).version)
-    except MlflowException:
-        champion = None
+    champion = champion_version(client, model_name)
     versions = sorted(client.search_model_versions(f"name = '{model_name}'"),
                       key=lambda v: int(v.version), reverse=True)
     return [{"version": str(v.version), "champion": str(v.version) == champion,
@@ -224,3 +251,8 @@ def history(model_name: str) -> list[dict]:
              "promoted_at": v.tags.get("promoted_at"),
              "rolled_back": v.tags.get("rolled_back") == "true",
              "reasons": v.tags.get("gate_reasons", "")} for v in versions]
+
+
+def moves(model_name: str) -> list[dict]:
+    """The champion alias's moves, newest first (`textops history`)."""
+    return audit.moves(mlflow.MlflowClient(), model_name)

@@ -286,8 +286,10 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle):
     assert os.readlink(current) == f"bundles/{v1}"
     assert json.loads((current / "bundle.json").read_text())["version"] == meta["version"]
     record = json.loads((current / "registry.json").read_text())
+    episode = record.pop("episode")
     assert record == {"model_name": name, "registry_version": v1, "mlflow_run_id": run_id,
                       "git_commit": client.get_model_version(name, v1).tags["git_commit"]}
+    assert (episode["from_version"], episode["to_version"]) == (None, v1)
 
     v2 = register_as(meta, False, bundle_dir, run_id)  # an unblessed model: recorded, not promoted
     tags = client.get_model_version(name, v2).tags
@@ -334,6 +336,18 @@ def test_gate_registry_alias_current_and_rollback(own_workspace, bundle):
     assert [(r["champion"], r["blessed"]) for r in rows] == [(False, True), (True, False),
                                                              (False, True)]
     assert "accuracy 0.1 < floor 0.75" in rows[1]["reasons"]
+
+    # the audit trail: every move of the alias, newest first, who moved it and why
+    moves = registry.moves(name)
+    assert [(m["kind"], m["from_version"], m["to_version"]) for m in moves] == [
+        ("promote", v3, v2), ("promote", v1, v3), ("rollback", v3, v1),
+        ("deploy", v1, v3), ("deploy", None, v1)]
+    assert "forced past the gate (accuracy 0.1 < floor 0.75" in moves[0]["reason"]
+    assert moves[2]["reason"] == f"back to the blessed version before v{v3}"
+    assert all(m["actor"] and m["alias"] == "champion" for m in moves)
+    # the live bundle says which move made it the champion (/metadata shows it)
+    episode = json.loads((current / "registry.json").read_text())["episode"]
+    assert episode == moves[0]
 
 
 def make_store(root: Path, versions: range) -> Paths:

@@ -172,6 +172,9 @@ def test_make_deploy_curl_and_undeploy(smoke_repo):
         live = os.readlink(smoke_repo / "models/current").removeprefix("bundles/")
         assert metadata["registry"]["registry_version"] == live
         assert metadata["registry"]["mlflow_run_id"] and metadata["registry"]["git_commit"]
+        # and which move of the champion alias put it there
+        assert metadata["registry"]["episode"]["kind"] == "deploy"
+        assert metadata["registry"]["episode"]["to_version"] == live
         # deploying again replaces the running service
         again = run([*make, "deploy"], smoke_repo, timeout=600)
         assert f"http://127.0.0.1:{port}" in again.stdout
@@ -202,6 +205,11 @@ def test_make_rollback_moves_champion_and_current_back(smoke_repo):
     assert f"champion is now v{previous}" in result.stdout
     assert os.readlink(smoke_repo / "models/current") == f"bundles/{previous}"
     assert int(client.get_model_version_by_alias(name, "champion").version) == previous
+    # the audit trail lists the rollback first, with who moved the alias and why
+    history = run([f"{VENV}/bin/textops", "history"], smoke_repo).stdout
+    moves = history.split("moves of the champion alias:")[1].strip().splitlines()
+    assert f"v{champion} -> v{previous}  rollback by rollback (" in moves[0]
+    assert any(f"-> v{champion}  deploy by deploy (" in line for line in moves[1:])
 
 
 def test_mlflow_models_serve_answers_with_the_champion(smoke_repo, tmp_path):
