@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import typer
 
-from textops import loop_commands, pipeline_commands, registry_commands, serving_commands
+from textops import (
+    label_commands,
+    loop_commands,
+    pipeline_commands,
+    registry_commands,
+    serving_commands,
+)
 from textops.project import enter, find_root, set_verbosity
 
 app = typer.Typer(
@@ -29,7 +35,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v",
     set_verbosity(verbose)
 
 
-for module in (pipeline_commands, serving_commands, registry_commands, loop_commands):
+for module in (pipeline_commands, serving_commands, registry_commands, loop_commands,
+               label_commands):
     for command in module.COMMANDS:
         app.command(**getattr(command, "cli", {}))(command)
 

@@ -1,5 +1,5 @@
-"""The service's own routes: prediction, explanation, feedback, health, metadata,
-metrics, admin reload and the demo page. (The V2 protocol's routes are in
+"""The service's own routes: prediction, explanation, feedback, the label queue,
+health, metadata, metrics, admin reload and the demo page. (The V2 protocol's routes are in
 serving/api/v2.py.)"""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from importlib import resources
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -34,6 +34,7 @@ from serving.api.validation import check_texts
 from serving.bundle import BundleError
 from serving.engine.service import InferenceService
 from serving.errors import ApiError
+from serving.predlog.queue import label_queue
 
 # A classifier's body, or a next-word model's (serving/api/next_word.py)
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
@@ -105,6 +106,23 @@ def router(service: InferenceService, require_key) -> APIRouter:
         rule = label_rule(service.require_bundle())
         items = feedback_items(await http.body(), settings.max_texts, rule)
         return FeedbackResponse(accepted=await service.feedback(items))
+
+    @routes.get("/label-queue", dependencies=[Depends(require_key)])
+    async def label_queue_route(
+            budget: int = Query(20, ge=1, le=1000, description="how many answers"),
+            strategy: str = Query("margin", pattern="^(margin|entropy)$"),
+            scan: int = Query(10_000, ge=1, le=1_000_000,
+                              description="among the newest unlabelled answers")) -> dict:
+        """The logged answers most worth a label (active learning), excluding those
+        already labelled: smallest margin between the top two probabilities first, or
+        largest entropy. Each item carries its request id and position for POST
+        /feedback, and the logged text (normalised and masked, decrypted)."""
+        if not settings.prediction_log:
+            raise ApiError(404, "no_prediction_log", "the prediction log is off "
+                           "(TEXTOPS_PREDICTION_LOG): there is nothing to label")
+        items = await asyncio.to_thread(label_queue, settings.prediction_log,
+                                        settings.log_cipher(), budget, strategy, scan)
+        return {"strategy": strategy, "items": items}
 
     @routes.post("/explain", response_model=ExplainResponse | ImageExplainResponse,
                  dependencies=[Depends(require_key)], openapi_extra=EXPLAIN_BODY)

@@ -268,6 +268,13 @@ class LogStore:
             (answered,) = cursor.fetchone()
         return LiveStats.from_pairs(pairs, logged, answered)
 
+    def rows(self, statement: str, args: tuple = ()) -> list[tuple]:
+        """A read query's rows (`?` placeholders, as SQLite writes them)."""
+        with self.connection:
+            cursor = self.connection.cursor()
+            cursor.execute(self._sql(statement), args)
+            return cursor.fetchall()
+
     def has_request(self, request_id: str) -> bool:
         with self.connection:
             cursor = self.connection.cursor()

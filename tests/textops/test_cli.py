@@ -18,7 +18,7 @@ from textops.cli import app
 from textops.deploy_check import check
 
 COMMANDS = {"run", "deploy", "undeploy", "serve", "predict", "promote", "rollback",
-            "history", "retrain", "tune", "report"}
+            "history", "retrain", "tune", "report", "label-queue", "label-import"}
 TEXTOPS = Path(sys.executable).parent / "textops"
 
 

@@ -1,0 +1,88 @@
+"""The label queue (active learning): the logged answers most worth a label.
+
+A label teaches most where the model was least sure. Among the newest `scan`
+answers that have no label yet, the queue ranks by
+- `margin` (default): the top probability minus the runner-up's, smallest first
+  (Scheffer et al. 2001): the answers a small change would flip;
+- `entropy`: the entropy of the answer's distribution, largest first: unsure across
+  every class (Shannon; Settles 2009's survey compares both).
+A classifier's answer is its class probabilities; a next-word answer, the
+probabilities of the words it suggested (`/generate` continuations carry none and
+are left out). Texts are decrypted with the log's keys, as `make retrain` reads
+them. `GET /label-queue` serves it; `textops label-queue` writes it as Label Studio
+tasks (serving/predlog/label_studio.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+
+from serving.predlog.crypto import LogCipher, opened
+from serving.predlog.store import open_store
+
+STRATEGIES = ("margin", "entropy")
+
+UNLABELLED = """SELECT p.request_id, p.position, p.created, p.model_version, p.text,
+    p.text_sha256, p.probabilities, p.label
+    FROM predictions p LEFT JOIN feedback f
+      ON f.request_id = p.request_id AND f.position = p.position
+    WHERE f.request_id IS NULL
+    ORDER BY p.created DESC
+    LIMIT ?"""
+
+
+def distribution(probabilities: str) -> list[float] | None:
+    """The probabilities a logged answer gave, largest first; None when it has none
+    (a /generate continuation)."""
+    value = orjson.loads(probabilities)
+    if isinstance(value, dict):
+        value = [p for _, p in value.get("next_words") or []]
+    return sorted((float(p) for p in value), reverse=True) or None
+
+
+def margin(ps: list[float]) -> float:
+    return ps[0] - (ps[1] if len(ps) > 1 else 0.0)
+
+
+def entropy(ps: list[float]) -> float:
+    """In nats. A next-word answer lists its top words only: the probability left over
+    counts as one more outcome, so its entropy is a lower bound."""
+    rest = 1.0 - sum(ps)
+    return -sum(p * math.log(p) for p in (*ps, rest) if p > 1e-9)
+
+
+def label_queue(url: str, cipher: LogCipher | None, budget: int, strategy: str = "margin",
+                scan: int = 10_000) -> list[dict]:
+    """Up to `budget` unlabelled answers among the newest `scan`, most worth a label
+    first: {request_id, position, text, predicted, probabilities (largest first),
+    margin, entropy, model_version, created}."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+    store = open_store(url, create=False)
+    try:
+        rows = store.rows(UNLABELLED, (scan,))
+    finally:
+        store.close()
+    keys = ("request_id", "position", "created", "model_version", "text", "text_sha256",
+            "probabilities", "label")
+    candidates = []
+    for row in rows:
+        item = dict(zip(keys, row, strict=True))
+        ps = distribution(item["probabilities"])
+        if ps is None:
+            continue
+        candidates.append({"request_id": item["request_id"], "position": item["position"],
+                           "row": item, "predicted": item["label"], "probabilities": ps,
+                           "margin": margin(ps), "entropy": entropy(ps),
+                           "model_version": item["model_version"],
+                           "created": item["created"]})
+    if strategy == "margin":
+        candidates.sort(key=lambda c: (c["margin"], -c["created"]))
+    else:
+        candidates.sort(key=lambda c: (-c["entropy"], -c["created"]))
+    chosen = candidates[:budget]
+    for item in chosen:  # only what is sent is decrypted
+        item["text"] = opened(item.pop("row"), cipher)["text"]
+    return chosen

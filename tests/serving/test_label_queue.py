@@ -1,0 +1,143 @@
+"""The label queue: the logged answers most worth a label (smallest margin or largest
+entropy first, labelled ones left out, encrypted texts opened), over HTTP, and out to
+Label Studio's task format and back as feedback through `textops`."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import eventually, post_json, running_service
+from cryptography.fernet import Fernet
+
+from serving.predlog import label_studio
+from serving.predlog.crypto import cipher_from
+from serving.predlog.queue import label_queue
+from serving.predlog.store import open_store
+
+TEXTOPS = Path(sys.executable).parent / "textops"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def logged(url: str, answers: dict[str, list[float] | dict], cipher=None) -> None:
+    """One request per text, answered with the given probabilities."""
+    store = open_store(url)
+    rows = []
+    for n, (text, answer) in enumerate(answers.items()):
+        stored = cipher.seal(text) if cipher else text
+        digest = cipher.digest(text) if cipher else f"sha-{n}"
+        rows.append((f"r{n}", 0, 1000.0 + n, "v1", stored, digest,
+                     orjson.dumps(answer).decode(), "top"))
+    store.write_predictions(rows)
+    store.close()
+
+
+def test_the_least_certain_unlabelled_answers_come_first(tmp_path):
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    logged(url, {"sure": [0.99, 0.01], "torn": [0.51, 0.49], "leaning": [0.7, 0.3],
+                 "three ways": [0.34, 0.33, 0.33], "labelled": [0.5, 0.5],
+                 "continued": {"completion": "and so on", "finish_reason": "length"},
+                 "next word": {"next_words": [["sat", 0.4], ["ran", 0.38]]}})
+    store = open_store(url)
+    assert store.record_feedback([("r4", 0, "neg")], created=2000.0) == []
+    store.close()
+    by_margin = label_queue(url, None, budget=4)
+    assert [i["text"] for i in by_margin] == ["three ways", "next word", "torn", "leaning"]
+    assert by_margin[0]["margin"] == pytest.approx(0.01)
+    assert by_margin[0]["request_id"] == "r3" and by_margin[0]["position"] == 0
+    by_entropy = label_queue(url, None, budget=3, strategy="entropy")
+    # the next word's top two leave 0.22 to the rest of the vocabulary: unsure too
+    assert [i["text"] for i in by_entropy] == ["three ways", "next word", "torn"]
+    everything = label_queue(url, None, budget=100)
+    # labelled, and a continuation (no probabilities), are not in the queue
+    assert {i["text"] for i in everything} == {"sure", "torn", "leaning", "three ways",
+                                               "next word"}
+    with pytest.raises(ValueError, match="strategy 'random'"):
+        label_queue(url, None, budget=1, strategy="random")
+
+
+def test_an_encrypted_log_is_queued_in_plaintext_for_whoever_holds_the_key(tmp_path):
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    cipher = cipher_from(Fernet.generate_key().decode(), None)
+    logged(url, {"a private thought": [0.5, 0.5]}, cipher)
+    with sqlite3.connect(tmp_path / "log.db") as db:
+        assert b"private" not in b"".join(r[0].encode() for r in
+                                          db.execute("SELECT text FROM predictions"))
+    (item,) = label_queue(url, cipher, budget=5)
+    assert item["text"] == "a private thought"
+
+
+def test_label_studio_tasks_and_annotations_round_trip():
+    items = [{"request_id": "r1", "position": 2, "text": "fine film", "predicted": "pos",
+              "probabilities": [0.6, 0.4], "model_version": "v1"}]
+    (task,) = label_studio.tasks(items, classifier=True)
+    assert task["data"] == {"text": "fine film", "request_id": "r1", "position": 2}
+    assert task["predictions"][0]["result"][0]["value"] == {"choices": ["pos"]}
+    assert '<Choice value="neg"/>' in label_studio.config(["neg", "pos"])
+    assert "TextArea" in label_studio.config(None)
+    done = {**task, "annotations": [
+        {"result": [{"from_name": "label", "value": {"choices": ["pos"]}}],
+         "updated_at": "2026-12-06T08:00:00Z"},
+        {"result": [{"from_name": "label", "value": {"choices": ["neg"]}}],
+         "updated_at": "2026-12-06T09:00:00Z"}]}
+    skipped = {**task, "annotations": [{"was_cancelled": True, "result": []}]}
+    assert label_studio.feedback_items([done, skipped, task]) == [
+        {"request_id": "r1", "position": 2, "label": "neg"}]  # the latest annotation
+    with pytest.raises(label_studio.ExportError, match="task 0: no data.request_id"):
+        label_studio.feedback_items([{"data": {"text": "x"}}])
+
+
+def test_the_queue_goes_to_label_studio_and_its_labels_come_back(built_bundle, tmp_path):
+    bundle_dir, meta = built_bundle
+    texts = ["good good good", "bad bad bad", "good bad", "bad good good", "plain words"]
+    with running_service(bundle_dir, tmp_path) as service:
+        answer = post_json(service.url, "/predict", {"texts": texts}).json()
+        rid = answer["request_id"]
+        margins = sorted(abs(p["probabilities"][meta["label_names"][0]]
+                             - p["probabilities"][meta["label_names"][1]])
+                         for p in answer["predictions"])
+        queue = eventually(lambda: (q := get_queue(service.url, 5))["items"]
+                           and len(q["items"]) == 5 and q)
+        assert [round(i["margin"], 6) for i in queue["items"]] == \
+            [round(m, 6) for m in margins]
+        first = queue["items"][0]
+        assert first["request_id"] == rid and first["text"] in texts
+        out = tmp_path / "tasks.json"
+        made = subprocess.run([str(TEXTOPS), "label-queue", "--service-url", service.url,
+                               "--budget", "2", "-o", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        tasks = json.loads(out.read_text())
+        assert [t["data"]["position"] for t in tasks] == \
+            [i["position"] for i in queue["items"][:2]]
+        assert "<Choices" in out.with_suffix(".xml").read_text()
+        # a labeller picks the other label for the first task and skips the second
+        other = next(n for n in meta["label_names"] if n != first["predicted"])
+        tasks[0]["annotations"] = [{"result": [{"from_name": "label",
+                                                "value": {"choices": [other]}}]}]
+        export = tmp_path / "export.json"
+        export.write_text(json.dumps(tasks))
+        sent = subprocess.run([str(TEXTOPS), "label-import", str(export), "--service-url",
+                               service.url], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        assert "1 label(s) sent" in sent.stdout
+        with sqlite3.connect(tmp_path / "predictions.db") as db:
+            assert db.execute("SELECT request_id, position, label FROM feedback").fetchall() \
+                == [(rid, first["position"], other)]
+        # a labelled answer leaves the queue
+        after = get_queue(service.url, 5)["items"]
+        assert len(after) == 4 and first["position"] not in [i["position"] for i in after]
+
+
+def get_queue(url: str, budget: int) -> dict:
+    import httpx
+
+    response = httpx.get(f"{url}/label-queue", params={"budget": budget}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()

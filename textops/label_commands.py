@@ -1,0 +1,104 @@
+"""`textops label-queue` and `textops label-import`: the answers most worth a label out
+to Label Studio, and its annotations back to the service as feedback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from textops.project import fail
+
+SERVICE = typer.Option(None, "--service-url", help="the service (default: "
+                       "retrain.service_url)")
+API_KEY = typer.Option(None, "--api-key", envvar="TEXTOPS_API_KEY",
+                       help="the service's API key, when it asks for one")
+
+
+def service_url(given: str | None) -> str:
+    if given:
+        return given.rstrip("/")
+    from pipeline.config import load_params
+
+    return str(load_params().retrain.service_url).rstrip("/")
+
+
+def headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def label_queue(out: Path = typer.Option(Path("label-tasks.json"), "--out", "-o",
+                                         help="the Label Studio tasks file to write"),
+                budget: int = typer.Option(100, "--budget", help="how many answers"),
+                strategy: str = typer.Option("margin", "--strategy",
+                                             help="margin or entropy"),
+                url: str = SERVICE, api_key: str = API_KEY) -> None:
+    """Write the service's label queue (its least certain unlabelled answers) as
+    Label Studio tasks, the model's answer pre-filled, and beside them the labelling
+    configuration to create the project with (OUT with .xml).
+
+    Examples:
+
+      textops label-queue --budget 200 -o tasks.json
+
+      textops label-import export.json    # once labelled, send the labels back
+    """
+    import httpx
+
+    from serving.predlog import label_studio
+
+    base = service_url(url)
+    try:
+        queue = httpx.get(f"{base}/label-queue", params={"budget": budget,
+                          "strategy": strategy}, headers=headers(api_key), timeout=60)
+        meta = httpx.get(f"{base}/metadata", headers=headers(api_key), timeout=30)
+    except httpx.HTTPError as err:
+        raise fail(f"label-queue: {base}: {err}") from err
+    for response in (queue, meta):
+        if response.status_code != 200:
+            raise fail(f"label-queue: {response.request.url}: {response.status_code} "
+                       f"{response.text[:300]}")
+    # a classifier's labels; a next-word model has none (its label is the next word)
+    labels = meta.json().get("label_names") or None
+    items = queue.json()["items"]
+    out.write_text(json.dumps(label_studio.tasks(items, labels is not None), indent=1))
+    out.with_suffix(".xml").write_text(label_studio.config(labels))
+    typer.echo(f"{len(items)} task(s) in {out}; labelling configuration in "
+               f"{out.with_suffix('.xml')}")
+
+
+def label_import(export: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                               help="a Label Studio JSON export"),
+                 url: str = SERVICE, api_key: str = API_KEY) -> None:
+    """Send a Label Studio project's annotations of label-queue tasks to the service
+    as feedback (POST /feedback, 100 at a time).
+
+    Examples:
+
+      textops label-import project-1-at-2026-12-06.json
+    """
+    import httpx
+
+    from serving.predlog.label_studio import ExportError, feedback_items
+
+    try:
+        items = feedback_items(json.loads(export.read_text()))
+    except (ExportError, json.JSONDecodeError) as err:
+        raise fail(f"label-import: {export}: {err}") from err
+    base, sent = service_url(url), 0
+    for start in range(0, len(items), 100):
+        chunk = items[start:start + 100]
+        response = httpx.post(f"{base}/feedback", json=chunk, headers=headers(api_key),
+                              timeout=60)
+        if response.status_code != 200:
+            raise fail(f"label-import: {export}: labels {start}-{start + len(chunk) - 1}"
+                       f" refused ({sent} sent before): {response.status_code} "
+                       f"{response.text[:300]}")
+        sent += response.json()["accepted"]
+    typer.echo(f"{sent} label(s) sent to {base}")
+
+
+label_queue.cli = {"name": "label-queue"}
+label_import.cli = {"name": "label-import"}
+COMMANDS = [label_queue, label_import]
