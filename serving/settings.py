@@ -98,6 +98,13 @@ class Settings(BaseSettings):
 
     drift_window: int = Field(2000, ge=10, description="recent texts compared with training")
 
+    # Shadow mode (serving/engine/shadow.py): a challenger scores every answered
+    # request off the request path; its answers are logged beside the champion's.
+    challenger: str | None = Field(None, description="a bundle directory or models:/ URI "
+                                   "scored in shadow beside the one served")
+    shadow_queue: int = Field(1000, ge=1, description="requests waiting for the challenger; "
+                              "more are dropped and counted, never delayed")
+
     # The prediction log and feedback (serving/predlog/).
     prediction_log: str = Field("sqlite:///run/predictions.db",
                                 description="sqlite:///<path> (relative to the working "

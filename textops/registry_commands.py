@@ -74,8 +74,9 @@ def rollback(version: str = typer.Argument(None, help="a version to return to (d
 
 def history() -> None:
     """Every registered version of the pipeline's model, newest first: its gate verdict,
-    accuracy, and which is the champion; then every move of the champion alias (the
-    audit trail): when, from and to which version, who or what moved it, and why.
+    accuracy, and which is the champion; then every move of the champion and
+    challenger aliases (the audit trail): when, from and to which version, who or what
+    moved it, and why.
 
     Examples:
 
@@ -97,11 +98,65 @@ def history() -> None:
                    + ", ".join(m for m in marks if m))
     moves = module.moves(name)
     if moves:
-        typer.echo("moves of the champion alias:")
+        typer.echo("moves of the aliases:")
     for move in moves:
-        typer.echo(f"  {move['moved_at'][:19]}Z  v{move['from_version'] or '-'} -> "
-                   f"v{move['to_version']}  {move['kind']} by {move['actor']}: "
-                   f"{move['reason'] or '-'}")
+        typer.echo(f"  {move['moved_at'][:19]}Z  {move['alias']}: "
+                   f"v{move['from_version'] or '-'} -> v{move['to_version'] or '-'}  "
+                   f"{move['kind']} by {move['actor']}: {move['reason'] or '-'}")
 
 
-COMMANDS = [promote, rollback, history]
+def challenge(version: str = typer.Argument(..., help="the registry version, e.g. 4"),
+              reason: str = REASON) -> None:
+    """Make a registered version the challenger: a service started with
+    TEXTOPS_CHALLENGER=models:/<name>@challenger scores it in shadow beside the
+    champion, and `textops decide` weighs the two on the labels that come back.
+
+    Examples:
+
+      textops challenge 4 --reason "retrained on November's feedback"
+    """
+    module, name, _ = registry()
+    try:
+        module.set_challenger(name, version, reason=reason)
+    except module.RegistryError as err:
+        raise fail(f"challenge: {err}") from err
+    typer.echo(f"{name} challenger is now v{version}")
+
+
+def decide(log: str = typer.Option(None, "--log", help="the prediction log's URL "
+                                   "(default: TEXTOPS_PREDICTION_LOG, else "
+                                   "retrain.prediction_log)"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="decide and record, move "
+                                        "nothing")) -> None:
+    """Weigh the challenger against the champion on production labels (shadow mode's
+    paired answers) with the sequential test of conf/promotion/, and act: promote it,
+    retire it, or keep collecting. Safe to run after every label or on a schedule.
+
+    Examples:
+
+      textops decide --dry-run
+
+      textops decide           # e.g. from cron, every few minutes
+    """
+    from omegaconf import OmegaConf
+
+    from pipeline.config import load_params
+    from pipeline.promotion.controller import check
+
+    module, name, paths = registry()
+    cfg = load_params()
+    log_url = log or os.environ.get("TEXTOPS_PREDICTION_LOG") or cfg.retrain.prediction_log
+    try:
+        result = check(name, OmegaConf.to_container(cfg.promotion), log_url, paths,
+                       act=not dry_run)
+    except module.RegistryError as err:
+        raise fail(f"decide: {err}") from err
+    if result["outcome"] is None:
+        typer.echo(f"decide: nothing to decide: {result['reason']}")
+        return
+    moved = " (acted)" if result["acted"] else ""
+    typer.echo(f"decide: v{result['challenger']} against champion v{result['champion']}: "
+               f"{result['outcome']}{moved}: {result['reason']}")
+
+
+COMMANDS = [promote, rollback, history, challenge, decide]

@@ -32,12 +32,14 @@ def actor(command: str) -> str:
 
 
 def record(client: mlflow.MlflowClient, model: str, alias: str, from_version: str | None,
-           to_version: str, kind: str, by: str, reason: str,
+           to_version: str | None, kind: str, by: str, reason: str,
            evidence: dict | None = None) -> dict:
-    """Record one move and return it as `moves` lists it. `evidence`: what a decision
-    rested on (counts, statistic, interval), kept as JSON."""
+    """Record one move and return it as `moves` lists it (`to_version` None: the alias
+    was taken away). `evidence`: what a decision rested on (counts, statistic,
+    interval), kept as JSON."""
     move = {"model": model, "alias": alias, "from_version": from_version,
-            "to_version": str(to_version), "kind": kind, "actor": by, "reason": reason,
+            "to_version": None if to_version is None else str(to_version), "kind": kind,
+            "actor": by, "reason": reason,
             "moved_at": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")}
     if evidence is not None:
         move["evidence"] = evidence
@@ -47,8 +49,8 @@ def record(client: mlflow.MlflowClient, model: str, alias: str, from_version: st
             for key, value in move.items() if key != "evidence"}
     if evidence is not None:
         tags["move.evidence"] = json.dumps(evidence, sort_keys=True)
-    run = client.create_run(experiment, tags=tags,
-                            run_name=f"{model}@{alias}: v{from_version or '-'} -> v{to_version}")
+    run = client.create_run(experiment, tags=tags, run_name=f"{model}@{alias}: "
+                            f"v{from_version or '-'} -> v{to_version or '-'}")
     client.set_terminated(run.info.run_id)
     return move
 

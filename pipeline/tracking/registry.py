@@ -32,6 +32,9 @@ from serving.bundle import REGISTERED_BUNDLE, Bundle
 from serving.bundle.pyfunc import BundleModel, input_column
 
 CHAMPION = "champion"
+# A version scored in shadow beside the champion until the evidence from production
+# decides (pipeline/promotion/controller.py): promoted, or retired.
+CHALLENGER = "challenger"
 
 SERVE_REQUIREMENTS = [
     "numpy==2.4.6", "onnxruntime==1.32.0", "tokenizers==0.23.3", "pillow==13.0.0",
@@ -130,11 +133,43 @@ def point_current(target: Path, current: Path) -> None:
     os.replace(link, current)
 
 
-def champion_version(client: mlflow.MlflowClient, model_name: str) -> str | None:
+def champion_version(client: mlflow.MlflowClient, model_name: str,
+                     alias: str = CHAMPION) -> str | None:
+    """The version holding `alias` (the champion by default), None if none does."""
     try:
-        return str(client.get_model_version_by_alias(model_name, CHAMPION).version)
+        return str(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
         return None
+
+
+def set_challenger(model_name: str, version: str, by: str | None = None,
+                   reason: str = "") -> None:
+    """Give registered `version` the challenger alias (`textops challenge`); a
+    service with TEXTOPS_CHALLENGER=models:/<name>@challenger scores it in shadow."""
+    client = mlflow.MlflowClient()
+    try:
+        client.get_model_version(model_name, version)
+    except MlflowException:
+        raise RegistryError(f"{model_name} has no version {version}") from None
+    before = champion_version(client, model_name, CHALLENGER)
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    audit.record(client, model_name, CHALLENGER, before, version, "challenge",
+                 by or audit.actor("challenge"), reason or "by hand")
+
+
+def retire_challenger(model_name: str, outcome: str, by: str, reason: str,
+                      evidence: dict | None = None) -> str:
+    """Take the challenger alias away (promoted, rolled back, or no difference shown)
+    and tag the version with why; returns the version."""
+    client = mlflow.MlflowClient()
+    version = champion_version(client, model_name, CHALLENGER)
+    if version is None:
+        raise RegistryError(f"{model_name} has no challenger")
+    client.delete_registered_model_alias(model_name, CHALLENGER)
+    client.set_model_version_tag(model_name, version, "challenge_outcome", outcome)
+    audit.record(client, model_name, CHALLENGER, version, None, "decision", by, reason,
+                 evidence)
+    return version
 
 
 def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths,
@@ -209,7 +244,8 @@ def prune_store(keep: int, paths: Paths) -> None:
 
 
 def promote_version(model_name: str, version: str, paths: Paths, force: bool = False,
-                    kind: str = "promote", by: str | None = None, reason: str = "") -> Path:
+                    kind: str = "promote", by: str | None = None, reason: str = "",
+                    evidence: dict | None = None) -> Path:
     """Make a registered `version` the champion and `models/current` by hand
     (`textops promote`, `textops rollback VERSION`: `kind`). A version the gate refused
     needs `force`: promoting it is a decision someone should have to state."""
@@ -227,7 +263,7 @@ def promote_version(model_name: str, version: str, paths: Paths, force: bool = F
     if force and found.tags.get("blessed") != "true":
         reason = f"{reason}; " if reason else ""
         reason += f"forced past the gate ({found.tags.get('gate_reasons') or 'no verdict'})"
-    moved = {"kind": kind, "by": by, "reason": reason or "by hand"}
+    moved = {"kind": kind, "by": by, "reason": reason or "by hand", "evidence": evidence}
     target = paths.store / str(version)
     if target.exists():
         return promote(model_name, str(version), target, paths, **moved)

@@ -64,6 +64,7 @@ async def predict_answer(service: InferenceService, body: bytes, offered_id: str
     rid = request_id(offered_id)
     probs, bundle = await service.predict(request.texts)
     service.log_prediction(rid, bundle, request.texts, probs)
+    service.shadow_score(rid, request.texts, probs)
     answer = {"request_id": rid, "model_version": bundle.version,
               "predictions": predictions(bundle.label_names, probs)}
     return orjson.dumps(answer), rid
@@ -86,6 +87,7 @@ async def predict_images(service: InferenceService, bundle: Bundle, body: bytes,
     logged = await images.log_keys(images.file_keys(files), pixels,
                                    settings.prediction_log_images)
     service.log_prediction(rid, used, logged, probs)
+    service.shadow_score(rid, list(pixels), probs)
     answer = {"request_id": rid, "model_version": used.version,
               "predictions": predictions(used.label_names, probs)}
     return orjson.dumps(answer), rid

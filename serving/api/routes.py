@@ -167,8 +167,12 @@ def router(service: InferenceService, require_key) -> APIRouter:
         promoted bundle, its registry record (version, MLflow run, git commit), and what
         every server process serves (`workers`: they follow a new bundle one by one)."""
         bundle = service.require_bundle()
+        shadow = service.shadow
         return {**bundle.meta, "registry": bundle.registry, "precision": bundle.precision,
                 "source": service.source.spec, "identity": service.identity,
+                "challenger": {"version": shadow.version, "mode": "shadow",
+                               "registry": shadow.challenger.registry} if shadow else
+                ({"error": service.shadow_error} if service.shadow_error else None),
                 "workers": await asyncio.to_thread(service.every_worker)}
 
     @routes.get("/metrics", include_in_schema=False)

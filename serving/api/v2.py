@@ -104,6 +104,7 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
         wanted = wanted_outputs(request, OUTPUTS)
         probs, bundle = await service.predict(items)
         service.log_prediction(rid, bundle, keys, probs)
+        service.shadow_score(rid, items, probs)
         tensors = output_tensors(probs, bundle)
         return [tensors[o] for o in wanted], bundle
 

@@ -27,6 +27,7 @@ from serving.engine.batcher import Batcher, QueueFull
 from serving.engine.explain import explain_item, grid
 from serving.engine.following import BundleFollowing
 from serving.engine.generation import Closed, Generation, Generator
+from serving.engine.shadow import Shadow, load_challenger
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
 from serving.monitoring.metrics import ServiceMetrics
@@ -67,6 +68,8 @@ class InferenceService(BundleFollowing):
                                if settings.prediction_log else None)
         if self.prediction_log and self.group:
             self.prediction_log.siblings = True
+        self.shadow: Shadow | None = None  # a challenger in shadow mode
+        self.shadow_error: str | None = None  # why the configured one is not scoring
 
     # ------------------------------------------------------------ lifecycle
 
@@ -89,6 +92,8 @@ class InferenceService(BundleFollowing):
             self.error = str(err)
             log.error("cannot serve yet: %s", err)
             self._report(error=self.error)
+        if s.challenger and self.bundle is not None:
+            await self.start_shadow()
         if s.watch_interval_s > 0:
             self.watcher = asyncio.create_task(self.watch())
         if self.group:
@@ -104,6 +109,8 @@ class InferenceService(BundleFollowing):
             await asyncio.to_thread(self.generator.close, self.settings.request_timeout_s)
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
+        if self.shadow:
+            await asyncio.to_thread(self.shadow.close)
         if self.prediction_log:
             await asyncio.to_thread(self.prediction_log.close)
 
@@ -155,6 +162,25 @@ class InferenceService(BundleFollowing):
         """Queue an answer for the prediction log (when it is on); never blocks."""
         if self.prediction_log:
             self.prediction_log.record(request_id, bundle, texts, probs)
+
+    async def start_shadow(self) -> None:
+        """Load `TEXTOPS_CHALLENGER` beside the champion. A challenger that cannot
+        stand there is logged and named in /metadata; the champion serves on."""
+        try:
+            challenger = await asyncio.to_thread(load_challenger, self.settings, self.bundle)
+        except Exception as err:  # noqa: BLE001 - shadow mode never stops the service
+            self.shadow_error = f"{self.settings.challenger}: {err}"
+            log.error("shadow mode off: %s", self.shadow_error)
+            return
+        self.shadow = Shadow(challenger, self.metrics, self.prediction_log,
+                             self.settings.shadow_queue, self.settings.max_batch_size)
+        log.info("shadow mode: challenger %s scores every answered request",
+                 challenger.version)
+
+    def shadow_score(self, request_id: str, items: list, probs: np.ndarray) -> None:
+        """Offer an answered classifier request to the challenger; never blocks."""
+        if self.shadow is not None:
+            self.shadow.offer(request_id, items, probs)
 
     async def feedback(self, items: list[tuple[str, int, str]]) -> int:
         """Store labels (request_id, position, label), all or none: 404 naming a pair

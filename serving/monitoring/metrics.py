@@ -111,6 +111,12 @@ class ServiceMetrics:
             self.log_dropped.labels(reason)
         self.feedback = Counter("textops_feedback", "labels accepted by POST /feedback",
                                 registry=r)
+        # shadow mode (serving/engine/shadow.py), counted per text
+        self.shadow = Counter("textops_shadow_texts", "texts the challenger scored in "
+                              "shadow, or dropped when it fell behind", ["outcome"],
+                              registry=r)
+        for outcome in ("scored", "dropped", "agreed"):
+            self.shadow.labels(outcome)
         self.live_quality = LiveQuality()
         # The collectors computed at scrape time, from this process's state (the live
         # figures come from the shared database, so any worker's are everyone's).

@@ -45,9 +45,8 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from serving.predlog.schema import IS_SEALED, SEALED
 from serving.predlog.store import (
-    IS_SEALED,
-    SEALED,
     LogStore,
     PredictionLogError,
     open_store,

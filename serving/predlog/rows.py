@@ -4,13 +4,14 @@
 turns one answered request (a classifier's probabilities, or a next-word model's top
 words or continuation) into its `predictions` rows (serving/predlog/store.py has
 the schema), its texts normalised by serving/predlog/normalizer.py and, with the log's
-keys set, encrypted by serving/predlog/crypto.py.
+keys set, encrypted by serving/predlog/crypto.py; `shadow_rows` turns a challenger's
+answer (shadow mode) into its `shadow_predictions` rows.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -26,6 +27,16 @@ if TYPE_CHECKING:
 
     from serving.bundle import Bundle
     from serving.predlog.crypto import LogCipher
+
+
+class ShadowAnswer(NamedTuple):
+    """A challenger's answer to a logged request (shadow mode, serving/engine/shadow.py);
+    `shadow_rows` turns it into rows."""
+
+    request_id: str
+    created: float
+    bundle: Any  # a Bundle
+    probs: Any  # its probabilities, [texts, classes]
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -47,6 +58,14 @@ def answers(bundle: Bundle, probs: np.ndarray | list[NextWordAnswer]) -> list[tu
     names = bundle.label_names
     # the first of ties, as /predict
     return [(names[row.index(max(row))], orjson.dumps(row).decode()) for row in probs.tolist()]
+
+
+def shadow_rows(request_id: str, created: float, bundle: Bundle,
+                probs: np.ndarray) -> list[tuple]:
+    """A challenger's answers to one request (shadow mode), position by position,
+    beside the champion's rows: no text, which the champion's row holds."""
+    return [(request_id, position, created, bundle.version, answer, label)
+            for position, (label, answer) in enumerate(answers(bundle, probs))]
 
 
 def prediction_rows(request_id: str, created: float, bundle: Bundle, texts: list[str],

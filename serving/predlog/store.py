@@ -1,12 +1,15 @@
 """The prediction log's database: its schema, its URLs and one connection to it.
 
-Two tables, the same SQL on SQLite (the default, one file in WAL mode) and PostgreSQL
-(a team's server):
+Three tables, the same SQL on SQLite (the default, one file in WAL mode) and
+PostgreSQL (a team's server; the statements are in serving/predlog/schema.py):
 
     predictions(request_id, position, created, model_version, text, text_sha256,
                 probabilities, label)     one row per text answered
     feedback(request_id, position, label, created)      one row per labelled text;
                                                         a repeated label replaces it
+    shadow_predictions(request_id, position, created, model_version, probabilities,
+                       label)             a challenger's answer in shadow mode, beside
+                                          the champion's row
 
 `text` is the text *after the bundle's own normalisation and masking* (the
 tokenizer.json normalizer: e-mail addresses, URLs and phone numbers are already
@@ -31,78 +34,17 @@ import sqlite3
 from pathlib import Path
 
 from serving.monitoring.live_stats import LiveStats
-
-SEALED = "hmac-sha256:"  # how `text_sha256` starts in an encrypted row (crypto.py)
-# A literal, not a parameter: the query planners use the partial index below only for
-# the very expression it was made with.
-IS_SEALED = f"text_sha256 LIKE '{SEALED}%'"
-
-# DOUBLE PRECISION, not REAL: PostgreSQL's REAL is 4 bytes, which holds unix seconds
-# only to about two minutes. SQLite reads either name as its 8-byte REAL.
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS predictions (
-        request_id TEXT NOT NULL,
-        position INTEGER NOT NULL,
-        created DOUBLE PRECISION NOT NULL,
-        model_version TEXT NOT NULL,
-        text TEXT NOT NULL,
-        text_sha256 TEXT NOT NULL,
-        probabilities TEXT NOT NULL,
-        label TEXT NOT NULL,
-        PRIMARY KEY (request_id, position))""",
-    """CREATE TABLE IF NOT EXISTS feedback (
-        request_id TEXT NOT NULL,
-        position INTEGER NOT NULL,
-        label TEXT NOT NULL,
-        created DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (request_id, position))""",
-    "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created)",
-    "CREATE INDEX IF NOT EXISTS feedback_created ON feedback (created)",
-    # The encrypted rows alone, by time (a partial index, empty while encryption is
-    # off): the check at every start and connection (crypto.newest_sealed) finds the
-    # newest, or that there is none, without reading every row of a plaintext log.
-    f"CREATE INDEX IF NOT EXISTS predictions_sealed ON predictions (created) WHERE {IS_SEALED}",
+from serving.predlog.schema import (
+    FORGET_FEEDBACK,
+    INSERT_PREDICTION,
+    INSERT_SHADOW,
+    LABELLED,
+    ORPHAN_FEEDBACK,
+    ORPHAN_SHADOW,
+    RECENT_LABELS,
+    SCHEMA,
+    UPSERT_FEEDBACK,
 )
-
-# A client reusing a request id replaces its earlier answer: the latest is the one a
-# label sent afterwards refers to, and a label of the earlier answer goes with it.
-FORGET_FEEDBACK = "DELETE FROM feedback WHERE request_id = ? AND position = ?"
-INSERT_PREDICTION = """
-    INSERT INTO predictions (request_id, position, created, model_version, text,
-                             text_sha256, probabilities, label)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (request_id, position) DO UPDATE SET
-        created = excluded.created, model_version = excluded.model_version,
-        text = excluded.text, text_sha256 = excluded.text_sha256,
-        probabilities = excluded.probabilities, label = excluded.label"""
-
-UPSERT_FEEDBACK = """
-    INSERT INTO feedback (request_id, position, label, created) VALUES (?, ?, ?, ?)
-    ON CONFLICT (request_id, position) DO UPDATE SET
-        label = excluded.label, created = excluded.created"""
-
-LABELLED = """
-    SELECT f.request_id, f.position, p.text, p.text_sha256, f.label, p.label,
-           p.model_version, f.created
-    FROM feedback f JOIN predictions p
-         ON p.request_id = f.request_id AND p.position = f.position
-    WHERE f.created > ?
-    ORDER BY f.created, f.request_id, f.position"""
-
-# The latest labels of one model's answers first: live accuracy rests on the most
-# recent window of the model being served, so a promotion starts a window of its own
-# (the old model's mistakes would otherwise keep the retrain trigger firing).
-RECENT_LABELS = """
-    SELECT f.label, p.label
-    FROM feedback f JOIN predictions p
-         ON p.request_id = f.request_id AND p.position = f.position
-    WHERE p.model_version = ?
-    ORDER BY f.created DESC LIMIT ?"""
-
-ORPHAN_FEEDBACK = """
-    DELETE FROM feedback WHERE NOT EXISTS (
-        SELECT 1 FROM predictions p
-        WHERE p.request_id = feedback.request_id AND p.position = feedback.position)"""
 
 
 class PredictionLogError(RuntimeError):
@@ -203,6 +145,12 @@ class LogStore:
             self._executemany(cursor, FORGET_FEEDBACK, [row[:2] for row in rows])
             self._executemany(cursor, INSERT_PREDICTION, rows)
 
+    def write_shadow(self, rows: list[tuple]) -> None:
+        """A challenger's answers (request_id, position, created, model_version,
+        probabilities, label) beside the champion's."""
+        with self.connection:
+            self._executemany(self.connection.cursor(), INSERT_SHADOW, rows)
+
     def record_feedback(self, items: list[tuple[str, int, str]], created: float
                         ) -> list[tuple[str, int]]:
         """Store (request_id, position, label) labels, all or none: the (request_id,
@@ -239,6 +187,7 @@ class LogStore:
                 deleted += cursor.rowcount
             if deleted:
                 cursor.execute(ORPHAN_FEEDBACK)
+                cursor.execute(ORPHAN_SHADOW)
         return deleted
 
     # ------------------------------------------------------------ reading

@@ -29,7 +29,7 @@ from serving.monitoring.live_stats import LiveStats
 from serving.predlog.crypto import LogCipher, check_store
 from serving.predlog.feedback import FeedbackStore, LogBehind
 from serving.predlog.normalizer import Normalizing
-from serving.predlog.rows import prediction_rows, sampled
+from serving.predlog.rows import ShadowAnswer, prediction_rows, sampled, shadow_rows
 from serving.predlog.store import LogStore, check_url, open_store, redacted
 
 if TYPE_CHECKING:
@@ -113,6 +113,16 @@ class PredictionLog:
             self.queue.put_nowait((request_id, time.time(), bundle, texts, probs))
         except queue.Full:
             self.queue_full.inc(len(texts))
+
+    def record_shadow(self, request_id: str, bundle: Bundle, probs: np.ndarray) -> None:
+        """Queue a challenger's answer to a request the champion answered; sampled as
+        the champion's answers are, so that every logged answer has its pair."""
+        if not sampled(request_id, self.sample):
+            return
+        try:
+            self.queue.put_nowait(ShadowAnswer(request_id, time.time(), bundle, probs))
+        except queue.Full:
+            self.queue_full.inc(len(probs))
 
     def refresh_stats(self) -> None:
         """Read the live figures again now, not at the next interval: another worker
@@ -211,6 +221,20 @@ class PredictionLog:
         return self.store
 
     def _write(self, entries: list[tuple]) -> None:
+        shadows = [entry for entry in entries if isinstance(entry, ShadowAnswer)]
+        answers = [entry for entry in entries if not isinstance(entry, ShadowAnswer)]
+        if answers:  # first: a challenger's rows sit beside the champion's
+            self._write_answers(answers)
+        if shadows:
+            try:
+                self._connection().write_shadow(
+                    [row for s in shadows for row in shadow_rows(*s)])
+            except Exception as err:  # noqa: BLE001 - the log drops entries, never fails
+                self._failed(err, sum(len(s.probs) for s in shadows))
+                return
+            self._recovered()
+
+    def _write_answers(self, entries: list[tuple]) -> None:
         count = sum(len(entry[3]) for entry in entries)
         try:
             normalized = self.normalizing(entries)

@@ -207,8 +207,8 @@ def test_make_rollback_moves_champion_and_current_back(smoke_repo):
     assert int(client.get_model_version_by_alias(name, "champion").version) == previous
     # the audit trail lists the rollback first, with who moved the alias and why
     history = run([f"{VENV}/bin/textops", "history"], smoke_repo).stdout
-    moves = history.split("moves of the champion alias:")[1].strip().splitlines()
-    assert f"v{champion} -> v{previous}  rollback by rollback (" in moves[0]
+    moves = history.split("moves of the aliases:")[1].strip().splitlines()
+    assert f"champion: v{champion} -> v{previous}  rollback by rollback (" in moves[0]
     assert any(f"-> v{champion}  deploy by deploy (" in line for line in moves[1:])
 
 

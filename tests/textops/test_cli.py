@@ -18,7 +18,8 @@ from textops.cli import app
 from textops.deploy_check import check
 
 COMMANDS = {"run", "deploy", "undeploy", "serve", "predict", "promote", "rollback",
-            "history", "retrain", "tune", "report", "label-queue", "label-import"}
+            "history", "retrain", "tune", "report", "label-queue", "label-import",
+            "challenge", "decide"}
 TEXTOPS = Path(sys.executable).parent / "textops"
 
 

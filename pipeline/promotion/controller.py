@@ -1,0 +1,98 @@
+"""The promotion controller: the challenger against the champion on the labels that
+came back from production, decided by the sequential rule (sequential.py), and acted
+on without a person (`textops decide`, run by hand, by cron or a CronJob).
+
+In shadow mode the service logs both models' answers under one request id
+(serving/engine/shadow.py); each label a user sends through /feedback pairs them.
+The controller counts the pairs of the current champion and challenger (by their
+bundle versions, which the log records), asks `decide`, and:
+- **promote**: the champion alias moves to the challenger (kind `decision`, with the
+  evidence) and the challenger alias is taken away; services following the champion
+  switch to it;
+- **rollback** or **stop_no_difference**: the challenger alias is taken away and the
+  version tagged with the outcome;
+- **continue**: nothing moves.
+Every decision, acted on or not, is an MLflow run in the `promotion-decisions`
+experiment (counts, e-value, p-value, effect and interval) and the challenger
+version's `decision` tag; the moves go to the audit trail (pipeline/tracking/audit.py).
+The rule depends on the counts alone, so checking after every label, or once a day,
+keeps its error rates.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+
+from pipeline.config import Paths
+from pipeline.promotion.sequential import PROMOTE, ROLLBACK, STOP, Paired, Rule, decide
+from pipeline.tracking import audit, registry
+from serving.predlog.schema import PAIRED_LABELS
+from serving.predlog.store import open_store
+
+EXPERIMENT = "promotion-decisions"
+
+
+def paired_counts(log_url: str, champion_bundle: str, challenger_bundle: str) -> Paired:
+    """The labelled requests both bundles answered: n, b (only the challenger right),
+    c (only the champion right)."""
+    store = open_store(log_url, create=False)
+    try:
+        rows = store.rows(PAIRED_LABELS, (champion_bundle, challenger_bundle))
+    finally:
+        store.close()
+    return Paired.from_outcomes([label == champion for label, champion, _ in rows],
+                                [label == challenger for label, _, challenger in rows])
+
+
+def bundle_version(client: mlflow.MlflowClient, name: str, version: str) -> str:
+    """The bundle version (what the prediction log records) of a registry version."""
+    found = client.get_model_version(name, version).tags.get("bundle_version")
+    if not found:
+        raise registry.RegistryError(f"{name} v{version} has no bundle_version tag")
+    return found
+
+
+def record_decision(client: mlflow.MlflowClient, name: str, champion: str, challenger: str,
+                    evidence: dict) -> None:
+    found = client.get_experiment_by_name(EXPERIMENT)
+    experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+    run = client.create_run(experiment, run_name=f"{name}: v{challenger} against "
+                            f"v{champion}: {evidence['outcome']}",
+                            tags={"model": name, "champion": champion,
+                                  "challenger": challenger, "outcome": evidence["outcome"],
+                                  "reason": evidence["reason"][:5000]})
+    for key in ("n", "b", "c", "labels", "e_value", "p_value", "effect", "lower", "upper"):
+        if isinstance(evidence.get(key), int | float):
+            client.log_metric(run.info.run_id, key, float(evidence[key]))
+    client.set_terminated(run.info.run_id)
+    client.set_model_version_tag(name, challenger, "decision",
+                                 json.dumps(evidence, sort_keys=True))
+
+
+def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = True) -> dict:
+    """Decide on the challenger now; act on it unless `act` is False. Returns the
+    decision with the two versions, and whether it moved anything."""
+    client = mlflow.MlflowClient()
+    champion = registry.champion_version(client, name)
+    challenger = registry.champion_version(client, name, registry.CHALLENGER)
+    if challenger is None or champion is None:
+        return {"outcome": None, "champion": champion, "challenger": challenger,
+                "reason": f"{name} has no {'challenger' if champion else 'champion'}"}
+    if promotion["mode"] != "shadow":
+        raise SystemExit("decide: promotion.mode=canary has no serving side yet; use shadow")
+    counts = paired_counts(log_url, bundle_version(client, name, champion),
+                           bundle_version(client, name, challenger))
+    decision = decide(counts, Rule.from_config(promotion))
+    evidence = decision.as_dict()
+    record_decision(client, name, champion, challenger, evidence)
+    result = {"champion": champion, "challenger": challenger, **evidence, "acted": False}
+    if not act or decision.outcome not in (PROMOTE, ROLLBACK, STOP):
+        return result
+    by = audit.actor("decide")
+    if decision.outcome == PROMOTE:
+        registry.promote_version(name, challenger, paths, kind="decision", by=by,
+                                 reason=decision.reason, evidence=evidence)
+    registry.retire_challenger(name, decision.outcome, by, decision.reason, evidence)
+    return {**result, "acted": True}

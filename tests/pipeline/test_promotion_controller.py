@@ -1,0 +1,112 @@
+"""The promotion controller on a real registry and prediction log: a challenger better
+on the paired labels is promoted, a worse one retired, too few labels move nothing;
+every decision is recorded and every move is in the audit trail."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlflow
+import pytest
+from omegaconf import OmegaConf
+from test_deploy import bundle, own_workspace, register_as  # noqa: F401 - fixtures
+
+from pipeline.config import Paths, compose
+from pipeline.promotion.controller import EXPERIMENT, check, paired_counts
+from pipeline.tracking import registry
+from pipeline.tracking.lineage import training_run
+from serving.predlog.store import open_store
+
+PROMOTION = OmegaConf.to_container(compose([]).promotion)
+
+
+def with_version(meta: dict, version: str) -> dict:
+    return {**json.loads(json.dumps(meta)), "version": version}
+
+
+def log_pairs(url: str, champion: str, challenger: str, outcomes: list[tuple[bool, bool]],
+              start: int = 0) -> None:
+    """Labelled requests both models answered: (champion right, challenger right)."""
+    store = open_store(url)
+    predictions, shadows, labels = [], [], []
+    for n, (champion_right, challenger_right) in enumerate(outcomes, start):
+        rid = f"req-{n}"
+        predictions.append((rid, 0, float(n), champion, "a text", f"sha{n}", "[0.6, 0.4]",
+                            "pos" if champion_right else "neg"))
+        shadows.append((rid, 0, float(n), challenger, "[0.3, 0.7]",
+                        "pos" if challenger_right else "neg"))
+        labels.append((rid, 0, "pos"))
+    store.write_predictions(predictions)
+    store.write_shadow(shadows)
+    assert store.record_feedback(labels, created=1e6) == []
+    store.close()
+
+
+@pytest.fixture
+def registered(own_workspace, bundle):  # noqa: F811 - the fixtures imported above
+    """v1 the champion, v2 another blessed version (its own bundle version), and the
+    log a shadow-mode service would have written."""
+    path, cfg = own_workspace
+    paths = Paths(path)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    bundle_dir, meta = path / "models/candidate", bundle[1]
+    run_id = training_run(cfg.mlflow.experiment, paths.checkpoint)
+    v1 = register_as(with_version(meta, "champ-1"), True, bundle_dir, run_id)
+    registry.promote(meta["model_name"], v1, bundle_dir, paths)
+    v2 = register_as(with_version(meta, "chall-2"), True, bundle_dir, run_id)
+    log = f"sqlite:///{path / 'predictions.db'}"
+    return meta["model_name"], paths, log, v1, v2
+
+
+def test_a_better_challenger_is_promoted_on_paired_labels(registered):
+    name, paths, log, v1, v2 = registered
+    registry.set_challenger(name, v2, reason="retrained on feedback")
+    # 40 requests only the challenger got right, 4 only the champion, 120 both
+    log_pairs(log, "champ-1", "chall-2", [(False, True)] * 40 + [(True, False)] * 4
+              + [(True, True)] * 120)
+    assert paired_counts(log, "champ-1", "chall-2").b == 40
+    result = check(name, PROMOTION, log, paths)
+    assert result["outcome"] == "promote" and result["acted"]
+    assert (result["n"], result["b"], result["c"]) == (164, 40, 4)
+    assert result["lower"] > 0 and result["p_value"] < 0.05
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+    assert os.readlink(paths.current) == f"bundles/{v2}"
+    assert registry.champion_version(client, name, registry.CHALLENGER) is None
+    tags = client.get_model_version(name, v2).tags
+    assert tags["challenge_outcome"] == "promote"
+    assert json.loads(tags["decision"])["b"] == 40
+    # the audit trail: the challenge, the promotion with its evidence, the alias taken away
+    moves = registry.moves(name)
+    assert [(m["alias"], m["kind"], m["from_version"], m["to_version"]) for m in moves[:3]] \
+        == [("challenger", "decision", v2, None), ("champion", "decision", v1, v2),
+            ("challenger", "challenge", None, v2)]
+    assert moves[1]["evidence"]["outcome"] == "promote"
+    assert moves[1]["reason"].startswith("challenger better")
+    decisions = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert decisions[0].data.metrics["b"] == 40
+
+
+def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
+    name, paths, log, v1, v2 = registered
+    registry.set_challenger(name, v2)
+    log_pairs(log, "champ-1", "chall-2", [(True, False)] * 10 + [(True, True)] * 20)
+    waiting = check(name, PROMOTION, log, paths)  # 30 labels, under min_labels
+    assert waiting["outcome"] == "continue" and not waiting["acted"]
+    assert "of the 100 labels needed" in waiting["reason"]
+    client = mlflow.MlflowClient()
+    assert registry.champion_version(client, name, registry.CHALLENGER) == v2
+    log_pairs(log, "champ-1", "chall-2", [(True, False)] * 40 + [(True, True)] * 100,
+              start=30)
+    dry = check(name, PROMOTION, log, paths, act=False)
+    assert dry["outcome"] == "rollback" and not dry["acted"]
+    assert registry.champion_version(client, name, registry.CHALLENGER) == v2
+    retired = check(name, PROMOTION, log, paths)
+    assert retired["outcome"] == "rollback" and retired["acted"] and retired["upper"] < 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert registry.champion_version(client, name, registry.CHALLENGER) is None
+    assert client.get_model_version(name, v2).tags["challenge_outcome"] == "rollback"
+    assert registry.moves(name)[0]["kind"] == "decision"
+    nothing = check(name, PROMOTION, log, paths)
+    assert nothing["outcome"] is None and "no challenger" in nothing["reason"]
