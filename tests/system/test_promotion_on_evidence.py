@@ -1,0 +1,111 @@
+"""Promotion on evidence, end to end: a challenger in shadow on real traffic, labels
+through /feedback, and the controller moving the registry without a person. A better
+challenger is promoted while every concurrent request is answered; a worse one is
+rolled back; the audit trail shows both with their evidence."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import sys
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
+from conftest import eventually, metric_samples, post_json, running_service  # noqa: E402
+from test_deploy import own_workspace, register_as  # noqa: E402,F401 - a fixture
+
+from pipeline.config import Paths, compose  # noqa: E402
+from pipeline.data.splits import column, load_splits  # noqa: E402
+from pipeline.promotion.controller import check  # noqa: E402
+from pipeline.stages import deploy  # noqa: E402
+from pipeline.tracking import registry  # noqa: E402
+from pipeline.tracking.lineage import training_run  # noqa: E402
+
+PROMOTION = OmegaConf.to_container(compose([]).promotion)
+
+
+@pytest.fixture
+def two_models(own_workspace, built_bundle):  # noqa: F811 - the fixture imported above
+    """The workspace's model, and the same model with its two classes swapped (wrong
+    nearly always), each a bundle; and the labelled texts to send."""
+    path, cfg = own_workspace
+    paths = Paths(path)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    run_id = training_run(cfg.mlflow.experiment, paths.checkpoint)  # before the swap
+    checkpoint = torch.load(paths.checkpoint, map_location="cpu", weights_only=False)
+    for key in ("model.classifier.weight", "model.classifier.bias"):
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key].flip(0)
+    torch.save(checkpoint, paths.checkpoint)
+    swapped_meta = deploy.build_bundle(cfg, paths)
+    swapped = Path(shutil.copytree(paths.candidate, path / "swapped"))
+    good, good_meta = built_bundle
+    test = load_splits(paths.processed)["test"]
+    names = good_meta["label_names"]
+    labelled = list(zip(column(test, "text"), [names[i] for i in column(test, "label")],
+                        strict=True))
+    v1 = register_as(swapped_meta, True, swapped, run_id)
+    registry.promote(good_meta["model_name"], v1, swapped, paths)
+    v2 = register_as(good_meta, True, good, run_id)
+    return path, good_meta["model_name"], (v1, swapped), (v2, good), labelled * 3
+
+
+def traffic(url: str, labelled: list[tuple[str, str]]) -> set[int]:
+    """One text per request from 8 clients at once, each answer then labelled with the
+    truth; the statuses of every request."""
+    def one(item):
+        text, truth = item
+        answer = post_json(url, "/predict", {"texts": [text]})
+        if answer.status_code != 200:
+            return answer.status_code
+        return post_json(url, "/feedback", {"request_id": answer.json()["request_id"],
+                                            "label": truth}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return set(pool.map(one, labelled))
+
+
+def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models, tmp_path):
+    path, name, (v1, swapped), (v2, good), labelled = two_models
+    paths, log = Paths(path), f"sqlite:///{tmp_path / 'predictions.db'}"
+    client = mlflow.MlflowClient()
+
+    # the champion is the swapped model; the workspace's model challenges it
+    registry.set_challenger(name, v2, reason="test: the better model")
+    with running_service(paths.current, tmp_path, challenger=good,
+                         watch_interval_s=0.2) as service:
+        assert traffic(service.url, labelled) == {200}
+        eventually(lambda: metric_samples(service.url)[
+            'textops_shadow_texts_total{outcome="scored"}'] == len(labelled))
+        decision = check(name, PROMOTION, log, paths)
+        assert decision["outcome"] == "promote" and decision["acted"], decision
+        assert decision["b"] > 0.8 * len(labelled) and decision["lower"] > 0
+        assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+        # the service follows models/current to the promoted model, answering meanwhile
+        good_version = client.get_model_version(name, v2).tags["bundle_version"]
+        eventually(lambda: httpx.get(f"{service.url}/metadata", timeout=5)
+                   .json()["version"] == good_version, timeout=30)
+
+    # now the swapped model challenges the promoted one, and loses
+    registry.set_challenger(name, v1, reason="test: the worse model")
+    with running_service(paths.current, tmp_path, challenger=swapped) as service:
+        assert traffic(service.url, labelled) == {200}
+        eventually(lambda: metric_samples(service.url)[
+            'textops_shadow_texts_total{outcome="scored"}'] == len(labelled))
+        decision = check(name, PROMOTION, log, paths)
+    assert decision["outcome"] == "rollback" and decision["acted"], decision
+    assert decision["upper"] < 0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+    assert registry.champion_version(client, name, registry.CHALLENGER) is None
+
+    # the history: both decisions, with their evidence
+    decided = [m for m in registry.moves(name) if m["kind"] == "decision"]
+    assert [(m["alias"], m["from_version"], m["to_version"], m["evidence"]["outcome"])
+            for m in decided] == [("challenger", v1, None, "rollback"),
+                                  ("challenger", v2, None, "promote"),
+                                  ("champion", v1, v2, "promote")]
