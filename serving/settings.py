@@ -104,6 +104,12 @@ class Settings(BaseSettings):
                                    "scored in shadow beside the one served")
     shadow_queue: int = Field(1000, ge=1, description="requests waiting for the challenger; "
                               "more are dropped and counted, never delayed")
+    # Canary mode (serving/engine/canary.py): the challenger answers a share instead.
+    challenger_mode: str = Field("shadow", pattern="^(shadow|canary)$",
+                                 description="shadow: scored beside every answer; canary: "
+                                 "answers canary_share of the requests")
+    canary_share: float = Field(0.1, gt=0, lt=1, description="canary mode: the share of "
+                                "client keys (X-Client-Key) the challenger answers")
 
     # The prediction log and feedback (serving/predlog/).
     prediction_log: str = Field("sqlite:///run/predictions.db",

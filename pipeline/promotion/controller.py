@@ -3,9 +3,11 @@ came back from production, decided by the sequential rule (sequential.py), and a
 on without a person (`textops decide`, run by hand, by cron or a CronJob).
 
 In shadow mode the service logs both models' answers under one request id
-(serving/engine/shadow.py); each label a user sends through /feedback pairs them.
-The controller counts the pairs of the current champion and challenger (by their
-bundle versions, which the log records), asks `decide`, and:
+(serving/engine/shadow.py); each label a user sends through /feedback pairs them. In
+canary mode each request was answered by one of them (serving/engine/canary.py), and
+each model's labelled answers count on their own. The controller counts them for the
+current champion and challenger (by their bundle versions, which the log records),
+asks `decide` (`promotion.mode` picks the test), and:
 - **promote**: the champion alias moves to the challenger (kind `decision`, with the
   evidence) and the challenger alias is taken away; services following the champion
   switch to it;
@@ -26,9 +28,17 @@ import json
 import mlflow
 
 from pipeline.config import Paths
-from pipeline.promotion.sequential import PROMOTE, ROLLBACK, STOP, Paired, Rule, decide
+from pipeline.promotion.sequential import (
+    PROMOTE,
+    ROLLBACK,
+    STOP,
+    Paired,
+    Rule,
+    Unpaired,
+    decide,
+)
 from pipeline.tracking import audit, registry
-from serving.predlog.schema import PAIRED_LABELS
+from serving.predlog.schema import CANARY_LABELS, PAIRED_LABELS
 from serving.predlog.store import open_store
 
 EXPERIMENT = "promotion-decisions"
@@ -44,6 +54,19 @@ def paired_counts(log_url: str, champion_bundle: str, challenger_bundle: str) ->
         store.close()
     return Paired.from_outcomes([label == champion for label, champion, _ in rows],
                                 [label == challenger for label, _, challenger in rows])
+
+
+def canary_counts(log_url: str, champion_bundle: str, challenger_bundle: str) -> Unpaired:
+    """Each model's labelled answers and how many were right (canary mode)."""
+    store = open_store(log_url, create=False)
+    try:
+        rows = store.rows(CANARY_LABELS, (champion_bundle, challenger_bundle))
+    finally:
+        store.close()
+    counts = {version: (int(n), int(right or 0)) for version, n, right in rows}
+    champion = counts.get(champion_bundle, (0, 0))
+    challenger = counts.get(challenger_bundle, (0, 0))
+    return Unpaired(champion[0], champion[1], challenger[0], challenger[1])
 
 
 def bundle_version(client: mlflow.MlflowClient, name: str, version: str) -> str:
@@ -63,7 +86,9 @@ def record_decision(client: mlflow.MlflowClient, name: str, champion: str, chall
                             tags={"model": name, "champion": champion,
                                   "challenger": challenger, "outcome": evidence["outcome"],
                                   "reason": evidence["reason"][:5000]})
-    for key in ("n", "b", "c", "labels", "e_value", "p_value", "effect", "lower", "upper"):
+    for key in ("n", "b", "c", "champion_n", "champion_right", "challenger_n",
+                "challenger_right", "labels", "e_value", "p_value", "effect", "lower",
+                "upper"):
         if isinstance(evidence.get(key), int | float):
             client.log_metric(run.info.run_id, key, float(evidence[key]))
     client.set_terminated(run.info.run_id)
@@ -80,10 +105,9 @@ def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = Tr
     if challenger is None or champion is None:
         return {"outcome": None, "champion": champion, "challenger": challenger,
                 "reason": f"{name} has no {'challenger' if champion else 'champion'}"}
-    if promotion["mode"] != "shadow":
-        raise SystemExit("decide: promotion.mode=canary has no serving side yet; use shadow")
-    counts = paired_counts(log_url, bundle_version(client, name, champion),
-                           bundle_version(client, name, challenger))
+    count = paired_counts if promotion["mode"] == "shadow" else canary_counts
+    counts = count(log_url, bundle_version(client, name, champion),
+                   bundle_version(client, name, challenger))
     decision = decide(counts, Rule.from_config(promotion))
     evidence = decision.as_dict()
     record_decision(client, name, champion, challenger, evidence)

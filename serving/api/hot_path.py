@@ -43,15 +43,17 @@ JSON = (b"content-type", b"application/json")
 
 
 async def predict_answer(service: InferenceService, body: bytes, offered_id: str | None,
-                         content_type: str | None = None, scope: dict | None = None
-                         ) -> tuple[bytes, str]:
+                         content_type: str | None = None, scope: dict | None = None,
+                         client_key: str | None = None) -> tuple[bytes, str]:
     """The JSON answer to a /predict body and its request id; ApiError if refused. An
     image bundle takes images (serving/api/images.py), any other texts; a next-word
-    bundle answers their next words (serving/api/next_word.py)."""
+    bundle answers their next words (serving/api/next_word.py). `client_key`
+    (X-Client-Key) keeps a client with one model while a canary runs."""
     settings = service.settings
     bundle = service.bundle
     if bundle is not None and bundle.task.items == "images":
-        return await predict_images(service, bundle, body, offered_id, content_type, scope)
+        return await predict_images(service, bundle, body, offered_id, content_type, scope,
+                                    client_key)
     if bundle is not None and bundle.decoder is not None:  # a next-word model
         return await predict_next_words(service, bundle, body, offered_id)
     if not body:
@@ -62,17 +64,18 @@ async def predict_answer(service: InferenceService, body: bytes, offered_id: str
         raise invalid(err) from None
     check_texts(request.texts, settings.max_texts, settings.max_chars)
     rid = request_id(offered_id)
-    probs, bundle = await service.predict(request.texts)
+    probs, bundle = await service.predict(request.texts, client_key or rid)
     service.log_prediction(rid, bundle, request.texts, probs)
     service.shadow_score(rid, request.texts, probs)
-    answer = {"request_id": rid, "model_version": bundle.version,
+    answer = {"request_id": rid, "model_version": bundle.version, **service.role(bundle),
               "predictions": predictions(bundle.label_names, probs)}
     return orjson.dumps(answer), rid
 
 
 async def predict_images(service: InferenceService, bundle: Bundle, body: bytes,
                          offered_id: str | None, content_type: str | None,
-                         scope: dict | None) -> tuple[bytes, str]:
+                         scope: dict | None, client_key: str | None = None
+                         ) -> tuple[bytes, str]:
     settings = service.settings
     if content_type and content_type.startswith(images.MULTIPART) and scope is not None:
         files = await images.from_multipart(scope, body, settings.max_images)
@@ -83,12 +86,12 @@ async def predict_images(service: InferenceService, bundle: Bundle, body: bytes,
     images.check(files, settings)
     pixels = await images.decode(bundle, files)
     rid = request_id(offered_id)
-    probs, used = await service.predict(list(pixels))
+    probs, used = await service.predict(list(pixels), client_key or rid)
     logged = await images.log_keys(images.file_keys(files), pixels,
                                    settings.prediction_log_images)
     service.log_prediction(rid, used, logged, probs)
     service.shadow_score(rid, list(pixels), probs)
-    answer = {"request_id": rid, "model_version": used.version,
+    answer = {"request_id": rid, "model_version": used.version, **service.role(used),
               "predictions": predictions(used.label_names, probs)}
     return orjson.dumps(answer), rid
 
@@ -121,7 +124,8 @@ class PredictHotPath:
             body = await self.read_body(headers, receive)
             answer, rid = await predict_answer(self.service, body,
                                                _text(headers.get(b"x-request-id")),
-                                               _text(headers.get(b"content-type")), scope)
+                                               _text(headers.get(b"content-type")), scope,
+                                               _text(headers.get(b"x-client-key")))
         except ClientGone:
             status = 499  # nginx's "client closed request": nobody to answer
         except ApiError as err:

@@ -93,7 +93,8 @@ def router(service: InferenceService, require_key) -> APIRouter:
         routing; this declaration documents it and shares its code."""
         answer, rid = await predict_answer(service, await http.body(),
                                            http.headers.get("x-request-id"),
-                                           http.headers.get("content-type"), http.scope)
+                                           http.headers.get("content-type"), http.scope,
+                                           http.headers.get("x-client-key"))
         return Response(answer, media_type="application/json", headers={"X-Request-ID": rid})
 
     @routes.post("/feedback", response_model=FeedbackResponse,
@@ -167,12 +168,13 @@ def router(service: InferenceService, require_key) -> APIRouter:
         promoted bundle, its registry record (version, MLflow run, git commit), and what
         every server process serves (`workers`: they follow a new bundle one by one)."""
         bundle = service.require_bundle()
-        shadow = service.shadow
+        beside = service.shadow or service.canary
+        challenger = {"version": beside.version, "registry": beside.challenger.registry,
+                      "mode": "shadow" if service.shadow else "canary"} if beside else (
+            {"error": service.shadow_error} if service.shadow_error else None)
         return {**bundle.meta, "registry": bundle.registry, "precision": bundle.precision,
                 "source": service.source.spec, "identity": service.identity,
-                "challenger": {"version": shadow.version, "mode": "shadow",
-                               "registry": shadow.challenger.registry} if shadow else
-                ({"error": service.shadow_error} if service.shadow_error else None),
+                "challenger": challenger,
                 "workers": await asyncio.to_thread(service.every_worker)}
 
     @routes.get("/metrics", include_in_schema=False)

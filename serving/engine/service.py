@@ -24,6 +24,7 @@ import numpy as np
 from serving.bundle import Bundle, BundleError
 from serving.bundle.sampling import Sampling
 from serving.engine.batcher import Batcher, QueueFull
+from serving.engine.canary import Canary, takes
 from serving.engine.explain import explain_item, grid
 from serving.engine.following import BundleFollowing
 from serving.engine.generation import Closed, Generation, Generator
@@ -69,6 +70,7 @@ class InferenceService(BundleFollowing):
         if self.prediction_log and self.group:
             self.prediction_log.siblings = True
         self.shadow: Shadow | None = None  # a challenger in shadow mode
+        self.canary: Canary | None = None  # ... or in canary mode
         self.shadow_error: str | None = None  # why the configured one is not scoring
 
     # ------------------------------------------------------------ lifecycle
@@ -93,7 +95,7 @@ class InferenceService(BundleFollowing):
             log.error("cannot serve yet: %s", err)
             self._report(error=self.error)
         if s.challenger and self.bundle is not None:
-            await self.start_shadow()
+            await self.start_challenger()
         if s.watch_interval_s > 0:
             self.watcher = asyncio.create_task(self.watch())
         if self.group:
@@ -109,8 +111,9 @@ class InferenceService(BundleFollowing):
             await asyncio.to_thread(self.generator.close, self.settings.request_timeout_s)
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
-        if self.shadow:
-            await asyncio.to_thread(self.shadow.close)
+        for beside in (self.shadow, self.canary):
+            if beside:
+                await asyncio.to_thread(beside.close)
         if self.prediction_log:
             await asyncio.to_thread(self.prediction_log.close)
 
@@ -122,10 +125,21 @@ class InferenceService(BundleFollowing):
             raise ApiError(503, "not_ready", self.error or "the model is still loading")
         return self.bundle
 
-    async def predict(self, texts: list[str]) -> tuple[np.ndarray, Bundle]:
-        """Probabilities and the bundle that computed them."""
+    async def predict(self, texts: list[str], key: str | None = None
+                      ) -> tuple[np.ndarray, Bundle]:
+        """Probabilities and the bundle that computed them: in canary mode the
+        challenger's for the share of keys it takes (`key`: the client's, else the
+        request id), the champion's otherwise."""
         self.require_bundle()
+        if self.canary is not None and key is not None and takes(key, self.canary.share):
+            return await self._bounded(self.canary.batcher.submit(texts))
         return await self._bounded(self.batcher.submit(texts))
+
+    def role(self, bundle: Bundle) -> dict:
+        """What an answer says of the model that gave it while a canary runs."""
+        if self.canary is None:
+            return {}
+        return {"role": "challenger" if bundle is self.canary.challenger else "champion"}
 
     def require_next_word(self, route: str) -> Bundle:
         """The bundle being served, if it is a next-word model; 404 naming the task
@@ -163,14 +177,20 @@ class InferenceService(BundleFollowing):
         if self.prediction_log:
             self.prediction_log.record(request_id, bundle, texts, probs)
 
-    async def start_shadow(self) -> None:
-        """Load `TEXTOPS_CHALLENGER` beside the champion. A challenger that cannot
-        stand there is logged and named in /metadata; the champion serves on."""
+    async def start_challenger(self) -> None:
+        """Load `TEXTOPS_CHALLENGER` beside the champion, in shadow or canary mode. A
+        challenger that cannot stand there is logged and named in /metadata; the
+        champion serves on."""
         try:
             challenger = await asyncio.to_thread(load_challenger, self.settings, self.bundle)
         except Exception as err:  # noqa: BLE001 - shadow mode never stops the service
             self.shadow_error = f"{self.settings.challenger}: {err}"
             log.error("shadow mode off: %s", self.shadow_error)
+            return
+        if self.settings.challenger_mode == "canary":
+            self.canary = Canary(challenger, self.settings)
+            log.info("canary mode: challenger %s answers %.0f%% of the clients",
+                     challenger.version, 100 * self.settings.canary_share)
             return
         self.shadow = Shadow(challenger, self.metrics, self.prediction_log,
                              self.settings.shadow_queue, self.settings.max_batch_size)

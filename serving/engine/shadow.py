@@ -47,8 +47,8 @@ def load_challenger(settings: Settings, champion: Bundle) -> Bundle:
     one_thread = settings.model_copy(update={"intra_op_threads": 1})
     challenger = load_warm(path, one_thread)
     if challenger.decoder is not None or champion.decoder is not None:
-        raise BundleError(f"{settings.challenger}: shadow mode scores classifiers; this "
-                          "is a next-word model")
+        raise BundleError(f"{settings.challenger}: a challenger (shadow or canary) is a "
+                          "classifier's; next-word models have no challenger mode yet")
     if challenger.task.name != champion.task.name or \
             challenger.label_names != champion.label_names:
         raise BundleError(f"{settings.challenger}: a challenger must answer the champion's "

@@ -110,3 +110,11 @@ PAIRED_LABELS = """
     JOIN shadow_predictions s ON s.request_id = f.request_id AND s.position = f.position
     WHERE p.model_version = ? AND s.model_version = ?
     ORDER BY f.created, f.request_id, f.position"""
+
+# Canary mode: the labelled requests each model answered, and how many it got right.
+CANARY_LABELS = """
+    SELECT p.model_version, COUNT(*), SUM(CASE WHEN f.label = p.label THEN 1 ELSE 0 END)
+    FROM feedback f JOIN predictions p
+         ON p.request_id = f.request_id AND p.position = f.position
+    WHERE p.model_version IN (?, ?)
+    GROUP BY p.model_version"""

@@ -110,3 +110,29 @@ def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
     assert registry.moves(name)[0]["kind"] == "decision"
     nothing = check(name, PROMOTION, log, paths)
     assert nothing["outcome"] is None and "no challenger" in nothing["reason"]
+
+
+def log_canary(url: str, answers: list[tuple[str, bool]]) -> None:
+    """Labelled requests, each answered by one model: (its bundle version, right)."""
+    store = open_store(url)
+    store.write_predictions([(f"req-{n}", 0, float(n), version, "a text", f"sha{n}",
+                              "[0.6, 0.4]", "pos" if right else "neg")
+                             for n, (version, right) in enumerate(answers)])
+    assert store.record_feedback([(f"req-{n}", 0, "pos") for n in range(len(answers))],
+                                 created=1e6) == []
+    store.close()
+
+
+def test_in_canary_mode_each_models_own_answers_decide(registered):
+    name, paths, log, v1, v2 = registered
+    registry.set_challenger(name, v2)
+    # 600 labelled answers of the champion, 70% right; 300 of the challenger, 95% right
+    log_canary(log, [("champ-1", n % 10 < 7) for n in range(600)]
+               + [("chall-2", n % 20 != 0) for n in range(300)])
+    canary = {**PROMOTION, "mode": "canary"}
+    result = check(name, canary, log, paths)
+    assert (result["champion_n"], result["champion_right"]) == (600, 420)
+    assert (result["challenger_n"], result["challenger_right"]) == (300, 285)
+    assert result["outcome"] == "promote" and result["acted"] and result["lower"] > 0
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v2

@@ -1,0 +1,46 @@
+"""Canary mode: a configured share of requests answered by the challenger
+(`TEXTOPS_CHALLENGER` with `TEXTOPS_CHALLENGER_MODE=canary`, `TEXTOPS_CANARY_SHARE`).
+
+Who gets the challenger is decided by a hash of the client's key (`X-Client-Key`),
+so the same user keeps seeing the same model; a request without one is routed by its
+request id. The challenger has a batcher of its own, so its requests batch together
+and never wait behind the champion's. Its answers carry its version and
+`"role": "challenger"`, and are logged under its version, so that the labels that come
+back score each model on the requests it answered (two proportions,
+pipeline/promotion/controller.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+from serving.engine.batcher import Batcher
+
+if TYPE_CHECKING:
+    from serving.bundle import Bundle
+    from serving.settings import Settings
+
+
+def takes(key: str, share: float) -> bool:
+    """Whether the challenger answers `key`: the same for a key in every worker and
+    replica, and for a share of keys close to `share`."""
+    digest = hashlib.blake2b(f"canary:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < share * 2**64
+
+
+class Canary:
+    """The challenger and its batcher."""
+
+    def __init__(self, challenger: Bundle, settings: Settings):
+        self.challenger, self.share = challenger, settings.canary_share
+        self.batcher = Batcher(lambda: challenger, settings.max_batch_size,
+                               settings.max_wait_ms, settings.max_queue,
+                               enabled=settings.batching, top_k=settings.max_next_words)
+
+    @property
+    def version(self) -> str:
+        return self.challenger.version
+
+    def close(self) -> None:
+        self.batcher.close()

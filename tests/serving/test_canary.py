@@ -1,0 +1,62 @@
+"""Canary mode through real HTTP: the challenger answers a share of the clients, the
+same client always the same model, and each answer says which model gave it, in the
+response and in the log."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+
+import httpx
+import pytest
+from conftest import running_service
+
+from serving.engine.canary import takes
+
+
+@pytest.fixture(scope="module")
+def challenger(built_bundle, tmp_path_factory):
+    bundle_dir, meta = built_bundle
+    copy = shutil.copytree(bundle_dir, tmp_path_factory.mktemp("canary") / "bundle")
+    (copy / "bundle.json").write_text(json.dumps({**meta, "version": "challenger-1"}))
+    return copy
+
+
+def test_routing_by_key_is_sticky_and_close_to_the_share():
+    keys = [f"user-{i}" for i in range(4000)]
+    share = sum(takes(k, 0.1) for k in keys) / len(keys)
+    assert 0.08 < share < 0.12
+    assert [takes(k, 0.1) for k in keys] == [takes(k, 0.1) for k in keys]
+
+
+def test_the_challenger_answers_its_share_of_clients_and_says_so(built_bundle, challenger,
+                                                                  tmp_path):
+    bundle_dir, meta = built_bundle
+    with running_service(bundle_dir, tmp_path, challenger=challenger,
+                         challenger_mode="canary", canary_share=0.5) as service:
+        metadata = httpx.get(f"{service.url}/metadata", timeout=10).json()
+        assert metadata["challenger"] == {"version": "challenger-1", "mode": "canary",
+                                          "registry": None}
+        seen: dict[str, set] = {}
+        for user in range(30):
+            for _ in range(3):
+                answer = httpx.post(f"{service.url}/predict", json={"texts": ["good film"]},
+                                    headers={"X-Client-Key": f"user-{user}"}, timeout=30)
+                assert answer.status_code == 200
+                body = answer.json()
+                role = "challenger" if body["model_version"] == "challenger-1" else "champion"
+                assert body["role"] == role
+                assert takes(f"user-{user}", 0.5) == (role == "challenger")
+                seen.setdefault(f"user-{user}", set()).add(body["model_version"])
+                last = body["request_id"], body["model_version"]
+        assert all(len(versions) == 1 for versions in seen.values())  # sticky
+        assert {v for versions in seen.values() for v in versions} == {
+            meta["version"], "challenger-1"}
+        assert httpx.post(f"{service.url}/feedback", json={
+            "request_id": last[0], "label": meta["label_names"][0]},
+            timeout=30).status_code == 200  # the log has caught up
+    with sqlite3.connect(tmp_path / "predictions.db") as db:
+        logged = dict(db.execute("SELECT request_id, model_version FROM predictions"))
+    assert logged[last[0]] == last[1]
+    assert set(logged.values()) == {meta["version"], "challenger-1"}
