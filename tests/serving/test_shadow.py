@@ -25,11 +25,13 @@ def challenger(built_bundle, tmp_path_factory):
     return copy
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_the_challenger_answers_beside_the_champion_and_is_logged_with_it(
-        built_bundle, challenger, tmp_path):
+        built_bundle, challenger, tmp_path, workers):
     bundle_dir, meta = built_bundle
     texts = ["good good film", "bad bad film", "good bad", "plain words here"]
-    with running_service(bundle_dir, tmp_path, challenger=challenger) as service:
+    with running_service(bundle_dir, tmp_path, challenger=challenger,
+                         workers=workers) as service:
         metadata = httpx.get(f"{service.url}/metadata", timeout=10).json()
         assert metadata["challenger"]["version"] == "challenger-1"
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
