@@ -110,6 +110,9 @@ class Settings(BaseSettings):
                                  "answers canary_share of the requests")
     canary_share: float = Field(0.1, gt=0, lt=1, description="canary mode: the share of "
                                 "client keys (X-Client-Key) the challenger answers")
+    canary_max_failures: int = Field(5, ge=1, description="canary mode: requests the "
+                                     "challenger may fail (the champion answers them) "
+                                     "before the canary stops")
 
     # The prediction log and feedback (serving/predlog/).
     prediction_log: str = Field("sqlite:///run/predictions.db",

@@ -34,6 +34,7 @@ class Canary:
 
     def __init__(self, challenger: Bundle, settings: Settings):
         self.challenger, self.share = challenger, settings.canary_share
+        self.failures = 0  # requests it failed, which the champion answered
         self.batcher = Batcher(lambda: challenger, settings.max_batch_size,
                                settings.max_wait_ms, settings.max_queue,
                                enabled=settings.batching, top_k=settings.max_next_words)

@@ -131,9 +131,29 @@ class InferenceService(BundleFollowing):
         challenger's for the share of keys it takes (`key`: the client's, else the
         request id), the champion's otherwise."""
         self.require_bundle()
-        if self.canary is not None and key is not None and takes(key, self.canary.share):
-            return await self._bounded(self.canary.batcher.submit(texts))
+        canary = self.canary
+        if canary is not None and key is not None and takes(key, canary.share):
+            try:
+                return await self._bounded(canary.batcher.submit(texts))
+            except ApiError:
+                raise  # load (503) or a timeout (504): answered as the champion's would be
+            except Exception as err:  # noqa: BLE001 - the champion answers instead
+                self._canary_failed(canary, err)
         return await self._bounded(self.batcher.submit(texts))
+
+    def _canary_failed(self, canary: Canary, err: Exception) -> None:
+        """A challenger that fails a request: the champion answers it, the failure is
+        counted, and past `canary_max_failures` the canary stops (an operational guard
+        that needs no labels)."""
+        self.metrics.shadow.labels("failed").inc()
+        canary.failures += 1
+        log.error("canary: the challenger %s failed a request (%s: %s); the champion "
+                  "answered it", canary.version, type(err).__name__, err)
+        if canary.failures >= self.settings.canary_max_failures and self.canary is canary:
+            self.canary = None
+            self.shadow_error = (f"canary stopped: the challenger {canary.version} failed "
+                                 f"{canary.failures} requests")
+            log.error("%s; every request goes to the champion", self.shadow_error)
 
     def role(self, bundle: Bundle) -> dict:
         """What an answer says of the model that gave it while a canary runs."""

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from conftest import running_service
 
-from serving.engine.canary import takes
+from serving.engine.canary import Canary, takes
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,35 @@ def test_the_challenger_answers_its_share_of_clients_and_says_so(built_bundle, c
         logged = dict(db.execute("SELECT request_id, model_version FROM predictions"))
     assert logged[last[0]] == last[1]
     assert set(logged.values()) == {meta["version"], "challenger-1"}
+
+
+class Answers:
+    """A batcher stand-in that answers with its name, or fails."""
+
+    def __init__(self, name: str, fails: bool = False):
+        self.name, self.fails = name, fails
+
+    async def submit(self, texts):
+        if self.fails:
+            raise RuntimeError("the challenger's model failed")
+        return self.name, texts
+
+
+def test_a_challenger_that_fails_is_answered_for_and_then_stopped(monkeypatch):
+    import asyncio
+
+    from serving.engine.service import InferenceService
+    from serving.settings import Settings
+
+    service = InferenceService(Settings(prediction_log="", canary_max_failures=2))
+    service.bundle, service.batcher = object(), Answers("champion")
+    canary = Canary.__new__(Canary)
+    canary.challenger, canary.share, canary.failures = SimpleNamespace(version="c-1"), 0.999, 0
+    canary.batcher = Answers("challenger", fails=True)
+    service.canary = canary
+    monkeypatch.setattr("serving.engine.service.takes", lambda key, share: True)
+    for _ in range(2):  # every failed request is answered by the champion
+        assert asyncio.run(service.predict(["a text"], "user")) == ("champion", ["a text"])
+    assert service.canary is None and "failed 2 requests" in service.shadow_error
+    failed = service.metrics.shadow.labels("failed")._value.get()
+    assert failed == 2
