@@ -7,9 +7,11 @@ The request path only offers the request to a bounded queue and returns: a full
 queue drops it and counts the texts (`textops_shadow_texts{outcome="dropped"}`), it
 never waits. One thread takes what is queued, as one batch of up to
 `max_batch_size` texts, and runs the challenger on it with onnxruntime (which
-releases the GIL), one intra-op thread, so the challenger takes at most a core from
-the champion. Scored and agreeing texts are counted too: the rate of
-`agreed` over `scored` is how often the challenger gives the champion's label.
+releases the GIL), one intra-op thread, at the lowest CPU priority (nice 19): the
+request path's threads go first, and when the machine is saturated the shadow falls
+behind and drops requests (counted) rather than slow the answers. Scored and
+agreeing texts are counted too: the rate of `agreed` over `scored` is how often the
+challenger gives the champion's label.
 
 A classifier's requests (texts or images) are scored; a next-word service has no
 shadow mode yet. An image challenger must take images as the champion's spec
@@ -19,6 +21,7 @@ prepares them, since the champion's decoded pixels are what it is given.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from typing import TYPE_CHECKING
@@ -94,6 +97,10 @@ class Shadow:
         self.thread.join(timeout)
 
     def _run(self) -> None:
+        try:  # Linux: a thread's own niceness, by its id; elsewhere it runs as it is
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            log.warning("shadow: cannot lower the challenger thread's priority")
         while True:
             batch = self._take()
             if batch is STOP:
