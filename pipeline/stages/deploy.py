@@ -14,8 +14,9 @@
    made on the first deploy: pipeline/tracking/signing.py) as a new version of the
    registered pyfunc model, tagged with the gate's verdict
    (pipeline/tracking/registry.py). Only a blessed version gets the `champion` alias and
-   becomes `models/current`. The candidate itself stays unsigned, so that every clone
-   writes the same bytes.
+   becomes `models/current` (or, with `deploy.promote_to: challenger` and a champion
+   already there, the `challenger` alias, to prove itself on production labels). The
+   candidate itself stays unsigned, so that every clone writes the same bytes.
 
 Rollback and promotion by hand: `textops rollback`, `textops promote VERSION`.
 """
@@ -36,8 +37,14 @@ from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
 from pipeline.tasks.parity import DeployError
-from pipeline.tracking import lineage, privacy, signing
-from pipeline.tracking.registry import promote, prune_store, register
+from pipeline.tracking import audit, lineage, privacy, signing
+from pipeline.tracking.registry import (
+    champion_version,
+    promote,
+    prune_store,
+    register,
+    set_challenger,
+)
 from serving.bundle import MODEL_FILES, RuntimeOptions
 from serving.bundle.tasks import signature
 
@@ -168,19 +175,25 @@ def deploy(cfg: DictConfig, paths: Paths) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         signed = signing.signed_copy(paths.candidate, Path(tmp) / "bundle", private_key)
         version = register(signed, meta, run_id)
-        if blessed:
-            promote(meta["model_name"], version, signed, paths, kind="deploy",
-                    reason=("blessed by the gate: " + "; ".join(meta["gate"]["reasons"]))[:500])
+        reason = ("blessed by the gate: " + "; ".join(meta["gate"]["reasons"]))[:500]
+        challenging = blessed and cfg.deploy.get("promote_to") == "challenger" and \
+            champion_version(mlflow.MlflowClient(), meta["model_name"]) is not None
+        if challenging:
+            set_challenger(meta["model_name"], version, audit.actor("deploy"), reason)
+        elif blessed:
+            promote(meta["model_name"], version, signed, paths, kind="deploy", reason=reason)
             prune_store(cfg.deploy.keep_bundles, paths)
     report = {
         "model_name": meta["model_name"],
         "bundle_version": meta["version"],
         "blessed": blessed,
-        "promoted": blessed,
+        "promoted": blessed and not challenging,
         "reasons": meta["gate"]["reasons"],
         "parity": meta["parity"],
     }
-    facts = {"registry_version": version, "mlflow_run_id": run_id, "git_commit": git_commit()}
+    # the registry's state, which other runs change: a fact of this run, not an output
+    facts = {"registry_version": version, "mlflow_run_id": run_id, "git_commit": git_commit(),
+             "challenger": challenging}
     atomic.write_json(paths.deploy_report, report)
     atomic.write_json(paths.run_facts("deploy"), facts)
     return {**report, **facts}
@@ -194,9 +207,11 @@ def main() -> None:
     except (DeployError, signing.SigningKeyError) as err:
         sys.exit(f"deploy: {err}")
     p = report["parity"]
+    became = ("promoted to champion" if report["promoted"] else
+              "made the challenger (textops decide promotes or retires it)"
+              if report["challenger"] else "registered, NOT promoted")
     print(f"deploy: {report['model_name']} v{report['registry_version']} "
-          f"(bundle {report['bundle_version']}): "
-          f"{'promoted to champion' if report['promoted'] else 'registered, NOT promoted'}; "
+          f"(bundle {report['bundle_version']}): {became}; "
           f"fp32 max |diff| {p['fp32_max_abs_diff']:.1e}, "
           f"int8 agreement {p.get('int8_label_agreement', p.get('int8_top1_agreement')):.4f}")
 

@@ -457,3 +457,28 @@ def test_deploy_signs_what_it_registers_and_promotes(own_workspace, bundle, monk
     assert private.read_bytes() == key
     verify(paths.current.resolve(), public)
     assert int(again["registry_version"]) == int(report["registry_version"]) + 1
+
+
+def test_deploy_can_make_a_blessed_model_the_challenger(own_workspace, bundle, monkeypatch):
+    """deploy.promote_to=challenger: the first blessed version still becomes the
+    champion; the next gets the challenger alias and leaves models/current alone."""
+    path, cfg = own_workspace
+    paths = Paths(path)
+    cfg.deploy.promote_to = "challenger"
+    meta = {**json.loads(json.dumps(bundle[1])), "gate": {"blessed": True, "reasons": []}}
+    monkeypatch.setattr(deploy, "build_bundle", lambda cfg, paths: json.loads(json.dumps(meta)))
+    first = deploy.deploy(cfg, paths)
+    assert first["promoted"] and not first["challenger"]
+    live = os.readlink(paths.current)
+    second = deploy.deploy(cfg, paths)
+    assert not second["promoted"] and second["challenger"]
+    assert os.readlink(paths.current) == live
+    client = mlflow.MlflowClient()
+    name = meta["model_name"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == \
+        second["registry_version"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == \
+        first["registry_version"]
+    latest = registry.moves(name)[0]
+    assert (latest["alias"], latest["kind"]) == ("challenger", "challenge")
+    assert latest["actor"].startswith("deploy (")
