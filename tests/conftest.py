@@ -344,6 +344,7 @@ def log_url(request, tmp_path):
     server = request.getfixturevalue("postgres")
     store = open_store(server.url)
     with store.connection:
-        store.connection.cursor().execute("DELETE FROM feedback; DELETE FROM predictions")
+        store.connection.cursor().execute("DELETE FROM feedback; DELETE FROM predictions; "
+                                          "DELETE FROM shadow_predictions")
     store.close()
     return server.url

@@ -44,9 +44,9 @@ def log_pairs(url: str, champion: str, challenger: str, outcomes: list[tuple[boo
 
 
 @pytest.fixture
-def registered(own_workspace, bundle):  # noqa: F811 - the fixtures imported above
-    """v1 the champion, v2 another blessed version (its own bundle version), and the
-    log a shadow-mode service would have written."""
+def registered(own_workspace, bundle, log_url):  # noqa: F811 - the fixtures imported above
+    """v1 the champion, v2 another blessed version (its own bundle version), and an
+    empty log on SQLite or PostgreSQL (the team setup), as the services write it."""
     path, cfg = own_workspace
     paths = Paths(path)
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
@@ -55,8 +55,7 @@ def registered(own_workspace, bundle):  # noqa: F811 - the fixtures imported abo
     v1 = register_as(with_version(meta, "champ-1"), True, bundle_dir, run_id)
     registry.promote(meta["model_name"], v1, bundle_dir, paths)
     v2 = register_as(with_version(meta, "chall-2"), True, bundle_dir, run_id)
-    log = f"sqlite:///{path / 'predictions.db'}"
-    return meta["model_name"], paths, log, v1, v2
+    return meta["model_name"], paths, log_url, v1, v2
 
 
 def test_a_better_challenger_is_promoted_on_paired_labels(registered):
