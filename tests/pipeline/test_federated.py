@@ -113,6 +113,7 @@ def client_processes(stage: psutil.Process) -> list[psutil.Process]:
             if "pipeline.modeling.federated.client" in " ".join(child.cmdline())]
 
 
+@pytest.mark.slow
 def test_real_clients_go_on_without_one_killed_mid_run(workspace, tmp_path):
     train_dir(workspace, tmp_path, *federated(
         "trainer.federated.mode=clients", "trainer.federated.clients=3",

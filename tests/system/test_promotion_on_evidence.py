@@ -70,6 +70,7 @@ def traffic(url: str, labelled: list[tuple[str, str]]) -> set[int]:
         return set(pool.map(one, labelled))
 
 
+@pytest.mark.slow
 def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models, tmp_path):
     path, name, (v1, swapped), (v2, good), labelled = two_models
     paths, log = Paths(path), f"sqlite:///{tmp_path / 'predictions.db'}"
