@@ -14,6 +14,9 @@ SERVICE = typer.Option(None, "--service-url", help="the service (default: "
                        "retrain.service_url)")
 API_KEY = typer.Option(None, "--api-key", envvar="TEXTOPS_API_KEY",
                        help="the service's API key, when it asks for one")
+ADMIN_TOKEN = typer.Option(None, "--admin-token", envvar="TEXTOPS_ADMIN_TOKEN",
+                           help="the service's admin token: the queue shows every "
+                                "user's texts")
 
 
 def service_url(given: str | None) -> str:
@@ -33,7 +36,8 @@ def label_queue(out: Path = typer.Option(Path("label-tasks.json"), "--out", "-o"
                 budget: int = typer.Option(100, "--budget", help="how many answers"),
                 strategy: str = typer.Option("margin", "--strategy",
                                              help="margin or entropy"),
-                url: str = SERVICE, api_key: str = API_KEY) -> None:
+                url: str = SERVICE, api_key: str = API_KEY,
+                admin_token: str = ADMIN_TOKEN) -> None:
     """Write the service's label queue (its least certain unlabelled answers) as
     Label Studio tasks, the model's answer pre-filled, and beside them the labelling
     configuration to create the project with (OUT with .xml).
@@ -47,11 +51,12 @@ def label_queue(out: Path = typer.Option(Path("label-tasks.json"), "--out", "-o"
     import httpx
 
     from serving.predlog import label_studio
+    from serving.predlog.label_studio import NotLabellable
 
     base = service_url(url)
     try:
         queue = httpx.get(f"{base}/label-queue", params={"budget": budget,
-                          "strategy": strategy}, headers=headers(api_key), timeout=60)
+                          "strategy": strategy}, headers=headers(admin_token), timeout=60)
         meta = httpx.get(f"{base}/metadata", headers=headers(api_key), timeout=30)
     except httpx.HTTPError as err:
         raise fail(f"label-queue: {base}: {err}") from err
@@ -61,18 +66,26 @@ def label_queue(out: Path = typer.Option(Path("label-tasks.json"), "--out", "-o"
                        f"{response.text[:300]}")
     # a classifier's labels; a next-word model has none (its label is the next word)
     labels = meta.json().get("label_names") or None
+    images = meta.json().get("task") == "image_classification"
     items = queue.json()["items"]
-    out.write_text(json.dumps(label_studio.tasks(items, labels is not None), indent=1))
-    out.with_suffix(".xml").write_text(label_studio.config(labels))
+    try:
+        written = label_studio.tasks(items, labels is not None, images)
+    except NotLabellable as err:
+        raise fail(f"label-queue: {base}: {err}") from err
+    out.write_text(json.dumps(written, indent=1))
+    out.with_suffix(".xml").write_text(label_studio.config(labels, images))
     typer.echo(f"{len(items)} task(s) in {out}; labelling configuration in "
                f"{out.with_suffix('.xml')}")
 
 
 def label_import(export: Path = typer.Argument(..., exists=True, dir_okay=False,
                                                help="a Label Studio JSON export"),
-                 url: str = SERVICE, api_key: str = API_KEY) -> None:
+                 url: str = SERVICE, api_key: str = API_KEY,
+                 chunk: int = typer.Option(64, "--chunk", min=1, help="labels per request"
+                                           )) -> None:
     """Send a Label Studio project's annotations of label-queue tasks to the service
-    as feedback (POST /feedback, 100 at a time).
+    as feedback (POST /feedback, `--chunk` at a time: at most the service's
+    TEXTOPS_MAX_TEXTS, 64 by default).
 
     Examples:
 
@@ -87,12 +100,12 @@ def label_import(export: Path = typer.Argument(..., exists=True, dir_okay=False,
     except (ExportError, json.JSONDecodeError) as err:
         raise fail(f"label-import: {export}: {err}") from err
     base, sent = service_url(url), 0
-    for start in range(0, len(items), 100):
-        chunk = items[start:start + 100]
-        response = httpx.post(f"{base}/feedback", json=chunk, headers=headers(api_key),
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        response = httpx.post(f"{base}/feedback", json=part, headers=headers(api_key),
                               timeout=60)
         if response.status_code != 200:
-            raise fail(f"label-import: {export}: labels {start}-{start + len(chunk) - 1}"
+            raise fail(f"label-import: {export}: labels {start}-{start + len(part) - 1}"
                        f" refused ({sent} sent before): {response.status_code} "
                        f"{response.text[:300]}")
         sent += response.json()["accepted"]

@@ -115,9 +115,11 @@ def challenge(version: str = typer.Argument(..., help="the registry version, e.g
 
       textops challenge 4 --reason "retrained on November's feedback"
     """
+    from pipeline.tracking.challenger import set_challenger
+
     module, name, _ = registry()
     try:
-        module.set_challenger(name, version, reason=reason)
+        set_challenger(name, version, reason=reason)
     except module.RegistryError as err:
         raise fail(f"challenge: {err}") from err
     typer.echo(f"{name} challenger is now v{version}")
@@ -146,11 +148,18 @@ def decide(log: str = typer.Option(None, "--log", help="the prediction log's URL
     module, name, paths = registry()
     cfg = load_params()
     log_url = log or os.environ.get("TEXTOPS_PREDICTION_LOG") or cfg.retrain.prediction_log
+    from serving.predlog.store import PredictionLogError, redacted
+
     try:
         result = check(name, OmegaConf.to_container(cfg.promotion), log_url, paths,
                        act=not dry_run)
-    except module.RegistryError as err:
+    except (module.RegistryError, PredictionLogError) as err:
         raise fail(f"decide: {err}") from err
+    except Exception as err:  # the database: a message naming the log, not a traceback
+        if type(err).__module__.split(".")[0] not in ("sqlite3", "psycopg2"):
+            raise
+        raise fail(f"decide: the prediction log {redacted(log_url)}: "
+                   f"{type(err).__name__}: {err}") from err
     if result["outcome"] is None:
         typer.echo(f"decide: nothing to decide: {result['reason']}")
         return

@@ -228,7 +228,7 @@ class DifferentialPrivacy(Callback):
                       "noise_multiplier": noise,
                       "max_grad_norm": float(self.settings.max_grad_norm),
                       "sample_rate": sample_rate, "rows": rows, "public": self.public,
-                      "frozen": self.frozen}
+                      "frozen": self.frozen, "as_dplstm": self.swapped}
         print(f"train: differentially private: noise multiplier {noise:.3f} for epsilon "
               f"{self.settings.epsilon} at delta {delta:.2e} over {self.epochs} epochs "
               f"(sample rate {sample_rate:.5f}, {self.accountant.mechanism()} accountant)",

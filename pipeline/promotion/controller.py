@@ -23,6 +23,7 @@ keeps its error rates.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import mlflow
@@ -38,35 +39,49 @@ from pipeline.promotion.sequential import (
     decide,
 )
 from pipeline.tracking import audit, registry
+from pipeline.tracking.challenger import CHALLENGER, retire_challenger
 from serving.predlog.schema import CANARY_LABELS, PAIRED_LABELS
 from serving.predlog.store import open_store
 
 EXPERIMENT = "promotion-decisions"
 
 
-def paired_counts(log_url: str, champion_bundle: str, challenger_bundle: str) -> Paired:
-    """The labelled requests both bundles answered: n, b (only the challenger right),
-    c (only the champion right)."""
+def paired_counts(log_url: str, champion_bundle: str, challenger_bundle: str,
+                  since: float = 0.0) -> Paired:
+    """The labelled requests both bundles answered since `since` (unix seconds): n,
+    b (only the challenger right), c (only the champion right)."""
     store = open_store(log_url, create=False)
     try:
-        rows = store.rows(PAIRED_LABELS, (champion_bundle, challenger_bundle))
+        rows = store.rows(PAIRED_LABELS, (champion_bundle, challenger_bundle, since))
     finally:
         store.close()
     return Paired.from_outcomes([label == champion for label, champion, _ in rows],
                                 [label == challenger for label, _, challenger in rows])
 
 
-def canary_counts(log_url: str, champion_bundle: str, challenger_bundle: str) -> Unpaired:
-    """Each model's labelled answers and how many were right (canary mode)."""
+def canary_counts(log_url: str, champion_bundle: str, challenger_bundle: str,
+                  since: float = 0.0) -> Unpaired:
+    """Each model's labelled answers since `since` and how many were right (canary
+    mode): the champion's from the same weeks as the challenger's, not its whole past."""
     store = open_store(log_url, create=False)
     try:
-        rows = store.rows(CANARY_LABELS, (champion_bundle, challenger_bundle))
+        rows = store.rows(CANARY_LABELS, (champion_bundle, challenger_bundle, since))
     finally:
         store.close()
     counts = {version: (int(n), int(right or 0)) for version, n, right in rows}
     champion = counts.get(champion_bundle, (0, 0))
     challenger = counts.get(challenger_bundle, (0, 0))
     return Unpaired(champion[0], champion[1], challenger[0], challenger[1])
+
+
+def challenge_started(client: mlflow.MlflowClient, name: str, challenger: str) -> float:
+    """When `challenger` last got the challenger alias (the audit trail), in unix
+    seconds; 0 when the trail does not say. Answers from before then are no evidence
+    about this challenge."""
+    for move in audit.moves(client, name):
+        if move["alias"] == CHALLENGER and move["to_version"] == challenger:
+            return dt.datetime.fromisoformat(move["moved_at"]).timestamp()
+    return 0.0
 
 
 def bundle_version(client: mlflow.MlflowClient, name: str, version: str) -> str:
@@ -101,13 +116,14 @@ def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = Tr
     decision with the two versions, and whether it moved anything."""
     client = mlflow.MlflowClient()
     champion = registry.champion_version(client, name)
-    challenger = registry.champion_version(client, name, registry.CHALLENGER)
+    challenger = registry.champion_version(client, name, CHALLENGER)
     if challenger is None or champion is None:
         return {"outcome": None, "champion": champion, "challenger": challenger,
                 "reason": f"{name} has no {'challenger' if champion else 'champion'}"}
     count = paired_counts if promotion["mode"] == "shadow" else canary_counts
     counts = count(log_url, bundle_version(client, name, champion),
-                   bundle_version(client, name, challenger))
+                   bundle_version(client, name, challenger),
+                   challenge_started(client, name, challenger))
     decision = decide(counts, Rule.from_config(promotion))
     evidence = decision.as_dict()
     record_decision(client, name, champion, challenger, evidence)
@@ -118,5 +134,6 @@ def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = Tr
     if decision.outcome == PROMOTE:
         registry.promote_version(name, challenger, paths, kind="decision", by=by,
                                  reason=decision.reason, evidence=evidence)
-    registry.retire_challenger(name, decision.outcome, by, decision.reason, evidence)
+    retire_challenger(name, challenger, decision.outcome, by, decision.reason,
+                               evidence)
     return {**result, "acted": True}

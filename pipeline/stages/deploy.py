@@ -38,13 +38,8 @@ from pipeline.config import Paths, git_commit, load_params, tracking_uri
 from pipeline.data.splits import load_splits
 from pipeline.tasks.parity import DeployError
 from pipeline.tracking import audit, lineage, privacy, signing
-from pipeline.tracking.registry import (
-    champion_version,
-    promote,
-    prune_store,
-    register,
-    set_challenger,
-)
+from pipeline.tracking.challenger import set_challenger
+from pipeline.tracking.registry import champion_version, promote, prune_store, register
 from serving.bundle import MODEL_FILES, RuntimeOptions
 from serving.bundle.tasks import signature
 

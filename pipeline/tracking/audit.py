@@ -65,6 +65,8 @@ def moves(client: mlflow.MlflowClient, model: str) -> list[dict]:
     listed = []
     for run in runs:
         tags = run.data.tags
+        if not tags.get("move.moved_at"):
+            continue  # not a move this module recorded
         move = {key: tags.get(f"move.{key}") or None for key in FIELDS}
         if tags.get("move.evidence"):
             move["evidence"] = json.loads(tags["move.evidence"])

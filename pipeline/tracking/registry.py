@@ -32,9 +32,6 @@ from serving.bundle import REGISTERED_BUNDLE, Bundle
 from serving.bundle.pyfunc import BundleModel, input_column
 
 CHAMPION = "champion"
-# A version scored in shadow beside the champion until the evidence from production
-# decides (pipeline/promotion/controller.py): promoted, or retired.
-CHALLENGER = "challenger"
 
 SERVE_REQUIREMENTS = [
     "numpy==2.4.6", "onnxruntime==1.32.0", "tokenizers==0.23.3", "pillow==13.0.0",
@@ -142,36 +139,6 @@ def champion_version(client: mlflow.MlflowClient, model_name: str,
         return None
 
 
-def set_challenger(model_name: str, version: str, by: str | None = None,
-                   reason: str = "") -> None:
-    """Give registered `version` the challenger alias (`textops challenge`); a
-    service with TEXTOPS_CHALLENGER=models:/<name>@challenger scores it in shadow."""
-    client = mlflow.MlflowClient()
-    try:
-        client.get_model_version(model_name, version)
-    except MlflowException:
-        raise RegistryError(f"{model_name} has no version {version}") from None
-    before = champion_version(client, model_name, CHALLENGER)
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
-    audit.record(client, model_name, CHALLENGER, before, version, "challenge",
-                 by or audit.actor("challenge"), reason or "by hand")
-
-
-def retire_challenger(model_name: str, outcome: str, by: str, reason: str,
-                      evidence: dict | None = None) -> str:
-    """Take the challenger alias away (promoted, rolled back, or no difference shown)
-    and tag the version with why; returns the version."""
-    client = mlflow.MlflowClient()
-    version = champion_version(client, model_name, CHALLENGER)
-    if version is None:
-        raise RegistryError(f"{model_name} has no challenger")
-    client.delete_registered_model_alias(model_name, CHALLENGER)
-    client.set_model_version_tag(model_name, version, "challenge_outcome", outcome)
-    audit.record(client, model_name, CHALLENGER, version, None, "decision", by, reason,
-                 evidence)
-    return version
-
-
 def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths,
             kind: str = "deploy", by: str | None = None, reason: str = "",
             evidence: dict | None = None) -> Path:
@@ -186,10 +153,10 @@ def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths,
     client.set_registered_model_alias(model_name, CHAMPION, version)
     client.set_model_version_tag(model_name, version, "promoted_at",
                                  dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    point_current(target, paths.current)  # the alias and the served bundle move together
     move = audit.record(client, model_name, CHAMPION, before, version, kind,
                         by or audit.actor(kind), reason, evidence)
     atomic.write_json(target / "registry.json", {**record, "episode": move})
-    point_current(target, paths.current)
     return target
 
 
@@ -209,6 +176,9 @@ def rollback(model_name: str, paths: Paths, by: str | None = None, reason: str =
         int(v.version)
         for v in client.search_model_versions(f"name = '{model_name}'")
         if v.tags.get("blessed") == "true" and int(v.version) < champion
+        # a version that lost in production (or was never decided) never served
+        and v.tags.get("challenge_outcome") not in ("rollback", "stop_no_difference",
+                                                    "replaced")
     ]
     if not earlier:
         raise RegistryError(f"{model_name} v{champion} is the first blessed version")
@@ -290,5 +260,5 @@ def history(model_name: str) -> list[dict]:
 
 
 def moves(model_name: str) -> list[dict]:
-    """The champion alias's moves, newest first (`textops history`)."""
+    """Every move of the model's aliases, newest first (`textops history`)."""
     return audit.moves(mlflow.MlflowClient(), model_name)

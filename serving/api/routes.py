@@ -108,16 +108,20 @@ def router(service: InferenceService, require_key) -> APIRouter:
         items = feedback_items(await http.body(), settings.max_texts, rule)
         return FeedbackResponse(accepted=await service.feedback(items))
 
-    @routes.get("/label-queue", dependencies=[Depends(require_key)])
+    @routes.get("/label-queue")
     async def label_queue_route(
             budget: int = Query(20, ge=1, le=1000, description="how many answers"),
             strategy: str = Query("margin", pattern="^(margin|entropy)$"),
-            scan: int = Query(10_000, ge=1, le=1_000_000,
-                              description="among the newest unlabelled answers")) -> dict:
+            scan: int = Query(10_000, ge=1, le=100_000,
+                              description="among the newest unlabelled answers"),
+            authorization: str | None = Header(None)) -> dict:
         """The logged answers most worth a label (active learning), excluding those
         already labelled: smallest margin between the top two probabilities first, or
         largest entropy. Each item carries its request id and position for POST
-        /feedback, and the logged text (normalised and masked, decrypted)."""
+        /feedback, and the logged text (normalised and masked, decrypted). It shows
+        every user's texts, so it needs the admin token as `Authorization: Bearer
+        <token>` (404 while the admin API is off)."""
+        check_admin(settings.admin_token, authorization)
         if not settings.prediction_log:
             raise ApiError(404, "no_prediction_log", "the prediction log is off "
                            "(TEXTOPS_PREDICTION_LOG): there is nothing to label")

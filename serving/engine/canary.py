@@ -32,11 +32,12 @@ def takes(key: str, share: float) -> bool:
 class Canary:
     """The challenger and its batcher."""
 
-    def __init__(self, challenger: Bundle, settings: Settings):
+    def __init__(self, challenger: Bundle, settings: Settings, on_batch=None):
+        """`on_batch`: the metrics' (drift, batch sizes), which see its traffic too."""
         self.challenger, self.share = challenger, settings.canary_share
         self.failures = 0  # requests it failed, which the champion answered
         self.batcher = Batcher(lambda: challenger, settings.max_batch_size,
-                               settings.max_wait_ms, settings.max_queue,
+                               settings.max_wait_ms, settings.max_queue, on_batch=on_batch,
                                enabled=settings.batching, top_k=settings.max_next_words)
 
     @property

@@ -220,9 +220,12 @@ class BundleFollowing:
                 self._report(generation=generation)
 
     async def watch(self) -> None:
-        """Follow the bundle spec: reload when the link or the registry alias moves."""
+        """Follow the bundle spec: reload when the link or the registry alias moves;
+        and the challenger's (serving/engine/challenger.py)."""
         while True:
             await asyncio.sleep(self.settings.watch_interval_s)
+            if self.settings.challenger:
+                await self.refresh_challenger()
             try:
                 identity = await asyncio.to_thread(self.source.identity)
             except Exception as err:  # noqa: BLE001 - e.g. the tracking server is down

@@ -24,11 +24,10 @@ import numpy as np
 from serving.bundle import Bundle, BundleError
 from serving.bundle.sampling import Sampling
 from serving.engine.batcher import Batcher, QueueFull
-from serving.engine.canary import Canary, takes
+from serving.engine.challenger import Challenging
 from serving.engine.explain import explain_item, grid
 from serving.engine.following import BundleFollowing
 from serving.engine.generation import Closed, Generation, Generator
-from serving.engine.shadow import Shadow, load_challenger
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
 from serving.monitoring.metrics import ServiceMetrics
@@ -42,7 +41,7 @@ log = logging.getLogger("serving")
 T = TypeVar("T")
 
 
-class InferenceService(BundleFollowing):
+class InferenceService(BundleFollowing, Challenging):
     """Settings, the bundle and where it came from, the batcher, the metrics."""
 
     def __init__(self, settings: Settings):
@@ -69,9 +68,7 @@ class InferenceService(BundleFollowing):
                                if settings.prediction_log else None)
         if self.prediction_log and self.group:
             self.prediction_log.siblings = True
-        self.shadow: Shadow | None = None  # a challenger in shadow mode
-        self.canary: Canary | None = None  # ... or in canary mode
-        self.shadow_error: str | None = None  # why the configured one is not scoring
+        self.init_challenger()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -94,8 +91,8 @@ class InferenceService(BundleFollowing):
             self.error = str(err)
             log.error("cannot serve yet: %s", err)
             self._report(error=self.error)
-        if s.challenger and self.bundle is not None:
-            await self.start_challenger()
+        if s.challenger:
+            await self.refresh_challenger()
         if s.watch_interval_s > 0:
             self.watcher = asyncio.create_task(self.watch())
         if self.group:
@@ -111,9 +108,7 @@ class InferenceService(BundleFollowing):
             await asyncio.to_thread(self.generator.close, self.settings.request_timeout_s)
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
-        for beside in (self.shadow, self.canary):
-            if beside:
-                await asyncio.to_thread(beside.close)
+        await self.stop_challenger(None)
         if self.prediction_log:
             await asyncio.to_thread(self.prediction_log.close)
 
@@ -129,37 +124,11 @@ class InferenceService(BundleFollowing):
                       ) -> tuple[np.ndarray, Bundle]:
         """Probabilities and the bundle that computed them: in canary mode the
         challenger's for the share of keys it takes (`key`: the client's, else the
-        request id), the champion's otherwise."""
+        request id; serving/engine/challenger.py), the champion's otherwise."""
         self.require_bundle()
-        canary = self.canary
-        if canary is not None and key is not None and takes(key, canary.share):
-            try:
-                return await self._bounded(canary.batcher.submit(texts))
-            except ApiError:
-                raise  # load (503) or a timeout (504): answered as the champion's would be
-            except Exception as err:  # noqa: BLE001 - the champion answers instead
-                self._canary_failed(canary, err)
+        if (answered := await self.canary_answer(texts, key)) is not None:
+            return answered
         return await self._bounded(self.batcher.submit(texts))
-
-    def _canary_failed(self, canary: Canary, err: Exception) -> None:
-        """A challenger that fails a request: the champion answers it, the failure is
-        counted, and past `canary_max_failures` the canary stops (an operational guard
-        that needs no labels)."""
-        self.metrics.shadow.labels("failed").inc()
-        canary.failures += 1
-        log.error("canary: the challenger %s failed a request (%s: %s); the champion "
-                  "answered it", canary.version, type(err).__name__, err)
-        if canary.failures >= self.settings.canary_max_failures and self.canary is canary:
-            self.canary = None
-            self.shadow_error = (f"canary stopped: the challenger {canary.version} failed "
-                                 f"{canary.failures} requests")
-            log.error("%s; every request goes to the champion", self.shadow_error)
-
-    def role(self, bundle: Bundle) -> dict:
-        """What an answer says of the model that gave it while a canary runs."""
-        if self.canary is None:
-            return {}
-        return {"role": "challenger" if bundle is self.canary.challenger else "champion"}
 
     def require_next_word(self, route: str) -> Bundle:
         """The bundle being served, if it is a next-word model; 404 naming the task
@@ -196,31 +165,6 @@ class InferenceService(BundleFollowing):
         """Queue an answer for the prediction log (when it is on); never blocks."""
         if self.prediction_log:
             self.prediction_log.record(request_id, bundle, texts, probs)
-
-    async def start_challenger(self) -> None:
-        """Load `TEXTOPS_CHALLENGER` beside the champion, in shadow or canary mode. A
-        challenger that cannot stand there is logged and named in /metadata; the
-        champion serves on."""
-        try:
-            challenger = await asyncio.to_thread(load_challenger, self.settings, self.bundle)
-        except Exception as err:  # noqa: BLE001 - shadow mode never stops the service
-            self.shadow_error = f"{self.settings.challenger}: {err}"
-            log.error("shadow mode off: %s", self.shadow_error)
-            return
-        if self.settings.challenger_mode == "canary":
-            self.canary = Canary(challenger, self.settings)
-            log.info("canary mode: challenger %s answers %.0f%% of the clients",
-                     challenger.version, 100 * self.settings.canary_share)
-            return
-        self.shadow = Shadow(challenger, self.metrics, self.prediction_log,
-                             self.settings.shadow_queue, self.settings.max_batch_size)
-        log.info("shadow mode: challenger %s scores every answered request",
-                 challenger.version)
-
-    def shadow_score(self, request_id: str, items: list, probs: np.ndarray) -> None:
-        """Offer an answered classifier request to the challenger; never blocks."""
-        if self.shadow is not None:
-            self.shadow.offer(request_id, items, probs)
 
     async def feedback(self, items: list[tuple[str, int, str]]) -> int:
         """Store labels (request_id, position, label), all or none: 404 naming a pair

@@ -42,13 +42,16 @@ log = logging.getLogger("serving")
 STOP = None
 
 
-def load_challenger(settings: Settings, champion: Bundle) -> Bundle:
-    """The challenger bundle, verified and warmed as a served one is, on one thread;
-    BundleError when it cannot stand beside `champion`."""
+def load_challenger(settings: Settings, champion: Bundle, in_shadow: bool,
+                    workers: int = 1) -> Bundle:
+    """The challenger bundle, verified and warmed as a served one is (in shadow, on
+    one thread of its own; in a canary it answers users, with the champion's
+    threads); BundleError when it cannot stand beside `champion`."""
     source = BundleSource(settings.challenger, settings.cache_dir)
     path = source.fetch(source.identity())
-    one_thread = settings.model_copy(update={"intra_op_threads": 1})
-    challenger = load_warm(path, one_thread)
+    if in_shadow:
+        settings = settings.model_copy(update={"intra_op_threads": 1})
+    challenger = load_warm(path, settings, workers)
     if challenger.decoder is not None or champion.decoder is not None:
         raise BundleError(f"{settings.challenger}: a challenger (shadow or canary) is a "
                           "classifier's; next-word models have no challenger mode yet")

@@ -18,22 +18,35 @@ class ExportError(ValueError):
     """A Label Studio export that cannot be read as labels; names the task."""
 
 
-def config(label_names: list[str] | None) -> str:
+def config(label_names: list[str] | None, images: bool = False) -> str:
     """The labelling configuration for these tasks: choices among the classifier's
-    labels, or (None: a next-word model) a one-line text box for the next word."""
+    labels, or (None: a next-word model) a one-line text box for the next word; an
+    image model's tasks show the logged thumbnail."""
     if label_names is None:
         control = ('  <TextArea name="label" toName="text" maxSubmissions="1" '
                    'placeholder="the word typed next"/>')
     else:
         choices = "\n".join(f"    <Choice value={quoteattr(name)}/>" for name in label_names)
         control = f'  <Choices name="label" toName="text" choice="single">\n{choices}\n  </Choices>'
-    return f'<View>\n  <Text name="text" value="$text"/>\n{control}\n</View>\n'
+    shown = ('  <Image name="text" value="$image"/>' if images else
+             '  <Text name="text" value="$text"/>')
+    return f'<View>\n{shown}\n{control}\n</View>\n'
 
 
-def tasks(items: list[dict], classifier: bool) -> list[dict]:
-    """Label Studio tasks for label-queue items, the model's answer pre-filled."""
+class NotLabellable(ValueError):
+    """Items a labeller cannot see (an image log that keeps hashes only)."""
+
+
+def tasks(items: list[dict], classifier: bool, images: bool = False) -> list[dict]:
+    """Label Studio tasks for label-queue items, the model's answer pre-filled. An
+    image model's items are its logged thumbnails (PNG data URIs, under
+    TEXTOPS_PREDICTION_LOG_IMAGES=thumbnail)."""
     kind, field = ("choices", "choices") if classifier else ("textarea", "text")
-    return [{"data": {"text": item["text"], "request_id": item["request_id"],
+    if images and any(not item["text"].startswith("data:image/") for item in items):
+        raise NotLabellable("the prediction log keeps only each image's sha256; start the "
+                            "service with TEXTOPS_PREDICTION_LOG_IMAGES=thumbnail to label")
+    shown = "image" if images else "text"
+    return [{"data": {shown: item["text"], "request_id": item["request_id"],
                       "position": item["position"]},
              "predictions": [{"model_version": item["model_version"],
                               "score": item["probabilities"][0],

@@ -49,6 +49,7 @@ SCHEMA = (
 # A client reusing a request id replaces its earlier answer: the latest is the one a
 # label sent afterwards refers to, and a label of the earlier answer goes with it.
 FORGET_FEEDBACK = "DELETE FROM feedback WHERE request_id = ? AND position = ?"
+FORGET_SHADOW = "DELETE FROM shadow_predictions WHERE request_id = ? AND position = ?"
 INSERT_PREDICTION = """
     INSERT INTO predictions (request_id, position, created, model_version, text,
                              text_sha256, probabilities, label)
@@ -101,20 +102,25 @@ ORPHAN_SHADOW = """
         WHERE p.request_id = shadow_predictions.request_id
           AND p.position = shadow_predictions.position)"""
 
-# Labelled requests that the champion and a challenger both answered: the paired
-# outcomes of shadow mode (pipeline/promotion/controller.py).
+# Labelled requests that the champion and a challenger both answered since `?` (unix
+# seconds): the paired outcomes of shadow mode (pipeline/promotion/controller.py). The
+# challenger scores a request after the champion answered it, so an answer of the
+# challenger older than the champion's row belongs to an earlier request that reused
+# the id, and is left out.
 PAIRED_LABELS = """
     SELECT f.label, p.label, s.label
     FROM feedback f
     JOIN predictions p ON p.request_id = f.request_id AND p.position = f.position
     JOIN shadow_predictions s ON s.request_id = f.request_id AND s.position = f.position
-    WHERE p.model_version = ? AND s.model_version = ?
+    WHERE p.model_version = ? AND s.model_version = ? AND p.created >= ?
+      AND s.created >= p.created
     ORDER BY f.created, f.request_id, f.position"""
 
-# Canary mode: the labelled requests each model answered, and how many it got right.
+# Canary mode: the labelled requests each model answered since `?` (the canary's
+# start: both arms over the same weeks), and how many it got right.
 CANARY_LABELS = """
     SELECT p.model_version, COUNT(*), SUM(CASE WHEN f.label = p.label THEN 1 ELSE 0 END)
     FROM feedback f JOIN predictions p
          ON p.request_id = f.request_id AND p.position = f.position
-    WHERE p.model_version IN (?, ?)
+    WHERE p.model_version IN (?, ?) AND p.created >= ?
     GROUP BY p.model_version"""

@@ -36,6 +36,7 @@ from pathlib import Path
 from serving.monitoring.live_stats import LiveStats
 from serving.predlog.schema import (
     FORGET_FEEDBACK,
+    FORGET_SHADOW,
     INSERT_PREDICTION,
     INSERT_SHADOW,
     LABELLED,
@@ -143,6 +144,7 @@ class LogStore:
         with self.connection:
             cursor = self.connection.cursor()
             self._executemany(cursor, FORGET_FEEDBACK, [row[:2] for row in rows])
+            self._executemany(cursor, FORGET_SHADOW, [row[:2] for row in rows])
             self._executemany(cursor, INSERT_PREDICTION, rows)
 
     def write_shadow(self, rows: list[tuple]) -> None:

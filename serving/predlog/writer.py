@@ -116,8 +116,12 @@ class PredictionLog:
 
     def record_shadow(self, request_id: str, bundle: Bundle, probs: np.ndarray) -> None:
         """Queue a challenger's answer to a request the champion answered; sampled as
-        the champion's answers are, so that every logged answer has its pair."""
+        the champion's answers are, so that every logged answer has its pair. It takes
+        at most half the queue: under load the champion's own rows are kept first."""
         if not sampled(request_id, self.sample):
+            return
+        if self.queue.qsize() >= self.queue.maxsize // 2:  # the champion's rows go first
+            self.queue_full.inc(len(probs))
             return
         try:
             self.queue.put_nowait(ShadowAnswer(request_id, time.time(), bundle, probs))

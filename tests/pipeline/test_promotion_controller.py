@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import mlflow
 import pytest
@@ -15,6 +16,7 @@ from test_deploy import bundle, own_workspace, register_as  # noqa: F401 - fixtu
 from pipeline.config import Paths, compose
 from pipeline.promotion.controller import EXPERIMENT, check, paired_counts
 from pipeline.tracking import registry
+from pipeline.tracking.challenger import CHALLENGER, set_challenger
 from pipeline.tracking.lineage import training_run
 from serving.predlog.store import open_store
 
@@ -30,11 +32,13 @@ def log_pairs(url: str, champion: str, challenger: str, outcomes: list[tuple[boo
     """Labelled requests both models answered: (champion right, challenger right)."""
     store = open_store(url)
     predictions, shadows, labels = [], [], []
+    now = time.time()
     for n, (champion_right, challenger_right) in enumerate(outcomes, start):
         rid = f"req-{n}"
-        predictions.append((rid, 0, float(n), champion, "a text", f"sha{n}", "[0.6, 0.4]",
+        at = now + n * 1e-4
+        predictions.append((rid, 0, at, champion, "a text", f"sha{n}", "[0.6, 0.4]",
                             "pos" if champion_right else "neg"))
-        shadows.append((rid, 0, float(n), challenger, "[0.3, 0.7]",
+        shadows.append((rid, 0, at + 5e-5, challenger, "[0.3, 0.7]",
                         "pos" if challenger_right else "neg"))
         labels.append((rid, 0, "pos"))
     store.write_predictions(predictions)
@@ -60,7 +64,7 @@ def registered(own_workspace, bundle, log_url):  # noqa: F811 - the fixtures imp
 
 def test_a_better_challenger_is_promoted_on_paired_labels(registered):
     name, paths, log, v1, v2 = registered
-    registry.set_challenger(name, v2, reason="retrained on feedback")
+    set_challenger(name, v2, reason="retrained on feedback")
     # 40 requests only the challenger got right, 4 only the champion, 120 both
     log_pairs(log, "champ-1", "chall-2", [(False, True)] * 40 + [(True, False)] * 4
               + [(True, True)] * 120)
@@ -72,7 +76,7 @@ def test_a_better_challenger_is_promoted_on_paired_labels(registered):
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2
     assert os.readlink(paths.current) == f"bundles/{v2}"
-    assert registry.champion_version(client, name, registry.CHALLENGER) is None
+    assert registry.champion_version(client, name, CHALLENGER) is None
     tags = client.get_model_version(name, v2).tags
     assert tags["challenge_outcome"] == "promote"
     assert json.loads(tags["decision"])["b"] == 40
@@ -89,22 +93,22 @@ def test_a_better_challenger_is_promoted_on_paired_labels(registered):
 
 def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
     name, paths, log, v1, v2 = registered
-    registry.set_challenger(name, v2)
+    set_challenger(name, v2)
     log_pairs(log, "champ-1", "chall-2", [(True, False)] * 10 + [(True, True)] * 20)
     waiting = check(name, PROMOTION, log, paths)  # 30 labels, under min_labels
     assert waiting["outcome"] == "continue" and not waiting["acted"]
     assert "of the 100 labels needed" in waiting["reason"]
     client = mlflow.MlflowClient()
-    assert registry.champion_version(client, name, registry.CHALLENGER) == v2
+    assert registry.champion_version(client, name, CHALLENGER) == v2
     log_pairs(log, "champ-1", "chall-2", [(True, False)] * 40 + [(True, True)] * 100,
               start=30)
     dry = check(name, PROMOTION, log, paths, act=False)
     assert dry["outcome"] == "rollback" and not dry["acted"]
-    assert registry.champion_version(client, name, registry.CHALLENGER) == v2
+    assert registry.champion_version(client, name, CHALLENGER) == v2
     retired = check(name, PROMOTION, log, paths)
     assert retired["outcome"] == "rollback" and retired["acted"] and retired["upper"] < 0
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
-    assert registry.champion_version(client, name, registry.CHALLENGER) is None
+    assert registry.champion_version(client, name, CHALLENGER) is None
     assert client.get_model_version(name, v2).tags["challenge_outcome"] == "rollback"
     assert registry.moves(name)[0]["kind"] == "decision"
     nothing = check(name, PROMOTION, log, paths)
@@ -114,7 +118,8 @@ def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
 def log_canary(url: str, answers: list[tuple[str, bool]]) -> None:
     """Labelled requests, each answered by one model: (its bundle version, right)."""
     store = open_store(url)
-    store.write_predictions([(f"req-{n}", 0, float(n), version, "a text", f"sha{n}",
+    now = time.time()
+    store.write_predictions([(f"req-{n}", 0, now + n * 1e-4, version, "a text", f"sha{n}",
                               "[0.6, 0.4]", "pos" if right else "neg")
                              for n, (version, right) in enumerate(answers)])
     assert store.record_feedback([(f"req-{n}", 0, "pos") for n in range(len(answers))],
@@ -124,7 +129,7 @@ def log_canary(url: str, answers: list[tuple[str, bool]]) -> None:
 
 def test_in_canary_mode_each_models_own_answers_decide(registered):
     name, paths, log, v1, v2 = registered
-    registry.set_challenger(name, v2)
+    set_challenger(name, v2)
     # 600 labelled answers of the champion, 70% right; 300 of the challenger, 95% right
     log_canary(log, [("champ-1", n % 10 < 7) for n in range(600)]
                + [("chall-2", n % 20 != 0) for n in range(300)])
@@ -135,3 +140,21 @@ def test_in_canary_mode_each_models_own_answers_decide(registered):
     assert result["outcome"] == "promote" and result["acted"] and result["lower"] > 0
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+
+
+def test_only_answers_made_during_this_challenge_are_evidence(registered):
+    name, paths, log, v1, v2 = registered
+    log_pairs(log, "champ-1", "chall-2", [(False, True)] * 30)  # an earlier challenge
+    time.sleep(0.05)
+    set_challenger(name, v2)
+    log_pairs(log, "champ-1", "chall-2", [(False, True)] * 12, start=100)
+    # a client reuses request id req-100 for a new text: the champion answers again,
+    # the challenger's answer to it is lost; its old answer must not pair with the label
+    store = open_store(log)
+    store.write_predictions([("req-100", 0, time.time() + 1000, "champ-1", "new text",
+                              "sha-new", "[0.6, 0.4]", "pos")])
+    store.write_shadow([("req-100", 0, time.time() - 1, "chall-2", "[0.3, 0.7]", "neg")])
+    assert store.record_feedback([("req-100", 0, "pos")], created=2e6) == []
+    store.close()
+    result = check(name, PROMOTION, log, paths, act=False)
+    assert (result["n"], result["b"], result["c"]) == (11, 11, 0)

@@ -74,6 +74,9 @@ class Answers:
             raise RuntimeError("the challenger's model failed")
         return self.name, texts
 
+    def close(self):
+        pass
+
 
 def test_a_challenger_that_fails_is_answered_for_and_then_stopped(monkeypatch):
     import asyncio
@@ -87,7 +90,7 @@ def test_a_challenger_that_fails_is_answered_for_and_then_stopped(monkeypatch):
     canary.challenger, canary.share, canary.failures = SimpleNamespace(version="c-1"), 0.999, 0
     canary.batcher = Answers("challenger", fails=True)
     service.canary = canary
-    monkeypatch.setattr("serving.engine.service.takes", lambda key, share: True)
+    monkeypatch.setattr("serving.engine.challenger.takes", lambda key, share: True)
     for _ in range(2):  # every failed request is answered by the champion
         assert asyncio.run(service.predict(["a text"], "user")) == ("champion", ["a text"])
     assert service.canary is None and "failed 2 requests" in service.shadow_error

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from conftest import eventually, post_json, running_service
@@ -90,12 +91,19 @@ def test_label_studio_tasks_and_annotations_round_trip():
         {"request_id": "r1", "position": 2, "label": "neg"}]  # the latest annotation
     with pytest.raises(label_studio.ExportError, match="task 0: no data.request_id"):
         label_studio.feedback_items([{"data": {"text": "x"}}])
+    # an image model's items are its thumbnails; a log of hashes cannot be labelled
+    png = {**items[0], "text": "data:image/png;base64,iVBOR#sha"}
+    assert label_studio.tasks([png], True, images=True)[0]["data"]["image"] == png["text"]
+    assert '<Image name="text" value="$image"/>' in label_studio.config(["a"], images=True)
+    with pytest.raises(label_studio.NotLabellable, match="PREDICTION_LOG_IMAGES=thumbnail"):
+        label_studio.tasks([{**items[0], "text": "3f2a9c"}], True, images=True)
 
 
 def test_the_queue_goes_to_label_studio_and_its_labels_come_back(built_bundle, tmp_path):
     bundle_dir, meta = built_bundle
     texts = ["good good good", "bad bad bad", "good bad", "bad good good", "plain words"]
-    with running_service(bundle_dir, tmp_path) as service:
+    with running_service(bundle_dir, tmp_path, admin_token="labeller") as service:
+        assert httpx.get(f"{service.url}/label-queue", timeout=30).status_code == 401
         answer = post_json(service.url, "/predict", {"texts": texts}).json()
         rid = answer["request_id"]
         margins = sorted(abs(p["probabilities"][meta["label_names"][0]]
@@ -109,7 +117,8 @@ def test_the_queue_goes_to_label_studio_and_its_labels_come_back(built_bundle, t
         assert first["request_id"] == rid and first["text"] in texts
         out = tmp_path / "tasks.json"
         made = subprocess.run([str(TEXTOPS), "label-queue", "--service-url", service.url,
-                               "--budget", "2", "-o", str(out)], cwd=ROOT,
+                               "--budget", "2", "-o", str(out), "--admin-token", "labeller"],
+                              cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert made.returncode == 0, made.stderr
         tasks = json.loads(out.read_text())
@@ -136,8 +145,7 @@ def test_the_queue_goes_to_label_studio_and_its_labels_come_back(built_bundle, t
 
 
 def get_queue(url: str, budget: int) -> dict:
-    import httpx
-
-    response = httpx.get(f"{url}/label-queue", params={"budget": budget}, timeout=30)
+    response = httpx.get(f"{url}/label-queue", params={"budget": budget}, timeout=30,
+                         headers={"Authorization": "Bearer labeller"})
     assert response.status_code == 200, response.text
     return response.json()

@@ -24,7 +24,8 @@ from pipeline.config import Paths, compose  # noqa: E402
 from pipeline.data.splits import column, load_splits  # noqa: E402
 from pipeline.promotion.controller import check  # noqa: E402
 from pipeline.stages import deploy  # noqa: E402
-from pipeline.tracking import registry  # noqa: E402
+from pipeline.tracking import registry
+from pipeline.tracking.challenger import CHALLENGER, set_challenger  # noqa: E402
 from pipeline.tracking.lineage import training_run  # noqa: E402
 
 PROMOTION = OmegaConf.to_container(compose([]).promotion)
@@ -77,7 +78,7 @@ def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models,
     client = mlflow.MlflowClient()
 
     # the champion is the swapped model; the workspace's model challenges it
-    registry.set_challenger(name, v2, reason="test: the better model")
+    set_challenger(name, v2, reason="test: the better model")
     with running_service(paths.current, tmp_path, challenger=good,
                          watch_interval_s=0.2) as service:
         assert traffic(service.url, labelled) == {200}
@@ -93,7 +94,7 @@ def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models,
                    .json()["version"] == good_version, timeout=30)
 
     # now the swapped model challenges the promoted one, and loses
-    registry.set_challenger(name, v1, reason="test: the worse model")
+    set_challenger(name, v1, reason="test: the worse model")
     with running_service(paths.current, tmp_path, challenger=swapped) as service:
         assert traffic(service.url, labelled) == {200}
         eventually(lambda: metric_samples(service.url)[
@@ -102,7 +103,7 @@ def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models,
     assert decision["outcome"] == "rollback" and decision["acted"], decision
     assert decision["upper"] < 0
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2
-    assert registry.champion_version(client, name, registry.CHALLENGER) is None
+    assert registry.champion_version(client, name, CHALLENGER) is None
 
     # the history: both decisions, with their evidence
     decided = [m for m in registry.moves(name) if m["kind"] == "decision"]

@@ -44,10 +44,6 @@ from pipeline.modeling.federated.server import (
 from pipeline.reporting import figures, sources
 
 
-def enabled(cfg: DictConfig) -> bool:
-    return cfg.trainer.get("federated") is not None
-
-
 def check_settings(cfg: DictConfig, distilling: bool) -> None:
     """SystemExit naming what a federated fit cannot combine with."""
     clashes = [(privacy.enabled(cfg), "train.privacy (client-level DP is not wired in)"),
@@ -118,9 +114,9 @@ def with_clients(tracked: Tracked, settings: DictConfig, rounds: int,
 
 
 def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
-    """Train federated; write and return the report a centralised fit would."""
+    """Train federated; write and return the report a centralised fit would (the
+    caller has run `check_settings`)."""
     settings = cfg.trainer.federated
-    check_settings(cfg, distilling=False)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task, work_dir = tasks.from_config(cfg), paths.train_work
     shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume (module docstring)

@@ -1,0 +1,147 @@
+"""The challenger beside the champion, for `InferenceService`: shadow mode
+(serving/engine/shadow.py) or canary mode (serving/engine/canary.py), following
+`TEXTOPS_CHALLENGER` as the champion's bundle is followed.
+
+On every watch tick (and at start) the challenger's spec is resolved again: once a
+champion serves, the challenger is loaded; when the alias (or link) moves, the new
+one replaces it; when it is gone (the controller promoted or retired it) or is the
+champion itself, shadow or canary stops. A challenger that cannot stand beside the
+champion is named in /metadata (`challenger.error`) and the champion serves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from serving.engine.canary import Canary, takes
+from serving.engine.shadow import Shadow, load_challenger
+from serving.engine.source import BundleSource
+from serving.errors import ApiError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from serving.bundle import Bundle
+
+log = logging.getLogger("serving")
+# the registry's answers when an alias or version does not exist (or no longer)
+GONE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def is_gone(spec: str, err: Exception) -> bool:
+    """Whether `err`, resolving `spec`, says the challenger is gone (not that the
+    tracking server is briefly unreachable)."""
+    if not spec.startswith("models:/"):
+        return not os.path.exists(spec)
+    return getattr(err, "error_code", None) in GONE
+
+
+class Challenging:
+    """Shadow or canary state and its upkeep; `InferenceService` mixes it in."""
+
+    def init_challenger(self) -> None:
+        self.shadow: Shadow | None = None  # a challenger in shadow mode
+        self.canary: Canary | None = None  # ... or in canary mode
+        self.shadow_error: str | None = None  # why the configured one does not run
+        self.challenger_identity: str | None = None  # what is loaded, or was refused
+
+    async def refresh_challenger(self) -> None:
+        spec = self.settings.challenger
+        if not spec or self.bundle is None:
+            return
+        try:
+            identity = await asyncio.to_thread(BundleSource(spec, self.settings.cache_dir)
+                                               .identity)
+        except Exception as err:  # noqa: BLE001 - gone, or the registry is unreachable
+            if is_gone(spec, err) and (self.shadow or self.canary):
+                await self.stop_challenger(f"{spec} is gone ({err}); the champion alone "
+                                           "serves")
+            elif not is_gone(spec, err):
+                log.warning("cannot check the challenger %s: %s", spec, err)
+            return
+        running = self.shadow or self.canary
+        if identity == self.challenger_identity and (
+                running is None or running.version != self.bundle.version):
+            return  # as it was (loaded, or refused)
+        await self.stop_challenger(None)
+        self.challenger_identity = identity
+        await self.start_challenger()
+
+    async def start_challenger(self) -> None:
+        mode = self.settings.challenger_mode
+        try:
+            challenger = await asyncio.to_thread(load_challenger, self.settings, self.bundle,
+                                                 mode == "shadow", self.workers)
+        except Exception as err:  # noqa: BLE001 - a challenger never stops the service
+            self.shadow_error = f"{self.settings.challenger}: {err}"
+            log.error("%s mode off: %s", mode, self.shadow_error)
+            return
+        if challenger.version == self.bundle.version:
+            self.shadow_error = (f"{self.settings.challenger} is the champion "
+                                 f"({challenger.version}): nothing to compare")
+            return
+        self.shadow_error = None
+        if mode == "canary":
+            self.canary = Canary(challenger, self.settings, self.metrics.observe_batch)
+            log.info("canary mode: challenger %s answers %.0f%% of the clients",
+                     challenger.version, 100 * self.settings.canary_share)
+        else:
+            self.shadow = Shadow(challenger, self.metrics, self.prediction_log,
+                                 self.settings.shadow_queue, self.settings.max_batch_size)
+            log.info("shadow mode: challenger %s scores every answered request",
+                     challenger.version)
+
+    async def stop_challenger(self, why: str | None) -> None:
+        running, self.shadow, self.canary = self.shadow or self.canary, None, None
+        if why:
+            self.shadow_error = why
+            log.warning("%s", why)
+        if running is not None:
+            await asyncio.to_thread(running.close)
+
+    # ------------------------------------------------------------ the request path
+
+    def shadow_score(self, request_id: str, items: list, probs: np.ndarray) -> None:
+        """Offer an answered classifier request to the challenger; never blocks."""
+        if self.shadow is not None:
+            self.shadow.offer(request_id, items, probs)
+
+    async def canary_answer(self, texts: list, key: str | None):
+        """The challenger's (probabilities, bundle) when a canary runs and takes `key`;
+        None: the champion answers. A request the challenger fails, or has no room
+        for, is answered by the champion; failures are counted, and past
+        `canary_max_failures` the canary stops (a guard that needs no labels)."""
+        canary = self.canary
+        if canary is None or key is None or not takes(key, canary.share):
+            return None
+        try:
+            return await self._bounded(canary.batcher.submit(texts))
+        except ApiError as err:
+            if err.status != 503:
+                self._canary_failed(canary, err)
+                raise  # a timeout: the request's time is spent
+            return None  # its queue is full: the champion answers
+        except Exception as err:  # noqa: BLE001 - the champion answers instead
+            self._canary_failed(canary, err)
+            return None
+
+    def _canary_failed(self, canary: Canary, err: Exception) -> None:
+        self.metrics.shadow.labels("failed").inc()
+        canary.failures += 1
+        log.error("canary: the challenger %s failed a request (%s: %s)", canary.version,
+                  type(err).__name__, err)
+        if canary.failures >= self.settings.canary_max_failures and self.canary is canary:
+            self.canary = None
+            self.shadow_error = (f"canary stopped: the challenger {canary.version} failed "
+                                 f"{canary.failures} requests")
+            log.error("%s; every request goes to the champion", self.shadow_error)
+            asyncio.get_running_loop().run_in_executor(None, canary.close)
+
+    def role(self, bundle: Bundle) -> dict:
+        """What an answer says of the model that gave it while a canary runs."""
+        if self.canary is None:
+            return {}
+        return {"role": "challenger" if bundle is self.canary.challenger else "champion"}
