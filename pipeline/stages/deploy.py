@@ -104,7 +104,8 @@ Gate: {'blessed' if meta['gate']['blessed'] else 'not blessed'}.
 {chr(10).join('- ' + r for r in meta['gate']['reasons'])}
 
 ## Privacy
-{privacy.describe(meta['metrics'].get('privacy'))}
+{privacy.describe(meta['metrics'].get('privacy'))}\
+{privacy.describe_federated(meta['metrics'].get('federated'))}
 
 ## Intended use
 {use}

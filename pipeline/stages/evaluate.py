@@ -168,6 +168,8 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
     scored = scoring.score(task, module, load_splits(paths.processed), paths, cfg)
     if (record := privacy.spent(paths.checkpoint)) is not None:
         scored.metrics["privacy"] = record  # the epsilon these very weights spent
+    if (federated := privacy.federated(paths.checkpoint)) is not None:
+        scored.metrics["federated"] = federated  # where its training data stayed
     mlflow.set_tracking_uri(tracking_uri(cfg))
     champion = score_champion(cfg.deploy.model_name, scoring, scored, cfg)
     verdict = {"model_name": cfg.deploy.model_name,

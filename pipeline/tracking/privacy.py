@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 STATE_KEY = "DifferentialPrivacy"  # the callback's entry in a checkpoint's "callbacks"
+FEDERATED_KEY = "federated"  # a federated fit's summary, at a checkpoint's top level
 
 
 def spent(checkpoint: Path) -> dict | None:
@@ -23,6 +24,27 @@ def spent(checkpoint: Path) -> dict | None:
     if not record or not record.get("steps"):
         return None
     return {key: value for key, value in record.items() if key != "accountant_state"}
+
+
+def federated(checkpoint: Path) -> dict | None:
+    """How a federated fit trained the checkpoint (clients, partition, strategy,
+    rounds: pipeline/modeling/federated/run.py), or None for a centralised fit."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return state.get(FEDERATED_KEY)
+
+
+def describe_federated(record: dict | None) -> str:
+    """The model card's sentence on where the training data stayed."""
+    if record is None:
+        return ""
+    partition = record["partition"]
+    how = (f"Dirichlet({partition['alpha']}) label skew" if partition["by"] == "dirichlet"
+           else {"iid": "an even random split", "group": "data.group_column's groups"}
+           .get(partition["by"], partition["by"]))
+    return (f" Trained federated ({record['strategy']}, Flower): {record['clients']} "
+            f"clients, the training rows dealt out by {how}, {record['rounds']} rounds; "
+            "each client's rows stayed with it and only model updates travelled, in the "
+            "clear (no differential privacy on the updates).")
 
 
 def describe(record: dict | None) -> str:

@@ -23,6 +23,7 @@ from pipeline.modeling.federated.partition import PartitionError, partition
 from pipeline.modeling.federated.run import fit
 from pipeline.stages.evaluate import evaluate
 from pipeline.tasks.text_classification.inference import load_module
+from pipeline.tracking import privacy
 
 
 def settings(**values):
@@ -101,6 +102,11 @@ def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
     assert metrics["accuracy"] > 0.75, metrics
     module = load_module(tmp_path / "models/checkpoints/best.ckpt")
     assert module.hparams.num_classes == 2
+    # evaluate says how it was trained; the model card says so in words
+    assert metrics["federated"]["clients"] == 3 and metrics["federated"]["rounds"] == 3
+    card = privacy.describe_federated(metrics["federated"])
+    assert f"Trained federated ({strategy}, Flower): 3 clients" in card
+    assert privacy.describe_federated(None) == ""
     curves = json.loads((tmp_path / "reports/train_curves.json").read_text())
     assert [row["epoch"] for row in curves] == [1, 2, 3]
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from flwr.server import Server, ServerConfig, SimpleClientManager, start_server
 from omegaconf import DictConfig, OmegaConf
 
@@ -42,6 +43,7 @@ from pipeline.modeling.federated.server import (
     strategy,
 )
 from pipeline.reporting import figures, sources
+from pipeline.tracking import privacy as privacy_record
 
 
 def check_settings(cfg: DictConfig, distilling: bool) -> None:
@@ -162,15 +164,20 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     atomic.write_bytes(paths.train_curves_image, figures.training_curves_png(curves))
     for path in (paths.train_curves, paths.train_curves_image):
         logger.experiment.log_artifact(logger.run_id, str(path), sources.TRAINING)
+    summary = {"mode": settings.mode, "strategy": settings.strategy, "clients": clients,
+               "partition": OmegaConf.to_container(settings.partition),
+               "rounds": len(tracked.rounds_log)}
+    for name in ("best.ckpt", "last.ckpt"):  # evaluate and the model card read it there
+        checkpoint = torch.load(work_dir / name, map_location="cpu", weights_only=False)
+        checkpoint[privacy_record.FEDERATED_KEY] = summary
+        torch.save(checkpoint, work_dir / name)
     outcome = {
         "best_path": work_dir / "best.ckpt", "best_score": global_model.best_score,
         "epochs": len(tracked.rounds_log),
         "global_step": sum(r["steps"] for r in tracked.rounds_log),
         "stopped_early": False,
         "federated": {
-            "mode": settings.mode, "strategy": settings.strategy, "clients": clients,
-            "partition": OmegaConf.to_container(settings.partition),
-            "best_round": global_model.best_round,
+            **summary, "best_round": global_model.best_round,
             "clients_rows": describe(parts, labels),
             "rounds": [{key: r[key] for key in ("round", "clients", "failures", "rows")}
                        for r in tracked.rounds_log],
