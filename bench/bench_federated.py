@@ -29,9 +29,9 @@ from pipeline import logs  # noqa: E402
 
 IMAGE = ["task=image_classification"]
 # GroupNorm in place of BatchNorm: averaging the running statistics of clients that
-# each see a few classes skews the global model's (Hsieh et al. 2020, "The non-IID
-# data quagmire of decentralized machine learning"), so the federated image model
-# uses GroupNorm, and is compared with the centralised fit of the same model.
+# each see a few classes can skew the global model's (Hsieh et al. 2020, "The non-IID
+# data quagmire of decentralized machine learning"); each is compared with the
+# centralised fit of the same model.
 GROUP = ["model.norm=group"]
 
 
