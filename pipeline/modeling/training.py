@@ -77,6 +77,11 @@ def on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+def monitor_mode(monitor: str) -> str:
+    """Whether the monitored metric is better lower (a loss) or higher."""
+    return "min" if monitor.endswith("loss") else "max"
+
+
 def trainer_options(cfg: DictConfig) -> dict:
     """`trainer`'s Lightning options (a federated trainer's own settings aside)."""
     options = OmegaConf.to_container(cfg.trainer)
@@ -87,7 +92,7 @@ def trainer_options(cfg: DictConfig) -> dict:
 def build_trainer(cfg: DictConfig, logger: MLFlowLogger, work_dir: Path,
                   extra_callbacks: list[Callback] = ()) -> pl.Trainer:
     monitor = cfg.train.monitor
-    mode = "min" if monitor.endswith("loss") else "max"
+    mode = monitor_mode(monitor)
     callbacks = [
         ModelCheckpoint(
             dirpath=work_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,

@@ -46,15 +46,20 @@ from serving.predlog.store import open_store
 EXPERIMENT = "promotion-decisions"
 
 
+def read(log_url: str, statement: str, args: tuple) -> list[tuple]:
+    """A query's rows from the prediction log, opened read-only."""
+    store = open_store(log_url, create=False)
+    try:
+        return store.rows(statement, args)
+    finally:
+        store.close()
+
+
 def paired_counts(log_url: str, champion_bundle: str, challenger_bundle: str,
                   since: float = 0.0) -> Paired:
     """The labelled requests both bundles answered since `since` (unix seconds): n,
     b (only the challenger right), c (only the champion right)."""
-    store = open_store(log_url, create=False)
-    try:
-        rows = store.rows(PAIRED_LABELS, (champion_bundle, challenger_bundle, since))
-    finally:
-        store.close()
+    rows = read(log_url, PAIRED_LABELS, (champion_bundle, challenger_bundle, since))
     return Paired.from_outcomes([label == champion for label, champion, _ in rows],
                                 [label == challenger for label, _, challenger in rows])
 
@@ -63,11 +68,7 @@ def canary_counts(log_url: str, champion_bundle: str, challenger_bundle: str,
                   since: float = 0.0) -> Unpaired:
     """Each model's labelled answers since `since` and how many were right (canary
     mode): the champion's from the same weeks as the challenger's, not its whole past."""
-    store = open_store(log_url, create=False)
-    try:
-        rows = store.rows(CANARY_LABELS, (champion_bundle, challenger_bundle, since))
-    finally:
-        store.close()
+    rows = read(log_url, CANARY_LABELS, (champion_bundle, challenger_bundle, since))
     counts = {version: (int(n), int(right or 0)) for version, n, right in rows}
     champion = counts.get(champion_bundle, (0, 0))
     challenger = counts.get(challenger_bundle, (0, 0))
@@ -115,8 +116,8 @@ def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = Tr
     """Decide on the challenger now; act on it unless `act` is False. Returns the
     decision with the two versions, and whether it moved anything."""
     client = mlflow.MlflowClient()
-    champion = registry.champion_version(client, name)
-    challenger = registry.champion_version(client, name, CHALLENGER)
+    champion = registry.alias_version(client, name)
+    challenger = registry.alias_version(client, name, CHALLENGER)
     if challenger is None or champion is None:
         return {"outcome": None, "champion": champion, "challenger": challenger,
                 "reason": f"{name} has no {'challenger' if champion else 'champion'}"}

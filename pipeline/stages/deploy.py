@@ -39,7 +39,7 @@ from pipeline.data.splits import load_splits
 from pipeline.tasks.parity import DeployError
 from pipeline.tracking import audit, lineage, privacy, signing
 from pipeline.tracking.challenger import set_challenger
-from pipeline.tracking.registry import champion_version, promote, prune_store, register
+from pipeline.tracking.registry import alias_version, promote, prune_store, register
 from serving.bundle import MODEL_FILES, RuntimeOptions
 from serving.bundle.tasks import signature
 
@@ -173,7 +173,7 @@ def deploy(cfg: DictConfig, paths: Paths) -> dict:
         version = register(signed, meta, run_id)
         reason = ("blessed by the gate: " + "; ".join(meta["gate"]["reasons"]))[:500]
         challenging = blessed and cfg.deploy.get("promote_to") == "challenger" and \
-            champion_version(mlflow.MlflowClient(), meta["model_name"]) is not None
+            alias_version(mlflow.MlflowClient(), meta["model_name"]) is not None
         if challenging:
             set_challenger(meta["model_name"], version, audit.actor("deploy"), reason)
         elif blessed:

@@ -75,7 +75,7 @@ def main() -> None:
     if cfg.trainer.get("federated") is not None:  # trainer=federated
         from pipeline.modeling.federated import run as federated
 
-        federated.check_settings(cfg, distilling=transfer is not None)
+        federated.check_settings(cfg, distilling=transfer is not None, pruning=pruning(cfg))
         report = federated.fit(cfg, paths)
     else:
         report = fit(cfg, paths, transfer=transfer)

@@ -9,7 +9,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipeline.tracking import audit
-from pipeline.tracking.registry import RegistryError, champion_version
+from pipeline.tracking.registry import RegistryError, alias_version
 
 CHALLENGER = "challenger"
 
@@ -26,9 +26,9 @@ def set_challenger(model_name: str, version: str, by: str | None = None,
     if found.tags.get("blessed") != "true":
         raise RegistryError(f"{model_name} v{version} was refused at the gate "
                             f"({found.tags.get('gate_reasons') or 'no verdict recorded'})")
-    if champion_version(client, model_name) == str(version):
+    if alias_version(client, model_name) == str(version):
         raise RegistryError(f"{model_name} v{version} is the champion")
-    before = champion_version(client, model_name, CHALLENGER)
+    before = alias_version(client, model_name, CHALLENGER)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     if before is not None and before != str(version):  # replaced before any decision
         reason = f"{reason or 'by hand'}; replaces v{before}, undecided"
@@ -43,7 +43,7 @@ def retire_challenger(model_name: str, version: str, outcome: str, by: str, reas
     difference shown) and tag it with why. RegistryError if the alias has moved to
     another version meanwhile (a deploy made a new challenger): that one stays."""
     client = mlflow.MlflowClient()
-    holding = champion_version(client, model_name, CHALLENGER)
+    holding = alias_version(client, model_name, CHALLENGER)
     if holding != str(version):
         raise RegistryError(f"{model_name}'s challenger is now "
                             f"{'v' + holding if holding else 'none'}, not v{version}")

@@ -130,8 +130,8 @@ def point_current(target: Path, current: Path) -> None:
     os.replace(link, current)
 
 
-def champion_version(client: mlflow.MlflowClient, model_name: str,
-                     alias: str = CHAMPION) -> str | None:
+def alias_version(client: mlflow.MlflowClient, model_name: str,
+                  alias: str = CHAMPION) -> str | None:
     """The version holding `alias` (the champion by default), None if none does."""
     try:
         return str(client.get_model_version_by_alias(model_name, alias).version)
@@ -149,7 +149,7 @@ def promote(model_name: str, version: str, bundle_dir: Path, paths: Paths,
     client = mlflow.MlflowClient()
     record = registry_record(client, model_name, version)
     target = store_bundle(bundle_dir, record, paths.store)
-    before = champion_version(client, model_name)
+    before = alias_version(client, model_name)
     client.set_registered_model_alias(model_name, CHAMPION, version)
     client.set_model_version_tag(model_name, version, "promoted_at",
                                  dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
@@ -246,7 +246,7 @@ def history(model_name: str) -> list[dict]:
     """Every registered version, newest first: its verdict, accuracy, the champion and
     when it was promoted or rolled back from (`textops history`)."""
     client = mlflow.MlflowClient()
-    champion = champion_version(client, model_name)
+    champion = alias_version(client, model_name)
     versions = sorted(client.search_model_versions(f"name = '{model_name}'"),
                       key=lambda v: int(v.version), reverse=True)
     return [{"version": str(v.version), "champion": str(v.version) == champion,

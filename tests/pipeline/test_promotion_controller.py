@@ -76,7 +76,7 @@ def test_a_better_challenger_is_promoted_on_paired_labels(registered):
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2
     assert os.readlink(paths.current) == f"bundles/{v2}"
-    assert registry.champion_version(client, name, CHALLENGER) is None
+    assert registry.alias_version(client, name, CHALLENGER) is None
     tags = client.get_model_version(name, v2).tags
     assert tags["challenge_outcome"] == "promote"
     assert json.loads(tags["decision"])["b"] == 40
@@ -99,16 +99,16 @@ def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
     assert waiting["outcome"] == "continue" and not waiting["acted"]
     assert "of the 100 labels needed" in waiting["reason"]
     client = mlflow.MlflowClient()
-    assert registry.champion_version(client, name, CHALLENGER) == v2
+    assert registry.alias_version(client, name, CHALLENGER) == v2
     log_pairs(log, "champ-1", "chall-2", [(True, False)] * 40 + [(True, True)] * 100,
               start=30)
     dry = check(name, PROMOTION, log, paths, act=False)
     assert dry["outcome"] == "rollback" and not dry["acted"]
-    assert registry.champion_version(client, name, CHALLENGER) == v2
+    assert registry.alias_version(client, name, CHALLENGER) == v2
     retired = check(name, PROMOTION, log, paths)
     assert retired["outcome"] == "rollback" and retired["acted"] and retired["upper"] < 0
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
-    assert registry.champion_version(client, name, CHALLENGER) is None
+    assert registry.alias_version(client, name, CHALLENGER) is None
     assert client.get_model_version(name, v2).tags["challenge_outcome"] == "rollback"
     assert registry.moves(name)[0]["kind"] == "decision"
     nothing = check(name, PROMOTION, log, paths)

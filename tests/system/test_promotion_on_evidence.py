@@ -103,7 +103,7 @@ def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models,
     assert decision["outcome"] == "rollback" and decision["acted"], decision
     assert decision["upper"] < 0
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2
-    assert registry.champion_version(client, name, CHALLENGER) is None
+    assert registry.alias_version(client, name, CHALLENGER) is None
 
     # the history: both decisions, with their evidence
     decided = [m for m in registry.moves(name) if m["kind"] == "decision"]

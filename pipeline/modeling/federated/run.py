@@ -46,13 +46,11 @@ from pipeline.reporting import figures, sources
 from pipeline.tracking import privacy as privacy_record
 
 
-def check_settings(cfg: DictConfig, distilling: bool) -> None:
+def check_settings(cfg: DictConfig, distilling: bool, pruning: bool) -> None:
     """SystemExit naming what a federated fit cannot combine with."""
     clashes = [(privacy.enabled(cfg), "train.privacy (client-level DP is not wired in)"),
                (distilling, "a teacher's transfer set (distill)"),
-               (bool(cfg.train.get("prune")) and any(
-                   cfg.train.prune.get(k) is not None for k in ("heads", "d_ff", "channels")),
-                "train.prune (its fine-tuning would see every client's rows)"),
+               (pruning, "train.prune (its fine-tuning would see every client's rows)"),
                (cfg.train.get("ema_decay") is not None, "train.ema_decay")]
     named = [what for clash, what in clashes if clash]
     if named:

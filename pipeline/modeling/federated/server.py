@@ -31,6 +31,7 @@ from flwr.server.strategy import FedAvg, FedProx, Strategy
 from omegaconf import DictConfig
 
 from pipeline.modeling.federated.client import load_weights
+from pipeline.modeling.training import monitor_mode
 
 
 class FederationError(RuntimeError):
@@ -45,7 +46,7 @@ class GlobalModel:
                  cfg: DictConfig, work_dir: Path, log_metrics):
         self.module, self.datamodule, self.work_dir = module, datamodule, work_dir
         self.monitor = cfg.train.monitor
-        self.sign = -1.0 if self.monitor.endswith("loss") else 1.0
+        self.sign = -1.0 if monitor_mode(self.monitor) == "min" else 1.0
         self.trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=1,
                                   precision=cfg.trainer.precision, logger=False,
                                   enable_checkpointing=False, enable_progress_bar=False,
