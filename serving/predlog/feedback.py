@@ -71,8 +71,13 @@ class FeedbackStore:
                     self.store = open_store(self.url)
                 store = self.store
                 missing = store.record_feedback(items, time.time())
-                absent = [r for r in dict.fromkeys(r for r, _ in missing)
-                          if not store.has_request(r)]
+                absent = self._absent(store, missing)
+                if len(absent) < len({r for r, _ in missing}):
+                    # A request's rows were written between the two reads (a writer
+                    # commits a request's texts together): once more, so that an
+                    # answer being written is never told "unknown".
+                    missing = store.record_feedback(items, time.time())
+                    absent = self._absent(store, missing)
                 unwritten = [r for r in absent if issued_within(r, RECENT_ANSWER_S)]
                 if not missing:
                     self.on_stored(store)
@@ -82,6 +87,11 @@ class FeedbackStore:
                     self.store.close()
                     self.store = None
                 raise
+
+    @staticmethod
+    def _absent(store: LogStore, missing: list[tuple[str, int]]) -> list[str]:
+        """The missing pairs' request ids that have no logged row at all."""
+        return [r for r in dict.fromkeys(r for r, _ in missing) if not store.has_request(r)]
 
     def close(self) -> None:
         with self.lock:

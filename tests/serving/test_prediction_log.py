@@ -23,10 +23,11 @@ from tokenizers import normalizers
 from serving.bundle import Bundle
 from serving.monitoring.live_stats import LiveStats
 from serving.monitoring.metrics import ServiceMetrics
+from serving.predlog.feedback import FeedbackStore
 from serving.predlog.normalizer import Normalizing
 from serving.predlog.reader import read_labelled
 from serving.predlog.rows import prediction_rows, sampled
-from serving.predlog.store import PredictionLogError, open_store
+from serving.predlog.store import LogStore, PredictionLogError, open_store
 from serving.predlog.writer import PredictionLog
 
 NAMES = ["neg", "pos"]
@@ -106,6 +107,35 @@ def test_a_batch_with_an_unknown_prediction_stores_nothing(log_url):
         assert store.count("feedback") == 0
     finally:
         store.close()
+
+
+def test_a_label_for_an_answer_written_meanwhile_is_stored(tmp_path, monkeypatch):
+    """The answer's rows land between the label's two reads (another worker's writer
+    commits): the label is stored, not refused as unknown."""
+    url = f"sqlite:///{tmp_path}/log.db"
+    open_store(url).close()
+    original = LogStore.record_feedback
+    calls = []
+
+    def writer_commits_after_the_first_read(store, items, created):
+        missing = original(store, items, created)
+        if not calls:
+            writer = open_store(url)
+            writer.write_predictions(rows_for("late", 1.0, ["pos"]))
+            writer.close()
+        calls.append(missing)
+        return missing
+
+    monkeypatch.setattr(LogStore, "record_feedback", writer_commits_after_the_first_read)
+    labels = FeedbackStore(url, on_stored=lambda store: None)
+    try:
+        assert labels.record([("late", 0, "neg")], siblings=False) == []
+    finally:
+        labels.close()
+    assert calls == [[("late", 0)], []]
+    store = open_store(url)
+    assert store.count("feedback") == 1
+    store.close()
 
 
 def test_retention_by_age_and_by_row_count(log_url):
