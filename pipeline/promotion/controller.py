@@ -15,8 +15,10 @@ asks `decide` (`promotion.mode` picks the test), and:
   version tagged with the outcome;
 - **continue**: nothing moves.
 Every decision, acted on or not, is an MLflow run in the `promotion-decisions`
-experiment (counts, e-value, p-value, effect and interval) and the challenger
-version's `decision` tag; the moves go to the audit trail (pipeline/tracking/audit.py).
+experiment (counts, e-value, p-value, effect and interval), the challenger version's
+`decision` tag and a section of its model card in the registry (card.py); services
+with a registry show the latest in /metrics (serving/monitoring/promotion.py); the
+moves go to the audit trail (pipeline/tracking/audit.py).
 The rule depends on the counts alone, so checking after every label, or once a day,
 keeps its error rates.
 """
@@ -29,6 +31,7 @@ import json
 import mlflow
 
 from pipeline.config import Paths
+from pipeline.promotion.card import decision_section, with_decision
 from pipeline.promotion.sequential import (
     PROMOTE,
     ROLLBACK,
@@ -40,10 +43,9 @@ from pipeline.promotion.sequential import (
 )
 from pipeline.tracking import audit, registry
 from pipeline.tracking.challenger import CHALLENGER, retire_challenger
+from serving.monitoring.promotion import EXPERIMENT
 from serving.predlog.schema import CANARY_LABELS, PAIRED_LABELS
 from serving.predlog.store import open_store
-
-EXPERIMENT = "promotion-decisions"
 
 
 def read(log_url: str, statement: str, args: tuple) -> list[tuple]:
@@ -101,6 +103,7 @@ def record_decision(client: mlflow.MlflowClient, name: str, champion: str, chall
                             f"v{champion}: {evidence['outcome']}",
                             tags={"model": name, "champion": champion,
                                   "challenger": challenger, "outcome": evidence["outcome"],
+                                  "mode": evidence["mode"],
                                   "reason": evidence["reason"][:5000]})
     for key in ("n", "b", "c", "champion_n", "champion_right", "challenger_n",
                 "challenger_right", "labels", "e_value", "p_value", "effect", "lower",
@@ -108,8 +111,13 @@ def record_decision(client: mlflow.MlflowClient, name: str, champion: str, chall
         if isinstance(evidence.get(key), int | float):
             client.log_metric(run.info.run_id, key, float(evidence[key]))
     client.set_terminated(run.info.run_id)
-    client.set_model_version_tag(name, challenger, "decision",
-                                 json.dumps(evidence, sort_keys=True))
+    decided_at = dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.UTC)
+    client.set_model_version_tag(name, challenger, "decision", json.dumps(
+        {**evidence, "champion": champion, "decided_at": decided_at.isoformat()},
+        sort_keys=True))
+    card = client.get_model_version(name, challenger).description or ""
+    client.update_model_version(name, challenger, description=with_decision(
+        card, decision_section(champion, challenger, evidence, decided_at)))
 
 
 def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = True) -> dict:

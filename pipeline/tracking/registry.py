@@ -66,7 +66,8 @@ def input_example(bundle: Bundle) -> pd.DataFrame:
 
 def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
     """Log the bundle as a pyfunc model in the training run `run_id`; returns the
-    version, tagged with the bundle version, the verdict and the git commit."""
+    version, tagged with the bundle version, the verdict and the git commit, and
+    described by the bundle's model card."""
     serving_dir = Path(__file__).resolve().parents[2] / "serving"
     # The signature comes from the very class MLflow will serve, on this bundle.
     model = BundleModel()
@@ -99,6 +100,11 @@ def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
     }
     for key, value in tags.items():
         client.set_model_version_tag(meta["model_name"], version, key, value)
+    # The registry shows a version's description as its card; the promotion
+    # controller adds its decisions to it (pipeline/promotion/card.py).
+    if (card := bundle_dir / "MODEL_CARD.md").is_file():
+        client.update_model_version(meta["model_name"], version,
+                                    description=card.read_text(encoding="utf-8"))
     return version
 
 

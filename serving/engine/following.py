@@ -219,6 +219,16 @@ class BundleFollowing:
             else:
                 self._report(generation=generation)
 
+    def refresh_evidence(self) -> None:
+        """Have the promotion controller's latest decision on the served model read
+        again, for /metrics (serving/monitoring/promotion.py; with a registry only, at
+        most every few seconds), in a thread that nothing waits for: an unreachable
+        registry delays neither readiness nor the watch."""
+        if self.bundle is not None and self.metrics.promotion.enabled():
+            asyncio.get_running_loop().run_in_executor(
+                None, self.metrics.promotion.refresh,
+                str(self.bundle.meta.get("model_name", "")))
+
     async def watch(self) -> None:
         """Follow the bundle spec: reload when the link or the registry alias moves;
         and the challenger's (serving/engine/challenger.py)."""
@@ -226,6 +236,7 @@ class BundleFollowing:
             await asyncio.sleep(self.settings.watch_interval_s)
             if self.settings.challenger:
                 await self.refresh_challenger()
+            self.refresh_evidence()
             try:
                 identity = await asyncio.to_thread(self.source.identity)
             except Exception as err:  # noqa: BLE001 - e.g. the tracking server is down

@@ -93,6 +93,7 @@ class InferenceService(BundleFollowing, Challenging):
             self._report(error=self.error)
         if s.challenger:
             await self.refresh_challenger()
+        self.refresh_evidence()
         if s.watch_interval_s > 0:
             self.watcher = asyncio.create_task(self.watch())
         if self.group:

@@ -5,8 +5,9 @@ a next-word model's generation (tokens generated, time to first token, inter-tok
 latency, sequences per decoding step, sequences running and waiting), rejections,
 reloads, the model being served, memory, the prediction log's counters.
 What is computed at scrape time has a module of its own: input drift
-(serving/monitoring/drift.py) and live quality from the prediction log
-(serving/monitoring/quality.py). With several server processes
+(serving/monitoring/drift.py), live quality from the prediction log
+(serving/monitoring/quality.py) and the promotion controller's latest decision
+(serving/monitoring/promotion.py). With several server processes
 (serving/processes/workers.py) the counters live in prometheus-client's multiprocess
 files, which a scrape merges.
 """
@@ -20,6 +21,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from serving.bundle import Bundle
 from serving.monitoring.drift import DriftMonitor
+from serving.monitoring.promotion import PromotionEvidence
 from serving.monitoring.quality import LiveQuality
 from serving.processes.workers import WorkerGroup, resident_bytes
 
@@ -118,9 +120,11 @@ class ServiceMetrics:
         for outcome in ("scored", "dropped", "agreed", "failed"):
             self.shadow.labels(outcome)
         self.live_quality = LiveQuality()
+        self.promotion = PromotionEvidence()  # the controller's latest decision
         # The collectors computed at scrape time, from this process's state (the live
-        # figures come from the shared database, so any worker's are everyone's).
-        self.computed = (self.drift, self.live_quality)
+        # figures come from the shared database, the decision from the registry, so
+        # any worker's are everyone's).
+        self.computed = (self.drift, self.live_quality, self.promotion)
         for collector in self.computed:
             r.register(collector)
 

@@ -1,6 +1,7 @@
 """The promotion controller on a real registry and prediction log: a challenger better
 on the paired labels is promoted, a worse one retired, too few labels move nothing;
-every decision is recorded and every move is in the audit trail."""
+every decision is recorded (MLflow, the version's tags and model card, what /metrics
+shows) and every move is in the audit trail."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from omegaconf import OmegaConf
 from test_deploy import bundle, own_workspace, register_as  # noqa: F401 - fixtures
 
 from pipeline.config import Paths, compose
+from pipeline.promotion.card import HEADING
 from pipeline.promotion.controller import EXPERIMENT, check, paired_counts
 from pipeline.tracking import registry
 from pipeline.tracking.challenger import CHALLENGER, set_challenger
 from pipeline.tracking.lineage import training_run
+from serving.monitoring.promotion import PromotionEvidence, latest_decision
 from serving.predlog.store import open_store
 
 PROMOTION = OmegaConf.to_container(compose([]).promotion)
@@ -89,6 +92,19 @@ def test_a_better_challenger_is_promoted_on_paired_labels(registered):
     assert moves[1]["reason"].startswith("challenger better")
     decisions = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert decisions[0].data.metrics["b"] == 40
+    # the registry's model card: the bundle's card, then the decision and its evidence
+    card = client.get_model_version(name, v2).description
+    assert card.startswith("# Model card: ")
+    section = card[card.index(HEADING):]
+    assert "**promote**" in section and f"against v{v1} (the champion)" in section
+    assert "| 164 | +0.2195 |" in section and "only the challenger right on 40" in section
+    # what a service with this registry shows in /metrics
+    evidence = PromotionEvidence()
+    evidence.refresh(name)
+    samples = {tuple(s.labels.values()): s.value
+               for family in evidence.collect() for s in family.samples}
+    assert samples[(v1, v2, "shadow", "promote", "b")] == 40
+    assert samples[(v1, v2, "shadow", "promote", "lower")] > 0
 
 
 def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
@@ -110,6 +126,9 @@ def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     assert registry.alias_version(client, name, CHALLENGER) is None
     assert client.get_model_version(name, v2).tags["challenge_outcome"] == "rollback"
+    card = client.get_model_version(name, v2).description  # the latest decision alone
+    assert card.count(HEADING) == 1 and "**rollback**" in card and "**continue**" not in card
+    assert latest_decision(name)["outcome"] == "rollback"
     assert registry.moves(name)[0]["kind"] == "decision"
     nothing = check(name, PROMOTION, log, paths)
     assert nothing["outcome"] is None and "no challenger" in nothing["reason"]

@@ -56,6 +56,20 @@ def two_models(own_workspace, built_bundle):  # noqa: F811 - the fixture importe
     return path, good_meta["model_name"], (v1, swapped), (v2, good), labelled * 3
 
 
+def evidence(url: str, outcome: str, quantity: str) -> dict[tuple[str, str], float]:
+    """One figure of the decisions the service shows in /metrics, by (champion,
+    challenger)."""
+    found = {}
+    for key, value in metric_samples(url).items():
+        name, _, labels = key.partition("{")
+        if name == "textops_promotion_evidence":
+            pairs = dict(pair.split("=", 1) for pair in labels.rstrip("}").split(","))
+            pairs = {k: v.strip('"') for k, v in pairs.items()}
+            if (pairs["outcome"], pairs["quantity"]) == (outcome, quantity):
+                found[pairs["champion"], pairs["challenger"]] = value
+    return found
+
+
 def traffic(url: str, labelled: list[tuple[str, str]]) -> set[int]:
     """One text per request from 8 clients at once, each answer then labelled with the
     truth; the statuses of every request."""
@@ -92,6 +106,9 @@ def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models,
         good_version = client.get_model_version(name, v2).tags["bundle_version"]
         eventually(lambda: httpx.get(f"{service.url}/metadata", timeout=5)
                    .json()["version"] == good_version, timeout=30)
+        # and shows the decision that promoted it (read from the registry)
+        assert eventually(lambda: evidence(service.url, "promote", "b"), timeout=30) \
+            == {(v1, v2): decision["b"]}
 
     # now the swapped model challenges the promoted one, and loses
     set_challenger(name, v1, reason="test: the worse model")
