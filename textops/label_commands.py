@@ -38,9 +38,10 @@ def label_queue(out: Path = typer.Option(Path("label-tasks.json"), "--out", "-o"
                                              help="margin or entropy"),
                 url: str = SERVICE, api_key: str = API_KEY,
                 admin_token: str = ADMIN_TOKEN) -> None:
-    """Write the service's label queue (its least certain unlabelled answers) as
-    Label Studio tasks, the model's answer pre-filled, and beside them the labelling
-    configuration to create the project with (OUT with .xml).
+    """Write the service's label queue (its least certain unlabelled answers; while a
+    challenger runs in shadow mode, those it labelled otherwise first) as Label Studio
+    tasks, the model's answer pre-filled, and beside them the labelling configuration
+    to create the project with (OUT with .xml).
 
     Examples:
 
@@ -67,14 +68,18 @@ def label_queue(out: Path = typer.Option(Path("label-tasks.json"), "--out", "-o"
     # a classifier's labels; a next-word model has none (its label is the next word)
     labels = meta.json().get("label_names") or None
     images = meta.json().get("task") == "image_classification"
-    items = queue.json()["items"]
+    answered = queue.json()
+    items = answered["items"]
     try:
         written = label_studio.tasks(items, labels is not None, images)
     except NotLabellable as err:
         raise fail(f"label-queue: {base}: {err}") from err
     out.write_text(json.dumps(written, indent=1))
     out.with_suffix(".xml").write_text(label_studio.config(labels, images))
-    typer.echo(f"{len(items)} task(s) in {out}; labelling configuration in "
+    disagreed = sum(1 for item in items if item.get("disagreed"))
+    first = (f" ({disagreed} first: the shadow challenger {answered.get('challenger')} "
+             "labelled them otherwise)") if disagreed else ""
+    typer.echo(f"{len(items)} task(s) in {out}{first}; labelling configuration in "
                f"{out.with_suffix('.xml')}")
 
 

@@ -117,17 +117,23 @@ def router(service: InferenceService, require_key) -> APIRouter:
             authorization: str | None = Header(None)) -> dict:
         """The logged answers most worth a label (active learning), excluding those
         already labelled: smallest margin between the top two probabilities first, or
-        largest entropy. Each item carries its request id and position for POST
-        /feedback, and the logged text (normalised and masked, decrypted). It shows
-        every user's texts, so it needs the admin token as `Authorization: Bearer
-        <token>` (404 while the admin API is off)."""
+        largest entropy; while a challenger runs in shadow mode, the answers it
+        labelled otherwise come first (`disagreed`, its answer in `challenger`). Each
+        item carries its request id and position for POST /feedback, and the logged
+        text (normalised and masked, decrypted). It shows every user's texts, so it
+        needs the admin token as `Authorization: Bearer <token>` (404 while the admin
+        API is off)."""
         check_admin(settings.admin_token, authorization)
         if not settings.prediction_log:
             raise ApiError(404, "no_prediction_log", "the prediction log is off "
                            "(TEXTOPS_PREDICTION_LOG): there is nothing to label")
+        # The running challenger's answers alone: a retired one's rows are stale. A
+        # canary's answers are users' answers, in `predictions`; nothing pairs them.
+        challenger = service.shadow.version if service.shadow else None
         items = await asyncio.to_thread(label_queue, settings.prediction_log,
-                                        settings.log_cipher(), budget, strategy, scan)
-        return {"strategy": strategy, "items": items}
+                                        settings.log_cipher(), budget, strategy, scan,
+                                        challenger)
+        return {"strategy": strategy, "challenger": challenger, "items": items}
 
     @routes.post("/explain", response_model=ExplainResponse | ImageExplainResponse,
                  dependencies=[Depends(require_key)], openapi_extra=EXPLAIN_BODY)

@@ -4,7 +4,8 @@ items, so that a team labels with the tool it already uses.
 
 A task (labelstud.io/guide/tasks) is `{"data": {...}, "predictions": [...]}`; `data`
 carries the text and the request id and position that name the answer in the
-prediction log. A classifier is labelled with a Choices control named `label`, a
+prediction log (and, while a challenger runs in shadow mode, its answer and whether
+it disagreed). A classifier is labelled with a Choices control named `label`, a
 next-word answer with a TextArea named `label` (the word typed next); `config` writes
 the matching labelling configuration.
 """
@@ -47,13 +48,24 @@ def tasks(items: list[dict], classifier: bool, images: bool = False) -> list[dic
                             "service with TEXTOPS_PREDICTION_LOG_IMAGES=thumbnail to label")
     shown = "image" if images else "text"
     return [{"data": {shown: item["text"], "request_id": item["request_id"],
-                      "position": item["position"]},
+                      "position": item["position"], **challenged(item)},
              "predictions": [{"model_version": item["model_version"],
                               "score": item["probabilities"][0],
                               "result": [{"from_name": "label", "to_name": "text",
                                           "type": kind,
                                           "value": {field: [item["predicted"]]}}]}]}
             for item in items]
+
+
+def challenged(item: dict) -> dict:
+    """A task's data fields for the shadow challenger's answer, where it gave one:
+    Label Studio's data manager shows them as columns, to filter the disagreements
+    by (they come first in the queue)."""
+    other = item.get("challenger")  # None: no challenger, or an older service's queue
+    if not other:
+        return {}
+    return {"disagreed": bool(item.get("disagreed")), "challenger_label": other["label"],
+            "challenger_version": other["model_version"]}
 
 
 def feedback_items(export: list) -> list[dict]:

@@ -11,6 +11,12 @@ probabilities of the words it suggested (`/generate` continuations carry none an
 are left out). Texts are decrypted with the log's keys, as `make retrain` reads
 them. `GET /label-queue` serves it; `textops label-queue` writes it as Label Studio
 tasks (serving/predlog/label_studio.py).
+
+While a challenger runs in shadow mode, the answers it labelled otherwise than the
+logged model come first (then the strategy's order within each group): only there can
+a label favour one of the two, and those discordant pairs are the evidence promotion
+waits for (pipeline/promotion/controller.py). Only the given challenger's rows count,
+so the rows a retired challenger left behind do not reorder the queue.
 """
 
 from __future__ import annotations
@@ -24,10 +30,16 @@ from serving.predlog.store import open_store
 
 STRATEGIES = ("margin", "entropy")
 
+# The challenger's answer beside each: its version is the first parameter (NULL, with
+# no challenger, matches no row). As in schema.PAIRED_LABELS, a challenger's answer
+# older than the logged one belongs to an earlier request that reused the id.
 UNLABELLED = """SELECT p.request_id, p.position, p.created, p.model_version, p.text,
-    p.text_sha256, p.probabilities, p.label
-    FROM predictions p LEFT JOIN feedback f
-      ON f.request_id = p.request_id AND f.position = p.position
+    p.text_sha256, p.probabilities, p.label, s.label
+    FROM predictions p
+    LEFT JOIN feedback f ON f.request_id = p.request_id AND f.position = p.position
+    LEFT JOIN shadow_predictions s
+      ON s.request_id = p.request_id AND s.position = p.position
+     AND s.model_version = ? AND s.created >= p.created
     WHERE f.request_id IS NULL
     ORDER BY p.created DESC
     LIMIT ?"""
@@ -54,34 +66,41 @@ def entropy(ps: list[float]) -> float:
 
 
 def label_queue(url: str, cipher: LogCipher | None, budget: int, strategy: str = "margin",
-                scan: int = 10_000) -> list[dict]:
+                scan: int = 10_000, challenger: str | None = None) -> list[dict]:
     """Up to `budget` unlabelled answers among the newest `scan`, most worth a label
     first: {request_id, position, text, predicted, probabilities (largest first),
-    margin, entropy, model_version, created}."""
+    margin, entropy, model_version, created, challenger, disagreed}. `challenger`: the
+    version of the challenger in shadow mode, whose disagreements come first; an
+    item's `challenger` is its answer, {model_version, label}, or None where it gave
+    none (no challenger, or it has not scored the request, or dropped it)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
     store = open_store(url, create=False)
     try:
-        rows = store.rows(UNLABELLED, (scan,))
+        rows = store.rows(UNLABELLED, (challenger, scan))
     finally:
         store.close()
     keys = ("request_id", "position", "created", "model_version", "text", "text_sha256",
-            "probabilities", "label")
+            "probabilities", "label", "challenger_label")
     candidates = []
     for row in rows:
         item = dict(zip(keys, row, strict=True))
         ps = distribution(item["probabilities"])
         if ps is None:
             continue
+        other = item.pop("challenger_label")
         candidates.append({"request_id": item["request_id"], "position": item["position"],
                            "row": item, "predicted": item["label"], "probabilities": ps,
                            "margin": margin(ps), "entropy": entropy(ps),
                            "model_version": item["model_version"],
-                           "created": item["created"]})
+                           "created": item["created"],
+                           "challenger": None if other is None else
+                           {"model_version": challenger, "label": other},
+                           "disagreed": other is not None and other != item["label"]})
     if strategy == "margin":
-        candidates.sort(key=lambda c: (c["margin"], -c["created"]))
+        candidates.sort(key=lambda c: (not c["disagreed"], c["margin"], -c["created"]))
     else:
-        candidates.sort(key=lambda c: (-c["entropy"], -c["created"]))
+        candidates.sort(key=lambda c: (not c["disagreed"], -c["entropy"], -c["created"]))
     chosen = candidates[:budget]
     for item in chosen:  # only what is sent is decrypted
         item["text"] = opened(item.pop("row"), cipher)["text"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import shutil
 import sqlite3
@@ -73,6 +74,103 @@ def test_demo_page_classifies_and_highlights(browser, live_service, built_bundle
     box.send_keys(" ")  # an empty text: the page shows the service's error
     browser.find_element(By.ID, "classify").click()
     wait.until(ready.text_to_be_present_in_element((By.ID, "error"), "is empty"))
+
+
+def test_the_label_queue_view_labels_the_queued_answers(browser, built_bundle, tmp_path):
+    """The page's label queue: the admin token typed in, the queue of the real route
+    listed (a shadow challenger's disagreement first, marked), a label clicked goes
+    to the log as feedback and takes the answer off the list and off the queue."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bundle_dir, meta = built_bundle
+    challenger = shutil.copytree(bundle_dir, tmp_path / "challenger")
+    (challenger / "bundle.json").write_text(json.dumps({**meta, "version": "challenger-1"}))
+    texts = ["good good good", "bad bad bad", "good bad"]
+    log = tmp_path / "predictions.db"
+    with running_service(bundle_dir, tmp_path, admin_token="labeller",
+                         challenger=challenger) as service:
+        answer = httpx.post(f"{service.url}/predict", json={"texts": texts}, timeout=30).json()
+        rid, predictions = answer["request_id"], answer["predictions"]
+        # the copy agrees everywhere: it is said to label the surest answer otherwise
+        surest = max(range(len(texts)), key=lambda n: predictions[n]["score"])
+        other = next(n for n in meta["label_names"] if n != predictions[surest]["label"])
+
+        def disagreed():
+            if not log.exists():
+                return False
+            with sqlite3.connect(log, timeout=10) as db:
+                return db.execute("UPDATE shadow_predictions SET label = ? WHERE "
+                                  "request_id = ? AND position = ?",
+                                  (other, rid, surest)).rowcount == 1
+
+        eventually(disagreed)
+        wait = WebDriverWait(browser, 20)
+        browser.get(f"{service.url}/")
+        wait.until(ready.text_to_be_present_in_element((By.ID, "meta"), meta["version"]))
+        browser.find_element(By.CSS_SELECTOR, "#queue-view summary").click()
+        token = browser.find_element(By.ID, "admin-token")
+        token.send_keys("not the token")
+        browser.find_element(By.ID, "load-queue").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "queue-status"), "401"))
+        assert "admin token" in browser.find_element(By.ID, "queue-status").text
+        token.clear()
+        token.send_keys("labeller")
+        budget = browser.find_element(By.ID, "queue-budget")
+        budget.clear()
+        budget.send_keys("2")
+        browser.find_element(By.ID, "load-queue").click()
+        entries = wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR,
+                                                             "#queue-items li"))
+        queue = httpx.get(f"{service.url}/label-queue", params={"budget": 2}, timeout=30,
+                          headers={"Authorization": "Bearer labeller"}).json()["items"]
+        assert [(e.get_attribute("data-request-id"), int(e.get_attribute("data-position")))
+                for e in entries] == [(i["request_id"], i["position"]) for i in queue]
+        assert "1 first: the challenger challenger-1" in \
+            browser.find_element(By.ID, "queue-status").text
+        first = entries[0]
+        assert int(first.get_attribute("data-position")) == surest
+        assert "disagreed" in first.get_attribute("class").split()
+        assert first.find_element(By.CLASS_NAME, "queue-text").text == texts[surest]
+        assert f'challenger-1 said "{other}"' in first.find_element(By.CLASS_NAME, "why").text
+        assert f"margin {queue[0]['margin']:.3f}" in first.text
+        assert "disagreed" not in entries[1].get_attribute("class").split()
+        assert [b.text for b in first.find_elements(By.TAG_NAME, "button")] == \
+            meta["label_names"]
+
+        first.find_element(By.CSS_SELECTOR, f"button[data-label='{other}']").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "queue-status"), "Recorded"))
+        assert "1 left" in browser.find_element(By.ID, "queue-status").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#queue-items li")) == 1
+        with sqlite3.connect(log) as db:
+            assert db.execute("SELECT request_id, position, label FROM feedback").fetchall() \
+                == [(rid, surest, other)]
+        after = httpx.get(f"{service.url}/label-queue", timeout=30,
+                          headers={"Authorization": "Bearer labeller"}).json()["items"]
+        assert surest not in [i["position"] for i in after]
+
+        # an image model's queue holds each image's logged thumbnail (its `text`), or
+        # under the default only its sha256, which the page says it cannot show
+        thumbnail = data_url(b"\x89PNG...")
+        shown = browser.execute_script(
+            "model = {...model, task: 'image_classification'};"
+            "const item = {request_id: 'r', position: 0, predicted: 'a', margin: 0.1,"
+            "              entropy: 0.6, model_version: 'v', disagreed: false};"
+            "const [kept, hashed] = [arguments[0], 'sha256:3f2a'].map("
+            "    (text) => queueEntry({...item, text}));"
+            "return [kept.querySelector('img').getAttribute('src'),"
+            "        hashed.querySelector('img'), hashed.textContent];", thumbnail)
+        assert shown[:2] == [thumbnail, None]
+        assert "PREDICTION_LOG_IMAGES=thumbnail" in shown[2]
+        # a next-word answer's label is the word typed next: a box, not a button each
+        boxes = browser.execute_script(
+            "model = {...model, task: 'next_word', label_names: undefined};"
+            "const entry = queueEntry({request_id: 'r', position: 0, text: 'the cat',"
+            "    predicted: 'sat', margin: 0.1, entropy: 0.6, model_version: 'v'});"
+            "return [entry.querySelectorAll('input.queue-word').length,"
+            "        entry.querySelectorAll('button').length];")
+        assert boxes == [1, 1]  # and its Send button
 
 
 # ------------------------------------------------------------------ an image model

@@ -1,10 +1,12 @@
 """The label queue: the logged answers most worth a label (smallest margin or largest
-entropy first, labelled ones left out, encrypted texts opened), over HTTP, and out to
-Label Studio's task format and back as feedback through `textops`."""
+entropy first, a shadow challenger's disagreements before all, labelled ones left
+out, encrypted texts opened), over HTTP, and out to Label Studio's task format and
+back as feedback through `textops`."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -62,6 +64,40 @@ def test_the_least_certain_unlabelled_answers_come_first(tmp_path):
         label_queue(url, None, budget=1, strategy="random")
 
 
+def test_the_running_challengers_disagreements_come_first(log_url):
+    """Shadow mode: the answers the challenger labelled otherwise lead the queue, the
+    strategy's order within each group; labelled answers stay out, and the rows of a
+    retired challenger, or of an earlier request under the same id, reorder nothing."""
+    logged(log_url, {"sure": [0.99, 0.01], "torn": [0.51, 0.49], "leaning": [0.7, 0.3],
+                     "labelled": [0.5, 0.5], "retired's": [0.6, 0.4], "stale": [0.9, 0.1],
+                     "unscored": [0.55, 0.45]})
+    store = open_store(log_url)
+    # (request, challenger version, its label, when): every answer above is "top"
+    store.write_shadow([(rid, 0, when, version, "[0.2, 0.8]", label)
+                        for rid, version, label, when in (
+                            ("r0", "c2", "other", 1100.0), ("r1", "c2", "top", 1100.0),
+                            ("r2", "c2", "other", 1100.0), ("r3", "c2", "other", 1100.0),
+                            ("r4", "c1", "other", 1100.0), ("r5", "c2", "other", 900.0))])
+    assert store.record_feedback([("r3", 0, "other")], created=2000.0) == []
+    store.close()
+    queue = label_queue(log_url, None, budget=10, challenger="c2")
+    assert [i["text"] for i in queue] == ["leaning", "sure",  # disagreed, by margin
+                                          "torn", "unscored", "retired's", "stale"]
+    assert [i["disagreed"] for i in queue] == [True, True, False, False, False, False]
+    assert queue[0]["challenger"] == {"model_version": "c2", "label": "other"}
+    assert queue[2]["challenger"] == {"model_version": "c2", "label": "top"}  # agreed
+    assert [i["challenger"] for i in queue[3:]] == [None, None, None]
+    by_entropy = label_queue(log_url, None, budget=3, strategy="entropy", challenger="c2")
+    assert [i["text"] for i in by_entropy] == ["leaning", "sure", "torn"]
+    # the retired challenger's version: its row now counts, and no other
+    assert [i["text"] for i in label_queue(log_url, None, budget=2, challenger="c1")] == \
+        ["retired's", "torn"]
+    # no challenger running: the strategy's order alone
+    alone = label_queue(log_url, None, budget=10)
+    assert [i["text"] for i in alone][:3] == ["torn", "unscored", "retired's"]
+    assert not any(i["disagreed"] or i["challenger"] for i in alone)
+
+
 def test_an_encrypted_log_is_queued_in_plaintext_for_whoever_holds_the_key(tmp_path):
     url = f"sqlite:///{tmp_path / 'log.db'}"
     cipher = cipher_from(Fernet.generate_key().decode(), None)
@@ -79,6 +115,12 @@ def test_label_studio_tasks_and_annotations_round_trip():
     (task,) = label_studio.tasks(items, classifier=True)
     assert task["data"] == {"text": "fine film", "request_id": "r1", "position": 2}
     assert task["predictions"][0]["result"][0]["value"] == {"choices": ["pos"]}
+    # a shadow challenger's answer goes into the data, to filter the disagreements by
+    challenged = {**items[0], "disagreed": True,
+                  "challenger": {"model_version": "v2", "label": "neg"}}
+    assert label_studio.tasks([challenged], classifier=True)[0]["data"] == {
+        **task["data"], "disagreed": True, "challenger_label": "neg",
+        "challenger_version": "v2"}
     assert '<Choice value="neg"/>' in label_studio.config(["neg", "pos"])
     assert "TextArea" in label_studio.config(None)
     done = {**task, "annotations": [
@@ -142,6 +184,50 @@ def test_the_queue_goes_to_label_studio_and_its_labels_come_back(built_bundle, t
         # a labelled answer leaves the queue
         after = get_queue(service.url, 5)["items"]
         assert len(after) == 4 and first["position"] not in [i["position"] for i in after]
+
+
+def test_over_http_the_shadow_challengers_disagreements_lead(built_bundle, tmp_path):
+    """The service passes its running challenger's version to the queue, and
+    `textops label-queue` carries the disagreement into the Label Studio tasks."""
+    bundle_dir, meta = built_bundle
+    challenger = shutil.copytree(bundle_dir, tmp_path / "challenger")
+    (challenger / "bundle.json").write_text(json.dumps({**meta, "version": "challenger-1"}))
+    texts = ["good good good", "bad bad bad", "good bad", "plain words"]
+    with running_service(bundle_dir, tmp_path, admin_token="labeller",
+                         challenger=challenger) as service:
+        answer = post_json(service.url, "/predict", {"texts": texts}).json()
+        rid, predictions = answer["request_id"], answer["predictions"]
+        # a copy of the champion agrees on every text: it is said to have labelled the
+        # surest answer otherwise, which would otherwise come last
+        surest = max(range(len(texts)), key=lambda n: predictions[n]["score"])
+        other = next(n for n in meta["label_names"] if n != predictions[surest]["label"])
+        eventually(lambda: disagree(tmp_path / "predictions.db", rid, surest, other))
+        queue = get_queue(service.url, 4)
+        assert queue["challenger"] == "challenger-1"
+        first, *rest = queue["items"]
+        assert (first["position"], first["disagreed"], first["challenger"]) == \
+            (surest, True, {"model_version": "challenger-1", "label": other})
+        assert [i["challenger"]["label"] for i in rest] == [i["predicted"] for i in rest]
+        assert not any(i["disagreed"] for i in rest)
+        out = tmp_path / "tasks.json"
+        made = subprocess.run([str(TEXTOPS), "label-queue", "--service-url", service.url,
+                               "--budget", "2", "-o", str(out), "--admin-token", "labeller"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        assert "1 first: the shadow challenger challenger-1" in made.stdout
+        data = [t["data"] for t in json.loads(out.read_text())]
+        assert [(d["disagreed"], d["challenger_label"]) for d in data] == \
+            [(True, other), (False, rest[0]["predicted"])]
+        assert data[0]["challenger_version"] == "challenger-1"
+
+
+def disagree(log: Path, request_id: str, position: int, label: str) -> bool:
+    """Give the challenger's logged answer another label, once it is logged."""
+    if not log.exists():  # the writer has not opened the log yet
+        return False
+    with sqlite3.connect(log, timeout=10) as db:
+        return db.execute("UPDATE shadow_predictions SET label = ? WHERE request_id = ? "
+                          "AND position = ?", (label, request_id, position)).rowcount == 1
 
 
 def get_queue(url: str, budget: int) -> dict:
