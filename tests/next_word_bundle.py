@@ -39,12 +39,14 @@ MAX_LEN = 32
 SIZE = {"d_model": 32, "n_heads": 2, "n_layers": 2, "d_ff": 64}
 
 
-def train(tokenizer, steps: int = 150, seed: int = 0) -> DecoderLM:
-    """DecoderLM memorising DOCUMENTS: each is one row, [EOS] before it (as after the
-    previous document in a training stream) and [EOS] as its last target."""
+def train(tokenizer, steps: int = 150, seed: int = 0,
+          documents: list[str] = DOCUMENTS) -> DecoderLM:
+    """DecoderLM memorising `documents` (words of DOCUMENTS' vocabulary): each is one
+    row, [EOS] before it (as after the previous document in a training stream) and
+    [EOS] as its last target."""
     torch.manual_seed(seed)
     eos = tokenizer.token_to_id("[EOS]")
-    rows = [[eos, *ids, eos] for ids in encode(tokenizer, DOCUMENTS)]
+    rows = [[eos, *ids, eos] for ids in encode(tokenizer, documents)]
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width - 1, dtype=torch.long)
     labels = torch.full((len(rows), width - 1), -100, dtype=torch.long)
@@ -65,16 +67,18 @@ def train(tokenizer, steps: int = 150, seed: int = 0) -> DecoderLM:
 
 
 def build_bundle(path: Path, version: str = "tiny-1", model: torch.nn.Module | None = None,
-                 ) -> Path:
+                 documents: list[str] = DOCUMENTS) -> Path:
     """The bundle directory at `path`: tokenizer.json, model.onnx, model.int8.onnx and
     bundle.json. `model`: one to export instead of the trained tiny model (it must take
-    the tokenizer's vocabulary)."""
+    the tokenizer's vocabulary); `documents`: what the tiny model memorises instead
+    (words of DOCUMENTS, whose vocabulary the tokenizer always learns): another model
+    of the same tokenizer, a challenger that answers otherwise where they differ."""
     path.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.create({"tokenizer": {"type": "word", "vocab_size": 200,
                                           "min_frequency": 1, "lowercase": True}})
     tokenizer = train_tokenizer(DOCUMENTS, cfg)
     tokenizer.save(str(path / "tokenizer.json"))
-    model = model or train(tokenizer)
+    model = model or train(tokenizer, documents=documents)
     export_onnx(model, path / "model.onnx", opset=18)
     eos = tokenizer.token_to_id("[EOS]")
     blocks = [[eos, *ids, eos] for ids in encode(tokenizer, DOCUMENTS)]

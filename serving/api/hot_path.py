@@ -55,7 +55,7 @@ async def predict_answer(service: InferenceService, body: bytes, offered_id: str
         return await predict_images(service, bundle, body, offered_id, content_type, scope,
                                     client_key)
     if bundle is not None and bundle.decoder is not None:  # a next-word model
-        return await predict_next_words(service, bundle, body, offered_id)
+        return await predict_next_words(service, bundle, body, offered_id, client_key)
     if not body:
         raise ApiError(422, "invalid_request", "body: Field required", field="body")
     try:

@@ -26,6 +26,13 @@ The prediction log keeps each /predict text with its top words, and each finishe
 put first after the prompt (for /generate too, whatever a sample then took) is what
 `POST /feedback`'s label, the word typed next, is compared with for live top-1
 accuracy.
+
+Beside a challenger (serving/engine/challenger.py): in shadow mode every logged
+/predict and V2 answer, and every logged /generate prompt with the word the champion
+put first, is offered to it (it logs its own top words: serving/engine/shadow.py);
+in canary mode /predict and V2 are answered by the challenger for the clients it takes
+(`X-Client-Key`, else the request id), with `"role"` in the /predict answer, while
+/generate is always the champion's (serving/engine/canary.py says why).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from serving.bundle.sampling import Sampling
 from serving.engine.generation import Closed, Generation, Update
 from serving.engine.service import InferenceService
 from serving.errors import ApiError
+from serving.predlog.rows import next_word_answers
 from serving.request_ids import request_id
 from serving.settings import Settings
 
@@ -100,38 +108,45 @@ def bounded_k(k: int | None, settings: Settings) -> int:
 
 
 async def top_next_words(service: InferenceService, bundle: Bundle, texts: list, k: int,
-                         name: Callable[[int], str] = "texts[{}]".format
+                         name: Callable[[int], str] = "texts[{}]".format,
+                         key: str | None = None
                          ) -> tuple[list[list[tuple[str, float]]], Bundle]:
     """Each text's k most probable next words (word, probability), computed by the
-    batcher, and the bundle that computed them; 422 (400 on V2 routes) naming
-    (`name(i)`) a text over the limits or the model's context."""
+    batcher, and the bundle that computed them (in canary mode the challenger's for
+    the `key`s it takes); 422 (400 on V2 routes) naming (`name(i)`) a text over the
+    limits or the served model's context (a challenger's shorter context keeps the
+    latest tokens: serving/engine/batcher.py `infer_next_words`)."""
     settings = service.settings
     check_texts(texts, settings.max_texts, settings.max_chars, name)
     check_context(bundle, texts, name)
-    rows, used = await service.predict(texts)
+    rows, used = await service.predict(texts, key)
     return [row[:k] for row in rows], used
 
 
 async def predict_next_words(service: InferenceService, bundle: Bundle, body: bytes,
-                             offered_id: str | None) -> tuple[bytes, str]:
+                             offered_id: str | None, client_key: str | None = None
+                             ) -> tuple[bytes, str]:
     """The JSON answer to a next-word /predict body and its request id."""
     request = parse(NextWordPredictRequest, body)
     k = bounded_k(request.k, service.settings)
-    rows, used = await top_next_words(service, bundle, request.texts, k)
     rid = request_id(offered_id)
-    log_next_words(service, rid, used, request.texts, rows)
-    answer = {"request_id": rid, "model_version": used.version, "predictions": [
-        {"next_words": [{"word": word, "probability": p} for word, p in row]}
-        for row in rows]}
+    rows, used = await top_next_words(service, bundle, request.texts, k,
+                                      key=client_key or rid)
+    log_next_words(service, rid, used, request.texts, rows, k)
+    answer = {"request_id": rid, "model_version": used.version, **service.role(used),
+              "predictions": [
+                  {"next_words": [{"word": word, "probability": p} for word, p in row]}
+                  for row in rows]}
     return orjson.dumps(answer), rid
 
 
 def log_next_words(service: InferenceService, rid: str, bundle: Bundle, texts: list[str],
-                   rows: list[list[tuple[str, float]]]) -> None:
-    """Answered texts into the prediction log, each under its top word."""
-    service.log_prediction(rid, bundle, texts, [
-        (row[0][0] if row else "", {"next_words": [[word, p] for word, p in row]})
-        for row in rows])
+                   rows: list[list[tuple[str, float]]], k: int) -> None:
+    """Answered texts into the prediction log, each under its top word, and offered
+    to a challenger in shadow mode (which logs its own `k` top words beside them)."""
+    answers = next_word_answers(rows)
+    service.log_prediction(rid, bundle, texts, answers)
+    service.shadow_next_words(rid, texts, [label for label, _ in answers], k)
 
 
 def sampling(request: GenerateRequest, bundle: Bundle, limit: int) -> Sampling:
@@ -156,11 +171,12 @@ def sampling(request: GenerateRequest, bundle: Bundle, limit: int) -> Sampling:
                     min_new_tokens=request.min_new_tokens, stop=tuple(request.stop))
 
 
-def answer(generation: Generation, rid: str, prompt_tokens: int) -> dict:
+def answer(service: InferenceService, generation: Generation, rid: str,
+           prompt_tokens: int) -> dict:
     seq = generation.seq
     return {"text": seq.text, "tokens": generation.decoder.inputs.words(seq.generated),
             "finish_reason": seq.finish_reason, "request_id": rid,
-            "model_version": generation.bundle.version,
+            "model_version": generation.bundle.version, **service.role(generation.bundle),
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(seq.generated)}}
 
 
@@ -168,13 +184,16 @@ def log_generation(service: InferenceService, generation: Generation, rid: str,
                    prompt: str) -> None:
     """A finished continuation into the prediction log, under the word the model put
     first after the prompt (a sample may have taken another), as /predict's answer
-    would be logged. An empty prompt is not logged: no text to learn from."""
+    would be logged, and that word offered to a challenger in shadow mode, which logs
+    its own top word beside it (not a continuation: the first word is what a label
+    is compared with). An empty prompt is not logged: no text to learn from."""
     seq = generation.seq
     if not prompt.strip() or seq.first_top is None:
         return
     (first,) = generation.decoder.inputs.words([seq.first_top])
     service.log_prediction(rid, generation.bundle, [prompt], [
         (first, {"completion": seq.text, "finish_reason": seq.finish_reason})])
+    service.shadow_next_words(rid, [prompt], [first], 1)
 
 
 def failure(service: InferenceService, err: Exception) -> ApiError:
@@ -203,7 +222,7 @@ async def events(service: InferenceService, generation: Generation, first: Updat
                 yield event({"token": update.token, "text": update.text})
             if update.finish_reason is not None:
                 log_generation(service, generation, rid, prompt)
-                yield event(answer(generation, rid, prompt_tokens))
+                yield event(answer(service, generation, rid, prompt_tokens))
                 return
             try:
                 update = await anext(updates)
@@ -246,7 +265,8 @@ def generate_router(service: InferenceService, require_key) -> APIRouter:
             except Exception as err:  # noqa: BLE001 - answered as failure() says
                 raise failure(service, err) from None
             log_generation(service, generation, rid, request.prompt)
-            return JSONResponse(answer(generation, rid, len(prompt)), headers=headers)
+            return JSONResponse(answer(service, generation, rid, len(prompt)),
+                                headers=headers)
         updates = generation.stream(deadline)
         try:  # errors before the first token are still HTTP errors
             first = await anext(updates)

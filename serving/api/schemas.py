@@ -44,10 +44,16 @@ class Prediction(BaseModel):
     probabilities: dict[str, float]
 
 
+# Only while a canary runs (serving/engine/canary.py): which model answered.
+ROLE = Field(None, description="while a canary runs: champion or challenger, the model "
+             "that gave this answer (model_version names it)")
+
+
 class PredictResponse(BaseModel):
     request_id: str = Field(description="names this answer in POST /feedback; also the "
                             "X-Request-ID header")
     model_version: str
+    role: Literal["champion", "challenger"] | None = ROLE
     predictions: list[Prediction]
 
 
@@ -144,6 +150,7 @@ class NextWordPrediction(BaseModel):
 class NextWordPredictResponse(BaseModel):
     request_id: str = Field(description="also the X-Request-ID header")
     model_version: str
+    role: Literal["champion", "challenger"] | None = ROLE
     predictions: list[NextWordPrediction]
 
 
@@ -193,4 +200,6 @@ class GenerateResponse(BaseModel):
         "length: max_new_tokens, or the model's context, reached")
     request_id: str
     model_version: str
+    role: Literal["champion"] | None = Field(None, description="while a canary runs: "
+                                             "/generate is always the champion's")
     usage: Usage

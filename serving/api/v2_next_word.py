@@ -2,7 +2,9 @@
 parameter `k` (next words per text: TEXTOPS_NEXT_WORDS when left out, at most
 TEXTOPS_MAX_NEXT_WORDS) answer `next_words` (BYTES, [n, k]) and `probabilities`
 (FP32, [n, k]), each row most probable first: /predict's top-k, through the same
-checks and the batcher (serving/api/next_word.py `top_next_words`)."""
+checks and the batcher (serving/api/next_word.py `top_next_words`), and beside a
+challenger as /predict is: offered to it in shadow mode, answered by it in canary mode
+for the request ids it takes (V2 has no client key) under its `model_version`."""
 
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ async def infer_next_words(service: InferenceService, bundle: Bundle, request: I
     texts = counted(tensor, flatten(tensor.data))
     wanted = wanted_outputs(request, OUTPUTS)
     rows, used = await top_next_words(service, bundle, texts, k,
-                                      "input 'text' element {}".format)
-    log_next_words(service, rid, used, texts, rows)
+                                      "input 'text' element {}".format, key=rid)
+    log_next_words(service, rid, used, texts, rows, k)
     shape = [len(rows), len(rows[0]) if rows else k]
     tensors = {
         "next_words": {"name": "next_words", "datatype": "BYTES", "shape": shape,

@@ -8,6 +8,14 @@ and never wait behind the champion's. Its answers carry its version and
 `"role": "challenger"`, and are logged under its version, so that the labels that come
 back score each model on the requests it answered (two proportions,
 pipeline/promotion/controller.py).
+
+A classifier's /predict and V2 answers are routed so, and a next-word model's /predict
+and V2 top words (the batcher computes them for either bundle). A next-word service's
+/generate stays with the champion: its continuations are decoded in the champion's
+generator (serving/engine/generation.py), which the challenger has no share of, and
+they answer `"role": "champion"` while a canary runs. Their labels (the first word,
+as for any continuation) therefore count in the champion's arm, whichever arm the
+client's /predict requests fall in.
 """
 
 from __future__ import annotations

@@ -109,11 +109,19 @@ class Challenging:
         if self.shadow is not None:
             self.shadow.offer(request_id, items, probs)
 
+    def shadow_next_words(self, request_id: str, texts: list[str], top_words: list[str],
+                          k: int) -> None:
+        """Offer an answered next-word request (each text's top word, as the champion
+        answered) to the challenger, which logs its `k` top words; never blocks."""
+        if self.shadow is not None:
+            self.shadow.offer(request_id, texts, top_words, k)
+
     async def canary_answer(self, texts: list, key: str | None):
-        """The challenger's (probabilities, bundle) when a canary runs and takes `key`;
-        None: the champion answers. A request the challenger fails, or has no room
-        for, is answered by the champion; failures are counted, and past
-        `canary_max_failures` the canary stops (a guard that needs no labels)."""
+        """The challenger's (probabilities, or a next-word model's top words; bundle)
+        when a canary runs and takes `key`; None: the champion answers. A request the
+        challenger fails, or has no room for, is answered by the champion; failures are
+        counted, and past `canary_max_failures` the canary stops (a guard that needs no
+        labels)."""
         canary = self.canary
         if canary is None or key is None or not takes(key, canary.share):
             return None

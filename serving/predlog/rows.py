@@ -36,7 +36,7 @@ class ShadowAnswer(NamedTuple):
     request_id: str
     created: float
     bundle: Any  # a Bundle
-    probs: Any  # its probabilities, [texts, classes]
+    probs: Any  # its probabilities, [texts, classes], or a next-word model's answers
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -60,10 +60,19 @@ def answers(bundle: Bundle, probs: np.ndarray | list[NextWordAnswer]) -> list[tu
     return [(names[row.index(max(row))], orjson.dumps(row).decode()) for row in probs.tolist()]
 
 
+def next_word_answers(rows: list[list[tuple[str, float]]]) -> list[NextWordAnswer]:
+    """A next-word model's top words for each text (a /predict or V2 answer, the
+    champion's or a challenger's in shadow mode) as logged: its top word and
+    {"next_words": [[word, probability], ...]}."""
+    return [(row[0][0] if row else "", {"next_words": [[word, p] for word, p in row]})
+            for row in rows]
+
+
 def shadow_rows(request_id: str, created: float, bundle: Bundle,
-                probs: np.ndarray) -> list[tuple]:
+                probs: np.ndarray | list[NextWordAnswer]) -> list[tuple]:
     """A challenger's answers to one request (shadow mode), position by position,
-    beside the champion's rows: no text, which the champion's row holds."""
+    beside the champion's rows: no text, which the champion's row holds. `probs` as
+    `answers` takes them."""
     return [(request_id, position, created, bundle.version, answer, label)
             for position, (label, answer) in enumerate(answers(bundle, probs))]
 
