@@ -89,8 +89,9 @@ class Challenging:
             log.info("canary mode: challenger %s answers %.0f%% of the clients",
                      challenger.version, 100 * self.settings.canary_share)
         else:
-            self.shadow = Shadow(challenger, self.metrics, self.prediction_log,
-                                 self.settings.shadow_queue, self.settings.max_batch_size)
+            self.shadow = Shadow(challenger, self.settings, self.metrics,
+                                 self.prediction_log, self.settings.shadow_queue,
+                                 self.settings.max_batch_size)
             log.info("shadow mode: challenger %s scores every answered request",
                      challenger.version)
 

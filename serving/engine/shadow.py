@@ -5,13 +5,14 @@ same requests (pipeline/promotion/controller.py decides on them).
 
 The request path only offers the request to a bounded queue and returns: a full
 queue drops it and counts the texts (`textops_shadow_texts{outcome="dropped"}`), it
-never waits. One thread takes what is queued, as one batch of up to
-`max_batch_size` texts, and runs the challenger on it with onnxruntime (which
-releases the GIL), one intra-op thread, at the lowest CPU priority (nice 19): the
-request path's threads go first, and when the machine is saturated the shadow falls
-behind and drops requests (counted) rather than slow the answers. Scored and
-agreeing texts are counted too: the rate of `agreed` over `scored` is how often the
-challenger gives the champion's label.
+never waits. The challenger runs in a process of its own (serving/engine/
+shadow_worker.py, one per server process, one onnxruntime thread) at the lowest CPU
+priority: it takes what is queued, as one batch of up to `max_batch_size` texts,
+only while the service leaves a core idle, so when the machine is saturated it falls
+behind and requests are dropped (counted) rather than the answers slowed. Its
+answers come back to the server process, which logs them. Scored and agreeing texts
+are counted too: the rate of `agreed` over `scored` is how often the challenger
+gives the champion's label; texts of a batch it failed count as `failed`.
 
 A classifier's requests (texts or images) are scored, and a next-word service's: the
 challenger computes each text's top words as the batcher does for the champion
@@ -35,8 +36,10 @@ not the challenger's keeps its latest tokens (`infer_next_words`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import threading
@@ -45,10 +48,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serving.bundle import BundleError
-from serving.engine.batcher import infer
+from serving.engine import shadow_worker
 from serving.engine.following import load_warm
+from serving.engine.shadow_worker import STOP
 from serving.engine.source import BundleSource
-from serving.predlog.rows import next_word_answers
 
 if TYPE_CHECKING:
     from serving.bundle import Bundle
@@ -57,7 +60,6 @@ if TYPE_CHECKING:
     from serving.settings import Settings
 
 log = logging.getLogger("serving")
-STOP = None
 
 
 def load_challenger(settings: Settings, champion: Bundle, in_shadow: bool,
@@ -105,17 +107,26 @@ def word_rules(bundle: Bundle) -> tuple:
 
 
 class Shadow:
-    """The challenger and the thread that scores the queued requests."""
+    """The challenger's worker process (serving/engine/shadow_worker.py), the bounded
+    queue to it, and the thread that logs what it sends back."""
 
-    def __init__(self, challenger: Bundle, metrics: ServiceMetrics,
+    def __init__(self, challenger: Bundle, settings: Settings, metrics: ServiceMetrics,
                  prediction_log: PredictionLog | None, capacity: int, max_batch: int):
         self.challenger, self.prediction_log = challenger, prediction_log
-        self.max_batch = max_batch
-        self.queue: queue.Queue = queue.Queue(maxsize=capacity)
         self.scored = metrics.shadow.labels("scored")
         self.dropped = metrics.shadow.labels("dropped")
         self.agreed = metrics.shadow.labels("agreed")
-        self.thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+        self.failed = metrics.shadow.labels("failed")
+        context = multiprocessing.get_context("spawn")  # nothing of the server's state
+        self.requests = context.Queue(maxsize=capacity)
+        self.results = context.Queue()
+        self.closing = False
+        self.process = context.Process(
+            target=shadow_worker.run, name="textops-shadow", daemon=True,
+            args=(str(challenger.path), settings.model_copy(update={"intra_op_threads": 1}),
+                  self.requests, self.results, max_batch, os.getpid()))
+        self.process.start()
+        self.thread = threading.Thread(target=self._receive, name="shadow", daemon=True)
         self.thread.start()
 
     @property
@@ -127,68 +138,46 @@ class Shadow:
         """Queue a request the champion answered; never blocks. `champion`: its
         probabilities (a classifier), or each text's top word (a next-word model,
         whose challenger logs `k` next words per text)."""
+        if isinstance(champion, np.ndarray):  # what agreement needs, not every number
+            champion = champion.argmax(1)
         try:
-            self.queue.put_nowait((request_id, items, champion, k))
+            self.requests.put_nowait((request_id, items, champion, k))
         except queue.Full:
             self.dropped.inc(len(items))
 
     def close(self, timeout: float = 10) -> None:
-        try:
-            self.queue.put(STOP, timeout=timeout)
-        except queue.Full:
-            return
+        self.closing = True
+        self.requests.cancel_join_thread()  # never wait at exit on what the worker left
+        with contextlib.suppress(queue.Full, ValueError, OSError):
+            self.requests.put(STOP, timeout=timeout)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
         self.thread.join(timeout)
 
-    def _run(self) -> None:
-        try:  # Linux: a thread's own niceness, by its id; elsewhere it runs as it is
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            log.warning("shadow: cannot lower the challenger thread's priority")
+    def _receive(self) -> None:
+        """Log each request the worker scored; count what it could not."""
         while True:
-            batch = self._take()
-            if batch is STOP:
-                return
             try:
-                self._score(batch)
-            except Exception:  # noqa: BLE001 - the challenger never fails a request
-                log.exception("shadow: the challenger %s failed on a batch", self.version)
-                self.dropped.inc(sum(len(entry[1]) for entry in batch))
-
-    def _take(self) -> list | None:
-        """The requests waiting, up to `max_batch` texts (at least one request)."""
-        first = self.queue.get()
-        if first is STOP:
-            return STOP
-        batch, texts = [first], len(first[1])
-        while texts < self.max_batch:
-            try:
-                entry = self.queue.get_nowait()
+                outcome = self.results.get(timeout=1.0)
             except queue.Empty:
-                break
-            if entry is STOP:  # finish this batch, then stop
-                self.queue.put(STOP)
-                break
-            batch.append(entry)
-            texts += len(entry[1])
-        return batch
+                if self.process.is_alive():
+                    continue
+                if not self.closing:
+                    log.error("shadow: the challenger's process %s exited (code %s)",
+                              self.process.pid, self.process.exitcode)
+                return
+            if outcome is STOP:
+                return
+            if outcome[0] == "scored":
+                self._log(outcome[1])
+            else:  # "failed" on a batch, or "broken" at load
+                log.error("shadow: the challenger %s failed: %s", self.version, outcome[2])
+                self.failed.inc(outcome[1])
 
-    def _score(self, batch: list) -> None:
-        items = [item for _, request_items, _, _ in batch for item in request_items]
-        if self.challenger.decoder is not None:  # each text's top words, as the batcher's
-            answers, _ = infer(self.challenger, items, max(k for *_, k in batch))
-        else:
-            answers = self.challenger.predict_proba(items, batch_size=max(len(items), 1))
-        start = 0
-        for request_id, request_items, champion, k in batch:
-            mine = answers[start:start + len(request_items)]
-            start += len(request_items)
-            if self.challenger.decoder is not None:
-                mine = next_word_answers([row[:k] for row in mine])
-                agreed = sum(label == top for (label, _), top in zip(mine, champion,
-                                                                      strict=True))
-            else:
-                agreed = int((mine.argmax(1) == champion.argmax(1)).sum())
+    def _log(self, scored: list[tuple]) -> None:
+        for request_id, answers, agreed in scored:
             if self.prediction_log is not None:
-                self.prediction_log.record_shadow(request_id, self.challenger, mine)
+                self.prediction_log.record_shadow(request_id, self.challenger, answers)
             self.agreed.inc(agreed)
-        self.scored.inc(len(items))
+            self.scored.inc(len(answers))

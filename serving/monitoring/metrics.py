@@ -115,8 +115,8 @@ class ServiceMetrics:
                                 registry=r)
         # shadow mode (serving/engine/shadow.py), counted per text
         self.shadow = Counter("textops_shadow_texts", "texts the challenger scored in "
-                              "shadow, or dropped when it fell behind; requests it failed "
-                              "in canary mode", ["outcome"], registry=r)
+                              "shadow, or dropped when it fell behind, or failed; requests "
+                              "it failed in canary mode", ["outcome"], registry=r)
         for outcome in ("scored", "dropped", "agreed", "failed"):
             self.shadow.labels(outcome)
         self.live_quality = LiveQuality()
