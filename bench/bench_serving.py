@@ -17,6 +17,8 @@ each, and the halves added up), with one item and 16 items per request, loopback
   2. this service as deployed: one server process per core, micro-batching on (int8);
   3. this service, batching off;
   4. this service in one process (what it was before it used every core);
+  4b. the HTTP floor: FastAPI on uvicorn as the service runs them, answering a fixed
+     body (bench/http_floor.py): what HTTP alone allows beside this load generator;
   5. naive baseline: FastAPI calling the PyTorch checkpoint once per request;
   6. `mlflow models serve` of the registered champion;
   7. the servers a user would pick instead, each wrapping the same int8 model and
@@ -72,6 +74,7 @@ SERVICE_OFF = "service, batching off"
 SERVICE_ONE = "service, 1 process"
 NAIVE = "naive FastAPI + PyTorch"
 MLFLOW = "mlflow models serve"
+HTTP_FLOOR = "HTTP floor: FastAPI, a fixed answer"
 PEER_NAMES = set(peers.PEERS)
 
 
@@ -213,7 +216,14 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str, workload: Work
             {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
              "PATH": f"{Path(python).parent}:{os.environ['PATH']}"}),
         lambda items, n: workload.bodies("mlflow", items, n))
-    return [on, off, alone, naive, mlflow] if workload.naive else [on, off, alone, mlflow]
+    floor = Setup(  # what HTTP alone costs here (bench/http_floor.py)
+        HTTP_FLOOR, version, {"workers": CORES, "work": "none: reads the body, fixed answer"},
+        "/predict",
+        lambda port, log: server([python, "bench/http_floor.py", str(port), str(CORES)],
+                                 port, "/health", log, {"PYTHONPATH": str(ROOT / "bench")}),
+        lambda items, n: workload.bodies("service", items, n))
+    ours = [on, off, alone, floor]
+    return [*ours, naive, mlflow] if workload.naive else [*ours, mlflow]
 
 
 def peer_setups(bundle_dir: Path, names: list[str], workload: Workload
@@ -393,6 +403,13 @@ def report(results: dict, setups: list[Setup], failed: dict[str, str],
         if tps(SERVICE, key) and tps("in-process limit", key):
             ratios[f"2/1 ({workload.count(per_request)})"] = (
                 tps(SERVICE, key) / tps("in-process limit", key))
+        if tps(HTTP_FLOOR, key) and tps("in-process limit", key):
+            # the most any FastAPI service could reach against the limit, and the
+            # service's share of what HTTP alone allows
+            ratios[f"floor/1 ({workload.count(per_request)})"] = (
+                tps(HTTP_FLOOR, key) / tps("in-process limit", key))
+            ratios[f"2/floor ({workload.count(per_request)})"] = (
+                tps(SERVICE, key) / tps(HTTP_FLOOR, key))
     p99 = results[SERVICE].get("1x32", {}).get("p99_ms")
     print("\nAt concurrency 32:")
     for name, value in ratios.items():
