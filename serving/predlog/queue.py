@@ -13,14 +13,22 @@ them. `GET /label-queue` serves it; `textops label-queue` writes it as Label Stu
 tasks (serving/predlog/label_studio.py).
 
 While a challenger runs in shadow mode, the answers it labelled otherwise than the
-logged model come first (then the strategy's order within each group): only there can
-a label favour one of the two, and those discordant pairs are the evidence promotion
-waits for (pipeline/promotion/controller.py). Only the given challenger's rows count,
-so the rows a retired challenger left behind do not reorder the queue.
+logged model come first: only there can a label favour one of the two, and those
+discordant pairs are the evidence promotion waits for (pipeline/promotion/
+controller.py). Among them the order is a fixed shuffle (a hash of the request id and
+position), not the strategy's: the champion is most often wrong where its margin is
+smallest, so disagreements picked by margin would be labelled mostly in the
+challenger's favour, and the sequential test would promote a challenger no better
+than the champion (tests/serving/test_label_queue.py simulates it). Drawn at random,
+a disagreement is as likely to favour either model when the two are equally
+accurate, and the test keeps its error rate. The rest follow in the strategy's order.
+Only the given challenger's rows count, so the rows a retired challenger left behind
+do not reorder the queue.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import orjson
@@ -52,6 +60,12 @@ def distribution(probabilities: str) -> list[float] | None:
     if isinstance(value, dict):
         value = [p for _, p in value.get("next_words") or []]
     return sorted((float(p) for p in value), reverse=True) or None
+
+
+def shuffled(request_id: str, position: int) -> int:
+    """A place in a fixed random order: independent of what either model answered."""
+    return int.from_bytes(hashlib.blake2b(f"{request_id}:{position}".encode(),
+                                          digest_size=8).digest(), "big")
 
 
 def margin(ps: list[float]) -> float:
@@ -97,10 +111,12 @@ def label_queue(url: str, cipher: LogCipher | None, budget: int, strategy: str =
                            "challenger": None if other is None else
                            {"model_version": challenger, "label": other},
                            "disagreed": other is not None and other != item["label"]})
-    if strategy == "margin":
-        candidates.sort(key=lambda c: (not c["disagreed"], c["margin"], -c["created"]))
-    else:
-        candidates.sort(key=lambda c: (not c["disagreed"], -c["entropy"], -c["created"]))
+    def order(c: dict) -> tuple:
+        if c["disagreed"]:  # a fixed shuffle, never by the models' own scores
+            return 0, shuffled(c["request_id"], c["position"])
+        return 1, c["margin"] if strategy == "margin" else -c["entropy"], -c["created"]
+
+    candidates.sort(key=order)
     chosen = candidates[:budget]
     for item in chosen:  # only what is sent is decrypted
         item["text"] = opened(item.pop("row"), cipher)["text"]

@@ -13,11 +13,15 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 from conftest import eventually, post_json, running_service
 from cryptography.fernet import Fernet
+from omegaconf import OmegaConf
 
+from pipeline.config import compose
+from pipeline.promotion.sequential import PROMOTE, Paired, Rule, decide
 from serving.predlog import label_studio
 from serving.predlog.crypto import cipher_from
 from serving.predlog.queue import label_queue
@@ -81,14 +85,15 @@ def test_the_running_challengers_disagreements_come_first(log_url):
     assert store.record_feedback([("r3", 0, "other")], created=2000.0) == []
     store.close()
     queue = label_queue(log_url, None, budget=10, challenger="c2")
-    assert [i["text"] for i in queue] == ["leaning", "sure",  # disagreed, by margin
-                                          "torn", "unscored", "retired's", "stale"]
+    texts = [i["text"] for i in queue]
+    assert set(texts[:2]) == {"leaning", "sure"}  # disagreed, in a fixed shuffle
+    assert texts[2:] == ["torn", "unscored", "retired's", "stale"]  # then by margin
     assert [i["disagreed"] for i in queue] == [True, True, False, False, False, False]
     assert queue[0]["challenger"] == {"model_version": "c2", "label": "other"}
     assert queue[2]["challenger"] == {"model_version": "c2", "label": "top"}  # agreed
     assert [i["challenger"] for i in queue[3:]] == [None, None, None]
     by_entropy = label_queue(log_url, None, budget=3, strategy="entropy", challenger="c2")
-    assert [i["text"] for i in by_entropy] == ["leaning", "sure", "torn"]
+    assert [i["text"] for i in by_entropy] == texts[:3]
     # the retired challenger's version: its row now counts, and no other
     assert [i["text"] for i in label_queue(log_url, None, budget=2, challenger="c1")] == \
         ["retired's", "torn"]
@@ -96,6 +101,39 @@ def test_the_running_challengers_disagreements_come_first(log_url):
     alone = label_queue(log_url, None, budget=10)
     assert [i["text"] for i in alone][:3] == ["torn", "unscored", "retired's"]
     assert not any(i["disagreed"] or i["challenger"] for i in alone)
+
+
+def test_labels_taken_from_the_queue_do_not_favour_an_equal_challenger(tmp_path):
+    """Two equally accurate models (75%), the champion calibrated: least sure where it
+    is wrong. Labelling the queue's first 300 answers must not make the challenger look
+    better: the disagreements come in an order that ignores the models' scores."""
+    rng = np.random.default_rng(7)
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    truths, predictions, shadows = {}, [], []
+    for n in range(3000):
+        rid, truth = f"r{n}", ("pos", "neg")[n % 2]
+        champion_right, challenger_right = rng.random(2) < 0.75
+        top = rng.uniform(0.75, 1.0) if champion_right else rng.uniform(0.5, 0.7)
+        said = truth if champion_right else ("neg" if truth == "pos" else "pos")
+        other = truth if challenger_right else ("neg" if truth == "pos" else "pos")
+        predictions.append((rid, 0, 1000.0 + n, "v1", f"text {n}", f"sha{n}",
+                            orjson.dumps([top, 1 - top]).decode(), said))
+        shadows.append((rid, 0, 2000.0 + n, "c1", "[0.5, 0.5]", other))
+        truths[rid] = truth
+    store = open_store(url)
+    store.write_predictions(predictions)
+    store.write_shadow(shadows)
+    store.close()
+    queue = label_queue(url, None, budget=300, challenger="c1")
+    only_challenger = sum(i["challenger"]["label"] == truths[i["request_id"]]
+                          for i in queue if i["disagreed"])
+    only_champion = sum(i["predicted"] == truths[i["request_id"]]
+                        for i in queue if i["disagreed"])
+    assert only_challenger + only_champion == 300  # every label on a disagreement
+    # ordered by the champion's margin, about 270 of 300 favoured the challenger
+    assert 0.4 < only_challenger / 300 < 0.6
+    rule = Rule.from_config(OmegaConf.to_container(compose([]).promotion))
+    assert decide(Paired(300, only_challenger, only_champion), rule).outcome != PROMOTE
 
 
 def test_an_encrypted_log_is_queued_in_plaintext_for_whoever_holds_the_key(tmp_path):
