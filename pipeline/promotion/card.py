@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime as dt
 
 HEADING = "## Promotion on production evidence"
+# MLflow keeps a version's description in a VARCHAR(5000) (enforced on PostgreSQL)
+DESCRIPTION_LIMIT = 5000
 
 
 def counts_line(evidence: dict) -> str:
@@ -26,8 +28,9 @@ def counts_line(evidence: dict) -> str:
 
 
 def decision_section(champion: str, challenger: str, evidence: dict,
-                     decided_at: dt.datetime) -> str:
-    """The card's section for one decision (`evidence`: `Decision.as_dict()`)."""
+                     decided_at: dt.datetime, acted: bool) -> str:
+    """The card's section for one decision (`evidence`: `Decision.as_dict()`;
+    `acted`: whether the controller moved the aliases on it)."""
     level = round(100 * (1 - evidence["alpha"]))
     header = ("| labels | effect: accuracy, challenger - champion | "
               f"{level}% confidence sequence | e-value | p-value |")
@@ -37,7 +40,7 @@ def decision_section(champion: str, challenger: str, evidence: dict,
     return f"""{HEADING}
 Latest decision, {decided_at:%Y-%m-%d %H:%M} UTC (`textops decide`): **{evidence['outcome']}**,
 this version (v{challenger}, the challenger) against v{champion} (the champion).
-{evidence['reason']}.
+{evidence['reason']}.{' Acted on: the aliases moved.' if acted else ''}
 
 {header}
 |---|---|---|---|---|
@@ -57,3 +60,26 @@ def with_decision(card: str, section: str) -> str:
     end = card.find("\n## ", start + len(HEADING))
     rest = card[end + 1:] if end >= 0 else ""
     return f"{card[:start]}{section}" + (f"\n{rest}" if rest else "")
+
+
+def fitted(card: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """`card` within the registry's limit on a description: a decision section kept
+    whole, the card's other text cut short, with a pointer to the whole card."""
+    if len(card) <= limit:
+        return card
+    note = "\n\n(Cut short: the whole card is MODEL_CARD.md in the bundle.)\n\n"
+    start = card.find(HEADING)
+    section = card[start:] if start >= 0 else ""
+    room = max(0, limit - len(section) - len(note))
+    return (card[:room] + note + section)[:limit]
+
+
+def write_card(client, name: str, version: str, section: str) -> None:
+    """The version's registry card with `section` in place of its last decision. A
+    registry that refuses it costs the card only: the decision is recorded already."""
+    try:
+        card = client.get_model_version(name, version).description or ""
+        client.update_model_version(name, version,
+                                    description=fitted(with_decision(card, section)))
+    except Exception as err:  # noqa: BLE001 - e.g. a database's column limit
+        print(f"decide: the model card of {name} v{version} was not updated: {err}")

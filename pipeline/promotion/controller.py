@@ -31,7 +31,7 @@ import json
 import mlflow
 
 from pipeline.config import Paths
-from pipeline.promotion.card import decision_section, with_decision
+from pipeline.promotion.card import decision_section, write_card
 from pipeline.promotion.sequential import (
     PROMOTE,
     ROLLBACK,
@@ -43,7 +43,7 @@ from pipeline.promotion.sequential import (
 )
 from pipeline.tracking import audit, registry
 from pipeline.tracking.challenger import CHALLENGER, retire_challenger
-from serving.monitoring.promotion import EXPERIMENT
+from serving.monitoring.promotion import EXPERIMENT, QUANTITIES
 from serving.predlog.schema import CANARY_LABELS, PAIRED_LABELS
 from serving.predlog.store import open_store
 
@@ -96,33 +96,36 @@ def bundle_version(client: mlflow.MlflowClient, name: str, version: str) -> str:
 
 
 def record_decision(client: mlflow.MlflowClient, name: str, champion: str, challenger: str,
-                    evidence: dict) -> None:
+                    evidence: dict, acted: bool, dry_run: bool) -> None:
+    """The decision as an MLflow run (a dry run too, tagged so: /metrics skips those);
+    unless a dry run, also the challenger version's `decision` tag and its card."""
     found = client.get_experiment_by_name(EXPERIMENT)
     experiment = found.experiment_id if found else client.create_experiment(EXPERIMENT)
     run = client.create_run(experiment, run_name=f"{name}: v{challenger} against "
                             f"v{champion}: {evidence['outcome']}",
                             tags={"model": name, "champion": champion,
                                   "challenger": challenger, "outcome": evidence["outcome"],
-                                  "mode": evidence["mode"],
+                                  "mode": evidence["mode"], "acted": str(acted).lower(),
+                                  "dry_run": str(dry_run).lower(),
                                   "reason": evidence["reason"][:5000]})
-    for key in ("n", "b", "c", "champion_n", "champion_right", "challenger_n",
-                "challenger_right", "labels", "e_value", "p_value", "effect", "lower",
-                "upper"):
+    for key in QUANTITIES:
         if isinstance(evidence.get(key), int | float):
             client.log_metric(run.info.run_id, key, float(evidence[key]))
     client.set_terminated(run.info.run_id)
+    if dry_run:
+        return
     decided_at = dt.datetime.fromtimestamp(run.info.start_time / 1000, dt.UTC)
     client.set_model_version_tag(name, challenger, "decision", json.dumps(
-        {**evidence, "champion": champion, "decided_at": decided_at.isoformat()},
-        sort_keys=True))
-    card = client.get_model_version(name, challenger).description or ""
-    client.update_model_version(name, challenger, description=with_decision(
-        card, decision_section(champion, challenger, evidence, decided_at)))
+        {**evidence, "champion": champion, "acted": acted,
+         "decided_at": decided_at.isoformat()}, sort_keys=True))
+    write_card(client, name, challenger,
+               decision_section(champion, challenger, evidence, decided_at, acted))
 
 
 def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = True) -> dict:
-    """Decide on the challenger now; act on it unless `act` is False. Returns the
-    decision with the two versions, and whether it moved anything."""
+    """Decide on the challenger now; act on it unless `act` is False (a dry run, which
+    changes nothing in the registry). Returns the decision with the two versions, and
+    whether it moved anything."""
     client = mlflow.MlflowClient()
     champion = registry.alias_version(client, name)
     challenger = registry.alias_version(client, name, CHALLENGER)
@@ -135,14 +138,13 @@ def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = Tr
                    challenge_started(client, name, challenger))
     decision = decide(counts, Rule.from_config(promotion))
     evidence = decision.as_dict()
-    record_decision(client, name, champion, challenger, evidence)
-    result = {"champion": champion, "challenger": challenger, **evidence, "acted": False}
-    if not act or decision.outcome not in (PROMOTE, ROLLBACK, STOP):
-        return result
-    by = audit.actor("decide")
-    if decision.outcome == PROMOTE:
-        registry.promote_version(name, challenger, paths, kind="decision", by=by,
-                                 reason=decision.reason, evidence=evidence)
-    retire_challenger(name, challenger, decision.outcome, by, decision.reason,
-                               evidence)
-    return {**result, "acted": True}
+    acted = act and decision.outcome in (PROMOTE, ROLLBACK, STOP)
+    if acted:  # first, so that what is recorded says what happened
+        by = audit.actor("decide")
+        if decision.outcome == PROMOTE:
+            registry.promote_version(name, challenger, paths, kind="decision", by=by,
+                                     reason=decision.reason, evidence=evidence)
+        retire_challenger(name, challenger, decision.outcome, by, decision.reason,
+                          evidence)
+    record_decision(client, name, champion, challenger, evidence, acted, dry_run=not act)
+    return {"champion": champion, "challenger": challenger, **evidence, "acted": acted}

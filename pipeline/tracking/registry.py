@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline import atomic
 from pipeline.config import Paths, git_commit
+from pipeline.promotion.card import fitted
 from pipeline.tracking import audit
 from serving.bundle import REGISTERED_BUNDLE, Bundle
 from serving.bundle.pyfunc import BundleModel, input_column
@@ -104,7 +105,7 @@ def register(bundle_dir: Path, meta: dict, run_id: str) -> str:
     # controller adds its decisions to it (pipeline/promotion/card.py).
     if (card := bundle_dir / "MODEL_CARD.md").is_file():
         client.update_model_version(meta["model_name"], version,
-                                    description=card.read_text(encoding="utf-8"))
+                                    description=fitted(card.read_text(encoding="utf-8")))
     return version
 
 

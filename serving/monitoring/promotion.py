@@ -7,14 +7,16 @@ interval). When the service has a registry (`MLFLOW_TRACKING_URI` set), its watc
 loop reads the newest decision on the served model's name, at most every
 `REFRESH_S` seconds and off the event loop, and scrapes show it:
 
-- `textops_promotion_evidence{champion, challenger, mode, outcome, quantity}`: each
+- `textops_promotion_evidence{champion, challenger, mode, outcome, acted, quantity}`: each
   figure of the evidence (`quantity`: labels, e_value, p_value, effect, lower, upper,
   and the counts: n, b, c in shadow mode, champion_n, champion_right, challenger_n,
   challenger_right in canary mode);
 - `textops_promotion_decided_timestamp_seconds{champion, challenger, outcome}`.
 
 An alert on `outcome="rollback"`, or a dashboard of the e-value as labels arrive,
-needs nothing else. Without a registry, or before any decision, neither is exported.
+needs nothing else. `acted` says whether the aliases moved on it (a `continue`
+never moves them); dry runs (`textops decide --dry-run`) are left out. Without a
+registry, or before any decision, neither is exported.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ def latest_decision(model_name: str) -> dict | None:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         return None
-    escaped = model_name.replace("'", "\\'")
+    # MLflow's filter language has no escapes: a name with a quote goes in double ones
+    quoted = f'"{model_name}"' if "'" in model_name else f"'{model_name}'"
     runs = client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.model = '{escaped}'",
+                              filter_string=f"tags.model = {quoted} and tags.dry_run = 'false'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         return None
@@ -52,6 +55,7 @@ def latest_decision(model_name: str) -> dict | None:
     tags = run.data.tags
     return {"champion": tags.get("champion", ""), "challenger": tags.get("challenger", ""),
             "mode": tags.get("mode", ""), "outcome": tags.get("outcome", ""),
+            "acted": tags.get("acted", ""),
             "decided_at": run.info.start_time / 1000,
             **{k: v for k, v in run.data.metrics.items() if k in QUANTITIES}}
 
@@ -93,11 +97,11 @@ class PromotionEvidence:
         evidence = GaugeMetricFamily(
             "textops_promotion_evidence", "the promotion controller's latest decision on "
             "the served model: each figure of its evidence",
-            labels=["champion", "challenger", "mode", "outcome", "quantity"])
+            labels=["champion", "challenger", "mode", "outcome", "acted", "quantity"])
         for quantity in QUANTITIES:
             if quantity in decision:
                 evidence.add_metric([*versions, decision["mode"], decision["outcome"],
-                                     quantity], decision[quantity])
+                                     decision["acted"], quantity], decision[quantity])
         yield evidence
         decided = GaugeMetricFamily(
             "textops_promotion_decided_timestamp_seconds", "when the latest decision on "

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from test_deploy import bundle, own_workspace, register_as  # noqa: F401 - fixtures
 
 from pipeline.config import Paths, compose
-from pipeline.promotion.card import HEADING
+from pipeline.promotion.card import HEADING, fitted, with_decision
 from pipeline.promotion.controller import EXPERIMENT, check, paired_counts
 from pipeline.tracking import registry
 from pipeline.tracking.challenger import CHALLENGER, set_challenger
@@ -103,8 +103,8 @@ def test_a_better_challenger_is_promoted_on_paired_labels(registered):
     evidence.refresh(name)
     samples = {tuple(s.labels.values()): s.value
                for family in evidence.collect() for s in family.samples}
-    assert samples[(v1, v2, "shadow", "promote", "b")] == 40
-    assert samples[(v1, v2, "shadow", "promote", "lower")] > 0
+    assert samples[(v1, v2, "shadow", "promote", "true", "b")] == 40
+    assert samples[(v1, v2, "shadow", "promote", "true", "lower")] > 0
 
 
 def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
@@ -121,6 +121,9 @@ def test_a_worse_challenger_is_retired_and_few_labels_move_nothing(registered):
     dry = check(name, PROMOTION, log, paths, act=False)
     assert dry["outcome"] == "rollback" and not dry["acted"]
     assert registry.alias_version(client, name, CHALLENGER) == v2
+    # a dry run changes nothing a person or a service reads as the decision
+    assert "**continue**" in client.get_model_version(name, v2).description
+    assert latest_decision(name)["outcome"] == "continue"
     retired = check(name, PROMOTION, log, paths)
     assert retired["outcome"] == "rollback" and retired["acted"] and retired["upper"] < 0
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
@@ -177,3 +180,14 @@ def test_only_answers_made_during_this_challenge_are_evidence(registered):
     store.close()
     result = check(name, PROMOTION, log, paths, act=False)
     assert (result["n"], result["b"], result["c"]) == (11, 11, 0)
+
+
+def test_a_long_card_fits_the_registry_with_its_decision_whole():
+    """MLflow keeps a description in 5,000 characters (PostgreSQL enforces it): a card
+    of many classes is cut short, its decision section never."""
+    card = "# Model card: many classes\n\n" + "| class | recall |\n" * 400
+    section = f"{HEADING}\nLatest decision: **promote**.\n"
+    fitted_card = fitted(with_decision(card, section))
+    assert len(fitted_card) <= 5000 and fitted_card.endswith(section)
+    assert fitted_card.startswith("# Model card: many classes") and "Cut short" in fitted_card
+    assert fitted(card[:3000]) == card[:3000]
