@@ -70,14 +70,15 @@ class FeedbackStore:
                 if self.store is None:
                     self.store = open_store(self.url)
                 store = self.store
-                missing = store.record_feedback(items, time.time())
-                absent = self._absent(store, missing)
-                if len(absent) < len({r for r, _ in missing}):
-                    # A request's rows were written between the two reads (a writer
-                    # commits a request's texts together): once more, so that an
-                    # answer being written is never told "unknown".
+                for _ in range(3):
                     missing = store.record_feedback(items, time.time())
-                    absent = self._absent(store, missing)
+                    logged = {r: store.positions(r) for r in dict.fromkeys(r for r, _ in missing)}
+                    # A pair missing at the first read but logged at the second was
+                    # written in between (another worker's writer committed): again,
+                    # so that an answer being written is never told "unknown".
+                    if not any(position in logged[r] for r, position in missing):
+                        break
+                absent = [r for r, positions in logged.items() if not positions]
                 unwritten = [r for r in absent if issued_within(r, RECENT_ANSWER_S)]
                 if not missing:
                     self.on_stored(store)
@@ -87,11 +88,6 @@ class FeedbackStore:
                     self.store.close()
                     self.store = None
                 raise
-
-    @staticmethod
-    def _absent(store: LogStore, missing: list[tuple[str, int]]) -> list[str]:
-        """The missing pairs' request ids that have no logged row at all."""
-        return [r for r in dict.fromkeys(r for r, _ in missing) if not store.has_request(r)]
 
     def close(self) -> None:
         with self.lock:

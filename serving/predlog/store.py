@@ -226,12 +226,13 @@ class LogStore:
             cursor.execute(self._sql(statement), args)
             return cursor.fetchall()
 
-    def has_request(self, request_id: str) -> bool:
+    def positions(self, request_id: str) -> set[int]:
+        """The logged positions of a request, in one read: none when it is not logged."""
         with self.connection:
             cursor = self.connection.cursor()
-            cursor.execute(self._sql("SELECT 1 FROM predictions WHERE request_id = ? LIMIT 1"),
+            cursor.execute(self._sql("SELECT position FROM predictions WHERE request_id = ?"),
                            (request_id,))
-            return cursor.fetchone() is not None
+            return {row[0] for row in cursor.fetchall()}
 
     def count(self, table: str) -> int:
         if table not in ("predictions", "feedback"):
