@@ -1,14 +1,16 @@
 """Where a request's time goes in the running service: py-spy under load.
 
-    python bench/profile_serving.py [--seconds 10] [--concurrency 32] [--per-request 1]
+    python bench/profile_serving.py [--bundle models/current] [--seconds 10]
+                                    [--concurrency 32] [--per-request 1]
                                     [--env TEXTOPS_WORKERS=1 ...]
 
-Starts the service on the deployed bundle, drives it with the benchmark's load
-generator and samples every server process with py-spy (non-blocking, so the
-service runs at full speed while sampled). Prints the functions that hold the most
-samples, by own time and by inclusive time, as shares of all samples, and writes the
-collapsed stacks to bench/results/profile-<settings>.txt (open them in speedscope or
-turn them into a flame graph with inferno/flamegraph.pl).
+Starts the service on the bundle, drives it with the benchmark's load generator and
+workload (texts, or images as base64 PNG, as the bundle takes) and samples every
+server process with py-spy (non-blocking, so the service runs at full speed while
+sampled). Prints the functions that hold the most samples, by own time and by
+inclusive time, as shares of all samples, and writes the collapsed stacks to
+bench/results/profile-<settings>.txt (open them in speedscope or turn them into a
+flame graph with inferno/flamegraph.pl).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_serving import HOST, our_service  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
-from workload import bodies_for, dev_texts  # noqa: E402
+from workload import for_bundle  # noqa: E402
 
 from ops import control  # noqa: E402
+from serving.bundle import Bundle  # noqa: E402
 
 IDLE = ("select", "epoll", "poll", "wait", "sleep", "_worker", "get", "acquire")
 
@@ -85,9 +88,11 @@ def main() -> None:
     name = "-".join([f"{args.per_request}x{args.concurrency}",
                      *(item.replace("TEXTOPS_", "").lower() for item in args.env)])
     collapsed = results / f"profile-{name}.txt"
-    requests = build_requests(HOST, "/predict", bodies_for("service", dev_texts(),
-                                                           args.per_request))
-    with our_service((ROOT / args.bundle).resolve(), port, results / f"profile-{port}.log",
+    bundle_dir = (ROOT / args.bundle).resolve()
+    workload = for_bundle(Bundle.load(bundle_dir, "int8"))  # texts, or images as PNG
+    requests = build_requests(HOST, "/predict", workload.bodies("service", workload.items,
+                                                                args.per_request))
+    with our_service(bundle_dir, port, results / f"profile-{port}.log",
                      settings) as (port, process):
         load = threading.Thread(target=run_load, args=(HOST, port, requests,
                                                        args.concurrency,
