@@ -31,7 +31,7 @@ import json
 import mlflow
 
 from pipeline.config import Paths
-from pipeline.promotion.card import decision_section, write_card
+from pipeline.promotion.card import decision_section
 from pipeline.promotion.sequential import (
     PROMOTE,
     ROLLBACK,
@@ -42,6 +42,7 @@ from pipeline.promotion.sequential import (
     decide,
 )
 from pipeline.tracking import audit, registry
+from pipeline.tracking.cards import write_card
 from pipeline.tracking.challenger import CHALLENGER, retire_challenger
 from serving.monitoring.promotion import EXPERIMENT, QUANTITIES
 from serving.predlog.schema import CANARY_LABELS, PAIRED_LABELS

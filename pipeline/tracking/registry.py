@@ -27,8 +27,8 @@ from PIL import Image
 
 from pipeline import atomic
 from pipeline.config import Paths, git_commit
-from pipeline.promotion.card import fitted
 from pipeline.tracking import audit
+from pipeline.tracking.cards import fitted
 from serving.bundle import REGISTERED_BUNDLE, Bundle
 from serving.bundle.pyfunc import BundleModel, input_column
 

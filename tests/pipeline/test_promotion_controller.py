@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from test_deploy import bundle, own_workspace, register_as  # noqa: F401 - fixtures
 
 from pipeline.config import Paths, compose
-from pipeline.promotion.card import HEADING, fitted, with_decision
 from pipeline.promotion.controller import EXPERIMENT, check, paired_counts
 from pipeline.tracking import registry
+from pipeline.tracking.cards import HEADING, fitted, with_decision
 from pipeline.tracking.challenger import CHALLENGER, set_challenger
 from pipeline.tracking.lineage import training_run
 from serving.monitoring.promotion import PromotionEvidence, latest_decision
