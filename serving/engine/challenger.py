@@ -6,7 +6,13 @@ On every watch tick (and at start) the challenger's spec is resolved again: once
 champion serves, the challenger is loaded; when the alias (or link) moves, the new
 one replaces it; when it is gone (the controller promoted or retired it) or is the
 champion itself, shadow or canary stops. A challenger that cannot stand beside the
-champion is named in /metadata (`challenger.error`) and the champion serves on.
+champion is named in /metadata (`challenger.error`) and the champion serves on; so is
+a shadow whose worker could not load the challenger or died: the next tick stops
+shadow mode, and the challenger is not loaded again until its spec points elsewhere.
+
+In shadow mode the challenger scores the requests the prediction log keeps
+(`TEXTOPS_PREDICTION_LOG_SAMPLE`), since its answers to the others would not be
+logged; without a log, every request (the agreement counters are then all it gives).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from serving.engine.canary import Canary, takes
 from serving.engine.shadow import Shadow, load_challenger
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
+from serving.predlog.rows import sampled
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,6 +59,10 @@ class Challenging:
         spec = self.settings.challenger
         if not spec or self.bundle is None:
             return
+        if self.shadow is not None and self.shadow.dead is not None:
+            await self.stop_challenger(f"shadow mode off: the challenger "
+                                       f"{self.shadow.version} ({spec}) no longer scores: "
+                                       f"{self.shadow.dead}")
         try:
             identity = await asyncio.to_thread(BundleSource(spec, self.settings.cache_dir)
                                                .identity)
@@ -72,28 +83,30 @@ class Challenging:
 
     async def start_challenger(self) -> None:
         mode = self.settings.challenger_mode
-        try:
+        try:  # loading it, and starting what runs it (a process, queues), may fail
             challenger = await asyncio.to_thread(load_challenger, self.settings, self.bundle,
                                                  mode == "shadow", self.workers)
+            if challenger.version == self.bundle.version:
+                self.shadow_error = (f"{self.settings.challenger} is the champion "
+                                     f"({challenger.version}): nothing to compare")
+                return
+            if mode == "canary":
+                self.canary = Canary(challenger, self.settings, self.metrics.observe_batch)
+            else:
+                self.shadow = await asyncio.to_thread(
+                    Shadow, challenger, self.settings, self.metrics, self.prediction_log,
+                    self.settings.shadow_queue, self.settings.max_batch_size)
         except Exception as err:  # noqa: BLE001 - a challenger never stops the service
             self.shadow_error = f"{self.settings.challenger}: {err}"
             log.error("%s mode off: %s", mode, self.shadow_error)
             return
-        if challenger.version == self.bundle.version:
-            self.shadow_error = (f"{self.settings.challenger} is the champion "
-                                 f"({challenger.version}): nothing to compare")
-            return
         self.shadow_error = None
         if mode == "canary":
-            self.canary = Canary(challenger, self.settings, self.metrics.observe_batch)
             log.info("canary mode: challenger %s answers %.0f%% of the clients",
                      challenger.version, 100 * self.settings.canary_share)
         else:
-            self.shadow = Shadow(challenger, self.settings, self.metrics,
-                                 self.prediction_log, self.settings.shadow_queue,
-                                 self.settings.max_batch_size)
-            log.info("shadow mode: challenger %s scores every answered request",
-                     challenger.version)
+            log.info("shadow mode: challenger %s scores every answered request the log "
+                     "keeps", challenger.version)
 
     async def stop_challenger(self, why: str | None) -> None:
         running, self.shadow, self.canary = self.shadow or self.canary, None, None
@@ -107,15 +120,23 @@ class Challenging:
 
     def shadow_score(self, request_id: str, items: list, probs: np.ndarray) -> None:
         """Offer an answered classifier request to the challenger; never blocks."""
-        if self.shadow is not None:
-            self.shadow.offer(request_id, items, probs)
+        if (shadow := self._shadowing(request_id)) is not None:
+            shadow.offer(request_id, items, probs)
 
     def shadow_next_words(self, request_id: str, texts: list[str], top_words: list[str],
                           k: int) -> None:
         """Offer an answered next-word request (each text's top word, as the champion
         answered) to the challenger, which logs its `k` top words; never blocks."""
-        if self.shadow is not None:
-            self.shadow.offer(request_id, texts, top_words, k)
+        if (shadow := self._shadowing(request_id)) is not None:
+            shadow.offer(request_id, texts, top_words, k)
+
+    def _shadowing(self, request_id: str) -> Shadow | None:
+        """The shadow, if one runs and the prediction log (if any) keeps `request_id`."""
+        shadow, predictions = self.shadow, self.prediction_log
+        if shadow is None or (predictions is not None
+                              and not sampled(request_id, predictions.sample)):
+            return None
+        return shadow
 
     async def canary_answer(self, texts: list, key: str | None):
         """The challenger's (probabilities, or a next-word model's top words; bundle)

@@ -1,7 +1,8 @@
 """Shadow mode: a challenger bundle (`TEXTOPS_CHALLENGER`) scores every request the
-champion answered, off the request path, and its answers are logged under the same
-request id, so that labels arriving through /feedback compare the two models on the
-same requests (pipeline/promotion/controller.py decides on them).
+champion answered that the prediction log keeps (all of them without a log:
+serving/engine/challenger.py), off the request path, and its answers are logged under
+the same request id, so that labels arriving through /feedback compare the two models
+on the same requests (pipeline/promotion/controller.py decides on them).
 
 The request path only offers the request to a bounded queue and returns: a full
 queue drops it and counts the texts (`textops_shadow_texts{outcome="dropped"}`), it
@@ -12,7 +13,10 @@ only while the service leaves a core idle, so when the machine is saturated it f
 behind and requests are dropped (counted) rather than the answers slowed. Its
 answers come back to the server process, which logs them. Scored and agreeing texts
 are counted too: the rate of `agreed` over `scored` is how often the challenger
-gives the champion's label; texts of a batch it failed count as `failed`.
+gives the champion's label; texts of a batch it failed count as `failed`. A worker
+that could not load the challenger, or died (killed, out of memory), leaves the Shadow
+`dead`, saying why: what is offered to it then is dropped (counted), and the watch
+loop stops shadow mode and names the reason (serving/engine/challenger.py).
 
 A classifier's requests (texts or images) are scored, and a next-word service's: the
 challenger computes each text's top words as the batcher does for the champion
@@ -36,7 +40,6 @@ not the challenger's keeps its latest tokens (`infer_next_words`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import multiprocessing
@@ -120,7 +123,11 @@ class Shadow:
         context = multiprocessing.get_context("spawn")  # nothing of the server's state
         self.requests = context.Queue(maxsize=capacity)
         self.results = context.Queue()
+        # Nothing here reads what is queued: once the worker is gone, closing the
+        # reader makes a feeder thread blocked on a full pipe fail quietly (`close`).
+        self.requests._ignore_epipe = True
         self.closing = False
+        self.dead: str | None = None  # why the worker no longer scores, once it does not
         self.process = context.Process(
             target=shadow_worker.run, name="textops-shadow", daemon=True,
             args=(str(challenger.path), settings.model_copy(update={"intra_op_threads": 1}),
@@ -138,6 +145,9 @@ class Shadow:
         """Queue a request the champion answered; never blocks. `champion`: its
         probabilities (a classifier), or each text's top word (a next-word model,
         whose challenger logs `k` next words per text)."""
+        if self.dead is not None or self.closing:
+            self.dropped.inc(len(items))
+            return
         if isinstance(champion, np.ndarray):  # what agreement needs, not every number
             champion = champion.argmax(1)
         try:
@@ -146,34 +156,58 @@ class Shadow:
             self.dropped.inc(len(items))
 
     def close(self, timeout: float = 10) -> None:
+        """Stop the worker once it has scored what is queued (killed after `timeout`,
+        or at once if it has no room for STOP: it is starved or dead), and leave no
+        thread or queued data behind."""
         self.closing = True
-        self.requests.cancel_join_thread()  # never wait at exit on what the worker left
-        with contextlib.suppress(queue.Full, ValueError, OSError):
-            self.requests.put(STOP, timeout=timeout)
-        self.process.join(timeout)
+        stopping = self.process.is_alive()
+        if stopping:
+            try:
+                self.requests.put(STOP, timeout=min(timeout, 1.0))
+            except (queue.Full, ValueError, OSError):
+                stopping = False
+        if stopping:
+            self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
+            self.process.join(timeout)
+        end_feeder(self.requests, timeout)
         self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.results.close()
+            self.results._reader.close()
 
     def _receive(self) -> None:
         """Log each request the worker scored; count what it could not."""
-        while True:
-            try:
-                outcome = self.results.get(timeout=1.0)
-            except queue.Empty:
-                if self.process.is_alive():
-                    continue
-                if not self.closing:
-                    log.error("shadow: the challenger's process %s exited (code %s)",
-                              self.process.pid, self.process.exitcode)
-                return
-            if outcome is STOP:
-                return
-            if outcome[0] == "scored":
-                self._log(outcome[1])
-            else:  # "failed" on a batch, or "broken" at load
-                log.error("shadow: the challenger %s failed: %s", self.version, outcome[2])
-                self.failed.inc(outcome[1])
+        try:
+            while (why := self._take()) is None:
+                pass
+        except Exception as err:  # noqa: BLE001 - nothing reads the worker's answers now
+            log.exception("shadow: cannot log the challenger's answers")
+            why = f"its answers cannot be logged ({type(err).__name__}: {err})"
+        if why and not self.closing:
+            self.dead = why
+            log.error("shadow: the challenger %s no longer scores: %s", self.version, why)
+
+    def _take(self) -> str | None:
+        """Log or count the worker's next outcome; None while it runs on, else why it
+        stopped ("" when told to)."""
+        try:
+            outcome = self.results.get(timeout=1.0)
+        except queue.Empty:
+            if self.process.is_alive():
+                return None
+            return f"its process {self.process.pid} exited (code {self.process.exitcode})"
+        if outcome is STOP:
+            return ""
+        if outcome[0] == "scored":
+            self._log(outcome[1])
+        elif outcome[0] == "broken":  # it could not load the challenger
+            return f"it cannot be loaded: {outcome[2]}"
+        else:
+            log.error("shadow: the challenger %s failed: %s", self.version, outcome[2])
+            self.failed.inc(outcome[1])
+        return None
 
     def _log(self, scored: list[tuple]) -> None:
         for request_id, answers, agreed in scored:
@@ -181,3 +215,15 @@ class Shadow:
                 self.prediction_log.record_shadow(request_id, self.challenger, answers)
             self.agreed.inc(agreed)
             self.scored.inc(len(answers))
+
+
+def end_feeder(requests, timeout: float) -> None:
+    """End `requests`' feeder thread once nothing reads the queue (the worker is gone):
+    with the last reader closed, a write it is blocked on fails (quietly: the queue
+    ignores EPIPE) and what it still buffers is let go."""
+    requests._reader.close()
+    requests.close()
+    if requests._thread is not None:
+        requests._thread.join(timeout)
+    if requests._thread is None or not requests._thread.is_alive():
+        requests._writer.close()

@@ -11,6 +11,12 @@ loop, and the request path's p99 grew by a third that way (docs/results/shadow.m
 It takes what is queued, as one batch of up to `max_batch` items, scores it, and
 sends back each request's answers and how many agreed with the champion's; the
 server process logs them (the prediction log's rules and queue stay in one place).
+
+It never outlives its server process: before each batch (and every second while
+nothing is queued) it checks that its parent is still the server process, and when that
+one was killed it exits at once, leaving what it had not sent (a results pipe nobody
+reads would hold its exit forever). It ignores SIGINT: it shares the terminal's
+process group, and a Ctrl-C is the server's to handle, which then closes it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import time
 import traceback
 
@@ -47,12 +54,13 @@ def take(requests, max_batch: int, parent: int) -> list | None:
     """The requests waiting, up to `max_batch` items (at least one request); STOP
     when told to, or when the server process is gone (it was killed)."""
     while True:
+        if os.getppid() != parent:
+            return STOP
         try:
             first = requests.get(timeout=PARENT_CHECK_S)
             break
         except queue.Empty:
-            if os.getppid() != parent:
-                return STOP
+            continue
     if first is STOP:
         return STOP
     batch, items = [first], len(first[1])
@@ -67,7 +75,7 @@ def take(requests, max_batch: int, parent: int) -> list | None:
             break
         batch.append(entry)
         items += len(entry[1])
-    return batch
+    return batch if os.getppid() == parent else STOP
 
 
 def score(bundle, batch: list) -> list[tuple]:
@@ -95,6 +103,7 @@ def score(bundle, batch: list) -> list[tuple]:
 def run(path: str, settings, requests, results, max_batch: int, parent: int) -> None:
     """The worker's main: load the challenger, then score until STOP. Each batch's
     outcome goes to `results`: ("scored", [...]) or ("failed", items, why)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     lowest_priority()
     try:
         bundle = load_warm(path, settings)
@@ -107,4 +116,8 @@ def run(path: str, settings, requests, results, max_batch: int, parent: int) -> 
         except Exception:  # noqa: BLE001 - the challenger never fails a request
             results.put(("failed", sum(len(entry[1]) for entry in batch),
                          traceback.format_exc(limit=5)))
+    if os.getppid() != parent:  # orphaned: nobody will read what is left to send
+        results.cancel_join_thread()
+        requests.cancel_join_thread()
+        return
     results.put(STOP)

@@ -1,0 +1,204 @@
+"""The shadow's worker process (serving/engine/shadow_worker.py) and the `Shadow`
+that runs it (serving/engine/shadow.py), without a server: a batch the challenger
+fails is counted and the worker goes on; a challenger it cannot load, or a worker that
+died, leaves the Shadow dead saying why; STOP ends it after the work queued before;
+it ignores Ctrl-C and never outlives its server process; close() leaves no process,
+thread or queued data behind, whatever state the worker is in."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import ROOT, eventually
+
+from serving.engine import shadow_worker
+from serving.engine.shadow import Shadow
+from serving.monitoring.metrics import ServiceMetrics
+from serving.settings import Settings
+
+PROBS = np.array([[0.9, 0.1]])
+
+
+@pytest.fixture
+def metrics():
+    return ServiceMetrics(drift_window=10)
+
+
+def counted(metrics: ServiceMetrics, outcome: str) -> float:
+    return metrics.registry.get_sample_value("textops_shadow_texts_total",
+                                             {"outcome": outcome}) or 0
+
+
+def leftovers() -> tuple[list, list]:
+    """The child processes and the shadow's threads (its receiver, a queue's feeder)
+    still there."""
+    threads = [t.name for t in threading.enumerate()
+               if t.name in ("shadow", "QueueFeederThread")]
+    return multiprocessing.active_children(), threads
+
+
+@pytest.fixture
+def shadow_of(built_bundle, metrics):
+    """shadow_of(path=the built bundle, **Shadow arguments): a Shadow scoring with the
+    bundle at `path` (a stand-in for the loaded challenger), closed afterwards."""
+    started = []
+
+    def start(path: Path | None = None, capacity: int = 100, max_batch: int = 32) -> Shadow:
+        challenger = SimpleNamespace(path=path or built_bundle[0], version="challenger-1")
+        shadow = Shadow(challenger, Settings(), metrics, None, capacity, max_batch)
+        started.append(shadow)
+        return shadow
+
+    assert leftovers() == ([], [])
+    yield start
+    for shadow in started:
+        shadow.close(timeout=5)
+    assert leftovers() == ([], [])
+
+
+def ready(shadow: Shadow, metrics: ServiceMetrics) -> None:
+    """Wait until the worker has loaded the challenger and scored a request."""
+    before = counted(metrics, "scored")
+    shadow.offer("ready", ["good film"], PROBS)
+    eventually(lambda: counted(metrics, "scored") == before + 1)
+
+
+def test_a_batch_the_challenger_fails_is_counted_and_the_worker_goes_on(shadow_of, metrics):
+    shadow = shadow_of()
+    shadow.offer("wrong", [123, None], np.array([[0.5, 0.5], [0.5, 0.5]]))  # not texts
+    eventually(lambda: counted(metrics, "failed") == 2)
+    ready(shadow, metrics)
+    assert shadow.dead is None and shadow.process.is_alive()
+    assert counted(metrics, "scored") == 1
+
+
+def test_a_challenger_that_cannot_be_loaded_leaves_the_shadow_dead_saying_why(
+        shadow_of, metrics, tmp_path):
+    shadow = shadow_of(tmp_path / "missing")
+    eventually(lambda: shadow.dead)
+    assert "cannot be loaded" in shadow.dead and "missing" in shadow.dead
+    shadow.offer("r1", ["good film", "bad film"], PROBS.repeat(2, 0))
+    assert counted(metrics, "dropped") == 2  # counted, and the queue left alone
+    assert shadow.requests._thread is None
+    assert [counted(metrics, o) for o in ("scored", "failed", "agreed")] == [0, 0, 0]
+
+
+def test_a_worker_that_was_killed_is_noticed(shadow_of, metrics):
+    shadow = shadow_of()
+    ready(shadow, metrics)
+    shadow.process.kill()
+    eventually(lambda: shadow.dead)
+    assert f"process {shadow.process.pid} exited (code -9)" in shadow.dead
+    shadow.offer("r1", ["good film"], PROBS)
+    assert counted(metrics, "dropped") == 1
+
+
+def test_stop_after_queued_work_ends_once_that_is_scored(shadow_of, metrics):
+    shadow = shadow_of(max_batch=4)
+    for i in range(30):  # queued while the worker still loads, then STOP behind them
+        shadow.offer(f"r{i}", ["good film", "bad film"], PROBS.repeat(2, 0))
+    shadow.close()
+    assert shadow.process.exitcode == 0  # it stopped: it was not killed
+    assert counted(metrics, "scored") == 60 and shadow.dead is None
+
+
+def test_the_worker_ignores_ctrl_c(shadow_of, metrics):
+    """It shares the terminal's process group: Ctrl-C is the server's to handle."""
+    shadow = shadow_of()
+    ready(shadow, metrics)
+    os.kill(shadow.process.pid, signal.SIGINT)
+    ready(shadow, metrics)
+    assert shadow.dead is None and shadow.process.is_alive()
+
+
+@pytest.mark.parametrize("worker", ["starved", "dead"])
+def test_close_leaves_no_process_thread_or_queued_data(shadow_of, metrics, capfd, worker):
+    """A worker that takes nothing (starved of CPU, or dead) while the queue is full:
+    the feeder thread that is blocked on the full pipe ends too, quietly."""
+    shadow = shadow_of(capacity=40)
+    ready(shadow, metrics)
+    os.kill(shadow.process.pid, signal.SIGSTOP)
+    text = "good film " * 2000  # 40 requests of 20 kB: far more than a pipe holds
+    for i in range(40):
+        shadow.offer(f"r{i}", [text], PROBS)
+    assert shadow.requests.full()
+    if worker == "dead":
+        shadow.process.kill()
+        eventually(lambda: shadow.dead)
+    started = time.monotonic()
+    shadow.close(timeout=8)
+    assert time.monotonic() - started < 5  # no room for STOP: no wait for the worker
+    assert leftovers() == ([], [])
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_worker_takes_no_batch_for_a_server_process_that_is_gone():
+    """Its parent is no longer the server process: it stops before the next batch."""
+    queue = multiprocessing.get_context("spawn").Queue()
+    try:
+        queue.put(("r1", ["good film"], np.array([0]), 1))
+        eventually(lambda: not queue.empty())
+        assert shadow_worker.take(queue, 8, os.getppid() + 1) is shadow_worker.STOP
+        batch = shadow_worker.take(queue, 8, os.getppid())
+        assert [(rid, items) for rid, items, _, _ in batch] == [("r1", ["good film"])]
+    finally:
+        queue.close()
+        queue.join_thread()
+
+
+ORPHAN = textwrap.dedent("""
+    import multiprocessing, os, sys, time
+    import numpy as np
+    from serving.engine import shadow_worker
+    from serving.settings import Settings
+
+    context = multiprocessing.get_context("spawn")
+    requests, results = context.Queue(), context.Queue()
+    worker = context.Process(target=shadow_worker.run, daemon=True, args=(
+        sys.argv[1], Settings(intra_op_threads=1), requests, results, 64, os.getpid()))
+    worker.start()
+    for i in range(400):
+        requests.put((f"r{i}", ["good film"] * 64, np.zeros(64, dtype=int), 1))
+    while requests.qsize() > 200:  # its answers to 200 (100 kB) wait, never read
+        time.sleep(0.05)
+    print(worker.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status  # exited (not reaped by whoever adopted it)
+
+
+def test_a_worker_whose_server_process_was_killed_exits(built_bundle):
+    """Killed, the server process leaves its worker's answers unread in a full pipe:
+    the worker exits anyway, without finishing what was queued."""
+    server = subprocess.Popen([sys.executable, "-c", ORPHAN, str(built_bundle[0])],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(server.stdout.readline())
+        server.kill()
+        server.wait()
+        eventually(lambda: gone(worker), timeout=10)
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+        if worker and not gone(worker):
+            os.kill(worker, signal.SIGKILL)
