@@ -112,7 +112,15 @@ class Settings(BaseSettings):
                                 "client keys (X-Client-Key) the challenger answers")
     canary_max_failures: int = Field(5, ge=1, description="canary mode: requests the "
                                      "challenger may fail (the champion answers them) "
-                                     "before the canary stops")
+                                     "among its latest canary_window before the canary "
+                                     "stops")
+    canary_max_p99_ratio: float = Field(2.0, ge=0, description="canary mode: the most the "
+                                        "challenger's p99 latency over its latest "
+                                        "canary_window requests may be, as a multiple of "
+                                        "the champion's over theirs, before the canary "
+                                        "stops; 0: no latency guard")
+    canary_window: int = Field(200, ge=1, description="canary mode: the latest requests "
+                               "of each model that the guards look at")
 
     # The prediction log and feedback (serving/predlog/).
     prediction_log: str = Field("sqlite:///run/predictions.db",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from serving.engine.canary import Canary, takes
@@ -141,14 +142,15 @@ class Challenging:
     async def canary_answer(self, texts: list, key: str | None):
         """The challenger's (probabilities, or a next-word model's top words; bundle)
         when a canary runs and takes `key`; None: the champion answers. A request the
-        challenger fails, or has no room for, is answered by the champion; failures are
-        counted, and past `canary_max_failures` the canary stops (a guard that needs no
-        labels)."""
+        challenger fails, or has no room for, is answered by the champion; its guards
+        (serving/engine/canary.py `Guard`: failures, p99 against the champion's) stop
+        the canary at once, without waiting for labels."""
         canary = self.canary
         if canary is None or key is None or not takes(key, canary.share):
             return None
+        started = time.perf_counter()
         try:
-            return await self._bounded(canary.batcher.submit(texts))
+            answered = await self._bounded(canary.batcher.submit(texts))
         except ApiError as err:
             if err.status != 503:
                 self._canary_failed(canary, err)
@@ -157,18 +159,30 @@ class Challenging:
         except Exception as err:  # noqa: BLE001 - the champion answers instead
             self._canary_failed(canary, err)
             return None
+        canary.guard.answered(time.perf_counter() - started)
+        self._check_canary(canary)
+        return answered
+
+    def champion_answered(self, seconds: float) -> None:
+        """What the champion's answer took, while a canary runs (its latency guard)."""
+        if self.canary is not None:
+            self.canary.guard.champion_answered(seconds)
 
     def _canary_failed(self, canary: Canary, err: Exception) -> None:
         self.metrics.shadow.labels("failed").inc()
-        canary.failures += 1
+        canary.guard.failure()
         log.error("canary: the challenger %s failed a request (%s: %s)", canary.version,
                   type(err).__name__, err)
-        if canary.failures >= self.settings.canary_max_failures and self.canary is canary:
-            self.canary = None
-            self.shadow_error = (f"canary stopped: the challenger {canary.version} failed "
-                                 f"{canary.failures} requests")
-            log.error("%s; every request goes to the champion", self.shadow_error)
-            asyncio.get_running_loop().run_in_executor(None, canary.close)
+        self._check_canary(canary)
+
+    def _check_canary(self, canary: Canary) -> None:
+        why = canary.guard.tripped()
+        if why is None or self.canary is not canary:
+            return
+        self.canary = None
+        self.shadow_error = f"canary stopped: the challenger {canary.version} {why}"
+        log.error("%s; every request goes to the champion", self.shadow_error)
+        asyncio.get_running_loop().run_in_executor(None, canary.close)
 
     def role(self, bundle: Bundle) -> dict:
         """What an answer says of the model that gave it while a canary runs."""

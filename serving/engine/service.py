@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -129,7 +130,10 @@ class InferenceService(BundleFollowing, Challenging):
         self.require_bundle()
         if (answered := await self.canary_answer(texts, key)) is not None:
             return answered
-        return await self._bounded(self.batcher.submit(texts))
+        started = time.perf_counter()
+        answered = await self._bounded(self.batcher.submit(texts))
+        self.champion_answered(time.perf_counter() - started)
+        return answered
 
     def require_next_word(self, route: str) -> Bundle:
         """The bundle being served, if it is a next-word model; 404 naming the task

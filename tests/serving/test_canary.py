@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import running_service
 
-from serving.engine.canary import Canary, takes
+from serving.engine.canary import Canary, Guard, takes
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +64,15 @@ def test_the_challenger_answers_its_share_of_clients_and_says_so(built_bundle, c
 
 
 class Answers:
-    """A batcher stand-in that answers with its name, or fails."""
+    """A batcher stand-in that answers with its name after `delay` seconds, or fails."""
 
-    def __init__(self, name: str, fails: bool = False):
-        self.name, self.fails = name, fails
+    def __init__(self, name: str, fails: bool = False, delay: float = 0.0):
+        self.name, self.fails, self.delay = name, fails, delay
 
     async def submit(self, texts):
+        import asyncio
+
+        await asyncio.sleep(self.delay)
         if self.fails:
             raise RuntimeError("the challenger's model failed")
         return self.name, texts
@@ -87,7 +90,8 @@ def test_a_challenger_that_fails_is_answered_for_and_then_stopped(monkeypatch):
     service = InferenceService(Settings(prediction_log="", canary_max_failures=2))
     service.bundle, service.batcher = object(), Answers("champion")
     canary = Canary.__new__(Canary)
-    canary.challenger, canary.share, canary.failures = SimpleNamespace(version="c-1"), 0.999, 0
+    canary.challenger, canary.share = SimpleNamespace(version="c-1"), 0.999
+    canary.guard = Guard(window=200, max_failures=2, max_p99_ratio=2.0)
     canary.batcher = Answers("challenger", fails=True)
     service.canary = canary
     monkeypatch.setattr("serving.engine.challenger.takes", lambda key, share: True)
@@ -96,3 +100,37 @@ def test_a_challenger_that_fails_is_answered_for_and_then_stopped(monkeypatch):
     assert service.canary is None and "failed 2 requests" in service.shadow_error
     failed = service.metrics.shadow.labels("failed")._value.get()
     assert failed == 2
+
+
+def test_a_challenger_much_slower_than_the_champion_is_stopped(monkeypatch):
+    """The latency guard: over the latest requests each answered, a challenger whose
+    p99 is over twice the champion's stops the canary; one within it runs on."""
+    import asyncio
+
+    from serving.engine.service import InferenceService
+    from serving.settings import Settings
+
+    monkeypatch.setattr("serving.engine.challenger.takes", lambda key, share: key == "canary")
+
+    def run(challenger_delay: float) -> InferenceService:
+        service = InferenceService(Settings(prediction_log="", canary_window=40))
+        service.bundle, service.batcher = object(), Answers("champion", delay=0.02)
+        canary = Canary.__new__(Canary)
+        canary.challenger, canary.share = SimpleNamespace(version="c-1"), 0.5
+        canary.guard = Guard(window=40, max_failures=5, max_p99_ratio=2.0)
+        canary.batcher = Answers("challenger", delay=challenger_delay)
+        service.canary = canary
+
+        async def traffic():
+            for _ in range(30):
+                for key in ("canary", "user"):
+                    await service.predict(["a text"], key)
+
+        asyncio.run(traffic())
+        return service
+
+    slow = run(challenger_delay=0.1)
+    assert slow.canary is None and "p99" in slow.shadow_error
+    assert "the champion's" in slow.shadow_error and "c-1" in slow.shadow_error
+    alike = run(challenger_delay=0.02)
+    assert alike.canary is not None and alike.shadow_error is None
