@@ -6,7 +6,7 @@ refused): it gets a core only while the service's own processes leave one idle, 
 saturation it falls behind and the service drops what it cannot queue, rather than
 the answers slowing. A process of its own, not a thread, because a thread shares the
 server's GIL: one that the scheduler has parked while holding it stalls the event
-loop, and the request path's p99 grew by a third that way (docs/results/shadow.md).
+loop, and the request path's p99 suffered for it.
 
 It takes what is queued, as one batch of up to `max_batch` items, scores it, and
 sends back each request's answers and how many agreed with the champion's; the

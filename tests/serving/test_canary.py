@@ -64,15 +64,15 @@ def test_the_challenger_answers_its_share_of_clients_and_says_so(built_bundle, c
 
 
 class Answers:
-    """A batcher stand-in that answers with its name after `delay` seconds, or fails."""
+    """A batcher stand-in that answers with its name, or fails; its answers take
+    `delay` seconds on `clock` (a stand-in for time.perf_counter), not on the machine's."""
 
-    def __init__(self, name: str, fails: bool = False, delay: float = 0.0):
-        self.name, self.fails, self.delay = name, fails, delay
+    def __init__(self, name: str, fails: bool = False, delay: float = 0.0, clock=None):
+        self.name, self.fails, self.delay, self.clock = name, fails, delay, clock
 
     async def submit(self, texts):
-        import asyncio
-
-        await asyncio.sleep(self.delay)
+        if self.clock is not None:
+            self.clock.now += self.delay
         if self.fails:
             raise RuntimeError("the challenger's model failed")
         return self.name, texts
@@ -111,14 +111,17 @@ def test_a_challenger_much_slower_than_the_champion_is_stopped(monkeypatch):
     from serving.settings import Settings
 
     monkeypatch.setattr("serving.engine.challenger.takes", lambda key, share: key == "canary")
+    clock = SimpleNamespace(now=0.0)  # latencies as the stand-ins say, on any machine
+    monkeypatch.setattr("time.perf_counter", lambda: clock.now)
 
     def run(challenger_delay: float) -> InferenceService:
         service = InferenceService(Settings(prediction_log="", canary_window=40))
-        service.bundle, service.batcher = object(), Answers("champion", delay=0.02)
+        service.bundle = object()
+        service.batcher = Answers("champion", delay=0.02, clock=clock)
         canary = Canary.__new__(Canary)
         canary.challenger, canary.share = SimpleNamespace(version="c-1"), 0.5
         canary.guard = Guard(window=40, max_failures=5, max_p99_ratio=2.0)
-        canary.batcher = Answers("challenger", delay=challenger_delay)
+        canary.batcher = Answers("challenger", delay=challenger_delay, clock=clock)
         service.canary = canary
 
         async def traffic():
