@@ -6,16 +6,33 @@ tasks: the folders stay layered.)
 
 A task's module subclasses `ClassifierModule`, calls `init_metrics` in its __init__
 (after save_hyperparameters, with lr, weight_decay and warmup_ratio among them) and
-implements `_step(batch, split)`, calling `accumulate`.
+implements `_step(batch, split)`, calling `accumulate`. Its `optimizer` hyperparameter
+(`optimizer_settings`: `train.optimizer`) chooses AdamW or SGD with momentum.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from transformers import get_cosine_schedule_with_warmup
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def optimizer_settings(cfg: DictConfig) -> dict:
+    """`train.optimizer` as a module's `optimizer` hyperparameter: {"name": "adamw"} or
+    {"name": "sgd", "momentum": m}. AdamW when the config has none (older params)."""
+    settings = cfg.train.get("optimizer")
+    settings = OmegaConf.to_container(settings) if settings is not None else {}
+    name = settings.get("name", "adamw")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer.name: unknown optimizer {name!r} "
+                         f"({', '.join(OPTIMIZERS)})")
+    return {"name": name, "momentum": float(settings.get("momentum", 0.0))}
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -32,8 +49,23 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate's factor at `step`: linear from 0 over `warmup_steps`, then half
+    a cosine down to 0 at `total_steps` (transformers' get_cosine_schedule_with_warmup)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 class ClassifierModule(pl.LightningModule):
-    """Metrics, per-epoch logging, the steps and AdamW with a cosine warmup schedule."""
+    """Metrics, per-epoch logging, the steps, and AdamW (or SGD) with a cosine warmup
+    schedule."""
+
+    # The share of a longer run this fit is, as (fits before it, fits in all): a
+    # federated client's local fit in round r of R is (r - 1, R), so its schedule
+    # carries on the whole run's rather than warming up and decaying every round.
+    schedule_span: tuple[int, int] = (0, 1)
 
     def init_metrics(self, num_classes: int) -> None:
         metrics = MetricCollection({
@@ -76,11 +108,19 @@ class ClassifierModule(pl.LightningModule):
         self._log_epoch("val")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(parameter_groups(self, self.hparams.weight_decay),
-                                      lr=self.hparams.lr)
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = get_cosine_schedule_with_warmup(
-            optimizer, int(self.hparams.warmup_ratio * total_steps), total_steps
-        )
+        groups = parameter_groups(self, self.hparams.weight_decay)
+        # Checkpoints from before `optimizer` existed trained with AdamW.
+        settings = self.hparams.get("optimizer") or {"name": "adamw"}
+        if settings["name"] == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=self.hparams.lr,
+                                        momentum=settings.get("momentum", 0.0))
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        steps = int(self.trainer.estimated_stepping_batches)
+        before, fits = self.schedule_span
+        total, offset = steps * fits, steps * before
+        warmup = int(self.hparams.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_with_warmup(offset + step, warmup, total))
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -21,7 +22,9 @@ from pipeline.config import Paths
 from pipeline.modeling.federated.client import ProximalTerm
 from pipeline.modeling.federated.partition import PartitionError, partition
 from pipeline.modeling.federated.run import fit
+from pipeline.modeling.federated.server import strategy
 from pipeline.stages.evaluate import evaluate
+from pipeline.tasks.image_classification.classifier import ImageClassifier
 from pipeline.tasks.text_classification.inference import load_module
 from pipeline.tracking import privacy
 
@@ -83,6 +86,42 @@ def test_the_proximal_term_pulls_each_weight_back_toward_the_global_model():
     term.on_after_backward(None, module)
     assert torch.allclose(layer.weight.grad, torch.full_like(layer.weight, 1.0))  # 0.5 * 2
     assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+
+
+def learning_rates(span: tuple[int, int], steps: int) -> list[float]:
+    """The learning rates of a fit of `steps` optimiser steps that is `span` of a run."""
+    module = ImageClassifier({"name": "mlp", "hidden": [4]}, 1, 4, 4, 2, ["a", "b"],
+                             lr=1.0, warmup_ratio=0.25)
+    module.schedule_span = span
+    module.trainer = SimpleNamespace(estimated_stepping_batches=steps)
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_each_round_steps_through_its_share_of_the_whole_runs_schedule():
+    """Four rounds of five local steps warm up once and decay once, as one fit of
+    twenty steps does, instead of warming up and decaying every round."""
+    whole = learning_rates((0, 1), 20)
+    rounds = [rate for r in range(4) for rate in learning_rates((r, 4), 5)]
+    assert rounds == pytest.approx(whole)
+    assert whole[0] == 0.0 and max(whole) == pytest.approx(1.0) and whole[-1] < 0.05
+    assert learning_rates((3, 4), 5)[0] < 0.5  # the last round starts low, not warm
+
+
+def test_fedavgm_puts_momentum_on_the_servers_step_and_unknown_strategies_are_named():
+    chosen = strategy(settings(strategy="fedavgm", server_lr=0.5, server_momentum=0.9,
+                               fraction_fit=1.0, min_clients=2), [np.zeros(3)], 1, 4)
+    assert type(chosen).__name__ == "FedAvgM"
+    assert (chosen.server_learning_rate, chosen.server_momentum) == (0.5, 0.9)
+    with pytest.raises(ValueError, match="unknown strategy 'scaffold' "
+                                         "\\(fedavg, fedavgm, fedprox\\)"):
+        strategy(settings(strategy="scaffold", fraction_fit=1.0, min_clients=2),
+                 [np.zeros(3)], 1, 4)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])

@@ -83,6 +83,9 @@ class LocalClient(NumPyClient):
         pl.seed_everything(seed, workers=True, verbose=False)
         self.datamodule.seed = seed  # a new order of its rows every round
         mu = float(config.get("proximal_mu") or 0.0)
+        # This round's local fit is one of the run's `rounds` in its learning-rate
+        # schedule: warm-up once at the start, decay to the end of the last round.
+        self.module.schedule_span = (int(config["round"]) - 1, int(config.get("rounds", 1)))
         trainer = pl.Trainer(
             accelerator=self.cfg.trainer.accelerator, devices=1,
             precision=self.cfg.trainer.precision,

@@ -135,7 +135,8 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     module = task.module(cfg, paths)
     task.warm_start(module, cfg, paths)
     global_model = GlobalModel(module, datamodule, cfg, work_dir, logger.log_metrics)
-    inner = strategy(settings, local.weights(module.model), int(settings.local_epochs))
+    inner = strategy(settings, local.weights(module.model), int(settings.local_epochs),
+                     rounds)
     tracked = Tracked(inner, settings, clients, rounds, global_model)
     print(f"train: federated, {settings.mode}: {clients} clients ({settings.partition.by} "
           f"partition, {min(map(len, parts))}-{max(map(len, parts))} rows each), "

@@ -1,6 +1,6 @@
-"""The federated server's side: Flower's strategy (FedAvg or FedProx) wrapped so that a
-run waits for its clients, goes on without a client that died, records who took part
-in each round and validates each round's global model.
+"""The federated server's side: Flower's strategy (FedAvg, FedAvgM or FedProx) wrapped
+so that a run waits for its clients, goes on without a client that died, records who
+took part in each round and validates each round's global model.
 
 The global model is validated on the validation split after every round, as a
 centralised fit validates after every epoch; the best round's weights and the last
@@ -27,7 +27,7 @@ from flwr.common import (
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg, FedProx, Strategy
+from flwr.server.strategy import FedAvg, FedAvgM, FedProx, Strategy
 from omegaconf import DictConfig
 
 from pipeline.modeling.federated.client import load_weights
@@ -158,10 +158,16 @@ class Tracked(Strategy):
                  f"{elapsed / done:.0f} s per round, about {left:.0f} s left", flush=True)
 
 
-def strategy(settings: DictConfig, initial: list[np.ndarray], local_epochs: int) -> FedAvg:
-    """FedAvg or FedProx from `trainer.federated`, starting from `initial` weights."""
+STRATEGIES = ("fedavg", "fedavgm", "fedprox")
+
+
+def strategy(settings: DictConfig, initial: list[np.ndarray], local_epochs: int,
+             rounds: int) -> FedAvg:
+    """FedAvg, FedAvgM or FedProx from `trainer.federated`, starting from `initial`
+    weights. Each round tells the clients its number and the rounds in all, so that
+    their learning-rate schedule follows the whole run's."""
     def fit_config(server_round: int) -> dict:
-        return {"round": server_round, "local_epochs": local_epochs}
+        return {"round": server_round, "rounds": rounds, "local_epochs": local_epochs}
 
     common = dict(fraction_fit=float(settings.fraction_fit), fraction_evaluate=0.0,
                   min_fit_clients=int(settings.min_clients),
@@ -172,9 +178,13 @@ def strategy(settings: DictConfig, initial: list[np.ndarray], local_epochs: int)
     name = settings.strategy
     if name == "fedavg":
         return FedAvg(**common)
+    if name == "fedavgm":  # Hsu et al. 2019: momentum on the server's averaged update
+        return FedAvgM(**common, server_learning_rate=float(settings.server_lr),
+                       server_momentum=float(settings.server_momentum))
     if name == "fedprox":
         return FedProx(**common, proximal_mu=float(settings.proximal_mu))
-    raise ValueError(f"trainer.federated.strategy: {name!r} is not fedavg or fedprox")
+    raise ValueError(f"trainer.federated.strategy: unknown strategy {name!r} "
+                     f"({', '.join(STRATEGIES)})")
 
 
 class InProcessClient(ClientProxy):

@@ -23,6 +23,7 @@ class ImageClassifier(ClassifierModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         label_smoothing: float = 0.0,
+        optimizer: dict | None = None,  # optimizer_settings; None: AdamW
     ):
         super().__init__()
         # Everything needed to rebuild the model from a checkpoint alone.

@@ -84,6 +84,7 @@ class ImageClassification(Task):
         )
 
     def module(self, cfg: DictConfig, paths: Paths, distilling: bool = False):
+        from pipeline.tasks.classifier import optimizer_settings
         from pipeline.tasks.image_classification.classifier import ImageClassifier
 
         spec = spec_of(paths)
@@ -99,6 +100,7 @@ class ImageClassification(Task):
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
             warmup_ratio=cfg.train.warmup_ratio,
+            optimizer=optimizer_settings(cfg),
             label_smoothing=cfg.train.label_smoothing,
         )
 

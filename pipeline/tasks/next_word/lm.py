@@ -46,6 +46,7 @@ class NextWordModule(ClassifierModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         label_names: list[str] | None = None,  # none: the service's shared field
+        optimizer: dict | None = None,  # optimizer_settings; None: AdamW
     ):
         super().__init__()
         # Everything needed to rebuild the model from a checkpoint alone.

@@ -67,6 +67,7 @@ class NextWord(Task):
                                   num_workers=cfg.train.num_workers)
 
     def module(self, cfg: DictConfig, paths: Paths, distilling: bool = False):
+        from pipeline.tasks.classifier import optimizer_settings
         from pipeline.tasks.next_word.lm import NextWordModule
 
         profile = profile_of(paths)
@@ -77,6 +78,7 @@ class NextWord(Task):
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
             warmup_ratio=cfg.train.warmup_ratio,
+            optimizer=optimizer_settings(cfg),
             label_names=[],
         )
 

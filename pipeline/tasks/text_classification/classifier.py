@@ -31,6 +31,7 @@ class TextClassifier(ClassifierModule):
         warmup_ratio: float = 0.1,
         label_smoothing: float = 0.0,
         distill_weight: float = 0.0,
+        optimizer: dict | None = None,  # optimizer_settings; None: AdamW
     ):
         super().__init__()
         # Everything needed to rebuild the model from a checkpoint alone.

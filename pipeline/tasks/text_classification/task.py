@@ -27,6 +27,7 @@ from pipeline import atomic
 from pipeline.config import Paths
 from pipeline.data.splits import column
 from pipeline.tasks.base import Task
+from pipeline.tasks.classifier import optimizer_settings
 from pipeline.tasks.text_classification import export, inference
 from pipeline.tasks.text_classification.classifier import TextClassifier
 from pipeline.tasks.text_classification.datamodule import TextDataModule
@@ -77,6 +78,7 @@ class TextClassification(Task):
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
             warmup_ratio=cfg.train.warmup_ratio,
+            optimizer=optimizer_settings(cfg),
             label_smoothing=cfg.train.label_smoothing,
             distill_weight=cfg.distill.weight if distilling else 0.0,
         )
