@@ -73,22 +73,25 @@ def batches(loader) -> list[dict]:
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 @pytest.mark.parametrize("config", [{"name": "mlp"}, {"name": "cnn"}, {"name": "resnet"},
                                     {"name": "cnn", "norm": "group"},
-                                    {"name": "resnet", "norm": "group", "groups": 4}])
+                                    {"name": "resnet", "norm": "group", "groups": 4},
+                                    {"name": "tanh_cnn"}])
 def test_each_family_maps_images_to_logits(config, shape):
     torch.manual_seed(0)
     model = build_model(config, *shape, num_classes=10).eval()
     assert model(torch.randn(2, *shape)).shape == (2, 10)
-    if config.get("norm") == "group":
+    if config.get("norm") == "group" or config["name"] == "tanh_cnn":
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
 def test_unknown_models_and_options_are_refused():
-    with pytest.raises(ValueError, match="unknown model 'nope' \\(mlp, cnn, resnet\\)"):
+    with pytest.raises(ValueError, match="unknown model 'nope' \\(mlp, cnn, resnet, tanh_cnn\\)"):
         build_model({"name": "nope"}, 1, 28, 28, 10)
     with pytest.raises(ValueError, match="unknown norm 'layer'"):
         build_model({"name": "cnn", "norm": "layer"}, 1, 28, 28, 10)
     with pytest.raises(ValueError, match="not divisible"):
         build_model({"name": "cnn", "norm": "group", "groups": 5}, 1, 28, 28, 10)
+    with pytest.raises(ValueError, match="model.convs: .* leave nothing"):
+        build_model({"name": "tanh_cnn", "convs": [[16, 8, 2, 0]]}, 1, 8, 8, 10)
     with pytest.raises(TypeError, match="depth"):
         build_model({"name": "resnet", "depth": 3}, 1, 28, 28, 10)
 
@@ -155,10 +158,11 @@ def test_augmentation_shifts_and_flips_whole_images(processed):
 # ------------------------------------------------------------------ training and export
 
 
-def fit(processed: Path, model: dict, augment: dict | None = None
+def fit(processed: Path, model: dict, augment: dict | None = None, **training
         ) -> tuple[ImageClassifier, pl.Trainer]:
     pl.seed_everything(0)
-    module = ImageClassifier(model, 1, SIDE, SIDE, CLASSES, ["tl", "tr", "bl"], lr=1e-2)
+    module = ImageClassifier(model, 1, SIDE, SIDE, CLASSES, ["tl", "tr", "bl"],
+                             **{"lr": 1e-2, **training})
     trainer = pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1)
@@ -177,6 +181,16 @@ def trained_cnn(processed) -> tuple[ImageClassifier, pl.Trainer]:
 
 def test_the_mlp_learns(processed):
     fit(processed, {"name": "mlp", "hidden": [32], "dropout": 0.1})
+
+
+def test_the_tanh_cnn_learns_with_sgd_and_momentum(processed):
+    module, trainer = fit(processed, {"name": "tanh_cnn", "convs": [[8, 3, 1, 1]],
+                                      "hidden": 16},
+                          lr=0.1, weight_decay=0.0,
+                          optimizer={"name": "sgd", "momentum": 0.9})
+    (optimizer,) = trainer.optimizers
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults["momentum"] == 0.9
 
 
 def test_the_cnn_learns_and_its_checkpoint_rebuilds_it(trained_cnn, processed, tmp_path):

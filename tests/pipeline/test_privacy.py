@@ -46,6 +46,7 @@ class Spy(Callback):
     def __init__(self, key: str = "labels"):
         self.key = key
         self.sizes, self.optimizers, self.per_example = [], set(), []
+        self.wrapped = set()  # what DP-SGD's optimiser steps with
 
     def on_train_start(self, trainer, pl_module):
         self.tables = {name: layer.weight.detach().clone()
@@ -60,7 +61,9 @@ class Spy(Callback):
         self.sizes.append(len(batch[self.key]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.optimizers.add(type(getattr(optimizer, "optimizer", optimizer)).__name__)
+        private = getattr(optimizer, "optimizer", optimizer)
+        self.optimizers.add(type(private).__name__)
+        self.wrapped.add(type(getattr(private, "original_optimizer", private)).__name__)
         params = [p for p in pl_module.model.parameters() if p.requires_grad]
         self.per_example.append(all(p.grad_sample.shape[0] == self.sizes[-1]
                                     for p in params))
@@ -123,6 +126,26 @@ def test_an_image_model_trains_privately_on_poisson_batches(image_repo, tmp_path
     assert 35 < sum(map(len, drawn)) / len(drawn) < 65  # about 50 a batch
     sampler.set_epoch(1)
     assert [indices.tolist() for _, _, indices in sampler] != drawn
+
+
+def test_the_private_images_recipe_steps_sgd_within_its_budget_and_its_gate(image_repo,
+                                                                           tmp_path):
+    """experiment=private_images (Tramer & Boneh's recipe): the tanh CNN, SGD with
+    momentum inside DP-SGD, examples clipped to 0.1, epsilon 3, a gate that holds it."""
+    shutil.copytree(image_repo / "data/processed", tmp_path / "data/processed")
+    cfg = compose("task=image_classification", "experiment=private_images",
+                  "train.max_epochs=2", "train.batch_size=64")
+    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spy = Spy(key="labels")
+    with restored_tracking_uri():
+        report = fit(cfg, Paths(tmp_path), callbacks=[spy])
+        metrics, verdict = evaluate(cfg, Paths(tmp_path))
+    assert spy.optimizers == {"DPOptimizer"} and spy.wrapped == {"SGD"}
+    assert all(spy.per_example)
+    assert 0.9 * 3.0 <= report["privacy"]["epsilon"] <= 3.0 + 1e-6
+    assert report["privacy"]["max_grad_norm"] == 0.1
+    (check,) = [c for c in verdict["checks"] if c["rule"] == "privacy"]
+    assert check["passed"] and check["threshold"] == 3.0
 
 
 def test_a_public_embedding_table_is_frozen_and_named_on_the_card():
