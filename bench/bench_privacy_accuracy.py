@@ -1,7 +1,7 @@
 """Test accuracy against the privacy budget: epsilon in {1, 3, 8} and without
 differential privacy, on Fashion-MNIST and SST-2.
 
-    python bench/bench_privacy_accuracy.py [--epochs N] [fashion_mnist] [sst2]
+    python bench/bench_privacy_accuracy.py [--epochs N] [--budgets 1 3 8 inf] [data ...]
 
 Per data set, one clean copy of the repository runs `dvc repro preprocess` (from
 nothing), then for each budget composes params.yaml with it and runs `dvc repro
@@ -40,18 +40,17 @@ DATA_SETS = {
                       ["task=image_classification"]),
     "sst2": (["model=transformer"], []),
 }
-BUDGETS = [1.0, 3.0, 8.0, None]  # None: no differential privacy
 
 
-def measure(name: str, recipe: list[str], default: list[str], epochs: int | None
-            ) -> list[dict]:
+def measure(name: str, recipe: list[str], default: list[str], epochs: int | None,
+            budgets: list[float | None]) -> list[dict]:
     runs = []
     if epochs is not None:
         recipe = [*recipe, f"train.max_epochs={epochs}"]
     with tempfile.TemporaryDirectory() as tmp:
         repo = clone_to(Path(tmp) / "repo", recipe)
         sh(repo, "dvc", "repro", "preprocess")
-        for epsilon in BUDGETS:
+        for epsilon in budgets:
             if epsilon is None:
                 overrides = default
             else:
@@ -122,13 +121,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=None,
                         help="the private recipe's epochs (default: the recipe's own)")
+    parser.add_argument("--budgets", nargs="+", default=["1", "3", "8", "inf"],
+                        help="the epsilons to train at (inf: the non-private default)")
     parser.add_argument("data", nargs="*", choices=[*DATA_SETS, []],
                         help="measure these again, keep the published others (default: all)")
     args = parser.parse_args()
     runs = []
     published = Path(__file__).parent / "results" / "privacy_accuracy.json"
     for name in args.data or DATA_SETS:
-        runs += measure(name, *DATA_SETS[name], args.epochs)
+        budgets = [None if b == "inf" else float(b) for b in args.budgets]
+        runs += measure(name, *DATA_SETS[name], args.epochs, budgets)
         earlier = json.loads(published.read_text())["data"]["runs"] if published.exists() else []
         measured = {r["data"] for r in runs}
         kept = [r for r in earlier if r["data"] not in measured]
