@@ -1,7 +1,7 @@
 """Test accuracy against the privacy budget: epsilon in {1, 3, 8} and without
 differential privacy, on Fashion-MNIST and SST-2.
 
-    python bench/bench_privacy_accuracy.py [--epochs N] [--budgets 1 3 8 inf] [data ...]
+    python bench/bench_privacy_accuracy.py [--epochs N] [data ...] [--budgets 1 3 8 inf]
 
 Per data set, one clean copy of the repository runs `dvc repro preprocess` (from
 nothing), then for each budget composes params.yaml with it and runs `dvc repro

@@ -8,7 +8,7 @@ else in the task or the stages:
   privacy analysis assumes (`PoissonSampling`);
 - every example's gradient is clipped to `max_grad_norm` and Gaussian noise of
   `noise_multiplier x max_grad_norm` is added to their sum before the optimiser's step
-  (Opacus's DPOptimizer around the task's own AdamW; its schedule is untouched);
+  (Opacus's DPOptimizer around the task's own optimiser; its schedule is untouched);
 - an accountant (`accountant`: prv, rdp or gdp) counts the privacy spent step by step.
   The noise multiplier is the smallest that keeps `max_epochs` epochs within the target
   `epsilon` at `delta` (null: 1 / (10 x training rows), well under 1/n).

@@ -101,8 +101,9 @@ def privacy_check(record: dict | None, max_epsilon: float) -> dict:
     if record is None:
         return {"rule": "privacy", "metric": "epsilon", "value": None,
                 "threshold": max_epsilon, "passed": False,
-                "reason": f"not trained with differential privacy (train.privacy), and the "
-                          f"gate asks for epsilon <= {max_epsilon}"}
+                "reason": f"not trained with differential privacy (train.privacy or "
+                          f"trainer.federated.privacy), and the gate asks for epsilon <= "
+                          f"{max_epsilon}"}
     epsilon = record["epsilon"]
     passed = epsilon <= max_epsilon
     return {"rule": "privacy", "metric": "epsilon", "value": epsilon,
@@ -170,6 +171,8 @@ def evaluate(cfg: DictConfig, paths: Paths) -> tuple[dict, dict]:
         scored.metrics["privacy"] = record  # the epsilon these very weights spent
     if (federated := privacy.federated(paths.checkpoint)) is not None:
         scored.metrics["federated"] = federated  # where its training data stayed
+        if federated.get("privacy") and "privacy" not in scored.metrics:
+            scored.metrics["privacy"] = federated["privacy"]  # client-level DP
     mlflow.set_tracking_uri(tracking_uri(cfg))
     champion = score_champion(cfg.deploy.model_name, scoring, scored, cfg)
     verdict = {"model_name": cfg.deploy.model_name,

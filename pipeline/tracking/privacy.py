@@ -41,10 +41,13 @@ def describe_federated(record: dict | None) -> str:
     how = (f"Dirichlet({partition['alpha']}) label skew" if partition["by"] == "dirichlet"
            else {"iid": "an even random split", "group": "data.group_column's groups"}
            .get(partition["by"], partition["by"]))
+    noised = ("; the server clipped and noised their average (client-level differential "
+              "privacy, above)" if record.get("privacy")
+              else " (no differential privacy on the updates)")
     return (f" Trained federated ({record['strategy']}, Flower): {record['clients']} "
             f"clients, the training rows dealt out by {how}, {record['rounds']} rounds; "
             "each client's rows stayed with it and only model updates travelled, in the "
-            "clear (no differential privacy on the updates).")
+            f"clear{noised}.")
 
 
 def describe(record: dict | None) -> str:
@@ -53,6 +56,21 @@ def describe(record: dict | None) -> str:
         return ("Not trained with differential privacy: no bound on what the weights "
                 "reveal about any one training example.")
     epsilon = record["epsilon"]
+    if record.get("unit") == "client":
+        return (f"Trained with client-level differential privacy (DP-FedAvg): "
+                f"({epsilon:.2f}, {record['delta']:.1e})-DP for a whole federated client, "
+                f"every row it holds at once (and, given which client holds which rows, "
+                f"for any one row), by the {record['accountant']} accountant over "
+                f"{record['steps']} rounds (noise multiplier "
+                f"{record['noise_multiplier']:.3f}, each client's update clipped to "
+                f"{record['clipping_norm']}, every round counted as if every client took "
+                "part, noise from a generator seeded from the operating system's "
+                "randomness). The server is trusted: it sees each update before the "
+                "noise. Not covered, treated as public data: the validation split, "
+                "which chose the round kept; the data profile and vocabulary in "
+                "bundle.json; how the rows were dealt to the clients. Each training run "
+                "spends its own budget: searches and retrainings on the same clients "
+                "add up, and are not counted here.")
     frozen = (f" Not trained, kept as they started: {', '.join(record['frozen'])}."
               if record.get("frozen") else "")
     return (f"Trained with differential privacy (DP-SGD): ({epsilon:.2f}, "

@@ -5,6 +5,7 @@ handed to evaluate as a centralised fit's is."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -15,14 +16,17 @@ import psutil
 import pytest
 import torch
 from conftest import compose, restored_tracking_uri
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from omegaconf import OmegaConf
+from opacus.accountants import create_accountant
 from test_scale import start_training, train_dir
 
 from pipeline.config import Paths
 from pipeline.modeling.federated.client import ProximalTerm
 from pipeline.modeling.federated.partition import PartitionError, partition
-from pipeline.modeling.federated.run import fit
-from pipeline.modeling.federated.server import strategy
+from pipeline.modeling.federated.privacy import ClientLevelPrivacy
+from pipeline.modeling.federated.run import check_settings, fit
+from pipeline.modeling.federated.server import Tracked, strategy
 from pipeline.stages.evaluate import evaluate
 from pipeline.tasks.image_classification.classifier import ImageClassifier
 from pipeline.tasks.text_classification.inference import load_module
@@ -38,7 +42,9 @@ def federated(*overrides: str) -> list[str]:
     trainer = OmegaConf.to_container(compose("trainer=federated").trainer)
     flat = [f"trainer.{k}={v}" for k, v in trainer.items() if k != "federated"]
     inner = [f"trainer.federated.{k}={v}" for k, v in trainer["federated"].items()
-             if k != "partition"]
+             if k not in ("partition", "privacy")]
+    inner += [f"trainer.federated.privacy.{k}={'null' if v is None else v}"
+              for k, v in trainer["federated"]["privacy"].items()]
     return [*flat, *inner, "trainer.federated.partition.by=iid",
             "trainer.federated.partition.alpha=0.5", "train.batch_size=16", *overrides]
 
@@ -124,6 +130,40 @@ def test_fedavgm_puts_momentum_on_the_servers_step_and_unknown_strategies_are_na
                  [np.zeros(3)], 1, 4)
 
 
+def fit_result(client: int, rows: int, arrays: list[np.ndarray]) -> tuple[None, FitRes]:
+    return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), rows,
+                        {"client": client, "steps": 1, "train_loss": 0.5})
+
+
+def test_server_momentum_steps_the_weights_and_leaves_norm_statistics_averaged():
+    """FedAvgM's momentum on a BatchNorm's running variance drove it negative (every
+    validation answer the same); the statistics stay the clients' weighted average."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    start = [value.numpy().astype(np.float64) for value in model.state_dict().values()]
+    names = list(model.state_dict())
+    buffers = [names.index(n) for n in ("1.running_mean", "1.running_var",
+                                        "1.num_batches_tracked")]
+    inner = strategy(settings(strategy="fedavgm", server_lr=1.0, server_momentum=0.9,
+                              fraction_fit=1.0, min_clients=2), start, 1, 3)
+    tracked = Tracked(inner, settings(min_clients=2), 2, 3, global_model=None,
+                      buffers=buffers)
+    current = start
+    # round 1 hears from one client, under min_clients: skipped, and momentum starts
+    # with the first round averaged (FedAvgM asserted it had some from round 2 on)
+    assert tracked.aggregate_fit(1, [fit_result(0, 1, start)], [])[0] is None
+    for server_round in (2, 3, 4):  # both clients move every array down by 1 and 3
+        results = [fit_result(0, 1, [a - 1.0 for a in current]),
+                   fit_result(1, 3, [a - 3.0 for a in current])]
+        parameters, _ = tracked.aggregate_fit(server_round, results, [])
+        stepped = parameters_to_ndarrays(parameters)
+        for position, (before, after) in enumerate(zip(current, stepped, strict=True)):
+            if position in buffers:  # the clients' average: 2.5 down each round
+                assert np.allclose(after, before - 2.5)
+            elif server_round > 2:  # momentum: further than the average's 2.5
+                assert (after < before - 2.5).all()
+        current = stepped
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
 def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
         workspace, tmp_path, strategy):
@@ -151,6 +191,82 @@ def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     history = client.get_metric_history(report["run_id"], "clients")
     assert [m.value for m in history] == [3, 3, 3]
+
+
+def client_level(**privacy) -> ClientLevelPrivacy:
+    return ClientLevelPrivacy(OmegaConf.create({
+        "min_clients": 2, "fraction_fit": 1.0,
+        "privacy": {"epsilon": 4.0, "delta": 1e-5, "clipping_norm": 0.5,
+                    "accountant": "rdp", **privacy}}), clients=10, rounds=20)
+
+
+def test_client_level_privacy_bounds_each_clients_reach_and_counts_what_it_spent():
+    protected = client_level()
+    current = [np.zeros((200, 200), dtype=np.float32), np.zeros(40, dtype=np.float32)]
+    # without noise: one client's huge update moves the average by clip / clients asked
+    protected.noise_multiplier = 0.0
+    huge = [np.full_like(a, 100.0) for a in current]
+    still = [a.copy() for a in current]
+    moved = protected.aggregate(current, [huge, *[still] * 9])
+    norm = np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in moved))
+    assert norm == pytest.approx(0.5 / 10, rel=1e-5)
+    assert moved[0].dtype == np.float32
+    # half the clients asked answer: their sum is still divided by the ten asked
+    small = [np.full_like(a, 1e-4) for a in current]
+    halved = protected.aggregate(current, [small] * 5)
+    assert np.allclose(halved[0], 0.5e-4)
+    # with it: the average's noise has the standard deviation z x clip / clients asked
+    fresh = client_level()
+    noised = fresh.aggregate(current, [still] * 10)
+    assert np.std(np.concatenate([a.ravel() for a in noised])) == pytest.approx(
+        fresh.noise_multiplier * 0.5 / 10, rel=0.05)
+    again = client_level().aggregate(current, [still] * 10)  # not from a public seed
+    assert not np.array_equal(noised[0], again[0])
+    # one release so far; all twenty rounds spend the target, as Opacus counts them:
+    # every round as if every client took part (who is asked is no secret)
+    assert 0 < fresh.record()["epsilon"] < 4.0 and fresh.record()["steps"] == 1
+    fresh.released = 20
+    record = fresh.record()
+    accountant = create_accountant("rdp")
+    accountant.history = [(fresh.noise_multiplier, 1.0, 20)]
+    assert record["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
+    assert record["epsilon"] == pytest.approx(4.0, rel=0.01)
+    assert record["unit"] == "client" and record["sample_rate"] == 1.0
+    assert "for a whole federated client" in privacy.describe(record)
+
+
+def test_a_privately_federated_model_says_so_and_passes_its_epsilon_gate(workspace,
+                                                                         tmp_path):
+    cfg = train_dir(workspace, tmp_path, *federated(
+        "trainer.federated.clients=3", "trainer.federated.rounds=2",
+        "trainer.federated.privacy.enabled=true", "trainer.federated.privacy.epsilon=8",
+        "gate.max_epsilon=8"))
+    with restored_tracking_uri():
+        report = fit(cfg, Paths(tmp_path))
+        metrics, verdict = evaluate(cfg, Paths(tmp_path))
+    # what the clients report goes unnoised, so it is not kept
+    assert report["federated"]["clients_rows"] is None
+    assert all(r["rows"] is None for r in report["federated"]["rounds"])
+    record = metrics["privacy"]
+    assert record["unit"] == "client" and record["steps"] == 2
+    assert 0 < record["epsilon"] <= 8.0 + 1e-6
+    (check,) = [c for c in verdict["checks"] if c["rule"] == "privacy"]
+    assert check["passed"] and check["value"] == record["epsilon"]
+    assert "server clipped and noised" in privacy.describe_federated(metrics["federated"])
+
+
+def test_client_level_privacy_refuses_norm_statistics_and_server_momentum(image_repo,
+                                                                          tmp_path):
+    shutil.copytree(image_repo / "data/processed", tmp_path / "data/processed")
+    cfg = compose("task=image_classification", "experiment=image_smoke", "model=cnn",
+                  "trainer=federated", "trainer.federated.clients=2",
+                  "trainer.federated.privacy.enabled=true")
+    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(SystemExit, match="model.norm=group"):
+        fit(cfg, Paths(tmp_path))
+    cfg.trainer.federated.strategy = "fedavgm"
+    with pytest.raises(SystemExit, match="strategy=fedavgm"):
+        check_settings(cfg, distilling=False, pruning=False)
 
 
 def client_processes(stage: psutil.Process) -> list[psutil.Process]:

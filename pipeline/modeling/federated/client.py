@@ -32,6 +32,13 @@ def weights(model: torch.nn.Module) -> list[np.ndarray]:
     return [value.detach().cpu().numpy().copy() for value in model.state_dict().values()]
 
 
+def buffer_positions(model: torch.nn.Module) -> list[int]:
+    """Where in `weights`' arrays the buffers are (a norm's running statistics and
+    batch count): state the clients measure, not weights a server optimiser steps."""
+    trained = {name for name, _ in model.named_parameters()}
+    return [i for i, name in enumerate(model.state_dict()) if name not in trained]
+
+
 def load_weights(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
     """Set the model's state from `weights`' arrays. An averaged integer buffer (a
     norm's batch count) comes back as a float and is cast to its own type."""
@@ -85,7 +92,8 @@ class LocalClient(NumPyClient):
         mu = float(config.get("proximal_mu") or 0.0)
         # This round's local fit is one of the run's `rounds` in its learning-rate
         # schedule: warm-up once at the start, decay to the end of the last round.
-        self.module.schedule_span = (int(config["round"]) - 1, int(config.get("rounds", 1)))
+        self.module.schedule_span = ((int(config["round"]) - 1, int(config["rounds"]))
+                                     if "rounds" in config else (0, 1))
         trainer = pl.Trainer(
             accelerator=self.cfg.trainer.accelerator, devices=1,
             precision=self.cfg.trainer.precision,

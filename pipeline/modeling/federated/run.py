@@ -35,6 +35,7 @@ from pipeline.config import Paths
 from pipeline.data.splits import column, load_splits
 from pipeline.modeling import privacy, training
 from pipeline.modeling.federated import client as local
+from pipeline.modeling.federated import privacy as client_privacy
 from pipeline.modeling.federated.partition import describe, partition
 from pipeline.modeling.federated.server import (
     GlobalModel,
@@ -48,7 +49,12 @@ from pipeline.tracking import privacy as privacy_record
 
 def check_settings(cfg: DictConfig, distilling: bool, pruning: bool) -> None:
     """SystemExit naming what a federated fit cannot combine with."""
-    clashes = [(privacy.enabled(cfg), "train.privacy (client-level DP is not wired in)"),
+    settings = cfg.trainer.federated
+    clashes = [(privacy.enabled(cfg), "train.privacy (DP-SGD inside each client is not "
+                "wired in; trainer.federated.privacy protects whole clients)"),
+               (client_privacy.enabled(settings) and settings.strategy == "fedavgm",
+                "trainer.federated.privacy with strategy=fedavgm (its noised average "
+                "takes the strategy's place)"),
                (distilling, "a teacher's transfer set (distill)"),
                (pruning, "train.prune (its fine-tuning would see every client's rows)"),
                (cfg.train.get("ema_decay") is not None, "train.ema_decay")]
@@ -125,19 +131,30 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     clients = int(settings.clients)
     parts = partition(settings.partition, clients, labels, groups, rows, cfg.seed)
     rounds = int(settings.rounds or cfg.train.max_epochs)
-    profile = atomic.read_json(paths.processed / "profile.json")
-    logger = training.mlflow_logger(cfg, profile["data"]["content_hash"], None,
-                                    {"trainer": "federated", **(tags or {})})
-    logger.log_hyperparams(OmegaConf.to_container(cfg))
-
     datamodule = task.datamodule(cfg, paths)
     datamodule.setup("fit")
     module = task.module(cfg, paths)
     task.warm_start(module, cfg, paths)
+    buffers = local.buffer_positions(module.model)
+    protected = None
+    if client_privacy.enabled(settings):
+        if buffers:
+            raise SystemExit("train: trainer.federated.privacy needs a model without "
+                             "buffers: BatchNorm's running statistics would leave the "
+                             "clients unclipped and without noise (image models: set "
+                             "model.norm=group)")
+        protected = client_privacy.ClientLevelPrivacy(settings, clients, rounds)
+        print(f"train: client-level differential privacy: noise multiplier "
+              f"{protected.noise_multiplier:.3f} for epsilon {settings.privacy.epsilon} at "
+              f"delta {protected.delta:.2g} over {rounds} rounds", flush=True)
+    profile = atomic.read_json(paths.processed / "profile.json")
+    logger = training.mlflow_logger(cfg, profile["data"]["content_hash"], None,
+                                    {"trainer": "federated", **(tags or {})})
+    logger.log_hyperparams(OmegaConf.to_container(cfg))
     global_model = GlobalModel(module, datamodule, cfg, work_dir, logger.log_metrics)
     inner = strategy(settings, local.weights(module.model), int(settings.local_epochs),
                      rounds)
-    tracked = Tracked(inner, settings, clients, rounds, global_model)
+    tracked = Tracked(inner, settings, clients, rounds, global_model, buffers, protected)
     print(f"train: federated, {settings.mode}: {clients} clients ({settings.partition.by} "
           f"partition, {min(map(len, parts))}-{max(map(len, parts))} rows each), "
           f"{rounds} rounds of {settings.local_epochs} local epoch(s), {settings.strategy}",
@@ -166,6 +183,8 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     summary = {"mode": settings.mode, "strategy": settings.strategy, "clients": clients,
                "partition": OmegaConf.to_container(settings.partition),
                "rounds": len(tracked.rounds_log)}
+    if protected is not None:
+        summary["privacy"] = protected.record()
     for name in ("best.ckpt", "last.ckpt"):  # evaluate and the model card read it there
         checkpoint = torch.load(work_dir / name, map_location="cpu", weights_only=False)
         checkpoint[privacy_record.FEDERATED_KEY] = summary
@@ -173,11 +192,12 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     outcome = {
         "best_path": work_dir / "best.ckpt", "best_score": global_model.best_score,
         "epochs": len(tracked.rounds_log),
-        "global_step": sum(r["steps"] for r in tracked.rounds_log),
+        "global_step": sum(r["steps"] or 0 for r in tracked.rounds_log),
         "stopped_early": False,
         "federated": {
             **summary, "best_round": global_model.best_round,
-            "clients_rows": describe(parts, labels),
+            # each client's rows and labels: unnoised, so not in a private run's report
+            "clients_rows": None if protected else describe(parts, labels),
             "rounds": [{key: r[key] for key in ("round", "clients", "failures", "rows")}
                        for r in tracked.rounds_log],
         },

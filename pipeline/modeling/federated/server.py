@@ -28,9 +28,11 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, FedAvgM, FedProx, Strategy
+from flwr.server.strategy.aggregate import aggregate
 from omegaconf import DictConfig
 
 from pipeline.modeling.federated.client import load_weights
+from pipeline.modeling.federated.privacy import ClientLevelPrivacy
 from pipeline.modeling.training import monitor_mode
 
 
@@ -79,13 +81,23 @@ class Tracked(Strategy):
       those still connected;
     - updates are averaged in client order, so the sum is the same whichever finished
       first;
+    - with client-level privacy (`privacy`), the round's weights are its clipped,
+      noised average (privacy.py) in place of the strategy's;
+    - buffers (`buffers`: positions among the arrays, such as BatchNorm's running
+      statistics) are the clients' average whatever the strategy: a server optimiser
+      (FedAvgM's momentum) steps weights, and stepping a running variance with
+      momentum can drive it negative;
     - each round's participation, training loss and validation scores are recorded
       (`rounds`) and announced on one line with the time left.
     """
 
     def __init__(self, inner: FedAvg, settings: DictConfig, clients: int, rounds: int,
-                 global_model: GlobalModel, say=print):
+                 global_model: GlobalModel, buffers: list[int] = (),
+                 privacy: ClientLevelPrivacy | None = None, say=print):
         self.inner, self.settings, self.clients, self.rounds = inner, settings, clients, rounds
+        self.buffers, self.privacy = list(buffers), privacy
+        self.sent: list[np.ndarray] = []  # the global weights the round's clients got
+        self.aggregated = 0  # rounds averaged so far (a skipped round is not)
         self.global_model, self.say = global_model, say
         self.rounds_log: list[dict] = []
         self.started = time.perf_counter()
@@ -106,6 +118,8 @@ class Tracked(Strategy):
                 raise FederationError(
                     f"federated: {client_manager.num_available()} client(s) connected, "
                     f"fewer than trainer.federated.min_clients={least}")
+        if self.privacy is not None:
+            self.sent = parameters_to_ndarrays(parameters)
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -121,10 +135,26 @@ class Tracked(Strategy):
             "steps": sum(int(res.metrics["steps"]) for _, res in results),
             "train_loss": sum(n * loss for n, loss in losses) / rows if rows else math.nan,
         }
+        if self.privacy is not None:  # what the clients report goes unnoised: left out
+            self.current.update(rows=None, steps=None, train_loss=math.nan)
         if len(results) < int(self.settings.min_clients):
             self.current["skipped"] = True  # the global weights stay as they were
             return None, {}
-        return self.inner.aggregate_fit(server_round, results, failures)
+        if self.privacy is not None:
+            return ndarrays_to_parameters(self.privacy.aggregate(
+                self.sent, [parameters_to_ndarrays(res.parameters) for _, res in results])), {}
+        # The strategy counts the rounds it has averaged: FedAvgM starts its momentum
+        # on its first, which a skipped round 1 would otherwise leave it without.
+        self.aggregated += 1
+        parameters, metrics = self.inner.aggregate_fit(self.aggregated, results, failures)
+        if parameters is not None and self.buffers:
+            arrays = parameters_to_ndarrays(parameters)
+            averaged = aggregate([(parameters_to_ndarrays(res.parameters), res.num_examples)
+                                  for _, res in results])
+            for position in self.buffers:
+                arrays[position] = averaged[position]
+            parameters = ndarrays_to_parameters(arrays)
+        return parameters, metrics
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         return []  # the server validates the global model itself (`evaluate`)
@@ -152,9 +182,11 @@ class Tracked(Strategy):
         monitor = self.global_model.monitor
         failed = f", {record['failures']} failed" if record["failures"] else ""
         skipped = " (too few: round skipped)" if record.get("skipped") else ""
+        loss = ("" if math.isnan(record["train_loss"])
+                else f"train_loss {record['train_loss']:.4f}, ")
         self.say(f"train: federated round {done}/{self.rounds}: {len(record['clients'])} of "
-                 f"{self.clients} clients{failed}{skipped}, train_loss "
-                 f"{record['train_loss']:.4f}, {monitor} {record[monitor]:.4f}; "
+                 f"{self.clients} clients{failed}{skipped}, {loss}"
+                 f"{monitor} {record[monitor]:.4f}; "
                  f"{elapsed / done:.0f} s per round, about {left:.0f} s left", flush=True)
 
 
