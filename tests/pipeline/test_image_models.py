@@ -19,6 +19,7 @@ from pipeline.tasks.image_classification.datamodule import ImageDataModule
 from pipeline.tasks.image_classification.export import export_onnx, quantize_int8
 from pipeline.tasks.image_classification.inference import load_module, predict_logits
 from pipeline.tasks.image_classification.models import build_model
+from pipeline.tasks.image_classification.scattering import Scattering2D
 from serving.bundle.images import ImageSpec
 
 SIDE, CLASSES = 8, 3
@@ -74,17 +75,17 @@ def batches(loader) -> list[dict]:
 @pytest.mark.parametrize("config", [{"name": "mlp"}, {"name": "cnn"}, {"name": "resnet"},
                                     {"name": "cnn", "norm": "group"},
                                     {"name": "resnet", "norm": "group", "groups": 4},
-                                    {"name": "tanh_cnn"}])
+                                    {"name": "tanh_cnn"}, {"name": "scatter_linear"}])
 def test_each_family_maps_images_to_logits(config, shape):
     torch.manual_seed(0)
     model = build_model(config, *shape, num_classes=10).eval()
     assert model(torch.randn(2, *shape)).shape == (2, 10)
-    if config.get("norm") == "group" or config["name"] == "tanh_cnn":
+    if config.get("norm") == "group" or config["name"] in ("tanh_cnn", "scatter_linear"):
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
 def test_unknown_models_and_options_are_refused():
-    with pytest.raises(ValueError, match="unknown model 'nope' \\(mlp, cnn, resnet, tanh_cnn\\)"):
+    with pytest.raises(ValueError, match="unknown model 'nope' \\(mlp, cnn, resnet, tanh_cnn, scatter_linear\\)"):
         build_model({"name": "nope"}, 1, 28, 28, 10)
     with pytest.raises(ValueError, match="unknown norm 'layer'"):
         build_model({"name": "cnn", "norm": "layer"}, 1, 28, 28, 10)
@@ -94,6 +95,24 @@ def test_unknown_models_and_options_are_refused():
         build_model({"name": "tanh_cnn", "convs": [[16, 8, 2, 0]]}, 1, 8, 8, 10)
     with pytest.raises(TypeError, match="depth"):
         build_model({"name": "resnet", "depth": 3}, 1, 28, 28, 10)
+
+
+@pytest.mark.parametrize(("channels", "side"), [(1, 28), (3, 32)])
+def test_the_scattering_layers_compute_kymatios_transform(channels, side):
+    """The convolutions give what kymatio's FFTs give (its NumPy frontend), to within
+    the filters' crop, for every channel and in kymatio's channel order."""
+    from kymatio.scattering2d.frontend.numpy_frontend import ScatteringNumPy2D
+
+    images = np.random.default_rng(0).random((3, channels, side, side), dtype=np.float32)
+    expected = ScatteringNumPy2D(J=2, shape=(side, side))(images)  # [N, C, 81, h, w]
+    layer = Scattering2D(side, side, J=2, L=8)
+    assert not list(layer.parameters())
+    got = layer(torch.from_numpy(images)).numpy()
+    assert got.shape == (3, channels * 81, side // 4, side // 4)
+    np.testing.assert_allclose(got, expected.reshape(got.shape), rtol=0,
+                               atol=2e-3 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="does not divide into 2\\^2 cells"):
+        Scattering2D(30, 28)
 
 
 def test_no_weight_decay_on_norms_and_biases():
@@ -155,6 +174,28 @@ def test_augmentation_shifts_and_flips_whole_images(processed):
     assert changed > 24
 
 
+def test_a_fixed_front_is_computed_once_and_batches_carry_its_features(processed):
+    """scatter_linear's scattering has no parameters: the data module computes it once
+    per image and its batches carry the features, which the model's head takes."""
+    config = {"name": "scatter_linear", "groups": 9}
+    module = ImageDataModule(processed, batch_size=8, seed=0, model=config)
+    module.setup("fit")
+    (val,) = [next(iter(module.val_dataloader()))]
+    assert set(val) == {"features", "labels"}
+    model = build_model(config, 1, SIDE, SIDE, CLASSES).eval()
+    pixels = torch.from_numpy(SPEC.normalise(quadrant_images(SIZES["val"], 1)[0][:8]))
+    torch.testing.assert_close(val["features"], model.fixed_features(pixels))
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(val["features"]), model(pixels))
+    # features of shifted copies would change every epoch: refused, not silently stale
+    with pytest.raises(ValueError, match="train.augment: .*model.augment=false"):
+        ImageDataModule(processed, 8, 0, augment={"flip": True}, model=config).setup("fit")
+    # a model that learns from the pixels up gets pixels
+    plain = ImageDataModule(processed, batch_size=8, seed=0, model={"name": "cnn"})
+    plain.setup("fit")
+    assert "pixels" in next(iter(plain.val_dataloader()))
+
+
 # ------------------------------------------------------------------ training and export
 
 
@@ -191,6 +232,27 @@ def test_the_tanh_cnn_learns_with_sgd_and_momentum(processed):
     (optimizer,) = trainer.optimizers
     assert type(optimizer) is torch.optim.SGD
     assert optimizer.defaults["momentum"] == 0.9
+
+
+def test_the_scatter_linear_model_learns_on_its_features_and_exports_whole(processed,
+                                                                          tmp_path):
+    pl.seed_everything(0)
+    config = {"name": "scatter_linear", "groups": 9}
+    module = ImageClassifier(config, 1, SIDE, SIDE, CLASSES, ["tl", "tr", "bl"], lr=1e-2)
+    trainer = pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    datamodule = ImageDataModule(processed, batch_size=8, seed=0, model=config)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.callback_metrics["val_acc"] > 0.9
+    # the bundle's model takes pixels: the scattering is inside the ONNX graph
+    export_onnx(module.model, tmp_path / "model.onnx", 18, 1, SIDE, SIDE)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    pixels = data(processed).rows["test"].pixels
+    (logits,) = session.run(["logits"], {"pixels": pixels.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, module.model(pixels).numpy(), atol=1e-4)
 
 
 def test_the_cnn_learns_and_its_checkpoint_rebuilds_it(trained_cnn, processed, tmp_path):

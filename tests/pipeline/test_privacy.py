@@ -148,6 +148,26 @@ def test_the_private_images_recipe_steps_sgd_within_its_budget_and_its_gate(imag
     assert check["passed"] and check["threshold"] == 3.0
 
 
+def test_the_scatternet_recipe_trains_only_its_linear_head_privately(image_repo, tmp_path):
+    """experiment=private_images_scatter: DP-SGD on batches of fixed scattering features
+    (computed once), per-example gradients for the linear layer alone, and the model
+    that evaluate scores takes pixels."""
+    shutil.copytree(image_repo / "data/processed", tmp_path / "data/processed")
+    cfg = compose("task=image_classification", "experiment=private_images_scatter",
+                  "train.max_epochs=2", "train.batch_size=64", "train.lr=1.0")
+    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spy = Spy(key="labels")
+    with restored_tracking_uri():
+        report = fit(cfg, Paths(tmp_path), callbacks=[spy])
+        metrics, verdict = evaluate(cfg, Paths(tmp_path))
+    assert spy.optimizers == {"DPOptimizer"} and spy.wrapped == {"SGD"}
+    assert all(spy.per_example)
+    assert 0.9 * 3.0 <= report["privacy"]["epsilon"] <= 3.0 + 1e-6
+    (check,) = [c for c in verdict["checks"] if c["rule"] == "privacy"]
+    assert check["passed"]
+    assert metrics["accuracy"] > 0.5  # the images' classes, from the pixels up
+
+
 def test_a_public_embedding_table_is_frozen_and_named_on_the_card():
     module = SimpleNamespace(model=torch.nn.Module())
     module.model.embedding = torch.nn.Embedding(50, 8)

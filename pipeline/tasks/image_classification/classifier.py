@@ -35,7 +35,9 @@ class ImageClassifier(ClassifierModule):
         return self.model(pixels)
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
-        logits = self(batch["pixels"])
+        # a batch of a model's fixed features (datamodule.py) goes to the rest of it
+        logits = (self.model.head(batch["features"]) if "features" in batch
+                  else self(batch["pixels"]))
         labels = batch["labels"]
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.accumulate(split, logits, labels, loss, labels.numel())

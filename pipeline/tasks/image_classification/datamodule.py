@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline import atomic
 from pipeline.data.splits import column, load_splits, with_train
 from pipeline.tasks.image_classification.arrays import pixels as split_pixels
+from pipeline.tasks.image_classification.models import fixed_front
+from serving.batch.progress import Progress, bar_wanted
 from serving.bundle.images import ImageSpec
 
 SPEC_FILE = "image_spec.json"
@@ -38,12 +40,14 @@ class Images(Dataset):
     """A split's normalised pixels and labels; indexed by a batch's indices at once.
 
     `background` is the normalised value of the spec's fill colour, per channel: what
-    a random shift uncovers, as the service's padding would show it.
+    a random shift uncovers, as the service's padding would show it. `key`: "pixels",
+    or "features" where `pixels` holds a model's fixed features instead (`FixedFeatures`).
     """
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, background: torch.Tensor,
-                 augment: dict | None = None, seed: int = 0):
+                 augment: dict | None = None, seed: int = 0, key: str = "pixels"):
         self.pixels, self.labels, self.background = pixels, labels, background
+        self.key = key
         self.augment = dict(augment or {})
         unknown = sorted(set(self.augment) - set(AUGMENT_OPTIONS))
         if unknown:
@@ -59,7 +63,7 @@ class Images(Dataset):
         batch = self.pixels[indices]
         if self.augment.get("crop_padding") or self.augment.get("flip"):
             batch = self._augmented(batch, generator(self.seed, epoch, number))
-        return {"pixels": batch, "labels": self.labels[indices]}
+        return {self.key: batch, "labels": self.labels[indices]}
 
     def _augmented(self, batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         size, channels, height, width = batch.shape
@@ -82,6 +86,21 @@ class Images(Dataset):
             flipped = torch.rand(size, generator=rng) < 0.5
             batch = torch.where(flipped[:, None, None, None], batch.flip(-1), batch)
         return batch
+
+
+@torch.no_grad()
+def fixed_features(front: torch.nn.Module, pixels: torch.Tensor, name: str,
+                   chunk: int = 1024) -> torch.Tensor:
+    """`front` over every image, a chunk at a time, with progress (a bar on a terminal,
+    lines with rate and ETA in a log): one pass instead of one per epoch."""
+    progress = Progress(f"features of the {name}", len(pixels), lambda: None,
+                        bar_wanted(None))
+    parts = []
+    for start in range(0, len(pixels), chunk):
+        parts.append(front(pixels[start:start + chunk]))
+        progress.advance(len(parts[-1]))
+    progress.close()
+    return torch.cat(parts) if parts else front(pixels)
 
 
 class Batches(Sampler):
@@ -136,6 +155,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         augment: dict | None = None,
+        model: dict | None = None,
     ):
         super().__init__()
         self.processed_dir = Path(processed_dir)
@@ -143,6 +163,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.augment = dict(augment or {})
+        # the model's config: where it starts with a fixed stage, the batches carry that
+        # stage's outputs, computed once here (models.fixed_front)
+        self.model = dict(model or {})
         self.spec: ImageSpec | None = None
         # split -> Images; named as the text data module's, which the training loop's
         # report counts (len(datamodule.rows["train"])).
@@ -155,18 +178,35 @@ class ImageDataModule(pl.LightningDataModule):
         fill = np.full((1, self.spec.height, self.spec.width, self.spec.channels),
                        self.spec.fill, dtype=np.uint8)
         background = torch.from_numpy(self.spec.normalise(fill)[:, :, :1, :1].copy())
+        front = self.fixed_front()
         for name, ds in load_splits(self.processed_dir).items():
             pixels = torch.from_numpy(self.spec.normalise(split_pixels(ds)))
             labels = torch.tensor(column(ds, "label"), dtype=torch.int64)
+            if front is not None:
+                features = fixed_features(front, pixels, f"{name} split")
+                self.rows[name] = Images(features, labels, background, None, self.seed,
+                                         key="features")
+                continue
             augment = self.augment if name == "train" else None
             self.rows[name] = Images(pixels, labels, background, augment, self.seed)
+
+    def fixed_front(self) -> torch.nn.Module | None:
+        if not self.model:
+            return None
+        front = fixed_front(self.model, self.spec.channels, self.spec.height,
+                            self.spec.width)
+        if front is not None and self.augment:
+            raise ValueError(f"train.augment: model {self.model['name']} computes its "
+                             "features once per image; set model.augment=false")
+        return front
 
     def with_train_rows(self, indices: list[int]) -> ImageDataModule:
         """A copy that trains on these images of the training split only."""
         train = self.rows["train"]
         keep = torch.as_tensor(indices, dtype=torch.int64)
         return with_train(self, Images(train.pixels[keep], train.labels[keep],
-                                       train.background, train.augment, train.seed))
+                                       train.background, train.augment, train.seed,
+                                       train.key))
 
     def train_dataloader(self) -> DataLoader:
         self.rows["train"].seed = self.seed  # augmentation draws follow the module's seed

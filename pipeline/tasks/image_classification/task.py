@@ -81,7 +81,13 @@ class ImageClassification(Task):
             seed=cfg.seed,
             num_workers=cfg.train.num_workers,
             augment=OmegaConf.to_container(augment, resolve=True) if augment else None,
+            model=self.model_config(cfg),
         )
+
+    @staticmethod
+    def model_config(cfg: DictConfig) -> dict:
+        return {key: value for key, value in OmegaConf.to_container(cfg.model).items()
+                if key != "augment"}  # the data's concern, not the network's
 
     def module(self, cfg: DictConfig, paths: Paths, distilling: bool = False):
         from pipeline.tasks.classifier import optimizer_settings
@@ -90,8 +96,7 @@ class ImageClassification(Task):
         spec = spec_of(paths)
         profile = atomic.read_json(paths.processed / "profile.json")
         return ImageClassifier(
-            model={key: value for key, value in OmegaConf.to_container(cfg.model).items()
-                   if key != "augment"},  # the data's concern, not the network's
+            model=self.model_config(cfg),
             channels=spec.channels,
             height=spec.height,
             width=spec.width,
