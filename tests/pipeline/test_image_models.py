@@ -252,7 +252,15 @@ def test_the_scatter_linear_model_learns_on_its_features_and_exports_whole(proce
     pixels = data(processed).rows["test"].pixels
     (logits,) = session.run(["logits"], {"pixels": pixels.numpy()})
     with torch.no_grad():
-        np.testing.assert_allclose(logits, module.model(pixels).numpy(), atol=1e-4)
+        expected = module.model(pixels).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    # static int8, scattering convolutions and all, keeps every answer
+    quantize_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx",
+                  data(processed).rows["train"].pixels.numpy())
+    quantized = ort.InferenceSession(str(tmp_path / "model.int8.onnx"),
+                                     providers=["CPUExecutionProvider"])
+    (logits,) = quantized.run(["logits"], {"pixels": pixels.numpy()})
+    np.testing.assert_array_equal(logits.argmax(1), expected.argmax(1))
 
 
 def test_the_cnn_learns_and_its_checkpoint_rebuilds_it(trained_cnn, processed, tmp_path):
