@@ -85,7 +85,8 @@ def test_each_family_maps_images_to_logits(config, shape):
 
 
 def test_unknown_models_and_options_are_refused():
-    with pytest.raises(ValueError, match="unknown model 'nope' \\(mlp, cnn, resnet, tanh_cnn, scatter_linear\\)"):
+    with pytest.raises(ValueError, match="unknown model 'nope' \\(mlp, cnn, resnet, "
+                                         "tanh_cnn, scatter_linear\\)"):
         build_model({"name": "nope"}, 1, 28, 28, 10)
     with pytest.raises(ValueError, match="unknown norm 'layer'"):
         build_model({"name": "cnn", "norm": "layer"}, 1, 28, 28, 10)

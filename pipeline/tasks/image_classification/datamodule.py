@@ -11,6 +11,7 @@ resumed mid-way or run with data loader workers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from pipeline import atomic
 from pipeline.data.splits import column, load_splits, with_train
 from pipeline.tasks.image_classification.arrays import pixels as split_pixels
 from pipeline.tasks.image_classification.models import fixed_front
-from serving.batch.progress import Progress, bar_wanted
 from serving.bundle.images import ImageSpec
 
 SPEC_FILE = "image_spec.json"
@@ -90,16 +90,19 @@ class Images(Dataset):
 
 @torch.no_grad()
 def fixed_features(front: torch.nn.Module, pixels: torch.Tensor, name: str,
-                   chunk: int = 1024) -> torch.Tensor:
-    """`front` over every image, a chunk at a time, with progress (a bar on a terminal,
-    lines with rate and ETA in a log): one pass instead of one per epoch."""
-    progress = Progress(f"features of the {name}", len(pixels), lambda: None,
-                        bar_wanted(None))
-    parts = []
-    for start in range(0, len(pixels), chunk):
+                   chunk: int = 1024, every_s: float = 10.0) -> torch.Tensor:
+    """`front` over every image, a chunk at a time: one pass instead of one per epoch,
+    with a line every `every_s` seconds (rate and time left) while it runs."""
+    parts, total = [], len(pixels)
+    started = last = time.monotonic()
+    for start in range(0, total, chunk):
         parts.append(front(pixels[start:start + chunk]))
-        progress.advance(len(parts[-1]))
-    progress.close()
+        now, done = time.monotonic(), start + len(parts[-1])
+        if now - last >= every_s and done < total:
+            last, rate = now, done / (now - started)
+            print(f"train: features of the {name}: {done:,} of {total:,} images "
+                  f"({done / total:.0%}), {rate:,.0f} images/s, "
+                  f"{(total - done) / rate:.0f} s left", flush=True)
     return torch.cat(parts) if parts else front(pixels)
 
 
