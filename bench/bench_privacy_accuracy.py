@@ -9,9 +9,10 @@ evaluate` (train and evaluate again, on the same processed data). At every budge
 data set's private recipe trains, the same model, epochs and batch size, whose noise
 multiplier the accountant derives from the budget: Fashion-MNIST's are
 experiment=private_images and experiment=private_images_scatter (Tramer & Boneh 2021's
-end-to-end CNN and ScatterNet + linear); SST-2's the Transformer, since the
+end-to-end CNN and ScatterNet + linear); SST-2's are the Transformer, since the
 default LSTM trains as Opacus's DPLSTM at a small fraction of the speed
-(bench/bench_privacy.py). "inf" is the data set's non-private default, what the
+(bench/bench_privacy.py), and experiment=private_text, a linear probe on frozen
+MiniLM sentence embeddings. "inf" is the data set's non-private default, what the
 private model gives up accuracy against. --epochs overrides the private recipe's.
 Published in bench/results/privacy_accuracy.json and docs/results/privacy_accuracy.md.
 """
@@ -43,6 +44,7 @@ DATA_SETS = {
     "fashion_mnist_scatternet": (["task=image_classification",
                                   "experiment=private_images_scatter"], None),
     "sst2": (["model=transformer"], []),
+    "sst2_minilm_probe": (["experiment=private_text"], None),
 }
 
 
@@ -94,10 +96,13 @@ Fashion-MNIST has two recipes, both Tramer & Boneh 2021's published settings:
 2,048, clipping to 0.1, SGD with momentum, 40 epochs) and
 `experiment=private_images_scatter` (fashion_mnist_scatternet: a linear layer over
 fixed scattering features, batches of 8,192, clipping to 0.1, SGD with momentum at rate
-16, 50 epochs). "inf" is the data set's non-private default, trained as `make deploy`
-trains it. The cost in time is bench/bench_privacy.py's (wall times here are in the JSON
-only). Anchor: Tramèr & Boneh 2021, Fashion-MNIST at epsilon 3: 86.0% for the
-end-to-end CNN, 89.7% for ScatterNet + linear. Run again:
+16, 50 epochs). SST-2's are `model=transformer` (sst2: trained from scratch, 2 epochs)
+and `experiment=private_text` (sst2_minilm_probe: a linear layer on the frozen public
+all-MiniLM-L6-v2 encoder's mean-pooled embeddings, batches of 4,096, clipping to 0.1,
+SGD with momentum at rate 8, 30 epochs). "inf" is the data set's non-private default,
+trained as `make deploy` trains it. The cost in time is bench/bench_privacy.py's (wall
+times here are in the JSON only). Anchor: Tramèr & Boneh 2021, Fashion-MNIST at
+epsilon 3: 86.0% for the end-to-end CNN, 89.7% for ScatterNet + linear. Run again:
 `python bench/bench_privacy_accuracy.py`."""
 
 

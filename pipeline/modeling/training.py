@@ -163,6 +163,8 @@ def fit(
         fed = privacy.PoissonSampling(datamodule)
         public = [f"token embeddings of {cfg.train.init_embeddings}"] \
             if cfg.train.get("init_embeddings") else []
+        if cfg.model.get("freeze_encoder"):
+            public.append(f"the pre-trained encoder {cfg.model.path} (frozen)")
         callbacks = [*callbacks, privacy.DifferentialPrivacy(
             cfg.train.privacy, cfg.train.max_epochs, public)]
     trainer = build_trainer(cfg, logger, work_dir, [*callbacks, curves])

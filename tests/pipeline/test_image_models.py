@@ -18,7 +18,7 @@ from pipeline.tasks.image_classification.classifier import ImageClassifier
 from pipeline.tasks.image_classification.datamodule import ImageDataModule
 from pipeline.tasks.image_classification.export import export_onnx, quantize_int8
 from pipeline.tasks.image_classification.inference import load_module, predict_logits
-from pipeline.tasks.image_classification.models import build_model
+from pipeline.tasks.image_classification.models import build_model, fixed_front
 from pipeline.tasks.image_classification.scattering import Scattering2D
 from serving.bundle.images import ImageSpec
 
@@ -179,7 +179,8 @@ def test_a_fixed_front_is_computed_once_and_batches_carry_its_features(processed
     """scatter_linear's scattering has no parameters: the data module computes it once
     per image and its batches carry the features, which the model's head takes."""
     config = {"name": "scatter_linear", "groups": 9}
-    module = ImageDataModule(processed, batch_size=8, seed=0, model=config)
+    module = ImageDataModule(processed, batch_size=8, seed=0,
+                             front=fixed_front(config, 1, SIDE, SIDE))
     module.setup("fit")
     (val,) = [next(iter(module.val_dataloader()))]
     assert set(val) == {"features", "labels"}
@@ -190,11 +191,9 @@ def test_a_fixed_front_is_computed_once_and_batches_carry_its_features(processed
         torch.testing.assert_close(model.head(val["features"]), model(pixels))
     # features of shifted copies would change every epoch: refused, not silently stale
     with pytest.raises(ValueError, match="train.augment: .*model.augment=false"):
-        ImageDataModule(processed, 8, 0, augment={"flip": True}, model=config).setup("fit")
-    # a model that learns from the pixels up gets pixels
-    plain = ImageDataModule(processed, batch_size=8, seed=0, model={"name": "cnn"})
-    plain.setup("fit")
-    assert "pixels" in next(iter(plain.val_dataloader()))
+        ImageDataModule(processed, 8, 0, augment={"flip": True}, front=model.fixed_features)
+    # a model that learns from the pixels up has no fixed stage
+    assert fixed_front({"name": "cnn"}, 1, SIDE, SIDE) is None
 
 
 # ------------------------------------------------------------------ training and export
@@ -243,7 +242,8 @@ def test_the_scatter_linear_model_learns_on_its_features_and_exports_whole(proce
     trainer = pl.Trainer(max_epochs=8, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1)
-    datamodule = ImageDataModule(processed, batch_size=8, seed=0, model=config)
+    datamodule = ImageDataModule(processed, batch_size=8, seed=0,
+                                 front=fixed_front(config, 1, SIDE, SIDE))
     trainer.fit(module, datamodule=datamodule)
     assert trainer.callback_metrics["val_acc"] > 0.9
     # the bundle's model takes pixels: the scattering is inside the ONNX graph

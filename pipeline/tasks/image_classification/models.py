@@ -182,8 +182,8 @@ class ScatterLinear(nn.Module):
     "ScatterNet + linear", 89.7% on Fashion-MNIST at epsilon 3): the scattering
     transform (scattering.py), each group of its channels normalised per image
     (GroupNorm without parameters: nothing learnt, nothing mixed across a batch), then
-    one linear layer. Only the linear layer trains, so training can compute the
-    features once per image (`fixed_features`; datamodule.py) instead of every epoch."""
+    one linear layer. Only the linear layer trains, so training computes the
+    features once per image instead of every epoch (pipeline/tasks/fixed_features.py)."""
 
     def __init__(self, channels: int, height: int, width: int, num_classes: int,
                  J: int = 2, L: int = 8, groups: int = 27):
@@ -202,9 +202,8 @@ class ScatterLinear(nn.Module):
 
 
 def fixed_front(config: dict, channels: int, height: int, width: int) -> nn.Module | None:
-    """The first stage of the model `config` names when it has no parameters (its
-    `fixed_features`): training may compute its outputs once per image, and the model's
-    `head` takes them. None for a model that learns from the pixels up."""
+    """The fixed first stage of the model `config` names (pipeline/tasks/
+    fixed_features.py), or None for a model that learns from the pixels up."""
     model = build_model(config, channels, height, width, num_classes=2)
     return getattr(model, "fixed_features", None)
 

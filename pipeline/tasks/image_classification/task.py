@@ -73,6 +73,9 @@ class ImageClassification(Task):
         if transfer is not None:
             raise ValueError("distill.teacher: distillation is for text classification; "
                              "set distill.teacher=null for images")
+        from pipeline.tasks.image_classification.models import fixed_front
+
+        spec = spec_of(paths)
         # `model.augment: false`: a model that trains better on the images as they are
         augment = cfg.train.get("augment") if cfg.model.get("augment", True) else None
         return ImageDataModule(
@@ -81,7 +84,7 @@ class ImageClassification(Task):
             seed=cfg.seed,
             num_workers=cfg.train.num_workers,
             augment=OmegaConf.to_container(augment, resolve=True) if augment else None,
-            model=self.model_config(cfg),
+            front=fixed_front(self.model_config(cfg), spec.channels, spec.height, spec.width),
         )
 
     @staticmethod

@@ -43,7 +43,10 @@ class TextClassifier(ClassifierModule):
         return self.model(input_ids, attention_mask)
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        # a batch of the model's fixed features goes to the rest of it
+        # (pipeline/tasks/fixed_features.py)
+        logits = (self.model.head(batch["features"]) if "features" in batch
+                  else self(batch["input_ids"], batch["attention_mask"]))
         labels = batch["labels"]
         loss = self._loss(logits, labels, batch.get("teacher_logits"))
         labelled = labels != NO_LABEL  # transfer-set copies carry the teacher's answer only

@@ -7,23 +7,30 @@ tokens instead of padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from pipeline.data.splits import column, load_dataset_dir, load_splits, with_train
+from pipeline.tasks import fixed_features
 from serving.bundle.tensors import pad
 
-# (token ids, label) or, from a transfer set, (token ids, label, the teacher's logits)
-Row = tuple[list[int], int] | tuple[list[int], int, list[float]]
+# (token ids, label) or, from a transfer set, (token ids, label, the teacher's logits),
+# or (a fixed first stage's features, label)
+Row = tuple[list[int], int] | tuple[list[int], int, list[float]] | tuple[torch.Tensor, int]
+FRONT_BATCH = 256  # texts per pass of a fixed first stage
 
 
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest row, as the service pads (serving.bundle.tensors.pad);
-    attention_mask is 1 on real tokens."""
+    attention_mask is 1 on real tokens. Rows of fixed features are stacked instead."""
+    if isinstance(rows[0][0], torch.Tensor):
+        return {"features": torch.stack([row[0] for row in rows]),
+                "labels": torch.tensor([row[1] for row in rows])}
     input_ids, attention_mask = pad([row[0] for row in rows], pad_id)
     batch = {"input_ids": torch.from_numpy(input_ids),
              "attention_mask": torch.from_numpy(attention_mask),
@@ -52,9 +59,14 @@ class TextDataModule(pl.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         transfer: Path | None = None,
+        front: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
+        self.pad_id = pad_id
         self.collate = Collator(pad_id)
+        # a model's fixed first stage: rows become its outputs, computed once here
+        # (pipeline/tasks/fixed_features.py)
+        self.front = front
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
@@ -72,6 +84,26 @@ class TextDataModule(pl.LightningDataModule):
             ds = load_dataset_dir(self.transfer)
             self.rows["train"] = list(zip(column(ds, "input_ids"), column(ds, "label"),
                                           column(ds, "teacher_logits"), strict=True))
+        if self.front is not None:
+            if self.transfer is not None:
+                raise ValueError("distill.teacher: a model with a frozen encoder learns "
+                                 "from labels only; set distill.teacher=null")
+            self.rows = {name: self._fixed(rows, f"{name} split")
+                         for name, rows in self.rows.items()}
+
+    def _fixed(self, rows: list[Row], name: str) -> list[Row]:
+        """Rows as (the front's features, label), in their order; the texts are run
+        through the front in batches of similar length."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        chunks = []
+        for start in range(0, len(order), FRONT_BATCH):
+            batch = collate([rows[i] for i in order[start:start + FRONT_BATCH]], self.pad_id)
+            chunks.append((batch["input_ids"], batch["attention_mask"]))
+        features = fixed_features.compute(self.front, chunks, len(rows), name)
+        placed = [None] * len(rows)
+        for position, i in enumerate(order):
+            placed[i] = (features[position], rows[i][1])
+        return placed
 
     def with_train_rows(self, indices: list[int]) -> TextDataModule:
         """A copy that trains on these rows of the training split only."""
@@ -79,6 +111,9 @@ class TextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rows = self.rows["train"]
+        if self.front is not None:  # features are all one length: plain shuffling
+            generator = torch.Generator().manual_seed(self.seed)
+            return self._loader(rows, sampler=RandomSampler(rows, generator=generator))
         sampler = LengthGroupedSampler(
             self.batch_size,
             lengths=[len(row[0]) for row in rows],
@@ -90,6 +125,8 @@ class TextDataModule(pl.LightningDataModule):
         return self._loader(self._by_length("val"))
 
     def _by_length(self, split: str) -> list[Row]:
+        if self.front is not None:
+            return self.rows[split]
         return sorted(self.rows[split], key=lambda row: len(row[0]))
 
     def _loader(self, rows: list[Row], sampler=None) -> DataLoader:

@@ -62,6 +62,8 @@ class TextClassification(Task):
             seed=cfg.seed,
             num_workers=cfg.train.num_workers,
             transfer=transfer,
+            # a model with a fixed first stage (a frozen encoder) has it computed once
+            front=getattr(self.module(cfg, paths).model, "fixed_features", None),
         )
 
     def module(self, cfg: DictConfig, paths: Paths, distilling: bool = False

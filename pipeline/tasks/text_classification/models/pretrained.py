@@ -40,8 +40,17 @@ def tokenizer_file(path: str) -> Path:
 
 
 class PretrainedClassifier(nn.Module):
+    """The encoder's token states, mean-pooled over real tokens (as sentence-transformers
+    pools), then dropout and a linear classifier.
+
+    `freeze_encoder`: the encoder does not train (a linear probe): the pooled sentence
+    embeddings are fixed features (pipeline/tasks/fixed_features.py), normalised per
+    text without parameters before the classifier, and tokens added to the vocabulary
+    start at the mean of the encoder's own embeddings, so two builds of the model are
+    the same model."""
+
     def __init__(self, vocab_size: int, num_classes: int, max_length: int, pad_id: int,
-                 path: str, dropout: float = 0.1):
+                 path: str, dropout: float = 0.1, freeze_encoder: bool = False):
         super().__init__()
         from transformers import AutoModel
 
@@ -49,16 +58,42 @@ class PretrainedClassifier(nn.Module):
         # from_pretrained returns the model in eval mode, and Lightning keeps a submodule's
         # mode: without this the encoder's own dropout would be off while fine-tuning.
         self.encoder.train()
-        if vocab_size > self.encoder.get_input_embeddings().num_embeddings:
-            self.encoder.resize_token_embeddings(vocab_size)
+        known = self.encoder.get_input_embeddings().num_embeddings
+        if vocab_size > known:
+            self.encoder.resize_token_embeddings(vocab_size, mean_resizing=not freeze_encoder)
+            if freeze_encoder:  # transformers' resizing draws the new rows at random
+                table = self.encoder.get_input_embeddings().weight
+                with torch.no_grad():
+                    table[known:] = table[:known].mean(0)
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+        self.norm = (nn.LayerNorm(self.encoder.config.hidden_size, elementwise_affine=False)
+                     if freeze_encoder else nn.Identity())
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.encoder.config.hidden_size, num_classes)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def train(self, mode: bool = True) -> PretrainedClassifier:
+        super().train(mode)
+        if self.freeze_encoder:  # a fixed feature: no dropout inside it, ever
+            self.encoder.eval()
+        return self
+
+    @property
+    def fixed_features(self):
+        return self.pooled if self.freeze_encoder else None
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
         keep = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # as sentence-transformers
-        return self.classifier(self.dropout(pooled))
+        return (states * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.norm(pooled)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(input_ids, attention_mask))
 
 
 def init_token_embeddings(embedding: nn.Embedding, vocabulary: dict[str, int], path: str

@@ -1,0 +1,44 @@
+"""Features that a model computes without learning, computed once per example.
+
+A model whose first stage does not train (`model=scatter_linear`'s scattering transform,
+`model=minilm` with `freeze_encoder`) exposes that stage as `fixed_features` and the
+rest as `head`. Its task's data module then runs the stage over every example once,
+before training, and its batches carry `features`, which the module passes to `head`
+alone: an epoch costs the head's work, not the whole model's. What is exported and
+served is the whole model, inputs to logits, as for any other.
+
+Under differential privacy this is how the published recipes train (Tramer & Boneh
+2021: a linear model on fixed features), and only the head's weights get per-example
+gradients and noise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+EVERY_S = 10.0  # between progress lines
+
+
+@torch.no_grad()
+def compute(front: Callable[..., torch.Tensor], chunks: Sequence[tuple[torch.Tensor, ...]],
+            total: int, name: str, every_s: float = EVERY_S) -> torch.Tensor:
+    """`front(*chunk)` for each chunk of inputs, concatenated in order; a line every
+    `every_s` seconds with the rate and the time left (a pass over a large split takes
+    minutes)."""
+    parts: list[torch.Tensor] = []
+    done = 0
+    started = last = time.monotonic()
+    for chunk in chunks:
+        parts.append(front(*chunk))
+        done += len(parts[-1])
+        now = time.monotonic()
+        if now - last >= every_s and done < total:
+            last, rate = now, done / (now - started)
+            print(f"train: fixed features of the {name}: {done:,} of {total:,} "
+                  f"({done / total:.0%}), {rate:,.0f} per second, "
+                  f"{(total - done) / rate:.0f} s left", flush=True)
+    return torch.cat(parts)
+
