@@ -27,9 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params
 from pipeline.data.splits import column, load_splits
-from pipeline.tasks.scoring import compute_metrics, predict_proba
-from serving.bundle import Bundle
-from serving.engine.source import BundleSource
 
 
 class TeacherError(RuntimeError):
@@ -98,6 +95,10 @@ def train_teacher(cfg: DictConfig, paths: TeacherPaths) -> Path:
           f"({teacher_cfg.model.get('path', '')}) for {teacher_cfg.train.max_epochs} "
           "epoch(s)", flush=True)
     fit(teacher_cfg, paths, tags={"role": "teacher"})
+    # imported here, not above: torch and torchmetrics take seconds to import, and
+    # most runs of this stage have no teacher to train
+    from pipeline.tasks.scoring import compute_metrics, predict_proba
+
     task = tasks.from_config(teacher_cfg)
     module = task.load_module(paths.checkpoint)
     test = load_splits(paths.processed)["test"]
@@ -115,6 +116,8 @@ def train_teacher(cfg: DictConfig, paths: TeacherPaths) -> Path:
 def fetch_teacher(spec: str, paths: TeacherPaths) -> Path:
     """Copy a registered bundle (models:/...) or a bundle directory into the output."""
     with tempfile.TemporaryDirectory() as cache:
+        from serving.engine.source import BundleSource
+
         source = BundleSource(spec, cache)
         try:
             local = source.fetch(source.identity())
@@ -151,6 +154,8 @@ def teach(cfg: DictConfig, paths: TeacherPaths) -> dict:
         bundle = train_teacher(cfg, paths) if spec == "train" else fetch_teacher(spec, paths)
         check_vocabulary(bundle, paths.processed, spec)
         precision = cfg.distill.teacher_precision
+        from serving.bundle import Bundle
+
         model = Bundle.load(bundle, precision)
         test = load_splits(paths.processed)["test"]
         requests = tasks.from_config(cfg).requests(test)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose
 
 from pipeline.tasks.text_classification.models import build_model
 from pipeline.tasks.text_classification.models.transformer import TransformerClassifier
@@ -92,6 +93,22 @@ def test_pretrained_encoder_fine_tunes_with_its_dropout_and_grown_vocabulary():
     assert not torch.equal(net(ids, mask), net(ids, mask))  # dropout is active
     net.eval()
     assert torch.equal(net(ids, mask), net(ids, mask))
+
+
+@pytest.mark.parametrize("name", ["transformer_tiny", "transformer", "transformer_base",
+                                  "lstm"])
+def test_every_text_model_config_builds_a_model_of_its_size(name):
+    """Each conf/model/ file for text, as a run composes it, gives a model that maps a
+    padded batch to logits, with the widths the file names (end-to-end runs train the
+    tiny Transformer, the LSTM and MiniLM through every stage)."""
+    cfg = compose(f"model={name}").model
+    options = {k: v for k, v in cfg.items()}
+    model = build_model(options, 100, 2, 16, 0).eval()
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    assert model(ids, (ids != 0).long()).shape == (2, 2)
+    if cfg.name == "transformer":
+        assert model.embedding.embedding_dim == cfg.d_model
+        assert len(model.blocks) == cfg.n_layers
 
 
 def test_a_frozen_encoder_is_a_fixed_feature_and_two_builds_agree():
