@@ -65,9 +65,6 @@ KNOWN_WARNINGS = [
     (UserWarning, r"You defined a `validation_step` but have no `val_dataloader`",
      "a federated client trains without validating: the server validates the averaged "
      "model after every round"),
-    (UserWarning, r"Found \d+ module\(s\) in eval mode at the start of training",
-     "a frozen encoder (model.freeze_encoder) stays in eval mode on purpose: a fixed "
-     "feature has no dropout"),
     (UserWarning, r"Optimal order is the largest alpha",
      "Opacus's search for the noise multiplier tries very small noise on its way; the "
      "epsilon reported is the accountant's for the noise chosen"),

@@ -19,6 +19,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+SPLITS = ("train", "val")  # what a fit reads; evaluate runs the whole model on the test
+
+
+def built_quietly(build: Callable[[], object]) -> object:
+    """`build()` with torch's random state put back afterwards: a model built only for
+    its fixed stage must not change the weights and dropout draws of the one that
+    trains (pl.seed_everything ran before either)."""
+    with torch.random.fork_rng():
+        return build()
+
 EVERY_S = 10.0  # between progress lines
 
 
@@ -40,5 +50,5 @@ def compute(front: Callable[..., torch.Tensor], chunks: Sequence[tuple[torch.Ten
             print(f"train: fixed features of the {name}: {done:,} of {total:,} "
                   f"({done / total:.0%}), {rate:,.0f} per second, "
                   f"{(total - done) / rate:.0f} s left", flush=True)
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else torch.empty(0)
 

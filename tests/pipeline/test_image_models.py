@@ -112,8 +112,11 @@ def test_the_scattering_layers_compute_kymatios_transform(channels, side):
     assert got.shape == (3, channels * 81, side // 4, side // 4)
     np.testing.assert_allclose(got, expected.reshape(got.shape), rtol=0,
                                atol=2e-3 * np.abs(expected).max())
-    with pytest.raises(ValueError, match="does not divide into 2\\^2 cells"):
+    with pytest.raises(ValueError, match="does not divide into more than one 2\\^2 cell"):
         Scattering2D(30, 28)
+    with pytest.raises(ValueError, match="more than one"):
+        Scattering2D(4, 4)
+    assert not layer.state_dict()  # rebuilt from kymatio, not saved
 
 
 def test_no_weight_decay_on_norms_and_biases():
@@ -179,11 +182,24 @@ def test_a_fixed_front_is_computed_once_and_batches_carry_its_features(processed
     """scatter_linear's scattering has no parameters: the data module computes it once
     per image and its batches carry the features, which the model's head takes."""
     config = {"name": "scatter_linear", "groups": 9}
-    module = ImageDataModule(processed, batch_size=8, seed=0,
-                             front=fixed_front(config, 1, SIDE, SIDE))
+    built = []
+
+    def build():
+        built.append(torch.rand(1))  # draws from torch's generator: must not leak out
+        return fixed_front(config, 1, SIDE, SIDE)
+
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    module = ImageDataModule(processed, batch_size=8, seed=0, front=build)
     module.setup("fit")
+    assert len(built) == 1
+    # building it drew nothing from the run's generator (the trained model's weights)
+    assert torch.equal(torch.rand(1), expected)
     (val,) = [next(iter(module.val_dataloader()))]
     assert set(val) == {"features", "labels"}
+    # evaluate scores the whole model on the test split: no features computed for it
+    assert set(next(iter(module.test_dataloader()))) == {"pixels", "labels"}
     model = build_model(config, 1, SIDE, SIDE, CLASSES).eval()
     pixels = torch.from_numpy(SPEC.normalise(quadrant_images(SIZES["val"], 1)[0][:8]))
     torch.testing.assert_close(val["features"], model.fixed_features(pixels))
@@ -191,7 +207,8 @@ def test_a_fixed_front_is_computed_once_and_batches_carry_its_features(processed
         torch.testing.assert_close(model.head(val["features"]), model(pixels))
     # features of shifted copies would change every epoch: refused, not silently stale
     with pytest.raises(ValueError, match="train.augment: .*model.augment=false"):
-        ImageDataModule(processed, 8, 0, augment={"flip": True}, front=model.fixed_features)
+        ImageDataModule(processed, 8, 0, augment={"flip": True},
+                        front=lambda: model.fixed_features).setup("fit")
     # a model that learns from the pixels up has no fixed stage
     assert fixed_front({"name": "cnn"}, 1, SIDE, SIDE) is None
 
@@ -243,7 +260,7 @@ def test_the_scatter_linear_model_learns_on_its_features_and_exports_whole(proce
                          enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1)
     datamodule = ImageDataModule(processed, batch_size=8, seed=0,
-                                 front=fixed_front(config, 1, SIDE, SIDE))
+                                 front=lambda: fixed_front(config, 1, SIDE, SIDE))
     trainer.fit(module, datamodule=datamodule)
     assert trainer.callback_metrics["val_acc"] > 0.9
     # the bundle's model takes pixels: the scattering is inside the ONNX graph

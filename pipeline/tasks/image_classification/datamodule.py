@@ -140,7 +140,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         augment: dict | None = None,
-        front: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        front: Callable[[], Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
     ):
         super().__init__()
         self.processed_dir = Path(processed_dir)
@@ -148,12 +148,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.augment = dict(augment or {})
-        # a model's fixed first stage: batches carry its outputs, computed once here
-        # (pipeline/tasks/fixed_features.py)
-        self.front = front
-        if front is not None and self.augment:
-            raise ValueError("train.augment: this model computes its features once per "
-                             "image; set model.augment=false")
+        # builds the model's fixed first stage, if it has one, once the data is there:
+        # batches then carry its outputs, computed once (pipeline/tasks/fixed_features.py)
+        self.build_front = front
         self.spec: ImageSpec | None = None
         # split -> Images; named as the text data module's, which the training loop's
         # report counts (len(datamodule.rows["train"])).
@@ -166,12 +163,17 @@ class ImageDataModule(pl.LightningDataModule):
         fill = np.full((1, self.spec.height, self.spec.width, self.spec.channels),
                        self.spec.fill, dtype=np.uint8)
         background = torch.from_numpy(self.spec.normalise(fill)[:, :, :1, :1].copy())
+        front = (fixed_features.built_quietly(self.build_front)
+                 if self.build_front is not None else None)
+        if front is not None and self.augment:
+            raise ValueError("train.augment: this model computes its features once per "
+                             "image; set model.augment=false")
         for name, ds in load_splits(self.processed_dir).items():
             pixels = torch.from_numpy(self.spec.normalise(split_pixels(ds)))
             labels = torch.tensor(column(ds, "label"), dtype=torch.int64)
-            if self.front is not None:
+            if front is not None and name in fixed_features.SPLITS:
                 chunks = [(pixels[i:i + CHUNK],) for i in range(0, len(pixels), CHUNK)]
-                features = fixed_features.compute(self.front, chunks, len(pixels),
+                features = fixed_features.compute(front, chunks, len(pixels),
                                                   f"{name} split")
                 self.rows[name] = Images(features, labels, background, None, self.seed,
                                          key="features")

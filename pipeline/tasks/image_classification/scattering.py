@@ -68,7 +68,9 @@ class Scattering2D(nn.Module):
     """Second-order scattering of [batch, channels, height, width] images into
     [batch, channels * K, height / 2^J, width / 2^J], K = 1 + J*L + L*L*J*(J-1)/2, in
     kymatio's order (per channel: the average, first order by scale then angle, second
-    order by first path then second). No parameters: its filters are buffers."""
+    order by first path then second). No parameters: its filters are buffers, rebuilt
+    from kymatio rather than saved (not in a checkpoint's state, nor averaged as a
+    federated model's statistics)."""
 
     def __init__(self, height: int, width: int, J: int = 2, L: int = 8,
                  crop: float = CROP):
@@ -76,9 +78,9 @@ class Scattering2D(nn.Module):
         from kymatio.scattering2d.filter_bank import filter_bank
         from kymatio.scattering2d.utils import compute_padding
 
-        if height % 2 ** J or width % 2 ** J:
+        if height % 2 ** J or width % 2 ** J or min(height, width) <= 2 ** J:
             raise ValueError(f"model.J: a {height}x{width} image does not divide into "
-                             f"2^{J} cells")
+                             f"more than one 2^{J} cell a side")
         self.J, self.L = J, L
         padded_h, padded_w = compute_padding(height, width, J)
         # F.pad's order: left, right, top, bottom (kymatio pads an odd extra on the far side)
@@ -93,12 +95,14 @@ class Scattering2D(nn.Module):
         # Low-pass at each resolution 2^j that a path reaches; wavelets of scale j at the
         # resolution of the path they follow (full resolution for the first order).
         for j in range(J):
-            self.register_buffer(f"phi_{j}", stack_kernels([kernel(phi[j])], False))
+            self.register_buffer(f"phi_{j}", stack_kernels([kernel(phi[j])], False),
+                                 persistent=False)
             waves = [kernel(p["levels"][0]) for p in psi if p["j"] == j]
-            self.register_buffer(f"psi_{j}", stack_kernels(waves, True))
+            self.register_buffer(f"psi_{j}", stack_kernels(waves, True), persistent=False)
             for j1 in range(1, j):
                 waves = [kernel(p["levels"][j1]) for p in psi if p["j"] == j]
-                self.register_buffer(f"psi_{j}_at_{j1}", stack_kernels(waves, True))
+                self.register_buffer(f"psi_{j}_at_{j1}", stack_kernels(waves, True),
+                                     persistent=False)
         self.output_channels = 1 + J * L + L * L * J * (J - 1) // 2
 
     def wavelets(self, scale: int, resolution: int) -> Tensor:

@@ -18,6 +18,7 @@ Through the task interface (pipeline/tasks/base.py):
 from __future__ import annotations
 
 import io
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,6 @@ class ImageClassification(Task):
         if transfer is not None:
             raise ValueError("distill.teacher: distillation is for text classification; "
                              "set distill.teacher=null for images")
-        from pipeline.tasks.image_classification.models import fixed_front
-
-        spec = spec_of(paths)
         # `model.augment: false`: a model that trains better on the images as they are
         augment = cfg.train.get("augment") if cfg.model.get("augment", True) else None
         return ImageDataModule(
@@ -84,8 +82,15 @@ class ImageClassification(Task):
             seed=cfg.seed,
             num_workers=cfg.train.num_workers,
             augment=OmegaConf.to_container(augment, resolve=True) if augment else None,
-            front=fixed_front(self.model_config(cfg), spec.channels, spec.height, spec.width),
+            front=partial(self.fixed_front, cfg, paths),
         )
+
+    def fixed_front(self, cfg: DictConfig, paths: Paths):
+        """The model's fixed first stage, if it has one (pipeline/tasks/fixed_features.py)."""
+        from pipeline.tasks.image_classification.models import fixed_front
+
+        spec = spec_of(paths)
+        return fixed_front(self.model_config(cfg), spec.channels, spec.height, spec.width)
 
     @staticmethod
     def model_config(cfg: DictConfig) -> dict:

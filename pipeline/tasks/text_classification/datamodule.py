@@ -59,14 +59,16 @@ class TextDataModule(pl.LightningDataModule):
         seed: int,
         num_workers: int = 0,
         transfer: Path | None = None,
-        front: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        front: Callable[[], Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None]
+        | None = None,
     ):
         super().__init__()
         self.pad_id = pad_id
         self.collate = Collator(pad_id)
-        # a model's fixed first stage: rows become its outputs, computed once here
-        # (pipeline/tasks/fixed_features.py)
-        self.front = front
+        # builds the model's fixed first stage, if it has one, once the data is there:
+        # rows then become its outputs, computed once (pipeline/tasks/fixed_features.py)
+        self.build_front = front
+        self.front = None
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
@@ -84,11 +86,14 @@ class TextDataModule(pl.LightningDataModule):
             ds = load_dataset_dir(self.transfer)
             self.rows["train"] = list(zip(column(ds, "input_ids"), column(ds, "label"),
                                           column(ds, "teacher_logits"), strict=True))
+        self.front = (fixed_features.built_quietly(self.build_front)
+                      if self.build_front is not None else None)
         if self.front is not None:
             if self.transfer is not None:
                 raise ValueError("distill.teacher: a model with a frozen encoder learns "
                                  "from labels only; set distill.teacher=null")
-            self.rows = {name: self._fixed(rows, f"{name} split")
+            self.rows = {name: (self._fixed(rows, f"{name} split")
+                                if name in fixed_features.SPLITS else rows)
                          for name, rows in self.rows.items()}
 
     def _fixed(self, rows: list[Row], name: str) -> list[Row]:
@@ -125,7 +130,7 @@ class TextDataModule(pl.LightningDataModule):
         return self._loader(self._by_length("val"))
 
     def _by_length(self, split: str) -> list[Row]:
-        if self.front is not None:
+        if self.front is not None and split in fixed_features.SPLITS:
             return self.rows[split]
         return sorted(self.rows[split], key=lambda row: len(row[0]))
 

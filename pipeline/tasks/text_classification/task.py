@@ -15,6 +15,7 @@ The worked example of the task interface (pipeline/tasks/base.py):
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from pipeline.tasks.classifier import optimizer_settings
 from pipeline.tasks.text_classification import export, inference
 from pipeline.tasks.text_classification.classifier import TextClassifier
 from pipeline.tasks.text_classification.datamodule import TextDataModule
+from pipeline.tasks.text_classification.models import build_model
 from pipeline.tasks.text_classification.tokenizer import PAD
 from serving.bundle.tasks import TEXT_CLASSIFICATION
 
@@ -62,9 +64,20 @@ class TextClassification(Task):
             seed=cfg.seed,
             num_workers=cfg.train.num_workers,
             transfer=transfer,
-            # a model with a fixed first stage (a frozen encoder) has it computed once
-            front=getattr(self.module(cfg, paths).model, "fixed_features", None),
+            front=partial(self.fixed_front, cfg, paths),
         )
+
+    def fixed_front(self, cfg: DictConfig, paths: Paths):
+        """The model's fixed first stage, if it has one (a frozen encoder;
+        pipeline/tasks/fixed_features.py)."""
+        if not cfg.model.get("freeze_encoder"):
+            return None  # the other text models learn from the tokens up
+        tokenizer = Tokenizer.from_file(str(paths.processed / "tokenizer.json"))
+        profile = atomic.read_json(paths.processed / "profile.json")
+        model = build_model(OmegaConf.to_container(cfg.model), tokenizer.get_vocab_size(),
+                            len(profile["label_names"]), profile["max_length"],
+                            tokenizer.token_to_id(PAD))
+        return getattr(model, "fixed_features", None)
 
     def module(self, cfg: DictConfig, paths: Paths, distilling: bool = False
                ) -> TextClassifier:

@@ -45,9 +45,10 @@ class PretrainedClassifier(nn.Module):
 
     `freeze_encoder`: the encoder does not train (a linear probe): the pooled sentence
     embeddings are fixed features (pipeline/tasks/fixed_features.py), normalised per
-    text without parameters before the classifier, and tokens added to the vocabulary
-    start at the mean of the encoder's own embeddings, so two builds of the model are
-    the same model."""
+    text without parameters before the classifier. The encoder's dropout is off (a
+    fixed feature is the same every time), and tokens added to the vocabulary start at
+    the mean of the encoder's own embeddings, so two builds of the model are the same
+    model."""
 
     def __init__(self, vocab_size: int, num_classes: int, max_length: int, pad_id: int,
                  path: str, dropout: float = 0.1, freeze_encoder: bool = False):
@@ -68,17 +69,15 @@ class PretrainedClassifier(nn.Module):
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:
             self.encoder.requires_grad_(False)
-            self.encoder.eval()
+            # dropout off inside, rather than the encoder held in eval mode: Lightning
+            # rightly warns of a submodule left in eval mode (a fine-tune's bug)
+            for layer in self.encoder.modules():
+                if isinstance(layer, nn.Dropout):
+                    layer.p = 0.0
         self.norm = (nn.LayerNorm(self.encoder.config.hidden_size, elementwise_affine=False)
                      if freeze_encoder else nn.Identity())
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.encoder.config.hidden_size, num_classes)
-
-    def train(self, mode: bool = True) -> PretrainedClassifier:
-        super().train(mode)
-        if self.freeze_encoder:  # a fixed feature: no dropout inside it, ever
-            self.encoder.eval()
-        return self
 
     @property
     def fixed_features(self):
