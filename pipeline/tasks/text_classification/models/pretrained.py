@@ -39,9 +39,20 @@ def tokenizer_file(path: str) -> Path:
     return file
 
 
+POOLS = ("last", "every_layer")
+
+
 class PretrainedClassifier(nn.Module):
     """The encoder's token states, mean-pooled over real tokens (as sentence-transformers
     pools), then dropout and a linear classifier.
+
+    `pool`: `last` pools the last layer's states (the sentence embedding the encoder
+    was trained to give); `every_layer` pools the embedding layer's output and each
+    Transformer layer's and puts them side by side, as probing studies read a frozen
+    encoder: the lower layers keep what its sentence-similarity training blurred in the
+    last one (word-level sentiment among it). Chosen for experiment=private_text on a
+    held-out tenth of SST-2's training set, where a DP-SGD linear probe at epsilon 8
+    scored 0.866 on every layer against 0.836 on the last.
 
     `freeze_encoder`: the encoder does not train (a linear probe): the pooled sentence
     embeddings are fixed features (pipeline/tasks/fixed_features.py), normalised per
@@ -51,8 +62,11 @@ class PretrainedClassifier(nn.Module):
     model."""
 
     def __init__(self, vocab_size: int, num_classes: int, max_length: int, pad_id: int,
-                 path: str, dropout: float = 0.1, freeze_encoder: bool = False):
+                 path: str, dropout: float = 0.1, freeze_encoder: bool = False,
+                 pool: str = "last"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"model.pool: {pool!r} is not one of {', '.join(POOLS)}")
         from transformers import AutoModel
 
         self.encoder = AutoModel.from_pretrained(resolve(path))
@@ -74,22 +88,30 @@ class PretrainedClassifier(nn.Module):
             for layer in self.encoder.modules():
                 if isinstance(layer, nn.Dropout):
                     layer.p = 0.0
-        self.norm = (nn.LayerNorm(self.encoder.config.hidden_size, elementwise_affine=False)
+        width = self.encoder.config.hidden_size
+        self.layers = self.encoder.config.num_hidden_layers + 1 if pool == "every_layer" else 1
+        # per text and per layer, so that no layer's scale outweighs another's
+        self.norm = (nn.LayerNorm(width, elementwise_affine=False)
                      if freeze_encoder else nn.Identity())
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(self.encoder.config.hidden_size, num_classes)
+        self.classifier = nn.Linear(self.layers * width, num_classes)
 
     @property
     def fixed_features(self):
         return self.pooled if self.freeze_encoder else None
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-        keep = attention_mask.unsqueeze(-1).to(states.dtype)
-        return (states * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        """[texts, layers x width]: each pooled layer's mean over the real tokens."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=self.layers > 1)
+        states = torch.stack(out.hidden_states, 1) if self.layers > 1 else \
+            out.last_hidden_state.unsqueeze(1)
+        keep = attention_mask[:, None, :, None].to(states.dtype)
+        return ((states * keep).sum(2) / keep.sum(2).clamp(min=1.0)).flatten(1)
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.norm(pooled)))
+        per_layer = pooled.unflatten(-1, (self.layers, -1))
+        return self.classifier(self.dropout(self.norm(per_layer).flatten(1)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.pooled(input_ids, attention_mask))
