@@ -345,6 +345,7 @@ def log_url(request, tmp_path):
     store = open_store(server.url)
     with store.connection:
         store.connection.cursor().execute("DELETE FROM feedback; DELETE FROM predictions; "
-                                          "DELETE FROM shadow_predictions")
+                                          "DELETE FROM shadow_predictions; "
+                                          "DELETE FROM canary_stops")
     store.close()
     return server.url

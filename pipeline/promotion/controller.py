@@ -14,6 +14,9 @@ asks `decide` (`promotion.mode` picks the test), and:
 - **rollback** or **stop_no_difference**: the challenger alias is taken away and the
   version tagged with the outcome;
 - **continue**: nothing moves.
+A canary that its operational guards stopped in the service (failures, p99; the log
+records it: serving/predlog/canary_stops.py) is rolled back whatever its labels say,
+with the guard's reason as the decision's.
 Every decision, acted on or not, is an MLflow run in the `promotion-decisions`
 experiment (counts, e-value, p-value, effect and interval), the challenger version's
 `decision` tag and a section of its model card in the registry (card.py); services
@@ -25,6 +28,7 @@ keeps its error rates.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 
@@ -45,7 +49,7 @@ from pipeline.tracking import audit, registry
 from pipeline.tracking.cards import write_card
 from pipeline.tracking.challenger import CHALLENGER, retire_challenger
 from serving.monitoring.promotion import EXPERIMENT, QUANTITIES
-from serving.predlog.schema import CANARY_LABELS, PAIRED_LABELS
+from serving.predlog.schema import CANARY_LABELS, CANARY_STOPPED, PAIRED_LABELS
 from serving.predlog.store import open_store
 
 
@@ -76,6 +80,13 @@ def canary_counts(log_url: str, champion_bundle: str, challenger_bundle: str,
     champion = counts.get(champion_bundle, (0, 0))
     challenger = counts.get(challenger_bundle, (0, 0))
     return Unpaired(champion[0], champion[1], challenger[0], challenger[1])
+
+
+def canary_stop(log_url: str, champion_bundle: str, challenger_bundle: str) -> str | None:
+    """Why the service's guards stopped the challenger's canary beside the champion, if
+    they did (final for the pair: serving/predlog/schema.py)."""
+    rows = read(log_url, CANARY_STOPPED, (challenger_bundle, champion_bundle))
+    return rows[0][0] if rows else None
 
 
 def challenge_started(client: mlflow.MlflowClient, name: str, challenger: str) -> float:
@@ -134,10 +145,12 @@ def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = Tr
         return {"outcome": None, "champion": champion, "challenger": challenger,
                 "reason": f"{name} has no {'challenger' if champion else 'champion'}"}
     count = paired_counts if promotion["mode"] == "shadow" else canary_counts
-    counts = count(log_url, bundle_version(client, name, champion),
-                   bundle_version(client, name, challenger),
-                   challenge_started(client, name, challenger))
-    decision = decide(counts, Rule.from_config(promotion))
+    bundles = (bundle_version(client, name, champion), bundle_version(client, name, challenger))
+    decision = decide(count(log_url, *bundles, challenge_started(client, name, challenger)),
+                      Rule.from_config(promotion))
+    if promotion["mode"] == "canary" and (why := canary_stop(log_url, *bundles)):
+        decision = dataclasses.replace(decision, outcome=ROLLBACK, reason=(
+            f"the service's guards stopped the canary: the challenger {why}"))
     evidence = decision.as_dict()
     acted = act and decision.outcome in (PROMOTE, ROLLBACK, STOP)
     if acted:  # first, so that what is recorded says what happened

@@ -10,6 +10,10 @@ champion is named in /metadata (`challenger.error`) and the champion serves on; 
 a shadow whose worker could not load the challenger or died: the next tick stops
 shadow mode, and the challenger is not loaded again until its spec points elsewhere.
 
+A canary its guards stopped in one server process is stopped in all: the stop is
+recorded in the prediction log, which every worker and replica reads on its watch
+tick (serving/predlog/canary_stops.py).
+
 In shadow mode the challenger scores the requests the prediction log keeps
 (`TEXTOPS_PREDICTION_LOG_SAMPLE`), since its answers to the others would not be
 logged; without a log, every request (the agreement counters are then all it gives).
@@ -27,6 +31,7 @@ from serving.engine.canary import Canary, takes
 from serving.engine.shadow import Shadow, load_challenger
 from serving.engine.source import BundleSource
 from serving.errors import ApiError
+from serving.predlog.canary_stops import CanaryStops
 from serving.predlog.rows import sampled
 
 if TYPE_CHECKING:
@@ -55,8 +60,16 @@ class Challenging:
         self.canary: Canary | None = None  # ... or in canary mode
         self.shadow_error: str | None = None  # why the configured one does not run
         self.challenger_identity: str | None = None  # what is loaded, or was refused
+        # canary stops shared with the other workers and replicas (the log's)
+        self.canary_stops = (CanaryStops(self.prediction_log.url)
+                             if self.prediction_log is not None else None)
 
     async def refresh_challenger(self) -> None:
+        await self._follow_challenger()
+        if self.canary is not None:
+            await self._follow_canary_stop(self.canary)
+
+    async def _follow_challenger(self) -> None:
         spec = self.settings.challenger
         if not spec or self.bundle is None:
             return
@@ -182,7 +195,35 @@ class Challenging:
         self.canary = None
         self.shadow_error = f"canary stopped: the challenger {canary.version} {why}"
         log.error("%s; every request goes to the champion", self.shadow_error)
-        asyncio.get_running_loop().run_in_executor(None, canary.close)
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, canary.close)
+        if self.canary_stops is not None and self.bundle is not None:
+            loop.run_in_executor(None, self._share_canary_stop, canary.version,
+                                 self.bundle.version, why)
+
+    def _share_canary_stop(self, challenger: str, champion: str, why: str) -> None:
+        try:
+            self.canary_stops.record(challenger, champion, why)
+        except Exception as err:  # noqa: BLE001 - this process has stopped it regardless
+            log.warning("canary: could not record the stop in the prediction log, so "
+                        "other server processes keep their canary until their own guards "
+                        "trip (%s: %s)", type(err).__name__, err)
+
+    async def _follow_canary_stop(self, canary: Canary) -> None:
+        """Stop `canary` if another server process recorded that its guards tripped."""
+        if self.canary_stops is None or self.bundle is None:
+            return
+        try:
+            why = await asyncio.to_thread(self.canary_stops.reason, canary.version,
+                                          self.bundle.version)
+        except Exception as err:  # noqa: BLE001 - checked again on the next tick
+            log.warning("canary: cannot read the prediction log's canary stops (%s: %s)",
+                        type(err).__name__, err)
+            return
+        if why is not None and self.canary is canary:
+            await self.stop_challenger(f"canary stopped: the challenger {canary.version} "
+                                       f"{why} (seen by another server process); every "
+                                       "request goes to the champion")
 
     def role(self, bundle: Bundle) -> dict:
         """What an answer says of the model that gave it while a canary runs."""

@@ -111,6 +111,8 @@ class InferenceService(BundleFollowing, Challenging):
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
         await self.stop_challenger(None)
+        if self.canary_stops:
+            await asyncio.to_thread(self.canary_stops.close)
         if self.prediction_log:
             await asyncio.to_thread(self.prediction_log.close)
 

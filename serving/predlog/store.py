@@ -1,6 +1,6 @@
 """The prediction log's database: its schema, its URLs and one connection to it.
 
-Three tables, the same SQL on SQLite (the default, one file in WAL mode) and
+Four tables, the same SQL on SQLite (the default, one file in WAL mode) and
 PostgreSQL (a team's server; the statements are in serving/predlog/schema.py):
 
     predictions(request_id, position, created, model_version, text, text_sha256,
@@ -10,6 +10,8 @@ PostgreSQL (a team's server; the statements are in serving/predlog/schema.py):
     shadow_predictions(request_id, position, created, model_version, probabilities,
                        label)             a challenger's answer in shadow mode, beside
                                           the champion's row
+    canary_stops(challenger_version, champion_version, created, reason)
+                                          a canary its guards stopped (schema.py)
 
 `text` is the text *after the bundle's own normalisation and masking* (the
 tokenizer.json normalizer: e-mail addresses, URLs and phone numbers are already
@@ -37,6 +39,7 @@ from serving.monitoring.live_stats import LiveStats
 from serving.predlog.schema import (
     FORGET_FEEDBACK,
     FORGET_SHADOW,
+    INSERT_CANARY_STOP,
     INSERT_PREDICTION,
     INSERT_SHADOW,
     LABELLED,
@@ -152,6 +155,14 @@ class LogStore:
         probabilities, label) beside the champion's."""
         with self.connection:
             self._executemany(self.connection.cursor(), INSERT_SHADOW, rows)
+
+    def record_canary_stop(self, challenger: str, champion: str, created: float,
+                           reason: str) -> None:
+        """That the guards stopped `challenger`'s canary beside `champion`, and why (a
+        stop already recorded stands)."""
+        with self.connection:
+            self.connection.cursor().execute(self._sql(INSERT_CANARY_STOP),
+                                             (challenger, champion, created, reason))
 
     def record_feedback(self, items: list[tuple[str, int, str]], created: float
                         ) -> list[tuple[str, int]]:

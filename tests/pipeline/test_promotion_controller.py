@@ -164,6 +164,34 @@ def test_in_canary_mode_each_models_own_answers_decide(registered):
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2
 
 
+def test_a_canary_its_guards_stopped_is_rolled_back_whatever_its_labels(registered):
+    """The service recorded that the canary's guards stopped it (CanaryStops): the
+    challenger is retired with the guard's reason, though its labels favour it."""
+    from serving.predlog.canary_stops import CanaryStops
+
+    name, paths, log, v1, v2 = registered
+    set_challenger(name, v2)
+    log_canary(log, [("champ-1", n % 10 < 7) for n in range(600)]
+               + [("chall-2", n % 20 != 0) for n in range(300)])
+    canary = {**PROMOTION, "mode": "canary"}
+    stops = CanaryStops(log)
+    stops.record("chall-2", "champ-0", "failed 5 requests")  # beside another champion
+    assert check(name, canary, log, paths, act=False)["outcome"] == "promote"
+    stops.record("chall-2", "champ-1", "failed 5 requests (of its latest 7)")
+    stops.record("chall-2", "champ-1", "a later trip")  # the first stop stands
+    stops.close()
+    result = check(name, canary, log, paths)
+    assert result["outcome"] == "rollback" and result["acted"]
+    assert result["reason"] == ("the service's guards stopped the canary: the challenger "
+                                "failed 5 requests (of its latest 7)")
+    assert result["lower"] > 0  # the labels' evidence is kept beside the guard's reason
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert registry.alias_version(client, name, CHALLENGER) is None
+    assert client.get_model_version(name, v2).tags["challenge_outcome"] == "rollback"
+    assert "guards stopped the canary" in client.get_model_version(name, v2).description
+
+
 def test_only_answers_made_during_this_challenge_are_evidence(registered):
     name, paths, log, v1, v2 = registered
     log_pairs(log, "champ-1", "chall-2", [(False, True)] * 30)  # an earlier challenge

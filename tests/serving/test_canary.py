@@ -137,3 +137,55 @@ def test_a_challenger_much_slower_than_the_champion_is_stopped(monkeypatch):
     assert "the champion's" in slow.shadow_error and "c-1" in slow.shadow_error
     alike = run(challenger_delay=0.02)
     assert alike.canary is not None and alike.shadow_error is None
+
+
+def test_a_stop_in_one_server_process_stops_the_canary_in_every_other(monkeypatch, tmp_path):
+    """Two server processes (workers, or replicas) sharing a log: the one whose guards
+    trip records the stop, the other stops its canary on its next watch tick, and one
+    that starts later never runs that challenger beside that champion."""
+    import asyncio
+
+    from serving.engine.service import InferenceService
+    from serving.predlog.canary_stops import CanaryStops
+    from serving.settings import Settings
+
+    monkeypatch.setattr("serving.engine.challenger.takes", lambda key, share: True)
+    log = f"sqlite:///{tmp_path}/predictions.db"
+
+    def server(fails: bool, version: str = "c-1") -> InferenceService:
+        service = InferenceService(Settings(prediction_log=log, canary_max_failures=2))
+        service.bundle, service.batcher = SimpleNamespace(version="champ-1"), Answers("champion")
+        canary = Canary.__new__(Canary)
+        canary.challenger, canary.share = SimpleNamespace(version=version), 0.5
+        canary.guard = Guard(window=200, max_failures=2, max_p99_ratio=2.0)
+        canary.batcher = Answers("challenger", fails=fails)
+        service.canary = canary
+        return service
+
+    tripping, other = server(fails=True), server(fails=False)
+    beside_another = server(fails=False, version="c-2")
+
+    async def traffic():
+        for service in (tripping, other):
+            await service.predict(["a text"], "user")
+        await tripping.predict(["a text"], "user")  # its second failure: the guard trips
+        await asyncio.sleep(0)
+        for service in (other, beside_another):  # a watch tick
+            await service.refresh_challenger()
+
+    asyncio.run(traffic())  # and the stop is written before the loop closes
+    assert tripping.canary is None and "failed 2 requests" in tripping.shadow_error
+    assert other.canary is None
+    assert other.shadow_error == ("canary stopped: the challenger c-1 failed 2 requests (of "
+                                  "its latest 2) (seen by another server process); every "
+                                  "request goes to the champion")
+    assert beside_another.canary is not None  # another challenger runs on
+    stops = CanaryStops(log)
+    assert stops.reason("c-1", "champ-1") == "failed 2 requests (of its latest 2)"
+    assert stops.reason("c-1", "champ-0") is None  # beside another champion: not stopped
+    stops.close()
+    later = server(fails=False)
+    asyncio.run(later.refresh_challenger())
+    assert later.canary is None and "seen by another server process" in later.shadow_error
+    for service in (tripping, other, beside_another, later):  # never started: no writer
+        service.canary_stops.close()
