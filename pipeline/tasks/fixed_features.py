@@ -37,18 +37,20 @@ def compute(front: Callable[..., torch.Tensor], chunks: Sequence[tuple[torch.Ten
             total: int, name: str, every_s: float = EVERY_S) -> torch.Tensor:
     """`front(*chunk)` for each chunk of inputs, concatenated in order; a line every
     `every_s` seconds with the rate and the time left (a pass over a large split takes
-    minutes)."""
+    minutes). The time left is reckoned on the chunks' sizes (their first tensor's
+    elements), not their examples: texts come in order of length, the longest last."""
     parts: list[torch.Tensor] = []
-    done = 0
+    done = work_done = 0
+    work = sum(chunk[0].numel() for chunk in chunks)
     started = last = time.monotonic()
     for chunk in chunks:
         parts.append(front(*chunk))
         done += len(parts[-1])
+        work_done += chunk[0].numel()
         now = time.monotonic()
         if now - last >= every_s and done < total:
-            last, rate = now, done / (now - started)
+            last, elapsed = now, now - started
             print(f"train: fixed features of the {name}: {done:,} of {total:,} "
-                  f"({done / total:.0%}), {rate:,.0f} per second, "
-                  f"{(total - done) / rate:.0f} s left", flush=True)
+                  f"({done / total:.0%}), {done / elapsed:,.0f} per second, "
+                  f"{elapsed * (work - work_done) / work_done:.0f} s left", flush=True)
     return torch.cat(parts) if parts else torch.empty(0)
-

@@ -247,3 +247,21 @@ def test_text_rows_carry_their_own_fixed_features_in_order(workspace):
     batch = next(iter(module.train_dataloader()))
     assert set(batch) == {"features", "labels"} and batch["features"].shape == (16, 1)
     assert isinstance(module.rows["test"][0][0], list)  # evaluate's: token ids
+
+
+def test_fixed_features_progress_reckons_time_left_on_the_work_left(monkeypatch, capsys):
+    """Texts come in order of length: the time left is the longer chunks' work, not
+    the count of texts left at the rate of the short ones."""
+    from pipeline.tasks import fixed_features
+
+    clock = iter(range(100))  # one second per call: start, then after each chunk
+    monkeypatch.setattr(fixed_features.time, "monotonic", lambda: next(clock))
+    chunks = [(torch.zeros(10, width),) for width in (1, 1, 8)]  # the last: 80% of it
+    out = fixed_features.compute(lambda x: x.sum(1, keepdim=True), chunks, 30, "train split",
+                                 every_s=1.0)
+    assert out.shape == (30, 1)
+    first = capsys.readouterr().out.splitlines()[0]
+    # 10 texts in 1 s; 90 of the 100 units of work left: 9 s, not the 2 s that the
+    # 20 texts left would say
+    assert first == ("train: fixed features of the train split: 10 of 30 (33%), "
+                     "10 per second, 9 s left")
