@@ -13,7 +13,8 @@ end-to-end CNN and ScatterNet + linear); SST-2's are the Transformer, since the
 default LSTM trains as Opacus's DPLSTM at a small fraction of the speed
 (bench/bench_privacy.py), and experiment=private_text, a linear probe on frozen
 MiniLM's pooled layers (and on its last layer alone). "inf" is the data set's
-non-private default, what the private model gives up accuracy against. --epochs overrides the private recipe's.
+non-private default, what the private model gives up accuracy against. --epochs
+overrides the private recipe's.
 Published in bench/results/privacy_accuracy.json and docs/results/privacy_accuracy.md.
 """
 
@@ -99,13 +100,13 @@ Fashion-MNIST has two recipes, both Tramer & Boneh 2021's published settings:
 fixed scattering features, batches of 8,192, clipping to 0.1, SGD with momentum at rate
 16, 50 epochs). SST-2's are `model=transformer` (sst2: trained from scratch, 2 epochs)
 and `experiment=private_text` (sst2_minilm_probe: a linear layer on the frozen public
-all-MiniLM-L6-v2 encoder's token states mean-pooled at every layer, batches of 4,096,
-clipping to 0.1, SGD with momentum at rate 8, 30 epochs; sst2_minilm_last_layer: the
-same on the last layer's alone, the sentence embedding). "inf" is the data set's non-private default,
-trained as `make deploy` trains it. The cost in time is bench/bench_privacy.py's (wall
-times here are in the JSON only). Anchor: Tramèr & Boneh 2021, Fashion-MNIST at
-epsilon 3: 86.0% for the end-to-end CNN, 89.7% for ScatterNet + linear. Run again:
-`python bench/bench_privacy_accuracy.py`."""
+all-MiniLM-L6-v2 encoder's token states mean-pooled at every layer, batches of
+4,096, clipping to 0.1, SGD with momentum at rate 8, 30 epochs;
+sst2_minilm_last_layer: the same on the last layer's alone, the sentence embedding).
+"inf" is the data set's non-private default, trained as `make deploy` trains it. The
+cost in time is bench/bench_privacy.py's (wall times here are in the JSON only).
+Anchor: Tramèr & Boneh 2021, Fashion-MNIST at epsilon 3: 86.0% for the end-to-end CNN,
+89.7% for ScatterNet + linear. Run again: `python bench/bench_privacy_accuracy.py`."""
 
 
 def order(run: dict) -> tuple:
