@@ -17,7 +17,7 @@ does), the leakage the profile found, and the wall times; publishes them as
 bench/results/<name>.json and docs/results/<name>.md (bench/results.py; `--name`,
 default `accuracy`: the text configurations; `image_accuracy`: the image ones).
 
-`--serve` times `dvc repro` instead, all six stages through deploy and serve: from
+`--serve` times `dvc repro` instead, every stage through deploy and serve: from
 nothing to a served model, the figure `make deploy` waits for (the image task's
 target: 15 minutes on 2 cores). `--append` keeps the runs already published under
 that name whose overrides and stages differ (each run records the commit it was
@@ -121,8 +121,8 @@ def last_line(result: subprocess.CompletedProcess) -> str:
 
 
 ABOUT = """Each configuration from a clean copy of the repository: `dvc repro evaluate`
-(collect, preprocess, train, evaluate), or `dvc repro` (the six stages, through
-deploy and serve: from nothing to a served model) where the stages column says
+(collect, preprocess, train, evaluate), or `dvc repro` (every stage, through deploy
+and serve: from nothing to a served model) where the stages column says
 serve, timed. Test metrics are on the configuration's
 test split (SST-2: its dev set; Fashion-MNIST: its own test set; never seen in training
 or model selection); the validation accuracy is the selected checkpoint's, so a large
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true")
     parser.add_argument("--keep-bundles", type=Path, metavar="DIR")
     parser.add_argument("--serve", action="store_true",
-                        help="time all six stages, through deploy and serve")
+                        help="time every stage, through deploy and serve")
     args = parser.parse_args()
     through = "serve" if args.serve else "evaluate"
     configurations = [arg.split() for arg in args.configurations] or [[]]

@@ -49,6 +49,7 @@ from pipeline.tracking import audit, registry
 from pipeline.tracking.cards import write_card
 from pipeline.tracking.challenger import CHALLENGER, retire_challenger
 from serving.monitoring.promotion import EXPERIMENT, QUANTITIES
+from serving.predlog.canary_stops import is_missing_table
 from serving.predlog.schema import CANARY_LABELS, CANARY_STOPPED, PAIRED_LABELS
 from serving.predlog.store import open_store
 
@@ -82,10 +83,15 @@ def canary_counts(log_url: str, champion_bundle: str, challenger_bundle: str,
     return Unpaired(champion[0], champion[1], challenger[0], challenger[1])
 
 
-def canary_stop(log_url: str, champion_bundle: str, challenger_bundle: str) -> str | None:
-    """Why the service's guards stopped the challenger's canary beside the champion, if
-    they did (final for the pair: serving/predlog/schema.py)."""
-    rows = read(log_url, CANARY_STOPPED, (challenger_bundle, champion_bundle))
+def canary_stop(log_url: str, challenger_bundle: str) -> str | None:
+    """Why the service's guards stopped the challenger's canary, if they did (a stop
+    is final: serving/predlog/canary_stops.py)."""
+    try:
+        rows = read(log_url, CANARY_STOPPED, (challenger_bundle,))
+    except Exception as err:
+        if is_missing_table(err):  # no server of this version has opened the log
+            return None
+        raise
     return rows[0][0] if rows else None
 
 
@@ -145,10 +151,11 @@ def check(name: str, promotion: dict, log_url: str, paths: Paths, act: bool = Tr
         return {"outcome": None, "champion": champion, "challenger": challenger,
                 "reason": f"{name} has no {'challenger' if champion else 'champion'}"}
     count = paired_counts if promotion["mode"] == "shadow" else canary_counts
-    bundles = (bundle_version(client, name, champion), bundle_version(client, name, challenger))
-    decision = decide(count(log_url, *bundles, challenge_started(client, name, challenger)),
+    challenger_bundle = bundle_version(client, name, challenger)
+    decision = decide(count(log_url, bundle_version(client, name, champion), challenger_bundle,
+                            challenge_started(client, name, challenger)),
                       Rule.from_config(promotion))
-    if promotion["mode"] == "canary" and (why := canary_stop(log_url, *bundles)):
+    if promotion["mode"] == "canary" and (why := canary_stop(log_url, challenger_bundle)):
         decision = dataclasses.replace(decision, outcome=ROLLBACK, reason=(
             f"the service's guards stopped the canary: the challenger {why}"))
     evidence = decision.as_dict()

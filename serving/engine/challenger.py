@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from serving.bundle import Bundle
 
 log = logging.getLogger("serving")
+STOPS_WAIT_S = 2.0  # the longest a watch tick waits on the log's canary stops
 # the registry's answers when an alias or version does not exist (or no longer)
 GONE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
@@ -63,11 +64,17 @@ class Challenging:
         # canary stops shared with the other workers and replicas (the log's)
         self.canary_stops = (CanaryStops(self.prediction_log.url)
                              if self.prediction_log is not None else None)
+        self.stops_call: asyncio.Future | None = None  # the one in flight, if any
+        self.stop_recorded: asyncio.Future | None = None  # this process's, being written
 
     async def refresh_challenger(self) -> None:
         await self._follow_challenger()
+        if self.canary_stops is None:  # no log: each process guards its own canary
+            return
         if self.canary is not None:
             await self._follow_canary_stop(self.canary)
+        elif self.canary_stops.pending:
+            await self._ask_stops(self.canary_stops.flush)  # a stop not written yet
 
     async def _follow_challenger(self) -> None:
         spec = self.settings.challenger
@@ -103,6 +110,12 @@ class Challenging:
             if challenger.version == self.bundle.version:
                 self.shadow_error = (f"{self.settings.challenger} is the champion "
                                      f"({challenger.version}): nothing to compare")
+                return
+            if mode == "canary" and self.canary_stops is not None and (
+                    why := await self._ask_stops(self.canary_stops.reason, challenger.version)):
+                self.shadow_error = (f"canary stopped: the challenger {challenger.version} "
+                                     f"{why} (recorded in the prediction log)")
+                log.warning("%s; the champion alone serves", self.shadow_error)
                 return
             if mode == "canary":
                 self.canary = Canary(challenger, self.settings, self.metrics.observe_batch)
@@ -198,32 +211,38 @@ class Challenging:
         loop = asyncio.get_running_loop()
         loop.run_in_executor(None, canary.close)
         if self.canary_stops is not None and self.bundle is not None:
-            loop.run_in_executor(None, self._share_canary_stop, canary.version,
-                                 self.bundle.version, why)
+            self.stop_recorded = loop.run_in_executor(
+                None, self.canary_stops.record, canary.version, self.bundle.version, why)
 
-    def _share_canary_stop(self, challenger: str, champion: str, why: str) -> None:
-        try:
-            self.canary_stops.record(challenger, champion, why)
-        except Exception as err:  # noqa: BLE001 - this process has stopped it regardless
-            log.warning("canary: could not record the stop in the prediction log, so "
-                        "other server processes keep their canary until their own guards "
-                        "trip (%s: %s)", type(err).__name__, err)
+    async def close_canary_stops(self) -> None:
+        """At shutdown: a stop of this process's still being written gets its chance
+        (at most STOPS_WAIT_S), then the connection closes."""
+        if self.canary_stops is None:
+            return
+        if self.stop_recorded is not None:
+            await asyncio.wait([self.stop_recorded], timeout=STOPS_WAIT_S)
+        await asyncio.to_thread(self.canary_stops.close)
 
     async def _follow_canary_stop(self, canary: Canary) -> None:
         """Stop `canary` if another server process recorded that its guards tripped."""
-        if self.canary_stops is None or self.bundle is None:
-            return
-        try:
-            why = await asyncio.to_thread(self.canary_stops.reason, canary.version,
-                                          self.bundle.version)
-        except Exception as err:  # noqa: BLE001 - checked again on the next tick
-            log.warning("canary: cannot read the prediction log's canary stops (%s: %s)",
-                        type(err).__name__, err)
-            return
+        why = await self._ask_stops(self.canary_stops.reason, canary.version)
         if why is not None and self.canary is canary:
             await self.stop_challenger(f"canary stopped: the challenger {canary.version} "
                                        f"{why} (seen by another server process); every "
                                        "request goes to the champion")
+
+    async def _ask_stops(self, call, *args):
+        """`call(*args)` (a CanaryStops method) off the event loop, waited for at most
+        STOPS_WAIT_S and one at a time, so that a database that hangs holds up no watch
+        tick (a champion's reload comes first); None when the call failed (CanaryStops
+        logs it), timed out, or finds one still waiting: the next tick asks again."""
+        if self.stops_call is not None and not self.stops_call.done():
+            return None
+        self.stops_call = asyncio.ensure_future(asyncio.to_thread(call, *args))
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.stops_call), STOPS_WAIT_S)
+        except Exception:  # noqa: BLE001 - see the docstring
+            return None
 
     def role(self, bundle: Bundle) -> dict:
         """What an answer says of the model that gave it while a canary runs."""

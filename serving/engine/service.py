@@ -111,8 +111,7 @@ class InferenceService(BundleFollowing, Challenging):
         if self.batcher:
             await asyncio.to_thread(self.batcher.close)
         await self.stop_challenger(None)
-        if self.canary_stops:
-            await asyncio.to_thread(self.canary_stops.close)
+        await self.close_canary_stops()
         if self.prediction_log:
             await asyncio.to_thread(self.prediction_log.close)
 

@@ -3,52 +3,100 @@
 A canary's guards (serving/engine/canary.py `Guard`) see only the requests of their
 own server process. The first process whose guards trip records the stop in the log
 (`canary_stops`, serving/predlog/schema.py); every worker and replica sharing the log
-reads it on its next watch tick and stops its canary too, and the promotion
-controller rolls the challenger back with the guard's reason as its evidence
-(pipeline/promotion/controller.py). Both calls run off the event loop, through a
-connection of their own.
+reads it on its next watch tick and stops its canary too, a process that starts later
+does not start that challenger's canary, and the promotion controller rolls the
+challenger back with the guard's reason as its evidence
+(pipeline/promotion/controller.py). A stop is the challenger's, whichever champion
+it stood beside: failures are its own, and a p99 past the champion's is a fact of
+its model.
+
+The calls block (a database round trip) and run off the event loop. A stop that
+cannot be written is kept and written again with the next read, so that a database
+outage delays it but never loses it; an outage is logged once, and its end.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from serving.predlog.schema import CANARY_STOPPED
 from serving.predlog.store import LogStore, open_store
 
+log = logging.getLogger("serving")
+
+
+def is_missing_table(err: Exception) -> bool:
+    """Whether `err` says that the log, or its `canary_stops` table, is not there yet
+    (no server of this version has opened it): then it holds no stop."""
+    text = str(err)
+    return ("canary_stops" in text and ("no such table" in text or "does not exist" in text)
+            ) or "no prediction log there" in text
+
 
 class CanaryStops:
-    """The log's canary stops, read and written through one connection, under a lock."""
+    """The log's canary stops, through one connection of their own, under a lock."""
 
     def __init__(self, url: str):
         self.url = url
         self.store: LogStore | None = None
         self.lock = threading.Lock()
+        self.pending: dict[str, tuple[str, str, float]] = {}  # not written yet
+        self.failing = False
+        self.closed = False
 
     def record(self, challenger: str, champion: str, reason: str) -> None:
-        self._run(lambda store: store.record_canary_stop(challenger, champion, time.time(),
-                                                         reason))
+        """Record that the guards stopped `challenger`'s canary beside `champion`; kept
+        and retried by the next `reason` or `flush` if the database fails now."""
+        with self.lock:
+            self.pending.setdefault(challenger, (champion, reason, time.time()))
+        self.flush()
 
-    def reason(self, challenger: str, champion: str) -> str | None:
-        """Why `challenger`'s canary beside `champion` was stopped, if it was."""
-        rows = self._run(lambda store: store.rows(CANARY_STOPPED, (challenger, champion)))
+    def flush(self) -> None:
+        """Write the stops not written yet (errors are logged, the stops kept)."""
+        try:
+            self._run(lambda store: None)
+        except Exception:  # noqa: BLE001, S110 - logged by _run, retried later
+            pass
+
+    def reason(self, challenger: str) -> str | None:
+        """Why `challenger`'s canary was stopped, if it was; raises when the database
+        fails (after logging it, once per outage)."""
+        rows = self._run(lambda store: store.rows(CANARY_STOPPED, (challenger,)))
         return rows[0][0] if rows else None
 
     def _run(self, work):
         with self.lock:
+            if self.closed:
+                return []
             try:
                 if self.store is None:
-                    self.store = open_store(self.url)
-                return work(self.store)
-            except Exception:
+                    self.store = open_store(self.url, create=False)
+                for challenger, (champion, reason, created) in list(self.pending.items()):
+                    self.store.record_canary_stop(challenger, champion, created, reason)
+                    del self.pending[challenger]
+                found = work(self.store)
+            except Exception as err:
+                if is_missing_table(err) and not self.pending:
+                    return []  # nothing recorded yet: the writer creates the table
                 if self.store is not None:  # a fresh connection next time
                     self.store.close()
                     self.store = None
+                if not self.failing:
+                    self.failing = True
+                    log.warning("canary: the prediction log's canary stops cannot be read "
+                                "or written (%s: %s); retrying on every watch tick",
+                                type(err).__name__, err)
                 raise
+            if self.failing:
+                self.failing = False
+                log.warning("canary: the prediction log's canary stops work again")
+            return found
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             if self.store is not None:
                 self.store.close()
                 self.store = None

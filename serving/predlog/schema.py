@@ -38,15 +38,15 @@ SCHEMA = (
         probabilities TEXT NOT NULL,
         label TEXT NOT NULL,
         PRIMARY KEY (request_id, position, model_version))""",
-    # A canary its operational guards stopped (serving/engine/canary.py): the first
-    # server process to see it trip records why; every worker and replica sharing the
-    # log then stops it too, and the controller rolls it back.
+    # A canary its operational guards stopped (serving/engine/canary.py), and beside
+    # which champion: the first server process to see it trip records why; every
+    # worker and replica sharing the log then stops it too, and the controller rolls
+    # it back (serving/predlog/canary_stops.py).
     """CREATE TABLE IF NOT EXISTS canary_stops (
-        challenger_version TEXT NOT NULL,
+        challenger_version TEXT NOT NULL PRIMARY KEY,
         champion_version TEXT NOT NULL,
         created DOUBLE PRECISION NOT NULL,
-        reason TEXT NOT NULL,
-        PRIMARY KEY (challenger_version, champion_version))""",
+        reason TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS predictions_created ON predictions (created)",
     "CREATE INDEX IF NOT EXISTS feedback_created ON feedback (created)",
     # The encrypted rows alone, by time (a partial index, empty while encryption is
@@ -111,14 +111,12 @@ ORPHAN_SHADOW = """
         WHERE p.request_id = shadow_predictions.request_id
           AND p.position = shadow_predictions.position)"""
 
-# The first stop of a canary is the one kept: it names what tripped first. A stop is
-# final for the pair: the same challenger beside the same champion is stopped at once
-# again (a fixed model is a new bundle version).
+# The first stop of a challenger's canary is the one kept: it names what tripped first.
+# A stop is final: a fixed model is a new bundle version.
 INSERT_CANARY_STOP = """
     INSERT INTO canary_stops (challenger_version, champion_version, created, reason)
-    VALUES (?, ?, ?, ?) ON CONFLICT (challenger_version, champion_version) DO NOTHING"""
-CANARY_STOPPED = """
-    SELECT reason FROM canary_stops WHERE challenger_version = ? AND champion_version = ?"""
+    VALUES (?, ?, ?, ?) ON CONFLICT (challenger_version) DO NOTHING"""
+CANARY_STOPPED = "SELECT reason FROM canary_stops WHERE challenger_version = ?"
 
 # Labelled requests that the champion and a challenger both answered since `?` (unix
 # seconds): the paired outcomes of shadow mode (pipeline/promotion/controller.py). The

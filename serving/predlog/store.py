@@ -159,7 +159,7 @@ class LogStore:
     def record_canary_stop(self, challenger: str, champion: str, created: float,
                            reason: str) -> None:
         """That the guards stopped `challenger`'s canary beside `champion`, and why (a
-        stop already recorded stands)."""
+        stop of it already recorded stands)."""
         with self.connection:
             self.connection.cursor().execute(self._sql(INSERT_CANARY_STOP),
                                              (challenger, champion, created, reason))

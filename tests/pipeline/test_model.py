@@ -252,10 +252,12 @@ def test_text_rows_carry_their_own_fixed_features_in_order(workspace):
 def test_fixed_features_progress_reckons_time_left_on_the_work_left(monkeypatch, capsys):
     """Texts come in order of length: the time left is the longer chunks' work, not
     the count of texts left at the rate of the short ones."""
+    from types import SimpleNamespace
+
     from pipeline.tasks import fixed_features
 
     clock = iter(range(100))  # one second per call: start, then after each chunk
-    monkeypatch.setattr(fixed_features.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(fixed_features, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     chunks = [(torch.zeros(10, width),) for width in (1, 1, 8)]  # the last: 80% of it
     out = fixed_features.compute(lambda x: x.sum(1, keepdim=True), chunks, 30, "train split",
                                  every_s=1.0)

@@ -164,6 +164,18 @@ def test_in_canary_mode_each_models_own_answers_decide(registered):
     assert str(client.get_model_version_by_alias(name, "champion").version) == v2
 
 
+def test_a_log_from_before_canary_stops_holds_none(tmp_path):
+    """A log no server of this version has opened has no canary_stops table: the
+    controller reads that as no stop, not as an error."""
+    import sqlite3
+
+    from pipeline.promotion.controller import canary_stop
+
+    with sqlite3.connect(tmp_path / "old.db") as db:
+        db.execute("CREATE TABLE predictions (request_id TEXT)")
+    assert canary_stop(f"sqlite:///{tmp_path}/old.db", "chall-2") is None
+
+
 def test_a_canary_its_guards_stopped_is_rolled_back_whatever_its_labels(registered):
     """The service recorded that the canary's guards stopped it (CanaryStops): the
     challenger is retired with the guard's reason, though its labels favour it."""
@@ -175,7 +187,7 @@ def test_a_canary_its_guards_stopped_is_rolled_back_whatever_its_labels(register
                + [("chall-2", n % 20 != 0) for n in range(300)])
     canary = {**PROMOTION, "mode": "canary"}
     stops = CanaryStops(log)
-    stops.record("chall-2", "champ-0", "failed 5 requests")  # beside another champion
+    stops.record("chall-9", "champ-1", "failed 5 requests")  # another challenger's
     assert check(name, canary, log, paths, act=False)["outcome"] == "promote"
     stops.record("chall-2", "champ-1", "failed 5 requests (of its latest 7)")
     stops.record("chall-2", "champ-1", "a later trip")  # the first stop stands
