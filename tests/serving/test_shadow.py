@@ -184,7 +184,8 @@ def test_only_the_requests_the_log_keeps_are_shadowed(sample):
     """Its answers to the others would not be logged; without a log, every request
     is (the agreement counters)."""
     offered = []
-    predictions = SimpleNamespace(sample=sample) if sample is not None else None
+    predictions = (SimpleNamespace(sample=sample, url="sqlite:///never-opened.db")
+                   if sample is not None else None)
     service = Service(Settings(), None, predictions)
     service.shadow = SimpleNamespace(offer=lambda request_id, *_: offered.append(request_id))
     ids = [f"request-{i}" for i in range(200)]
