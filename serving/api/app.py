@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from serving import tls
 from serving.api import next_word, routes, v2
@@ -72,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router(service, require_key))
     app.include_router(next_word.generate_router(service, require_key))
     app.include_router(v2.v2_router(service, require_key))
+    # the demo page's scripts and style sheet (GET / serves the page itself)
+    app.mount("/static", StaticFiles(packages=[("serving.api", "static")]), name="static")
     return app
 
 
