@@ -73,19 +73,15 @@ def measure(overrides: list[str], keep_bundles: Path | None = None,
         sh(repo, "dvc", "repro", *([] if through == "serve" else [through]))
         wall = time.perf_counter() - started
         deployed = None
-        if keep_bundles is not None and through == "serve":
-            shutil.copytree(repo / "models/candidate",
-                            keep_bundles / ("_".join(overrides) or "defaults"),
-                            dirs_exist_ok=True)
-        elif keep_bundles is not None:
+        if keep_bundles is not None and through != "serve":
             # A bundle deploy refuses (e.g. int8 agreement under its floor) is a finding
             # about that configuration, not a reason to lose the measurements.
             deployed = subprocess.run(["dvc", "repro", "deploy"], cwd=repo, env=ENV,
                                       capture_output=True, text=True)
-            if deployed.returncode == 0:
-                shutil.copytree(repo / "models/candidate",
-                                keep_bundles / ("_".join(overrides) or "defaults"),
-                                dirs_exist_ok=True)
+        if keep_bundles is not None and (deployed is None or deployed.returncode == 0):
+            shutil.copytree(repo / "models/candidate",
+                            keep_bundles / ("_".join(overrides) or "defaults"),
+                            dirs_exist_ok=True)
         metrics = json.loads((repo / "reports/metrics.json").read_text())
         train = json.loads((repo / "reports/train.json").read_text())
         facts = json.loads((repo / "reports/runs/train.json").read_text())

@@ -242,6 +242,12 @@ def post_json(url: str, path: str, body) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, timeout=30)
 
 
+def labelled(url: str, items: list[dict]) -> None:
+    """Send labels to /feedback, again while the log has not caught up with the
+    answers (503)."""
+    eventually(lambda: post_json(url, "/feedback", items).status_code == 200)
+
+
 def metric_samples(url: str) -> dict[str, float]:
     """Every sample of the service's /metrics, keyed by its name and labels as written."""
     text = httpx.get(f"{url}/metrics", timeout=10).text

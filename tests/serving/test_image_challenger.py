@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-from conftest import eventually, metric_samples, post_json, running_service
+from conftest import eventually, labelled, metric_samples, post_json, running_service
 from onnx import helper
 
 from pipeline.promotion.controller import canary_counts, paired_counts
@@ -84,11 +84,6 @@ def labels_of(bundle, garments) -> list[str]:
 
 def b64(images: list[bytes]) -> list[str]:
     return [base64.b64encode(i).decode("ascii") for i in images]
-
-
-def labelled(url: str, items: list[dict]) -> None:
-    """Send labels, again while the log has not caught up with the answers (503)."""
-    eventually(lambda: post_json(url, "/feedback", items).status_code == 200)
 
 
 def test_the_challenger_scores_uploaded_images_in_shadow_and_labels_pair_them(

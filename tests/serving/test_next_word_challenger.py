@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import eventually, metric_samples, post_json, running_service
+from conftest import eventually, labelled, metric_samples, post_json, running_service
 from next_word_bundle import DOCUMENTS, build_bundle
 
 from pipeline.promotion.controller import canary_counts, paired_counts
@@ -63,11 +63,6 @@ def top_words(bundle, texts: list[str], k: int) -> list[list[tuple[str, float]]]
 def v2_body(text: str, request_id: str, k: int = 2) -> dict:
     return {"id": request_id, "parameters": {"k": k}, "inputs": [
         {"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
-
-
-def labelled(url: str, items: list[dict]) -> None:
-    """Send labels, again while the log has not caught up with the answers (503)."""
-    eventually(lambda: post_json(url, "/feedback", items).status_code == 200)
 
 
 def test_the_challenger_scores_next_words_in_shadow_and_labels_pair_them(
