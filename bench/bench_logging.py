@@ -52,8 +52,13 @@ def cpu_seconds(pid: int) -> float:
     children (the log's normalizing process)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     total = (int(fields[11]) + int(fields[12])) * TICK
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for child in children.read_text().split() if children.exists() else []:
+    children = []  # each thread's: a process started from a thread is listed under it
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children += (thread / "children").read_text().split()
+        except FileNotFoundError:  # it ended meanwhile
+            pass
+    for child in children:
         try:
             total += cpu_seconds(int(child))
         except FileNotFoundError:  # it exited meanwhile

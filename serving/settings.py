@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     # request off the request path; its answers are logged beside the champion's.
     challenger: str | None = Field(None, description="a bundle directory or models:/ URI "
                                    "scored in shadow beside the one served")
-    shadow_queue: int = Field(1000, ge=1, description="requests waiting for the challenger; "
+    shadow_queue: int = Field(1000, ge=1, description="texts waiting for the challenger; "
                               "more are dropped and counted, never delayed")
     # Canary mode (serving/engine/canary.py): the challenger answers a share instead.
     challenger_mode: str = Field("shadow", pattern="^(shadow|canary)$",

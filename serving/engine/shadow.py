@@ -4,16 +4,20 @@ serving/engine/challenger.py), off the request path, and its answers are logged 
 the same request id, so that labels arriving through /feedback compare the two models
 on the same requests (pipeline/promotion/controller.py decides on them).
 
-The request path only offers the request to a bounded queue and returns: a full
-queue drops it and counts the texts (`textops_shadow_texts{outcome="dropped"}`), it
-never waits. The challenger runs in a process of its own (serving/engine/
+The request path only adds the request to a batch and returns. A batch goes to a
+bounded queue as one message once it holds `max_batch_size` texts, or `SEND_S` after
+its first request: a message per request cost the two processes more CPU than the
+challenger's scoring itself (bench/bench_shadow.py measures the whole). A full queue
+drops the batch and counts its texts (`textops_shadow_texts{outcome="dropped"}`); the
+request path never waits. The challenger runs in a process of its own (serving/engine/
 shadow_worker.py, one per server process, one onnxruntime thread) at the lowest CPU
-priority: it takes what is queued, as one batch of up to `max_batch_size` texts,
-only while the service leaves a core idle, so when the machine is saturated it falls
+priority: it takes what is queued, about `max_batch_size` texts at a time, only
+while the service leaves a core idle, so when the machine is saturated it falls
 behind and requests are dropped (counted) rather than the answers slowed. Its
 answers come back to the server process, which logs them. Scored and agreeing texts
 are counted too: the rate of `agreed` over `scored` is how often the challenger
-gives the champion's label; texts of a batch it failed count as `failed`. A worker
+gives the champion's label; texts of a batch it failed count as `failed`; the
+worker's CPU time is `textops_shadow_cpu_seconds`. A worker
 that could not load the challenger, or died (killed, out of memory), leaves the Shadow
 `dead`, saying why: what is offered to it then is dropped (counted), and the watch
 loop stops shadow mode and names the reason (serving/engine/challenger.py).
@@ -46,6 +50,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -63,6 +68,7 @@ if TYPE_CHECKING:
     from serving.settings import Settings
 
 log = logging.getLogger("serving")
+SEND_S = 0.2  # the longest an offered request waits for others to be sent with
 
 
 def load_challenger(settings: Settings, champion: Bundle, in_shadow: bool,
@@ -111,17 +117,23 @@ def word_rules(bundle: Bundle) -> tuple:
 
 class Shadow:
     """The challenger's worker process (serving/engine/shadow_worker.py), the bounded
-    queue to it, and the thread that logs what it sends back."""
+    queue to it (`capacity` texts, in messages of `max_batch` texts), and the thread
+    that sends it what waits longer than SEND_S and logs what it sends back."""
 
     def __init__(self, challenger: Bundle, settings: Settings, metrics: ServiceMetrics,
                  prediction_log: PredictionLog | None, capacity: int, max_batch: int):
         self.challenger, self.prediction_log = challenger, prediction_log
+        self.max_batch = max_batch
+        self.lock = threading.Lock()  # over the batch being filled, and `closing`
+        self.batch: list[tuple] = []
+        self.batch_items, self.batch_since = 0, 0.0
         self.scored = metrics.shadow.labels("scored")
         self.dropped = metrics.shadow.labels("dropped")
         self.agreed = metrics.shadow.labels("agreed")
         self.failed = metrics.shadow.labels("failed")
+        self.cpu = metrics.shadow_cpu
         context = multiprocessing.get_context("spawn")  # nothing of the server's state
-        self.requests = context.Queue(maxsize=capacity)
+        self.requests = context.Queue(maxsize=max(1, -(-capacity // max_batch)))
         self.results = context.Queue()
         # Nothing here reads what is queued: once the worker is gone, closing the
         # reader makes a feeder thread blocked on a full pipe fail quietly (`close`).
@@ -142,24 +154,53 @@ class Shadow:
 
     def offer(self, request_id: str, items: list, champion: np.ndarray | list[str],
               k: int = 1) -> None:
-        """Queue a request the champion answered; never blocks. `champion`: its
-        probabilities (a classifier), or each text's top word (a next-word model,
-        whose challenger logs `k` next words per text)."""
-        if self.dead is not None or self.closing:
-            self.dropped.inc(len(items))
-            return
+        """Add a request the champion answered to the batch for the worker; never
+        blocks. `champion`: its probabilities (a classifier), or each text's top word
+        (a next-word model, whose challenger logs `k` next words per text)."""
         if isinstance(champion, np.ndarray):  # what agreement needs, not every number
             champion = champion.argmax(1)
-        try:
-            self.requests.put_nowait((request_id, items, champion, k))
-        except queue.Full:
+        with self.lock:
+            if self.dead is not None or self.closing:
+                full = None
+            else:
+                if not self.batch:
+                    self.batch_since = time.monotonic()
+                self.batch.append((request_id, items, champion, k))
+                self.batch_items += len(items)
+                full = self._taken() if self.batch_items >= self.max_batch else []
+        if full is None:
             self.dropped.inc(len(items))
+        elif full:
+            self._send(full)
+
+    def _taken(self) -> list[tuple]:
+        """The batch being filled, a new one begun (the lock held)."""
+        batch, self.batch, self.batch_items = self.batch, [], 0
+        return batch
+
+    def _send(self, batch: list[tuple]) -> None:
+        try:
+            self.requests.put_nowait(batch)
+        except queue.Full:
+            self.dropped.inc(sum(len(items) for _, items, _, _ in batch))
+
+    def _send_waiting(self) -> None:
+        """Send the batch being filled if its first request has waited SEND_S."""
+        with self.lock:
+            due = self.batch and time.monotonic() - self.batch_since >= SEND_S
+            batch = self._taken() if due else []
+        if batch:
+            self._send(batch)
 
     def close(self, timeout: float = 10) -> None:
-        """Stop the worker once it has scored what is queued (killed after `timeout`,
+        """Stop the worker once it has scored what is offered (killed after `timeout`,
         or at once if it has no room for STOP: it is starved or dead), and leave no
         thread or queued data behind."""
-        self.closing = True
+        with self.lock:
+            self.closing = True
+            last = self._taken()
+        if last:
+            self._send(last)
         stopping = self.process.is_alive()
         if stopping:
             try:
@@ -181,40 +222,48 @@ class Shadow:
         """Log each request the worker scored; count what it could not."""
         try:
             while (why := self._take()) is None:
-                pass
+                self._send_waiting()
         except Exception as err:  # noqa: BLE001 - nothing reads the worker's answers now
             log.exception("shadow: cannot log the challenger's answers")
             why = f"its answers cannot be logged ({type(err).__name__}: {err})"
         if why and not self.closing:
-            self.dead = why
+            with self.lock:
+                self.dead = why
+                stranded = self._taken()
+            self.dropped.inc(sum(len(items) for _, items, _, _ in stranded))
             log.error("shadow: the challenger %s no longer scores: %s", self.version, why)
 
     def _take(self) -> str | None:
         """Log or count the worker's next outcome; None while it runs on, else why it
         stopped ("" when told to)."""
-        try:
-            outcome = self.results.get(timeout=1.0)
+        try:  # waking only as often as a batch may wait to be sent
+            outcome = self.results.get(timeout=SEND_S)
         except queue.Empty:
             if self.process.is_alive():
                 return None
             return f"its process {self.process.pid} exited (code {self.process.exitcode})"
         if outcome is STOP:
             return ""
-        if outcome[0] == "scored":
-            self._log(outcome[1])
-        elif outcome[0] == "broken":  # it could not load the challenger
+        if outcome[0] == "broken":  # it could not load the challenger
             return f"it cannot be loaded: {outcome[2]}"
+        if outcome[0] == "scored":
+            self._log(outcome[1], outcome[2])
         else:
             log.error("shadow: the challenger %s failed: %s", self.version, outcome[2])
             self.failed.inc(outcome[1])
+        self.cpu.inc(outcome[-1])
         return None
 
-    def _log(self, scored: list[tuple]) -> None:
-        for request_id, answers, agreed in scored:
+    def _log(self, requests: list[tuple], answers: np.ndarray | list) -> None:
+        """Log each request's share of `answers` (shadow_worker.py `score`)."""
+        start = 0
+        for request_id, items, _ in requests:
             if self.prediction_log is not None:
-                self.prediction_log.record_shadow(request_id, self.challenger, answers)
-            self.agreed.inc(agreed)
-            self.scored.inc(len(answers))
+                self.prediction_log.record_shadow(request_id, self.challenger,
+                                                  answers[start:start + items])
+            start += items
+        self.agreed.inc(sum(agreed for *_, agreed in requests))
+        self.scored.inc(start)
 
 
 def end_feeder(requests, timeout: float) -> None:

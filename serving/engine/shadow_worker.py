@@ -8,9 +8,10 @@ the answers slowing. A process of its own, not a thread, because a thread shares
 server's GIL: one that the scheduler has parked while holding it stalls the event
 loop, and the request path's p99 suffered for it.
 
-It takes what is queued, as one batch of up to `max_batch` items, scores it, and
-sends back each request's answers and how many agreed with the champion's; the
-server process logs them (the prediction log's rules and queue stay in one place).
+It takes what is queued (the server process sends requests in batches), about
+`max_batch` items at a time, scores them, and sends back each request's answers and
+how many agreed with the champion's; the server process logs them (the prediction
+log's rules and queue stay in one place).
 
 It never outlives its server process: before each batch (and every second while
 nothing is queued) it checks that its parent is still the server process, and when that
@@ -28,6 +29,8 @@ import signal
 import time
 import traceback
 
+import numpy as np
+
 from serving.engine.batcher import infer
 from serving.engine.following import load_warm
 from serving.predlog.rows import next_word_answers
@@ -35,9 +38,6 @@ from serving.predlog.rows import next_word_answers
 log = logging.getLogger("serving")
 STOP = None
 PARENT_CHECK_S = 1.0  # how often a waiting worker checks that its server still lives
-# How long a batch waits to fill up: nobody waits for the shadow's answers, and a model
-# call on a full batch costs far less per item than on a few.
-FILL_S = 0.05
 
 
 def lowest_priority() -> None:
@@ -51,8 +51,9 @@ def lowest_priority() -> None:
 
 
 def take(requests, max_batch: int, parent: int) -> list | None:
-    """The requests waiting, up to `max_batch` items (at least one request); STOP
-    when told to, or when the server process is gone (it was killed)."""
+    """The requests waiting, in the messages that hold the first `max_batch` items
+    (at least one message); STOP when told to, or when the server process is gone
+    (it was killed)."""
     while True:
         if os.getppid() != parent:
             return STOP
@@ -63,46 +64,50 @@ def take(requests, max_batch: int, parent: int) -> list | None:
             continue
     if first is STOP:
         return STOP
-    batch, items = [first], len(first[1])
-    deadline = time.monotonic() + FILL_S
-    while items < max_batch:
+    batch = list(first)
+    items = sum(len(entry[1]) for entry in batch)
+    while items < max_batch:  # what else waits (the server process fills the batches)
         try:
-            entry = requests.get(timeout=max(0.0, deadline - time.monotonic()))
+            message = requests.get_nowait()
         except queue.Empty:
             break
-        if entry is STOP:  # finish this batch, then stop
+        if message is STOP:  # finish this batch, then stop
             requests.put(STOP)
             break
-        batch.append(entry)
-        items += len(entry[1])
+        batch += message
+        items += sum(len(entry[1]) for entry in message)
     return batch if os.getppid() == parent else STOP
 
 
-def score(bundle, batch: list) -> list[tuple]:
-    """(request_id, its answers as the log takes them, how many agreed) per request.
-    An entry is (request_id, items, the champion's labels, k): class indices for a
-    classifier, top words for a next-word model, which answers `k` words per text."""
+def score(bundle, batch: list) -> tuple[list[tuple], np.ndarray | list]:
+    """Each request's (request_id, how many items, how many agreed), and the answers
+    to all their items in order, as the log takes them (one array for a classifier:
+    cheaper to send than an array per request). An entry is (request_id, items, the
+    champion's labels, k): class indices for a classifier, top words for a next-word
+    model, which answers `k` words per text."""
     items = [item for _, request_items, _, _ in batch for item in request_items]
-    if bundle.decoder is not None:  # each text's top words, as the batcher computes them
-        answers, _ = infer(bundle, items, max(k for *_, k in batch))
-    else:
-        answers = bundle.predict_proba(items, batch_size=max(len(items), 1))
-    scored, start = [], 0
+    # as the batcher scores the champion's: texts in length groups (a batch padded to
+    # its longest text costs up to twice as much per text), a next-word model's top words
+    answers, _ = infer(bundle, items, max(k for *_, k in batch))
+    requests, logged, start = [], [], 0
     for request_id, request_items, champion, k in batch:
         mine = answers[start:start + len(request_items)]
         start += len(request_items)
         if bundle.decoder is not None:
             mine = next_word_answers([row[:k] for row in mine])
+            logged += mine
             agreed = sum(label == top for (label, _), top in zip(mine, champion, strict=True))
         else:
             agreed = int((mine.argmax(1) == champion).sum())
-        scored.append((request_id, mine, agreed))
-    return scored
+        requests.append((request_id, len(request_items), agreed))
+    return requests, logged if bundle.decoder is not None else answers
 
 
 def run(path: str, settings, requests, results, max_batch: int, parent: int) -> None:
     """The worker's main: load the challenger, then score until STOP. Each batch's
-    outcome goes to `results`: ("scored", [...]) or ("failed", items, why)."""
+    outcome goes to `results`, with the CPU seconds this process spent since the last
+    one (what shadow mode costs, on /metrics): ("scored", requests, answers, cpu)
+    (`score`) or ("failed", items, why, cpu)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lowest_priority()
     try:
@@ -110,12 +115,15 @@ def run(path: str, settings, requests, results, max_batch: int, parent: int) -> 
     except Exception as err:  # noqa: BLE001 - reported to the server process
         results.put(("broken", 0, f"{type(err).__name__}: {err}"))
         return
+    counted = time.process_time()  # loading is not scoring
     while (batch := take(requests, max_batch, parent)) is not STOP:
         try:
-            results.put(("scored", score(bundle, batch)))
+            outcome = ("scored", *score(bundle, batch))
         except Exception:  # noqa: BLE001 - the challenger never fails a request
-            results.put(("failed", sum(len(entry[1]) for entry in batch),
-                         traceback.format_exc(limit=5)))
+            outcome = ("failed", sum(len(entry[1]) for entry in batch),
+                       traceback.format_exc(limit=5))
+        spent, counted = time.process_time() - counted, time.process_time()
+        results.put((*outcome, spent))
     if os.getppid() != parent:  # orphaned: nobody will read what is left to send
         results.cancel_join_thread()
         requests.cancel_join_thread()

@@ -119,6 +119,8 @@ class ServiceMetrics:
                               "it failed in canary mode", ["outcome"], registry=r)
         for outcome in ("scored", "dropped", "agreed", "failed"):
             self.shadow.labels(outcome)
+        self.shadow_cpu = Counter("textops_shadow_cpu_seconds", "CPU time the shadow's "
+                                  "challenger process spent scoring", registry=r)
         self.live_quality = LiveQuality()
         self.promotion = PromotionEvidence()  # the controller's latest decision
         # The collectors computed at scrape time, from this process's state (the live

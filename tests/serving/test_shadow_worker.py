@@ -83,6 +83,23 @@ def test_a_batch_the_challenger_fails_is_counted_and_the_worker_goes_on(shadow_o
     assert counted(metrics, "scored") == 1
 
 
+def test_the_workers_cpu_time_is_counted_and_its_loading_is_not(shadow_of, metrics):
+    def cpu() -> float:
+        return metrics.registry.get_sample_value("textops_shadow_cpu_seconds_total")
+
+    shadow = shadow_of(capacity=20 * 16)
+    ready(shadow, metrics)
+    eventually(lambda: cpu() > 0)
+    after_one = cpu()
+    for i in range(20):
+        shadow.offer(f"r{i}", ["good film"] * 16, PROBS.repeat(16, 0))
+    eventually(lambda: counted(metrics, "scored") == 1 + 20 * 16)
+    eventually(lambda: cpu() > after_one)
+    stat = Path(f"/proc/{shadow.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    whole_life = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    assert cpu() < whole_life  # loading the challenger is most of it, and not counted
+
+
 def test_a_challenger_that_cannot_be_loaded_leaves_the_shadow_dead_saying_why(
         shadow_of, metrics, tmp_path):
     shadow = shadow_of(tmp_path / "missing")
@@ -126,13 +143,13 @@ def test_the_worker_ignores_ctrl_c(shadow_of, metrics):
 def test_close_leaves_no_process_thread_or_queued_data(shadow_of, metrics, capfd, worker):
     """A worker that takes nothing (starved of CPU, or dead) while the queue is full:
     the feeder thread that is blocked on the full pipe ends too, quietly."""
-    shadow = shadow_of(capacity=40)
+    shadow = shadow_of(capacity=64)  # two messages of 32 texts
     ready(shadow, metrics)
     os.kill(shadow.process.pid, signal.SIGSTOP)
-    text = "good film " * 2000  # 40 requests of 20 kB: far more than a pipe holds
-    for i in range(40):
+    text = "good film " * 2000  # 96 requests of 20 kB: far more than a pipe holds
+    for i in range(96):
         shadow.offer(f"r{i}", [text], PROBS)
-    assert shadow.requests.full()
+    assert shadow.requests.full() and counted(metrics, "dropped") == 32
     if worker == "dead":
         shadow.process.kill()
         eventually(lambda: shadow.dead)
@@ -147,7 +164,7 @@ def test_a_worker_takes_no_batch_for_a_server_process_that_is_gone():
     """Its parent is no longer the server process: it stops before the next batch."""
     queue = multiprocessing.get_context("spawn").Queue()
     try:
-        queue.put(("r1", ["good film"], np.array([0]), 1))
+        queue.put([("r1", ["good film"], np.array([0]), 1)])
         eventually(lambda: not queue.empty())
         assert shadow_worker.take(queue, 8, os.getppid() + 1) is shadow_worker.STOP
         batch = shadow_worker.take(queue, 8, os.getppid())
@@ -169,7 +186,7 @@ ORPHAN = textwrap.dedent("""
         sys.argv[1], Settings(intra_op_threads=1), requests, results, 64, os.getpid()))
     worker.start()
     for i in range(400):
-        requests.put((f"r{i}", ["good film"] * 64, np.zeros(64, dtype=int), 1))
+        requests.put([(f"r{i}", ["good film"] * 64, np.zeros(64, dtype=int), 1)])
     while requests.qsize() > 200:  # its answers to 200 (100 kB) wait, never read
         time.sleep(0.05)
     print(worker.pid, flush=True)

@@ -1,0 +1,127 @@
+"""The CPU shadow scoring costs per text, against the challenger's own inference CPU
+(bench/bench_shadow.py publishes both).
+
+Measured without a champion or HTTP beside it, whose CPU per text varies by more
+than the shadow's whole cost at a load the shadow keeps up with: a `Shadow` as a
+server process runs it (serving/engine/shadow.py: its worker process, and a
+prediction log on SQLite that stores the challenger's answers) is offered requests
+of one text each at a steady rate. Its cost is the worker's CPU
+(`textops_shadow_cpu_seconds`) plus this process's (offering, sending, receiving
+and logging), per text scored.
+
+The challenger's own inference CPU is measured in a process of its own, loaded as
+the worker loads it (one onnxruntime thread, warmed up), on the same texts in
+batches of 64 in length groups, as a service's batcher runs them. Measured in this
+process instead, the same inference came out 10-20% cheaper than in any spawned
+process, shadow worker or not: the like-for-like baseline is a process like the
+worker's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serving.bundle import Bundle, RuntimeOptions
+from serving.engine.batcher import infer
+from serving.engine.following import load_warm
+from serving.engine.shadow import Shadow
+from serving.monitoring.metrics import ServiceMetrics
+from serving.predlog.writer import PredictionLog
+from serving.settings import Settings
+
+BATCH = 64
+RATE = 1000  # texts per second offered: about what each of a loaded service's two
+# server processes answers at concurrency 32 (docs/results/shadow.md), where shadow mode's
+# fixed costs (its threads' wake-ups) weigh as they do in a busy service
+
+
+def own_inference(bundle_dir: Path, texts: list[str], passes: int, results) -> None:
+    """(In a process of its own) the CPU per text, in microseconds, of each pass of
+    the challenger's inference over `texts`."""
+    settings = Settings().model_copy(update={"intra_op_threads": 1})
+    bundle = load_warm(bundle_dir, settings)
+    per_pass = []
+    for _ in range(passes):
+        started = time.process_time()
+        for i in range(0, len(texts), BATCH):
+            infer(bundle, texts[i:i + BATCH])
+        per_pass.append((time.process_time() - started) / len(texts) * 1e6)
+    results.put(per_pass)
+
+
+def own_cpu_per_text(bundle_dir: Path, texts: list[str], passes: int = 3) -> float:
+    """The challenger's own inference CPU per text (microseconds), median of passes."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=own_inference, args=(bundle_dir, texts, passes, results))
+    process.start()
+    per_pass = results.get(timeout=600)
+    process.join()
+    return statistics.median(per_pass)
+
+
+def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path) -> dict[str, float]:
+    """Shadow scoring's CPU per text scored (microseconds): `worker`, `handover` (this
+    process: offering, sending, receiving, logging) and `total`."""
+    metrics = ServiceMetrics(drift_window=10)
+    log = PredictionLog(f"sqlite:///{where}/shadow-cpu.db", metrics)
+    log.start()
+    challenger = Bundle.load(bundle_dir, "int8", RuntimeOptions(intra_op_threads=1))
+    shadow = Shadow(challenger, Settings(), metrics, log, capacity=100_000, max_batch=BATCH)
+    # read from the two counters alone: the registry's every collector costs this
+    # process milliseconds a scrape
+    scored = lambda: total(metrics.shadow, {"outcome": "scored"})  # noqa: E731
+    worker_cpu = lambda: total(metrics.shadow_cpu)  # noqa: E731
+    champion = np.array([[0.2, 0.8]], dtype=np.float32)
+    try:
+        shadow.offer("warm-up", texts[:1], champion)
+        wait_for(lambda: scored() == 1, shadow)
+        log.flush()
+        worker_before, started = worker_cpu(), time.process_time()
+        tick = time.monotonic()
+        for i, text in enumerate(texts):
+            shadow.offer(f"r{i}", [text], champion)
+            if i % 10 == 9:  # a steady RATE, ten at a time
+                tick += 10 / RATE
+                time.sleep(max(0.0, tick - time.monotonic()))
+        wait_for(lambda: scored() == 1 + len(texts), shadow)
+        log.flush()
+        handover = (time.process_time() - started) / len(texts) * 1e6
+        worker = (worker_cpu() - worker_before) / len(texts) * 1e6
+    finally:
+        shadow.close()
+        log.close()
+    return {"worker": worker, "handover": handover, "total": worker + handover}
+
+
+def total(counter, labels: dict | None = None) -> float:
+    return sum(sample.value for family in counter.collect() for sample in family.samples
+               if sample.name.endswith("_total") and sample.labels == (labels or {}))
+
+
+def wait_for(done, shadow: Shadow, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if shadow.dead or time.monotonic() > deadline:
+            raise RuntimeError(f"the shadow did not score what it was offered: {shadow.dead}")
+        time.sleep(0.05)
+
+
+def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 3) -> dict:
+    """Shadow scoring's CPU per text and the challenger's own, in alternate rounds;
+    each figure the median of its rounds."""
+    own, shadow = [], []
+    for round_ in range(rounds):
+        own.append(own_cpu_per_text(bundle_dir, texts))
+        shadow.append(shadow_cpu_per_text(bundle_dir, texts, where))
+        print(f"shadow CPU, round {round_ + 1}: own {own[-1]:.1f} us/text, shadow "
+              f"{shadow[-1]['total']:.1f} (worker {shadow[-1]['worker']:.1f}, handing over "
+              f"and logging {shadow[-1]['handover']:.1f})", flush=True)
+    return {"own": statistics.median(own),
+            **{part: statistics.median(r[part] for r in shadow) for part in shadow[0]},
+            "rounds": {"own": own, "shadow": shadow}}
