@@ -1,4 +1,5 @@
-"""`textops promote`, `rollback` and `history`: which registered version is the champion."""
+"""`textops promote`, `rollback`, `history`, `challenge`, `decide` and `clear-stop`: which
+registered version is the champion, and which challenges it."""
 
 from __future__ import annotations
 
@@ -74,9 +75,9 @@ def rollback(version: str = typer.Argument(None, help="a version to return to (d
 
 def history() -> None:
     """Every registered version of the pipeline's model, newest first: its gate verdict,
-    accuracy, and which is the champion; then every move of the champion and
-    challenger aliases (the audit trail): when, from and to which version, who or what
-    moved it, and why.
+    accuracy, and which is the champion; then the audit trail: every move of the
+    champion and challenger aliases, and every canary stop cleared (`canary-stop`):
+    when, from and to which version, who or what moved it, and why.
 
     Examples:
 
@@ -125,9 +126,26 @@ def challenge(version: str = typer.Argument(..., help="the registry version, e.g
     typer.echo(f"{name} challenger is now v{version}")
 
 
-def decide(log: str = typer.Option(None, "--log", help="the prediction log's URL "
-                                   "(default: TEXTOPS_PREDICTION_LOG, else "
-                                   "retrain.prediction_log)"),
+LOG = typer.Option(None, "--log", help="the prediction log's URL (default: "
+                   "TEXTOPS_PREDICTION_LOG, else retrain.prediction_log)")
+
+
+def prediction_log(log: str | None, cfg) -> str:
+    return log or os.environ.get("TEXTOPS_PREDICTION_LOG") or cfg.retrain.prediction_log
+
+
+def log_failure(command: str, log_url: str, err: Exception) -> Exception:
+    """The error to exit with for `err` from the prediction log's database: a message
+    naming the log, not a traceback (anything else is raised as it is)."""
+    from serving.predlog.store import redacted
+
+    if type(err).__module__.split(".")[0] not in ("sqlite3", "psycopg2"):
+        raise err
+    return fail(f"{command}: the prediction log {redacted(log_url)}: "
+                f"{type(err).__name__}: {err}")
+
+
+def decide(log: str = LOG,
            dry_run: bool = typer.Option(False, "--dry-run", help="decide and record, move "
                                         "nothing")) -> None:
     """Weigh the challenger against the champion on production labels (shadow mode's
@@ -147,19 +165,16 @@ def decide(log: str = typer.Option(None, "--log", help="the prediction log's URL
 
     module, name, paths = registry()
     cfg = load_params()
-    log_url = log or os.environ.get("TEXTOPS_PREDICTION_LOG") or cfg.retrain.prediction_log
-    from serving.predlog.store import PredictionLogError, redacted
+    log_url = prediction_log(log, cfg)
+    from serving.predlog.store import PredictionLogError
 
     try:
         result = check(name, OmegaConf.to_container(cfg.promotion), log_url, paths,
                        act=not dry_run)
     except (module.RegistryError, PredictionLogError) as err:
         raise fail(f"decide: {err}") from err
-    except Exception as err:  # the database: a message naming the log, not a traceback
-        if type(err).__module__.split(".")[0] not in ("sqlite3", "psycopg2"):
-            raise
-        raise fail(f"decide: the prediction log {redacted(log_url)}: "
-                   f"{type(err).__name__}: {err}") from err
+    except Exception as err:
+        raise log_failure("decide", log_url, err) from err
     if result["outcome"] is None:
         typer.echo(f"decide: nothing to decide: {result['reason']}")
         return
@@ -168,4 +183,35 @@ def decide(log: str = typer.Option(None, "--log", help="the prediction log's URL
                f"{result['outcome']}{moved}: {result['reason']}")
 
 
-COMMANDS = [promote, rollback, history, challenge, decide]
+def clear_stop(version: str = typer.Argument(..., help="the registry version, e.g. 4"),
+               log: str = LOG, reason: str = REASON) -> None:
+    """Clear the stop of a version's canary, which the service's guards (failures,
+    p99) recorded in the prediction log: a stop stands, and no service runs that
+    version's canary, until a person says the trip was not the model's fault (a
+    node under load, a dependency down). Then `textops challenge` runs its canary
+    again. The clearing goes to the audit trail (`textops history`) with the stop's
+    reason.
+
+    Examples:
+
+      textops clear-stop 4 --reason "p99 tripped while the node was draining"
+      textops challenge 4 --reason "canary again after the node's drain"
+    """
+    from pipeline.config import load_params
+    from pipeline.promotion.controller import clear_canary_stop
+    from pipeline.tracking.audit import actor
+    from serving.predlog.store import PredictionLogError
+
+    module, name, _ = registry()
+    log_url = prediction_log(log, load_params())
+    try:
+        why = clear_canary_stop(name, version, log_url, actor("clear-stop"),
+                                reason or "by hand")
+    except (module.RegistryError, PredictionLogError) as err:
+        raise fail(f"clear-stop: {err}") from err
+    except Exception as err:
+        raise log_failure("clear-stop", log_url, err) from err
+    typer.echo(f"{name} v{version}: its canary stop is cleared (it was: {why})")
+
+
+COMMANDS = [promote, rollback, history, challenge, decide, clear_stop]

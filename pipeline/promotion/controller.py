@@ -16,7 +16,9 @@ asks `decide` (`promotion.mode` picks the test), and:
 - **continue**: nothing moves.
 A canary that its operational guards stopped in the service (failures, p99; the log
 records it: serving/predlog/canary_stops.py) is rolled back whatever its labels say,
-with the guard's reason as the decision's.
+with the guard's reason as the decision's. A stop stands until a person clears it
+(`clear_canary_stop`, when the trip was the machine's fault and not the model's);
+then `textops challenge` runs the same version's canary again.
 Every decision, acted on or not, is an MLflow run in the `promotion-decisions`
 experiment (counts, e-value, p-value, effect and interval), the challenger version's
 `decision` tag and a section of its model card in the registry (card.py); services
@@ -53,6 +55,8 @@ from serving.predlog.canary_stops import is_missing_table
 from serving.predlog.schema import CANARY_LABELS, CANARY_STOPPED, PAIRED_LABELS
 from serving.predlog.store import open_store
 
+CANARY_STOP = "canary-stop"  # the audit trail's name for a canary stop cleared by hand
+
 
 def read(log_url: str, statement: str, args: tuple) -> list[tuple]:
     """A query's rows from the prediction log, opened read-only."""
@@ -85,7 +89,7 @@ def canary_counts(log_url: str, champion_bundle: str, challenger_bundle: str,
 
 def canary_stop(log_url: str, challenger_bundle: str) -> str | None:
     """Why the service's guards stopped the challenger's canary, if they did (a stop
-    is final: serving/predlog/canary_stops.py)."""
+    stands until `clear_canary_stop`: serving/predlog/canary_stops.py)."""
     try:
         rows = read(log_url, CANARY_STOPPED, (challenger_bundle,))
     except Exception as err:
@@ -93,6 +97,31 @@ def canary_stop(log_url: str, challenger_bundle: str) -> str | None:
             return None
         raise
     return rows[0][0] if rows else None
+
+
+def clear_canary_stop(name: str, version: str, log_url: str, by: str, reason: str) -> str:
+    """Let registered `version` run a canary again (`textops clear-stop`): its stop is
+    deleted from the log, and the clearing goes to the audit trail (alias
+    `canary-stop`, kind `cleared`) with the stop's reason as evidence. Returns that
+    reason; RegistryError when the log holds no stop of it."""
+    client = mlflow.MlflowClient()
+    bundle = bundle_version(client, name, version)
+    try:
+        store = open_store(log_url, create=False)
+        try:
+            why = store.clear_canary_stop(bundle)
+        finally:
+            store.close()
+    except Exception as err:
+        if not is_missing_table(err):
+            raise
+        why = None
+    if why is None:
+        raise registry.RegistryError(f"{name} v{version} (bundle {bundle}) has no canary "
+                                     f"stop in the prediction log")
+    audit.record(client, name, CANARY_STOP, version, None, "cleared", by, reason,
+                 {"stop": why})
+    return why
 
 
 def challenge_started(client: mlflow.MlflowClient, name: str, challenger: str) -> float:

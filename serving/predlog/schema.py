@@ -112,11 +112,14 @@ ORPHAN_SHADOW = """
           AND p.position = shadow_predictions.position)"""
 
 # The first stop of a challenger's canary is the one kept: it names what tripped first.
-# A stop is final: a fixed model is a new bundle version.
+# A stop stands until a person clears it (CLEAR_CANARY_STOP): a fixed model is a new
+# bundle version, but a trip caused by the machine is not the model's.
 INSERT_CANARY_STOP = """
     INSERT INTO canary_stops (challenger_version, champion_version, created, reason)
     VALUES (?, ?, ?, ?) ON CONFLICT (challenger_version) DO NOTHING"""
 CANARY_STOPPED = "SELECT reason FROM canary_stops WHERE challenger_version = ?"
+# A person's call that a stop was not the model's fault (`textops clear-stop`).
+CLEAR_CANARY_STOP = "DELETE FROM canary_stops WHERE challenger_version = ?"
 
 # Labelled requests that the champion and a challenger both answered since `?` (unix
 # seconds): the paired outcomes of shadow mode (pipeline/promotion/controller.py). The

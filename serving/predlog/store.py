@@ -37,6 +37,8 @@ from pathlib import Path
 
 from serving.monitoring.live_stats import LiveStats
 from serving.predlog.schema import (
+    CANARY_STOPPED,
+    CLEAR_CANARY_STOP,
     FORGET_FEEDBACK,
     FORGET_SHADOW,
     INSERT_CANARY_STOP,
@@ -163,6 +165,16 @@ class LogStore:
         with self.connection:
             self.connection.cursor().execute(self._sql(INSERT_CANARY_STOP),
                                              (challenger, champion, created, reason))
+
+    def clear_canary_stop(self, challenger: str) -> str | None:
+        """Delete `challenger`'s canary stop; the reason it had, None if it had none."""
+        with self.connection:
+            cursor = self.connection.cursor()
+            cursor.execute(self._sql(CANARY_STOPPED), (challenger,))
+            found = cursor.fetchone()
+            if found:
+                cursor.execute(self._sql(CLEAR_CANARY_STOP), (challenger,))
+        return found[0] if found else None
 
     def record_feedback(self, items: list[tuple[str, int, str]], created: float
                         ) -> list[tuple[str, int]]:

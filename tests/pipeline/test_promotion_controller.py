@@ -204,6 +204,38 @@ def test_a_canary_its_guards_stopped_is_rolled_back_whatever_its_labels(register
     assert "guards stopped the canary" in client.get_model_version(name, v2).description
 
 
+def test_a_stop_cleared_by_a_person_no_longer_rolls_the_canary_back(registered):
+    """`textops clear-stop`: the stop leaves the log, the clearing is in the audit trail
+    with the stop's reason, and the canary's labels decide again."""
+    from pipeline.promotion.controller import canary_stop, clear_canary_stop
+    from pipeline.tracking import audit
+    from serving.predlog.canary_stops import CanaryStops
+
+    name, paths, log, v1, v2 = registered
+    with pytest.raises(registry.RegistryError, match=f"v{v2} .*has no canary stop"):
+        clear_canary_stop(name, v2, log, "a person", "no stop yet")  # nothing logged yet
+    set_challenger(name, v2)
+    log_canary(log, [("champ-1", n % 10 < 7) for n in range(600)]
+               + [("chall-2", n % 20 != 0) for n in range(300)])
+    stops = CanaryStops(log)
+    stops.record("chall-2", "champ-1", "p99 2.4x the champion's")
+    stops.close()
+    canary = {**PROMOTION, "mode": "canary"}
+    assert check(name, canary, log, paths, act=False)["outcome"] == "rollback"
+
+    assert clear_canary_stop(name, v2, log, "a person", "the node was draining") == \
+        "p99 2.4x the champion's"
+    assert canary_stop(log, "chall-2") is None
+    assert check(name, canary, log, paths, act=False)["outcome"] == "promote"
+    cleared = audit.moves(mlflow.MlflowClient(), name)[0]
+    assert (cleared["alias"], cleared["from_version"], cleared["kind"], cleared["actor"],
+            cleared["reason"], cleared["evidence"]) == (
+        "canary-stop", v2, "cleared", "a person", "the node was draining",
+        {"stop": "p99 2.4x the champion's"})
+    with pytest.raises(registry.RegistryError, match="has no canary stop"):
+        clear_canary_stop(name, v2, log, "a person", "twice")
+
+
 def test_only_answers_made_during_this_challenge_are_evidence(registered):
     name, paths, log, v1, v2 = registered
     log_pairs(log, "champ-1", "chall-2", [(False, True)] * 30)  # an earlier challenge

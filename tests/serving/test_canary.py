@@ -197,6 +197,16 @@ def test_a_stop_in_one_server_process_stops_the_canary_in_every_other(monkeypatc
     assert later.canary is None
     assert later.shadow_error == ("canary stopped: the challenger c-1 failed 2 requests (of "
                                   "its latest 2) (recorded in the prediction log)")
+
+    # a person clears the stop (`textops clear-stop`): the canary runs again
+    store = open_store(log)
+    assert store.clear_canary_stop("c-1") == "failed 2 requests (of its latest 2)"
+    assert store.clear_canary_stop("c-1") is None
+    store.close()
+    monkeypatch.setattr("serving.engine.challenger.Canary",
+                        lambda challenger, *args: SimpleNamespace(challenger=challenger))
+    asyncio.run(later.start_challenger())
+    assert later.canary is not None and later.shadow_error is None
     for service in (tripping, other, another_challenger, later):  # never started: no writer
         service.canary_stops.close()
 

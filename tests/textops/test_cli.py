@@ -19,7 +19,7 @@ from textops.deploy_check import check
 
 COMMANDS = {"run", "deploy", "undeploy", "serve", "predict", "promote", "rollback",
             "history", "retrain", "tune", "report", "label-queue", "label-import",
-            "challenge", "decide"}
+            "challenge", "decide", "clear-stop"}
 TEXTOPS = Path(sys.executable).parent / "textops"
 
 
