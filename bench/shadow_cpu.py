@@ -7,10 +7,11 @@ server process runs it (serving/engine/shadow.py: its worker process, and a
 prediction log on SQLite that stores the challenger's answers) is offered requests
 of one text each at a steady rate. Its cost is the worker's CPU
 (`textops_shadow_cpu_seconds`) plus this process's (offering, sending, receiving
-and logging), per text scored.
+and logging; less what pacing the same requests costs with no shadow to offer them
+to, which a service spends on its requests anyway), per text scored.
 
 The challenger's own inference CPU is measured in a process of its own, loaded as
-the worker loads it (one onnxruntime thread, warmed up), on the same texts in
+the worker loads it (one thread, warmed up), on the same texts in
 batches of 64 in length groups, as a service's batcher runs them. Measured in this
 process instead, the same inference came out 10-20% cheaper than in any spawned
 process, shadow worker or not: the like-for-like baseline is a process like the
@@ -20,6 +21,7 @@ worker's.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from serving.predlog.writer import PredictionLog
 from serving.settings import Settings
 
 BATCH = 64
+CHAMPION = np.array([[0.2, 0.8]], dtype=np.float32)  # the champion's answer to a request
 RATE = 1000  # texts per second offered: about what each of a loaded service's two
 # server processes answers at concurrency 32 (docs/results/shadow.md), where shadow mode's
 # fixed costs (its threads' wake-ups) weigh as they do in a busy service
@@ -43,6 +46,7 @@ RATE = 1000  # texts per second offered: about what each of a loaded service's t
 def own_inference(bundle_dir: Path, texts: list[str], passes: int, results) -> None:
     """(In a process of its own) the CPU per text, in microseconds, of each pass of
     the challenger's inference over `texts`."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as the worker runs: one thread
     settings = Settings().model_copy(update={"intra_op_threads": 1})
     bundle = load_warm(bundle_dir, settings)
     per_pass = []
@@ -77,26 +81,34 @@ def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path) -> dict
     # process milliseconds a scrape
     scored = lambda: total(metrics.shadow, {"outcome": "scored"})  # noqa: E731
     worker_cpu = lambda: total(metrics.shadow_cpu)  # noqa: E731
-    champion = np.array([[0.2, 0.8]], dtype=np.float32)
     try:
-        shadow.offer("warm-up", texts[:1], champion)
+        shadow.offer("warm-up", texts[:1], CHAMPION)
         wait_for(lambda: scored() == 1, shadow)
         log.flush()
+        pacing = offered(texts, lambda *request: None)  # what a service pays anyway
         worker_before, started = worker_cpu(), time.process_time()
-        tick = time.monotonic()
-        for i, text in enumerate(texts):
-            shadow.offer(f"r{i}", [text], champion)
-            if i % 10 == 9:  # a steady RATE, ten at a time
-                tick += 10 / RATE
-                time.sleep(max(0.0, tick - time.monotonic()))
+        offered(texts, shadow.offer)
         wait_for(lambda: scored() == 1 + len(texts), shadow)
         log.flush()
-        handover = (time.process_time() - started) / len(texts) * 1e6
+        handover = (time.process_time() - started - pacing) / len(texts) * 1e6
         worker = (worker_cpu() - worker_before) / len(texts) * 1e6
     finally:
         shadow.close()
         log.close()
     return {"worker": worker, "handover": handover, "total": worker + handover}
+
+
+def offered(texts: list[str], offer) -> float:
+    """Offer each text as a request of its own at a steady RATE; this process's CPU
+    seconds for it. Pacing alone (`offer` doing nothing) costs this process CPU too
+    (waking up a hundred times a second), which the shadow is not charged with."""
+    started, tick = time.process_time(), time.monotonic()
+    for i, text in enumerate(texts):
+        offer(f"r{i}", [text], CHAMPION)
+        if i % 10 == 9:  # ten at a time
+            tick += 10 / RATE
+            time.sleep(max(0.0, tick - time.monotonic()))
+    return time.process_time() - started
 
 
 def total(counter, labels: dict | None = None) -> float:

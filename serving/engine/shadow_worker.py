@@ -110,6 +110,8 @@ def run(path: str, settings, requests, results, max_batch: int, parent: int) -> 
     (`score`) or ("failed", items, why, cpu)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lowest_priority()
+    # one thread in all: the tokenizer's own pool would spin on cores the service needs
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         bundle = load_warm(path, settings)
     except Exception as err:  # noqa: BLE001 - reported to the server process
