@@ -17,8 +17,9 @@ each, and the halves added up), with one item and 16 items per request, loopback
   2. this service as deployed: one server process per core, micro-batching on (int8);
   3. this service, batching off;
   4. this service in one process (what it was before it used every core);
-  4b. the HTTP floor: FastAPI on uvicorn as the service runs them, answering a fixed
-     body (bench/http_floor.py): what HTTP alone allows beside this load generator;
+  4b. the HTTP floor: uvicorn as the service runs it, a bare ASGI app answering a
+     fixed body (bench/http_floor.py; the service's /predict is a plain ASGI handler
+     too): what HTTP alone allows beside this load generator;
   5. naive baseline: FastAPI calling the PyTorch checkpoint once per request;
   6. `mlflow models serve` of the registered champion;
   7. the servers a user would pick instead, each wrapping the same int8 model and
@@ -74,7 +75,7 @@ SERVICE_OFF = "service, batching off"
 SERVICE_ONE = "service, 1 process"
 NAIVE = "naive FastAPI + PyTorch"
 MLFLOW = "mlflow models serve"
-HTTP_FLOOR = "HTTP floor: FastAPI, a fixed answer"
+HTTP_FLOOR = "HTTP floor: uvicorn, a fixed answer"
 PEER_NAMES = set(peers.PEERS)
 
 
@@ -404,8 +405,7 @@ def report(results: dict, setups: list[Setup], failed: dict[str, str],
             ratios[f"2/1 ({workload.count(per_request)})"] = (
                 tps(SERVICE, key) / tps("in-process limit", key))
         if tps(HTTP_FLOOR, key) and tps("in-process limit", key):
-            # the most any FastAPI service could reach against the limit, and the
-            # service's share of what HTTP alone allows
+            # what HTTP alone allows against the limit, and the service's share of it
             ratios[f"floor/1 ({workload.count(per_request)})"] = (
                 tps(HTTP_FLOOR, key) / tps("in-process limit", key))
             ratios[f"2/floor ({workload.count(per_request)})"] = (

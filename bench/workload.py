@@ -93,9 +93,10 @@ concurrencies (`per request x concurrency`), against the same int8 model served 
 the alternatives a user would pick (bench/peers/) and an in-process limit (the ONNX model
 called without HTTP). Each point is measured in every setting in order, then in reverse
 order, so that a drift of the machine's speed weighs on all alike; only the server under
-load runs. The HTTP floor is FastAPI on uvicorn as the service runs
-them, answering a fixed body (bench/http_floor.py): what HTTP alone allows beside this
-load generator, so the service's share of it is the cost of its own work per request.
+load runs. The HTTP floor is uvicorn as the service runs it with a
+bare ASGI app answering a fixed body (bench/http_floor.py; the service's /predict is a
+plain ASGI handler too): what HTTP alone allows beside this load generator, so the
+service's share of it is the cost of its own work per request.
 Run again: `python bench/bench_serving.py` (`make bench`)."""
 
     @classmethod
@@ -124,9 +125,10 @@ alternatives a user would pick (bench/peers/) and an in-process limit (the same 
 without HTTP: base64 and PNG decoding, then the ONNX model). Each point is measured in
 every setting in order, then in reverse order, so that a drift of the machine's speed
 weighs on all alike; only the server under load runs. The naive baseline serves the text
-model only and is left out. The HTTP floor is FastAPI on uvicorn as the service runs
-them, answering a fixed body (bench/http_floor.py): what HTTP alone allows beside this
-load generator, so the service's share of it is the cost of its own work per request.
+model only and is left out. The HTTP floor is uvicorn as the service runs it with a
+bare ASGI app answering a fixed body (bench/http_floor.py; the service's /predict is a
+plain ASGI handler too): what HTTP alone allows beside this load generator, so the
+service's share of it is the cost of its own work per request.
 Run again: `python bench/bench_serving.py --bundle <image bundle>`."""
 
     @classmethod
