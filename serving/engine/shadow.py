@@ -4,12 +4,13 @@ serving/engine/challenger.py), off the request path, and its answers are logged 
 the same request id, so that labels arriving through /feedback compare the two models
 on the same requests (pipeline/promotion/controller.py decides on them).
 
-The request path only adds the request to a batch and returns. A batch goes to a
-bounded queue as one message once it holds `max_batch_size` texts, or `SEND_S` after
-its first request: a message per request cost the two processes more CPU than the
-challenger's scoring itself (bench/bench_shadow.py measures the whole). A full queue
-drops the batch and counts its texts (`textops_shadow_texts{outcome="dropped"}`); the
-request path never waits. The challenger runs in a process of its own (serving/engine/
+The request path only adds the request to a batch and returns. A batch goes to the
+worker as one message once it holds `max_batch_size` texts, or about `SEND_S` (twice
+that at most) after its first request: a message per request cost the two processes more CPU than the
+challenger's scoring itself (bench/bench_shadow.py measures the whole). At most
+`capacity` texts wait (`TEXTOPS_SHADOW_QUEUE`); a request past that is dropped and
+its texts counted (`textops_shadow_texts{outcome="dropped"}`); the request path
+never waits. The challenger runs in a process of its own (serving/engine/
 shadow_worker.py, one per server process, one onnxruntime thread) at the lowest CPU
 priority: it takes what is queued, about `max_batch_size` texts at a time, only
 while the service leaves a core idle, so when the machine is saturated it falls
@@ -116,24 +117,28 @@ def word_rules(bundle: Bundle) -> tuple:
 
 
 class Shadow:
-    """The challenger's worker process (serving/engine/shadow_worker.py), the bounded
-    queue to it (`capacity` texts, in messages of `max_batch` texts), and the thread
-    that sends it what waits longer than SEND_S and logs what it sends back."""
+    """The challenger's worker process (serving/engine/shadow_worker.py), the queue to
+    it (at most `capacity` texts waiting, sent in batches of `max_batch`), and the
+    thread that sends it a batch that waited SEND_S and logs what it sends back."""
 
     def __init__(self, challenger: Bundle, settings: Settings, metrics: ServiceMetrics,
                  prediction_log: PredictionLog | None, capacity: int, max_batch: int):
         self.challenger, self.prediction_log = challenger, prediction_log
-        self.max_batch = max_batch
-        self.lock = threading.Lock()  # over the batch being filled, and `closing`
+        self.capacity, self.max_batch = capacity, max_batch
+        # over the batch being filled, the texts waiting, `closing` and `dead`; held
+        # while a batch is sent, so that none is sent behind STOP
+        self.lock = threading.Lock()
         self.batch: list[tuple] = []
         self.batch_items, self.batch_since = 0, 0.0
+        self.waiting = 0  # texts offered and not answered yet, the batch being filled too
         self.scored = metrics.shadow.labels("scored")
         self.dropped = metrics.shadow.labels("dropped")
         self.agreed = metrics.shadow.labels("agreed")
         self.failed = metrics.shadow.labels("failed")
         self.cpu = metrics.shadow_cpu
         context = multiprocessing.get_context("spawn")  # nothing of the server's state
-        self.requests = context.Queue(maxsize=max(1, -(-capacity // max_batch)))
+        # a message holds a text at least: `waiting` is the bound, with room for STOP
+        self.requests = context.Queue(maxsize=capacity + 1)
         self.results = context.Queue()
         # Nothing here reads what is queued: once the worker is gone, closing the
         # reader makes a feeder thread blocked on a full pipe fail quietly (`close`).
@@ -158,55 +163,49 @@ class Shadow:
         blocks. `champion`: its probabilities (a classifier), or each text's top word
         (a next-word model, whose challenger logs `k` next words per text)."""
         if isinstance(champion, np.ndarray):  # what agreement needs, not every number
-            champion = champion.argmax(1)
+            champion = champion.argmax(1).tolist()
         with self.lock:
-            if self.dead is not None or self.closing:
-                full = None
-            else:
+            taken = (self.dead is None and not self.closing
+                     and self.waiting + len(items) <= self.capacity)
+            if taken:
                 if not self.batch:
                     self.batch_since = time.monotonic()
                 self.batch.append((request_id, items, champion, k))
                 self.batch_items += len(items)
-                full = self._taken() if self.batch_items >= self.max_batch else []
-        if full is None:
+                self.waiting += len(items)
+                if self.batch_items >= self.max_batch:
+                    self._send()
+        if not taken:
             self.dropped.inc(len(items))
-        elif full:
-            self._send(full)
 
-    def _taken(self) -> list[tuple]:
-        """The batch being filled, a new one begun (the lock held)."""
+    def _send(self) -> None:
+        """Send the batch being filled and begin another (the lock held)."""
         batch, self.batch, self.batch_items = self.batch, [], 0
-        return batch
-
-    def _send(self, batch: list[tuple]) -> None:
-        try:
-            self.requests.put_nowait(batch)
-        except queue.Full:
-            self.dropped.inc(sum(len(items) for _, items, _, _ in batch))
-
-    def _send_waiting(self) -> None:
-        """Send the batch being filled if its first request has waited SEND_S."""
-        with self.lock:
-            due = self.batch and time.monotonic() - self.batch_since >= SEND_S
-            batch = self._taken() if due else []
         if batch:
-            self._send(batch)
+            self.requests.put_nowait(batch)  # never full: `waiting` bounds it
+
+    def _wait_s(self) -> float:
+        """How long the receiving thread may wait before a batch is due to be sent."""
+        with self.lock:
+            if not self.batch:
+                return SEND_S
+            return max(0.0, self.batch_since + SEND_S - time.monotonic())
+
+    def _send_due(self) -> None:
+        with self.lock:
+            if self.batch and time.monotonic() - self.batch_since >= SEND_S:
+                self._send()
 
     def close(self, timeout: float = 10) -> None:
         """Stop the worker once it has scored what is offered (killed after `timeout`,
-        or at once if it has no room for STOP: it is starved or dead), and leave no
-        thread or queued data behind."""
+        or at once when it is full, starved or dead), and leave no thread or queued
+        data behind."""
         with self.lock:
             self.closing = True
-            last = self._taken()
-        if last:
-            self._send(last)
-        stopping = self.process.is_alive()
-        if stopping:
-            try:
-                self.requests.put(STOP, timeout=min(timeout, 1.0))
-            except (queue.Full, ValueError, OSError):
-                stopping = False
+            self._send()
+            stopping = self.waiting < self.capacity and self.process.is_alive()
+            if stopping:
+                self.requests.put_nowait(STOP)
         if stopping:
             self.process.join(timeout)
         if self.process.is_alive():
@@ -222,22 +221,22 @@ class Shadow:
         """Log each request the worker scored; count what it could not."""
         try:
             while (why := self._take()) is None:
-                self._send_waiting()
+                self._send_due()
         except Exception as err:  # noqa: BLE001 - nothing reads the worker's answers now
             log.exception("shadow: cannot log the challenger's answers")
             why = f"its answers cannot be logged ({type(err).__name__}: {err})"
         if why and not self.closing:
-            with self.lock:
-                self.dead = why
-                stranded = self._taken()
-            self.dropped.inc(sum(len(items) for _, items, _, _ in stranded))
+            with self.lock:  # what it had not answered is dropped, and counted
+                self.dead, stranded, self.waiting = why, self.waiting, 0
+                self.batch, self.batch_items = [], 0
+            self.dropped.inc(stranded)
             log.error("shadow: the challenger %s no longer scores: %s", self.version, why)
 
     def _take(self) -> str | None:
         """Log or count the worker's next outcome; None while it runs on, else why it
         stopped ("" when told to)."""
-        try:  # waking only as often as a batch may wait to be sent
-            outcome = self.results.get(timeout=SEND_S)
+        try:  # waking when a batch is due to be sent, if not before
+            outcome = self.results.get(timeout=self._wait_s())
         except queue.Empty:
             if self.process.is_alive():
                 return None
@@ -246,16 +245,18 @@ class Shadow:
             return ""
         if outcome[0] == "broken":  # it could not load the challenger
             return f"it cannot be loaded: {outcome[2]}"
+        self.cpu.inc(outcome[-1])  # first: who reads `scored` finds its CPU counted
         if outcome[0] == "scored":
-            self._log(outcome[1], outcome[2])
+            answered = self._log(outcome[1], outcome[2])
         else:
             log.error("shadow: the challenger %s failed: %s", self.version, outcome[2])
-            self.failed.inc(outcome[1])
-        self.cpu.inc(outcome[-1])
+            self.failed.inc(answered := outcome[1])
+        with self.lock:
+            self.waiting -= answered
         return None
 
-    def _log(self, requests: list[tuple], answers: np.ndarray | list) -> None:
-        """Log each request's share of `answers` (shadow_worker.py `score`)."""
+    def _log(self, requests: list[tuple], answers: np.ndarray | list) -> int:
+        """Log each request's share of `answers` (shadow_worker.py `score`); the texts."""
         start = 0
         for request_id, items, _ in requests:
             if self.prediction_log is not None:
@@ -264,6 +265,7 @@ class Shadow:
             start += items
         self.agreed.inc(sum(agreed for *_, agreed in requests))
         self.scored.inc(start)
+        return start
 
 
 def end_feeder(requests, timeout: float) -> None:

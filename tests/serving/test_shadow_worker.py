@@ -97,7 +97,7 @@ def test_the_workers_cpu_time_is_counted_and_its_loading_is_not(shadow_of, metri
     eventually(lambda: cpu() > after_one)
     stat = Path(f"/proc/{shadow.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
     whole_life = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-    assert cpu() < whole_life  # loading the challenger is most of it, and not counted
+    assert cpu() < 0.5 * whole_life  # loading the challenger is most, and not counted
 
 
 def test_a_challenger_that_cannot_be_loaded_leaves_the_shadow_dead_saying_why(
@@ -119,6 +119,17 @@ def test_a_worker_that_was_killed_is_noticed(shadow_of, metrics):
     assert f"process {shadow.process.pid} exited (code -9)" in shadow.dead
     shadow.offer("r1", ["good film"], PROBS)
     assert counted(metrics, "dropped") == 1
+
+
+def test_the_texts_a_dead_worker_had_not_answered_are_counted_as_dropped(shadow_of, metrics):
+    shadow = shadow_of()  # batches of 32
+    ready(shadow, metrics)
+    os.kill(shadow.process.pid, signal.SIGSTOP)
+    for i in range(40):  # one batch sent, eight texts in the one being filled
+        shadow.offer(f"r{i}", ["good film"], PROBS)
+    shadow.process.kill()
+    eventually(lambda: shadow.dead)
+    assert [counted(metrics, o) for o in ("scored", "dropped")] == [1, 40]
 
 
 def test_stop_after_queued_work_ends_once_that_is_scored(shadow_of, metrics):
@@ -149,7 +160,7 @@ def test_close_leaves_no_process_thread_or_queued_data(shadow_of, metrics, capfd
     text = "good film " * 2000  # 96 requests of 20 kB: far more than a pipe holds
     for i in range(96):
         shadow.offer(f"r{i}", [text], PROBS)
-    assert shadow.requests.full() and counted(metrics, "dropped") == 32
+    assert shadow.waiting == 64 and counted(metrics, "dropped") == 32
     if worker == "dead":
         shadow.process.kill()
         eventually(lambda: shadow.dead)
