@@ -35,6 +35,7 @@ import datetime as dt
 import json
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from pipeline.config import Paths
 from pipeline.promotion.card import decision_section
@@ -100,28 +101,29 @@ def canary_stop(log_url: str, challenger_bundle: str) -> str | None:
 
 
 def clear_canary_stop(name: str, version: str, log_url: str, by: str, reason: str) -> str:
-    """Let registered `version` run a canary again (`textops clear-stop`): its stop is
-    deleted from the log, and the clearing goes to the audit trail (alias
-    `canary-stop`, kind `cleared`) with the stop's reason as evidence. Returns that
-    reason; RegistryError when the log holds no stop of it."""
+    """Let registered `version` run a canary again (`textops clear-stop`): the clearing
+    goes to the audit trail (alias `canary-stop`, kind `cleared`) with the stop's
+    reason as evidence, then the stop leaves the log. Returns that reason;
+    RegistryError when the log holds no stop of it."""
     client = mlflow.MlflowClient()
     bundle = bundle_version(client, name, version)
+    store = open_store(log_url, create=False)  # a log that is not there is an error
     try:
-        store = open_store(log_url, create=False)
         try:
-            why = store.clear_canary_stop(bundle)
-        finally:
-            store.close()
-    except Exception as err:
-        if not is_missing_table(err):
-            raise
-        why = None
-    if why is None:
-        raise registry.RegistryError(f"{name} v{version} (bundle {bundle}) has no canary "
-                                     f"stop in the prediction log")
-    audit.record(client, name, CANARY_STOP, version, None, "cleared", by, reason,
-                 {"stop": why})
-    return why
+            rows = store.rows(CANARY_STOPPED, (bundle,))
+        except Exception as err:
+            if not (is_missing_table(err) and "canary_stops" in str(err)):
+                raise
+            rows = []  # no server of this version has opened the log: no stop
+        if not rows:
+            raise registry.RegistryError(f"{name} v{version} (bundle {bundle}) has no "
+                                         "canary stop in the prediction log")
+        audit.record(client, name, CANARY_STOP, version, None, "cleared", by, reason,
+                     {"stop": rows[0][0]})  # first: no stop leaves without a trail
+        store.clear_canary_stop(bundle)
+    finally:
+        store.close()
+    return rows[0][0]
 
 
 def challenge_started(client: mlflow.MlflowClient, name: str, challenger: str) -> float:
@@ -136,7 +138,10 @@ def challenge_started(client: mlflow.MlflowClient, name: str, challenger: str) -
 
 def bundle_version(client: mlflow.MlflowClient, name: str, version: str) -> str:
     """The bundle version (what the prediction log records) of a registry version."""
-    found = client.get_model_version(name, version).tags.get("bundle_version")
+    try:
+        found = client.get_model_version(name, version).tags.get("bundle_version")
+    except MlflowException:
+        raise registry.RegistryError(f"{name} has no version {version}") from None
     if not found:
         raise registry.RegistryError(f"{name} v{version} has no bundle_version tag")
     return found

@@ -12,7 +12,9 @@ shadow mode, and the challenger is not loaded again until its spec points elsewh
 
 A canary its guards stopped in one server process is stopped in all: the stop is
 recorded in the prediction log, which every worker and replica reads on its watch
-tick (serving/predlog/canary_stops.py).
+tick (serving/predlog/canary_stops.py). Once a person clears the stop (`textops
+clear-stop`), the next tick starts that canary again, as it does when the alias
+comes back to a version after it was gone.
 
 In shadow mode the challenger scores the requests the prediction log keeps
 (`TEXTOPS_PREDICTION_LOG_SAMPLE`), since its answers to the others would not be
@@ -61,6 +63,9 @@ class Challenging:
         self.canary: Canary | None = None  # ... or in canary mode
         self.shadow_error: str | None = None  # why the configured one does not run
         self.challenger_identity: str | None = None  # what is loaded, or was refused
+        # a canary version its guards stopped (here or in another process), until a
+        # person clears the stop (`textops clear-stop`)
+        self.stopped_canary: str | None = None
         # canary stops shared with the other workers and replicas (the log's)
         self.canary_stops = (CanaryStops(self.prediction_log.url)
                              if self.prediction_log is not None else None)
@@ -75,6 +80,8 @@ class Challenging:
             await self._follow_canary_stop(self.canary)
         elif self.canary_stops.pending:
             await self._ask_stops(self.canary_stops.flush)  # a stop not written yet
+        elif self.stopped_canary is not None:
+            await self._follow_cleared_stop(self.stopped_canary)
 
     async def _follow_challenger(self) -> None:
         spec = self.settings.challenger
@@ -88,11 +95,14 @@ class Challenging:
             identity = await asyncio.to_thread(BundleSource(spec, self.settings.cache_dir)
                                                .identity)
         except Exception as err:  # noqa: BLE001 - gone, or the registry is unreachable
-            if is_gone(spec, err) and (self.shadow or self.canary):
+            if not is_gone(spec, err):
+                log.warning("cannot check the challenger %s: %s", spec, err)
+                return
+            # what comes back later, the same version too, is a new challenge
+            self.challenger_identity = self.stopped_canary = None
+            if self.shadow or self.canary:
                 await self.stop_challenger(f"{spec} is gone ({err}); the champion alone "
                                            "serves")
-            elif not is_gone(spec, err):
-                log.warning("cannot check the challenger %s: %s", spec, err)
             return
         running = self.shadow or self.canary
         if identity == self.challenger_identity and (
@@ -115,8 +125,10 @@ class Challenging:
                     why := await self._ask_stops(self.canary_stops.reason, challenger.version)):
                 self.shadow_error = (f"canary stopped: the challenger {challenger.version} "
                                      f"{why} (recorded in the prediction log)")
+                self.stopped_canary = challenger.version
                 log.warning("%s; the champion alone serves", self.shadow_error)
                 return
+            self.stopped_canary = None
             if mode == "canary":
                 self.canary = Canary(challenger, self.settings, self.metrics.observe_batch)
             else:
@@ -205,7 +217,7 @@ class Challenging:
         why = canary.guard.tripped()
         if why is None or self.canary is not canary:
             return
-        self.canary = None
+        self.canary, self.stopped_canary = None, canary.version
         self.shadow_error = f"canary stopped: the challenger {canary.version} {why}"
         log.error("%s; every request goes to the champion", self.shadow_error)
         loop = asyncio.get_running_loop()
@@ -230,6 +242,16 @@ class Challenging:
             await self.stop_challenger(f"canary stopped: the challenger {canary.version} "
                                        f"{why} (seen by another server process); every "
                                        "request goes to the champion")
+            self.stopped_canary = canary.version
+
+    async def _follow_cleared_stop(self, version: str) -> None:
+        """Start `version`'s canary again once a person cleared its stop (`textops
+        clear-stop`); a log that cannot be read now leaves it stopped."""
+        answer = await self._ask_stops(lambda: (self.canary_stops.reason(version),))
+        if answer == (None,) and self.stopped_canary == version and self.canary is None:
+            log.warning("canary: the stop of the challenger %s was cleared; its canary "
+                        "starts again", version)
+            await self.start_challenger()
 
     async def _ask_stops(self, call, *args):
         """`call(*args)` (a CanaryStops method) off the event loop, waited for at most

@@ -37,7 +37,6 @@ from pathlib import Path
 
 from serving.monitoring.live_stats import LiveStats
 from serving.predlog.schema import (
-    CANARY_STOPPED,
     CLEAR_CANARY_STOP,
     FORGET_FEEDBACK,
     FORGET_SHADOW,
@@ -89,8 +88,9 @@ class LogStore:
     """One connection to the log database. Every method is one transaction."""
 
     def __init__(self, url: str, create: bool = True):
-        """`create=False`: a reader (export, make retrain), which needs the log to
-        exist and changes nothing, so a read-only database role is enough."""
+        """`create=False`: a client of a log a server made (export, make retrain,
+        canary stops), which needs it to exist and creates no table; one that only
+        reads needs no more than a read-only database role."""
         self.url = check_url(url)
         self.postgres = is_postgres(url)
         self.connection = self._connect(create)
@@ -166,15 +166,10 @@ class LogStore:
             self.connection.cursor().execute(self._sql(INSERT_CANARY_STOP),
                                              (challenger, champion, created, reason))
 
-    def clear_canary_stop(self, challenger: str) -> str | None:
-        """Delete `challenger`'s canary stop; the reason it had, None if it had none."""
+    def clear_canary_stop(self, challenger: str) -> None:
+        """Delete `challenger`'s canary stop, if it has one."""
         with self.connection:
-            cursor = self.connection.cursor()
-            cursor.execute(self._sql(CANARY_STOPPED), (challenger,))
-            found = cursor.fetchone()
-            if found:
-                cursor.execute(self._sql(CLEAR_CANARY_STOP), (challenger,))
-        return found[0] if found else None
+            self.connection.cursor().execute(self._sql(CLEAR_CANARY_STOP), (challenger,))
 
     def record_feedback(self, items: list[tuple[str, int, str]], created: float
                         ) -> list[tuple[str, int]]:

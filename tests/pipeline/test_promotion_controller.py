@@ -210,13 +210,19 @@ def test_a_stop_cleared_by_a_person_no_longer_rolls_the_canary_back(registered):
     from pipeline.promotion.controller import canary_stop, clear_canary_stop
     from pipeline.tracking import audit
     from serving.predlog.canary_stops import CanaryStops
+    from serving.predlog.store import PredictionLogError
 
     name, paths, log, v1, v2 = registered
-    with pytest.raises(registry.RegistryError, match=f"v{v2} .*has no canary stop"):
-        clear_canary_stop(name, v2, log, "a person", "no stop yet")  # nothing logged yet
     set_challenger(name, v2)
     log_canary(log, [("champ-1", n % 10 < 7) for n in range(600)]
                + [("chall-2", n % 20 != 0) for n in range(300)])
+    with pytest.raises(registry.RegistryError, match=f"v{v2} .*has no canary stop"):
+        clear_canary_stop(name, v2, log, "a person", "no stop yet")
+    with pytest.raises(registry.RegistryError, match="has no version 99"):
+        clear_canary_stop(name, "99", log, "a person", "no such version")
+    if log.startswith("sqlite"):
+        with pytest.raises(PredictionLogError, match="no prediction log there"):
+            clear_canary_stop(name, v2, log + ".typo", "a person", "a wrong path")
     stops = CanaryStops(log)
     stops.record("chall-2", "champ-1", "p99 2.4x the champion's")
     stops.close()

@@ -198,17 +198,69 @@ def test_a_stop_in_one_server_process_stops_the_canary_in_every_other(monkeypatc
     assert later.shadow_error == ("canary stopped: the challenger c-1 failed 2 requests (of "
                                   "its latest 2) (recorded in the prediction log)")
 
-    # a person clears the stop (`textops clear-stop`): the canary runs again
-    store = open_store(log)
-    assert store.clear_canary_stop("c-1") == "failed 2 requests (of its latest 2)"
-    assert store.clear_canary_stop("c-1") is None
-    store.close()
+    # a person clears the stop (`textops clear-stop`): on the next tick the canary runs
     monkeypatch.setattr("serving.engine.challenger.Canary",
                         lambda challenger, *args: SimpleNamespace(challenger=challenger))
-    asyncio.run(later.start_challenger())
+    asyncio.run(later.refresh_challenger())
+    assert later.canary is None  # not cleared yet
+    store = open_store(log)
+    store.clear_canary_stop("c-1")
+    store.close()
+    asyncio.run(later.refresh_challenger())
     assert later.canary is not None and later.shadow_error is None
     for service in (tripping, other, another_challenger, later):  # never started: no writer
         service.canary_stops.close()
+
+
+def test_a_challenger_that_was_retired_and_challenges_again_is_started(monkeypatch,
+                                                                       tmp_path):
+    """The controller rolled a stopped canary back (its alias gone), a person cleared
+    the stop and made the same version the challenger again: a running service starts
+    its canary on the next tick."""
+    import asyncio
+
+    from serving.engine.service import InferenceService
+    from serving.predlog.canary_stops import CanaryStops
+    from serving.predlog.store import open_store
+    from serving.settings import Settings
+
+    log = f"sqlite:///{tmp_path}/predictions.db"
+    open_store(log).close()
+    gone = type("Gone", (Exception,), {"error_code": "RESOURCE_DOES_NOT_EXIST"})
+    alias = {"to": "model/4"}
+
+    def identity(source):
+        if alias["to"] is None:
+            raise gone("no alias challenger")
+        return alias["to"]
+
+    monkeypatch.setattr("serving.engine.challenger.BundleSource.identity", identity)
+    monkeypatch.setattr("serving.engine.challenger.load_challenger",
+                        lambda *args: SimpleNamespace(version="c-4"))
+    monkeypatch.setattr("serving.engine.challenger.Canary",
+                        lambda challenger, *args: SimpleNamespace(challenger=challenger,
+                                                                  version="c-4"))
+    service = InferenceService(Settings(prediction_log=log, challenger_mode="canary",
+                                        challenger="models:/model@challenger"))
+    service.bundle = SimpleNamespace(version="champ-1")
+    stops = CanaryStops(log)
+    stops.record("c-4", "champ-1", "failed 5 requests (of its latest 9)")
+
+    async def ticks():
+        await service.refresh_challenger()
+        assert service.canary is None and "failed 5 requests" in service.shadow_error
+        alias["to"] = None  # `textops decide` rolled it back
+        await service.refresh_challenger()
+        stops._run(lambda store: store.clear_canary_stop("c-4"))  # `textops clear-stop 4`
+        await service.refresh_challenger()
+        assert service.canary is None  # cleared, but nobody challenges
+        alias["to"] = "model/4"  # `textops challenge 4`
+        await service.refresh_challenger()
+
+    asyncio.run(ticks())
+    assert service.canary is not None and service.shadow_error is None
+    stops.close()
+    service.canary_stops.close()
 
 
 def test_a_stop_the_log_cannot_take_now_is_written_later(tmp_path, caplog):
