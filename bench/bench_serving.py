@@ -218,7 +218,8 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str, workload: Work
              "PATH": f"{Path(python).parent}:{os.environ['PATH']}"}),
         lambda items, n: workload.bodies("mlflow", items, n))
     floor = Setup(  # what HTTP alone costs here (bench/http_floor.py)
-        HTTP_FLOOR, version, {"workers": CORES, "work": "none: reads the body, fixed answer"},
+        HTTP_FLOOR, f"a bare ASGI app (uvicorn {version_of('uvicorn')})",
+        {"workers": CORES, "work": "none: reads the body, fixed answer"},
         "/predict",
         lambda port, log: server([python, "bench/http_floor.py", str(port), str(CORES)],
                                  port, "/health", log, {"PYTHONPATH": str(ROOT / "bench")}),

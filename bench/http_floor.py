@@ -1,5 +1,5 @@
-"""The HTTP floor for bench_serving.py: uvicorn as the service runs it (the same
-versions, one process per core, no access log) with a bare ASGI app that reads each
+"""The HTTP floor for bench_serving.py: uvicorn with the service's options (the same
+version, one process per core, no access log) and a bare ASGI app that reads each
 `POST /predict` body and answers a fixed JSON body, and nothing else: no JSON
 parsing, decoding, model, batching or log.
 

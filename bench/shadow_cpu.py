@@ -72,6 +72,7 @@ def own_cpu_per_text(bundle_dir: Path, texts: list[str], passes: int = 3) -> flo
 def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path) -> dict[str, float]:
     """Shadow scoring's CPU per text scored (microseconds): `worker`, `handover` (this
     process: offering, sending, receiving, logging) and `total`."""
+    pacing = offered(texts, lambda *request: None)  # what a service pays anyway
     metrics = ServiceMetrics(drift_window=10)
     log = PredictionLog(f"sqlite:///{where}/shadow-cpu.db", metrics)
     log.start()
@@ -85,7 +86,6 @@ def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path) -> dict
         shadow.offer("warm-up", texts[:1], CHAMPION)
         wait_for(lambda: scored() == 1, shadow)
         log.flush()
-        pacing = offered(texts, lambda *request: None)  # what a service pays anyway
         worker_before, started = worker_cpu(), time.process_time()
         offered(texts, shadow.offer)
         wait_for(lambda: scored() == 1 + len(texts), shadow)
