@@ -188,9 +188,10 @@ def clear_stop(version: str = typer.Argument(..., help="the registry version, e.
     """Clear the stop of a version's canary, which the service's guards (failures,
     p99) recorded in the prediction log: a stop stands, and no service runs that
     version's canary, until a person says the trip was not the model's fault (a
-    node under load, a dependency down). Then `textops challenge` runs its canary
-    again. The clearing goes to the audit trail (`textops history`) with the stop's
-    reason.
+    node under load, a dependency down). Then the services run its canary again on
+    their next watch tick while it is the challenger (`textops challenge` it again if
+    `textops decide` retired it). The clearing goes to the audit trail (`textops
+    history`) with the stop's reason.
 
     Examples:
 

@@ -18,7 +18,8 @@ A canary that its operational guards stopped in the service (failures, p99; the 
 records it: serving/predlog/canary_stops.py) is rolled back whatever its labels say,
 with the guard's reason as the decision's. A stop stands until a person clears it
 (`clear_canary_stop`, when the trip was the machine's fault and not the model's);
-then `textops challenge` runs the same version's canary again.
+then the services run its canary again while it is the challenger (`textops
+challenge` makes it that again once it was retired).
 Every decision, acted on or not, is an MLflow run in the `promotion-decisions`
 experiment (counts, e-value, p-value, effect and interval), the challenger version's
 `decision` tag and a section of its model card in the registry (card.py); services
