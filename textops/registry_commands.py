@@ -130,10 +130,6 @@ LOG = typer.Option(None, "--log", help="the prediction log's URL (default: "
                    "TEXTOPS_PREDICTION_LOG, else retrain.prediction_log)")
 
 
-def prediction_log(log: str | None, cfg) -> str:
-    return log or os.environ.get("TEXTOPS_PREDICTION_LOG") or cfg.retrain.prediction_log
-
-
 def log_failure(command: str, log_url: str, err: Exception) -> Exception:
     """The error to exit with for `err` from the prediction log's database: a message
     naming the log, not a traceback (anything else is raised as it is)."""
@@ -161,11 +157,12 @@ def decide(log: str = LOG,
     from omegaconf import OmegaConf
 
     from pipeline.config import load_params
+    from pipeline.data.feedback import default_log_url
     from pipeline.promotion.controller import check
 
     module, name, paths = registry()
     cfg = load_params()
-    log_url = prediction_log(log, cfg)
+    log_url = log or default_log_url(cfg)
     from serving.predlog.store import PredictionLogError
 
     try:
@@ -199,12 +196,13 @@ def clear_stop(version: str = typer.Argument(..., help="the registry version, e.
       textops challenge 4 --reason "canary again after the node's drain"
     """
     from pipeline.config import load_params
+    from pipeline.data.feedback import default_log_url
     from pipeline.promotion.controller import clear_canary_stop
     from pipeline.tracking.audit import actor
     from serving.predlog.store import PredictionLogError
 
     module, name, _ = registry()
-    log_url = prediction_log(log, load_params())
+    log_url = log or default_log_url(load_params())
     try:
         why = clear_canary_stop(name, version, log_url, actor("clear-stop"),
                                 reason or "by hand")

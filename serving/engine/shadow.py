@@ -245,18 +245,20 @@ class Shadow:
             return ""
         if outcome[0] == "broken":  # it could not load the challenger
             return f"it cannot be loaded: {outcome[2]}"
-        self.cpu.inc(outcome[-1])  # first: who reads `scored` finds its CPU counted
+        # first the CPU and what no longer waits: who reads `scored` finds them counted
+        self.cpu.inc(outcome[-1])
+        with self.lock:
+            self.waiting -= (sum(items for _, items, _ in outcome[1])
+                             if outcome[0] == "scored" else outcome[1])
         if outcome[0] == "scored":
-            answered = self._log(outcome[1], outcome[2])
+            self._log(outcome[1], outcome[2])
         else:
             log.error("shadow: the challenger %s failed: %s", self.version, outcome[2])
-            self.failed.inc(answered := outcome[1])
-        with self.lock:
-            self.waiting -= answered
+            self.failed.inc(outcome[1])
         return None
 
-    def _log(self, requests: list[tuple], answers: np.ndarray | list) -> int:
-        """Log each request's share of `answers` (shadow_worker.py `score`); the texts."""
+    def _log(self, requests: list[tuple], answers: np.ndarray | list) -> None:
+        """Log each request's share of `answers` (shadow_worker.py `score`)."""
         start = 0
         for request_id, items, _ in requests:
             if self.prediction_log is not None:
@@ -265,7 +267,6 @@ class Shadow:
             start += items
         self.agreed.inc(sum(agreed for *_, agreed in requests))
         self.scored.inc(start)
-        return start
 
 
 def end_feeder(requests, timeout: float) -> None:

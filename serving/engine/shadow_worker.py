@@ -124,7 +124,8 @@ def run(path: str, settings, requests, results, max_batch: int, parent: int) -> 
         except Exception:  # noqa: BLE001 - the challenger never fails a request
             outcome = ("failed", sum(len(entry[1]) for entry in batch),
                        traceback.format_exc(limit=5))
-        spent, counted = time.process_time() - counted, time.process_time()
+        now = time.process_time()
+        spent, counted = now - counted, now
         results.put((*outcome, spent))
     if os.getppid() != parent:  # orphaned: nobody will read what is left to send
         results.cancel_join_thread()
