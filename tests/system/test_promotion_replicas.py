@@ -46,6 +46,14 @@ def label_elsewhere(answering: str, labelling: str, text: str, truth: str) -> in
     return labelled.status_code
 
 
+def shadow_rows(url: str) -> int:
+    store = open_store(url)
+    try:
+        return store.rows("SELECT COUNT(*) FROM shadow_predictions")[0][0]
+    finally:
+        store.close()
+
+
 def scored(url: str) -> float:
     return metric_samples(url)['textops_shadow_texts_total{outcome="scored"}']
 
@@ -73,6 +81,7 @@ def test_replicas_on_one_postgresql_log_promote_together(two_models, postgres,  
         # each replica scored what it answered, into the one log
         eventually(lambda: scored(a.url) + scored(b.url) == len(labelled))
         assert scored(a.url) == scored(b.url) == len(labelled) / 2
+        eventually(lambda: shadow_rows(postgres.url) == len(labelled))  # scored, then written
         decision = check(name, PROMOTION, postgres.url, paths)
         assert decision["outcome"] == "promote" and decision["acted"], decision
         assert decision["n"] == len(labelled)  # every label paired, whoever stored it
