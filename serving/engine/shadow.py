@@ -5,14 +5,14 @@ the same request id, so that labels arriving through /feedback compare the two m
 on the same requests (pipeline/promotion/controller.py decides on them).
 
 The request path only adds the request to a batch and returns. A batch goes to the
-worker as one message once it holds `max_batch_size` texts, or about `SEND_S` (twice
+worker as one message once it holds `shadow_batch_size` texts, or about `SEND_S` (twice
 that at most) after its first request: a message per request cost the two processes
 more CPU than the challenger's scoring itself (bench/bench_shadow.py measures the
 whole). At most `capacity` texts wait (`TEXTOPS_SHADOW_QUEUE`); a request past that is
 dropped and its texts counted (`textops_shadow_texts{outcome="dropped"}`); the request
 path never waits. The challenger runs in a process of its own (serving/engine/
 shadow_worker.py, one per server process, one onnxruntime thread) at the lowest CPU
-priority: it takes what is queued, about `max_batch_size` texts at a time, only while
+priority: it takes what is queued, about `shadow_batch_size` texts at a time, only while
 the service leaves a core idle, so when the machine is saturated it falls behind and
 requests are dropped (counted) rather than the answers slowed. Its answers come back
 to the server process, which logs them. Scored and agreeing texts are counted too: the
