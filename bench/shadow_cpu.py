@@ -126,9 +126,11 @@ def wait_for(done, shadow: Shadow, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 3) -> dict:
+def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 5) -> dict:
     """Shadow scoring's CPU per text and the challenger's own, in alternate rounds;
-    each figure the median of its rounds."""
+    each figure the median of its rounds, and `ratio` the median of the rounds' ratios:
+    this machine's speed drifts between rounds (the baseline alone by up to 25%), and
+    a shadow round beside its own baseline round cancels most of that drift."""
     own, shadow = [], []
     for round_ in range(rounds):
         own.append(own_cpu_per_text(bundle_dir, texts))
@@ -137,5 +139,6 @@ def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 3) ->
               f"{shadow[-1]['total']:.1f} (worker {shadow[-1]['worker']:.1f}, handing over "
               f"and logging {shadow[-1]['handover']:.1f})", flush=True)
     return {"own": statistics.median(own),
+            "ratio": statistics.median(r["total"] / o for r, o in zip(shadow, own, strict=True)),
             **{part: statistics.median(r[part] for r in shadow) for part in shadow[0]},
             "rounds": {"own": own, "shadow": shadow}}
