@@ -18,11 +18,10 @@ outage delays it but never loses it; an outage is logged once, and its end.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
+from serving.predlog.connection import OwnConnection
 from serving.predlog.schema import CANARY_STOPPED
-from serving.predlog.store import LogStore, open_store
 
 log = logging.getLogger("serving")
 
@@ -36,20 +35,18 @@ def is_missing_table(err: Exception) -> bool:
 
 
 class CanaryStops:
-    """The log's canary stops, through one connection of their own, under a lock."""
+    """The log's canary stops, through one connection of their own."""
 
     def __init__(self, url: str):
         self.url = url
-        self.store: LogStore | None = None
-        self.lock = threading.Lock()
+        self.connection = OwnConnection(url, create=False)
         self.pending: dict[str, tuple[str, str, float]] = {}  # not written yet
-        self.failing = False
-        self.closed = False
+        self.failing = False  # these three under the connection's lock
 
     def record(self, challenger: str, champion: str, reason: str) -> None:
         """Record that the guards stopped `challenger`'s canary beside `champion`; kept
         and retried by the next `reason` or `flush` if the database fails now."""
-        with self.lock:
+        with self.connection.lock:
             self.pending.setdefault(challenger, (champion, reason, time.time()))
         self.flush()
 
@@ -67,22 +64,18 @@ class CanaryStops:
         return rows[0][0] if rows else None
 
     def _run(self, work):
-        with self.lock:
-            if self.closed:
+        with self.connection.lock:
+            if self.connection.closed:
                 return []
             try:
-                if self.store is None:
-                    self.store = open_store(self.url, create=False)
-                for challenger, (champion, reason, created) in list(self.pending.items()):
-                    self.store.record_canary_stop(challenger, champion, created, reason)
-                    del self.pending[challenger]
-                found = work(self.store)
+                with self.connection.using() as store:
+                    for challenger, (champion, reason, created) in list(self.pending.items()):
+                        store.record_canary_stop(challenger, champion, created, reason)
+                        del self.pending[challenger]
+                    found = work(store)
             except Exception as err:
                 if is_missing_table(err) and not self.pending:
                     return []  # nothing recorded yet: the writer creates the table
-                if self.store is not None:  # a fresh connection next time
-                    self.store.close()
-                    self.store = None
                 if not self.failing:
                     self.failing = True
                     log.warning("canary: the prediction log's canary stops cannot be read "
@@ -95,8 +88,4 @@ class CanaryStops:
             return found
 
     def close(self) -> None:
-        with self.lock:
-            self.closed = True
-            if self.store is not None:
-                self.store.close()
-                self.store = None
+        self.connection.close()

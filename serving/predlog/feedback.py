@@ -9,11 +9,11 @@ to try again, rather than that the answer is unknown.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
-from serving.predlog.store import LogStore, open_store
+from serving.predlog.connection import OwnConnection
+from serving.predlog.store import LogStore
 from serving.request_ids import issued_within
 
 # A label for an answer this young may reach the log before the answer does (each
@@ -37,9 +37,7 @@ class FeedbackStore:
     def __init__(self, url: str, on_stored: Callable[[LogStore], None]):
         self.url = url
         self.on_stored = on_stored
-        # feedback arrives on other threads: a connection of its own
-        self.store: LogStore | None = None
-        self.lock = threading.Lock()
+        self.connection = OwnConnection(url)  # labels arrive on request threads
 
     def record(self, items: list[tuple[str, int, str]], siblings: bool
                ) -> list[tuple[str, int]]:
@@ -65,31 +63,20 @@ class FeedbackStore:
                 ) -> tuple[list[tuple[str, int]], list[str], list[str]]:
         """One attempt: the pairs with no logged prediction (nothing stored then), the
         missing ids of ours issued recently, and the missing ids not logged at all."""
-        with self.lock:
-            try:
-                if self.store is None:
-                    self.store = open_store(self.url)
-                store = self.store
-                for _ in range(3):
-                    missing = store.record_feedback(items, time.time())
-                    logged = {r: store.positions(r) for r in dict.fromkeys(r for r, _ in missing)}
-                    # A pair missing at the first read but logged at the second was
-                    # written in between (another worker's writer committed): again,
-                    # so that an answer being written is never told "unknown".
-                    if not any(position in logged[r] for r, position in missing):
-                        break
-                absent = [r for r, positions in logged.items() if not positions]
-                unwritten = [r for r in absent if issued_within(r, RECENT_ANSWER_S)]
-                if not missing:
-                    self.on_stored(store)
-                return missing, unwritten, absent
-            except Exception:
-                if self.store is not None:
-                    self.store.close()
-                    self.store = None
-                raise
+        with self.connection.using() as store:
+            for _ in range(3):
+                missing = store.record_feedback(items, time.time())
+                logged = {r: store.positions(r) for r in dict.fromkeys(r for r, _ in missing)}
+                # A pair missing at the first read but logged at the second was
+                # written in between (another worker's writer committed): again,
+                # so that an answer being written is never told "unknown".
+                if not any(position in logged[r] for r, position in missing):
+                    break
+            absent = [r for r, positions in logged.items() if not positions]
+            unwritten = [r for r in absent if issued_within(r, RECENT_ANSWER_S)]
+            if not missing:
+                self.on_stored(store)
+            return missing, unwritten, absent
 
     def close(self) -> None:
-        with self.lock:
-            if self.store is not None:
-                self.store.close()
+        self.connection.close()

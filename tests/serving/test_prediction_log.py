@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sqlite3
 import threading
 import time
 from functools import partial
@@ -135,6 +136,27 @@ def test_a_label_for_an_answer_written_meanwhile_is_stored(tmp_path, monkeypatch
     assert calls == [[("late", 0)], []]
     store = open_store(url)
     assert store.count("feedback") == 1
+    store.close()
+
+
+def test_a_label_after_a_broken_connection_opens_a_fresh_one(tmp_path):
+    """A connection the database dropped (a restart, a broken network) fails the label
+    sent on it, and the next label is stored through a new one."""
+    url = f"sqlite:///{tmp_path}/log.db"
+    writer = open_store(url)
+    writer.write_predictions(rows_for("a", 1.0, ["pos"]) + rows_for("b", 1.0, ["neg"]))
+    writer.close()
+    labels = FeedbackStore(url, on_stored=lambda store: None)
+    try:
+        assert labels.record([("a", 0, "neg")], siblings=False) == []
+        labels.connection.store.connection.close()  # what a restarted database leaves
+        with pytest.raises(sqlite3.ProgrammingError):
+            labels.record([("b", 0, "pos")], siblings=False)
+        assert labels.record([("b", 0, "pos")], siblings=False) == []
+    finally:
+        labels.close()
+    store = open_store(url)
+    assert store.count("feedback") == 2
     store.close()
 
 
