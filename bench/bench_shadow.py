@@ -42,7 +42,6 @@ from results import Result, Table, publish  # noqa: E402
 from workload import bodies_for, dev_texts  # noqa: E402
 
 from ops import control  # noqa: E402
-from serving.settings import Settings  # noqa: E402
 
 P99_TARGET, CPU_TARGET = 1.10, 1.10
 OFF, ON = "shadow off", "shadow on"
@@ -116,8 +115,7 @@ def main() -> None:
         stack.close()  # the services stopped: the CPU figures want a quiet machine
         cpu = shadow_cpu.measure(challenger, texts * 4, Path(tmp))
     median = statistics.median
-    payload = {"args": vars(args), "shadow_batch_size": Settings().shadow_batch_size,
-               "loads": loads, "cpu": cpu,
+    payload = {"args": vars(args), "loads": loads, "cpu": cpu,
                "p99_ratio": median(r["p99_ms"] for r in loads[ON])
                / median(r["p99_ms"] for r in loads[OFF]),
                "scored_share": share_scored(loads[ON]), "cpu_ratio": cpu["ratio"]}
@@ -169,11 +167,10 @@ offered the dev texts (four times over) at {shadow_cpu.RATE} texts/s. Its cost i
 (`textops_shadow_cpu_seconds`) and the offering process's (handing texts over,
 receiving and logging the answers), per text scored, against the challenger's own
 inference CPU per text on the same texts in a process of its own, loaded as the
-worker loads it, in batches of 64 in length groups on one thread as the champion's
-batcher runs them (the shadow's batches are up to `TEXTOPS_SHADOW_BATCH_SIZE`,
-{{shadow_batch}} here); medians of {{rounds}} alternate rounds, and the ratio (target
-at most {CPU_TARGET}x) the median of each round's shadow over its own baseline, as the
-machine's speed drifts between rounds. Run again:
+worker loads it, in batches of 64 in length groups on one thread (as the champion's
+batcher runs them and the shadow's are sent); medians of {{rounds}} alternate rounds,
+and the ratio (target at most {CPU_TARGET}x) the median of each round's shadow over its
+own baseline, as the machine's speed drifts between rounds. Run again:
 `python bench/bench_shadow.py --bundle models/current`."""
 
 
@@ -210,8 +207,7 @@ def as_result(payload: dict) -> Result:
                ["shadow mode: CPU / the challenger's own inference",
                 f"{payload['cpu_ratio']:.2f}x"]]
     about = ABOUT.replace("{rounds}", str(len(cpu["rounds"]["own"]))).replace(
-        "{concurrency}", str(concurrency)).replace(
-        "{shadow_batch}", str(payload["shadow_batch_size"]))
+        "{concurrency}", str(concurrency))
     return Result("shadow", "What shadow mode costs", about, [table, cost, per_round],
                   data=payload, summary=summary)
 

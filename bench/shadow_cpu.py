@@ -12,11 +12,10 @@ to, which a service spends on its requests anyway), per text scored.
 
 The challenger's own inference CPU is measured in a process of its own, loaded as
 the worker loads it (one thread, warmed up), on the same texts in batches of
-`max_batch_size` (64) in length groups, as a service's batcher runs them; the shadow
-gets batches of `shadow_batch_size`, as a service's shadow sends them. Measured in this
-process instead, the same inference came out 10-20% cheaper than in any spawned
-process, shadow worker or not: the like-for-like baseline is a process like the
-worker's.
+`max_batch_size` (64) in length groups, as a service's batcher runs them and its shadow
+sends them. Measured in this process instead, the same inference came out 10-20%
+cheaper than in any spawned process, shadow worker or not: the like-for-like baseline
+is a process like the worker's.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from serving.monitoring.metrics import ServiceMetrics
 from serving.predlog.writer import PredictionLog
 from serving.settings import Settings
 
-BATCH = Settings().max_batch_size  # the champion's batcher's: the challenger's own calls
+BATCH = Settings().max_batch_size  # the batcher's and the shadow's batches
 CHAMPION = np.array([[0.2, 0.8]], dtype=np.float32)  # the champion's answer to a request
 RATE = 1000  # texts per second offered: about what each of a loaded service's two
 # server processes answers at concurrency 32 (docs/results/shadow.md), where shadow mode's
@@ -78,8 +77,7 @@ def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path) -> dict
     log = PredictionLog(f"sqlite:///{where}/shadow-cpu.db", metrics)
     log.start()
     challenger = Bundle.load(bundle_dir, "int8", RuntimeOptions(intra_op_threads=1))
-    shadow = Shadow(challenger, Settings(), metrics, log, capacity=100_000,
-                    max_batch=Settings().shadow_batch_size)
+    shadow = Shadow(challenger, Settings(), metrics, log, capacity=100_000, max_batch=BATCH)
     # read from the two counters alone: the registry's every collector costs this
     # process milliseconds a scrape
     scored = lambda: total(metrics.shadow, {"outcome": "scored"})  # noqa: E731

@@ -104,10 +104,6 @@ class Settings(BaseSettings):
                                    "scored in shadow beside the one served")
     shadow_queue: int = Field(1000, ge=1, description="texts waiting for the challenger; "
                               "more are dropped and counted, never delayed")
-    # Off the request path a batch's wait costs no answer any time, and fuller length
-    # groups cost less CPU per text (docs/results/shadow.md measures the cost).
-    shadow_batch_size: int = Field(256, ge=1, description="texts per challenger call in "
-                                   "shadow mode")
     # Canary mode (serving/engine/canary.py): the challenger answers a share instead.
     challenger_mode: str = Field("shadow", pattern="^(shadow|canary)$",
                                  description="shadow: scored beside every answer; canary: "

@@ -134,7 +134,7 @@ class Challenging:
             else:
                 self.shadow = await asyncio.to_thread(
                     Shadow, challenger, self.settings, self.metrics, self.prediction_log,
-                    self.settings.shadow_queue, self.settings.shadow_batch_size)
+                    self.settings.shadow_queue, self.settings.max_batch_size)
         except Exception as err:  # noqa: BLE001 - a challenger never stops the service
             self.shadow_error = f"{self.settings.challenger}: {err}"
             log.error("%s mode off: %s", mode, self.shadow_error)

@@ -5,14 +5,16 @@ the same request id, so that labels arriving through /feedback compare the two m
 on the same requests (pipeline/promotion/controller.py decides on them).
 
 The request path only adds the request to a batch and returns. A batch goes to the
-worker as one message once it holds `shadow_batch_size` texts, or about `SEND_S` (twice
+worker as one message once it holds `max_batch_size` texts, or about `SEND_S` (twice
 that at most) after its first request: a message per request cost the two processes
 more CPU than the challenger's scoring itself (bench/bench_shadow.py measures the
-whole). At most `capacity` texts wait (`TEXTOPS_SHADOW_QUEUE`); a request past that is
-dropped and its texts counted (`textops_shadow_texts{outcome="dropped"}`); the request
+whole). Batches of 256 cost the worker a little less CPU per text, but lengthened the
+answers' p99 past the 10% target there, so the batches are the batcher's size. At most
+`capacity` texts wait (`TEXTOPS_SHADOW_QUEUE`); a request past that is dropped and its
+texts counted (`textops_shadow_texts{outcome="dropped"}`); the request
 path never waits. The challenger runs in a process of its own (serving/engine/
 shadow_worker.py, one per server process, one onnxruntime thread) at the lowest CPU
-priority: it takes what is queued, about `shadow_batch_size` texts at a time, only while
+priority: it takes what is queued, about `max_batch_size` texts at a time, only while
 the service leaves a core idle, so when the machine is saturated it falls behind and
 requests are dropped (counted) rather than the answers slowed. Its answers come back
 to the server process, which logs them. Scored and agreeing texts are counted too: the
@@ -69,10 +71,6 @@ if TYPE_CHECKING:
     from serving.settings import Settings
 
 log = logging.getLogger("serving")
-# Logging a batch's answers holds the GIL request after request: a whole batch of 256
-# at once would stall the event loop for up to Python's switch interval (5 ms) and
-# lengthen the answers' p99; the logging thread hands it over every 32 requests.
-YIELD_EVERY = 32
 SEND_S = 0.2  # the longest an offered request waits for others to be sent with
 
 
@@ -264,13 +262,11 @@ class Shadow:
     def _log(self, requests: list[tuple], answers: np.ndarray | list) -> None:
         """Log each request's share of `answers` (shadow_worker.py `score`)."""
         start = 0
-        for number, (request_id, items, _) in enumerate(requests, 1):
+        for request_id, items, _ in requests:
             if self.prediction_log is not None:
                 self.prediction_log.record_shadow(request_id, self.challenger,
                                                   answers[start:start + items])
             start += items
-            if number % YIELD_EVERY == 0:
-                time.sleep(0)  # let the request path have the GIL (YIELD_EVERY says why)
         self.agreed.inc(sum(agreed for *_, agreed in requests))
         self.scored.inc(start)
 
