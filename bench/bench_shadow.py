@@ -167,10 +167,11 @@ offered the dev texts (four times over) at {shadow_cpu.RATE} texts/s. Its cost i
 (`textops_shadow_cpu_seconds`) and the offering process's (handing texts over,
 receiving and logging the answers), per text scored, against the challenger's own
 inference CPU per text on the same texts in a process of its own, loaded as the
-worker loads it, in batches of 64 in length groups on one thread (as the champion's
-batcher runs them and the shadow's are sent); medians of {{rounds}} alternate rounds,
-and the ratio (target at most {CPU_TARGET}x) the median of each round's shadow over its
-own baseline, as the machine's speed drifts between rounds. Run again:
+worker loads it, in batches of {shadow_cpu.BATCH} in length groups on one thread (as the
+champion's batcher runs them and the shadow's are sent); medians of {{rounds}} rounds of
+both, each first in turn, and the ratio (target at most {CPU_TARGET}x) the median of the
+rounds' ratios, a shadow beside its own baseline: this machine's speed drifts between
+rounds by more than the shadow's cost. Run again:
 `python bench/bench_shadow.py --bundle models/current`."""
 
 

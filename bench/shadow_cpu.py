@@ -125,14 +125,18 @@ def wait_for(done, shadow: Shadow, timeout: float = 300) -> None:
 
 
 def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 5) -> dict:
-    """Shadow scoring's CPU per text and the challenger's own, in alternate rounds;
-    each figure the median of its rounds, and `ratio` the median of the rounds' ratios:
-    this machine's speed drifts between rounds (the baseline alone by up to 25%), and
-    a shadow round beside its own baseline round cancels most of that drift."""
+    """Shadow scoring's CPU per text and the challenger's own, in rounds of both (in
+    turn first); each figure the median of its rounds, and `ratio` the median of the
+    rounds' ratios, a shadow measured beside its own baseline (their spread is on the
+    page: this machine's speed drifts by more than the shadow's cost)."""
     own, shadow = [], []
     for round_ in range(rounds):
-        own.append(own_cpu_per_text(bundle_dir, texts))
-        shadow.append(shadow_cpu_per_text(bundle_dir, texts, where))
+        if round_ % 2 == 0:
+            own.append(own_cpu_per_text(bundle_dir, texts))
+            shadow.append(shadow_cpu_per_text(bundle_dir, texts, where))
+        else:
+            shadow.append(shadow_cpu_per_text(bundle_dir, texts, where))
+            own.append(own_cpu_per_text(bundle_dir, texts))
         print(f"shadow CPU, round {round_ + 1}: own {own[-1]:.1f} us/text, shadow "
               f"{shadow[-1]['total']:.1f} (worker {shadow[-1]['worker']:.1f}, handing over "
               f"and logging {shadow[-1]['handover']:.1f})", flush=True)

@@ -41,7 +41,7 @@ class CanaryStops:
         self.url = url
         self.connection = OwnConnection(url, create=False)
         self.pending: dict[str, tuple[str, str, float]] = {}  # not written yet
-        self.failing = False  # these three under the connection's lock
+        self.failing = False  # both under the connection's lock
 
     def record(self, challenger: str, champion: str, reason: str) -> None:
         """Record that the guards stopped `challenger`'s canary beside `champion`; kept
@@ -75,7 +75,9 @@ class CanaryStops:
                     found = work(store)
             except Exception as err:
                 if is_missing_table(err) and not self.pending:
-                    return []  # nothing recorded yet: the writer creates the table
+                    # nothing recorded yet: the writer creates the table at its start
+                    # (till then each call opens a connection again)
+                    return []
                 if not self.failing:
                     self.failing = True
                     log.warning("canary: the prediction log's canary stops cannot be read "

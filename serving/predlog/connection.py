@@ -5,7 +5,8 @@ log from request threads and the watch loop (labels: serving/predlog/feedback.py
 canary stops: serving/predlog/canary_stops.py) each keep one connection too, opened
 when first needed and used under a lock. After an error it is closed and dropped, so
 that the next use opens a fresh one: a database that restarted, or a connection the
-network broke, costs the calls made meanwhile and no more.
+network broke, costs the calls made meanwhile and the first one after (which finds
+the old connection broken), and no more.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from serving.predlog.store import LogStore, open_store
 
 class OwnConnection:
     """The log at `url` through one connection, opened on first use (`create`: as
-    `open_store`'s). `lock` is reentrant: a caller may hold it around more than one
-    use, and state of its own, that must not interleave with other threads'."""
+    `open_store`'s). `lock` is reentrant: a caller may hold it around a use and state
+    of its own that must not interleave with other threads'. Uses do not nest: an
+    inner one that fails drops the connection the outer one holds."""
 
     def __init__(self, url: str, create: bool = True):
         self.url, self.create = url, create

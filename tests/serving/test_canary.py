@@ -283,3 +283,22 @@ def test_a_stop_the_log_cannot_take_now_is_written_later(tmp_path, caplog):
     assert stops.reason("c-1") == "failed 5 requests" and not stops.pending
     assert "work again" in caplog.text
     stops.close()
+
+
+def test_a_connection_the_database_dropped_is_replaced_by_the_next_tick(tmp_path, caplog):
+    """A broken connection fails the tick that finds it (logged once), and the next
+    tick reads the stops through a new one."""
+    from serving.predlog.canary_stops import CanaryStops
+    from serving.predlog.store import open_store
+
+    log = f"sqlite:///{tmp_path}/predictions.db"
+    open_store(log).close()
+    stops = CanaryStops(log)
+    stops.record("c-1", "champ-1", "failed 5 requests")
+    stops.connection.store.connection.close()  # what a restarted database leaves
+    with pytest.raises(sqlite3.ProgrammingError):
+        stops.reason("c-1")
+    assert caplog.text.count("cannot be read or written") == 1
+    assert stops.reason("c-1") == "failed 5 requests"
+    assert "work again" in caplog.text
+    stops.close()
