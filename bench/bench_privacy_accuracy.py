@@ -46,10 +46,7 @@ DATA_SETS = {
                                   "experiment=private_images_scatter"], None),
     "sst2": (["model=transformer"], []),
     "sst2_minilm_last_layer": (["experiment=private_text", "model.pool=last"], None),
-    # "inf" here: the same probe trained without DP, how far these frozen features go
-    "sst2_minilm_probe": (["experiment=private_text"],
-                          ["experiment=private_text", "train.privacy.enabled=false",
-                           "gate.max_epsilon=null"]),
+    "sst2_minilm_probe": (["experiment=private_text"], None),
 }
 # Each data set's best recipe, whose figures the README's summary shows
 HEADLINE = ("fashion_mnist_scatternet", "sst2_minilm_probe")
@@ -108,8 +105,7 @@ and `experiment=private_text` (sst2_minilm_probe: a linear layer on the frozen p
 all-MiniLM-L6-v2 encoder's token states mean-pooled at every layer, batches of
 4,096, clipping to 0.1, SGD with momentum at rate 8, 30 epochs;
 sst2_minilm_last_layer: the same on the last layer's alone, the sentence embedding).
-"inf" is the data set's non-private default, trained as `make deploy` trains it (for
-sst2_minilm_probe, the same probe trained without DP: how far its frozen features go). The
+"inf" is the data set's non-private default, trained as `make deploy` trains it. The
 cost in time is bench/bench_privacy.py's (wall times here are in the JSON only).
 Anchor: Tramèr & Boneh 2021, Fashion-MNIST at epsilon 3: 86.0% for the end-to-end CNN,
 89.7% for ScatterNet + linear. Run again: `python bench/bench_privacy_accuracy.py`."""
