@@ -8,8 +8,8 @@ The request path only adds the request to a batch and returns. A batch goes to t
 worker as one message once it holds `max_batch_size` texts, or about `SEND_S` (twice
 that at most) after its first request: a message per request cost the two processes
 more CPU than the challenger's scoring itself (bench/bench_shadow.py measures the
-whole). Batches of 256 cost no clearly less CPU per text there and lengthened the
-answers' p99 past its 10% target, so the batches are the batcher's size. At most
+whole). Batches of 256 made no difference there that stood out of the runs' spread,
+so the batches are the batcher's size. At most
 `capacity` texts wait (`TEXTOPS_SHADOW_QUEUE`); a request past that is dropped and its
 texts counted (`textops_shadow_texts{outcome="dropped"}`); the request
 path never waits. The challenger runs in a process of its own (serving/engine/
