@@ -236,7 +236,8 @@ def test_admin_reload_token_and_broken_bundle_refused(built_bundle, tmp_path, wo
             ("v-other", built_bundle[1]["version"])
         # every server process serves it before the answer
         assert {w["model_version"] for w in answer["workers"]} == {"v-other"}
-        assert httpx.get(f"{service.url}/metadata").json()["version"] == "v-other"
+        assert httpx.get(f"{service.url}/metadata").json()["version"] == "v-other", \
+            service.log_tail()  # a worker restarted with the old bundle would say so
     with running_service(built_bundle[0], tmp_path) as service:  # no token: no admin API
         assert httpx.post(f"{service.url}/admin/reload").status_code == 404
 
