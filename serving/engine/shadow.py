@@ -9,15 +9,15 @@ worker as one message once it holds `max_batch_size` texts, or about `SEND_S` (t
 that at most) after its first request: a message per request cost the two processes
 more CPU than the challenger's scoring itself (bench/bench_shadow.py measures the
 whole). Batches of 256 made no difference there that stood out of the runs' spread,
-so the batches are the batcher's size. At most
-`capacity` texts wait (`TEXTOPS_SHADOW_QUEUE`); a request past that is dropped and its
-texts counted (`textops_shadow_texts{outcome="dropped"}`); the request
-path never waits. The challenger runs in a process of its own (serving/engine/
-shadow_worker.py, one per server process, one onnxruntime thread) at the lowest CPU
-priority: it takes what is queued, about `max_batch_size` texts at a time, only while
-the service leaves a core idle, so when the machine is saturated it falls behind and
-requests are dropped (counted) rather than the answers slowed. Its answers come back
-to the server process, which logs them. Scored and agreeing texts are counted too: the
+so the batches are the batcher's size. At most `capacity` texts wait
+(`TEXTOPS_SHADOW_QUEUE`); a request past that is dropped and its texts counted
+(`textops_shadow_texts{outcome="dropped"}`); the request path never waits. The
+challenger runs in a process of its own (serving/engine/shadow_worker.py, one per
+server process, one onnxruntime thread) at the lowest CPU priority: it takes what is
+queued, about `max_batch_size` texts at a time, only while the service leaves a core
+idle, so when the machine is saturated it falls behind and requests are dropped
+(counted) rather than the answers slowed. Its answers come back to the server
+process, which logs them. Scored and agreeing texts are counted too: the
 rate of `agreed` over `scored` is how often the challenger gives the champion's label;
 texts of a batch it failed count as `failed`; the worker's CPU time is
 `textops_shadow_cpu_seconds`. A worker that could not load the challenger, or died

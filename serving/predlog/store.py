@@ -253,7 +253,7 @@ class LogStore:
             return {row[0] for row in cursor.fetchall()}
 
     def count(self, table: str) -> int:
-        if table not in ("predictions", "feedback"):
+        if table not in ("predictions", "feedback", "shadow_predictions"):
             raise ValueError(table)
         with self.connection:
             cursor = self.connection.cursor()

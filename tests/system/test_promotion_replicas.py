@@ -49,7 +49,7 @@ def label_elsewhere(answering: str, labelling: str, text: str, truth: str) -> in
 def shadow_rows(url: str) -> int:
     store = open_store(url)
     try:
-        return store.rows("SELECT COUNT(*) FROM shadow_predictions")[0][0]
+        return store.count("shadow_predictions")
     finally:
         store.close()
 
