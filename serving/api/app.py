@@ -9,7 +9,7 @@ Routes (serving/api/routes.py, serving/api/v2.py)
   share every decoding step (serving/engine/generation.py);
 - `POST /feedback`: the right label for an answer, by its request id (the prediction
   log, serving/predlog/, keeps the answers; live accuracy goes to /metrics);
-- `GET /health/live`, `GET /health/ready` (503 until a bundle is loaded and warm),
+- `GET /health/live`, `GET /health/ready` (503 until every server process has a warm bundle),
   `GET /metadata`, `GET /metrics` (Prometheus), OpenAPI docs at `/docs`;
 - `POST /admin/reload` (needs `TEXTOPS_ADMIN_TOKEN`);
 - `GET /`: a demo page.

@@ -166,10 +166,14 @@ def router(service: InferenceService, require_key) -> APIRouter:
 
     @routes.get("/health/ready")
     async def ready():
-        """200 once the model is loaded and warmed up, 503 before (or if it failed)."""
+        """200 once the model is loaded and warmed up in every server process, 503
+        before (or if it failed)."""
         if service.bundle is None:
             status = "failed" if service.error else "loading"
             return JSONResponse({"status": status, "error": service.error}, status_code=503)
+        if starting := service.workers_starting():
+            return JSONResponse({"status": "starting", "error": None,
+                                 "workers_starting": starting}, status_code=503)
         return {"status": "ready", "model_version": service.bundle.version}
 
     @routes.get("/metadata")

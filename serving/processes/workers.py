@@ -125,6 +125,19 @@ class WorkerGroup:
         """The live workers' latest reports, by pid."""
         return {pid: state for pid, state in self._live("worker")}
 
+    def starting(self, expected: int) -> int:
+        """How many of the `expected` workers have not served a bundle yet while the
+        service starts; 0 once all have, and from then on: a replacement worker that
+        loads later leaves the others serving, so the service stays ready."""
+        started = self.directory / "started"
+        if started.exists():
+            return 0
+        serving = sum(1 for state in self.workers().values() if state["model_version"])
+        if serving < expected:
+            return expected - serving
+        started.touch()
+        return 0
+
     def wait_for(self, generation: int, timeout: float) -> dict[int, dict]:
         """Wait until every live worker has followed `generation` (or `timeout`);
         returns each one's report."""

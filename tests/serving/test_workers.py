@@ -55,8 +55,8 @@ def predict_on_new_connections(url: str, count: int, texts=TEXTS) -> list[dict]:
 def two_workers(built_bundle, tmp_path_factory):
     with running_service(built_bundle[0], tmp_path_factory.mktemp("workers"), workers=2,
                          admin_token="t", watch_interval_s=0) as service:
-        # both workers report their memory once started
-        assert eventually(lambda: len(worker_pids(scrape(service.url))) == 2, 30)
+        # ready means both workers serve (each reports its memory before loading)
+        assert len(worker_pids(scrape(service.url))) == 2
         yield service
 
 
@@ -164,6 +164,20 @@ def test_files_of_dead_workers_are_forgotten(tmp_path):
         (tmp_path / name).write_text("{}")
     WorkerGroup(tmp_path).forget_dead()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"counter_{dead}.db"]
+
+
+def test_the_service_is_ready_once_every_worker_serves_and_stays_ready(tmp_path):
+    """Readiness waits for the last worker to load (else the first requests all land on
+    the first), but a replacement loading later does not take the service out."""
+    group = WorkerGroup(tmp_path)
+    sibling = WorkerGroup(tmp_path, pid=os.getppid())  # alive, like a worker
+    group.report("v1", "id")
+    sibling.report(None, None)  # still loading
+    assert group.starting(2) == 1
+    sibling.report("v1", "id")
+    assert group.starting(2) == 0
+    sibling.leave()  # died; its replacement is loading
+    assert group.starting(2) == 0
 
 
 def test_liveness_answers_within_a_second_under_overload(built_bundle, tmp_path):
