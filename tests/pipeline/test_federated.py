@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -117,6 +118,26 @@ def test_each_round_steps_through_its_share_of_the_whole_runs_schedule():
     assert rounds == pytest.approx(whole)
     assert whole[0] == 0.0 and max(whole) == pytest.approx(1.0) and whole[-1] < 0.05
     assert learning_rates((3, 4), 5)[0] < 0.5  # the last round starts low, not warm
+
+
+def test_a_failing_run_with_real_clients_closes_the_servers_port(tmp_path, monkeypatch):
+    """When a round raises, the Flower server stops too: its port is free again and
+    the stage's error is the one the run raised."""
+    from pipeline.modeling.federated import run
+
+    port = run.free_port()
+    monkeypatch.setattr(run, "free_port", lambda: port)
+
+    class Broken:
+        def initialize_parameters(self, client_manager):
+            raise RuntimeError("the strategy broke")
+
+    with pytest.raises(RuntimeError, match="the strategy broke"):
+        run.with_clients(Broken(), OmegaConf.create({"round_timeout_s": 5,
+                                                     "connect_timeout_s": 5}),
+                         1, [], tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # OSError while a server still listens
 
 
 def test_fedavgm_puts_momentum_on_the_servers_step_and_unknown_strategies_are_named():

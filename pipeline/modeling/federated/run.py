@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from flwr.server import Server, ServerConfig, SimpleClientManager, start_server
+from flwr.server import Server, SimpleClientManager
+from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import atomic, tasks
@@ -86,14 +87,24 @@ def simulate(tracked: Tracked, settings: DictConfig, rounds: int, clients: list)
     server.fit(num_rounds=rounds, timeout=float(settings.round_timeout_s))
 
 
+def exit_on_signal(signal_number: int, frame) -> None:
+    raise SystemExit(128 + signal_number)
+
+
 def with_clients(tracked: Tracked, settings: DictConfig, rounds: int,
                  parts: list[list[int]], work_dir: Path) -> None:
-    """A Flower server on a free loopback port and a process per client; every client
-    process is stopped when the rounds end or fail."""
+    """A Flower server on a free loopback port and a process per client; the server and
+    every client process are stopped when the rounds end or fail. (Flower's
+    `start_server` does the same work but leaves its gRPC server running, port and
+    threads, when a round raises.)"""
     address = f"127.0.0.1:{free_port()}"
-    threads = max(1, (os.cpu_count() or 1) // len(parts))
+    threads = max(1, (os.cpu_count() or 1) // len(parts)) if parts else 1
+    server = Server(client_manager=SimpleClientManager(), strategy=tracked)
+    grpc_server = start_grpc_server(client_manager=server.client_manager(),
+                                    server_address=address)
     processes = []
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGTERM ends the stage through the finally below, so no client process outlives it
+    previous = signal.signal(signal.SIGTERM, exit_on_signal)
     try:
         for number, rows in enumerate(parts):
             path = work_dir / "partitions" / f"client-{number}.json"
@@ -102,12 +113,12 @@ def with_clients(tracked: Tracked, settings: DictConfig, rounds: int,
                 [sys.executable, "-m", "pipeline.modeling.federated.client",
                  "--address", address, "--partition", str(path), "--threads", str(threads),
                  "--connect-timeout", str(settings.connect_timeout_s)]))
-        start_server(server_address=address, strategy=tracked,
-                     config=ServerConfig(num_rounds=rounds,
-                                         round_timeout=float(settings.round_timeout_s)))
+        timeout = float(settings.round_timeout_s)
+        server.fit(num_rounds=rounds, timeout=timeout)
+        server.disconnect_all_clients(timeout=timeout)
     finally:
-        for sig, handler in handlers.items():  # Flower's server replaces them
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGTERM, previous)
+        grpc_server.stop(grace=1)
         for process in processes:
             if process.poll() is None:
                 process.terminate()
