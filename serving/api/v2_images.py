@@ -33,7 +33,7 @@ IMAGE_INPUTS = {"image": "BYTES", "pixels": "UINT8"}  # an image model takes one
 async def image_pixels(bundle: Bundle, items: list, settings: Settings,
                        name: Callable[[int], str], prefix: str) -> np.ndarray:
     """uint8 [n, height, width, channels] of files (within /predict's limits) or arrays,
-    decoded off the event loop; errors name item i `name(i)`, or start with `prefix`."""
+    decoded as /predict decodes them; errors name item i `name(i)`, or start with `prefix`."""
     try:
         if not items or isinstance(items[0], bytes):
             images.check(items, settings)

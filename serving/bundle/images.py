@@ -98,37 +98,44 @@ class ImageSpec:
 
     def decode(self, data: bytes, item: str) -> np.ndarray:
         """Encoded file bytes -> uint8 [height, width, channels] (first frame, upright)."""
+        return self.load(self.open(data, item), item)
+
+    def open(self, data: bytes, item: str) -> Image.Image:
+        """The file with only its header read, refused (ImageError) when it is not an
+        image or decodes to more than `max_pixels`; `load` decodes it."""
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = self._open(data, item)
-            with image:
-                try:
-                    image.load()  # decodes the first frame only
-                    # A phone photo stored sideways with an EXIF tag is upright as its user
-                    # saw it.
-                    upright = ImageOps.exif_transpose(image)
-                except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                    raise ImageError(item, f"refused as a decompression bomb ({err})") from None
-                except Exception as err:  # Pillow's decoders raise OSError, ValueError, ...
-                    raise ImageError(item, f"truncated or corrupt image data ({err})") from None
-        return self.from_image(upright, item)
-
-    def _open(self, data: bytes, item: str) -> Image.Image:
-        try:
-            image = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(item, f"refused as a decompression bomb ({err})") from None
-        except UnidentifiedImageError:
-            raise ImageError(item, "not an image Pillow can read") from None
-        except Exception as err:  # a plugin that knew the format failing on its header
-            raise ImageError(item, f"not an image Pillow can read ({err})") from None
+            try:
+                image = Image.open(io.BytesIO(data))
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                raise ImageError(item, f"refused as a decompression bomb ({err})") from None
+            except UnidentifiedImageError:
+                raise ImageError(item, "not an image Pillow can read") from None
+            except Exception as err:  # a plugin that knew the format failing on its header
+                raise ImageError(item, f"not an image Pillow can read ({err})") from None
         width, height = image.size
         if width * height > self.max_pixels:
             image.close()
             raise ImageError(item, f"decodes to {width}x{height} = {width * height} pixels, "
                                    f"over the limit of {self.max_pixels}")
         return image
+
+    def load(self, image: Image.Image, item: str) -> np.ndarray:
+        """An image from `open`, decoded (and closed): uint8 [height, width, channels],
+        its first frame, upright."""
+        with warnings.catch_warnings(), image:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image.load()  # decodes the first frame only
+                # A phone photo stored sideways with an EXIF tag is upright as its user
+                # saw it.
+                upright = ImageOps.exif_transpose(image)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                raise ImageError(item, f"refused as a decompression bomb ({err})") from None
+            except Exception as err:  # Pillow's decoders raise OSError, ValueError, ...
+                raise ImageError(item, f"truncated or corrupt image data ({err})") from None
+        return self.from_image(upright, item)
 
     def from_image(self, image: Image.Image, item: str = "image") -> np.ndarray:
         """A Pillow image -> uint8 [height, width, channels] by the mode and resize policy."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tokenizers import Tokenizer
 
 from serving.bundle.images import ImageSpec
@@ -59,14 +60,19 @@ class ImageInputs:
             raise ValueError(f"{spec_file}: cannot load ({err})") from None
 
     def pixels(self, images: list, first: int = 0) -> np.ndarray:
-        """uint8 [n, height, width, channels]: files decoded, arrays converted, by the
-        spec's policy; ImageError names the item (`images[i]`) that is not an image."""
+        """uint8 [n, height, width, channels]: files decoded, files already opened
+        (`ImageSpec.open`) loaded, arrays converted, by the spec's policy; ImageError
+        names the item (`images[i]`) that is not an image."""
         out = np.empty((len(images), self.spec.height, self.spec.width, self.spec.channels),
                        dtype=np.uint8)
         for i, image in enumerate(images):
             item = f"images[{first + i}]"
-            out[i] = (self.spec.decode(image, item) if isinstance(image, bytes | bytearray)
-                      else self.spec.from_array(np.asarray(image), item))
+            if isinstance(image, bytes | bytearray):
+                out[i] = self.spec.decode(image, item)
+            elif isinstance(image, Image.Image):
+                out[i] = self.spec.load(image, item)
+            else:
+                out[i] = self.spec.from_array(np.asarray(image), item)
         return out
 
     def encode(self, images: list) -> list[np.ndarray]:

@@ -47,8 +47,10 @@ def test_base64_images_get_the_bundles_offline_answers(image_service, image_bund
     assert body["request_id"] == response.headers["x-request-id"]
 
 
-def test_multipart_uploads_of_other_sizes_and_modes_are_converted(image_service, garments):
+def test_multipart_uploads_of_other_sizes_and_modes_are_converted(image_service, image_bundle,
+                                                                 garments):
     # an RGBA JPEG-sized colour picture and a palette GIF: converted to 28x28 grayscale
+    # (more pixels than the event loop decodes itself: they decode on a worker thread)
     rgba = Image.new("RGBA", (300, 200), (200, 30, 30, 255))
     palette = Image.fromarray(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)).convert("P")
     files = [("images", ("a.png", garments[0], "image/png")),
@@ -60,6 +62,10 @@ def test_multipart_uploads_of_other_sizes_and_modes_are_converted(image_service,
     assert len(response.json()["predictions"]) == 4
     one = httpx.post(f"{image_service.url}/predict", json={"images": [b64(garments[0])]})
     assert response.json()["predictions"][0] == one.json()["predictions"][0]
+    bundle = Bundle.load(image_bundle)
+    offline = bundle.predict_proba([png(rgba)])[0]
+    served = response.json()["predictions"][1]["probabilities"]
+    assert np.abs(np.array([served[n] for n in bundle.label_names]) - offline).max() < 1e-5
 
 
 def bomb() -> bytes:
@@ -72,10 +78,13 @@ def bomb() -> bytes:
     (lambda g: [g[0], g[1][:200]], 422, "invalid_image", "images[1]: truncated or corrupt"),
     (lambda g: [b"this is not an image"], 422, "invalid_image",
      "images[0]: not an image Pillow can read"),
+    (lambda g: [png(Image.new("L", (400, 400))), g[1][:200]], 422, "invalid_image",
+     "images[1]: truncated or corrupt"),
     (lambda g: [g[0], bomb()], 413, "image_too_large", "images[1]: decodes to 7000x7000"),
     (lambda g: g + g[:1], 422, "too_many_images", "5 images; at most 4"),
     (lambda g: [g[0], b"x" * 200_001], 413, "image_too_large", "images[1] has 200001 bytes"),
-], ids=["truncated", "not_an_image", "bomb", "too_many", "too_many_bytes"])
+], ids=["truncated", "truncated_beside_a_large_one", "not_an_image", "bomb", "too_many",
+        "too_many_bytes"])
 def test_bad_images_are_refused_naming_the_item(image_service, garments, make, status, code,
                                                 words):
     before = httpx.get(f"{image_service.url}/metrics").text
