@@ -129,13 +129,13 @@ class ImageSpec:
             try:
                 image.load()  # decodes the first frame only
                 # A phone photo stored sideways with an EXIF tag is upright as its user
-                # saw it.
-                upright = ImageOps.exif_transpose(image)
+                # saw it (in place: a copy of every image cost more than its decoding).
+                ImageOps.exif_transpose(image, in_place=True)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
                 raise ImageError(item, f"refused as a decompression bomb ({err})") from None
             except Exception as err:  # Pillow's decoders raise OSError, ValueError, ...
                 raise ImageError(item, f"truncated or corrupt image data ({err})") from None
-        return self.from_image(upright, item)
+            return self.from_image(image, item)
 
     def from_image(self, image: Image.Image, item: str = "image") -> np.ndarray:
         """A Pillow image -> uint8 [height, width, channels] by the mode and resize policy."""
