@@ -9,7 +9,8 @@ decoded before any of them reaches the model.
   decompression bomb is refused from its header). A file that is not an image or is
   truncated is a 422. Every refusal names the item (`images[i]`).
 - Decoding is per request, so a bad image fails its own request only; small images
-  decode on the event loop, larger ones on a worker thread (`INLINE_PIXELS`).
+  decode on the event loop, larger ones on a worker thread (`INLINE_BYTES`,
+  `INLINE_PIXELS`).
 - The prediction log keeps each image's sha256 and, when
   `TEXTOPS_PREDICTION_LOG_IMAGES=thumbnail`, the image as the model saw it: the
   bundle's size and channels, as a PNG `data:` URI (`log_keys`), which collect reads
@@ -37,11 +38,14 @@ from serving.errors import ApiError
 from serving.settings import Settings
 
 MULTIPART = "multipart/form-data"
-# Pixels a request may decode on the event loop: 64 thumbnails of 32x32, a 256x256
-# photo, well under a millisecond. Handing small images to a thread and back cost more
-# than decoding them (with 2 workers at concurrency 32, 28x28 PNGs: 22-28% more
-# images/s decoded on the loop, bench/profile_serving.py); larger ones still go to a
-# thread, where Pillow decodes without the GIL and the loop answers meanwhile.
+# What a request may decode on the event loop: up to 16 KiB of files (reading a
+# header walks the file's chunks: its cost grows with the bytes) holding up to 65,536
+# pixels (64 thumbnails of 32x32, a 256x256 photo), well under a millisecond. Handing
+# small images to a thread and back cost more than decoding them (with 2 workers at
+# concurrency 32, 28x28 PNGs: 22-28% more images/s decoded on the loop,
+# bench/profile_serving.py); anything larger decodes on a thread, where Pillow decodes
+# without the GIL and the loop answers meanwhile.
+INLINE_BYTES = 16_384
 INLINE_PIXELS = 65_536
 
 
@@ -101,21 +105,33 @@ def check(images: list[bytes], settings: Settings) -> None:
 
 
 def pixel_count(image) -> int:
-    return image.width * image.height if isinstance(image, Image.Image) else np.size(image)
+    """An opened file's pixels, or an array's ([height, width] or [height, width, c])."""
+    if isinstance(image, Image.Image):
+        return image.width * image.height
+    shape = np.shape(image)
+    return int(np.prod(shape[:2])) if len(shape) >= 2 else int(np.size(image))
 
 
 async def decode(bundle: Bundle, images: list) -> np.ndarray:
     """uint8 [n, height, width, channels] by the bundle's spec; 413 for an image over
-    the pixel limit, 422 for one that cannot be decoded, naming it. The headers are
-    read first: up to `INLINE_PIXELS` in all decode at once, more on a worker thread."""
-    spec = bundle.inputs.spec
-    try:  # files opened (headers only); arrays, from V2's UINT8 tensors, as they are
-        opened = [spec.open(item, f"images[{i}]") if isinstance(item, bytes | bytearray)
-                  else item for i, item in enumerate(images)]
+    the pixel limit, 422 for one that cannot be decoded, naming it. A small request
+    decodes at once (`INLINE_BYTES`, `INLINE_PIXELS`), a larger one on a worker thread."""
+    opened = []
+    try:
+        files = sum(len(item) for item in images if isinstance(item, bytes | bytearray))
+        if files > INLINE_BYTES:
+            return await asyncio.to_thread(bundle.inputs.pixels, images)
+        # files opened (headers only); arrays, from V2's UINT8 tensors, as they are
+        opened = [bundle.inputs.spec.open(item, f"images[{i}]")
+                  if isinstance(item, bytes | bytearray) else item
+                  for i, item in enumerate(images)]
         if sum(map(pixel_count, opened)) <= INLINE_PIXELS:
             return bundle.inputs.pixels(opened)
         return await asyncio.to_thread(bundle.inputs.pixels, opened)
     except ImageError as err:
+        for image in opened:  # those not decoded yet
+            if isinstance(image, Image.Image):
+                image.close()
         index = int(err.item.removeprefix("images[").removesuffix("]"))
         status, code = ((413, "image_too_large") if "pixels, over the limit" in err.reason
                         or "decompression bomb" in err.reason else (422, "invalid_image"))

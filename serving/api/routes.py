@@ -171,8 +171,10 @@ def router(service: InferenceService, require_key) -> APIRouter:
         if service.bundle is None:
             status = "failed" if service.error else "loading"
             return JSONResponse({"status": status, "error": service.error}, status_code=503)
-        if starting := service.workers_starting():
-            return JSONResponse({"status": "starting", "error": None,
+        starting, failures = service.workers_starting()
+        if starting:
+            return JSONResponse({"status": "failed" if failures else "starting",
+                                 "error": "; ".join(failures) or None,
                                  "workers_starting": starting}, status_code=503)
         return {"status": "ready", "model_version": service.bundle.version}
 

@@ -118,7 +118,7 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
 
     @router.get("/health/ready")
     async def ready():
-        ok = service.bundle is not None and not service.workers_starting()
+        ok = service.bundle is not None and not service.workers_starting()[0]
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     @router.get("/models/{name}")

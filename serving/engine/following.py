@@ -169,6 +169,7 @@ class BundleFollowing:
         if self.group:
             self.group.report(getattr(self.bundle, "version", None), self.identity,
                               error, generation)
+            self.group.starting(self.workers)  # the last worker to serve marks the start
 
     async def coordinate(self) -> None:
         """With several workers: follow reloads that another worker received, and

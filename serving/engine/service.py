@@ -123,11 +123,12 @@ class InferenceService(BundleFollowing, Challenging):
             raise ApiError(503, "not_ready", self.error or "the model is still loading")
         return self.bundle
 
-    def workers_starting(self) -> int:
-        """Server processes still loading their first bundle (0 serving alone): the
-        service is not ready until every one serves, or the first requests would all
-        land on the worker that happened to load first."""
-        return self.group.starting(self.workers) if self.group else 0
+    def workers_starting(self) -> tuple[int, list[str]]:
+        """Server processes still without their first bundle, and why those that
+        failed to load it failed ((0, []) serving alone): the service is not ready until
+        every one serves, or the first requests would all land on the worker that
+        happened to load first."""
+        return self.group.starting(self.workers) if self.group else (0, [])
 
     async def predict(self, texts: list[str], key: str | None = None
                       ) -> tuple[np.ndarray, Bundle]:

@@ -125,18 +125,22 @@ class WorkerGroup:
         """The live workers' latest reports, by pid."""
         return {pid: state for pid, state in self._live("worker")}
 
-    def starting(self, expected: int) -> int:
-        """How many of the `expected` workers have not served a bundle yet while the
-        service starts; 0 once all have, and from then on: a replacement worker that
-        loads later leaves the others serving, so the service stays ready."""
+    def starting(self, expected: int) -> tuple[int, list[str]]:
+        """While the service starts: how many of the `expected` workers serve no bundle
+        yet, and why those that failed to load one failed ("pid N: why"). (0, []) once
+        all have served, and from then on: a replacement worker that loads later leaves
+        the others serving, so the service stays ready."""
         started = self.directory / "started"
         if started.exists():
-            return 0
-        serving = sum(1 for state in self.workers().values() if state["model_version"])
+            return 0, []
+        reports = self.workers().values()
+        serving = sum(1 for state in reports if state["model_version"])
         if serving < expected:
-            return expected - serving
+            return expected - serving, [f"pid {state['pid']}: {state['error']}"
+                                        for state in reports
+                                        if state["error"] and not state["model_version"]]
         started.touch()
-        return 0
+        return 0, []
 
     def wait_for(self, generation: int, timeout: float) -> dict[int, dict]:
         """Wait until every live worker has followed `generation` (or `timeout`);

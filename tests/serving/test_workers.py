@@ -173,11 +173,13 @@ def test_the_service_is_ready_once_every_worker_serves_and_stays_ready(tmp_path)
     sibling = WorkerGroup(tmp_path, pid=os.getppid())  # alive, like a worker
     group.report("v1", "id")
     sibling.report(None, None)  # still loading
-    assert group.starting(2) == 1
+    assert group.starting(2) == (1, [])
+    sibling.report(None, None, error="bundle.json: missing")  # says why it cannot serve
+    assert group.starting(2) == (1, [f"pid {os.getppid()}: bundle.json: missing"])
     sibling.report("v1", "id")
-    assert group.starting(2) == 0
+    assert group.starting(2) == (0, [])
     sibling.leave()  # died; its replacement is loading
-    assert group.starting(2) == 0
+    assert group.starting(2) == (0, [])
 
 
 def test_liveness_answers_within_a_second_under_overload(built_bundle, tmp_path):
