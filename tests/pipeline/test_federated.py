@@ -322,3 +322,29 @@ def test_real_clients_go_on_without_one_killed_mid_run(workspace, tmp_path):
     assert (tmp_path / "models/checkpoints/best.ckpt").exists()
     assert not client_processes(stage) if stage.is_running() else True
     assert "flwr" not in output.lower() and "deprecated" not in output, output[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_real_client_run_and_its_clients_at_once(workspace, tmp_path):
+    """A stage told to stop mid-round does not wait for the round (up to
+    round_timeout_s, 30 minutes) and leaves no client process behind."""
+    train_dir(workspace, tmp_path, *federated(
+        "trainer.federated.mode=clients", "trainer.federated.clients=2",
+        "trainer.federated.rounds=50", "train.limit_train_batches=1.0"))
+    process = start_training(tmp_path)
+    stage, lines = psutil.Process(process.pid), []
+    deadline = time.monotonic() + 300
+    for line in process.stdout:
+        lines.append(line)
+        if "federated round 1/50" in line:
+            break
+        assert time.monotonic() < deadline, "".join(lines)
+    clients = client_processes(stage)
+    assert len(clients) == 2, "".join(lines)
+    clients[0].suspend()  # round 2 cannot end: it waits for this client's answer
+    process.terminate()
+    process.communicate(timeout=60)
+    assert process.returncode == 128 + 15
+    gone, alive = psutil.wait_procs(clients, timeout=10)
+    assert not alive, [c.pid for c in alive]
+

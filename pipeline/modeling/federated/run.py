@@ -87,24 +87,29 @@ def simulate(tracked: Tracked, settings: DictConfig, rounds: int, clients: list)
     server.fit(num_rounds=rounds, timeout=float(settings.round_timeout_s))
 
 
-def exit_on_signal(signal_number: int, frame) -> None:
-    raise SystemExit(128 + signal_number)
-
-
 def with_clients(tracked: Tracked, settings: DictConfig, rounds: int,
                  parts: list[list[int]], work_dir: Path) -> None:
     """A Flower server on a free loopback port and a process per client; the server and
-    every client process are stopped when the rounds end or fail. (Flower's
-    `start_server` does the same work but leaves its gRPC server running, port and
-    threads, when a round raises.)"""
+    every client process are stopped when the rounds end or fail, or on SIGTERM.
+    (Flower's `start_server` does the same work but leaves its gRPC server running,
+    port and threads, when a round raises.)"""
     address = f"127.0.0.1:{free_port()}"
     threads = max(1, (os.cpu_count() or 1) // len(parts)) if parts else 1
     server = Server(client_manager=SimpleClientManager(), strategy=tracked)
     grpc_server = start_grpc_server(client_manager=server.client_manager(),
                                     server_address=address)
-    processes = []
-    # SIGTERM ends the stage through the finally below, so no client process outlives it
-    previous = signal.signal(signal.SIGTERM, exit_on_signal)
+    processes: list[subprocess.Popen] = []
+
+    def stop_now(signal_number: int, frame) -> None:
+        # A round in progress waits for its clients' answers (up to round_timeout_s):
+        # closing the server and the clients first ends it at once. The run is
+        # abandoned, so nothing a client holds is worth waiting for.
+        grpc_server.stop(None)
+        for process in processes:
+            process.kill()
+        raise SystemExit(128 + signal_number)
+
+    previous = signal.signal(signal.SIGTERM, stop_now)
     try:
         for number, rows in enumerate(parts):
             path = work_dir / "partitions" / f"client-{number}.json"
@@ -118,16 +123,20 @@ def with_clients(tracked: Tracked, settings: DictConfig, rounds: int,
         server.disconnect_all_clients(timeout=timeout)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        grpc_server.stop(grace=1)
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
+        grpc_server.stop(grace=1).wait()
+        terminate(processes)
         for process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def terminate(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
 
 
 def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
