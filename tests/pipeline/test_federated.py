@@ -295,21 +295,29 @@ def client_processes(stage: psutil.Process) -> list[psutil.Process]:
             if "pipeline.modeling.federated.client" in " ".join(child.cmdline())]
 
 
-@pytest.mark.slow
-def test_real_clients_go_on_without_one_killed_mid_run(workspace, tmp_path):
+def after_round_one(workspace, tmp_path, clients: int, rounds: int):
+    """A train stage with `clients` real client processes, once round 1 has ended:
+    (the stage's process, its clients' processes, what it printed so far)."""
     train_dir(workspace, tmp_path, *federated(
-        "trainer.federated.mode=clients", "trainer.federated.clients=3",
-        "trainer.federated.rounds=4", "train.limit_train_batches=1.0"))
+        "trainer.federated.mode=clients", f"trainer.federated.clients={clients}",
+        f"trainer.federated.rounds={rounds}", "train.limit_train_batches=1.0"))
     process = start_training(tmp_path)
     stage, lines = psutil.Process(process.pid), []
     deadline = time.monotonic() + 300
     for line in process.stdout:
         lines.append(line)
-        if "federated round 1/4" in line:
+        if f"federated round 1/{rounds}" in line:
             break
         assert time.monotonic() < deadline, "".join(lines)
-    clients = client_processes(stage)
-    assert len(clients) == 3, "".join(lines)
+    running = client_processes(stage)
+    assert len(running) == clients, "".join(lines)
+    return process, running, lines
+
+
+@pytest.mark.slow
+def test_real_clients_go_on_without_one_killed_mid_run(workspace, tmp_path):
+    process, clients, lines = after_round_one(workspace, tmp_path, clients=3, rounds=4)
+    stage = psutil.Process(process.pid)
     clients[-1].kill()  # round 2 has begun: this client dies in it
     rest, _ = process.communicate(timeout=600)
     output = "".join(lines) + rest
@@ -328,19 +336,7 @@ def test_real_clients_go_on_without_one_killed_mid_run(workspace, tmp_path):
 def test_sigterm_stops_a_real_client_run_and_its_clients_at_once(workspace, tmp_path):
     """A stage told to stop mid-round does not wait for the round (up to
     round_timeout_s, 30 minutes) and leaves no client process behind."""
-    train_dir(workspace, tmp_path, *federated(
-        "trainer.federated.mode=clients", "trainer.federated.clients=2",
-        "trainer.federated.rounds=50", "train.limit_train_batches=1.0"))
-    process = start_training(tmp_path)
-    stage, lines = psutil.Process(process.pid), []
-    deadline = time.monotonic() + 300
-    for line in process.stdout:
-        lines.append(line)
-        if "federated round 1/50" in line:
-            break
-        assert time.monotonic() < deadline, "".join(lines)
-    clients = client_processes(stage)
-    assert len(clients) == 2, "".join(lines)
+    process, clients, _ = after_round_one(workspace, tmp_path, clients=2, rounds=50)
     clients[0].suspend()  # round 2 cannot end: it waits for this client's answer
     process.terminate()
     process.communicate(timeout=60)
