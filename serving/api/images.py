@@ -41,10 +41,10 @@ MULTIPART = "multipart/form-data"
 # What a request may decode on the event loop: up to 16 KiB of files (reading a
 # header walks the file's chunks: its cost grows with the bytes) holding up to 65,536
 # pixels (64 thumbnails of 32x32, a 256x256 photo), well under a millisecond. Handing
-# small images to a thread and back cost more than decoding them (with 2 workers at
-# concurrency 32, 28x28 PNGs: 22-28% more images/s decoded on the loop,
-# bench/profile_serving.py); anything larger decodes on a thread, where Pillow decodes
-# without the GIL and the loop answers meanwhile.
+# small images to a thread and back cost more CPU than decoding them
+# (bench/profile_serving.py; the throughput is on docs/results/serving_images.md);
+# anything larger decodes on a thread, where Pillow decodes without the GIL and the
+# loop answers meanwhile.
 INLINE_BYTES = 16_384
 INLINE_PIXELS = 65_536
 

@@ -129,7 +129,7 @@ class ImageSpec:
             try:
                 image.load()  # decodes the first frame only
                 # A phone photo stored sideways with an EXIF tag is upright as its user
-                # saw it (in place: a copy of every image cost more than its decoding).
+                # saw it (in place: a copy of every image cost a tenth of its decoding).
                 ImageOps.exif_transpose(image, in_place=True)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
                 raise ImageError(item, f"refused as a decompression bomb ({err})") from None
