@@ -64,11 +64,16 @@ rollback: setup  ## move champion and models/current back to the previous blesse
 serve: setup  ## run the service in the foreground on models/current
 	$(VENV)/bin/textops serve --bundle models/current --port $(PORT)
 
+# pytest-xdist workers, each test file whole in one of them (its fixtures built once);
+# TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
+TEST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup  ## run the test suite
-	$(PY) -m pytest
+	$(PY) -m pytest $(TEST_ARGS)
 
 test-fast: setup  ## the tests that take seconds, not minutes
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(TEST_ARGS) -m "not slow"
 
 bench: repro  ## benchmarks (bench/): ratios against baselines measured in the same run
 	$(PY) bench/bench_training.py
