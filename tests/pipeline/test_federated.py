@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from types import SimpleNamespace
 
+import grpc
 import mlflow
 import numpy as np
 import psutil
@@ -120,6 +121,13 @@ def test_each_round_steps_through_its_share_of_the_whole_runs_schedule():
     assert learning_rates((3, 4), 5)[0] < 0.5  # the last round starts low, not warm
 
 
+class Broken:
+    """A strategy whose run fails at once, before any round."""
+
+    def initialize_parameters(self, client_manager):
+        raise RuntimeError("the strategy broke")
+
+
 def test_a_failing_run_with_real_clients_closes_the_servers_port(tmp_path, monkeypatch):
     """When a round raises, the Flower server stops too: its port is free again and
     the stage's error is the one the run raised."""
@@ -128,16 +136,58 @@ def test_a_failing_run_with_real_clients_closes_the_servers_port(tmp_path, monke
     port = run.free_port()
     monkeypatch.setattr(run, "free_port", lambda: port)
 
-    class Broken:
-        def initialize_parameters(self, client_manager):
-            raise RuntimeError("the strategy broke")
-
     with pytest.raises(RuntimeError, match="the strategy broke"):
         run.with_clients(Broken(), OmegaConf.create({"round_timeout_s": 5,
                                                      "connect_timeout_s": 5}),
                          1, [], tmp_path)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))  # OSError while a server still listens
+
+
+def test_the_federation_server_speaks_tls_only_to_clients_that_trust_its_certificate():
+    """Model updates never travel in plaintext: the run's gRPC server completes a TLS
+    handshake with a client trusting its certificate, and none with a plaintext client
+    or one trusting another certificate."""
+    from flwr.server import SimpleClientManager
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
+
+    from pipeline.modeling.federated import run, tls
+
+    certificate, key = tls.run_certificate()
+    address = f"{tls.HOST}:{run.free_port()}"
+    server = start_grpc_server(client_manager=SimpleClientManager(), server_address=address,
+                               certificates=tls.server_certificates(certificate, key))
+    try:
+        trusting = grpc.secure_channel(address, grpc.ssl_channel_credentials(certificate))
+        grpc.channel_ready_future(trusting).result(timeout=10)
+        trusting.close()
+        another, _ = tls.run_certificate()
+        for channel in (grpc.insecure_channel(address),
+                        grpc.secure_channel(address, grpc.ssl_channel_credentials(another))):
+            with pytest.raises(grpc.FutureTimeoutError):
+                grpc.channel_ready_future(channel).result(timeout=3)
+            channel.close()
+    finally:
+        server.stop(None).wait()
+
+
+def test_real_clients_trust_the_certificate_their_server_serves(tmp_path, monkeypatch):
+    from pipeline.modeling.federated import run
+
+    served = {}
+
+    def recording(**settings):
+        served.update(settings)
+        return start_grpc_server(**settings)
+
+    start_grpc_server = run.start_grpc_server
+    monkeypatch.setattr(run, "start_grpc_server", recording)
+    with pytest.raises(RuntimeError, match="the strategy broke"):
+        run.with_clients(Broken(), OmegaConf.create({"round_timeout_s": 5,
+                                                     "connect_timeout_s": 5}),
+                         1, [], tmp_path)
+    _, certificate, _ = served["certificates"]
+    assert (tmp_path / "federation.crt").read_bytes() == certificate
 
 
 def test_fedavgm_puts_momentum_on_the_servers_step_and_unknown_strategies_are_named():

@@ -2,10 +2,12 @@
 Lightning fit from the global weights each round.
 
 The same client runs inside the train stage's process (`mode: simulation`) or as a
-process of its own that talks to the stage's Flower server over gRPC (`mode: clients`):
+process of its own that talks to the stage's Flower server over gRPC with TLS
+(`mode: clients`):
 
     python -m pipeline.modeling.federated.client --address 127.0.0.1:PORT \
-        --partition models/train-work/partitions/client-3.json
+        --partition models/train-work/partitions/client-3.json \
+        --root-certificate models/train-work/federation.crt
 
 A client process reads the configuration (params.yaml) and the processed data, keeps
 the training rows its partition file lists and drops the rest before it trains.
@@ -14,6 +16,7 @@ the training rows its partition file lists and drops the rest before it trains.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -133,6 +136,9 @@ def main() -> None:
     parser.add_argument("--address", required=True, help="the Flower server, host:port")
     parser.add_argument("--partition", required=True,
                         help="this client's partition file (its number and rows)")
+    parser.add_argument("--root-certificate", required=True,
+                        help="the server's certificate (PEM), the one root this client "
+                             "trusts (tls.py)")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads")
     parser.add_argument("--connect-timeout", type=float, default=120.0)
     args = parser.parse_args()
@@ -140,7 +146,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     mine = atomic.read_json(args.partition)
     client = build(load_params(), Paths(), int(mine["client"]), mine["rows"])
-    start_client(server_address=args.address, client=client.to_client(), insecure=True,
+    start_client(server_address=args.address, client=client.to_client(),
+                 root_certificates=Path(args.root_certificate).read_bytes(),
                  max_wait_time=args.connect_timeout)
 
 

@@ -7,8 +7,8 @@ deploy and the service take it unchanged.
 - `simulation`: every client in this process, trained one after another; the fastest
   way to measure a federated setting;
 - `clients`: a Flower server in this process and one process per client
-  (`pipeline/modeling/federated/client.py`), talking gRPC over loopback, each client
-  holding only its own rows. A client that dies mid-round is counted as a failure and
+  (`pipeline/modeling/federated/client.py`), talking gRPC over TLS on loopback, each
+  client holding only its own rows. A client that dies mid-round is counted as a failure and
   the run goes on with those left, down to `min_clients`.
 
 A federated fit does not resume after a kill: it starts again from round 1.
@@ -37,6 +37,7 @@ from pipeline.data.splits import column, load_splits
 from pipeline.modeling import privacy, training
 from pipeline.modeling.federated import client as local
 from pipeline.modeling.federated import privacy as client_privacy
+from pipeline.modeling.federated import tls
 from pipeline.modeling.federated.partition import describe, partition
 from pipeline.modeling.federated.server import (
     GlobalModel,
@@ -89,15 +90,20 @@ def simulate(tracked: Tracked, settings: DictConfig, rounds: int, clients: list)
 
 def with_clients(tracked: Tracked, settings: DictConfig, rounds: int,
                  parts: list[list[int]], work_dir: Path) -> None:
-    """A Flower server on a free loopback port and a process per client; the server and
-    every client process are stopped when the rounds end or fail, or on SIGTERM.
-    (Flower's `start_server` does the same work but leaves its gRPC server running,
-    port and threads, when a round raises.)"""
-    address = f"127.0.0.1:{free_port()}"
+    """A Flower server on a free loopback port, over TLS with this run's certificate
+    (tls.py), and a process per client; the server and every client process are
+    stopped when the rounds end or fail, or on SIGTERM. (Flower's `start_server` does
+    the same work but leaves its gRPC server running, port and threads, when a round
+    raises.)"""
+    address = f"{tls.HOST}:{free_port()}"
     threads = max(1, (os.cpu_count() or 1) // len(parts)) if parts else 1
+    certificate, key = tls.run_certificate()
+    trusted = work_dir / "federation.crt"  # public: what the clients trust
+    atomic.write_bytes(trusted, certificate)
     server = Server(client_manager=SimpleClientManager(), strategy=tracked)
     grpc_server = start_grpc_server(client_manager=server.client_manager(),
-                                    server_address=address)
+                                    server_address=address,
+                                    certificates=tls.server_certificates(certificate, key))
     processes: list[subprocess.Popen] = []
 
     def stop_now(signal_number: int, frame) -> None:
@@ -117,6 +123,7 @@ def with_clients(tracked: Tracked, settings: DictConfig, rounds: int,
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "pipeline.modeling.federated.client",
                  "--address", address, "--partition", str(path), "--threads", str(threads),
+                 "--root-certificate", str(trusted),
                  "--connect-timeout", str(settings.connect_timeout_s)]))
         timeout = float(settings.round_timeout_s)
         server.fit(num_rounds=rounds, timeout=timeout)
