@@ -64,7 +64,7 @@ rollback: setup  ## move champion and models/current back to the previous blesse
 serve: setup  ## run the service in the foreground on models/current
 	$(VENV)/bin/textops serve --bundle models/current --port $(PORT)
 
-# pytest-xdist workers, each test file whole in one of them (its fixtures built once);
+# pytest-xdist workers, each test file whole in one of them (its module fixtures built once);
 # TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 2
 TEST_ARGS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)

@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from repo import copy_repo, git_init  # noqa: E402  (bench/repo.py: one way to copy the repo)
 
-# Under pytest-xdist two workers share the machine's cores: one thread each for torch,
-# here and in the stages they start, instead of every worker spinning on all of them.
+# Under pytest-xdist the workers share the machine's cores: one torch thread each, here
+# and in the stages they start (unless a stage sets its own, as federated clients and
+# tuning workers do), instead of every worker spinning on all of them.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
