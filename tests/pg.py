@@ -67,16 +67,23 @@ def _cluster(directory: Path, database: str):
     directory.chmod(0o755)
     _chown_to_server_user(directory)
     data, log = directory / "data", directory / "server.log"
-    port = free_port()
     init = subprocess.run(_as_server_user([str(binaries / "initdb"), "-D", str(data), "-U",
                                            "postgres", "--auth=trust", "--no-sync"]),
                           capture_output=True, text=True)
     if init.returncode != 0:
         pytest.skip(f"initdb could not create a cluster: {init.stderr.strip()[-300:]}")
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={directory}"
-    start = subprocess.run(_as_server_user([str(binaries / "pg_ctl"), "-D", str(data), "-l",
-                                            str(log), "-o", options, "-w", "-t", "60",
-                                            "start"]), capture_output=True, text=True)
+    # The port is chosen just before the server binds it, and again if another process
+    # (a second pytest-xdist worker's server) took it in between.
+    for _ in range(3):
+        port = free_port()
+        options = (f"-c listen_addresses=127.0.0.1 -p {port} "
+                   f"-c unix_socket_directories={directory}")
+        start = subprocess.run(_as_server_user([str(binaries / "pg_ctl"), "-D", str(data),
+                                                "-l", str(log), "-o", options, "-w", "-t",
+                                                "60", "start"]), capture_output=True, text=True)
+        if start.returncode == 0 or not log.exists() \
+                or "already in use" not in log.read_text(errors="replace"):
+            break
     if start.returncode != 0:
         pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()[-300:]}")
     try:
