@@ -2,6 +2,7 @@
 differential privacy, on Fashion-MNIST and SST-2.
 
     python bench/bench_privacy_accuracy.py [--epochs N] [data ...] [--budgets 1 3 8 inf]
+                                           [--repeats N]
 
 Per data set, one clean copy of the repository runs `dvc repro preprocess` (from
 nothing), then for each budget composes params.yaml with it and runs `dvc repro
@@ -14,7 +15,10 @@ default LSTM trains as Opacus's DPLSTM at a small fraction of the speed
 (bench/bench_privacy.py), and experiment=private_text, a linear probe on frozen
 MiniLM's pooled layers (and on its last layer alone). "inf" is the data set's
 non-private default, what the private model gives up accuracy against. --epochs
-overrides the private recipe's.
+overrides the private recipe's. A private fit draws its batches and noise from the
+operating system's randomness (pipeline/modeling/privacy.py), so two runs of one budget
+differ: --repeats trains each private budget that many times, and the page shows their
+mean and each run (the seeded non-private default repeats itself and runs once).
 Published in bench/results/privacy_accuracy.json and docs/results/privacy_accuracy.md.
 """
 
@@ -53,8 +57,8 @@ HEADLINE = ("fashion_mnist_scatternet", "sst2_minilm_probe")
 
 
 def measure(name: str, recipe: list[str], default: list[str] | None, epochs: int | None,
-            budgets: list[float | None]):
-    """Each budget's run, as it finishes."""
+            budgets: list[float | None], repeats: int = 1):
+    """Each budget's runs (`repeats` of a private one), as they finish."""
     if default is None:
         budgets = [b for b in budgets if b is not None]
     if epochs is not None:
@@ -62,7 +66,7 @@ def measure(name: str, recipe: list[str], default: list[str] | None, epochs: int
     with tempfile.TemporaryDirectory() as tmp:
         repo = clone_to(Path(tmp) / "repo", recipe)
         sh(repo, "dvc", "repro", "preprocess")
-        for epsilon in budgets:
+        for epsilon in [b for b in budgets for _ in range(1 if b is None else repeats)]:
             if epsilon is None:
                 overrides = default
             else:
@@ -94,8 +98,10 @@ then for each privacy budget the data set's private recipe trains, the same mode
 epochs and batch size each time (DP-SGD with Opacus: Poisson batches, per-example
 clipping, the noise multiplier the accountant derives from epsilon at delta = 1/(10 x
 training rows)), and is scored on the test split (Fashion-MNIST's own test set,
-SST-2's dev set), which neither training nor the checkpoint's choice saw.
-Fashion-MNIST has two recipes, both Tramer & Boneh 2021's published settings:
+SST-2's dev set), which neither training nor the checkpoint's choice saw. A private
+fit draws its batches and noise from the operating system's randomness, so runs of one
+budget differ: where a budget ran several times (`--repeats`), the table gives their
+mean and each run, and the plot the mean. Fashion-MNIST has two recipes, both Tramer & Boneh 2021's published settings:
 `experiment=private_images` (fashion_mnist: a small tanh CNN end to end, batches of
 2,048, clipping to 0.1, SGD with momentum, 40 epochs) and
 `experiment=private_images_scatter` (fashion_mnist_scatternet: a linear layer over
@@ -121,26 +127,48 @@ def label(epsilon) -> str:
     return "inf" if epsilon is None else f"{epsilon:g}"
 
 
+def measured(runs: list[dict]) -> list[list[dict]]:
+    """The runs grouped by data set and budget (the repeats of one), in `order`."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in sorted(runs, key=order):
+        groups.setdefault((run["data"], run["target_epsilon"]), []).append(run)
+    return list(groups.values())
+
+
+def mean(runs: list[dict], field: str) -> float:
+    return round(sum(r[field] for r in runs) / len(runs), 4)
+
+
 def as_result(runs: list[dict]) -> Result:
-    rows = [[r["data"], label(r["target_epsilon"]),
-             "" if r["epsilon"] is None else round(r["epsilon"], 3),
-             "" if r["noise_multiplier"] is None else round(r["noise_multiplier"], 3),
-             r["accuracy"], r["f1_macro"], " ".join(r["overrides"]), r["commit"]]
-            for r in runs]
-    table = Table("Test accuracy per privacy budget",
+    groups = measured(runs)
+    rows = []
+    for group in groups:
+        first, spent = group[0], [r["epsilon"] for r in group if r["epsilon"] is not None]
+        rows.append([
+            first["data"], label(first["target_epsilon"]),
+            round(max(spent), 3) if spent else "",  # what the costliest run spent
+            "" if first["noise_multiplier"] is None else round(first["noise_multiplier"], 3),
+            mean(group, "accuracy"),
+            " / ".join(f"{r['accuracy']:.4f}" for r in group) if len(group) > 1 else "",
+            mean(group, "f1_macro"), " ".join(first["overrides"]),
+            " ".join(sorted({r["commit"] for r in group}))])
+    table = Table("Test accuracy per privacy budget (the mean of the runs)",
                   ["data", "target epsilon", "epsilon spent", "noise multiplier",
-                   "test accuracy", "macro F1", "overrides", "commit"], rows)
+                   "test accuracy", "each run", "macro F1", "overrides", "commit"], rows)
     series = {}
-    for r in runs:  # no privacy drawn at epsilon 16, right of the budgets, as a reference
-        x = 16.0 if r["target_epsilon"] is None else r["target_epsilon"]
-        series.setdefault(r["data"], []).append([x, r["accuracy"]])
+    for group in groups:  # no privacy drawn at epsilon 16, right of the budgets
+        epsilon = group[0]["target_epsilon"]
+        series.setdefault(group[0]["data"], []).append(
+            [16.0 if epsilon is None else epsilon, mean(group, "accuracy")])
     plot = Plot("Test accuracy against epsilon (16: without differential privacy)", "line",
                 "epsilon", "test accuracy", series)
-    summary = [[f"test accuracy at epsilon {label(r['target_epsilon'])}, {r['data']}",
-                r["accuracy"]] for r in runs
-               if r["target_epsilon"] in (3.0, 8.0) and r["data"] in HEADLINE]
+    summary = [[f"test accuracy at epsilon {label(g[0]['target_epsilon'])}, {g[0]['data']}"
+                + (f" (mean of {len(g)} runs)" if len(g) > 1 else ""), mean(g, "accuracy")]
+               for g in groups
+               if g[0]["target_epsilon"] in (3.0, 8.0) and g[0]["data"] in HEADLINE]
     return Result("privacy_accuracy", "Differential privacy: accuracy against epsilon",
-                  ABOUT, [table], plots=[plot], data={"runs": runs}, summary=summary)
+                  ABOUT, [table], plots=[plot], data={"runs": sorted(runs, key=order)},
+                  summary=summary)
 
 
 def main() -> None:
@@ -150,20 +178,25 @@ def main() -> None:
                         help="the private recipe's epochs (default: the recipe's own)")
     parser.add_argument("--budgets", nargs="+", default=["1", "3", "8", "inf"],
                         help="the epsilons to train at (inf: the non-private default)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each private budget (their mean is published)")
     parser.add_argument("data", nargs="*", choices=[*DATA_SETS, []],
                         help="measure these again, keep the published others (default: all)")
     args = parser.parse_args()
     published = Path(__file__).parent / "results" / "privacy_accuracy.json"
     budgets = [None if b == "inf" else float(b) for b in args.budgets]
+    fresh: list[dict] = []
     for name in args.data or DATA_SETS:
-        for run in measure(name, *DATA_SETS[name], args.epochs, budgets):
-            # after each run, in place of the published run of the same data and budget:
-            # a later failure keeps it
+        for run in measure(name, *DATA_SETS[name], args.epochs, budgets, args.repeats):
+            # after each run, in place of the published runs of the same data and budget
+            # (this invocation's repeats join it): a later failure keeps them
             earlier = (json.loads(published.read_text())["data"]["runs"]
                        if published.exists() else [])
             key = (run["data"], run["target_epsilon"])
-            runs = [r for r in earlier if (r["data"], r["target_epsilon"]) != key] + [run]
-            page = publish(as_result(sorted(runs, key=order)))
+            runs = [r for r in earlier
+                    if (r["data"], r["target_epsilon"]) != key or r in fresh] + [run]
+            fresh.append(run)
+            page = publish(as_result(runs))
             print(f"privacy accuracy: published {page}", flush=True)
 
 
