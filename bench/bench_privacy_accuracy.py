@@ -93,28 +93,28 @@ def measure(name: str, recipe: list[str], default: list[str] | None, epochs: int
             yield run
 
 
-ABOUT = """Per data set, one clean copy of the repository preprocesses from nothing;
-then for each privacy budget the data set's private recipe trains, the same model,
-epochs and batch size each time (DP-SGD with Opacus: Poisson batches, per-example
-clipping, the noise multiplier the accountant derives from epsilon at delta = 1/(10 x
-training rows)), and is scored on the test split (Fashion-MNIST's own test set,
-SST-2's dev set), which neither training nor the checkpoint's choice saw. A private
-fit draws its batches and noise from the operating system's randomness, so runs of one
-budget differ: where a budget ran several times (`--repeats`), the table gives their
-mean and each run, and the plot the mean. Fashion-MNIST has two recipes, both Tramer & Boneh 2021's published settings:
-`experiment=private_images` (fashion_mnist: a small tanh CNN end to end, batches of
-2,048, clipping to 0.1, SGD with momentum, 40 epochs) and
-`experiment=private_images_scatter` (fashion_mnist_scatternet: a linear layer over
-fixed scattering features, batches of 8,192, clipping to 0.1, SGD with momentum at rate
-16, 50 epochs). SST-2's are `model=transformer` (sst2: trained from scratch, 2 epochs)
-and `experiment=private_text` (sst2_minilm_probe: a linear layer on the frozen public
-all-MiniLM-L6-v2 encoder's token states mean-pooled at every layer, batches of
-4,096, clipping to 0.1, SGD with momentum at rate 8, 30 epochs;
-sst2_minilm_last_layer: the same on the last layer's alone, the sentence embedding).
-"inf" is the data set's non-private default, trained as `make deploy` trains it. The
-cost in time is bench/bench_privacy.py's (wall times here are in the JSON only).
-Anchor: Tramèr & Boneh 2021, Fashion-MNIST at epsilon 3: 86.0% for the end-to-end CNN,
-89.7% for ScatterNet + linear. Run again: `python bench/bench_privacy_accuracy.py`."""
+ABOUT = """Per data set, one clean copy of the repository preprocesses from nothing; then for each
+privacy budget the data set's private recipe trains, the same model, epochs and batch
+size each time (DP-SGD with Opacus: Poisson batches, per-example clipping, the noise
+multiplier the accountant derives from epsilon at delta = 1/(10 x training rows)), and
+is scored on the test split (Fashion-MNIST's own test set, SST-2's dev set), which
+neither training nor the checkpoint's choice saw. A private fit draws its batches and
+noise from the operating system's randomness, so runs of one budget differ: where a
+budget ran several times (`--repeats`), the table gives their mean and each run, and the
+plot the mean. Fashion-MNIST has two recipes, both Tramer & Boneh 2021's published
+settings: `experiment=private_images` (fashion_mnist: a small tanh CNN end to end,
+batches of 2,048, clipping to 0.1, SGD with momentum, 40 epochs) and
+`experiment=private_images_scatter` (fashion_mnist_scatternet: a linear layer over fixed
+scattering features, batches of 8,192, clipping to 0.1, SGD with momentum at rate 16, 50
+epochs). SST-2's are `model=transformer` (sst2: trained from scratch, 2 epochs) and
+`experiment=private_text` (sst2_minilm_probe: a linear layer on the frozen public
+all-MiniLM-L6-v2 encoder's token states mean-pooled at every layer, batches of 4,096,
+clipping to 0.1, SGD with momentum at rate 8, 30 epochs; sst2_minilm_last_layer: the
+same on the last layer's alone, the sentence embedding). "inf" is the data set's
+non-private default, trained as `make deploy` trains it. The cost in time is
+bench/bench_privacy.py's (wall times here are in the JSON only). Anchor: Tramèr & Boneh
+2021, Fashion-MNIST at epsilon 3: 86.0% for the end-to-end CNN, 89.7% for ScatterNet +
+linear. Run again: `python bench/bench_privacy_accuracy.py`."""
 
 
 def order(run: dict) -> tuple:
