@@ -5,7 +5,6 @@ fails, and a service told to require TLS does not start without a certificate.""
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import os
 import ssl
 import subprocess
@@ -15,36 +14,19 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import ROOT, running_service
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from pipeline.modeling.federated import tls as federation_tls
 from serving import tls
 from serving.settings import Settings, SettingsError
 
 
 def self_signed(directory: Path, name: str = "tls") -> tuple[Path, Path]:
-    """(certificate, key): a P-256 certificate for localhost and 127.0.0.1, valid for a
-    day, signed by its own key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256()))
+    """(certificate, key) files: a P-256 server certificate for 127.0.0.1, valid for a
+    day, signed by its own key (the kind a real-client federation makes for its run)."""
+    certificate, key = federation_tls.run_certificate(dt.timedelta(days=1))
     cert_file, key_file = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_file.write_bytes(certificate)
+    key_file.write_bytes(key)
     return cert_file, key_file
 
 
