@@ -44,10 +44,13 @@ def describe_federated(record: dict | None) -> str:
     noised = ("; the server clipped and noised their average (client-level differential "
               "privacy, above)" if record.get("privacy")
               else " (no differential privacy on the updates)")
+    # simulation runs every client in the train stage's process: nothing travels
+    travelled = ("to the server over TLS" if record.get("mode") == "clients"
+                 else "within the train stage's process (simulated clients)")
     return (f" Trained federated ({record['strategy']}, Flower): {record['clients']} "
             f"clients, the training rows dealt out by {how}, {record['rounds']} rounds; "
-            "each client's rows stayed with it and only model updates travelled, in the "
-            f"clear{noised}.")
+            f"each client's rows stayed with it and only model updates went {travelled}, "
+            f"where the server saw each one{noised}.")
 
 
 def describe(record: dict | None) -> str:
