@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from conftest import compose, restored_tracking_uri
@@ -26,6 +28,7 @@ from pipeline.modeling.privacy import (
     check_model,
     check_settings,
     private_layers,
+    secret_generator,
 )
 from pipeline.modeling.training import fit
 from pipeline.stages.evaluate import evaluate, judge
@@ -47,6 +50,7 @@ class Spy(Callback):
         self.key = key
         self.sizes, self.optimizers, self.per_example = [], set(), []
         self.wrapped = set()  # what DP-SGD's optimiser steps with
+        self.secure = set()  # whether its noise is drawn in Opacus's secure mode
 
     def on_train_start(self, trainer, pl_module):
         self.tables = {name: layer.weight.detach().clone()
@@ -65,6 +69,7 @@ class Spy(Callback):
         private = getattr(optimizer, "optimizer", optimizer)
         self.optimizers.add(type(private).__name__)
         self.wrapped.add(type(getattr(private, "original_optimizer", private)).__name__)
+        self.secure.add(getattr(private, "secure_mode", None))
         params = [p for p in pl_module.model.parameters() if p.requires_grad]
         self.per_example.append(all(p.grad_sample.shape[0] == self.sizes[-1]
                                     for p in params))
@@ -82,6 +87,7 @@ def test_a_private_fit_spends_at_most_its_target_and_every_report_says_so(worksp
     # Poisson sampling: batch sizes vary around 16; DP-SGD's optimiser, per-example grads
     assert len(set(spy.sizes)) > 3 and abs(sum(spy.sizes) / len(spy.sizes) - 16) < 4
     assert spy.optimizers == {"DPOptimizer"} and all(spy.per_example)
+    assert spy.secure == {True}
     # a table started from scratch is no public feature: it trains
     assert spy.tables and not spy.tables_kept
     # the whole fit spends close to the target, never more; the best checkpoint was
@@ -216,6 +222,10 @@ def test_a_public_embedding_table_is_frozen_and_named_on_the_card():
     assert not module.model.embedding.weight.requires_grad
     assert module.model.positions.weight.requires_grad  # not the public table
     assert started.frozen == ["embedding"]
+    # the model card names it (its `frozen` comes from the fit's privacy record)
+    record = {"epsilon": 3.0, "delta": 1e-5, "accountant": "prv", "steps": 10,
+              "noise_multiplier": 1.0, "max_grad_norm": 1.0, "frozen": started.frozen}
+    assert "Not trained, kept as they started: embedding." in privacy.describe(record)
 
 
 @pytest.mark.parametrize(("override", "says"), [
@@ -231,8 +241,18 @@ def test_what_a_private_fit_cannot_account_for_is_refused(override, says):
 
 
 def test_noise_and_batches_do_not_follow_the_public_seed():
-    draws = {PoissonSampling(SimpleNamespace()).generator.initial_seed() for _ in range(3)}
-    assert len(draws) == 3
+    """Re-seeding every public generator the way `seed` would does not repeat the
+    batches' or the noise's generator."""
+    def seeded_again(make):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+        return make().initial_seed()
+
+    batches = {seeded_again(lambda: PoissonSampling(SimpleNamespace()).generator)
+               for _ in range(3)}
+    noise = {seeded_again(secret_generator) for _ in range(3)}
+    assert len(batches) == 3 and len(noise) == 3
 
 
 def test_the_gate_refuses_a_model_over_its_epsilon_or_not_private_at_all():

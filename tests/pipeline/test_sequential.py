@@ -240,3 +240,8 @@ def test_the_rule_reads_its_config():
     config = yaml.safe_load((ROOT / "params.yaml").read_text())["promotion"]
     assert Rule.from_config(config) == RULE
     assert Rule.from_config(config, "canary").max_labels == config["canary"]["max_labels"]
+    # every field comes from its key, not from the defaults params.yaml happens to hold
+    changed = {**config, "alpha": 0.1, "min_effect": 0.02, "min_labels": 50,
+               "shadow": {**config["shadow"], "max_labels": 700, "bets": 3},
+               "canary": {**config["canary"], "tau": 0.05}}
+    assert Rule.from_config(changed, "shadow") == Rule(0.1, 0.02, 50, 700, 3, 0.05)

@@ -137,6 +137,9 @@ def test_a_challenger_much_slower_than_the_champion_is_stopped(monkeypatch):
     assert "the champion's" in slow.shadow_error and "c-1" in slow.shadow_error
     alike = run(challenger_delay=0.02)
     assert alike.canary is not None and alike.shadow_error is None
+    # the bound is max_p99_ratio (2.0) itself: just over it stops, just under runs on
+    assert run(challenger_delay=0.05).canary is None  # 2.5x
+    assert run(challenger_delay=0.03).canary is not None  # 1.5x
 
 
 def test_a_stop_in_one_server_process_stops_the_canary_in_every_other(monkeypatch, tmp_path):

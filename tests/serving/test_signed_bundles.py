@@ -198,13 +198,20 @@ def test_deploy_refuses_an_altered_bundle_before_starting_anything(altered, keys
 
 
 @pytest.mark.slow
-def test_deploy_serves_a_signed_bundle_with_the_key(signed, keys, tmp_path, monkeypatch):
+def test_deploy_serves_a_signed_bundle_with_the_key(signed, keys, altered, tmp_path,
+                                                    monkeypatch):
     monkeypatch.setenv("TEXTOPS_PREDICTION_LOG", "")  # not the repository's run/
+    monkeypatch.setenv("TEXTOPS_ADMIN_TOKEN", "t")
+    (altered / "bundle.json").write_text((altered / "bundle.json").read_text() + " ")
     run_dir = tmp_path / "run"
     try:
         url, _ = control.up(signed, control.free_port(), run_dir, "127.0.0.1", 60,
                             runtime_choice="process", public_key=keys[1])
         assert control.http_json("GET", f"{url}/health/ready")[0] == 200
+        # the service itself was given the key: it refuses an altered bundle too
+        answer = httpx.post(f"{url}/admin/reload", json={"bundle": str(altered)},
+                            headers=ADMIN, timeout=30)
+        assert answer.status_code == 422 and "bundle.json modified" in answer.json()["error"]
     finally:
         control.down(run_dir)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -85,6 +86,34 @@ def traffic(url: str, labelled: list[tuple[str, str]]) -> set[int]:
         return set(pool.map(one, labelled))
 
 
+class Steady:
+    """Requests from 4 clients, one after another each, until stopped: the statuses of
+    every answer while something else happens (a promotion, the service's switch)."""
+
+    def __init__(self, url: str, texts: list[str]):
+        self.url, self.texts = url, texts
+        self.stop, self.statuses = threading.Event(), []
+        self.pool = concurrent.futures.ThreadPoolExecutor(4)
+
+    def __enter__(self) -> Steady:
+        self.runs = [self.pool.submit(self.client, i) for i in range(4)]
+        return self
+
+    def client(self, start: int) -> None:
+        i = start
+        while not self.stop.is_set():
+            text = self.texts[i % len(self.texts)]
+            self.statuses.append(post_json(self.url, "/predict", {"texts": [text]})
+                                 .status_code)
+            i += 4
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for run in self.runs:
+            run.result()
+        self.pool.shutdown()
+
+
 @pytest.mark.slow
 def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models, tmp_path):
     path, name, (v1, swapped), (v2, good), labelled = two_models
@@ -98,14 +127,19 @@ def test_a_better_challenger_is_promoted_and_a_worse_one_rolled_back(two_models,
         assert traffic(service.url, labelled) == {200}
         eventually(lambda: metric_samples(service.url)[
             'textops_shadow_texts_total{outcome="scored"}'] == len(labelled))
-        decision = check(name, PROMOTION, log, paths)
-        assert decision["outcome"] == "promote" and decision["acted"], decision
-        assert decision["b"] > 0.8 * len(labelled) and decision["lower"] > 0
-        assert str(client.get_model_version_by_alias(name, "champion").version) == v2
-        # the service follows models/current to the promoted model, answering meanwhile
-        good_version = client.get_model_version(name, v2).tags["bundle_version"]
-        eventually(lambda: httpx.get(f"{service.url}/metadata", timeout=5)
-                   .json()["version"] == good_version, timeout=30)
+        # users go on sending requests while the controller decides and the service
+        # follows models/current to the promoted model: every one is answered
+        with Steady(service.url, [text for text, _ in labelled]) as steady:
+            decision = check(name, PROMOTION, log, paths)
+            assert decision["outcome"] == "promote" and decision["acted"], decision
+            assert decision["b"] > 0.8 * len(labelled) and decision["lower"] > 0
+            assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+            good_version = client.get_model_version(name, v2).tags["bundle_version"]
+            eventually(lambda: httpx.get(f"{service.url}/metadata", timeout=5)
+                       .json()["version"] == good_version, timeout=30)
+            answered = len(steady.statuses)
+            eventually(lambda: len(steady.statuses) > answered + 20)  # after the switch
+        assert set(steady.statuses) == {200}, sorted(set(steady.statuses))
         # and shows the decision that promoted it (read from the registry)
         assert eventually(lambda: evidence(service.url, "promote", "b"), timeout=30) \
             == {(v1, v2): decision["b"]}
