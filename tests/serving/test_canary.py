@@ -5,13 +5,16 @@ response and in the log."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import running_service
+from conftest import ROOT, running_service
 
 from serving.engine.canary import Canary, Guard, takes
 
@@ -28,7 +31,14 @@ def test_routing_by_key_is_sticky_and_close_to_the_share():
     keys = [f"user-{i}" for i in range(4000)]
     share = sum(takes(k, 0.1) for k in keys) / len(keys)
     assert 0.08 < share < 0.12
-    assert [takes(k, 0.1) for k in keys] == [takes(k, 0.1) for k in keys]
+    # the same keys go the same way in another process (another PYTHONHASHSEED): a
+    # client stays with its model across the service's workers and restarts
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", "from serving.engine.canary import takes; "
+         "print(''.join(str(int(takes(f'user-{i}', 0.1))) for i in range(4000)))"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+        env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
+    assert elsewhere == "".join(str(int(takes(k, 0.1))) for k in keys)
 
 
 def test_the_challenger_answers_its_share_of_clients_and_says_so(built_bundle, challenger,
