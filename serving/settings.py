@@ -104,6 +104,9 @@ class Settings(BaseSettings):
                                    "scored in shadow beside the one served")
     shadow_queue: int = Field(1000, ge=1, description="texts waiting for the challenger; "
                               "more are dropped and counted, never delayed")
+    shadow_cpu: float = Field(0, ge=0, description="the most CPU the challenger's worker "
+                              "takes, in cores (0.25: a quarter of one); 0: whatever the "
+                              "machine leaves idle")
     # Canary mode (serving/engine/canary.py): the challenger answers a share instead.
     challenger_mode: str = Field("shadow", pattern="^(shadow|canary)$",
                                  description="shadow: scored beside every answer; canary: "

@@ -13,6 +13,13 @@ It takes what is queued (the server process sends requests in batches), about
 how many agreed with the champion's; the server process logs them (the prediction
 log's rules and queue stay in one place).
 
+The lowest priority yields a core to the service, not the core's caches or the other
+hardware thread of its physical core: the CPU it takes while the service waits for
+the network still slows the answers. With `shadow_cpu` (TEXTOPS_SHADOW_CPU, in cores)
+it rests after each batch so that its CPU time stays within that share of the time
+passing (`rest`); what arrives meanwhile waits, and past the queue's bound is
+dropped and counted.
+
 It never outlives its server process: before each batch (and every second while
 nothing is queued) it checks that its parent is still the server process, and when that
 one was killed it exits at once, leaving what it had not sent (a results pipe nobody
@@ -79,6 +86,15 @@ def take(requests, max_batch: int, parent: int) -> list | None:
     return batch if os.getppid() == parent else STOP
 
 
+def rest(spent: float, took: float, share: float, parent: int) -> None:
+    """Sleep so that `spent` CPU seconds over the batch's `took` seconds and the sleep
+    are at most `share` (cores) of the time; wakes early when the server process is
+    gone."""
+    until = time.monotonic() + spent / share - took
+    while (left := until - time.monotonic()) > 0 and os.getppid() == parent:
+        time.sleep(min(left, PARENT_CHECK_S))
+
+
 def score(bundle, batch: list) -> tuple[list[tuple], np.ndarray | list]:
     """Each request's (request_id, how many items, how many agreed), and the answers
     to all their items in order, as the log takes them (one array for a classifier:
@@ -119,6 +135,7 @@ def run(path: str, settings, requests, results, max_batch: int, parent: int) -> 
         return
     counted = time.process_time()  # loading is not scoring
     while (batch := take(requests, max_batch, parent)) is not STOP:
+        started = time.monotonic()
         try:
             outcome = ("scored", *score(bundle, batch))
         except Exception:  # noqa: BLE001 - the challenger never fails a request
@@ -127,6 +144,8 @@ def run(path: str, settings, requests, results, max_batch: int, parent: int) -> 
         now = time.process_time()
         spent, counted = now - counted, now
         results.put((*outcome, spent))
+        if settings.shadow_cpu:
+            rest(spent, time.monotonic() - started, settings.shadow_cpu, parent)
     if os.getppid() != parent:  # orphaned: nobody will read what is left to send
         results.cancel_join_thread()
         requests.cancel_join_thread()

@@ -54,9 +54,11 @@ def shadow_of(built_bundle, metrics):
     bundle at `path` (a stand-in for the loaded challenger), closed afterwards."""
     started = []
 
-    def start(path: Path | None = None, capacity: int = 100, max_batch: int = 32) -> Shadow:
+    def start(path: Path | None = None, capacity: int = 100, max_batch: int = 32,
+              settings: Settings | None = None) -> Shadow:
         challenger = SimpleNamespace(path=path or built_bundle[0], version="challenger-1")
-        shadow = Shadow(challenger, Settings(), metrics, None, capacity, max_batch)
+        shadow = Shadow(challenger, settings or Settings(), metrics, None, capacity,
+                        max_batch)
         started.append(shadow)
         return shadow
 
@@ -98,6 +100,29 @@ def test_the_workers_cpu_time_is_counted_and_its_loading_is_not(shadow_of, metri
     stat = Path(f"/proc/{shadow.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
     whole_life = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
     assert cpu() < 0.5 * whole_life  # loading the challenger is most, and not counted
+
+
+def test_a_cpu_budget_keeps_the_workers_share_of_the_time_within_it(shadow_of, metrics):
+    """TEXTOPS_SHADOW_CPU: with work always waiting, the worker rests between batches
+    so that its CPU stays within the budget. (Unbounded, it takes what the machine
+    leaves idle: most of a core on a quiet one, so without its rests this fails
+    there; a busier machine leaves it less.)"""
+    def share_while_busy(shadow: Shadow) -> float:
+        ready(shadow, metrics)
+        scored = counted(metrics, "scored")
+        cpu = metrics.registry.get_sample_value("textops_shadow_cpu_seconds_total")
+        started = time.monotonic()
+        for i in range(12):  # twelve batches' work, queued at once
+            shadow.offer(f"r{i}", ["a good film, and a long one"] * 32, PROBS.repeat(32, 0))
+        eventually(lambda: counted(metrics, "scored") == scored + 12 * 32, timeout=60)
+        took = time.monotonic() - started
+        return (metrics.registry.get_sample_value("textops_shadow_cpu_seconds_total")
+                - cpu) / took
+
+    budget = 0.02
+    capped = share_while_busy(shadow_of(capacity=12 * 32,
+                                        settings=Settings(shadow_cpu=budget)))
+    assert capped < 1.5 * budget, capped
 
 
 def test_a_challenger_that_cannot_be_loaded_leaves_the_shadow_dead_saying_why(
