@@ -182,7 +182,8 @@ scores what waited before the next load. A p99 ratio is the median p99 of a serv
 with a shadow over the one without (target at most {P99_TARGET}). The shadow runs at
 the lowest CPU priority, so on a saturated server it scores what the spare CPU allows
 and drops the rest (counted); the budget bounds that CPU further (it yields a core, not
-the core's caches or its hardware-thread sibling). Shadow scoring's CPU per text is measured apart from the
+the core's caches or its hardware-thread sibling). Shadow scoring's CPU per text is
+measured apart from the
 services, whose CPU per text varies by more than the shadow's whole cost: a shadow as
 a server process runs it, with its worker process and a prediction log on SQLite, is
 offered the dev texts (four times over) at {shadow_cpu.RATE} texts/s. Its cost is the worker's CPU
