@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from repo import ENV, clone_to, sh
-from results import Result, Table, publish
+from results import Result, Table, measured_on, publish, run_stamp
 
 VALIDATION_ACCURACY = """
 import json
@@ -68,6 +68,7 @@ def commit() -> str:
 def measure(overrides: list[str], keep_bundles: Path | None = None,
             through: str = "evaluate") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
+        where = run_stamp()  # the code the copy holds
         repo = clone_to(Path(tmp) / "repo", overrides)
         started = time.perf_counter()
         sh(repo, "dvc", "repro", *([] if through == "serve" else [through]))
@@ -103,7 +104,8 @@ def measure(overrides: list[str], keep_bundles: Path | None = None,
         "train_s": facts["wall_time_s"],
         "through": through,
         "repro_s": round(wall, 1),
-        "commit": commit(),
+        "commit": where["commit"],
+        "measured": {"date": where["date"], "cpu": where["cpu"]},
         **({} if deployed is None else {"deploy": "bundle kept" if deployed.returncode == 0
                                         else "refused: " + last_line(deployed)}),
     }
@@ -131,22 +133,23 @@ def as_result(runs: list[dict], name: str = "accuracy") -> Result:
     rows = [[" ".join(r["overrides"]) or "(defaults)", r["data"], r["train_rows"],
              r["test_rows"], r["accuracy"], r["val_accuracy"], r["f1_macro"], r["roc_auc"],
              r["ece"], r["epochs"], r["train_s"], f"collect → {stages(r)}", wall_s(r),
-             r.get("commit", "")] for r in runs]
+             r.get("commit", ""), measured_on(r)] for r in runs]
     table = Table("Test metrics and wall time per configuration",
                   ["overrides", "data", "train rows", "test rows", "test accuracy",
                    "validation accuracy", "macro F1", "ROC-AUC", "ECE", "epochs", "train (s)",
-                   "stages", "wall (s)", "commit"], rows)
+                   "stages", "wall (s)", "commit", "measured on"], rows)
     summary = []
     for r in runs:
         shown = f"{r['data']}" + (f" ({' '.join(r['overrides'])})" if r["overrides"] else "")
-        summary.append([f"test accuracy, {shown}", r["accuracy"]])
+        summary.append([f"test accuracy, {shown}", r["accuracy"], measured_on(r)])
         if stages(r) == "serve":
-            summary.append([f"from nothing to a served model, s, {shown}", wall_s(r)])
+            summary.append([f"from nothing to a served model, s, {shown}", wall_s(r),
+                            measured_on(r)])
     title = {"accuracy": "Accuracy per configuration",
              "image_accuracy": "Image classification: accuracy per configuration"}.get(
                  name, f"Accuracy per configuration ({name})")
     return Result(name, title, ABOUT.format(name=name), [table], data={"runs": runs},
-                  summary=summary)
+                  summary=summary, merged=True)
 
 
 def stages(run: dict) -> str:

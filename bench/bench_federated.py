@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_accuracy import measure  # noqa: E402
-from results import Result, Table, publish  # noqa: E402
+from results import Result, Table, measured_on, publish  # noqa: E402
 
 from pipeline import logs  # noqa: E402
 
@@ -88,20 +88,21 @@ def as_result(runs: list[dict]) -> Result:
         gap = "" if central is None or central is r else round(
             r["accuracy"] - central["accuracy"], 4)
         rows.append([r["name"], " ".join(r["overrides"]), r["accuracy"], gap,
-                     r["val_accuracy"], r["f1_macro"], r["epochs"], r["commit"]])
+                     r["val_accuracy"], r["f1_macro"], r["epochs"], r["commit"],
+                     measured_on(r)])
     table = Table("Test accuracy, federated and centralised",
                   ["configuration", "overrides", "test accuracy",
                    "against centralised (same model)", "validation accuracy", "macro F1",
-                   "epochs or rounds", "commit"], rows)
+                   "epochs or rounds", "commit", "measured on"], rows)
     gaps = sorted(((r["accuracy"] - by_name[baseline(r["name"])]["accuracy"], r)
                    for r in runs if not r["name"].startswith("centralised")
                    and baseline(r["name"]) in by_name), key=lambda pair: pair[0])
     summary = [[f"federated test accuracy against centralised, Fashion-MNIST, "
                 f"{r['clients']} clients, Dirichlet {r['alpha']}, the same passes "
-                f"(best of {len(gaps)}: {r['name']})", f"{gap:+.4f}"]
+                f"(best of {len(gaps)}: {r['name']})", f"{gap:+.4f}", measured_on(r)]
                for gap, r in gaps[-1:]]
     return Result("federated", "Federated training: accuracy against centralised", ABOUT,
-                  [table], data={"runs": runs}, summary=summary)
+                  [table], data={"runs": runs}, summary=summary, merged=True)
 
 
 def main() -> None:

@@ -28,10 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_accuracy import commit  # noqa: E402
 from bench_training import Clock  # noqa: E402
 from repo import clone_to, sh  # noqa: E402
-from results import Result, Table, publish  # noqa: E402
+from results import Result, Table, measured_on, publish, run_stamp  # noqa: E402
 
 from pipeline import logs, tasks  # noqa: E402
 from pipeline.config import Paths, load_params  # noqa: E402
@@ -64,6 +63,7 @@ def examples_per_s(cfg, repo: Path, steps: int, private: bool) -> float:
 
 def measure(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
+        where = run_stamp()  # the code the copy holds
         repo = clone_to(Path(tmp) / "repo", overrides)
         sh(repo, "dvc", "repro", "preprocess")
         cfg = load_params(repo / "params.yaml")
@@ -81,7 +81,8 @@ def measure(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
             "plain_per_s": round(plain, 1), "private_per_s": round(private, 1),
             "slowdown": round(plain / private, 2),
             "private_epoch_s": round(train_rows / private, 1),
-            "plain_epoch_s": round(train_rows / plain, 1), "commit": commit()}
+            "plain_epoch_s": round(train_rows / plain, 1), "commit": where["commit"],
+            "measured": {"date": where["date"], "cpu": where["cpu"]}}
 
 
 ABOUT = """The train stage's loop with `train.privacy` on (DP-SGD: Poisson-sampled
@@ -95,15 +96,15 @@ again: `python bench/bench_privacy.py`."""
 def as_result(runs: list[dict]) -> Result:
     rows = [[r["task"], " ".join(r["overrides"]), r["batch_size"], r["train_rows"],
              r["plain_per_s"], r["private_per_s"], r["slowdown"], r["plain_epoch_s"],
-             r["private_epoch_s"], r["commit"]] for r in runs]
+             r["private_epoch_s"], r["commit"], measured_on(r)] for r in runs]
     table = Table("Training throughput with and without differential privacy",
                   ["task", "overrides", "batch", "training rows", "plain, examples/s",
                    "private, examples/s", "slowdown", "plain epoch (s)",
-                   "private epoch (s)", "commit"], rows)
-    summary = [[f"private training, {r['task']}: slowdown per epoch", f"{r['slowdown']}x"]
-               for r in runs]
+                   "private epoch (s)", "commit", "measured on"], rows)
+    summary = [[f"private training, {r['task']}: slowdown per epoch", f"{r['slowdown']}x",
+                measured_on(r)] for r in runs]
     return Result("privacy", "Differential privacy: the training cost", ABOUT, [table],
-                  data={"runs": runs}, summary=summary)
+                  data={"runs": runs}, summary=summary, merged=True)
 
 
 def main() -> None:

@@ -35,9 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_accuracy import commit  # noqa: E402
 from repo import clone_to, sh  # noqa: E402
-from results import Plot, Result, Table, publish  # noqa: E402
+from results import Plot, Result, Table, measured_on, publish, run_stamp  # noqa: E402
 
 from pipeline import logs  # noqa: E402
 
@@ -64,6 +63,7 @@ def measure(name: str, recipe: list[str], default: list[str] | None, epochs: int
     if epochs is not None:
         recipe = [*recipe, f"train.max_epochs={epochs}"]
     with tempfile.TemporaryDirectory() as tmp:
+        where = run_stamp()  # the code the copy holds
         repo = clone_to(Path(tmp) / "repo", recipe)
         sh(repo, "dvc", "repro", "preprocess")
         ran: set[float | None] = set()
@@ -91,7 +91,8 @@ def measure(name: str, recipe: list[str], default: list[str] | None, epochs: int
                 "accuracy": round(metrics["accuracy"], 4),
                 "f1_macro": round(metrics["f1_macro"], 4),
                 "train_and_evaluate_s": round(time.perf_counter() - started, 1),
-                "commit": commit()}
+                "commit": where["commit"],
+                "measured": {"date": where["date"], "cpu": where["cpu"]}}
             print(f"privacy accuracy: {name} epsilon {epsilon or 'inf'}: "
                   f"{run['accuracy']}", flush=True)
             yield run
@@ -139,6 +140,10 @@ def measured(runs: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+def where(runs: list[dict]) -> str:
+    return " and ".join(sorted({measured_on(r) for r in runs}))
+
+
 def mean(runs: list[dict], field: str) -> float:
     return round(sum(r[field] for r in runs) / len(runs), 4)
 
@@ -155,10 +160,11 @@ def as_result(runs: list[dict]) -> Result:
             mean(group, "accuracy"),
             " / ".join(f"{r['accuracy']:.4f}" for r in group) if len(group) > 1 else "",
             mean(group, "f1_macro"), " ".join(first["overrides"]),
-            " ".join(sorted({r["commit"] for r in group}))])
+            " ".join(sorted({r["commit"] for r in group})), where(group)])
     table = Table("Test accuracy per privacy budget (the mean of the runs)",
                   ["data", "target epsilon", "epsilon spent", "noise multiplier",
-                   "test accuracy", "each run", "macro F1", "overrides", "commit"], rows)
+                   "test accuracy", "each run", "macro F1", "overrides", "commit",
+                   "measured on"], rows)
     series = {}
     for group in groups:  # no privacy drawn at epsilon 16, right of the budgets
         epsilon = group[0]["target_epsilon"]
@@ -167,12 +173,13 @@ def as_result(runs: list[dict]) -> Result:
     plot = Plot("Test accuracy against epsilon (16: without differential privacy)", "line",
                 "epsilon", "test accuracy", series)
     summary = [[f"test accuracy at epsilon {label(g[0]['target_epsilon'])}, {g[0]['data']}"
-                + (f" (mean of {len(g)} runs)" if len(g) > 1 else ""), mean(g, "accuracy")]
+                + (f" (mean of {len(g)} runs)" if len(g) > 1 else ""), mean(g, "accuracy"),
+                where(g)]
                for g in groups
                if g[0]["target_epsilon"] in (3.0, 8.0) and g[0]["data"] in HEADLINE]
     return Result("privacy_accuracy", "Differential privacy: accuracy against epsilon",
                   ABOUT, [table], plots=[plot], data={"runs": sorted(runs, key=order)},
-                  summary=summary)
+                  summary=summary, merged=True)
 
 
 def main() -> None:

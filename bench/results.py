@@ -57,8 +57,12 @@ class Result:
     plots: list[Plot] = field(default_factory=list)
     data: dict = field(default_factory=dict)  # the raw measurement, for anyone re-reading it
     stamp: dict = field(default_factory=dict)
-    # headline figures for the README's summary table: [what, figure] rows
+    # headline figures for the README's summary table: [what, figure] rows, or [what,
+    # figure, measured on] where a merged page's figure is older than the page
     summary: list[list] = field(default_factory=list)
+    # runs of several sessions, each with its own `measured` (run_stamp): the page's
+    # stamp says when it was published, each row where it was measured
+    merged: bool = False
 
 
 def cpu() -> dict:
@@ -85,6 +89,20 @@ def stamp() -> dict:
                            text=True).stdout.strip()
     return {"date": datetime.date.today().isoformat(), "commit": commit,
             "dirty": bool(dirty), "cpu": cpu()}
+
+
+def run_stamp() -> dict:
+    """Where a run is measured, for a merged page: the date, the commit ("+": with
+    local changes) and the CPU. Take it when the repository copy is made."""
+    now = stamp()
+    return {"date": now["date"], "commit": now["commit"][:7] + ("+" if now["dirty"] else ""),
+            "cpu": now["cpu"]["model"]}
+
+
+def measured_on(run: dict) -> str:
+    """A run's "date, CPU", as a merged page's rows and summary show it."""
+    where = run.get("measured")
+    return f"{where['date']}, {where['cpu']}" if where else "not recorded"
 
 
 def cell(value) -> str:
@@ -145,7 +163,11 @@ def render_plot(plot: Plot, out: Path) -> None:
 
 
 def page(result: Result) -> str:
-    parts = [f"# {result.title}", "", stamp_line(result.stamp), "", result.about.strip(), ""]
+    stamped = stamp_line(result.stamp)
+    if result.merged:
+        stamped = (stamped.replace("Measured on", "Last published on", 1)
+                   + " Each row was measured where its own date, commit and CPU say.")
+    parts = [f"# {result.title}", "", stamped, "", result.about.strip(), ""]
     for table in result.tables:
         parts += [markdown_table(table), ""]
     for i, plot in enumerate(result.plots):
@@ -170,8 +192,9 @@ SUMMARY_START, SUMMARY_END = "<!-- results summary -->", "<!-- /results summary 
 
 def summary_table(results: list[Result]) -> str:
     rows = [[what, cell(figure), f"[{r.title}](docs/results/{r.name}.md)",
-             f"{r.stamp['date']}, {r.stamp['cpu']['model']}"]
-            for r in sorted(results, key=lambda r: r.title) for what, figure in r.summary]
+             where[0] if where else f"{r.stamp['date']}, {r.stamp['cpu']['model']}"]
+            for r in sorted(results, key=lambda r: r.title)
+            for what, figure, *where in r.summary]
     table = Table("Measured", ["what", "figure", "details", "measured on"], rows)
     return "\n".join(markdown_table(table).splitlines()[2:])  # no caption in the README
 
