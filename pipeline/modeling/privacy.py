@@ -87,6 +87,18 @@ def check_settings(cfg: DictConfig, distilling: bool) -> None:
                            "counts; raise train.batch_size instead")
 
 
+def public_parts(cfg: DictConfig) -> list[str]:
+    """What a private fit of `cfg` starts from that is public, not learnt from the
+    training rows: pre-trained token embeddings (which `DifferentialPrivacy` freezes
+    when `freeze_embeddings` says so) and a frozen pre-trained encoder. The model card
+    names them."""
+    public = ([f"token embeddings of {cfg.train.init_embeddings}"]
+              if cfg.train.get("init_embeddings") else [])
+    if cfg.model.get("freeze_encoder"):
+        public.append(f"the pre-trained encoder {cfg.model.path} (frozen)")
+    return public
+
+
 def target_delta(privacy: DictConfig, rows: int) -> float:
     return float(privacy.delta) if privacy.get("delta") else 1.0 / (10 * rows)
 

@@ -161,12 +161,8 @@ def fit(
     if privacy.enabled(cfg):  # DP-SGD: Poisson-sampled batches, clipped noisy steps
         privacy.check_settings(cfg, distilling=transfer is not None)
         fed = privacy.PoissonSampling(datamodule)
-        public = [f"token embeddings of {cfg.train.init_embeddings}"] \
-            if cfg.train.get("init_embeddings") else []
-        if cfg.model.get("freeze_encoder"):
-            public.append(f"the pre-trained encoder {cfg.model.path} (frozen)")
         callbacks = [*callbacks, privacy.DifferentialPrivacy(
-            cfg.train.privacy, cfg.train.max_epochs, public)]
+            cfg.train.privacy, cfg.train.max_epochs, privacy.public_parts(cfg))]
     trainer = build_trainer(cfg, logger, work_dir, [*callbacks, curves])
     module = task.module(cfg, paths, distilling=transfer is not None)
     if transfer is not None:
