@@ -12,9 +12,11 @@ ratio encrypted/plain log against the same target (encryption costs at most 5%),
 what the log wrote and dropped: a log that dropped entries would look cheap.
 
 Throughput moves with whatever else the machine runs; the server's own CPU time per
-text (user + system, all its threads and its child processes, from /proc) moves much
-less, so it is printed beside it: on a saturated server, throughput falls as CPU per
-text rises.
+text (user + system, all its threads and its child processes, from /proc, until its
+log has written what the load gave it) moves much less, so it is printed beside it: on
+a saturated server, throughput falls as CPU per text rises. Only the service under
+load runs; the others are stopped (SIGSTOP), so that one's log writer does not work in
+another's window.
 Publishes bench/results/logging.json and docs/results/logging.md.
 """
 
@@ -25,6 +27,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_serving import CORES, HOST  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
+from processes import freeze, thaw  # noqa: E402
 from results import Result, Table, publish  # noqa: E402
 from workload import bodies_for, dev_texts  # noqa: E402
 
@@ -82,6 +86,17 @@ def counters(port: int) -> dict[str, float]:
     return found
 
 
+def settled(port: int, timeout: float = 30) -> None:
+    """Wait until the log's counters stand still: it has written what it was given."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        now = counters(port)
+        if now == last:
+            return
+        last = now
+        time.sleep(0.3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +127,7 @@ def main() -> None:
                                     logs / f"logging-{len(services)}.log", env=env)
             stack.callback(control.stop, service.process)
             control.wait_ready(service.url, 180, service.process)
+            freeze(service.process)  # only the service being measured runs
             services[name] = service
         rounds: dict[str, list[float]] = {name: [] for name in setups}
         cpu: dict[str, list[float]] = {name: [] for name in setups}
@@ -121,10 +137,13 @@ def main() -> None:
             for name in order:
                 service = services[name]
                 port = int(service.url.rsplit(":", 1)[1])
+                thaw(service.process)
                 before = cpu_seconds(service.process.pid)
                 load = run_load(HOST, port, requests, args.concurrency, args.seconds,
                                 warmup=0.5)
+                settled(port)  # what the log writes after the load is this load's cost
                 used = cpu_seconds(service.process.pid) - before
+                freeze(service.process)
                 summary = load.summary(1, CORES)
                 # CPU of warm-up and measured time, over the texts of both
                 texts = summary["texts_per_s"] * (args.seconds + 0.5)
@@ -133,6 +152,8 @@ def main() -> None:
                 print(f"round {round_ + 1:>2}  {name:<26} {summary['texts_per_s']:8.1f} texts/s "
                       f" server CPU {cpu[name][-1]:6.1f} us/text  p99 {summary['p99_ms']:6.1f} ms"
                       f"  errors {summary['errors']}", flush=True)
+        for service in services.values():
+            thaw(service.process)
         written = {name: counters(int(services[name].url.rsplit(":", 1)[1]))
                    for name in setups if setups[name]["TEXTOPS_PREDICTION_LOG"]}
     report(rounds, cpu, written, args)
@@ -178,8 +199,10 @@ every answer and one logging every answer encrypted (Fernet, serving/predlog/cry
 loaded in turns (off, on, on, off, ...) with SST-2 dev texts, one text per request. The
 ratio is the median over rounds of each round's on/off throughput (and of encrypted/plain
 log, for encryption's own cost); the target for each is a cost of at most
-{TARGET_COST * 100:.0f}%. The server's own CPU time per text moves less with the
-machine's load, so it is given beside. Run again:
+{TARGET_COST * 100:.0f}%. The server's own CPU time per text (its processes, the log's
+included, until the log has written what the load gave it) moves less with the
+machine's load, so it is given beside. Only the service under load runs; the others
+are stopped meanwhile. Run again:
 `python bench/bench_logging.py` (`make bench`)."""
 
 
