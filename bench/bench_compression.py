@@ -51,6 +51,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# one core means the tokenizer's too: its batch encoding runs a pool on every core unless
+# told not to before the library loads
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 from pipeline import atomic  # noqa: E402
 from serving.bundle import MODEL_FILES, Bundle, RuntimeOptions  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 
 @dataclass
 class LoadResult:
-    requests: int = 0
+    requests: int = 0  # answered (2xx), whose latencies are kept
     errors: int = 0  # non-2xx answers and broken connections
     latencies: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -81,10 +81,11 @@ async def _connection(host, port, requests, offset, stop_at, warm_until, result)
                 writer.close()
                 reader, writer = await asyncio.open_connection(host, port)
                 continue
-            if now >= warm_until:
-                result.requests += 1
-                result.latencies.append(time.perf_counter() - now)
-                if not 200 <= status < 300:
+            if now >= warm_until:  # only answers count: a quick error is no throughput
+                if 200 <= status < 300:
+                    result.requests += 1
+                    result.latencies.append(time.perf_counter() - now)
+                else:
                     result.errors += 1
     finally:
         writer.close()
