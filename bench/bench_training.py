@@ -73,7 +73,8 @@ class Clock(pl.Callback):
 
 
 def lightning_loop(cfg, datamodule, task, steps: int) -> float:
-    """Sequences per second of the train stage's LightningModule and Trainer."""
+    """Sequences per second of the train stage's LightningModule in a Lightning
+    Trainer, without the stage's logger, checkpoints and callbacks."""
     torch.manual_seed(cfg.seed)
     module = task.module(cfg, Paths(ROOT))
     clock = Clock()
@@ -129,7 +130,8 @@ def main() -> None:
     print(f"wrote {publish(as_result(result)).relative_to(ROOT)}")
 
 
-ABOUT = """The train stage's Lightning loop against a plain PyTorch loop over the same
+ABOUT = """The train stage's LightningModule in a Lightning Trainer (the loop alone: without
+the stage's MLflow logger, checkpoints and callbacks) against a plain PyTorch loop over the same
 length-grouped batches, optimiser, schedule and clipping, for the same number of steps,
 interleaved (the best of each is kept; target: Lightning at 0.95 of the plain loop or
 better); then the wall time of the smoke experiment's `dvc repro` from nothing in a copy
@@ -139,7 +141,7 @@ of the repository, and of a no-op `dvc repro` after it. Run again:
 
 def as_result(result: dict) -> Result:
     rows = [["plain PyTorch loop", round(result["plain_seq_per_s"]), "1.00x"],
-            ["Lightning (the train stage)", round(result["lightning_seq_per_s"]),
+            ["Lightning (the train stage's module)", round(result["lightning_seq_per_s"]),
              f"{result['ratio']:.2f}x"]]
     tables = [Table(f"Sequences per second: {result['model']}, batch {result['batch_size']}, "
                     f"{result['steps']} steps", ["loop", "sequences/s", "vs plain"], rows)]
