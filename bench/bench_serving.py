@@ -38,12 +38,15 @@ and docs/results/<the same>.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.metadata
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -65,6 +68,7 @@ from results import Plot, Result, Table, publish  # noqa: E402
 from workload import Workload, for_bundle  # noqa: E402
 
 from ops import control  # noqa: E402
+from pipeline.tracking.lineage import digest  # noqa: E402
 from serving.bundle import Bundle, RuntimeOptions  # noqa: E402
 from serving.settings import available_cores  # noqa: E402
 
@@ -197,26 +201,38 @@ def our_setups(bundle_dir: Path, bundle: Bundle, checkpoint: str, workload: Work
     off = service({"TEXTOPS_BATCHING": "false"})
     alone = service({"TEXTOPS_BATCHING": "true", "TEXTOPS_WORKERS": "1"})
     on.name, off.name, alone.name = SERVICE, SERVICE_OFF, SERVICE_ONE
+    def naive_server(port: int, log: Path):
+        # the baseline must be this bundle's model: the checkpoint it was exported from
+        made_from = bundle.meta.get("lineage", {}).get("checkpoint_sha256")
+        if digest(Path(checkpoint)) != made_from:
+            raise RuntimeError(f"{checkpoint} is not the checkpoint this bundle was "
+                               "exported from (its lineage's checkpoint_sha256)")
+        return server([python, "bench/naive_server.py", checkpoint,
+                       str(bundle_dir / "tokenizer.json"), str(port)],
+                      port, "/health", log, {"PYTHONPATH": str(ROOT)})
+
+    def mlflow_server(port: int, log: Path):
+        # the registered champion when it is this bundle, else this bundle as a pyfunc
+        from bench_batch_predict import pyfunc_model  # it imports this module
+
+        saved = Path(tempfile.mkdtemp(prefix="bench-mlflow-"))
+        atexit.register(shutil.rmtree, saved, ignore_errors=True)
+        model, env, _ = pyfunc_model(bundle_dir, bundle.meta, saved)
+        return server([str(Path(python).parent / "mlflow"), "models", "serve", "-m", model,
+                       "--env-manager", "local", "-h", HOST, "-p", str(port)],
+                      port, "/ping", log,
+                      # it starts `uvicorn` from PATH: the venv's, not activated
+                      {**env, "PATH": f"{Path(python).parent}:{os.environ['PATH']}"})
+
     naive = Setup(
         NAIVE, f"fastapi {version_of('fastapi')}, torch {version_of('torch')}",
         {"workers": 1, "batching": "none", "model": "PyTorch checkpoint, fp32"},
-        "/predict",
-        lambda port, log: server([python, "bench/naive_server.py", checkpoint,
-                                  str(bundle_dir / "tokenizer.json"), str(port)],
-                                 port, "/health", log, {"PYTHONPATH": str(ROOT)}),
-        lambda items, n: workload.bodies("naive", items, n))
+        "/predict", naive_server, lambda items, n: workload.bodies("naive", items, n))
     mlflow = Setup(
         MLFLOW, f"mlflow {version_of('mlflow')}",
-        {"workers": 1, "batching": "none", "model": "registered pyfunc (this bundle)"},
-        "/invocations",
-        lambda port, log: server(
-            [str(Path(python).parent / "mlflow"), "models", "serve", "-m",
-             f"models:/{bundle.meta['model_name']}@champion", "--env-manager", "local",
-             "-h", HOST, "-p", str(port)], port, "/ping", log,
-            # it starts `uvicorn` from PATH: the venv's, not activated
-            {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db",
-             "PATH": f"{Path(python).parent}:{os.environ['PATH']}"}),
-        lambda items, n: workload.bodies("mlflow", items, n))
+        {"workers": 1, "batching": "none", "model": "pyfunc of this bundle (the registered "
+         "champion when it is this bundle)"},
+        "/invocations", mlflow_server, lambda items, n: workload.bodies("mlflow", items, n))
     floor = Setup(  # what HTTP alone costs here (bench/http_floor.py)
         HTTP_FLOOR, f"a bare ASGI app (uvicorn {version_of('uvicorn')})",
         {"workers": CORES, "work": "none: reads the body, fixed answer"},
