@@ -13,9 +13,12 @@ to, which a service spends on its requests anyway), per text scored.
 The challenger's own inference CPU is measured in a process of its own, loaded as
 the worker loads it (one thread, warmed up), on the same texts in batches of
 `max_batch_size` (64) in length groups, as a service's batcher runs them and its shadow
-sends them. Measured in this process instead, the same inference came out 10-20%
-cheaper than in any spawned process, shadow worker or not: the like-for-like baseline
-is a process like the worker's.
+sends them, and at the same pace: a batch when RATE would have filled it, as the
+shadow's worker gets them. Run back to back instead, the batches find the caches warm
+and the core awake, which no process serving this rate does; that figure is measured
+too (`own_back_to_back`) and shown beside. Measured in this process instead, the same
+inference came out 10-20% cheaper than in any spawned process, shadow worker or not:
+the like-for-like baseline is a process like the worker's.
 """
 
 from __future__ import annotations
@@ -43,26 +46,33 @@ RATE = 1000  # texts per second offered: about what each of a loaded service's t
 # fixed costs (its threads' wake-ups) weigh as they do in a busy service
 
 
-def own_inference(bundle_dir: Path, texts: list[str], passes: int, results) -> None:
+def own_inference(bundle_dir: Path, texts: list[str], passes: int, paced: bool,
+                  results) -> None:
     """(In a process of its own) the CPU per text, in microseconds, of each pass of
-    the challenger's inference over `texts`."""
+    the challenger's inference over `texts`: a batch each time RATE fills one
+    (`paced`), or back to back."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as the worker runs: one thread
     settings = Settings().model_copy(update={"intra_op_threads": 1})
     bundle = load_warm(bundle_dir, settings)
     per_pass = []
     for _ in range(passes):
-        started = time.process_time()
+        started, due = time.process_time(), time.monotonic()
         for i in range(0, len(texts), BATCH):
+            due += BATCH / RATE  # when the shadow's worker would have this batch
+            if paced:
+                time.sleep(max(0.0, due - time.monotonic()))
             infer(bundle, texts[i:i + BATCH])
         per_pass.append((time.process_time() - started) / len(texts) * 1e6)
     results.put(per_pass)
 
 
-def own_cpu_per_text(bundle_dir: Path, texts: list[str], passes: int = 3) -> float:
+def own_cpu_per_text(bundle_dir: Path, texts: list[str], passes: int = 3,
+                     paced: bool = True) -> float:
     """The challenger's own inference CPU per text (microseconds), median of passes."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    process = context.Process(target=own_inference, args=(bundle_dir, texts, passes, results))
+    process = context.Process(target=own_inference,
+                              args=(bundle_dir, texts, passes, paced, results))
     process.start()
     per_pass = results.get(timeout=600)
     process.join()
@@ -129,18 +139,20 @@ def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 5) ->
     turn first); each figure the median of its rounds, and `ratio` the median of the
     rounds' ratios, a shadow measured beside its own baseline (their spread is on the
     page: this machine's speed drifts by more than the shadow's cost)."""
-    own, shadow = [], []
+    own, flat, shadow = [], [], []
     for round_ in range(rounds):
-        if round_ % 2 == 0:
-            own.append(own_cpu_per_text(bundle_dir, texts))
-            shadow.append(shadow_cpu_per_text(bundle_dir, texts, where))
-        else:
-            shadow.append(shadow_cpu_per_text(bundle_dir, texts, where))
-            own.append(own_cpu_per_text(bundle_dir, texts))
-        print(f"shadow CPU, round {round_ + 1}: own {own[-1]:.1f} us/text, shadow "
-              f"{shadow[-1]['total']:.1f} (worker {shadow[-1]['worker']:.1f}, handing over "
-              f"and logging {shadow[-1]['handover']:.1f})", flush=True)
-    return {"own": statistics.median(own),
+        steps = [lambda: own.append(own_cpu_per_text(bundle_dir, texts)),
+                 lambda: shadow.append(shadow_cpu_per_text(bundle_dir, texts, where)),
+                 lambda: flat.append(own_cpu_per_text(bundle_dir, texts, paced=False))]
+        for step in steps if round_ % 2 == 0 else steps[::-1]:
+            step()
+        print(f"shadow CPU, round {round_ + 1}: own {own[-1]:.1f} us/text (back to back "
+              f"{flat[-1]:.1f}), shadow {shadow[-1]['total']:.1f} (worker "
+              f"{shadow[-1]['worker']:.1f}, handing over and logging "
+              f"{shadow[-1]['handover']:.1f})", flush=True)
+    return {"own": statistics.median(own), "own_back_to_back": statistics.median(flat),
             "ratio": statistics.median(r["total"] / o for r, o in zip(shadow, own, strict=True)),
+            "ratio_back_to_back": statistics.median(
+                r["total"] / o for r, o in zip(shadow, flat, strict=True)),
             **{part: statistics.median(r[part] for r in shadow) for part in shadow[0]},
-            "rounds": {"own": own, "shadow": shadow}}
+            "rounds": {"own": own, "own_back_to_back": flat, "shadow": shadow}}
