@@ -86,15 +86,21 @@ def counters(port: int) -> dict[str, float]:
     return found
 
 
-def settled(port: int, timeout: float = 30) -> None:
-    """Wait until the log's counters stand still: it has written what it was given."""
+def until_steady(read, interval: float, timeout: float = 30) -> None:
+    """Wait until `read()` gives the same twice, `interval` seconds apart (a service's
+    counters: its background work has caught up), for at most `timeout` seconds."""
     deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        now = counters(port)
+        now = read()
         if now == last:
             return
         last = now
-        time.sleep(0.3)
+        time.sleep(interval)
+
+
+def settled(port: int) -> None:
+    """Wait until the log's counters stand still: it has written what it was given."""
+    until_steady(lambda: counters(port), 0.3)
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import shadow_cpu  # noqa: E402
-from bench_logging import cpu_seconds  # noqa: E402
+from bench_logging import cpu_seconds, until_steady  # noqa: E402
 from bench_serving import CORES, HOST  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -146,15 +145,9 @@ def capped_name(cores: float) -> str:
     return f"shadow on, within {cores:g} cores"
 
 
-def drained(url: str, timeout: float = 30) -> None:
+def drained(url: str) -> None:
     """Wait until the shadow's counts stand still: it has scored what waited."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        now = counters(url)
-        if now == last:
-            return
-        last = now
-        time.sleep(0.5)
+    until_steady(lambda: counters(url), 0.5)
 
 
 def line(load: dict) -> str:
