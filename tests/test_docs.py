@@ -176,6 +176,28 @@ def test_each_results_page_is_what_its_json_renders():
             "python bench/results.py")
 
 
+def test_a_merged_page_says_where_each_figure_was_measured():
+    """A page that keeps runs of several sessions says when it was last published, not
+    measured, and a summary figure older than the page keeps its own date and CPU."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    results = importlib.import_module("results")
+    stamp = {"date": "2026-12-07", "commit": "a" * 40, "dirty": False,
+             "cpu": {"model": "CPU B", "extensions": [], "cores": 2}}
+    result = results.Result(
+        "x", "X", "about", [results.Table("t", ["figure", "measured on"],
+                                          [[1, "2026-12-01, CPU A"]])],
+        stamp=stamp, summary=[["old figure", 1, "2026-12-01, CPU A"], ["new figure", 2]],
+        merged=True)
+    stamped = results.page(result).splitlines()[2]
+    assert stamped.startswith("Last published on 2026-12-07") and "Each row was measured" \
+        in stamped
+    table = results.summary_table([result])
+    assert "| old figure | 1 | [X](docs/results/x.md) | 2026-12-01, CPU A |" in table
+    assert "| new figure | 2 | [X](docs/results/x.md) | 2026-12-07, CPU B |" in table
+    assert results.measured_on({"measured": {"date": "2026-12-01", "cpu": "CPU A"}}) == \
+        "2026-12-01, CPU A"
+
+
 # ---------------------------------------------------------------- commands named
 
 
