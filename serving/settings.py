@@ -24,6 +24,7 @@ from serving.predlog.crypto import EITHER, LogCipher, PredictionLogKeyError, cip
 from serving.predlog.store import URL_FORMS, PredictionLogError, check_url
 
 ENV_PREFIX = "TEXTOPS_"
+MIN_SHADOW_CPU = 0.01  # cores: the smallest bound on the shadow worker that it can live with
 
 
 class SettingsError(ValueError):
@@ -104,9 +105,10 @@ class Settings(BaseSettings):
                                    "scored in shadow beside the one served")
     shadow_queue: int = Field(1000, ge=1, description="texts waiting for the challenger; "
                               "more are dropped and counted, never delayed")
-    shadow_cpu: float = Field(0, ge=0, description="the most CPU the challenger's worker "
-                              "takes, in cores (0.25: a quarter of one); 0: whatever the "
-                              "machine leaves idle")
+    shadow_cpu: float = Field(0, ge=0, le=1, description="the most CPU each server "
+                              "process's challenger worker takes, in cores (0.25: a quarter "
+                              "of one; it runs one thread, so 1 bounds nothing); 0: whatever "
+                              "the machine leaves idle")
     # Canary mode (serving/engine/canary.py): the challenger answers a share instead.
     challenger_mode: str = Field("shadow", pattern="^(shadow|canary)$",
                                  description="shadow: scored beside every answer; canary: "
@@ -190,6 +192,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{ENV_PREFIX}NEXT_WORDS ({self.next_words}) must not exceed "
                              f"{ENV_PREFIX}MAX_NEXT_WORDS ({self.max_next_words})")
         return self
+
+    @field_validator("shadow_cpu")
+    @classmethod
+    def _off_or_a_usable_share(cls, cores: float) -> float:
+        # a sliver would rest for hours after each batch: every offer dropped, and a
+        # close that can only kill it
+        if 0 < cores < MIN_SHADOW_CPU:
+            raise ValueError(f"0 (no bound) or at least {MIN_SHADOW_CPU} cores")
+        return cores
 
     @field_validator("tls_cert_file", "tls_key_file", "bundle_public_key")
     @classmethod

@@ -147,10 +147,11 @@ class Shadow:
         self.requests._ignore_epipe = True
         self.closing = False
         self.dead: str | None = None  # why the worker no longer scores, once it does not
-        self.process = context.Process(
+        self.hurry = context.Event()  # set on close: a worker within TEXTOPS_SHADOW_CPU
+        self.process = context.Process(  # stops resting and scores what is left
             target=shadow_worker.run, name="textops-shadow", daemon=True,
             args=(str(challenger.path), settings.model_copy(update={"intra_op_threads": 1}),
-                  self.requests, self.results, max_batch, os.getpid()))
+                  self.requests, self.results, max_batch, os.getpid(), self.hurry))
         self.process.start()
         self.thread = threading.Thread(target=self._receive, name="shadow", daemon=True)
         self.thread.start()
@@ -202,6 +203,7 @@ class Shadow:
         """Stop the worker once it has scored what is offered (killed after `timeout`,
         or at once when it is full, starved or dead), and leave no thread or queued
         data behind."""
+        self.hurry.set()
         with self.lock:
             self.closing = True
             self._send()

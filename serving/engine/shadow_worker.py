@@ -86,13 +86,17 @@ def take(requests, max_batch: int, parent: int) -> list | None:
     return batch if os.getppid() == parent else STOP
 
 
-def rest(spent: float, took: float, share: float, parent: int) -> None:
+def rest(spent: float, took: float, share: float, parent: int, hurry=None) -> None:
     """Sleep so that `spent` CPU seconds over the batch's `took` seconds and the sleep
     are at most `share` (cores) of the time; wakes early when the server process is
-    gone."""
+    gone, or when `hurry` (an Event the server process sets as it closes the shadow)
+    says to score what is left without resting."""
     until = time.monotonic() + spent / share - took
     while (left := until - time.monotonic()) > 0 and os.getppid() == parent:
-        time.sleep(min(left, PARENT_CHECK_S))
+        if hurry is None:
+            time.sleep(min(left, PARENT_CHECK_S))
+        elif hurry.wait(min(left, PARENT_CHECK_S)):
+            return
 
 
 def score(bundle, batch: list) -> tuple[list[tuple], np.ndarray | list]:
@@ -119,7 +123,8 @@ def score(bundle, batch: list) -> tuple[list[tuple], np.ndarray | list]:
     return requests, logged if bundle.decoder is not None else answers
 
 
-def run(path: str, settings, requests, results, max_batch: int, parent: int) -> None:
+def run(path: str, settings, requests, results, max_batch: int, parent: int,
+        hurry=None) -> None:
     """The worker's main: load the challenger, then score until STOP. Each batch's
     outcome goes to `results`, with the CPU seconds this process spent since the last
     one (what shadow mode costs, on /metrics): ("scored", requests, answers, cpu)
@@ -145,7 +150,7 @@ def run(path: str, settings, requests, results, max_batch: int, parent: int) -> 
         spent, counted = now - counted, now
         results.put((*outcome, spent))
         if settings.shadow_cpu:
-            rest(spent, time.monotonic() - started, settings.shadow_cpu, parent)
+            rest(spent, time.monotonic() - started, settings.shadow_cpu, parent, hurry)
     if os.getppid() != parent:  # orphaned: nobody will read what is left to send
         results.cancel_join_thread()
         requests.cancel_join_thread()

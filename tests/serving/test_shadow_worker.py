@@ -25,7 +25,7 @@ from conftest import ROOT, eventually
 from serving.engine import shadow_worker
 from serving.engine.shadow import Shadow
 from serving.monitoring.metrics import ServiceMetrics
-from serving.settings import Settings
+from serving.settings import Settings, SettingsError
 
 PROBS = np.array([[0.9, 0.1]])
 
@@ -123,6 +123,43 @@ def test_a_cpu_budget_keeps_the_workers_share_of_the_time_within_it(shadow_of, m
     capped = share_while_busy(shadow_of(capacity=12 * 32,
                                         settings=Settings(shadow_cpu=budget)))
     assert capped < 1.5 * budget, capped
+
+
+@pytest.mark.parametrize(("cores", "refused"), [("0", False), ("0.1", False), ("1", False),
+                                              ("0.001", True), ("1.5", True)])
+def test_a_cpu_budget_is_off_or_one_the_worker_can_live_with(monkeypatch, cores, refused):
+    monkeypatch.setenv("TEXTOPS_SHADOW_CPU", cores)
+    if refused:  # a sliver would rest for hours after each batch; past 1, one thread
+        with pytest.raises(SettingsError, match="SHADOW_CPU"):
+            Settings.from_env()
+    else:
+        assert Settings.from_env().shadow_cpu == float(cores)
+
+
+def test_a_rest_lasts_what_the_budget_asks_and_ends_when_told_or_orphaned():
+    parent = os.getppid()  # this process's parent stands in for a server process
+    started = time.monotonic()
+    shadow_worker.rest(spent=0.02, took=0.0, share=0.1, parent=parent)  # 0.2 s in all
+    assert time.monotonic() - started >= 0.19
+    hurry = threading.Event()
+    hurry.set()
+    for ends_early in ({"hurry": hurry}, {"parent": parent + 1}):
+        started = time.monotonic()
+        shadow_worker.rest(**{"spent": 5.0, "took": 0.0, "share": 0.1, "parent": parent,
+                              **ends_early})  # 50 s, were it not cut short
+        assert time.monotonic() - started < 2
+
+
+def test_closing_a_shadow_within_a_budget_scores_what_waits_without_resting(shadow_of,
+                                                                           metrics):
+    shadow = shadow_of(capacity=13 * 32, settings=Settings(shadow_cpu=0.01))  # not full
+    ready(shadow, metrics)  # it rests now: a hundred times that batch's CPU
+    for i in range(12):
+        shadow.offer(f"r{i}", ["a good film, and a long one"] * 32, PROBS.repeat(32, 0))
+    started = time.monotonic()
+    shadow.close(timeout=10)
+    assert time.monotonic() - started < 8  # resting through twelve batches: far longer
+    assert counted(metrics, "scored") == 1 + 12 * 32 and counted(metrics, "dropped") == 0
 
 
 def test_a_challenger_that_cannot_be_loaded_leaves_the_shadow_dead_saying_why(
