@@ -2,7 +2,7 @@
 none, and the CPU shadow scoring spends per text against the challenger's own
 inference CPU.
 
-    python bench/bench_shadow.py [--bundle models/current] [--seconds 3] [--rounds 10]
+    python bench/bench_shadow.py [--bundle models/current] [--seconds 3] [--rounds 12]
                                  [--shadow-cpu 0.1]
 
 Two services on the same bundle, both logging their predictions: one alone, one with
@@ -22,11 +22,13 @@ Publishes bench/results/shadow.json and docs/results/shadow.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import shadow_cpu  # noqa: E402
-from bench_logging import cpu_seconds, until_steady  # noqa: E402
+from bench_logging import cpu_seconds  # noqa: E402
 from bench_serving import CORES, HOST  # noqa: E402
 from loadgen import build_requests, run_load  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -87,7 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", default="models/current")
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="loads of each service, in each order of the three in turn")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--shadow-cpu", type=float, default=0.1,
                         help="the third service's TEXTOPS_SHADOW_CPU, cores per worker")
@@ -111,10 +114,9 @@ def main() -> None:
             stack.callback(control.stop, service.process)
             control.wait_ready(service.url, 180, service.process)
             services[name] = service
-        names = list(services)
-        for round_ in range(args.rounds):  # each first in turn, then in reverse order
-            turn = names[round_ % 3:] + names[:round_ % 3]
-            for name in turn if round_ % 2 == 0 else turn[::-1]:
+        orders = list(itertools.permutations(services))  # six: each first twice
+        for round_ in range(args.rounds):
+            for name in orders[round_ % len(orders)]:
                 loads[name].append(measured(services[name], requests, args))
                 print(f"round {round_ + 1:>2}  {name:<24} " + line(loads[name][-1]),
                       flush=True)
@@ -145,9 +147,19 @@ def capped_name(cores: float) -> str:
     return f"shadow on, within {cores:g} cores"
 
 
-def drained(url: str) -> None:
-    """Wait until the shadow's counts stand still: it has scored what waited."""
-    until_steady(lambda: counters(url), 0.5)
+def drained(url: str, timeout: float = 120) -> None:
+    """Wait until the shadow has dealt with every text it was offered (scored, failed
+    or dropped: every text answered is offered), so that no worker, within a CPU budget
+    or not, still scores while another service is loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = counters(url)
+        done = sum(counts.get(outcome, 0) for outcome in ("scored", "failed", "dropped"))
+        if done >= counts.get("answered", 0):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url}: the shadow has not dealt with what it was offered in "
+                       f"{timeout:.0f} s")
 
 
 def line(load: dict) -> str:
@@ -185,9 +197,10 @@ receiving and logging the answers), per text scored, against the challenger's ow
 inference CPU per text on the same texts in a process of its own, loaded as the
 worker loads it, in batches of {shadow_cpu.BATCH} in length groups on one thread (as the
 champion's batcher runs them and the shadow's are sent), a batch each time
-{shadow_cpu.RATE} texts/s fill one, as the worker gets them (and, shown beside, back to
-back, which no process serving this rate does: warm caches, an awake core); medians of
-{{rounds}} rounds of all three, each first in turn, and the ratio (target at most
+{shadow_cpu.RATE} texts/s fill one, as the worker gets them: the same batches at the
+same times, the shadow's machinery the only difference (and, shown beside, the same
+batches back to back, as no process serving this rate runs them); medians of {{rounds}}
+rounds of all three, in each order in turn, and the ratio (target at most
 {CPU_TARGET}x) the median of the rounds' ratios, a shadow beside its own baseline: this
 machine's speed drifts between rounds by more than the shadow's cost. Run again:
 `python bench/bench_shadow.py --bundle models/current`."""

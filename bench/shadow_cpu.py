@@ -14,15 +14,17 @@ The challenger's own inference CPU is measured in a process of its own, loaded a
 the worker loads it (one thread, warmed up), on the same texts in batches of
 `max_batch_size` (64) in length groups, as a service's batcher runs them and its shadow
 sends them, and at the same pace: a batch when RATE would have filled it, as the
-shadow's worker gets them. Run back to back instead, the batches find the caches warm
-and the core awake, which no process serving this rate does; that figure is measured
-too (`own_back_to_back`) and shown beside. Measured in this process instead, the same
+shadow's worker gets them (a like-for-like baseline: the same batches at the same
+times, the shadow's machinery the only difference). The same batches back to back, as
+no process serving this rate runs them, are measured too (`own_back_to_back`) and
+shown beside. Measured in this process instead, the same
 inference came out 10-20% cheaper than in any spawned process, shadow worker or not:
 the like-for-like baseline is a process like the worker's.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import statistics
@@ -134,18 +136,20 @@ def wait_for(done, shadow: Shadow, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 5) -> dict:
-    """Shadow scoring's CPU per text and the challenger's own, in rounds of both (in
-    turn first); each figure the median of its rounds, and `ratio` the median of the
+def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 6) -> dict:
+    """Shadow scoring's CPU per text and the challenger's own (paced, and back to
+    back), in rounds of all three, each order of the three in turn (six rounds: each
+    first twice); each figure the median of its rounds, and `ratio` the median of the
     rounds' ratios, a shadow measured beside its own baseline (their spread is on the
     page: this machine's speed drifts by more than the shadow's cost)."""
     own, flat, shadow = [], [], []
+    steps = {"own": lambda: own.append(own_cpu_per_text(bundle_dir, texts)),
+             "shadow": lambda: shadow.append(shadow_cpu_per_text(bundle_dir, texts, where)),
+             "flat": lambda: flat.append(own_cpu_per_text(bundle_dir, texts, paced=False))}
+    orders = list(itertools.permutations(steps))
     for round_ in range(rounds):
-        steps = [lambda: own.append(own_cpu_per_text(bundle_dir, texts)),
-                 lambda: shadow.append(shadow_cpu_per_text(bundle_dir, texts, where)),
-                 lambda: flat.append(own_cpu_per_text(bundle_dir, texts, paced=False))]
-        for step in steps if round_ % 2 == 0 else steps[::-1]:
-            step()
+        for step in orders[round_ % len(orders)]:
+            steps[step]()
         print(f"shadow CPU, round {round_ + 1}: own {own[-1]:.1f} us/text (back to back "
               f"{flat[-1]:.1f}), shadow {shadow[-1]['total']:.1f} (worker "
               f"{shadow[-1]['worker']:.1f}, handing over and logging "
