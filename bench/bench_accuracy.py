@@ -60,11 +60,6 @@ def validation_accuracy(repo: Path) -> float:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                          capture_output=True, text=True).stdout.strip() or "unknown"
-
-
 def measure(overrides: list[str], keep_bundles: Path | None = None,
             through: str = "evaluate") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,8 +99,7 @@ def measure(overrides: list[str], keep_bundles: Path | None = None,
         "train_s": facts["wall_time_s"],
         "through": through,
         "repro_s": round(wall, 1),
-        "commit": where["commit"],
-        "measured": {"date": where["date"], "cpu": where["cpu"]},
+        **where,
         **({} if deployed is None else {"deploy": "bundle kept" if deployed.returncode == 0
                                         else "refused: " + last_line(deployed)}),
     }

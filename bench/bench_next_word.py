@@ -85,8 +85,7 @@ def measure(overrides: list[str], keep: Path | None = None) -> dict:
         "train_s": facts["wall_time_s"],
         "repro_s": round(wall, 1),
         "served": "yes" if run.returncode == 0 else f"no: {verdict(run)}",
-        "commit": where["commit"],
-        "measured": {"date": where["date"], "cpu": where["cpu"]},
+        **where,
     }
 
 

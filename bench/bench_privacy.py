@@ -100,8 +100,7 @@ def measure(name: str, overrides: list[str], steps: int, repeats: int) -> dict:
             "plain_per_s": round(plain, 1), "private_per_s": round(private, 1),
             "slowdown": round(plain / private, 2),
             "private_epoch_s": round(train_rows / private, 1),
-            "plain_epoch_s": round(train_rows / plain, 1), "commit": where["commit"],
-            "measured": {"date": where["date"], "cpu": where["cpu"]}}
+            "plain_epoch_s": round(train_rows / plain, 1), **where}
 
 
 ABOUT = """The train stage's loop with `train.privacy` on (DP-SGD: Poisson-sampled

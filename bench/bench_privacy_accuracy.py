@@ -91,8 +91,7 @@ def measure(name: str, recipe: list[str], default: list[str] | None, epochs: int
                 "accuracy": round(metrics["accuracy"], 4),
                 "f1_macro": round(metrics["f1_macro"], 4),
                 "train_and_evaluate_s": round(time.perf_counter() - started, 1),
-                "commit": where["commit"],
-                "measured": {"date": where["date"], "cpu": where["cpu"]}}
+                **where}
             print(f"privacy accuracy: {name} epsilon {epsilon or 'inf'}: "
                   f"{run['accuracy']}", flush=True)
             yield run

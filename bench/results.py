@@ -92,11 +92,12 @@ def stamp() -> dict:
 
 
 def run_stamp() -> dict:
-    """Where a run is measured, for a merged page: the date, the commit ("+": with
-    local changes) and the CPU. Take it when the repository copy is made."""
+    """A run's fields saying where it is measured, for a merged page: its `commit`
+    ("+": with local changes) and `measured` (date, CPU). Take them when the repository
+    copy is made, and spread them into the run."""
     now = stamp()
-    return {"date": now["date"], "commit": now["commit"][:7] + ("+" if now["dirty"] else ""),
-            "cpu": now["cpu"]["model"]}
+    return {"commit": now["commit"][:7] + ("+" if now["dirty"] else ""),
+            "measured": {"date": now["date"], "cpu": now["cpu"]["model"]}}
 
 
 def measured_on(run: dict) -> str:
