@@ -204,6 +204,26 @@ def restored_tracking_uri():
 
 
 @contextlib.contextmanager
+def publicly_seeded(seed: int = 0):
+    """Seed torch, numpy and random as a public `seed` would for the block, then put
+    back their states, so that no later test inherits them."""
+    import random
+
+    import numpy as np
+
+    saved = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+
+
+@contextlib.contextmanager
 def inside(path: Path):
     """Run stage functions in `path`, leaving no working directory or tracking URI
     behind."""

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import compose, restored_tracking_uri
+from conftest import compose, publicly_seeded, restored_tracking_uri
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from omegaconf import OmegaConf
 from opacus.accountants import create_accountant
@@ -306,15 +306,13 @@ def test_client_level_privacy_bounds_each_clients_reach_and_counts_what_it_spent
     halved = protected.aggregate(current, [small] * 5)
     assert np.allclose(halved[0], 0.5e-4)
     # with it: the average's noise has the standard deviation z x clip / clients asked
-    np.random.seed(0)  # as a public seed would leave numpy and torch
-    torch.manual_seed(0)
-    fresh = client_level()
-    noised = fresh.aggregate(current, [still] * 10)
+    with publicly_seeded():  # as a public seed would leave numpy and torch
+        fresh = client_level()
+        noised = fresh.aggregate(current, [still] * 10)
     assert np.std(np.concatenate([a.ravel() for a in noised])) == pytest.approx(
         fresh.noise_multiplier * 0.5 / 10, rel=0.05)
-    np.random.seed(0)
-    torch.manual_seed(0)
-    again = client_level().aggregate(current, [still] * 10)  # not from a public seed
+    with publicly_seeded():
+        again = client_level().aggregate(current, [still] * 10)  # not from a public seed
     assert not np.array_equal(noised[0], again[0])
     # one release so far; all twenty rounds spend the target, as Opacus counts them:
     # every round as if every client took part (who is asked is no secret)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from types import SimpleNamespace
 
 import mlflow
-import numpy as np
 import pytest
 import torch
-from conftest import compose, restored_tracking_uri
+from conftest import compose, publicly_seeded, restored_tracking_uri
 from omegaconf import OmegaConf
 from opacus.accountants import create_accountant
 from pytorch_lightning.callbacks import Callback
@@ -244,10 +242,8 @@ def test_noise_and_batches_do_not_follow_the_public_seed():
     """Re-seeding every public generator the way `seed` would does not repeat the
     batches' or the noise's generator."""
     def seeded_again(make):
-        torch.manual_seed(0)
-        np.random.seed(0)
-        random.seed(0)
-        return make().initial_seed()
+        with publicly_seeded():
+            return make().initial_seed()
 
     batches = {seeded_again(lambda: PoissonSampling(SimpleNamespace()).generator)
                for _ in range(3)}
