@@ -49,12 +49,21 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
     # smaller local batches (McMahan et al. 2017 train clients on batches of 10-50).
     momentum = ["trainer.federated.strategy=fedavgm"]
     small_batches = ["train.batch_size=32"]
+    # Ten clients' averaged local steps move the model about as one step on ten times
+    # the batch: local batches of 128 / 10 (16) give a round the centralised fit's steps.
+    linear = ["train.batch_size=16"]
+    # A balanced softmax in each client's loss (ClassifierModule.loss_logits): local
+    # fits learn the classes, not their client's label shares (Zhang et al. 2022).
+    balanced = ["trainer.federated.balanced_loss=true"]
     return {"centralised": IMAGE,
             "fedavg": [*IMAGE, *federated],
             "fedavg-short-rounds": [*IMAGE, *federated, *short],
             "fedprox": [*IMAGE, *federated, *prox],
             "fedavgm": [*IMAGE, *federated, *momentum],
             "fedavg-batch32": [*IMAGE, *federated, *small_batches],
+            "fedavg-batch16": [*IMAGE, *federated, *linear],
+            "fedavg-balanced": [*IMAGE, *federated, *balanced],
+            "fedavg-batch16-balanced": [*IMAGE, *federated, *linear, *balanced],
             "centralised-group": [*IMAGE, *GROUP],
             "fedavg-group": [*IMAGE, *GROUP, *federated],
             "fedprox-group": [*IMAGE, *GROUP, *federated, *prox]}
@@ -72,7 +81,8 @@ test set, which neither training nor the choice of round saw. The federated runs
 Dirichlet label skew and train one local epoch per round, as many rounds as the
 centralised fit's epochs: the same passes over the data (or, `short-rounds`, five
 times the rounds on a fifth of each client's rows each; `fedavgm`, momentum on the
-server's step; `batch32`, local batches of 32 instead of 128). Each is compared with the
+server's step; `batch32` and `batch16`, local batches of 32 or 16 instead of 128;
+`balanced`, a balanced softmax in each client's loss). Each is compared with the
 centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no
 averaging across clients. Wall times are in the JSON

@@ -66,6 +66,10 @@ class ClassifierModule(pl.LightningModule):
     # federated client's local fit in round r of R is (r - 1, R), so its schedule
     # carries on the whole run's rather than warming up and decaying every round.
     schedule_span: tuple[int, int] = (0, 1)
+    # The log of the training rows' label shares, added to the logits the training loss
+    # sees (a balanced softmax): a federated client sets it for its local fit
+    # (`trainer.federated.balanced_loss`); None trains on the logits as they are.
+    label_log_prior: torch.Tensor | None = None
 
     def init_metrics(self, num_classes: int) -> None:
         metrics = MetricCollection({
@@ -79,6 +83,16 @@ class ClassifierModule(pl.LightningModule):
 
     def _step(self, batch: dict, split: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def loss_logits(self, logits: torch.Tensor, split: str) -> torch.Tensor:
+        """The logits the loss sees: shifted by `label_log_prior` in training when set, so
+        the model learns the classes' scores apart from how often these rows hold each
+        (Ren et al. 2020, "Balanced meta-softmax"; under federated label skew, Zhang et
+        al. 2022, "Federated learning with label distribution skew via logits
+        calibration"). Metrics and the exported model use the logits unshifted."""
+        if split != "train" or self.label_log_prior is None:
+            return logits
+        return logits + self.label_log_prior.to(logits)
 
     def accumulate(self, split: str, logits: torch.Tensor, labels: torch.Tensor,
                    loss: torch.Tensor, rows: int) -> None:

@@ -24,7 +24,7 @@ from opacus.accountants import create_accountant
 from test_scale import start_training, train_dir
 
 from pipeline.config import Paths
-from pipeline.modeling.federated.client import ProximalTerm
+from pipeline.modeling.federated.client import ProximalTerm, label_log_prior
 from pipeline.modeling.federated.partition import PartitionError, partition
 from pipeline.modeling.federated.privacy import ClientLevelPrivacy
 from pipeline.modeling.federated.run import check_settings, fit
@@ -94,6 +94,37 @@ def test_the_proximal_term_pulls_each_weight_back_toward_the_global_model():
     term.on_after_backward(None, module)
     assert torch.allclose(layer.weight.grad, torch.full_like(layer.weight, 1.0))  # 0.5 * 2
     assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+
+
+def test_a_clients_label_shares_become_a_finite_log_prior_over_every_class():
+    prior = label_log_prior([0, 0, 0, 1], classes=3)  # class 2: none of its rows
+    assert torch.exp(prior).tolist() == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    with pytest.raises(ValueError, match="balanced_loss"):
+        label_log_prior([], classes=3)
+
+
+def scores_after_fitting_skewed_labels(log_prior: torch.Tensor | None) -> list[float]:
+    """Class probabilities a tiny image classifier gives a blank image after training
+    on blank images labelled 0 nine times in ten: all it can learn is how often each
+    label comes."""
+    with publicly_seeded(0):
+        module = ImageClassifier({"name": "mlp", "hidden": [4]}, 1, 2, 2, 2, ["a", "b"])
+    module.label_log_prior = log_prior
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+    batch = {"pixels": torch.zeros(10, 1, 2, 2), "labels": torch.tensor([0] * 9 + [1])}
+    for _ in range(300):
+        optimizer.zero_grad()
+        module._step(batch, "train").backward()
+        optimizer.step()
+    with torch.no_grad():
+        return module(batch["pixels"][:1]).softmax(-1)[0].tolist()
+
+
+def test_a_balanced_loss_learns_the_classes_not_how_often_a_client_holds_each():
+    assert scores_after_fitting_skewed_labels(None) == pytest.approx([0.9, 0.1], abs=0.02)
+    # the shares of a client holding 1,000 rows, nine in ten labelled 0
+    balanced = scores_after_fitting_skewed_labels(label_log_prior([0] * 900 + [1] * 100, 2))
+    assert balanced == pytest.approx([0.5, 0.5], abs=0.05)
 
 
 def learning_rates(span: tuple[int, int], steps: int) -> list[float]:
@@ -252,12 +283,13 @@ def test_server_momentum_steps_the_weights_and_leaves_norm_statistics_averaged()
         current = stepped
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+@pytest.mark.parametrize("strategy, balanced", [("fedavg", False), ("fedprox", True)])
 def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
-        workspace, tmp_path, strategy):
+        workspace, tmp_path, strategy, balanced):
     cfg = train_dir(workspace, tmp_path, *federated(
         "trainer.federated.clients=3", "trainer.federated.rounds=3",
-        f"trainer.federated.strategy={strategy}", "trainer.federated.proximal_mu=0.1"))
+        f"trainer.federated.strategy={strategy}", "trainer.federated.proximal_mu=0.1",
+        f"trainer.federated.balanced_loss={balanced}"))
     with restored_tracking_uri():
         report = fit(cfg, Paths(tmp_path))
         metrics, _ = evaluate(cfg, Paths(tmp_path))

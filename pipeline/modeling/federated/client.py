@@ -27,6 +27,7 @@ from pytorch_lightning.callbacks import Callback
 
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params
+from pipeline.modeling.federated.partition import training_columns
 
 
 def weights(model: torch.nn.Module) -> list[np.ndarray]:
@@ -54,6 +55,17 @@ def load_weights(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
     model.load_state_dict(state)
 
 
+def label_log_prior(labels: list | None, classes: int) -> torch.Tensor:
+    """The log of each class's share of `labels` (a client's training rows), counted
+    with one more row of every class: a class the client never sees gets a large
+    negative shift rather than minus infinity, so its score still trains."""
+    if not labels:
+        raise ValueError("trainer.federated.balanced_loss: this client's rows carry no "
+                         "labels to take shares of")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=classes) + 1.0
+    return torch.log(torch.as_tensor(counts / counts.sum(), dtype=torch.float32))
+
+
 class ProximalTerm(Callback):
     """FedProx's proximal term, mu/2 * ||w - w_global||^2, added through its gradient
     mu * (w - w_global) after each backward pass: the same step as adding it to the
@@ -79,10 +91,14 @@ class LocalClient(NumPyClient):
     round, so a simulated run repeats."""
 
     def __init__(self, cfg: DictConfig, number: int, datamodule: pl.LightningDataModule,
-                 module: pl.LightningModule):
+                 module: pl.LightningModule, labels: list | None = None):
         self.cfg, self.number = cfg, number
         self.datamodule, self.module = datamodule, module
         self.rows = len(datamodule.rows["train"])
+        # With `balanced_loss`, the local fit's loss sees the logits shifted by the log
+        # of this client's own label shares (ClassifierModule.loss_logits).
+        self.log_prior = (label_log_prior(labels, module.hparams.num_classes)
+                          if cfg.trainer.federated.get("balanced_loss") else None)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return weights(self.module.model)
@@ -108,7 +124,11 @@ class LocalClient(NumPyClient):
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(self.module, train_dataloaders=self.datamodule.train_dataloader())
+        self.module.label_log_prior = self.log_prior
+        try:
+            trainer.fit(self.module, train_dataloaders=self.datamodule.train_dataloader())
+        finally:
+            self.module.label_log_prior = None  # the module may be shared (simulation)
         loss = trainer.callback_metrics.get("train_loss")
         metrics = {"client": self.number, "steps": int(trainer.global_step),
                    "train_loss": float(loss) if loss is not None else float("nan")}
@@ -116,17 +136,19 @@ class LocalClient(NumPyClient):
 
 
 def build(cfg: DictConfig, paths: Paths, number: int, rows: list[int],
-          datamodule: pl.LightningDataModule | None = None,
+          labels: list | None = None, datamodule: pl.LightningDataModule | None = None,
           module: pl.LightningModule | None = None) -> LocalClient:
-    """Client `number` holding training rows `rows`. In one process the clients share
-    the loaded splits (`datamodule`, which each narrows to its own rows on a shallow
-    copy) and one module, since they train one after another."""
+    """Client `number` holding training rows `rows` (of the training split, whose labels
+    are `labels`, None for a task without them). In one process the clients share the
+    loaded splits (`datamodule`, which each narrows to its own rows on a shallow copy)
+    and one module, since they train one after another."""
     task = tasks.from_config(cfg)
     if datamodule is None:
         datamodule = task.datamodule(cfg, paths)
         datamodule.setup("fit")
     own = datamodule.with_train_rows(rows)
-    return LocalClient(cfg, number, own, module or task.module(cfg, paths))
+    own_labels = [labels[i] for i in rows] if labels is not None else None
+    return LocalClient(cfg, number, own, module or task.module(cfg, paths), own_labels)
 
 
 def main() -> None:
@@ -145,7 +167,9 @@ def main() -> None:
     logs.quiet()
     torch.set_num_threads(args.threads)
     mine = atomic.read_json(args.partition)
-    client = build(load_params(), Paths(), int(mine["client"]), mine["rows"])
+    labels, _, _ = training_columns(Paths())
+    client = build(load_params(), Paths(), int(mine["client"]), mine["rows"], labels)
+    del labels  # the other clients' labels: only this client's own rows stay
     start_client(server_address=args.address, client=client.to_client(),
                  root_certificates=Path(args.root_certificate).read_bytes(),
                  max_wait_time=args.connect_timeout)

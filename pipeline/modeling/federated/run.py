@@ -33,12 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import atomic, tasks
 from pipeline.config import Paths
-from pipeline.data.splits import column, load_splits
 from pipeline.modeling import privacy, training
 from pipeline.modeling.federated import client as local
 from pipeline.modeling.federated import privacy as client_privacy
 from pipeline.modeling.federated import tls
-from pipeline.modeling.federated.partition import describe, partition
+from pipeline.modeling.federated.partition import describe, partition, training_columns
 from pipeline.modeling.federated.server import (
     GlobalModel,
     InProcessClient,
@@ -63,14 +62,6 @@ def check_settings(cfg: DictConfig, distilling: bool, pruning: bool) -> None:
     named = [what for clash, what in clashes if clash]
     if named:
         raise SystemExit(f"train: trainer=federated does not combine with {', '.join(named)}")
-
-
-def training_columns(paths: Paths) -> tuple[list | None, list | None, int]:
-    """The training split's labels and groups (None where it has none) and its rows."""
-    train = load_splits(paths.processed)["train"]
-    labels = column(train, "label") if "label" in train.column_names else None
-    groups = column(train, "group") if "group" in train.column_names else None
-    return labels, groups, train.num_rows
 
 
 def free_port() -> int:
@@ -155,6 +146,10 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume (module docstring)
     work_dir.mkdir(parents=True, exist_ok=True)
     labels, groups, rows = training_columns(paths)
+    if settings.balanced_loss and labels is None:
+        raise SystemExit("train: trainer.federated.balanced_loss weighs each client's "
+                         "loss by its label shares; this task's training rows have no "
+                         "labels")
     clients = int(settings.clients)
     parts = partition(settings.partition, clients, labels, groups, rows, cfg.seed)
     rounds = int(settings.rounds or cfg.train.max_epochs)
@@ -190,7 +185,7 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     if settings.mode == "simulation":
         shared = task.module(cfg, paths)  # the clients train one after another
         simulate(tracked, settings, rounds, [
-            local.build(cfg, paths, number, part, datamodule, shared)
+            local.build(cfg, paths, number, part, labels, datamodule, shared)
             for number, part in enumerate(parts)])
     elif settings.mode == "clients":
         with_clients(tracked, settings, rounds, parts, work_dir)

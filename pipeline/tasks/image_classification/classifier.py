@@ -40,7 +40,8 @@ class ImageClassifier(ClassifierModule):
         logits = (self.model.head(batch["features"]) if "features" in batch
                   else self(batch["pixels"]))
         labels = batch["labels"]
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(self.loss_logits(logits, split), labels,
+                               label_smoothing=self.hparams.label_smoothing)
         self.accumulate(split, logits, labels, loss, labels.numel())
         return loss
 

@@ -48,7 +48,7 @@ class TextClassifier(ClassifierModule):
         logits = (self.model.head(batch["features"]) if "features" in batch
                   else self(batch["input_ids"], batch["attention_mask"]))
         labels = batch["labels"]
-        loss = self._loss(logits, labels, batch.get("teacher_logits"))
+        loss = self._loss(self.loss_logits(logits, split), labels, batch.get("teacher_logits"))
         labelled = labels != NO_LABEL  # transfer-set copies carry the teacher's answer only
         self.accumulate(split, logits[labelled], labels[labelled], loss, labels.numel())
         return loss
