@@ -262,15 +262,13 @@ class Shadow:
         return None
 
     def _log(self, requests: list[tuple], answers: np.ndarray | list) -> None:
-        """Log each request's share of `answers` (shadow_worker.py `score`)."""
-        start = 0
-        for request_id, items, _ in requests:
-            if self.prediction_log is not None:
-                self.prediction_log.record_shadow(request_id, self.challenger,
-                                                  answers[start:start + items])
-            start += items
+        """Log the requests' `answers` (shadow_worker.py `score`) and count them."""
+        if self.prediction_log is not None:
+            self.prediction_log.record_shadow(
+                self.challenger, [(request_id, items) for request_id, items, _ in requests],
+                answers)
         self.agreed.inc(sum(agreed for *_, agreed in requests))
-        self.scored.inc(start)
+        self.scored.inc(sum(items for _, items, _ in requests))
 
 
 def end_feeder(requests, timeout: float) -> None:

@@ -5,7 +5,7 @@ turns one answered request (a classifier's probabilities, or a next-word model's
 words or continuation) into its `predictions` rows (serving/predlog/store.py has
 the schema), its texts normalised by serving/predlog/normalizer.py and, with the log's
 keys set, encrypted by serving/predlog/crypto.py; `shadow_rows` turns a challenger's
-answer (shadow mode) into its `shadow_predictions` rows.
+answers (shadow mode) into their `shadow_predictions` rows.
 """
 
 from __future__ import annotations
@@ -29,14 +29,29 @@ if TYPE_CHECKING:
     from serving.predlog.crypto import LogCipher
 
 
-class ShadowAnswer(NamedTuple):
-    """A challenger's answer to a logged request (shadow mode, serving/engine/shadow.py);
-    `shadow_rows` turns it into rows."""
+class ShadowAnswers(NamedTuple):
+    """A challenger's answers to logged requests, a batch of its worker's at a time
+    (shadow mode, serving/engine/shadow.py); `shadow_rows` turns them into rows."""
 
-    request_id: str
     created: float
     bundle: Any  # a Bundle
-    probs: Any  # its probabilities, [texts, classes], or a next-word model's answers
+    requests: list[tuple[str, int]]  # (request_id, how many texts), in the answers' order
+    probs: Any  # the answers to all their texts: [texts, classes], or next-word answers
+
+
+def sampled_answers(answered: ShadowAnswers, rate: float) -> ShadowAnswers:
+    """`answered` narrowed to the requests `sampled` at `rate` keeps."""
+    if rate >= 1:
+        return answered
+    requests, keep, start = [], [], 0
+    for request_id, items in answered.requests:
+        if sampled(request_id, rate):
+            requests.append((request_id, items))
+            keep += range(start, start + items)
+        start += items
+    probs = answered.probs
+    probs = probs[keep] if hasattr(probs, "shape") else [probs[i] for i in keep]
+    return answered._replace(requests=requests, probs=probs)
 
 
 def sampled(request_id: str, rate: float) -> bool:
@@ -68,13 +83,14 @@ def next_word_answers(rows: list[list[tuple[str, float]]]) -> list[NextWordAnswe
             for row in rows]
 
 
-def shadow_rows(request_id: str, created: float, bundle: Bundle,
-                probs: np.ndarray | list[NextWordAnswer]) -> list[tuple]:
-    """A challenger's answers to one request (shadow mode), position by position,
-    beside the champion's rows: no text, which the champion's row holds. `probs` as
-    `answers` takes them."""
-    return [(request_id, position, created, bundle.version, answer, label)
-            for position, (label, answer) in enumerate(answers(bundle, probs))]
+def shadow_rows(answered: ShadowAnswers) -> list[tuple]:
+    """A challenger's answers (shadow mode), request by request and position by
+    position, beside the champion's rows: no text, which the champion's row holds."""
+    created, version = answered.created, answered.bundle.version
+    each = iter(answers(answered.bundle, answered.probs))
+    return [(request_id, position, created, version, answer, label)
+            for request_id, items in answered.requests
+            for position, (label, answer) in zip(range(items), each, strict=False)]
 
 
 def prediction_rows(request_id: str, created: float, bundle: Bundle, texts: list[str],

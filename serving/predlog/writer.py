@@ -29,7 +29,13 @@ from serving.monitoring.live_stats import LiveStats
 from serving.predlog.crypto import LogCipher, check_store
 from serving.predlog.feedback import FeedbackStore, LogBehind
 from serving.predlog.normalizer import Normalizing
-from serving.predlog.rows import ShadowAnswer, prediction_rows, sampled, shadow_rows
+from serving.predlog.rows import (
+    ShadowAnswers,
+    prediction_rows,
+    sampled,
+    sampled_answers,
+    shadow_rows,
+)
 from serving.predlog.store import LogStore, check_url, open_store, redacted
 
 if TYPE_CHECKING:
@@ -114,19 +120,25 @@ class PredictionLog:
         except queue.Full:
             self.queue_full.inc(len(texts))
 
-    def record_shadow(self, request_id: str, bundle: Bundle, probs: np.ndarray) -> None:
-        """Queue a challenger's answer to a request the champion answered; sampled as
-        the champion's answers are, so that every logged answer has its pair. It takes
-        at most half the queue: under load the champion's own rows are kept first."""
-        if not sampled(request_id, self.sample):
+    def record_shadow(self, bundle: Bundle, requests: list[tuple[str, int]],
+                      probs: np.ndarray | list) -> None:
+        """Queue a challenger's answers to requests the champion answered: `requests`
+        (request_id, how many texts) and the answers to all their texts, in order, as
+        one entry (one queue operation per batch of the challenger's, not per request).
+        Sampled as the champion's answers are, so that every logged answer has its
+        pair. Its entries take at most half the queue: under load the champion's own
+        rows are kept first."""
+        answered = sampled_answers(ShadowAnswers(time.time(), bundle, requests, probs),
+                                   self.sample)
+        if not answered.requests:
             return
         if self.queue.qsize() >= self.queue.maxsize // 2:  # the champion's rows go first
-            self.queue_full.inc(len(probs))
+            self.queue_full.inc(len(answered.probs))
             return
         try:
-            self.queue.put_nowait(ShadowAnswer(request_id, time.time(), bundle, probs))
+            self.queue.put_nowait(answered)
         except queue.Full:
-            self.queue_full.inc(len(probs))
+            self.queue_full.inc(len(answered.probs))
 
     def refresh_stats(self) -> None:
         """Read the live figures again now, not at the next interval: another worker
@@ -225,14 +237,14 @@ class PredictionLog:
         return self.store
 
     def _write(self, entries: list[tuple]) -> None:
-        shadows = [entry for entry in entries if isinstance(entry, ShadowAnswer)]
-        answers = [entry for entry in entries if not isinstance(entry, ShadowAnswer)]
+        shadows = [entry for entry in entries if isinstance(entry, ShadowAnswers)]
+        answers = [entry for entry in entries if not isinstance(entry, ShadowAnswers)]
         if answers:  # first: a challenger's rows sit beside the champion's
             self._write_answers(answers)
         if shadows:
             try:
                 self._connection().write_shadow(
-                    [row for s in shadows for row in shadow_rows(*s)])
+                    [row for s in shadows for row in shadow_rows(s)])
             except Exception as err:  # noqa: BLE001 - the log drops entries, never fails
                 self._failed(err, sum(len(s.probs) for s in shadows))
                 return
