@@ -64,9 +64,19 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedavg-batch16": [*IMAGE, *federated, *linear],
             "fedavg-balanced": [*IMAGE, *federated, *balanced],
             "fedavg-batch16-balanced": [*IMAGE, *federated, *linear, *balanced],
+            # the rows dealt out evenly, no label skew: how much of the gap is the skew's
+            "fedavg-batch16-iid": [*IMAGE, *federated, *linear,
+                                   "trainer.federated.partition.by=iid"],
             "centralised-group": [*IMAGE, *GROUP],
             "fedavg-group": [*IMAGE, *GROUP, *federated],
             "fedprox-group": [*IMAGE, *GROUP, *federated, *prox]}
+
+
+def skewed(run: dict) -> bool:
+    """Whether `run` is federated over label-skewed clients (what the summary is about)."""
+    overrides = run["overrides"]
+    return "trainer=federated" in overrides and \
+        "trainer.federated.partition.by=iid" not in overrides
 
 
 def baseline(name: str) -> str:
@@ -82,7 +92,8 @@ Dirichlet label skew and train one local epoch per round, as many rounds as the
 centralised fit's epochs: the same passes over the data (or, `short-rounds`, five
 times the rounds on a fifth of each client's rows each; `fedavgm`, momentum on the
 server's step; `batch32` and `batch16`, local batches of 32 or 16 instead of 128;
-`balanced`, a balanced softmax in each client's loss). Each is compared with the
+`balanced`, a balanced softmax in each client's loss; `iid`, the rows dealt out
+evenly, without label skew). Each is compared with the
 centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no
 averaging across clients. Wall times are in the JSON
@@ -104,13 +115,16 @@ def as_result(runs: list[dict]) -> Result:
                   ["configuration", "overrides", "test accuracy",
                    "against centralised (same model)", "validation accuracy", "macro F1",
                    "epochs or rounds", "commit", "measured on"], rows)
-    gaps = sorted(((r["accuracy"] - by_name[baseline(r["name"])]["accuracy"], r)
-                   for r in runs if not r["name"].startswith("centralised")
-                   and baseline(r["name"]) in by_name), key=lambda pair: pair[0])
+    # The configuration the summary reports is chosen on validation accuracy, never on
+    # the test accuracy it then shows.
+    candidates = sorted((r for r in runs if skewed(r) and baseline(r["name"]) in by_name),
+                        key=lambda r: r["val_accuracy"])
     summary = [[f"federated test accuracy against centralised, Fashion-MNIST, "
                 f"{r['clients']} clients, Dirichlet {r['alpha']}, the same passes "
-                f"(best of {len(gaps)}: {r['name']})", f"{gap:+.4f}", measured_on(r)]
-               for gap, r in gaps[-1:]]
+                f"({r['name']}, the best on validation of {len(candidates)})",
+                f"{r['accuracy'] - by_name[baseline(r['name'])]['accuracy']:+.4f}",
+                measured_on(r)]
+               for r in candidates[-1:]]
     return Result("federated", "Federated training: accuracy against centralised", ABOUT,
                   [table], data={"runs": runs}, summary=summary, merged=True)
 
