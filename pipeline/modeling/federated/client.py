@@ -66,6 +66,42 @@ def label_log_prior(labels: list | None, classes: int) -> torch.Tensor:
     return torch.log(torch.as_tensor(counts / counts.sum(), dtype=torch.float32))
 
 
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimiser steps, in a fixed order: what SCAFFOLD's control
+    variates shadow."""
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def zero_controls(model: torch.nn.Module) -> list[np.ndarray]:
+    """SCAFFOLD's control variates before any round: zeros shaped as `trainable`."""
+    return [np.zeros(tuple(param.shape), dtype=np.float32) for param in trainable(model)]
+
+
+class ControlVariates(Callback):
+    """SCAFFOLD's drift correction (Karimireddy et al. 2020): each local step's gradient
+    plus c - c_i, the server's control variate less this client's, so that a client
+    with skewed rows steps along the federation's gradient rather than its own rows'
+    alone. `mean_gradient` is the round's mean uncorrected gradient, the client's next
+    c_i: the paper's option II, which for SGD is (x - y_i) / (K lr) - c + c_i, and
+    which stays defined for AdamW."""
+
+    def __init__(self, server: list[torch.Tensor], own: list[torch.Tensor]):
+        self.shift = [c - c_own for c, c_own in zip(server, own, strict=True)]
+        self.total = [torch.zeros_like(c) for c in server]
+        self.steps = 0
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = trainable(pl_module.model)
+        for param, shift, total in zip(params, self.shift, self.total, strict=True):
+            if param.grad is not None:
+                total.add_(param.grad)
+                param.grad.add_(shift)
+        self.steps += 1
+
+    def mean_gradient(self) -> list[torch.Tensor]:
+        return [total / max(1, self.steps) for total in self.total]
+
+
 class ProximalTerm(Callback):
     """FedProx's proximal term, mu/2 * ||w - w_global||^2, added through its gradient
     mu * (w - w_global) after each backward pass: the same step as adding it to the
@@ -87,8 +123,9 @@ class ProximalTerm(Callback):
 
 class LocalClient(NumPyClient):
     """A client's side of a round: the global weights in, `local_epochs` of training on
-    its rows, its weights, row count and training loss out. Seeded per client and
-    round, so a simulated run repeats."""
+    its rows, its weights, row count and training loss out (with SCAFFOLD, the
+    server's control variates in after the weights and the client's own out after
+    them). Seeded per client and round, so a simulated run repeats."""
 
     def __init__(self, cfg: DictConfig, number: int, datamodule: pl.LightningDataModule,
                  module: pl.LightningModule, labels: list | None = None):
@@ -99,16 +136,25 @@ class LocalClient(NumPyClient):
         # of this client's own label shares (ClassifierModule.loss_logits).
         self.log_prior = (label_log_prior(labels, module.hparams.num_classes)
                           if cfg.trainer.federated.get("balanced_loss") else None)
+        # SCAFFOLD's control variate c_i, kept between rounds: zeros until the first
+        self.control: list[torch.Tensor] | None = None
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return weights(self.module.model)
 
     def fit(self, parameters: list[np.ndarray], config: dict):
-        load_weights(self.module.model, parameters)
+        model_arrays = len(self.module.model.state_dict())
+        load_weights(self.module.model, parameters[:model_arrays])
+        callbacks: list[Callback] = []
+        if config.get("scaffold"):  # the server's control variates follow the model's
+            server = [torch.from_numpy(np.asarray(c)) for c in parameters[model_arrays:]]
+            own = self.control or [torch.zeros_like(c) for c in server]
+            callbacks.append(drift := ControlVariates(server, own))
         seed = int(self.cfg.seed) + 1000 * int(config["round"]) + self.number
         pl.seed_everything(seed, workers=True, verbose=False)
         self.datamodule.seed = seed  # a new order of its rows every round
-        mu = float(config.get("proximal_mu") or 0.0)
+        if mu := float(config.get("proximal_mu") or 0.0):
+            callbacks.append(ProximalTerm(mu))
         # This round's local fit is one of the run's `rounds` in its learning-rate
         # schedule: warm-up once at the start, decay to the end of the last round.
         self.module.schedule_span = ((int(config["round"]) - 1, int(config["rounds"]))
@@ -120,7 +166,7 @@ class LocalClient(NumPyClient):
             limit_train_batches=self.cfg.train.limit_train_batches,
             limit_val_batches=0, num_sanity_val_steps=0,  # the server validates
             gradient_clip_val=self.cfg.train.gradient_clip_val,
-            callbacks=[ProximalTerm(mu)] if mu > 0 else [],
+            callbacks=callbacks,
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False,
         )
@@ -132,7 +178,11 @@ class LocalClient(NumPyClient):
         loss = trainer.callback_metrics.get("train_loss")
         metrics = {"client": self.number, "steps": int(trainer.global_step),
                    "train_loss": float(loss) if loss is not None else float("nan")}
-        return weights(self.module.model), self.rows, metrics
+        arrays = weights(self.module.model)
+        if config.get("scaffold"):
+            self.control = drift.mean_gradient()
+            arrays += [c.numpy() for c in self.control]
+        return arrays, self.rows, metrics
 
 
 def build(cfg: DictConfig, paths: Paths, number: int, rows: list[int],
