@@ -4,10 +4,10 @@ The service writes through `PredictionLog`: a request only puts a tuple on a bou
 queue (a full queue drops the entry and counts it, never the request); one thread turns
 entries into rows (the normalisation in a child process, off the service's GIL) and
 inserts them in batches, one transaction each (with the log's keys set, their texts
-encrypted here too: serving/predlog/crypto.py). When the database
-fails, batches are dropped and counted, the error is logged once and the connection is
-retried with backoff; retention (by age and by row count) and the live-quality figures
-are the same thread's periodic work.
+encrypted here too: serving/predlog/crypto.py). When the database fails, batches are
+dropped and counted, the error is logged once and the connection is retried with
+backoff; retention (by age and by row count) and the live-quality figures are the same
+thread's periodic work.
 
 Labels (POST /feedback) go through `PredictionLog.feedback`: it waits until the writer
 has caught up with the answers given so far, then stores them through
@@ -29,13 +29,7 @@ from serving.monitoring.live_stats import LiveStats
 from serving.predlog.crypto import LogCipher, check_store
 from serving.predlog.feedback import FeedbackStore, LogBehind
 from serving.predlog.normalizer import Normalizing
-from serving.predlog.rows import (
-    ShadowAnswers,
-    prediction_rows,
-    sampled,
-    sampled_answers,
-    shadow_rows,
-)
+from serving.predlog.rows import ShadowAnswers, prediction_rows, sampled, shadow_rows
 from serving.predlog.store import LogStore, check_url, open_store, redacted
 
 if TYPE_CHECKING:
@@ -122,20 +116,15 @@ class PredictionLog:
 
     def record_shadow(self, bundle: Bundle, requests: list[tuple[str, int]],
                       probs: np.ndarray | list) -> None:
-        """Queue a challenger's answers to requests the champion answered: `requests`
-        (request_id, how many texts) and the answers to all their texts, in order, as
-        one entry (one queue operation per batch of the challenger's, not per request).
-        Sampled as the champion's answers are, so that every logged answer has its
-        pair. Its entries take at most half the queue: under load the champion's own
-        rows are kept first."""
-        answered = sampled_answers(ShadowAnswers(time.time(), bundle, requests, probs),
-                                   self.sample)
+        """Queue a challenger's answers to `requests` (request_id, how many texts) as
+        one entry, sampled as the champion's are (every logged answer has its pair),
+        in at most half the queue: under load the champion's rows are kept first."""
+        answered = ShadowAnswers(time.time(), bundle, requests, probs).kept_at(self.sample)
         if not answered.requests:
             return
-        if self.queue.qsize() >= self.queue.maxsize // 2:  # the champion's rows go first
-            self.queue_full.inc(len(answered.probs))
-            return
         try:
+            if self.queue.qsize() >= self.queue.maxsize // 2:  # the champion's rows first
+                raise queue.Full
             self.queue.put_nowait(answered)
         except queue.Full:
             self.queue_full.inc(len(answered.probs))
