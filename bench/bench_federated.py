@@ -5,9 +5,9 @@
 Each configuration from a clean copy of the repository: `dvc repro evaluate` (collect,
 preprocess, train, evaluate), as bench/bench_accuracy.py measures any configuration.
 The federated ones deal Fashion-MNIST's training split to `--clients` clients with
-Dirichlet(`--alpha`) label skew and run one local epoch per round for as many rounds
-as the centralised fit has epochs (`train.max_epochs`), so every configuration sees
-the training rows equally often. Published in bench/results/federated.json and
+Dirichlet(`--alpha`) label skew (or, `iid`, evenly) and run one local epoch per round
+for as many rounds as the centralised fit has epochs (`train.max_epochs`), so every
+configuration sees the training rows equally often. Published in bench/results/federated.json and
 docs/results/federated.md.
 """
 

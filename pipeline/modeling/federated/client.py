@@ -83,19 +83,30 @@ class ControlVariates(Callback):
     with skewed rows steps along the federation's gradient rather than its own rows'
     alone. `mean_gradient` is the round's mean uncorrected gradient, the client's next
     c_i: the paper's option II, which for SGD is (x - y_i) / (K lr) - c + c_i, and
-    which stays defined for AdamW."""
+    which stays defined for AdamW. Applied where Lightning has unscaled a mixed-
+    precision step's gradients and not yet clipped them (`train.gradient_clip_val`
+    clips the corrected gradient); a step whose gradients overflowed, which the grad
+    scaler skips, is left out of the mean."""
 
     def __init__(self, server: list[torch.Tensor], own: list[torch.Tensor]):
         self.shift = [c - c_own for c, c_own in zip(server, own, strict=True)]
         self.total = [torch.zeros_like(c) for c in server]
         self.steps = 0
 
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = trainable(pl_module.model)
-        for param, shift, total in zip(params, self.shift, self.total, strict=True):
-            if param.grad is not None:
-                total.add_(param.grad)
-                param.grad.add_(shift)
+        self.shift = [c.to(p.device) for c, p in zip(self.shift, params, strict=True)]
+        self.total = [t.to(p.device) for t, p in zip(self.total, params, strict=True)]
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer) -> None:
+        grads = [param.grad for param in trainable(pl_module.model)]
+        if not all(g is None or torch.isfinite(g).all() for g in grads):
+            return
+        for grad, shift, total in zip(grads, self.shift, self.total, strict=True):
+            if grad is not None:
+                total.add_(grad)
+                grad.add_(shift)
         self.steps += 1
 
     def mean_gradient(self) -> list[torch.Tensor]:
@@ -104,9 +115,10 @@ class ControlVariates(Callback):
 
 class ProximalTerm(Callback):
     """FedProx's proximal term, mu/2 * ||w - w_global||^2, added through its gradient
-    mu * (w - w_global) after each backward pass: the same step as adding it to the
-    loss, without the task's loss knowing (Li et al. 2020). It keeps a client whose
-    rows are skewed from drifting far from the global model in its local epochs."""
+    mu * (w - w_global) before each optimiser step (to the gradient a mixed-precision
+    step has unscaled): the same step as adding it to the loss, without the task's
+    loss knowing (Li et al. 2020). It keeps a client whose rows are skewed from
+    drifting far from the global model in its local epochs."""
 
     def __init__(self, mu: float):
         self.mu = mu
@@ -115,7 +127,8 @@ class ProximalTerm(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.anchor = [p.detach().clone() for p in pl_module.model.parameters()]
 
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer) -> None:
         for param, anchor in zip(pl_module.model.parameters(), self.anchor, strict=True):
             if param.grad is not None:
                 param.grad.add_(param.detach() - anchor, alpha=self.mu)
@@ -181,7 +194,7 @@ class LocalClient(NumPyClient):
         arrays = weights(self.module.model)
         if config.get("scaffold"):
             self.control = drift.mean_gradient()
-            arrays += [c.numpy() for c in self.control]
+            arrays += [c.cpu().numpy() for c in self.control]
         return arrays, self.rows, metrics
 
 

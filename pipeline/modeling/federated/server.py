@@ -1,4 +1,5 @@
-"""The federated server's side: Flower's strategy (FedAvg, FedAvgM or FedProx) wrapped
+"""The federated server's side: Flower's strategy (FedAvg, FedAvgM, FedProx, or FedAvg
+carrying SCAFFOLD's control variates) wrapped
 so that a run waits for its clients, goes on without a client that died, records who
 took part in each round and validates each round's global model.
 
