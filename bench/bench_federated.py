@@ -64,10 +64,6 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedavg-batch16": [*IMAGE, *federated, *linear],
             "fedavg-balanced": [*IMAGE, *federated, *balanced],
             "fedavg-batch16-balanced": [*IMAGE, *federated, *linear, *balanced],
-            # SCAFFOLD's control variates correct each client's drift (Karimireddy et al.
-            # 2020): a round's clients step along the federation's gradient
-            "scaffold-batch16-balanced": [*IMAGE, *federated, *linear, *balanced,
-                                          "trainer.federated.strategy=scaffold"],
             # the rows dealt out evenly, no label skew: how much of the gap is the skew's
             "fedavg-batch16-iid": [*IMAGE, *federated, *linear,
                                    "trainer.federated.partition.by=iid"],
@@ -96,8 +92,8 @@ Dirichlet label skew and train one local epoch per round, as many rounds as the
 centralised fit's epochs: the same passes over the data (or, `short-rounds`, five
 times the rounds on a fifth of each client's rows each; `fedavgm`, momentum on the
 server's step; `batch32` and `batch16`, local batches of 32 or 16 instead of 128;
-`balanced`, a balanced softmax in each client's loss; `scaffold`, SCAFFOLD's control
-variates; `iid`, the rows dealt out evenly, without label skew). Each is compared with the
+`balanced`, a balanced softmax in each client's loss; `iid`, the rows dealt out
+evenly, without label skew). Each is compared with the
 centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no
 averaging across clients. Wall times are in the JSON

@@ -24,7 +24,7 @@ from opacus.accountants import create_accountant
 from test_scale import start_training, train_dir
 
 from pipeline.config import Paths
-from pipeline.modeling.federated.client import ControlVariates, ProximalTerm, label_log_prior
+from pipeline.modeling.federated.client import ProximalTerm, label_log_prior
 from pipeline.modeling.federated.partition import PartitionError, partition
 from pipeline.modeling.federated.privacy import ClientLevelPrivacy
 from pipeline.modeling.federated.run import check_settings, fit
@@ -94,23 +94,6 @@ def test_the_proximal_term_pulls_each_weight_back_toward_the_global_model():
     term.on_before_optimizer_step(None, module, None)
     assert torch.allclose(layer.weight.grad, torch.full_like(layer.weight, 1.0))  # 0.5 * 2
     assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
-
-
-def test_control_variates_steer_each_step_and_leave_the_rounds_mean_gradient():
-    """SCAFFOLD: a client's gradient moves by c - c_i at every step, and its next c_i
-    is the mean of the gradients its rows gave, before that correction."""
-    layer = torch.nn.Linear(2, 1, bias=False)
-    module = torch.nn.Module()
-    module.model = layer
-    drift = ControlVariates(server=[torch.tensor([[1.0, 0.0]])], own=[torch.tensor([[0.0, 3.0]])])
-    drift.on_train_start(None, module)
-    for raw in ([[2.0, 2.0]], [[4.0, 0.0]], [[float("inf"), 0.0]]):
-        layer.weight.grad = torch.tensor(raw)
-        drift.on_before_optimizer_step(None, module, None)
-        if raw[0][0] < float("inf"):
-            assert layer.weight.grad.tolist() == [[raw[0][0] + 1.0, raw[0][1] - 3.0]]
-    # the overflowed step (which a grad scaler skips) is left out of the mean
-    assert drift.mean_gradient()[0].tolist() == [[3.0, 1.0]]
 
 
 def test_a_clients_label_shares_become_a_finite_log_prior_over_every_class():
@@ -259,7 +242,7 @@ def test_fedavgm_puts_momentum_on_the_servers_step_and_unknown_strategies_are_na
     assert type(chosen).__name__ == "FedAvgM"
     assert (chosen.server_learning_rate, chosen.server_momentum) == (0.5, 0.9)
     with pytest.raises(ValueError, match="unknown strategy 'fednova' "
-                                         "\\(fedavg, fedavgm, fedprox, scaffold\\)"):
+                                         "\\(fedavg, fedavgm, fedprox\\)"):
         strategy(settings(strategy="fednova", fraction_fit=1.0, min_clients=2),
                  [np.zeros(3)], 1, 4)
 
@@ -300,8 +283,7 @@ def test_server_momentum_steps_the_weights_and_leaves_norm_statistics_averaged()
         current = stepped
 
 
-@pytest.mark.parametrize("strategy, balanced",
-                         [("fedavg", False), ("fedprox", True), ("scaffold", False)])
+@pytest.mark.parametrize("strategy, balanced", [("fedavg", False), ("fedprox", True)])
 def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
         workspace, tmp_path, strategy, balanced):
     cfg = train_dir(workspace, tmp_path, *federated(

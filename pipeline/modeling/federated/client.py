@@ -66,53 +66,6 @@ def label_log_prior(labels: list | None, classes: int) -> torch.Tensor:
     return torch.log(torch.as_tensor(counts / counts.sum(), dtype=torch.float32))
 
 
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters an optimiser steps, in a fixed order: what SCAFFOLD's control
-    variates shadow."""
-    return [param for param in model.parameters() if param.requires_grad]
-
-
-def zero_controls(model: torch.nn.Module) -> list[np.ndarray]:
-    """SCAFFOLD's control variates before any round: zeros shaped as `trainable`."""
-    return [np.zeros(tuple(param.shape), dtype=np.float32) for param in trainable(model)]
-
-
-class ControlVariates(Callback):
-    """SCAFFOLD's drift correction (Karimireddy et al. 2020): each local step's gradient
-    plus c - c_i, the server's control variate less this client's, so that a client
-    with skewed rows steps along the federation's gradient rather than its own rows'
-    alone. `mean_gradient` is the round's mean uncorrected gradient, the client's next
-    c_i: the paper's option II, which for SGD is (x - y_i) / (K lr) - c + c_i, and
-    which stays defined for AdamW. Applied where Lightning has unscaled a mixed-
-    precision step's gradients and not yet clipped them (`train.gradient_clip_val`
-    clips the corrected gradient); a step whose gradients overflowed, which the grad
-    scaler skips, is left out of the mean."""
-
-    def __init__(self, server: list[torch.Tensor], own: list[torch.Tensor]):
-        self.shift = [c - c_own for c, c_own in zip(server, own, strict=True)]
-        self.total = [torch.zeros_like(c) for c in server]
-        self.steps = 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = trainable(pl_module.model)
-        self.shift = [c.to(p.device) for c, p in zip(self.shift, params, strict=True)]
-        self.total = [t.to(p.device) for t, p in zip(self.total, params, strict=True)]
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer) -> None:
-        grads = [param.grad for param in trainable(pl_module.model)]
-        if not all(g is None or torch.isfinite(g).all() for g in grads):
-            return
-        for grad, shift, total in zip(grads, self.shift, self.total, strict=True):
-            if grad is not None:
-                total.add_(grad)
-                grad.add_(shift)
-        self.steps += 1
-
-    def mean_gradient(self) -> list[torch.Tensor]:
-        return [total / max(1, self.steps) for total in self.total]
-
-
 class ProximalTerm(Callback):
     """FedProx's proximal term, mu/2 * ||w - w_global||^2, added through its gradient
     mu * (w - w_global) before each optimiser step (to the gradient a mixed-precision
@@ -136,9 +89,8 @@ class ProximalTerm(Callback):
 
 class LocalClient(NumPyClient):
     """A client's side of a round: the global weights in, `local_epochs` of training on
-    its rows, its weights, row count and training loss out (with SCAFFOLD, the
-    server's control variates in after the weights and the client's own out after
-    them). Seeded per client and round, so a simulated run repeats."""
+    its rows, its weights, row count and training loss out. Seeded per client and
+    round, so a simulated run repeats."""
 
     def __init__(self, cfg: DictConfig, number: int, datamodule: pl.LightningDataModule,
                  module: pl.LightningModule, labels: list | None = None):
@@ -149,25 +101,16 @@ class LocalClient(NumPyClient):
         # of this client's own label shares (ClassifierModule.loss_logits).
         self.log_prior = (label_log_prior(labels, module.hparams.num_classes)
                           if cfg.trainer.federated.get("balanced_loss") else None)
-        # SCAFFOLD's control variate c_i, kept between rounds: zeros until the first
-        self.control: list[torch.Tensor] | None = None
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return weights(self.module.model)
 
     def fit(self, parameters: list[np.ndarray], config: dict):
-        model_arrays = len(self.module.model.state_dict())
-        load_weights(self.module.model, parameters[:model_arrays])
-        callbacks: list[Callback] = []
-        if config.get("scaffold"):  # the server's control variates follow the model's
-            server = [torch.from_numpy(np.asarray(c)) for c in parameters[model_arrays:]]
-            own = self.control or [torch.zeros_like(c) for c in server]
-            callbacks.append(drift := ControlVariates(server, own))
+        load_weights(self.module.model, parameters)
         seed = int(self.cfg.seed) + 1000 * int(config["round"]) + self.number
         pl.seed_everything(seed, workers=True, verbose=False)
         self.datamodule.seed = seed  # a new order of its rows every round
-        if mu := float(config.get("proximal_mu") or 0.0):
-            callbacks.append(ProximalTerm(mu))
+        mu = float(config.get("proximal_mu") or 0.0)
         # This round's local fit is one of the run's `rounds` in its learning-rate
         # schedule: warm-up once at the start, decay to the end of the last round.
         self.module.schedule_span = ((int(config["round"]) - 1, int(config["rounds"]))
@@ -179,7 +122,7 @@ class LocalClient(NumPyClient):
             limit_train_batches=self.cfg.train.limit_train_batches,
             limit_val_batches=0, num_sanity_val_steps=0,  # the server validates
             gradient_clip_val=self.cfg.train.gradient_clip_val,
-            callbacks=callbacks,
+            callbacks=[ProximalTerm(mu)] if mu > 0 else [],
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False,
         )
@@ -191,11 +134,7 @@ class LocalClient(NumPyClient):
         loss = trainer.callback_metrics.get("train_loss")
         metrics = {"client": self.number, "steps": int(trainer.global_step),
                    "train_loss": float(loss) if loss is not None else float("nan")}
-        arrays = weights(self.module.model)
-        if config.get("scaffold"):
-            self.control = drift.mean_gradient()
-            arrays += [c.cpu().numpy() for c in self.control]
-        return arrays, self.rows, metrics
+        return weights(self.module.model), self.rows, metrics
 
 
 def build(cfg: DictConfig, paths: Paths, number: int, rows: list[int],

@@ -53,10 +53,9 @@ def check_settings(cfg: DictConfig, distilling: bool, pruning: bool) -> None:
     settings = cfg.trainer.federated
     clashes = [(privacy.enabled(cfg), "train.privacy (DP-SGD inside each client is not "
                 "wired in; trainer.federated.privacy protects whole clients)"),
-               (client_privacy.enabled(settings) and settings.strategy in ("fedavgm",
-                                                                           "scaffold"),
-                f"trainer.federated.privacy with strategy={settings.strategy} (its noised "
-                "average takes the strategy's place)"),
+               (client_privacy.enabled(settings) and settings.strategy == "fedavgm",
+                "trainer.federated.privacy with strategy=fedavgm (its noised average "
+                "takes the strategy's place)"),
                (distilling, "a teacher's transfer set (distill)"),
                (pruning, "train.prune (its fine-tuning would see every client's rows)"),
                (cfg.train.get("ema_decay") is not None, "train.ema_decay")]
@@ -175,10 +174,8 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
                                     {"trainer": "federated", **(tags or {})})
     logger.log_hyperparams(OmegaConf.to_container(cfg))
     global_model = GlobalModel(module, datamodule, cfg, work_dir, logger.log_metrics)
-    initial = local.weights(module.model)
-    if settings.strategy == "scaffold":
-        initial += local.zero_controls(module.model)
-    inner = strategy(settings, initial, int(settings.local_epochs), rounds)
+    inner = strategy(settings, local.weights(module.model), int(settings.local_epochs),
+                     rounds)
     tracked = Tracked(inner, settings, clients, rounds, global_model, buffers, protected)
     print(f"train: federated, {settings.mode}: {clients} clients ({settings.partition.by} "
           f"partition, {min(map(len, parts))}-{max(map(len, parts))} rows each), "

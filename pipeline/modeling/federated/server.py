@@ -1,5 +1,4 @@
-"""The federated server's side: Flower's strategy (FedAvg, FedAvgM, FedProx, or FedAvg
-carrying SCAFFOLD's control variates) wrapped
+"""The federated server's side: Flower's strategy (FedAvg, FedAvgM or FedProx) wrapped
 so that a run waits for its clients, goes on without a client that died, records who
 took part in each round and validates each round's global model.
 
@@ -60,8 +59,7 @@ class GlobalModel:
 
     def evaluate(self, server_round: int, arrays: list[np.ndarray], config: dict):
         """Flower's server-side evaluation: (loss, metrics) of the global weights."""
-        # SCAFFOLD's control variates, when the run has them, follow the model's arrays
-        load_weights(self.module.model, arrays[:len(self.module.model.state_dict())])
+        load_weights(self.module.model, arrays)
         (scores,) = self.trainer.validate(self.module, datamodule=self.datamodule,
                                           verbose=False)
         scores = {name: float(value) for name, value in scores.items()}
@@ -192,22 +190,16 @@ class Tracked(Strategy):
                  f"{elapsed / done:.0f} s per round, about {left:.0f} s left", flush=True)
 
 
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox")
 
 
 def strategy(settings: DictConfig, initial: list[np.ndarray], local_epochs: int,
              rounds: int) -> FedAvg:
-    """FedAvg, FedAvgM, FedProx or SCAFFOLD from `trainer.federated`, starting from
-    `initial` arrays. Each round tells the clients its number and the rounds in all,
-    so that their learning-rate schedule follows the whole run's. SCAFFOLD is FedAvg
-    over the model's arrays with the control variates after them (`initial` holds
-    zeros there: client.py `zero_controls`): the server's c is the clients' c_i
-    averaged as the weights are, by rows, over the clients of the round."""
-    name = settings.strategy
-
+    """FedAvg, FedAvgM or FedProx from `trainer.federated`, starting from `initial`
+    weights. Each round tells the clients its number and the rounds in all, so that
+    their learning-rate schedule follows the whole run's."""
     def fit_config(server_round: int) -> dict:
-        return {"round": server_round, "rounds": rounds, "local_epochs": local_epochs,
-                "scaffold": name == "scaffold"}
+        return {"round": server_round, "rounds": rounds, "local_epochs": local_epochs}
 
     common = dict(fraction_fit=float(settings.fraction_fit), fraction_evaluate=0.0,
                   min_fit_clients=int(settings.min_clients),
@@ -215,7 +207,8 @@ def strategy(settings: DictConfig, initial: list[np.ndarray], local_epochs: int,
                   accept_failures=True, on_fit_config_fn=fit_config,
                   initial_parameters=ndarrays_to_parameters(initial),
                   fit_metrics_aggregation_fn=lambda metrics: {})
-    if name in ("fedavg", "scaffold"):
+    name = settings.strategy
+    if name == "fedavg":
         return FedAvg(**common)
     if name == "fedavgm":  # Hsu et al. 2019: momentum on the server's averaged update
         return FedAvgM(**common, server_learning_rate=float(settings.server_lr),
