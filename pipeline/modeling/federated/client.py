@@ -99,8 +99,10 @@ class LocalClient(NumPyClient):
         self.rows = len(datamodule.rows["train"])
         # With `balanced_loss`, the local fit's loss sees the logits shifted by the log
         # of this client's own label shares (ClassifierModule.loss_logits).
+        # (A task without labels, next-word prediction, trains without.)
         self.log_prior = (label_log_prior(labels, module.hparams.num_classes)
-                          if cfg.trainer.federated.get("balanced_loss") else None)
+                          if cfg.trainer.federated.get("balanced_loss") and labels is not None
+                          else None)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return weights(self.module.model)

@@ -146,10 +146,6 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     shutil.rmtree(work_dir, ignore_errors=True)  # nothing to resume (module docstring)
     work_dir.mkdir(parents=True, exist_ok=True)
     labels, groups, rows = training_columns(paths)
-    if settings.balanced_loss and labels is None:
-        raise SystemExit("train: trainer.federated.balanced_loss weighs each client's "
-                         "loss by its label shares; this task's training rows have no "
-                         "labels")
     clients = int(settings.clients)
     parts = partition(settings.partition, clients, labels, groups, rows, cfg.seed)
     rounds = int(settings.rounds or cfg.train.max_epochs)
