@@ -303,6 +303,7 @@ def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
     assert module.hparams.num_classes == 2
     # evaluate says how it was trained; the model card says so in words
     assert metrics["federated"]["clients"] == 3 and metrics["federated"]["rounds"] == 3
+    assert report["federated"]["balanced_loss"] is balanced
     card = privacy.describe_federated(metrics["federated"])
     assert f"Trained federated ({strategy}, Flower): 3 clients" in card
     assert "within the train stage's process (simulated clients)" in card

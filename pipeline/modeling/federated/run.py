@@ -200,6 +200,7 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
         logger.experiment.log_artifact(logger.run_id, str(path), sources.TRAINING)
     summary = {"mode": settings.mode, "strategy": settings.strategy, "clients": clients,
                "partition": OmegaConf.to_container(settings.partition),
+               "balanced_loss": bool(settings.balanced_loss) and labels is not None,
                "rounds": len(tracked.rounds_log)}
     if protected is not None:
         summary["privacy"] = protected.record()
