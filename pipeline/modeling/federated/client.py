@@ -27,7 +27,6 @@ from pytorch_lightning.callbacks import Callback
 
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params
-from pipeline.modeling.federated.partition import training_columns
 
 
 def weights(model: torch.nn.Module) -> list[np.ndarray]:
@@ -55,7 +54,13 @@ def load_weights(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
     model.load_state_dict(state)
 
 
-def label_log_prior(labels: list | None, classes: int) -> torch.Tensor:
+def balanced_loss(settings: DictConfig, labelled: bool) -> bool:
+    """Whether clients train with the balanced loss: when `trainer.federated` asks for
+    it and the task's rows have labels (next-word prediction's have none)."""
+    return bool(settings.get("balanced_loss")) and labelled
+
+
+def label_log_prior(labels: list[int], classes: int) -> torch.Tensor:
     """The log of each class's share of `labels` (a client's training rows), counted
     with one more row of every class: a class the client never sees gets a large
     negative shift rather than minus infinity, so its score still trains."""
@@ -93,15 +98,15 @@ class LocalClient(NumPyClient):
     round, so a simulated run repeats."""
 
     def __init__(self, cfg: DictConfig, number: int, datamodule: pl.LightningDataModule,
-                 module: pl.LightningModule, labels: list | None = None):
+                 module: pl.LightningModule):
         self.cfg, self.number = cfg, number
         self.datamodule, self.module = datamodule, module
         self.rows = len(datamodule.rows["train"])
         # With `balanced_loss`, the local fit's loss sees the logits shifted by the log
         # of this client's own label shares (ClassifierModule.loss_logits).
-        # (A task without labels, next-word prediction, trains without.)
+        labels = datamodule.train_labels()
         self.log_prior = (label_log_prior(labels, module.hparams.num_classes)
-                          if cfg.trainer.federated.get("balanced_loss") and labels is not None
+                          if balanced_loss(cfg.trainer.federated, labels is not None)
                           else None)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
@@ -140,19 +145,17 @@ class LocalClient(NumPyClient):
 
 
 def build(cfg: DictConfig, paths: Paths, number: int, rows: list[int],
-          labels: list | None = None, datamodule: pl.LightningDataModule | None = None,
+          datamodule: pl.LightningDataModule | None = None,
           module: pl.LightningModule | None = None) -> LocalClient:
-    """Client `number` holding training rows `rows` (of the training split, whose labels
-    are `labels`, None for a task without them). In one process the clients share the
-    loaded splits (`datamodule`, which each narrows to its own rows on a shallow copy)
-    and one module, since they train one after another."""
+    """Client `number` holding training rows `rows`. In one process the clients share
+    the loaded splits (`datamodule`, which each narrows to its own rows on a shallow
+    copy) and one module, since they train one after another."""
     task = tasks.from_config(cfg)
     if datamodule is None:
         datamodule = task.datamodule(cfg, paths)
         datamodule.setup("fit")
     own = datamodule.with_train_rows(rows)
-    own_labels = [labels[i] for i in rows] if labels is not None else None
-    return LocalClient(cfg, number, own, module or task.module(cfg, paths), own_labels)
+    return LocalClient(cfg, number, own, module or task.module(cfg, paths))
 
 
 def main() -> None:
@@ -171,9 +174,7 @@ def main() -> None:
     logs.quiet()
     torch.set_num_threads(args.threads)
     mine = atomic.read_json(args.partition)
-    labels, _, _ = training_columns(Paths())
-    client = build(load_params(), Paths(), int(mine["client"]), mine["rows"], labels)
-    del labels  # the other clients' labels: only this client's own rows stay
+    client = build(load_params(), Paths(), int(mine["client"]), mine["rows"])
     start_client(server_address=args.address, client=client.to_client(),
                  root_certificates=Path(args.root_certificate).read_bytes(),
                  max_wait_time=args.connect_timeout)

@@ -18,20 +18,9 @@ from collections import Counter
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.config import Paths
-from pipeline.data.splits import column, load_splits
-
 
 class PartitionError(ValueError):
     """The partition cannot be made from this data and configuration."""
-
-
-def training_columns(paths: Paths) -> tuple[list | None, list | None, int]:
-    """The training split's labels and groups (None where it has none) and its rows."""
-    train = load_splits(paths.processed)["train"]
-    labels = column(train, "label") if "label" in train.column_names else None
-    groups = column(train, "group") if "group" in train.column_names else None
-    return labels, groups, train.num_rows
 
 
 def partition(settings: DictConfig, clients: int, labels: list | None, groups: list | None,

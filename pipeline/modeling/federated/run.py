@@ -33,11 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import atomic, tasks
 from pipeline.config import Paths
+from pipeline.data.splits import column, load_splits
 from pipeline.modeling import privacy, training
 from pipeline.modeling.federated import client as local
 from pipeline.modeling.federated import privacy as client_privacy
 from pipeline.modeling.federated import tls
-from pipeline.modeling.federated.partition import describe, partition, training_columns
+from pipeline.modeling.federated.partition import describe, partition
 from pipeline.modeling.federated.server import (
     GlobalModel,
     InProcessClient,
@@ -62,6 +63,14 @@ def check_settings(cfg: DictConfig, distilling: bool, pruning: bool) -> None:
     named = [what for clash, what in clashes if clash]
     if named:
         raise SystemExit(f"train: trainer=federated does not combine with {', '.join(named)}")
+
+
+def training_columns(paths: Paths) -> tuple[list | None, list | None, int]:
+    """The training split's labels and groups (None where it has none) and its rows."""
+    train = load_splits(paths.processed)["train"]
+    labels = column(train, "label") if "label" in train.column_names else None
+    groups = column(train, "group") if "group" in train.column_names else None
+    return labels, groups, train.num_rows
 
 
 def free_port() -> int:
@@ -181,7 +190,7 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     if settings.mode == "simulation":
         shared = task.module(cfg, paths)  # the clients train one after another
         simulate(tracked, settings, rounds, [
-            local.build(cfg, paths, number, part, labels, datamodule, shared)
+            local.build(cfg, paths, number, part, datamodule, shared)
             for number, part in enumerate(parts)])
     elif settings.mode == "clients":
         with_clients(tracked, settings, rounds, parts, work_dir)
@@ -200,7 +209,7 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
         logger.experiment.log_artifact(logger.run_id, str(path), sources.TRAINING)
     summary = {"mode": settings.mode, "strategy": settings.strategy, "clients": clients,
                "partition": OmegaConf.to_container(settings.partition),
-               "balanced_loss": bool(settings.balanced_loss) and labels is not None,
+               "balanced_loss": local.balanced_loss(settings, labels is not None),
                "rounds": len(tracked.rounds_log)}
     if protected is not None:
         summary["privacy"] = protected.record()

@@ -189,6 +189,10 @@ class ImageDataModule(pl.LightningDataModule):
                                        train.background, train.augment, train.seed,
                                        train.key))
 
+    def train_labels(self) -> list[int]:
+        """The training images' labels, in order (a federated client's label shares)."""
+        return self.rows["train"].labels.tolist()
+
     def train_dataloader(self) -> DataLoader:
         self.rows["train"].seed = self.seed  # augmentation draws follow the module's seed
         return self._loader("train", shuffle=True)

@@ -80,6 +80,10 @@ class NextWordDataModule(pl.LightningDataModule):
         """A copy that trains on these blocks of the training split only."""
         return with_train(self, [self.rows["train"][i] for i in indices])
 
+    def train_labels(self) -> None:
+        """None: blocks of text have next words, not labels."""
+        return None
+
     def train_dataloader(self) -> DataLoader:
         rows = self.rows["train"]
         return self._loader(rows, EpochSeededSampler(len(rows), self.seed))

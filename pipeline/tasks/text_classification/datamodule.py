@@ -114,6 +114,10 @@ class TextDataModule(pl.LightningDataModule):
         """A copy that trains on these rows of the training split only."""
         return with_train(self, [self.rows["train"][i] for i in indices])
 
+    def train_labels(self) -> list[int]:
+        """The training rows' labels, in order (a federated client's label shares)."""
+        return [row[1] for row in self.rows["train"]]
+
     def train_dataloader(self) -> DataLoader:
         rows = self.rows["train"]
         if self.front is not None:  # features are all one length: plain shuffling
