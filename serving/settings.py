@@ -131,8 +131,9 @@ class Settings(BaseSettings):
     prediction_log: str = Field("sqlite:///run/predictions.db",
                                 description="sqlite:///<path> (relative to the working "
                                 "directory), postgresql://..., or empty: no log")
-    prediction_log_queue: int = Field(10_000, ge=1, description="requests waiting to be "
-                                      "written; more are dropped and counted")
+    prediction_log_queue: int = Field(10_000, ge=1, description="entries waiting to be "
+                                      "written (a request's answers, or a challenger's "
+                                      "batch); more are dropped and counted")
     prediction_log_sample: float = Field(1.0, ge=0, le=1, description="share of requests "
                                          "logged, chosen by a hash of the request id")
     prediction_log_retention_days: float = Field(30, gt=0, description="older rows deleted")

@@ -38,20 +38,6 @@ class ShadowAnswers(NamedTuple):
     requests: list[tuple[str, int]]  # (request_id, how many texts), in the answers' order
     probs: Any  # the answers to all their texts: [texts, classes], or next-word answers
 
-    def kept_at(self, rate: float) -> ShadowAnswers:
-        """These answers narrowed to the requests `sampled` at `rate` keeps."""
-        if rate >= 1:
-            return self
-        requests, keep, start = [], [], 0
-        for request_id, items in self.requests:
-            if sampled(request_id, rate):
-                requests.append((request_id, items))
-                keep += range(start, start + items)
-            start += items
-        probs = self.probs[keep] if hasattr(self.probs, "shape") else [
-            self.probs[i] for i in keep]
-        return self._replace(requests=requests, probs=probs)
-
 
 def sampled(request_id: str, rate: float) -> bool:
     """Whether `request_id` is logged at sampling `rate`: a hash of the id decides, so

@@ -117,11 +117,10 @@ class PredictionLog:
     def record_shadow(self, bundle: Bundle, requests: list[tuple[str, int]],
                       probs: np.ndarray | list) -> None:
         """Queue a challenger's answers to `requests` (request_id, how many texts) as
-        one entry, sampled as the champion's are (every logged answer has its pair),
-        in at most half the queue: under load the champion's rows are kept first."""
-        answered = ShadowAnswers(time.time(), bundle, requests, probs).kept_at(self.sample)
-        if not answered.requests:
-            return
+        one entry: requests this log samples (the challenger is offered only those,
+        serving/engine/challenger.py), in at most half the queue: under load the
+        champion's rows are kept first."""
+        answered = ShadowAnswers(time.time(), bundle, requests, probs)
         try:
             if self.queue.qsize() >= self.queue.maxsize // 2:  # the champion's rows first
                 raise queue.Full
