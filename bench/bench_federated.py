@@ -57,6 +57,14 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
     # by default; the other configurations train each client as a centralised fit.
     balanced = ["trainer.federated.balanced_loss=true"]
     plain = [*federated, "trainer.federated.balanced_loss=false"]
+    # FedExP: the server's step stretched past the clients' average as far as their
+    # updates point apart (Jhunjhunwala et al. 2023)
+    extrapolated = ["trainer.federated.strategy=fedexp"]
+    # SGD with momentum on the clients in place of AdamW: a client's AdamW starts each
+    # round with empty moment estimates, so its first steps are about the full rate in
+    # every weight whatever the gradient's size; SGD's step follows the gradient.
+    sgd = ["train.optimizer.name=sgd", "train.optimizer.momentum=0.9", "train.lr=0.05",
+           "train.weight_decay=5.0e-4"]
     return {"centralised": IMAGE,
             "fedavg": [*IMAGE, *plain],
             "fedavg-short-rounds": [*IMAGE, *plain, *short],
@@ -66,6 +74,8 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedavg-batch16": [*IMAGE, *plain, *linear],
             "fedavg-balanced": [*IMAGE, *federated, *balanced],
             "fedavg-batch16-balanced": [*IMAGE, *federated, *linear, *balanced],
+            "fedavg-batch16-balanced-sgd": [*IMAGE, *federated, *linear, *balanced, *sgd],
+            "fedexp-batch16-balanced": [*IMAGE, *federated, *linear, *balanced, *extrapolated],
             # the rows dealt out evenly, no label skew: how much of the gap is the skew's
             "fedavg-batch16-iid": [*IMAGE, *plain, *linear,
                                    "trainer.federated.partition.by=iid"],

@@ -28,7 +28,8 @@ from pipeline.modeling.federated.client import ProximalTerm, label_log_prior
 from pipeline.modeling.federated.partition import PartitionError, partition
 from pipeline.modeling.federated.privacy import ClientLevelPrivacy
 from pipeline.modeling.federated.run import check_settings, fit
-from pipeline.modeling.federated.server import Tracked, strategy
+from pipeline.modeling.federated.server import Tracked
+from pipeline.modeling.federated.strategies import strategy
 from pipeline.stages.evaluate import evaluate
 from pipeline.tasks.image_classification.classifier import ImageClassifier
 from pipeline.tasks.text_classification.inference import load_module
@@ -242,7 +243,7 @@ def test_fedavgm_puts_momentum_on_the_servers_step_and_unknown_strategies_are_na
     assert type(chosen).__name__ == "FedAvgM"
     assert (chosen.server_learning_rate, chosen.server_momentum) == (0.5, 0.9)
     with pytest.raises(ValueError, match="unknown strategy 'fednova' "
-                                         "\\(fedavg, fedavgm, fedprox\\)"):
+                                         "\\(fedavg, fedavgm, fedprox, fedexp\\)"):
         strategy(settings(strategy="fednova", fraction_fit=1.0, min_clients=2),
                  [np.zeros(3)], 1, 4)
 
@@ -281,6 +282,45 @@ def test_server_momentum_steps_the_weights_and_leaves_norm_statistics_averaged()
             else:  # then carries the earlier steps: further than the average's 2.5
                 assert (after < before - 2.5).all()
         current = stepped
+
+
+class AllConnected:
+    """A client manager whose clients are all there (configure_fit asks no one here)."""
+
+    def wait_for(self, wanted: int, timeout: int) -> bool:
+        return True
+
+    def num_available(self) -> int:
+        return 3
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None, criterion=None):
+        return []
+
+
+def test_fedexp_steps_past_the_average_as_far_as_the_clients_disagree():
+    """FedExP's step: max(1, mean ||d_i||^2 / (2 ||mean d_i||^2)) times the average
+    update, over weights only; a norm's statistics are averaged and do not count."""
+    start = [np.zeros(3), np.zeros(1)]  # three weights, then a buffer
+    inner = strategy(settings(strategy="fedexp", fraction_fit=1.0, min_clients=2,
+                              extrapolation_epsilon=0.0), start, 1, 2, buffers=[1])
+    tracked = Tracked(inner, settings(min_clients=2, connect_timeout_s=1), 3, 2,
+                      global_model=None, buffers=[1])
+
+    def round_of(updates: list[np.ndarray], number: int) -> list[np.ndarray]:
+        tracked.configure_fit(number, ndarrays_to_parameters(start), AllConnected())
+        results = [fit_result(i, 1, [start[0] + update, start[1] + 10.0 * (i + 1)])
+                   for i, update in enumerate(updates)]
+        parameters, _ = tracked.aggregate_fit(number, results, [])
+        return parameters_to_ndarrays(parameters)
+
+    # three clients each 3 along their own axis: the average, 1 along each, is shorter
+    # than any of them; step 9 / (2 * 3) = 1.5
+    weights, buffer = round_of([3.0 * np.eye(3)[i] for i in range(3)], 1)
+    assert np.allclose(weights, 1.5) and tracked.current["server_step"] == pytest.approx(1.5)
+    assert np.allclose(buffer, 20.0)  # the clients' average, not stepped
+    # clients that agree: the plain average (FedAvg's step)
+    weights, _ = round_of([np.array([1.0, 2.0, 3.0])] * 3, 2)
+    assert np.allclose(weights, [1.0, 2.0, 3.0]) and tracked.current["server_step"] == 1.0
 
 
 @pytest.mark.parametrize("strategy, balanced", [("fedavg", False), ("fedprox", True)])

@@ -39,12 +39,8 @@ from pipeline.modeling.federated import client as local
 from pipeline.modeling.federated import privacy as client_privacy
 from pipeline.modeling.federated import tls
 from pipeline.modeling.federated.partition import describe, partition
-from pipeline.modeling.federated.server import (
-    GlobalModel,
-    InProcessClient,
-    Tracked,
-    strategy,
-)
+from pipeline.modeling.federated.server import GlobalModel, InProcessClient, Tracked
+from pipeline.modeling.federated.strategies import SERVER_STEPPED, strategy
 from pipeline.reporting import figures, sources
 from pipeline.tracking import privacy as privacy_record
 
@@ -54,9 +50,9 @@ def check_settings(cfg: DictConfig, distilling: bool, pruning: bool) -> None:
     settings = cfg.trainer.federated
     clashes = [(privacy.enabled(cfg), "train.privacy (DP-SGD inside each client is not "
                 "wired in; trainer.federated.privacy protects whole clients)"),
-               (client_privacy.enabled(settings) and settings.strategy == "fedavgm",
-                "trainer.federated.privacy with strategy=fedavgm (its noised average "
-                "takes the strategy's place)"),
+               (client_privacy.enabled(settings) and settings.strategy in SERVER_STEPPED,
+                f"trainer.federated.privacy with strategy={settings.strategy} (its noised "
+                "average takes the strategy's place)"),
                (distilling, "a teacher's transfer set (distill)"),
                (pruning, "train.prune (its fine-tuning would see every client's rows)"),
                (cfg.train.get("ema_decay") is not None, "train.ema_decay")]
@@ -180,7 +176,7 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     logger.log_hyperparams(OmegaConf.to_container(cfg))
     global_model = GlobalModel(module, datamodule, cfg, work_dir, logger.log_metrics)
     inner = strategy(settings, local.weights(module.model), int(settings.local_epochs),
-                     rounds)
+                     rounds, buffers)
     tracked = Tracked(inner, settings, clients, rounds, global_model, buffers, protected)
     print(f"train: federated, {settings.mode}: {clients} clients ({settings.partition.by} "
           f"partition, {min(map(len, parts))}-{max(map(len, parts))} rows each), "
@@ -226,7 +222,8 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
             **summary, "best_round": global_model.best_round,
             # each client's rows and labels: unnoised, so not in a private run's report
             "clients_rows": None if protected else describe(parts, labels),
-            "rounds": [{key: r[key] for key in ("round", "clients", "failures", "rows")}
+            "rounds": [{key: r[key] for key in ("round", "clients", "failures", "rows",
+                                                "server_step") if key in r}
                        for r in tracked.rounds_log],
         },
     }

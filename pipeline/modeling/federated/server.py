@@ -1,4 +1,4 @@
-"""The federated server's side: Flower's strategy (FedAvg, FedAvgM or FedProx) wrapped
+"""The federated server's side: Flower's strategy (strategies.py) wrapped
 so that a run waits for its clients, goes on without a client that died, records who
 took part in each round and validates each round's global model.
 
@@ -27,7 +27,7 @@ from flwr.common import (
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAvg, FedAvgM, FedProx, Strategy
+from flwr.server.strategy import FedAvg, Strategy
 from flwr.server.strategy.aggregate import aggregate
 from omegaconf import DictConfig
 
@@ -147,6 +147,7 @@ class Tracked(Strategy):
         # on its first, which a skipped round 1 would otherwise leave it without.
         self.aggregated += 1
         parameters, metrics = self.inner.aggregate_fit(self.aggregated, results, failures)
+        self.current.update(metrics)  # FedExP's server_step
         if parameters is not None and self.buffers:
             arrays = parameters_to_ndarrays(parameters)
             averaged = aggregate([(parameters_to_ndarrays(res.parameters), res.num_examples)
@@ -171,7 +172,9 @@ class Tracked(Strategy):
         self.rounds_log.append(record)
         self.global_model.log_metrics(
             {"clients": len(record.get("clients", [])), "client_failures": record["failures"],
-             "train_loss": record["train_loss"], **scores}, server_round)
+             "train_loss": record["train_loss"],
+             **{k: record[k] for k in ("server_step",) if k in record}, **scores},
+            server_round)
         self.announce(record)
         return loss, scores
 
@@ -182,41 +185,14 @@ class Tracked(Strategy):
         monitor = self.global_model.monitor
         failed = f", {record['failures']} failed" if record["failures"] else ""
         skipped = " (too few: round skipped)" if record.get("skipped") else ""
+        if "server_step" in record:
+            skipped += f", server step {record['server_step']:.2f}x the average"
         loss = ("" if math.isnan(record["train_loss"])
                 else f"train_loss {record['train_loss']:.4f}, ")
         self.say(f"train: federated round {done}/{self.rounds}: {len(record['clients'])} of "
                  f"{self.clients} clients{failed}{skipped}, {loss}"
                  f"{monitor} {record[monitor]:.4f}; "
                  f"{elapsed / done:.0f} s per round, about {left:.0f} s left", flush=True)
-
-
-STRATEGIES = ("fedavg", "fedavgm", "fedprox")
-
-
-def strategy(settings: DictConfig, initial: list[np.ndarray], local_epochs: int,
-             rounds: int) -> FedAvg:
-    """FedAvg, FedAvgM or FedProx from `trainer.federated`, starting from `initial`
-    weights. Each round tells the clients its number and the rounds in all, so that
-    their learning-rate schedule follows the whole run's."""
-    def fit_config(server_round: int) -> dict:
-        return {"round": server_round, "rounds": rounds, "local_epochs": local_epochs}
-
-    common = dict(fraction_fit=float(settings.fraction_fit), fraction_evaluate=0.0,
-                  min_fit_clients=int(settings.min_clients),
-                  min_available_clients=int(settings.min_clients),
-                  accept_failures=True, on_fit_config_fn=fit_config,
-                  initial_parameters=ndarrays_to_parameters(initial),
-                  fit_metrics_aggregation_fn=lambda metrics: {})
-    name = settings.strategy
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedavgm":  # Hsu et al. 2019: momentum on the server's averaged update
-        return FedAvgM(**common, server_learning_rate=float(settings.server_lr),
-                       server_momentum=float(settings.server_momentum))
-    if name == "fedprox":
-        return FedProx(**common, proximal_mu=float(settings.proximal_mu))
-    raise ValueError(f"trainer.federated.strategy: unknown strategy {name!r} "
-                     f"({', '.join(STRATEGIES)})")
 
 
 class InProcessClient(ClientProxy):
