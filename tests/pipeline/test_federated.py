@@ -323,7 +323,7 @@ def test_fedexp_steps_past_the_average_as_far_as_the_clients_disagree():
     assert np.allclose(weights, [1.0, 2.0, 3.0]) and tracked.current["server_step"] == 1.0
 
 
-@pytest.mark.parametrize("strategy, balanced", [("fedavg", False), ("fedprox", True)])
+@pytest.mark.parametrize("strategy, balanced", [("fedexp", False), ("fedprox", True)])
 def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
         workspace, tmp_path, strategy, balanced):
     cfg = train_dir(workspace, tmp_path, *federated(
@@ -354,6 +354,13 @@ def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     history = client.get_metric_history(report["run_id"], "clients")
     assert [m.value for m in history] == [3, 3, 3]
+    # FedExP's step each round, at least the average's, in the report and in MLflow
+    steps = [r.get("server_step") for r in rounds]
+    logged = client.get_metric_history(report["run_id"], "server_step")
+    if strategy == "fedexp":
+        assert all(step >= 1.0 for step in steps) and [m.value for m in logged] == steps
+    else:
+        assert steps == [None] * 3 and logged == []
 
 
 def client_level(**privacy) -> ClientLevelPrivacy:
@@ -429,9 +436,10 @@ def test_client_level_privacy_refuses_norm_statistics_and_server_momentum(image_
     cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(SystemExit, match="model.norm=group"):
         fit(cfg, Paths(tmp_path))
-    cfg.trainer.federated.strategy = "fedavgm"
-    with pytest.raises(SystemExit, match="strategy=fedavgm"):
-        check_settings(cfg, distilling=False, pruning=False)
+    for stepped in ("fedavgm", "fedexp"):
+        cfg.trainer.federated.strategy = stepped
+        with pytest.raises(SystemExit, match=f"strategy={stepped}"):
+            check_settings(cfg, distilling=False, pruning=False)
 
 
 def client_processes(stage: psutil.Process) -> list[psutil.Process]:
