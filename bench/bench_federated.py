@@ -76,6 +76,8 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedavg-batch16-balanced": [*IMAGE, *federated, *linear, *balanced],
             "fedavg-batch16-balanced-sgd": [*IMAGE, *federated, *linear, *balanced, *sgd],
             "fedexp-batch16-balanced": [*IMAGE, *federated, *linear, *balanced, *extrapolated],
+            "fedavg-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
+                                                "trainer.federated.carry_optimizer_state=true"],
             # the rows dealt out evenly, no label skew: how much of the gap is the skew's
             "fedavg-batch16-iid": [*IMAGE, *plain, *linear,
                                    "trainer.federated.partition.by=iid"],

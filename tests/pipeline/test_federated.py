@@ -16,15 +16,22 @@ import mlflow
 import numpy as np
 import psutil
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import compose, publicly_seeded, restored_tracking_uri
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from omegaconf import OmegaConf
 from opacus.accountants import create_accountant
+from pytorch_lightning.callbacks import Callback
 from test_scale import start_training, train_dir
+from torch.utils.data import DataLoader
 
 from pipeline.config import Paths
-from pipeline.modeling.federated.client import ProximalTerm, label_log_prior
+from pipeline.modeling.federated.client import (
+    CarriedOptimizerState,
+    ProximalTerm,
+    label_log_prior,
+)
 from pipeline.modeling.federated.partition import PartitionError, partition
 from pipeline.modeling.federated.privacy import ClientLevelPrivacy
 from pipeline.modeling.federated.run import check_settings, fit
@@ -151,6 +158,46 @@ def test_each_round_steps_through_its_share_of_the_whole_runs_schedule():
     assert rounds == pytest.approx(whole)
     assert whole[0] == 0.0 and max(whole) == pytest.approx(1.0) and whole[-1] < 0.05
     assert learning_rates((3, 4), 5)[0] < 0.5  # the last round starts low, not warm
+
+
+class Rates(Callback):
+    """The learning rate of every optimiser step a fit takes."""
+
+    def __init__(self):
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def two_rounds(carried: CarriedOptimizerState | None) -> tuple[int, list[float]]:
+    """Two local fits of three and then two AdamW steps, as one client's two rounds (a
+    round's schedule spans its own steps): the step count AdamW's state holds at the
+    end, and every step's learning rate."""
+    with publicly_seeded(0):
+        module = ImageClassifier({"name": "mlp", "hidden": [4]}, 1, 4, 4, 2, ["a", "b"],
+                                 lr=0.01, warmup_ratio=0.0)
+    rows = [{"pixels": torch.rand(1, 4, 4), "labels": torch.tensor(i % 2)} for i in range(6)]
+    rates = Rates()
+    for number in range(2):
+        module.schedule_span = (number, 2)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                             callbacks=[rates, *([carried] if carried else [])],
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=DataLoader(rows[:6 - 2 * number],
+                                                         batch_size=2))
+    (state, *_) = trainer.optimizers[0].state_dict()["state"].values()
+    return int(state["step"]), rates.seen
+
+
+def test_a_carried_optimiser_state_goes_on_from_the_clients_last_round():
+    assert two_rounds(None)[0] == 2  # afresh: this round's two steps only
+    carried_steps, carried_rates = two_rounds(CarriedOptimizerState())
+    assert carried_steps == 5
+    # the moments carry over, the learning rates stay the run's schedule
+    assert carried_rates == pytest.approx(two_rounds(None)[1])
+    assert carried_rates[3] < carried_rates[0]
 
 
 class Broken:

@@ -16,6 +16,7 @@ the training rows its partition file lists and drops the rest before it trains.
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,28 @@ class ProximalTerm(Callback):
                 param.grad.add_(param.detach() - anchor, alpha=self.mu)
 
 
+class CarriedOptimizerState(Callback):
+    """A client's optimiser state (AdamW's moment estimates, SGD's momentum) carried from
+    its last round into this one, so each local fit does not start from empty
+    estimates: AdamW's first steps from them are about the full rate in every weight,
+    whatever its gradient."""
+
+    def __init__(self):
+        self.state: dict | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.state is None:
+            return
+        (optimizer,) = trainer.optimizers
+        # the moments from the last round, the hyperparameters (rates) this round's
+        optimizer.load_state_dict({"state": self.state,
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        (optimizer,) = trainer.optimizers
+        self.state = copy.deepcopy(optimizer.state_dict()["state"])
+
+
 class LocalClient(NumPyClient):
     """A client's side of a round: the global weights in, `local_epochs` of training on
     its rows, its weights, row count and training loss out. Seeded per client and
@@ -108,6 +131,8 @@ class LocalClient(NumPyClient):
         self.log_prior = (label_log_prior(labels, module.hparams.num_classes)
                           if balanced_loss(cfg.trainer.federated, labels is not None)
                           else None)
+        self.carried = (CarriedOptimizerState()
+                        if cfg.trainer.federated.get("carry_optimizer_state") else None)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return weights(self.module.model)
@@ -129,7 +154,8 @@ class LocalClient(NumPyClient):
             limit_train_batches=self.cfg.train.limit_train_batches,
             limit_val_batches=0, num_sanity_val_steps=0,  # the server validates
             gradient_clip_val=self.cfg.train.gradient_clip_val,
-            callbacks=[ProximalTerm(mu)] if mu > 0 else [],
+            callbacks=[*([ProximalTerm(mu)] if mu > 0 else []),
+                       *([self.carried] if self.carried else [])],
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False,
         )
