@@ -22,7 +22,6 @@ Publishes bench/results/shadow.json and docs/results/shadow.md.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shutil
 import statistics
@@ -114,9 +113,8 @@ def main() -> None:
             stack.callback(control.stop, service.process)
             control.wait_ready(service.url, 180, service.process)
             services[name] = service
-        orders = list(itertools.permutations(services))  # six: each first twice
-        for round_ in range(args.rounds):
-            for name in orders[round_ % len(orders)]:
+        for round_, order in enumerate(shadow_cpu.in_turn(services, args.rounds)):
+            for name in order:
                 loads[name].append(measured(services[name], requests, args))
                 print(f"round {round_ + 1:>2}  {name:<24} " + line(loads[name][-1]),
                       flush=True)

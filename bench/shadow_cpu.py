@@ -48,6 +48,13 @@ RATE = 1000  # texts per second offered: about what each of a loaded service's t
 # fixed costs (its threads' wake-ups) weigh as they do in a busy service
 
 
+def in_turn(names, rounds: int) -> list[tuple]:
+    """Each round's order of `names`: every order in turn, so that a drift of the
+    machine's speed over the run weighs on each name alike."""
+    orders = list(itertools.permutations(names))
+    return [orders[r % len(orders)] for r in range(rounds)]
+
+
 def own_inference(bundle_dir: Path, texts: list[str], passes: int, paced: bool,
                   results) -> None:
     """(In a process of its own) the CPU per text, in microseconds, of each pass of
@@ -146,9 +153,8 @@ def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 6) ->
     steps = {"own": lambda: own.append(own_cpu_per_text(bundle_dir, texts)),
              "shadow": lambda: shadow.append(shadow_cpu_per_text(bundle_dir, texts, where)),
              "flat": lambda: flat.append(own_cpu_per_text(bundle_dir, texts, paced=False))}
-    orders = list(itertools.permutations(steps))
-    for round_ in range(rounds):
-        for step in orders[round_ % len(orders)]:
+    for round_, order in enumerate(in_turn(steps, rounds)):
+        for step in order:
             steps[step]()
         print(f"shadow CPU, round {round_ + 1}: own {own[-1]:.1f} us/text (back to back "
               f"{flat[-1]:.1f}), shadow {shadow[-1]['total']:.1f} (worker "
