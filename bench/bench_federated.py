@@ -60,6 +60,8 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
     # FedExP: the server's step stretched past the clients' average as far as their
     # updates point apart (Jhunjhunwala et al. 2023)
     extrapolated = ["trainer.federated.strategy=fedexp"]
+    # each client's AdamW moments carried from its last round, not started empty
+    carried = ["trainer.federated.carry_optimizer_state=true"]
     # SGD with momentum on the clients in place of AdamW: a client's AdamW starts each
     # round with empty moment estimates, so its first steps are about the full rate in
     # every weight whatever the gradient's size; SGD's step follows the gradient.
@@ -77,7 +79,9 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedavg-batch16-balanced-sgd": [*IMAGE, *federated, *linear, *balanced, *sgd],
             "fedexp-batch16-balanced": [*IMAGE, *federated, *linear, *balanced, *extrapolated],
             "fedavg-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
-                                                "trainer.federated.carry_optimizer_state=true"],
+                                                *carried],
+            "fedavg-batch16-balanced-carried-short-rounds": [
+                *IMAGE, *federated, *linear, *balanced, *carried, *short],
             # the rows dealt out evenly, no label skew: how much of the gap is the skew's
             "fedavg-batch16-iid": [*IMAGE, *plain, *linear,
                                    "trainer.federated.partition.by=iid"],
@@ -107,7 +111,10 @@ centralised fit's epochs: the same passes over the data (or, `short-rounds`, fiv
 times the rounds on a fifth of each client's rows each; `fedavgm`, momentum on the
 server's step; `batch32` and `batch16`, local batches of 32 or 16 instead of 128;
 `balanced`, a balanced softmax in each client's loss, which the others train without
-(`trainer.federated.balanced_loss`, on by default since those were measured); `iid`,
+(`trainer.federated.balanced_loss`, on by default since those were measured); `sgd`,
+clients on SGD with momentum (rate 0.05) instead of AdamW; `fedexp`, the server's
+step stretched past the average as far as the clients' updates disagree; `carried`,
+each client's AdamW moments carried from its last round; `iid`,
 the rows dealt out evenly, without label skew). Each is compared with the
 centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no
