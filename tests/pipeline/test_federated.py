@@ -29,9 +29,11 @@ from torch.utils.data import DataLoader
 from pipeline.config import Paths
 from pipeline.modeling.federated.client import (
     CarriedOptimizerState,
+    LocalClient,
     ProximalTerm,
     label_log_prior,
 )
+from pipeline.modeling.federated.client import weights as local_weights
 from pipeline.modeling.federated.partition import PartitionError, partition
 from pipeline.modeling.federated.privacy import ClientLevelPrivacy
 from pipeline.modeling.federated.run import check_settings, fit
@@ -200,6 +202,44 @@ def test_a_carried_optimiser_state_goes_on_from_the_clients_last_round():
     assert carried_rates[3] < carried_rates[0]
 
 
+class FailsAfterOneStep(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        raise RuntimeError("the client's round broke")
+
+
+def test_a_client_carries_its_optimiser_state_when_told_and_a_failed_round_leaves_it():
+    """A LocalClient's rounds with `carry_optimizer_state`: AdamW's step count goes on
+    from round to round; a round that breaks part-way leaves the carried state as the
+    last whole round left it."""
+    def client(carry: bool) -> LocalClient:
+        cfg = OmegaConf.create({
+            "seed": 0, "trainer": {"accelerator": "cpu", "precision": "32-true",
+                                   "federated": {"carry_optimizer_state": carry}},
+            "train": {"limit_train_batches": 1.0, "gradient_clip_val": 1.0}})
+        rows = [{"pixels": torch.rand(1, 4, 4), "labels": torch.tensor(i % 2)}
+                for i in range(6)]
+        datamodule = SimpleNamespace(rows={"train": rows}, seed=0, train_labels=lambda: None,
+                                     train_dataloader=lambda: DataLoader(rows, batch_size=2))
+        with publicly_seeded(0):
+            module = ImageClassifier({"name": "mlp", "hidden": [4]}, 1, 4, 4, 2,
+                                     ["a", "b"], lr=0.01)
+        return LocalClient(cfg, 0, datamodule, module)
+
+    assert client(False).carried is None
+    carrying = client(True)
+    for number in (1, 2):
+        carrying.fit(local_weights(carrying.module.model),
+                     {"round": number, "rounds": 3, "local_epochs": 1})
+    assert [int(s["step"]) for s in carrying.carried.state.values()] == [6] * 4
+    broken = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                        callbacks=[carrying.carried, FailsAfterOneStep()],
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="round broke"):
+        broken.fit(carrying.module, train_dataloaders=carrying.datamodule.train_dataloader())
+    assert [int(s["step"]) for s in carrying.carried.state.values()] == [6] * 4
+
+
 class Broken:
     """A strategy whose run fails at once, before any round."""
 
@@ -345,32 +385,46 @@ class AllConnected:
 
 
 def test_fedexp_steps_past_the_average_as_far_as_the_clients_disagree():
-    """FedExP's step: max(1, mean ||d_i||^2 / (2 ||mean d_i||^2)) times the average
-    update, over weights only; a norm's statistics are averaged and do not count."""
-    start = [np.zeros(3), np.zeros(1)]  # three weights, then a buffer
+    """FedExP's step: max(1, sum p_i ||d_i||^2 / (2 ||sum p_i d_i||^2)) times the
+    average update (p_i: a client's share of the rows), from the weights the round
+    started at, over weights only; a norm's statistics are averaged and do not count."""
     inner = strategy(settings(strategy="fedexp", fraction_fit=1.0, min_clients=2,
-                              extrapolation_epsilon=0.0), start, 1, 2, buffers=[1])
-    tracked = Tracked(inner, settings(min_clients=2, connect_timeout_s=1), 3, 2,
+                              extrapolation_epsilon=1e-9), [np.zeros(3), np.zeros(1)],
+                     1, 2, buffers=[1])
+    tracked = Tracked(inner, settings(min_clients=2, connect_timeout_s=1), 3, 3,
                       global_model=None, buffers=[1])
 
-    def round_of(updates: list[np.ndarray], number: int) -> list[np.ndarray]:
+    def round_of(number: int, start: list[np.ndarray], updates: list[np.ndarray],
+                 rows: list[int]) -> list[np.ndarray]:
         tracked.configure_fit(number, ndarrays_to_parameters(start), AllConnected())
-        results = [fit_result(i, 1, [start[0] + update, start[1] + 10.0 * (i + 1)])
-                   for i, update in enumerate(updates)]
+        results = [fit_result(i, n, [start[0] + update, start[1] + 10.0 * (i + 1)])
+                   for i, (update, n) in enumerate(zip(updates, rows, strict=True))]
         parameters, _ = tracked.aggregate_fit(number, results, [])
         return parameters_to_ndarrays(parameters)
 
-    # three clients each 3 along their own axis: the average, 1 along each, is shorter
-    # than any of them; step 9 / (2 * 3) = 1.5
-    weights, buffer = round_of([3.0 * np.eye(3)[i] for i in range(3)], 1)
-    assert np.allclose(weights, 1.5) and tracked.current["server_step"] == pytest.approx(1.5)
-    assert np.allclose(buffer, 20.0)  # the clients' average, not stepped
-    # clients that agree: the plain average (FedAvg's step)
-    weights, _ = round_of([np.array([1.0, 2.0, 3.0])] * 3, 2)
-    assert np.allclose(weights, [1.0, 2.0, 3.0]) and tracked.current["server_step"] == 1.0
+    # three clients, each along its own axis (4, 4 and 2 long), holding 1, 1 and 2
+    # shares of the rows: the average (1, 1, 1) is shorter than any of them; the step
+    # (16/4 + 16/4 + 4/2) / (2 * 3) = 5/3 (with the clients weighed alike it would be 2)
+    start = [np.full(3, 5.0), np.zeros(1)]
+    updates = [4.0 * np.eye(3)[0], 4.0 * np.eye(3)[1], 2.0 * np.eye(3)[2]]
+    weights, buffer = round_of(1, start, updates, [1, 1, 2])
+    assert tracked.current["server_step"] == pytest.approx(5 / 3)
+    assert np.allclose(weights, 5.0 + 5 / 3)
+    assert np.allclose(buffer, 22.5)  # the clients' average by rows, not stepped
+    # the same updates from where round 1 left the weights step from there
+    weights, buffer = round_of(2, [weights, buffer], updates, [1, 1, 2])
+    assert np.allclose(weights, 5.0 + 10 / 3)
+    # clients that agree: the plain average
+    weights, _ = round_of(3, [weights, buffer], [np.array([1.0, 2.0, 3.0])] * 3, [1, 1, 2])
+    assert np.allclose(weights, 5.0 + 10 / 3 + np.array([1.0, 2.0, 3.0]))
+    assert tracked.current["server_step"] == 1.0
+    with pytest.raises(ValueError, match="extrapolation_epsilon must be above 0"):
+        strategy(settings(strategy="fedexp", fraction_fit=1.0, min_clients=2,
+                          extrapolation_epsilon=0.0), [np.zeros(3)], 1, 2)
 
 
-@pytest.mark.parametrize("strategy, balanced", [("fedexp", False), ("fedprox", True)])
+@pytest.mark.parametrize("strategy, balanced",
+                         [("fedavg", False), ("fedexp", False), ("fedprox", True)])
 def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
         workspace, tmp_path, strategy, balanced):
     cfg = train_dir(workspace, tmp_path, *federated(

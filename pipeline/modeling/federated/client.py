@@ -94,10 +94,10 @@ class ProximalTerm(Callback):
 
 
 class CarriedOptimizerState(Callback):
-    """A client's optimiser state (AdamW's moment estimates, SGD's momentum) carried from
-    its last round into this one, so each local fit does not start from empty
-    estimates: AdamW's first steps from them are about the full rate in every weight,
-    whatever its gradient."""
+    """A client's optimiser state (AdamW's moment estimates and step count, SGD's
+    momentum) carried from the last round it took part in into this one, so each local
+    fit does not start from empty estimates: AdamW's first steps from them are about
+    the full rate in every weight, whatever its gradient."""
 
     def __init__(self):
         self.state: dict | None = None
@@ -106,13 +106,15 @@ class CarriedOptimizerState(Callback):
         if self.state is None:
             return
         (optimizer,) = trainer.optimizers
-        # the moments from the last round, the hyperparameters (rates) this round's
-        optimizer.load_state_dict({"state": self.state,
+        # the moments from the last round, the hyperparameters (rates) this round's; a
+        # copy, which the optimiser steps in place: a round that fails leaves them whole
+        optimizer.load_state_dict({"state": copy.deepcopy(self.state),
                                    "param_groups": optimizer.state_dict()["param_groups"]})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         (optimizer,) = trainer.optimizers
-        self.state = copy.deepcopy(optimizer.state_dict()["state"])
+        # the optimiser is dropped after the round: its tensors are ours to keep
+        self.state = optimizer.state_dict()["state"]
 
 
 class LocalClient(NumPyClient):

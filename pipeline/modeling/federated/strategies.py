@@ -32,9 +32,10 @@ class FedExP(FedAvg):
     (Jhunjhunwala et al. 2023, "FedExP: speeding up federated averaging via
     extrapolation"): the global weights move by `step` times the averaged update, where
 
-        step = max(1, sum_i p_i ||d_i||^2 / (2 (||mean_i p_i d_i||^2 + epsilon)))
+        step = max(1, sum_i p_i ||d_i||^2 / (2 (||sum_i p_i d_i||^2 + epsilon)))
 
-    over the clients' updates d_i, weighted by rows (p_i). Where the clients agree the
+    over the clients' updates d_i, p_i a client's share of the round's rows (the paper
+    weighs clients alike). Where the clients agree the
     average is as long as each update and the step stays 1 (FedAvg); where their
     updates point apart (label skew, a client's own noise) the average is shorter than
     each, and the step grows to make up for it, adaptively, with nothing to tune but
@@ -42,6 +43,10 @@ class FedExP(FedAvg):
     statistics, which Tracked averages whatever the strategy) are left out."""
 
     def __init__(self, *, buffers: list[int], epsilon: float, **kwargs):
+        if not epsilon > 0:
+            raise ValueError("trainer.federated.extrapolation_epsilon must be above 0, "
+                             f"not {epsilon}: a round where no client moved would divide "
+                             "by zero")
         super().__init__(**kwargs)
         self.buffers, self.epsilon = set(buffers), epsilon
         self.global_weights: list[np.ndarray] = []
@@ -59,6 +64,9 @@ class FedExP(FedAvg):
         if not results:
             return None, {}
         start = self.global_weights
+        if not start:
+            raise RuntimeError("FedExP: aggregate_fit before configure_fit, which holds "
+                               "the weights the round's clients started from")
         clients = [(parameters_to_ndarrays(res.parameters), res.num_examples)
                    for _, res in results]
         average = aggregate(clients)
