@@ -78,6 +78,8 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedavg-batch16-balanced": [*IMAGE, *federated, *linear, *balanced],
             "fedavg-batch16-balanced-sgd": [*IMAGE, *federated, *linear, *balanced, *sgd],
             "fedexp-batch16-balanced": [*IMAGE, *federated, *linear, *balanced, *extrapolated],
+            "fedexp-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
+                                                *extrapolated, *carried],
             "fedavg-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
                                                 *carried],
             "fedavg-batch16-balanced-carried-short-rounds": [
