@@ -80,6 +80,9 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedexp-batch16-balanced": [*IMAGE, *federated, *linear, *balanced, *extrapolated],
             "fedexp-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
                                                 *extrapolated, *carried],
+            "fedexp-batch16-balanced-carried-averaged": [
+                *IMAGE, *federated, *linear, *balanced, *extrapolated, *carried,
+                "trainer.federated.average_last_two=true"],
             "fedavg-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
                                                 *carried],
             "fedavg-batch16-balanced-carried-short-rounds": [
@@ -115,8 +118,9 @@ server's step; `batch32` and `batch16`, local batches of 32 or 16 instead of 128
 `balanced`, a balanced softmax in each client's loss, which the others train without
 (`trainer.federated.balanced_loss`, on by default since those were measured); `sgd`,
 clients on SGD with momentum (rate 0.05) instead of AdamW; `fedexp`, the server's
-step stretched past the average as far as the clients' updates disagree; `carried`,
-each client's AdamW moments carried from its last round; `iid`,
+step stretched past the average as far as the clients' updates disagree (`averaged`:
+the model handed on is the average of its last two); `carried`, each client's AdamW
+moments carried from its last round; `iid`,
 the rows dealt out evenly, without label skew). Each is compared with the
 centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no

@@ -423,6 +423,42 @@ def test_fedexp_steps_past_the_average_as_far_as_the_clients_disagree():
                           extrapolation_epsilon=0.0), [np.zeros(3)], 1, 2)
 
 
+def test_fedexp_can_hand_on_the_average_of_its_last_two_models():
+    """With average_last_two the model validated and handed on is halfway between the
+    round's start and its stretched step (buffers as the round left them); the next
+    round's clients still start from the stretched step."""
+    class Validated:
+        def __init__(self):
+            self.seen = []
+
+        def evaluate(self, server_round, arrays, config):
+            self.seen.append(arrays)
+            return 0.0, {"val_acc": 0.5}
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        monitor = "val_acc"
+
+    start = [np.full(3, 5.0), np.zeros(1)]
+    inner = strategy(settings(strategy="fedexp", fraction_fit=1.0, min_clients=2,
+                              extrapolation_epsilon=1e-9, average_last_two=True),
+                     start, 1, 2, buffers=[1])
+    validated = Validated()
+    tracked = Tracked(inner, settings(min_clients=2, connect_timeout_s=1), 3, 2,
+                      global_model=validated, buffers=[1], say=lambda *a, **k: None)
+    tracked.configure_fit(1, ndarrays_to_parameters(start), AllConnected())
+    updates = [4.0 * np.eye(3)[0], 4.0 * np.eye(3)[1], 2.0 * np.eye(3)[2]]
+    results = [fit_result(i, n, [start[0] + update, start[1] + 4.0])
+               for i, (update, n) in enumerate(zip(updates, [1, 1, 2], strict=True))]
+    parameters, _ = tracked.aggregate_fit(1, results, [])
+    stepped = parameters_to_ndarrays(parameters)
+    assert np.allclose(stepped[0], 5.0 + 5 / 3)  # what the next round's clients get
+    tracked.evaluate(1, parameters)
+    (weights, buffer), = validated.seen
+    assert np.allclose(weights, 5.0 + 5 / 6) and np.allclose(buffer, 4.0)
+
+
 @pytest.mark.parametrize("strategy, balanced",
                          [("fedavg", False), ("fedexp", False), ("fedprox", True)])
 def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(

@@ -166,8 +166,10 @@ class Tracked(Strategy):
     def evaluate(self, server_round: int, parameters: Parameters):
         if server_round == 0:
             return None  # the starting weights: nothing trained yet
-        loss, scores = self.global_model.evaluate(
-            server_round, parameters_to_ndarrays(parameters), {})
+        arrays = parameters_to_ndarrays(parameters)
+        if hasattr(self.inner, "handed_on"):  # FedExP's model to hand on may differ
+            arrays = self.inner.handed_on(arrays)
+        loss, scores = self.global_model.evaluate(server_round, arrays, {})
         record = {**self.current, **scores}
         self.rounds_log.append(record)
         self.global_model.log_metrics(

@@ -40,19 +40,35 @@ class FedExP(FedAvg):
     updates point apart (label skew, a client's own noise) the average is shorter than
     each, and the step grows to make up for it, adaptively, with nothing to tune but
     `epsilon`. Only weights count in the norms: `buffers` (a norm's running
-    statistics, which Tracked averages whatever the strategy) are left out."""
+    statistics, which Tracked averages whatever the strategy) are left out.
 
-    def __init__(self, *, buffers: list[int], epsilon: float, **kwargs):
+    Stretched steps overshoot, and the global model swings from round to round; with
+    `average_last_two` the model validated and handed on is the average of the last
+    two global models (the paper's remedy), while the clients go on from the last."""
+
+    def __init__(self, *, buffers: list[int], epsilon: float, average_last_two: bool,
+                 **kwargs):
         if not epsilon > 0:
             raise ValueError("trainer.federated.extrapolation_epsilon must be above 0, "
                              f"not {epsilon}: a round where no client moved would divide "
                              "by zero")
         super().__init__(**kwargs)
         self.buffers, self.epsilon = set(buffers), epsilon
+        self.average_last_two = average_last_two
         self.global_weights: list[np.ndarray] = []
 
     def __repr__(self) -> str:
         return f"FedExP(epsilon={self.epsilon})"
+
+    def handed_on(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """The model to validate and hand on after a round that ended at `arrays`: those,
+        or with `average_last_two` their average with the round's start (buffers as
+        the round left them)."""
+        if not self.average_last_two or not self.global_weights:
+            return arrays
+        return [now if i in self.buffers else (now + before) / 2
+                for i, (now, before) in enumerate(zip(arrays, self.global_weights,
+                                                      strict=True))]
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -106,6 +122,7 @@ def strategy(settings: DictConfig, initial: list[np.ndarray], local_epochs: int,
         return FedProx(**common, proximal_mu=float(settings.proximal_mu))
     if name == "fedexp":
         return FedExP(**common, buffers=list(buffers),
-                      epsilon=float(settings.get("extrapolation_epsilon", 1e-3)))
+                      epsilon=float(settings.get("extrapolation_epsilon", 1e-3)),
+                      average_last_two=bool(settings.get("average_last_two")))
     raise ValueError(f"trainer.federated.strategy: unknown strategy {name!r} "
                      f"({', '.join(STRATEGIES)})")
