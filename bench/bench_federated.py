@@ -60,6 +60,7 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
     # FedExP: the server's step stretched past the clients' average as far as their
     # updates point apart (Jhunjhunwala et al. 2023)
     extrapolated = ["trainer.federated.strategy=fedexp"]
+    averaged = ["trainer.federated.average_last_two=true"]
     # each client's AdamW moments carried from its last round, not started empty
     carried = ["trainer.federated.carry_optimizer_state=true"]
     # SGD with momentum on the clients in place of AdamW: a client's AdamW starts each
@@ -81,8 +82,12 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedexp-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
                                                 *extrapolated, *carried],
             "fedexp-batch16-balanced-carried-averaged": [
-                *IMAGE, *federated, *linear, *balanced, *extrapolated, *carried,
-                "trainer.federated.average_last_two=true"],
+                *IMAGE, *federated, *linear, *balanced, *extrapolated, *carried, *averaged],
+            "fedexp-batch16-balanced-carried-short-rounds": [
+                *IMAGE, *federated, *linear, *balanced, *extrapolated, *carried, *short],
+            "fedexp-batch16-balanced-carried-averaged-short-rounds": [
+                *IMAGE, *federated, *linear, *balanced, *extrapolated, *carried, *averaged,
+                *short],
             "fedavg-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
                                                 *carried],
             "fedavg-batch16-balanced-carried-short-rounds": [
