@@ -56,18 +56,23 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
     # fits learn the classes, not their client's label shares (Zhang et al. 2022). On
     # by default; the other configurations train each client as a centralised fit.
     balanced = ["trainer.federated.balanced_loss=true"]
-    plain = [*federated, "trainer.federated.balanced_loss=false"]
+    # each client's AdamW moments carried from its last round (on by default since
+    # measured), and FedExP's last two models averaged (likewise): pinned off where
+    # a configuration was measured without them
+    carried = ["trainer.federated.carry_optimizer_state=true"]
+    fresh = ["trainer.federated.carry_optimizer_state=false"]
+    plain = [*federated, "trainer.federated.balanced_loss=false", *fresh]
     # FedExP: the server's step stretched past the clients' average as far as their
     # updates point apart (Jhunjhunwala et al. 2023)
     extrapolated = ["trainer.federated.strategy=fedexp"]
     averaged = ["trainer.federated.average_last_two=true"]
-    # each client's AdamW moments carried from its last round, not started empty
-    carried = ["trainer.federated.carry_optimizer_state=true"]
+    last = ["trainer.federated.average_last_two=false"]
     # SGD with momentum on the clients in place of AdamW: a client's AdamW starts each
     # round with empty moment estimates, so its first steps are about the full rate in
     # every weight whatever the gradient's size; SGD's step follows the gradient.
     sgd = ["train.optimizer.name=sgd", "train.optimizer.momentum=0.9", "train.lr=0.05",
            "train.weight_decay=5.0e-4"]
+    ours = [*IMAGE, *federated, *linear, *balanced]  # the measured best's base
     return {"centralised": IMAGE,
             "fedavg": [*IMAGE, *plain],
             "fedavg-short-rounds": [*IMAGE, *plain, *short],
@@ -75,23 +80,16 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedavgm": [*IMAGE, *plain, *momentum],
             "fedavg-batch32": [*IMAGE, *plain, *small_batches],
             "fedavg-batch16": [*IMAGE, *plain, *linear],
-            "fedavg-balanced": [*IMAGE, *federated, *balanced],
-            "fedavg-batch16-balanced": [*IMAGE, *federated, *linear, *balanced],
-            "fedavg-batch16-balanced-sgd": [*IMAGE, *federated, *linear, *balanced, *sgd],
-            "fedexp-batch16-balanced": [*IMAGE, *federated, *linear, *balanced, *extrapolated],
-            "fedexp-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
-                                                *extrapolated, *carried],
-            "fedexp-batch16-balanced-carried-averaged": [
-                *IMAGE, *federated, *linear, *balanced, *extrapolated, *carried, *averaged],
-            "fedexp-batch16-balanced-carried-short-rounds": [
-                *IMAGE, *federated, *linear, *balanced, *extrapolated, *carried, *short],
+            "fedavg-balanced": [*IMAGE, *federated, *balanced, *fresh],
+            "fedavg-batch16-balanced": [*ours, *fresh],
+            "fedavg-batch16-balanced-sgd": [*ours, *fresh, *sgd],
+            "fedavg-batch16-balanced-carried": [*ours, *carried],
+            "fedexp-batch16-balanced": [*ours, *fresh, *extrapolated, *last],
+            "fedexp-batch16-balanced-carried": [*ours, *carried, *extrapolated, *last],
+            "fedexp-batch16-balanced-carried-averaged": [*ours, *carried, *extrapolated,
+                                                         *averaged],
             "fedexp-batch16-balanced-carried-averaged-short-rounds": [
-                *IMAGE, *federated, *linear, *balanced, *extrapolated, *carried, *averaged,
-                *short],
-            "fedavg-batch16-balanced-carried": [*IMAGE, *federated, *linear, *balanced,
-                                                *carried],
-            "fedavg-batch16-balanced-carried-short-rounds": [
-                *IMAGE, *federated, *linear, *balanced, *carried, *short],
+                *ours, *carried, *extrapolated, *averaged, *short],
             # the rows dealt out evenly, no label skew: how much of the gap is the skew's
             "fedavg-batch16-iid": [*IMAGE, *plain, *linear,
                                    "trainer.federated.partition.by=iid"],
@@ -125,7 +123,7 @@ server's step; `batch32` and `batch16`, local batches of 32 or 16 instead of 128
 clients on SGD with momentum (rate 0.05) instead of AdamW; `fedexp`, the server's
 step stretched past the average as far as the clients' updates disagree (`averaged`:
 the model handed on is the average of its last two); `carried`, each client's AdamW
-moments carried from its last round; `iid`,
+moments carried from its last round (both on by default since measured); `iid`,
 the rows dealt out evenly, without label skew). Each is compared with the
 centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no

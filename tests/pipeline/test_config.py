@@ -27,6 +27,9 @@ def test_committed_params_yaml_is_a_fresh_composition_of_conf():
     (["data=files"], lambda c: c.data.source == "files"),
     (["experiment=smoke"], lambda c: c.train.max_epochs == 1 and c.model.d_model == 32
         and c.data.max_rows == 600),
+    (["task=image_classification", "experiment=federated_images"],
+        lambda c: c.trainer.federated.strategy == "fedexp" and c.train.batch_size == 16
+        and c.data.name == "fashion_mnist"),
     (["train.lr=0.01", "model.num_layers=3"], lambda c: c.train.lr == 0.01
         and c.model.name == "lstm" and c.model.num_layers == 3),  # the default model
     (["model=transformer", "model.n_layers=3"], lambda c: c.model.n_layers == 3),
