@@ -123,7 +123,8 @@ server's step; `batch32` and `batch16`, local batches of 32 or 16 instead of 128
 clients on SGD with momentum (rate 0.05) instead of AdamW; `fedexp`, the server's
 step stretched past the average as far as the clients' updates disagree (`averaged`:
 the model handed on is the average of its last two); `carried`, each client's AdamW
-moments carried from its last round (both on by default since measured); `iid`,
+moments carried from its last round (carrying, and FedExP's averaging, on by default
+since measured); `iid`,
 the rows dealt out evenly, without label skew). Each is compared with the
 centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no

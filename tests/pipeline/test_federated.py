@@ -455,8 +455,14 @@ def test_fedexp_can_hand_on_the_average_of_its_last_two_models():
     stepped = parameters_to_ndarrays(parameters)
     assert np.allclose(stepped[0], 5.0 + 5 / 3)  # what the next round's clients get
     tracked.evaluate(1, parameters)
-    (weights, buffer), = validated.seen
-    assert np.allclose(weights, 5.0 + 5 / 6) and np.allclose(buffer, 4.0)
+    # a round with too few clients is skipped: the global weights and the model handed
+    # on stay as they were
+    tracked.configure_fit(2, parameters, AllConnected())
+    assert tracked.aggregate_fit(2, results[:1], [])[0] is None
+    tracked.evaluate(2, parameters)
+    for weights, buffer in validated.seen:
+        assert np.allclose(weights, 5.0 + 5 / 6) and np.allclose(buffer, 4.0)
+    assert len(validated.seen) == 2
 
 
 @pytest.mark.parametrize("strategy, balanced",

@@ -206,7 +206,10 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
     summary = {"mode": settings.mode, "strategy": settings.strategy, "clients": clients,
                "partition": OmegaConf.to_container(settings.partition),
                "balanced_loss": local.balanced_loss(settings, labels is not None),
+               "carry_optimizer_state": bool(settings.get("carry_optimizer_state")),
                "rounds": len(tracked.rounds_log)}
+    if settings.strategy == "fedexp":
+        summary["average_last_two"] = bool(settings.get("average_last_two"))
     if protected is not None:
         summary["privacy"] = protected.record()
     for name in ("best.ckpt", "last.ckpt"):  # evaluate and the model card read it there

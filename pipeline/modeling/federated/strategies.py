@@ -55,19 +55,20 @@ class FedExP(FedAvg):
         super().__init__(**kwargs)
         self.buffers, self.epsilon = set(buffers), epsilon
         self.average_last_two = average_last_two
-        self.global_weights: list[np.ndarray] = []
+        self.global_weights: list[np.ndarray] = []  # where this round's clients started
+        self.last_start: list[np.ndarray] = []  # where the last round averaged started
 
     def __repr__(self) -> str:
         return f"FedExP(epsilon={self.epsilon})"
 
     def handed_on(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """The model to validate and hand on after a round that ended at `arrays`: those,
-        or with `average_last_two` their average with the round's start (buffers as
-        the round left them)."""
-        if not self.average_last_two or not self.global_weights:
+        """The model to validate and hand on, the global weights being `arrays`: those,
+        or with `average_last_two` their average with where the last round averaged
+        started (buffers as it left them); a round skipped since changes neither."""
+        if not self.average_last_two or not self.last_start:
             return arrays
         return [now if i in self.buffers else (now + before) / 2
-                for i, (now, before) in enumerate(zip(arrays, self.global_weights,
+                for i, (now, before) in enumerate(zip(arrays, self.last_start,
                                                       strict=True))]
 
     def configure_fit(self, server_round: int, parameters: Parameters,
@@ -96,6 +97,7 @@ class FedExP(FedAvg):
         spread = sum(n / rows * squared(arrays) for arrays, n in clients)
         step = max(1.0, spread / (2.0 * (squared(average) + self.epsilon)))
         moved = [w + step * (a - w) for w, a in zip(start, average, strict=True)]
+        self.last_start = start
         return ndarrays_to_parameters(moved), {"server_step": step}
 
 
