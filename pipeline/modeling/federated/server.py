@@ -187,12 +187,12 @@ class Tracked(Strategy):
         monitor = self.global_model.monitor
         failed = f", {record['failures']} failed" if record["failures"] else ""
         skipped = " (too few: round skipped)" if record.get("skipped") else ""
-        if "server_step" in record:
-            skipped += f", server step {record['server_step']:.2f}x the average"
+        stepped = (f", server step {record['server_step']:.2f}x the average"
+                   if "server_step" in record else "")
         loss = ("" if math.isnan(record["train_loss"])
                 else f"train_loss {record['train_loss']:.4f}, ")
         self.say(f"train: federated round {done}/{self.rounds}: {len(record['clients'])} of "
-                 f"{self.clients} clients{failed}{skipped}, {loss}"
+                 f"{self.clients} clients{failed}{skipped}{stepped}, {loss}"
                  f"{monitor} {record[monitor]:.4f}; "
                  f"{elapsed / done:.0f} s per round, about {left:.0f} s left", flush=True)
 
