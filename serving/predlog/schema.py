@@ -4,6 +4,8 @@ them into PostgreSQL's). serving/predlog/store.py describes the tables."""
 
 from __future__ import annotations
 
+import re
+
 SEALED = "hmac-sha256:"  # how `text_sha256` starts in an encrypted row (crypto.py)
 # A literal, not a parameter: the query planners use the partial index below only for
 # the very expression it was made with.
@@ -54,6 +56,12 @@ SCHEMA = (
     # newest, or that there is none, without reading every row of a plaintext log.
     f"CREATE INDEX IF NOT EXISTS predictions_sealed ON predictions (created) WHERE {IS_SEALED}",
 )
+
+
+def created_name(statement: str) -> str:
+    """The table or index a SCHEMA statement creates."""
+    return re.search(r"IF NOT EXISTS (\w+)", statement).group(1)
+
 
 # A client reusing a request id replaces its earlier answer: the latest is the one a
 # label sent afterwards refers to, and a label of the earlier answer goes with it.

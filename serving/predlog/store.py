@@ -49,6 +49,7 @@ from serving.predlog.schema import (
     RECENT_LABELS,
     SCHEMA,
     UPSERT_FEEDBACK,
+    created_name,
 )
 
 
@@ -122,12 +123,25 @@ class LogStore:
         return statement.replace("?", "%s") if self.postgres else statement
 
     def _create_schema(self) -> None:
-        with self.connection:
-            cursor = self.connection.cursor()
-            if self.postgres:  # two replicas creating the tables at once would collide
+        if not self.postgres:
+            with self.connection:
+                cursor = self.connection.cursor()
+                for statement in SCHEMA:
+                    cursor.execute(statement)
+            return
+        # A replica opens the log while others write to it. CREATE INDEX locks its
+        # table even when the index exists, so all of SCHEMA in one transaction held
+        # one table while waiting for the next, which a writer inserting into both
+        # held in the other order: a deadlock, and that writer's batch was lost. So:
+        # only what is missing is created, one statement per transaction.
+        for statement in SCHEMA:
+            with self.connection:
+                cursor = self.connection.cursor()
+                # two replicas creating the same table at once would collide
                 cursor.execute("SELECT pg_advisory_xact_lock(4711012)")
-            for statement in SCHEMA:
-                cursor.execute(statement)
+                cursor.execute("SELECT to_regclass(%s)", (created_name(statement),))
+                if cursor.fetchone()[0] is None:
+                    cursor.execute(statement)
 
     def close(self) -> None:
         try:
