@@ -94,6 +94,11 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             # the rate chosen for 128, and every step drifts a skewed client further
             "fedexp-batch16-balanced-carried-averaged-half-rate": [
                 *ours, *carried, *extrapolated, *averaged, "train.lr=1.0e-3"],
+            # SCAFFOLD's control variates on top (control.py): each local step's
+            # gradient corrected toward the federation's, against the skew's drift
+            "fedexp-batch16-balanced-carried-averaged-controlled": [
+                *ours, *carried, *extrapolated, *averaged,
+                "trainer.federated.control_variates=true"],
             # the rows dealt out evenly, no label skew: how much of the gap is the skew's
             "fedavg-batch16-iid": [*IMAGE, *plain, *linear,
                                    "trainer.federated.partition.by=iid"],

@@ -466,14 +466,16 @@ def test_fedexp_can_hand_on_the_average_of_its_last_two_models():
     assert len(validated.seen) == 2
 
 
-@pytest.mark.parametrize("strategy, balanced",
-                         [("fedavg", False), ("fedexp", False), ("fedprox", True)])
+@pytest.mark.parametrize("strategy, balanced, controlled",
+                         [("fedavg", False, False), ("fedexp", False, True),
+                          ("fedprox", True, False)])
 def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
-        workspace, tmp_path, strategy, balanced):
+        workspace, tmp_path, strategy, balanced, controlled):
     cfg = train_dir(workspace, tmp_path, *federated(
         "trainer.federated.clients=3", "trainer.federated.rounds=3",
         f"trainer.federated.strategy={strategy}", "trainer.federated.proximal_mu=0.1",
-        f"trainer.federated.balanced_loss={balanced}"))
+        f"trainer.federated.balanced_loss={balanced}",
+        f"trainer.federated.control_variates={controlled}"))
     with restored_tracking_uri():
         report = fit(cfg, Paths(tmp_path))
         metrics, _ = evaluate(cfg, Paths(tmp_path))
@@ -488,6 +490,7 @@ def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
     # evaluate says how it was trained; the model card says so in words
     assert metrics["federated"]["clients"] == 3 and metrics["federated"]["rounds"] == 3
     assert report["federated"]["balanced_loss"] is balanced
+    assert report["federated"]["control_variates"] is controlled
     card = privacy.describe_federated(metrics["federated"])
     assert f"Trained federated ({strategy}, Flower): 3 clients" in card
     assert "within the train stage's process (simulated clients)" in card
@@ -584,6 +587,10 @@ def test_client_level_privacy_refuses_norm_statistics_and_server_momentum(image_
         cfg.trainer.federated.strategy = stepped
         with pytest.raises(SystemExit, match=f"strategy={stepped}"):
             check_settings(cfg, distilling=False, pruning=False)
+    cfg.trainer.federated.strategy = "fedavg"
+    cfg.trainer.federated.control_variates = True  # each client's would go unnoised
+    with pytest.raises(SystemExit, match="privacy with control_variates"):
+        check_settings(cfg, distilling=False, pruning=False)
 
 
 def client_processes(stage: psutil.Process) -> list[psutil.Process]:
@@ -591,12 +598,14 @@ def client_processes(stage: psutil.Process) -> list[psutil.Process]:
             if "pipeline.modeling.federated.client" in " ".join(child.cmdline())]
 
 
-def after_round_one(workspace, tmp_path, clients: int, rounds: int):
+def after_round_one(workspace, tmp_path, clients: int, rounds: int,
+                    controlled: bool = False):
     """A train stage with `clients` real client processes, once round 1 has ended:
     (the stage's process, its clients' processes, what it printed so far)."""
     train_dir(workspace, tmp_path, *federated(
         "trainer.federated.mode=clients", f"trainer.federated.clients={clients}",
-        f"trainer.federated.rounds={rounds}", "train.limit_train_batches=1.0"))
+        f"trainer.federated.rounds={rounds}", "train.limit_train_batches=1.0",
+        f"trainer.federated.control_variates={controlled}"))
     process = start_training(tmp_path)
     stage, lines = psutil.Process(process.pid), []
     deadline = time.monotonic() + 300
@@ -612,7 +621,9 @@ def after_round_one(workspace, tmp_path, clients: int, rounds: int):
 
 @pytest.mark.slow
 def test_real_clients_go_on_without_one_killed_mid_run(workspace, tmp_path):
-    process, clients, lines = after_round_one(workspace, tmp_path, clients=3, rounds=4)
+    # with control variates, which travel over gRPC in the rounds' configs and results
+    process, clients, lines = after_round_one(workspace, tmp_path, clients=3, rounds=4,
+                                              controlled=True)
     clients[-1].kill()  # round 2 has begun: this client dies in it
     rest, _ = process.communicate(timeout=600)
     output = "".join(lines) + rest
@@ -620,6 +631,7 @@ def test_real_clients_go_on_without_one_killed_mid_run(workspace, tmp_path):
     report = json.loads((tmp_path / "reports/train.json").read_text())
     rounds = report["federated"]["rounds"]
     assert len(rounds) == 4 and len(rounds[0]["clients"]) == 3
+    assert report["federated"]["control_variates"] is True
     assert len(rounds[-1]["clients"]) == 2  # the dead one is gone, the run went on
     assert "federated round 4/4: 2 of 3 clients" in output
     assert (tmp_path / "models/checkpoints/best.ckpt").exists()

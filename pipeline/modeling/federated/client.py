@@ -28,6 +28,7 @@ from pytorch_lightning.callbacks import Callback
 
 from pipeline import atomic, logs, tasks
 from pipeline.config import Paths, load_params
+from pipeline.modeling.federated import control
 
 
 def weights(model: torch.nn.Module) -> list[np.ndarray]:
@@ -135,6 +136,8 @@ class LocalClient(NumPyClient):
                           else None)
         self.carried = (CarriedOptimizerState()
                         if cfg.trainer.federated.get("carry_optimizer_state") else None)
+        self.controlled = (control.ControlledGradients()
+                           if cfg.trainer.federated.get("control_variates") else None)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
         return weights(self.module.model)
@@ -156,19 +159,24 @@ class LocalClient(NumPyClient):
             limit_train_batches=self.cfg.train.limit_train_batches,
             limit_val_batches=0, num_sanity_val_steps=0,  # the server validates
             gradient_clip_val=self.cfg.train.gradient_clip_val,
-            callbacks=[*([ProximalTerm(mu)] if mu > 0 else []),
+            # the control variate's correction first: it measures the raw gradient
+            callbacks=[*([self.controlled] if self.controlled else []),
+                       *([ProximalTerm(mu)] if mu > 0 else []),
                        *([self.carried] if self.carried else [])],
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False,
         )
         self.module.label_log_prior = self.log_prior
+        if self.controlled:
+            self.controlled.receive(config.get(control.KEY))
         try:
             trainer.fit(self.module, train_dataloaders=self.datamodule.train_dataloader())
         finally:
             self.module.label_log_prior = None  # the module may be shared (simulation)
         loss = trainer.callback_metrics.get("train_loss")
         metrics = {"client": self.number, "steps": int(trainer.global_step),
-                   "train_loss": float(loss) if loss is not None else float("nan")}
+                   "train_loss": float(loss) if loss is not None else float("nan"),
+                   **(self.controlled.report() if self.controlled else {})}
         return weights(self.module.model), self.rows, metrics
 
 

@@ -53,6 +53,9 @@ def check_settings(cfg: DictConfig, distilling: bool, pruning: bool) -> None:
                (client_privacy.enabled(settings) and settings.strategy in SERVER_STEPPED,
                 f"trainer.federated.privacy with strategy={settings.strategy} (its noised "
                 "average takes the strategy's place)"),
+               (client_privacy.enabled(settings) and settings.get("control_variates"),
+                "trainer.federated.privacy with control_variates (each client's would "
+                "reach the server unclipped and unnoised)"),
                (distilling, "a teacher's transfer set (distill)"),
                (pruning, "train.prune (its fine-tuning would see every client's rows)"),
                (cfg.train.get("ema_decay") is not None, "train.ema_decay")]
@@ -207,6 +210,7 @@ def fit(cfg: DictConfig, paths: Paths, tags: dict | None = None) -> dict:
                "partition": OmegaConf.to_container(settings.partition),
                "balanced_loss": local.balanced_loss(settings, labels is not None),
                "carry_optimizer_state": bool(settings.get("carry_optimizer_state")),
+               "control_variates": bool(settings.get("control_variates")),
                "rounds": len(tracked.rounds_log)}
     if settings.strategy == "fedexp":
         summary["average_last_two"] = bool(settings.get("average_last_two"))

@@ -32,6 +32,8 @@ from flwr.server.strategy.aggregate import aggregate
 from omegaconf import DictConfig
 
 from pipeline.modeling.federated.client import load_weights
+from pipeline.modeling.federated.control import KEY as CONTROL_KEY
+from pipeline.modeling.federated.control import FederationControls
 from pipeline.modeling.federated.privacy import ClientLevelPrivacy
 from pipeline.modeling.training import monitor_mode
 
@@ -81,6 +83,9 @@ class Tracked(Strategy):
       those still connected;
     - updates are averaged in client order, so the sum is the same whichever finished
       first;
+    - with `control_variates` (SCAFFOLD's, control.py), each round's config carries
+      c, the average of the clients' latest gradient estimates, and each result its
+      client's own;
     - with client-level privacy (`privacy`), the round's weights are its clipped,
       noised average (privacy.py) in place of the strategy's;
     - buffers (`buffers`: positions among the arrays, such as BatchNorm's running
@@ -102,6 +107,8 @@ class Tracked(Strategy):
         self.rounds_log: list[dict] = []
         self.started = time.perf_counter()
         self.current: dict = {}
+        self.controls = (FederationControls() if settings.get("control_variates")
+                         else None)
 
     def __repr__(self) -> str:
         return f"Tracked({self.inner!r})"
@@ -120,7 +127,12 @@ class Tracked(Strategy):
                     f"fewer than trainer.federated.min_clients={least}")
         if self.privacy is not None:
             self.sent = parameters_to_ndarrays(parameters)
-        return self.inner.configure_fit(server_round, parameters, client_manager)
+        asked = self.inner.configure_fit(server_round, parameters, client_manager)
+        federation = self.controls.federation() if self.controls else None
+        if federation is not None:
+            for _, fit_ins in asked:
+                fit_ins.config[CONTROL_KEY] = federation
+        return asked
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict]:
@@ -135,6 +147,8 @@ class Tracked(Strategy):
             "steps": sum(int(res.metrics["steps"]) for _, res in results),
             "train_loss": sum(n * loss for n, loss in losses) / rows if rows else math.nan,
         }
+        if self.controls is not None:  # the clients keep theirs from a skipped round too
+            self.controls.update(results)
         if self.privacy is not None:  # what the clients report goes unnoised: left out
             self.current.update(rows=None, steps=None, train_loss=math.nan)
         if len(results) < int(self.settings.min_clients):

@@ -1,0 +1,139 @@
+"""SCAFFOLD's control variates (trainer.federated.control_variates, control.py): the
+client's correction of each step's gradient, its own estimate, the server's average,
+and the two travelling through a round's config and results."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import publicly_seeded
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from pipeline.modeling.federated.client import LocalClient
+from pipeline.modeling.federated.client import weights as local_weights
+from pipeline.modeling.federated.control import KEY, ControlledGradients, pack, unpack
+from pipeline.modeling.federated.server import Tracked
+from pipeline.modeling.federated.strategies import strategy
+from pipeline.tasks.image_classification.classifier import ImageClassifier
+
+
+def holding(layer: torch.nn.Module) -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.model = layer
+    return module
+
+
+def step(callback: ControlledGradients, module: torch.nn.Module, gradient) -> torch.Tensor:
+    """One optimiser step's hook on `gradient`; the gradient the optimiser then sees."""
+    module.model.weight.grad = torch.tensor(gradient)
+    callback.on_before_optimizer_step(None, module, None)
+    return module.model.weight.grad
+
+
+def test_each_step_swaps_the_clients_own_gradient_for_the_federations():
+    module = holding(torch.nn.Linear(2, 1, bias=False))
+    corrected = ControlledGradients()
+    assert corrected.report() == {}  # nothing to report before a round
+    # round 1: no c from the server, no c_i of its own: the gradients go uncorrected,
+    # and c_i becomes their mean
+    corrected.receive(None)
+    corrected.on_train_start(None, module)
+    assert torch.equal(step(corrected, module, [[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]))
+    step(corrected, module, [[3.0, 6.0]])
+    corrected.on_train_end(None, module)
+    assert np.array_equal(unpack(corrected.report()[KEY])[0], [[2.0, 4.0]])
+    # round 2, c = (5, 5): g + c - c_i
+    corrected.receive(pack([np.array([[5.0, 5.0]], dtype=np.float32)]))
+    corrected.on_train_start(None, module)
+    assert torch.equal(step(corrected, module, [[1.0, 1.0]]), torch.tensor([[4.0, 2.0]]))
+    # c_i measures the raw gradients, not the corrected ones; a round that breaks
+    # before its end leaves the last whole round's
+    assert torch.equal(corrected.summed[0], torch.tensor([[1.0, 1.0]]))
+    assert torch.equal(corrected.own[0], torch.tensor([[2.0, 4.0]]))
+    corrected.receive(pack([np.zeros((3, 3), dtype=np.float32)]))
+    with pytest.raises(ValueError, match="different models"):
+        corrected.on_train_start(None, module)
+
+
+def toy_client(controlled: bool) -> LocalClient:
+    cfg = OmegaConf.create({
+        "seed": 0, "trainer": {"accelerator": "cpu", "precision": "32-true",
+                               "federated": {"control_variates": controlled}},
+        "train": {"limit_train_batches": 1.0, "gradient_clip_val": 1.0}})
+    rows = [{"pixels": torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(i)),
+             "labels": torch.tensor(i % 2)} for i in range(6)]
+    datamodule = SimpleNamespace(rows={"train": rows}, seed=0, train_labels=lambda: None,
+                                 train_dataloader=lambda: DataLoader(rows, batch_size=2))
+    with publicly_seeded(0):
+        module = ImageClassifier({"name": "mlp", "hidden": [4]}, 1, 4, 4, 2, ["a", "b"],
+                                 lr=0.01)
+    return LocalClient(cfg, 0, datamodule, module)
+
+
+def test_a_client_reports_its_estimate_and_trains_with_the_federations():
+    """Through LocalClient.fit and a real local fit: round 1 reports c_i; in round 2 a
+    c equal to it trains exactly as an uncorrected client does, and another c moves
+    the weights elsewhere."""
+    assert toy_client(False).controlled is None
+    client, plain = toy_client(True), toy_client(False)
+    start = local_weights(client.module.model)
+    with publicly_seeded(0):  # a client's fit seeds the process: put the states back
+        _, _, metrics = client.fit(start, {"round": 1, "rounds": 3, "local_epochs": 1})
+        own = unpack(metrics[KEY])
+        assert [a.shape for a in own] == [tuple(p.shape)
+                                          for p in client.module.model.parameters()]
+        twin = copy.deepcopy(client)
+        round_two = {"round": 2, "rounds": 3, "local_epochs": 1}
+        unchanged, _, _ = client.fit(start, {**round_two, KEY: pack(own)})
+        uncorrected, _, _ = plain.fit(start, round_two)
+        shifted, _, _ = twin.fit(start, {**round_two, KEY: pack([a + 1.0 for a in own])})
+    assert all(np.allclose(a, b) for a, b in zip(unchanged, uncorrected, strict=True))
+    assert not all(np.allclose(a, b) for a, b in zip(unchanged, shifted, strict=True))
+
+
+def result(client: int, rows: int, control: list[np.ndarray]) -> tuple[None, FitRes]:
+    return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.zeros(2)]), rows,
+                        {"client": client, "steps": 1, "train_loss": 0.5,
+                         KEY: pack(control)})
+
+
+class TwoClients:
+    def wait_for(self, wanted: int, timeout: int) -> bool:
+        return True
+
+    def num_available(self) -> int:
+        return 2
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None, criterion=None):
+        return ["client-0", "client-1"]
+
+
+def test_the_server_sends_the_rows_weighted_average_of_each_clients_latest():
+    federated = OmegaConf.create({"strategy": "fedavg", "fraction_fit": 1.0,
+                                  "min_clients": 2, "connect_timeout_s": 1,
+                                  "control_variates": True})
+    inner = strategy(federated, [np.zeros(2)], 1, 3)
+    tracked = Tracked(inner, federated, 2, 3, global_model=None)
+
+    def sent(server_round: int) -> list[np.ndarray] | None:
+        asked = tracked.configure_fit(server_round, ndarrays_to_parameters([np.zeros(2)]),
+                                      TwoClients())
+        configs = [fit_ins.config for _, fit_ins in asked]
+        assert len(configs) == 2 and configs[0] == configs[1]
+        return unpack(configs[0][KEY]) if KEY in configs[0] else None
+
+    assert sent(1) is None  # no client has an estimate yet: nothing to correct with
+    parameters, _ = tracked.aggregate_fit(1, [result(0, 1, [np.zeros(2)]),
+                                              result(1, 3, [np.array([4.0, 8.0])])], [])
+    assert parameters is not None and KEY not in tracked.current
+    assert np.allclose(sent(2)[0], [3.0, 6.0])
+    # a round skipped for too few clients: its client's estimate still replaces the
+    # one it sent before (the client keeps it too)
+    assert tracked.aggregate_fit(2, [result(0, 1, [np.array([4.0, 4.0])])], [])[0] is None
+    assert np.allclose(sent(3)[0], [4.0, 7.0])
