@@ -52,9 +52,12 @@ def test_each_step_swaps_the_clients_own_gradient_for_the_federations():
     corrected.receive(pack([np.array([[5.0, 5.0]], dtype=np.float32)]))
     corrected.on_train_start(None, module)
     assert torch.equal(step(corrected, module, [[1.0, 1.0]]), torch.tensor([[4.0, 2.0]]))
-    # c_i measures the raw gradients, not the corrected ones; a round that breaks
-    # before its end leaves the last whole round's
+    # c_i measures the raw gradients, not the corrected ones, and leaves out a step
+    # whose gradient overflowed; a round that breaks before its end leaves the last
+    # whole round's
+    step(corrected, module, [[float("inf"), 1.0]])
     assert torch.equal(corrected.summed[0], torch.tensor([[1.0, 1.0]]))
+    assert corrected.steps == 1
     assert torch.equal(corrected.own[0], torch.tensor([[2.0, 4.0]]))
     corrected.receive(pack([np.zeros((3, 3), dtype=np.float32)]))
     with pytest.raises(ValueError, match="different models"):
@@ -97,21 +100,29 @@ def test_a_client_reports_its_estimate_and_trains_with_the_federations():
     assert not all(np.allclose(a, b) for a, b in zip(unchanged, shifted, strict=True))
 
 
-def result(client: int, rows: int, control: list[np.ndarray]) -> tuple[None, FitRes]:
-    return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.zeros(2)]), rows,
-                        {"client": client, "steps": 1, "train_loss": 0.5,
-                         KEY: pack(control)})
+def result(client: int, rows: int, control: list[np.ndarray]) -> tuple[object, FitRes]:
+    return SimpleNamespace(cid=f"client-{client}"), FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters([np.zeros(2)]), rows,
+        {"client": client, "steps": 1, "train_loss": 0.5, KEY: pack(control)})
 
 
-class TwoClients:
+class Connected:
+    """A client manager with clients `cids` connected."""
+
+    def __init__(self, *cids: str):
+        self.cids = list(cids)
+
     def wait_for(self, wanted: int, timeout: int) -> bool:
         return True
 
     def num_available(self) -> int:
-        return 2
+        return len(self.cids)
+
+    def all(self) -> dict:
+        return dict.fromkeys(self.cids)
 
     def sample(self, num_clients: int, min_num_clients: int | None = None, criterion=None):
-        return ["client-0", "client-1"]
+        return self.cids
 
 
 def test_the_server_sends_the_rows_weighted_average_of_each_clients_latest():
@@ -121,11 +132,12 @@ def test_the_server_sends_the_rows_weighted_average_of_each_clients_latest():
     inner = strategy(federated, [np.zeros(2)], 1, 3)
     tracked = Tracked(inner, federated, 2, 3, global_model=None)
 
-    def sent(server_round: int) -> list[np.ndarray] | None:
+    def sent(server_round: int, connected=("client-0", "client-1")
+             ) -> list[np.ndarray] | None:
         asked = tracked.configure_fit(server_round, ndarrays_to_parameters([np.zeros(2)]),
-                                      TwoClients())
+                                      Connected(*connected))
         configs = [fit_ins.config for _, fit_ins in asked]
-        assert len(configs) == 2 and configs[0] == configs[1]
+        assert len(configs) == len(connected) and configs[0] == configs[-1]
         return unpack(configs[0][KEY]) if KEY in configs[0] else None
 
     assert sent(1) is None  # no client has an estimate yet: nothing to correct with
@@ -137,3 +149,8 @@ def test_the_server_sends_the_rows_weighted_average_of_each_clients_latest():
     # one it sent before (the client keeps it too)
     assert tracked.aggregate_fit(2, [result(0, 1, [np.array([4.0, 4.0])])], [])[0] is None
     assert np.allclose(sent(3)[0], [4.0, 7.0])
+    # an estimate that is not finite is refused: the client's earlier one stays
+    tracked.aggregate_fit(3, [result(0, 1, [np.array([np.nan, 0.0])])], [])
+    assert np.allclose(sent(4)[0], [4.0, 7.0])
+    # a client that disconnected no longer counts
+    assert np.allclose(sent(5, connected=("client-0",))[0], [4.0, 4.0])

@@ -4,12 +4,14 @@ each local step's gradient is corrected by how the client's own gradient differs
 from the federation's, so a client whose rows hold a few classes does not drift
 toward them over its local steps.
 
-- A client keeps c_i, the mean of the raw gradients of the last round it trained.
-  With SGD that equals the paper's cheap estimate (option II, the distance moved over
-  the steps taken times the rate); unlike that it stays defined for AdamW, whose
-  steps are not the rate times the gradient.
-- The server keeps every client's latest c_i and sends c, their average weighted by
-  rows (as FedAvg weighs the clients' objectives).
+- A client keeps c_i, the mean of the raw gradients of the last round it trained
+  (steps whose gradient was not finite left out). With plain SGD at a constant rate
+  that equals the paper's cheap estimate (option II, the distance moved over the
+  steps taken times the rate); unlike that it stays defined for AdamW, whose steps
+  are not the rate times the gradient.
+- The server keeps the latest c_i of every client still connected and sends c, their
+  average weighted by rows (as FedAvg weighs the clients' objectives). A client that
+  left no longer counts: its old gradient would pull the others toward its rows.
 - Each local step's gradient g becomes g + c - c_i: the client's own pull swapped for
   the federation's. A client with no c_i yet (its first round) trains uncorrected.
 
@@ -50,6 +52,7 @@ class ControlledGradients(Callback):
         self.own: list[torch.Tensor] | None = None  # c_i, from this client's last round
         self.federation: list[torch.Tensor] | None = None  # c, this round's
         self.summed: list[torch.Tensor] = []
+        self.shifts: list[torch.Tensor] | None = None  # c - c_i, on the weights' device
         self.steps = 0
 
     def receive(self, packed: bytes | None) -> None:
@@ -74,45 +77,59 @@ class ControlledGradients(Callback):
                                  "(client and server built different models)")
         self.summed = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         self.steps = 0
+        correcting = self.federation is not None and self.own is not None
+        self.shifts = ([(c - own).to(p.device, p.dtype)
+                        for c, own, p in zip(self.federation, self.own, params, strict=True)]
+                       if correcting else None)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer) -> None:
-        correcting = self.federation is not None and self.own is not None
-        for i, param in enumerate(pl_module.model.parameters()):
-            if param.grad is None:
-                continue
-            self.summed[i] += param.grad.detach().float().cpu()
-            if correcting:
-                shift = (self.federation[i] - self.own[i]).to(param.grad)
-                param.grad.add_(shift)
-        self.steps += 1
+        grads = [p.grad for p in pl_module.model.parameters()]
+        # a step whose gradient overflowed (a mixed-precision scaler skips it) would
+        # make c_i, and through the server every client's c, not a number
+        if all(g is None or torch.isfinite(g).all() for g in grads):
+            for total, grad in zip(self.summed, grads, strict=True):
+                if grad is not None:
+                    total += grad.detach().float()
+            self.steps += 1
+        if self.shifts is not None:
+            for grad, shift in zip(grads, self.shifts, strict=True):
+                if grad is not None:
+                    grad.add_(shift)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # only a round that ran to its end replaces c_i (a broken one leaves it)
         if self.steps:
-            self.own = [total / self.steps for total in self.summed]
+            self.own = [(total / self.steps).cpu() for total in self.summed]
 
 
 class FederationControls:
-    """The server's side: every client's latest c_i with its rows, and c, their
-    rows-weighted average, for the next round's config."""
+    """The server's side: every client's latest c_i with its rows and connection, and
+    c, the rows-weighted average over the clients still connected, for the next
+    round's config."""
 
     def __init__(self):
-        self.latest: dict[int, tuple[int, list[np.ndarray]]] = {}
+        # client number -> (the connection's id, rows, c_i)
+        self.latest: dict[int, tuple[str, int, list[np.ndarray]]] = {}
 
     def update(self, results: list) -> None:
-        """Take the c_i in a round's fit results ((proxy, FitRes) pairs)."""
-        for _, res in results:
+        """Take the c_i in a round's fit results ((proxy, FitRes) pairs); one that is
+        not finite is refused (the client's earlier one stays)."""
+        for proxy, res in results:
             if KEY in res.metrics:
-                self.latest[int(res.metrics["client"])] = (res.num_examples,
-                                                           unpack(res.metrics[KEY]))
+                arrays = unpack(res.metrics[KEY])
+                if all(np.isfinite(a).all() for a in arrays):
+                    self.latest[int(res.metrics["client"])] = (proxy.cid, res.num_examples,
+                                                               arrays)
 
-    def federation(self) -> bytes | None:
-        """c, packed for the fit config; None until some client has reported."""
-        if not self.latest:
-            return None
-        rows = sum(n for n, _ in self.latest.values())
+    def federation(self, connected: set[str]) -> bytes | None:
+        """c over the clients whose connections (`connected`, ids) are still there,
+        packed for the fit config; None while none of them has reported."""
         # in client order: the same sums whichever reported first
-        parts = [(n / rows, arrays) for n, arrays in map(self.latest.get, sorted(self.latest))]
-        return pack([sum(share * arrays[i] for share, arrays in parts).astype(np.float32)
-                     for i in range(len(parts[0][1]))])
+        kept = [(rows, arrays) for cid, rows, arrays in map(self.latest.get, sorted(self.latest))
+                if cid in connected]
+        if not kept:
+            return None
+        total = sum(rows for rows, _ in kept)
+        return pack([sum(rows / total * arrays[i] for rows, arrays in kept).astype(np.float32)
+                     for i in range(len(kept[0][1]))])

@@ -84,8 +84,8 @@ class Tracked(Strategy):
     - updates are averaged in client order, so the sum is the same whichever finished
       first;
     - with `control_variates` (SCAFFOLD's, control.py), each round's config carries
-      c, the average of the clients' latest gradient estimates, and each result its
-      client's own;
+      c, the average of the connected clients' latest gradient estimates, and each
+      result its client's own;
     - with client-level privacy (`privacy`), the round's weights are its clipped,
       noised average (privacy.py) in place of the strategy's;
     - buffers (`buffers`: positions among the arrays, such as BatchNorm's running
@@ -128,7 +128,8 @@ class Tracked(Strategy):
         if self.privacy is not None:
             self.sent = parameters_to_ndarrays(parameters)
         asked = self.inner.configure_fit(server_round, parameters, client_manager)
-        federation = self.controls.federation() if self.controls else None
+        federation = (self.controls.federation(set(client_manager.all()))
+                      if self.controls else None)
         if federation is not None:
             for _, fit_ins in asked:
                 fit_ins.config[CONTROL_KEY] = federation
