@@ -94,7 +94,7 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             # the rate chosen for 128, and every step drifts a skewed client further
             "fedexp-batch16-balanced-carried-averaged-half-rate": [
                 *ours, *carried, *extrapolated, *averaged, "train.lr=1.0e-3"],
-            # ... and twice it: half measured lower on validation at every round
+            # ... and twice it: half measured lower on validation
             "fedexp-batch16-balanced-carried-averaged-double-rate": [
                 *ours, *carried, *extrapolated, *averaged, "train.lr=4.0e-3"],
             # SCAFFOLD's control variates on top (control.py): each local step's
