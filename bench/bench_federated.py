@@ -136,7 +136,8 @@ clients on SGD with momentum (rate 0.05) instead of AdamW; `fedexp`, the server'
 step stretched past the average as far as the clients' updates disagree (`averaged`:
 the model handed on is the average of its last two); `carried`, each client's AdamW
 moments carried from its last round (carrying, and FedExP's averaging, on by default
-since measured); `iid`,
+since measured); `half-rate` and `double-rate`, the local learning rate (`train.lr`)
+halved or doubled; `controlled`, SCAFFOLD's control variates; `iid`,
 the rows dealt out evenly, without label skew). Each is compared with the
 centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no
