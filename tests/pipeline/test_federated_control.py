@@ -1,6 +1,6 @@
 """SCAFFOLD's control variates (trainer.federated.control_variates, control.py): the
-client's correction of each step's gradient, its own estimate, the server's average,
-and the two travelling through a round's config and results."""
+client's correction of each local step, its own estimate, the server's average, and
+the two travelling through a round's config and results."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.modeling.federated.client import LocalClient
 from pipeline.modeling.federated.client import weights as local_weights
-from pipeline.modeling.federated.control import KEY, ControlledGradients, pack, unpack
+from pipeline.modeling.federated.control import KEY, ControlledSteps, pack, unpack
 from pipeline.modeling.federated.server import Tracked
 from pipeline.modeling.federated.strategies import strategy
 from pipeline.tasks.image_classification.classifier import ImageClassifier
@@ -29,36 +29,46 @@ def holding(layer: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def step(callback: ControlledGradients, module: torch.nn.Module, gradient) -> torch.Tensor:
-    """One optimiser step's hook on `gradient`; the gradient the optimiser then sees."""
+def step(callback: ControlledSteps, module: torch.nn.Module, optimizer, gradient) -> None:
+    """One local step on `gradient`, the callback's hook before the optimiser's."""
     module.model.weight.grad = torch.tensor(gradient)
-    callback.on_before_optimizer_step(None, module, None)
-    return module.model.weight.grad
+    callback.on_before_optimizer_step(None, module, optimizer)
+    optimizer.step()
 
 
-def test_each_step_swaps_the_clients_own_gradient_for_the_federations():
-    module = holding(torch.nn.Linear(2, 1, bias=False))
-    corrected = ControlledGradients()
+def test_each_step_swaps_the_clients_own_mean_step_for_the_federations():
+    """With plain SGD the correction is the paper's: each step w -= rate (g + c - c_i),
+    and c_i is the round's mean gradient, the corrections left out."""
+    layer = torch.nn.Linear(2, 1, bias=False)
+    module = holding(layer)
+    sgd = torch.optim.SGD(layer.parameters(), lr=0.1)
+    corrected = ControlledSteps()
     assert corrected.report() == {}  # nothing to report before a round
-    # round 1: no c from the server, no c_i of its own: the gradients go uncorrected,
-    # and c_i becomes their mean
+    # round 1: no c from the server, no c_i of its own: plain steps; c_i their mean
     corrected.receive(None)
     corrected.on_train_start(None, module)
-    assert torch.equal(step(corrected, module, [[1.0, 2.0]]), torch.tensor([[1.0, 2.0]]))
-    step(corrected, module, [[3.0, 6.0]])
+    before = layer.weight.detach().clone()
+    step(corrected, module, sgd, [[1.0, 2.0]])
+    step(corrected, module, sgd, [[3.0, 6.0]])
+    assert torch.allclose(layer.weight, before - 0.1 * torch.tensor([[4.0, 8.0]]))
     corrected.on_train_end(None, module)
-    assert np.array_equal(unpack(corrected.report()[KEY])[0], [[2.0, 4.0]])
-    # round 2, c = (5, 5): g + c - c_i
+    assert np.allclose(unpack(corrected.report()[KEY])[0], [[2.0, 4.0]])
+    # round 2, c = (5, 5): w -= rate (g + c - c_i)
     corrected.receive(pack([np.array([[5.0, 5.0]], dtype=np.float32)]))
     corrected.on_train_start(None, module)
-    assert torch.equal(step(corrected, module, [[1.0, 1.0]]), torch.tensor([[4.0, 2.0]]))
-    # c_i measures the raw gradients, not the corrected ones, and leaves out a step
-    # whose gradient overflowed; a round that breaks before its end leaves the last
-    # whole round's
-    step(corrected, module, [[float("inf"), 1.0]])
-    assert torch.equal(corrected.summed[0], torch.tensor([[1.0, 1.0]]))
-    assert corrected.steps == 1
-    assert torch.equal(corrected.own[0], torch.tensor([[2.0, 4.0]]))
+    before = layer.weight.detach().clone()
+    step(corrected, module, sgd, [[1.0, 1.0]])
+    assert torch.allclose(layer.weight, before - 0.1 * torch.tensor([[4.0, 2.0]]))
+    # a round that breaks before its end leaves the last whole round's c_i ...
+    assert torch.allclose(corrected.own[0], torch.tensor([[2.0, 4.0]]))
+    # ... and one that ends measures its own steps, not the corrections
+    corrected.on_train_end(None, module)
+    assert torch.allclose(corrected.own[0], torch.tensor([[1.0, 1.0]]))
+    # a round whose weights overflowed leaves it too
+    corrected.on_train_start(None, module)
+    step(corrected, module, sgd, [[float("inf"), 1.0]])
+    corrected.on_train_end(None, module)
+    assert torch.allclose(corrected.own[0], torch.tensor([[1.0, 1.0]]))
     corrected.receive(pack([np.zeros((3, 3), dtype=np.float32)]))
     with pytest.raises(ValueError, match="different models"):
         corrected.on_train_start(None, module)

@@ -136,7 +136,7 @@ class LocalClient(NumPyClient):
                           else None)
         self.carried = (CarriedOptimizerState()
                         if cfg.trainer.federated.get("carry_optimizer_state") else None)
-        self.controlled = (control.ControlledGradients()
+        self.controlled = (control.ControlledSteps()
                            if cfg.trainer.federated.get("control_variates") else None)
 
     def get_parameters(self, config: dict) -> list[np.ndarray]:
@@ -159,7 +159,6 @@ class LocalClient(NumPyClient):
             limit_train_batches=self.cfg.train.limit_train_batches,
             limit_val_batches=0, num_sanity_val_steps=0,  # the server validates
             gradient_clip_val=self.cfg.train.gradient_clip_val,
-            # the control variate's correction first: it measures the raw gradient
             callbacks=[*([self.controlled] if self.controlled else []),
                        *([ProximalTerm(mu)] if mu > 0 else []),
                        *([self.carried] if self.carried else [])],

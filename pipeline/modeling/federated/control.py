@@ -1,19 +1,25 @@
 """SCAFFOLD's control variates (Karimireddy et al. 2020, "SCAFFOLD: stochastic
 controlled averaging for federated learning"), `trainer.federated.control_variates`:
-each local step's gradient is corrected by how the client's own gradient differs
-from the federation's, so a client whose rows hold a few classes does not drift
-toward them over its local steps.
+each local step is corrected by how the client's own steps differ from the
+federation's, so a client whose rows hold a few classes does not drift toward them
+over its local steps.
 
-- A client keeps c_i, the mean of the raw gradients of the last round it trained
-  (steps whose gradient was not finite left out). With plain SGD at a constant rate
-  that equals the paper's cheap estimate (option II, the distance moved over the
-  steps taken times the rate); unlike that it stays defined for AdamW, whose steps
-  are not the rate times the gradient.
+- A client keeps c_i, its mean step per unit learning rate over the last round it
+  trained: the distance its weights moved, less the corrections, over the rates
+  summed (the paper's cheap estimate, option II, with the schedule's rates).
 - The server keeps the latest c_i of every client still connected and sends c, their
   average weighted by rows (as FedAvg weighs the clients' objectives). A client that
-  left no longer counts: its old gradient would pull the others toward its rows.
-- Each local step's gradient g becomes g + c - c_i: the client's own pull swapped for
-  the federation's. A client with no c_i yet (its first round) trains uncorrected.
+  left no longer counts: its old steps would pull the others toward its rows.
+- Beside each local step the weights move by the step's rate times c - c_i: the
+  client's own mean step swapped for the federation's. A client with no c_i yet (its
+  first round) trains uncorrected.
+
+The paper corrects the gradient (g + c - c_i, with c_i a mean gradient), which with
+plain SGD is the same thing. With AdamW it is not: the optimiser divides the
+corrected gradient by its own running scale, so a correction larger than the
+gradient's noise becomes a full-rate step of its own in every weight (measured:
+docs/configuration.md, "Federated training"). Steps are on the same scale whatever
+the optimiser.
 
 c travels to the clients in the round's fit config and each c_i back in the client's
 fit metrics, both as bytes (`pack`), so client processes carry them over gRPC as the
@@ -43,17 +49,17 @@ def unpack(data: bytes) -> list[np.ndarray]:
         return [archive[f"arr_{i}"] for i in range(len(archive.files))]
 
 
-class ControlledGradients(Callback):
+class ControlledSteps(Callback):
     """A client's side: its c_i, kept from round to round, and this round's c
-    (`federation`, set before each local fit); corrects each step's gradient (before
-    clipping and the optimiser's step) and measures the next c_i."""
+    (`federation`, set before each local fit); moves the weights by the rate times
+    c - c_i beside each optimiser step and measures the next c_i."""
 
     def __init__(self):
         self.own: list[torch.Tensor] | None = None  # c_i, from this client's last round
         self.federation: list[torch.Tensor] | None = None  # c, this round's
-        self.summed: list[torch.Tensor] = []
+        self.start: list[torch.Tensor] = []  # the weights the round started from
         self.shifts: list[torch.Tensor] | None = None  # c - c_i, on the weights' device
-        self.steps = 0
+        self.rate_sums: list[float] = []  # each weight's rates over the round, summed
 
     def receive(self, packed: bytes | None) -> None:
         """This round's c from the server's config (None before any client reported)."""
@@ -75,8 +81,8 @@ class ControlledGradients(Callback):
                 raise ValueError(f"federated: the server's control variate has shapes "
                                  f"{sent[:3]}... for a model with {shapes[:3]}... "
                                  "(client and server built different models)")
-        self.summed = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.steps = 0
+        self.start = [p.detach().clone() for p in params]
+        self.rate_sums = [0.0] * len(params)
         correcting = self.federation is not None and self.own is not None
         self.shifts = ([(c - own).to(p.device, p.dtype)
                         for c, own, p in zip(self.federation, self.own, params, strict=True)]
@@ -84,23 +90,34 @@ class ControlledGradients(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer) -> None:
-        grads = [p.grad for p in pl_module.model.parameters()]
-        # a step whose gradient overflowed (a mixed-precision scaler skips it) would
-        # make c_i, and through the server every client's c, not a number
-        if all(g is None or torch.isfinite(g).all() for g in grads):
-            for total, grad in zip(self.summed, grads, strict=True):
-                if grad is not None:
-                    total += grad.detach().float()
-            self.steps += 1
-        if self.shifts is not None:
-            for grad, shift in zip(grads, self.shifts, strict=True):
-                if grad is not None:
-                    grad.add_(shift)
+        # the rate this step takes (the scheduler moves it after the step)
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        rates = [float(group_of[id(p)]["lr"]) if id(p) in group_of else 0.0
+                 for p in pl_module.model.parameters()]
+        self.rate_sums = [total + rate for total, rate in zip(self.rate_sums, rates,
+                                                               strict=True)]
+        if self.shifts is None:
+            return
+        with torch.no_grad():
+            for param, shift, rate in zip(pl_module.model.parameters(), self.shifts, rates,
+                                          strict=True):
+                param.sub_(shift, alpha=rate)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # only a round that ran to its end replaces c_i (a broken one leaves it)
-        if self.steps:
-            self.own = [(total / self.steps).cpu() for total in self.summed]
+        if not any(self.rate_sums):
+            return
+        with torch.no_grad():
+            # the round's own mean step per unit rate: the distance moved, less the
+            # corrections, which moved every weight by rate * (c - c_i) at each step
+            moved = [(before - param.detach()) / total if total else torch.zeros_like(before)
+                     for before, param, total in zip(self.start,
+                                                     pl_module.model.parameters(),
+                                                     self.rate_sums, strict=True)]
+            if self.shifts is not None:
+                moved = [m - shift for m, shift in zip(moved, self.shifts, strict=True)]
+        if all(torch.isfinite(m).all() for m in moved):  # else the last c_i stays
+            self.own = [m.float().cpu() for m in moved]
 
 
 class FederationControls:
