@@ -93,7 +93,6 @@ def test_a_client_reports_its_estimate_and_trains_with_the_federations():
     """Through LocalClient.fit and a real local fit: round 1 reports c_i; in round 2 a
     c equal to it trains exactly as an uncorrected client does, and another c moves
     the weights elsewhere."""
-    assert toy_client(False).controlled is None
     client, plain = toy_client(True), toy_client(False)
     start = local_weights(client.module.model)
     with publicly_seeded(0):  # a client's fit seeds the process: put the states back
@@ -164,3 +163,16 @@ def test_the_server_sends_the_rows_weighted_average_of_each_clients_latest():
     assert np.allclose(sent(4)[0], [4.0, 7.0])
     # a client that disconnected no longer counts
     assert np.allclose(sent(5, connected=("client-0",))[0], [4.0, 4.0])
+
+
+def test_with_control_variates_off_no_round_carries_any():
+    federated = OmegaConf.create({"strategy": "fedavg", "fraction_fit": 1.0,
+                                  "min_clients": 2, "connect_timeout_s": 1,
+                                  "control_variates": False})
+    tracked = Tracked(strategy(federated, [np.zeros(2)], 1, 3), federated, 2, 3,
+                      global_model=None)
+    tracked.aggregate_fit(1, [result(0, 1, [np.ones(2)]), result(1, 1, [np.ones(2)])], [])
+    asked = tracked.configure_fit(2, ndarrays_to_parameters([np.zeros(2)]),
+                                  Connected("client-0", "client-1"))
+    assert asked and all(KEY not in fit_ins.config for _, fit_ins in asked)
+    assert toy_client(False).controlled is None
