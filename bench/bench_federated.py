@@ -102,6 +102,8 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedexp-batch16-balanced-carried-averaged-controlled": [
                 *ours, *carried, *extrapolated, *averaged,
                 "trainer.federated.control_variates=true"],
+            "fedavg-batch16-balanced-carried-controlled": [
+                *ours, *carried, "trainer.federated.control_variates=true"],
             # the rows dealt out evenly, no label skew: how much of the gap is the skew's
             "fedavg-batch16-iid": [*IMAGE, *plain, *linear,
                                    "trainer.federated.partition.by=iid"],
