@@ -97,8 +97,8 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             # ... and twice it: half measured lower on validation
             "fedexp-batch16-balanced-carried-averaged-double-rate": [
                 *ours, *carried, *extrapolated, *averaged, "train.lr=4.0e-3"],
-            # SCAFFOLD's control variates on top (control.py): each local step's
-            # gradient corrected toward the federation's, against the skew's drift
+            # SCAFFOLD's control variates on top (control.py): each local step
+            # corrected toward the federation's, against the skew's drift
             "fedexp-batch16-balanced-carried-averaged-controlled": [
                 *ours, *carried, *extrapolated, *averaged,
                 "trainer.federated.control_variates=true"],

@@ -47,8 +47,8 @@ def describe_federated(record: dict | None) -> str:
     # simulation runs every client in the train stage's process: nothing travels
     travelled = ("to the server over TLS" if record.get("mode") == "clients"
                  else "within the train stage's process (simulated clients)")
-    # SCAFFOLD's control variates: each client's mean gradient travels too
-    sent = ("model updates and each client's mean gradient of its round (control "
+    # SCAFFOLD's control variates: each client's mean step travels too
+    sent = ("model updates and each client's mean step of its round (control "
             "variates)" if record.get("control_variates") else "model updates")
     return (f" Trained federated ({record['strategy']}, Flower): {record['clients']} "
             f"clients, the training rows dealt out by {how}, {record['rounds']} rounds; "

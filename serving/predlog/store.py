@@ -139,7 +139,9 @@ class LogStore:
                 cursor = self.connection.cursor()
                 # two replicas creating the same table at once would collide
                 cursor.execute("SELECT pg_advisory_xact_lock(4711012)")
-                cursor.execute("SELECT to_regclass(%s)", (created_name(statement),))
+                # in the schema CREATE would create it in, not any on the search path
+                cursor.execute("SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)",
+                               (created_name(statement),))
                 if cursor.fetchone()[0] is None:
                     cursor.execute(statement)
 

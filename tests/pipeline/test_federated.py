@@ -495,7 +495,7 @@ def test_a_simulated_federation_hands_evaluate_a_model_as_a_central_fit_does(
     assert f"Trained federated ({strategy}, Flower): 3 clients" in card
     assert "within the train stage's process (simulated clients)" in card
     assert "over TLS" in privacy.describe_federated({**metrics["federated"], "mode": "clients"})
-    assert ("each client's mean gradient" in card) is controlled
+    assert ("each client's mean step" in card) is controlled
     assert privacy.describe_federated(None) == ""
     curves = json.loads((tmp_path / "reports/train_curves.json").read_text())
     assert [row["epoch"] for row in curves] == [1, 2, 3]

@@ -59,14 +59,19 @@ def test_each_step_swaps_the_clients_own_mean_step_for_the_federations():
     before = layer.weight.detach().clone()
     step(corrected, module, sgd, [[1.0, 1.0]])
     assert torch.allclose(layer.weight, before - 0.1 * torch.tensor([[4.0, 2.0]]))
-    # a round that breaks before its end leaves the last whole round's c_i ...
-    assert torch.allclose(corrected.own[0], torch.tensor([[2.0, 4.0]]))
-    # ... and one that ends measures its own steps, not the corrections
+    # c_i measures the round's own steps, not the corrections
     corrected.on_train_end(None, module)
     assert torch.allclose(corrected.own[0], torch.tensor([[1.0, 1.0]]))
-    # a round whose weights overflowed leaves it too
+    # a step whose gradient overflowed (a mixed-precision scaler skips it) is neither
+    # corrected nor counted; a round whose weights overflowed leaves the last c_i
     corrected.on_train_start(None, module)
-    step(corrected, module, sgd, [[float("inf"), 1.0]])
+    before = layer.weight.detach().clone()
+    layer.weight.grad = torch.tensor([[float("inf"), 1.0]])
+    corrected.on_before_optimizer_step(None, module, sgd)
+    assert torch.equal(layer.weight, before) and corrected.rate_sums == [0.0]
+    step(corrected, module, sgd, [[1.0, 1.0]])
+    with torch.no_grad():
+        layer.weight.fill_(float("nan"))
     corrected.on_train_end(None, module)
     assert torch.allclose(corrected.own[0], torch.tensor([[1.0, 1.0]]))
     corrected.receive(pack([np.zeros((3, 3), dtype=np.float32)]))
@@ -176,3 +181,21 @@ def test_with_control_variates_off_no_round_carries_any():
                                   Connected("client-0", "client-1"))
     assert asked and all(KEY not in fit_ins.config for _, fit_ins in asked)
     assert toy_client(False).controlled is None
+
+
+def test_a_weight_no_step_moved_has_no_step_of_its_own():
+    """A weight without a gradient (a frozen one, an unused branch) is neither corrected
+    nor given a c_i other than zero, whatever the shift."""
+    layer = torch.nn.Linear(2, 1)
+    module = holding(layer)
+    sgd = torch.optim.SGD(layer.parameters(), lr=0.1)
+    corrected = ControlledSteps()
+    corrected.own = [torch.zeros(1, 2), torch.tensor([0.5])]
+    corrected.receive(pack([np.ones((1, 2), dtype=np.float32), np.ones(1, dtype=np.float32)]))
+    corrected.on_train_start(None, module)
+    bias = layer.bias.detach().clone()
+    step(corrected, module, sgd, [[1.0, 1.0]])  # the bias has no gradient
+    corrected.on_train_end(None, module)
+    assert torch.equal(layer.bias, bias)
+    assert torch.allclose(corrected.own[0], torch.tensor([[1.0, 1.0]]))
+    assert torch.equal(corrected.own[1], torch.zeros(1))

@@ -40,8 +40,8 @@ def test_opening_the_log_beside_a_writer_mid_batch_breaks_neither(postgres):
     opening.start()
     try:
         # Before the fix the new connection's CREATE INDEX took the predictions table
-        # and waited on feedback; this insert then waited on it: PostgreSQL's
-        # deadlock detector failed one of the two after a second.
+        # and waited here for the writer's feedback; the writer's next insert would
+        # then have waited on it, and PostgreSQL's deadlock detector failed one.
         assert opened.wait(10), failed
         writer.cursor().execute(
             "INSERT INTO predictions (request_id, position, created, model_version, text, "

@@ -90,32 +90,40 @@ class ControlledSteps(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer) -> None:
-        # the rate this step takes (the scheduler moves it after the step)
+        params = list(pl_module.model.parameters())
+        # a step whose gradient overflowed, which a mixed-precision scaler skips: no
+        # correction and no rate counted either
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+            return
+        # the rate this step takes (the scheduler moves it after the step), for the
+        # weights the optimiser steps (those with a gradient)
         group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        rates = [float(group_of[id(p)]["lr"]) if id(p) in group_of else 0.0
-                 for p in pl_module.model.parameters()]
+        rates = [float(group_of[id(p)]["lr"]) if id(p) in group_of and p.grad is not None
+                 else 0.0 for p in params]
         self.rate_sums = [total + rate for total, rate in zip(self.rate_sums, rates,
                                                                strict=True)]
         if self.shifts is None:
             return
         with torch.no_grad():
-            for param, shift, rate in zip(pl_module.model.parameters(), self.shifts, rates,
-                                          strict=True):
-                param.sub_(shift, alpha=rate)
+            for param, shift, rate in zip(params, self.shifts, rates, strict=True):
+                if rate:
+                    param.sub_(shift, alpha=rate)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # only a round that ran to its end replaces c_i (a broken one leaves it)
+        # Lightning calls this only when the fit ended well: a round that broke leaves
+        # the last c_i
         if not any(self.rate_sums):
             return
         with torch.no_grad():
             # the round's own mean step per unit rate: the distance moved, less the
             # corrections, which moved every weight by rate * (c - c_i) at each step
-            moved = [(before - param.detach()) / total if total else torch.zeros_like(before)
-                     for before, param, total in zip(self.start,
-                                                     pl_module.model.parameters(),
-                                                     self.rate_sums, strict=True)]
-            if self.shifts is not None:
-                moved = [m - shift for m, shift in zip(moved, self.shifts, strict=True)]
+            # (a weight no step moved: none, and no correction to take back either)
+            shifts = self.shifts or [0.0] * len(self.start)
+            moved = [(before - param.detach()) / total - shift if total
+                     else torch.zeros_like(before)
+                     for before, param, total, shift in zip(
+                         self.start, pl_module.model.parameters(), self.rate_sums, shifts,
+                         strict=True)]
         if all(torch.isfinite(m).all() for m in moved):  # else the last c_i stays
             self.own = [m.float().cpu() for m in moved]
 

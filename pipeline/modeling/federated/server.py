@@ -84,8 +84,8 @@ class Tracked(Strategy):
     - updates are averaged in client order, so the sum is the same whichever finished
       first;
     - with `control_variates` (SCAFFOLD's, control.py), each round's config carries
-      c, the average of the connected clients' latest gradient estimates, and each
-      result its client's own;
+      c, the average of the connected clients' latest mean steps, and each result its
+      client's own;
     - with client-level privacy (`privacy`), the round's weights are its clipped,
       noised average (privacy.py) in place of the strategy's;
     - buffers (`buffers`: positions among the arrays, such as BatchNorm's running
