@@ -107,6 +107,9 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             # the rows dealt out evenly, no label skew: how much of the gap is the skew's
             "fedavg-batch16-iid": [*IMAGE, *plain, *linear,
                                    "trainer.federated.partition.by=iid"],
+            "fedexp-batch16-balanced-carried-averaged-iid": [
+                *ours, *carried, *extrapolated, *averaged,
+                "trainer.federated.partition.by=iid"],
             "centralised-group": [*IMAGE, *GROUP],
             "fedavg-group": [*IMAGE, *GROUP, *plain],
             "fedprox-group": [*IMAGE, *GROUP, *plain, *prox]}
