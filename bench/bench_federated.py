@@ -33,6 +33,8 @@ IMAGE = ["task=image_classification"]
 # data quagmire of decentralized machine learning"); each is compared with the
 # centralised fit of the same model.
 GROUP = ["model.norm=group"]
+# sixteen epochs, or rounds (trainer.federated.rounds follows train.max_epochs)
+SIXTEEN = ["train.max_epochs=16"]
 
 
 def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
@@ -110,6 +112,11 @@ def configurations(clients: int, alpha: float) -> dict[str, list[str]]:
             "fedexp-batch16-balanced-carried-averaged-iid": [
                 *ours, *carried, *extrapolated, *averaged,
                 "trainer.federated.partition.by=iid"],
+            # twice the passes, centralised and federated alike: how the gap moves
+            # with the training both get
+            "centralised-16-passes": [*IMAGE, *SIXTEEN],
+            "fedexp-batch16-balanced-carried-averaged-16-passes": [
+                *ours, *carried, *extrapolated, *averaged, *SIXTEEN],
             "centralised-group": [*IMAGE, *GROUP],
             "fedavg-group": [*IMAGE, *GROUP, *plain],
             "fedprox-group": [*IMAGE, *GROUP, *plain, *prox]}
@@ -123,8 +130,12 @@ def skewed(run: dict) -> bool:
 
 
 def baseline(name: str) -> str:
-    """The centralised configuration a federated one is compared with: the same model."""
-    return "centralised-group" if name.endswith("-group") else "centralised"
+    """The centralised configuration a federated one is compared with: the same model,
+    the same passes over the data."""
+    for suffix in ("-group", "-16-passes"):
+        if name.endswith(suffix):
+            return "centralised" + suffix
+    return "centralised"
 
 
 ABOUT = """Each configuration from a clean copy of the repository: `dvc repro evaluate`
@@ -143,8 +154,9 @@ the model handed on is the average of its last two); `carried`, each client's Ad
 moments carried from its last round (carrying, and FedExP's averaging, on by default
 since measured); `half-rate` and `double-rate`, the local learning rate (`train.lr`)
 halved or doubled; `controlled`, SCAFFOLD's control variates; `iid`,
-the rows dealt out evenly, without label skew). Each is compared with the
-centralised fit of the same model: the default CNN (BatchNorm) and the CNN with
+the rows dealt out evenly, without label skew; `16-passes`, sixteen epochs or rounds
+instead of eight). Each is compared with the centralised fit of the same model at
+the same passes: the default CNN (BatchNorm) and the CNN with
 GroupNorm (`model.norm=group`), whose statistics are per example and need no
 averaging across clients. Wall times are in the JSON
 only: these runs shared the machine with other work. Run again:
@@ -165,16 +177,20 @@ def as_result(runs: list[dict]) -> Result:
                   ["configuration", "overrides", "test accuracy",
                    "against centralised (same model)", "validation accuracy", "macro F1",
                    "epochs or rounds", "commit", "measured on"], rows)
-    # The configuration the summary reports is chosen on validation accuracy, never on
-    # the test accuracy it then shows.
+    # The configuration the summary reports, one per number of passes, is chosen on
+    # validation accuracy, never on the test accuracy it then shows.
     candidates = sorted((r for r in runs if skewed(r) and baseline(r["name"]) in by_name),
                         key=lambda r: r["val_accuracy"])
-    summary = [[f"federated test accuracy against centralised, Fashion-MNIST, "
-                f"{r['clients']} clients, Dirichlet {r['alpha']}, the same passes "
-                f"({r['name']}, the best on validation of {len(candidates)})",
-                f"{r['accuracy'] - by_name[baseline(r['name'])]['accuracy']:+.4f}",
-                measured_on(r)]
-               for r in candidates[-1:]]
+    summary = []
+    for passes in sorted({by_name[baseline(r["name"])]["epochs"] for r in candidates}):
+        same = [r for r in candidates if by_name[baseline(r["name"])]["epochs"] == passes]
+        best = same[-1]
+        summary.append([
+            f"federated test accuracy against centralised, Fashion-MNIST, "
+            f"{best['clients']} clients, Dirichlet {best['alpha']}, {passes} passes "
+            f"({best['name']}, the best on validation of {len(same)})",
+            f"{best['accuracy'] - by_name[baseline(best['name'])]['accuracy']:+.4f}",
+            measured_on(best)])
     return Result("federated", "Federated training: accuracy against centralised", ABOUT,
                   [table], data={"runs": runs}, summary=summary, merged=True)
 
