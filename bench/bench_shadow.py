@@ -15,7 +15,10 @@ runs the shadow within a CPU budget (--shadow-cpu cores per worker, TEXTOPS_SHAD
 Shadow scoring's CPU per text, and the challenger's own inference CPU, are measured
 apart from the services (bench/shadow_cpu.py says how and why): a shadow as a server
 process runs it, offered the dev texts at a steady rate, against the challenger's
-inference in a process of its own on the same texts (target: at most 1.1x).
+inference in a process of its own on the same texts (target: at most 1.1x): offered
+as a service offers them, with the champion's token ids, which the shadow scores when
+the challenger's tokenizer.json is the champion's, as here; and as from a champion
+with another tokenizer, when the challenger tokenizes the texts again.
 Publishes bench/results/shadow.json and docs/results/shadow.md.
 """
 
@@ -137,7 +140,9 @@ def main() -> None:
           f"scored {payload['scored_share']:.1%} of the texts, within its budget "
           f"{payload['capped_scored_share']:.1%}; its CPU {cpu['total']:.1f} us "
           f"per text against the challenger's own {cpu['own']:.1f}: "
-          f"{payload['cpu_ratio']:.2f}x (target <= {CPU_TARGET})")
+          f"{payload['cpu_ratio']:.2f}x (target <= {CPU_TARGET}); tokenizing the texts "
+          f"again, {cpu['own_tokenizer']['total']:.1f} us: "
+          f"{cpu['ratio_own_tokenizer']:.2f}x")
     print(f"wrote {publish(as_result(payload)).relative_to(ROOT)}")
 
 
@@ -189,7 +194,11 @@ the core's caches or its hardware-thread sibling). Shadow scoring's CPU per text
 measured apart from the
 services, whose CPU per text varies by more than the shadow's whole cost: a shadow as
 a server process runs it, with its worker process and a prediction log on SQLite, is
-offered the dev texts (four times over) at {shadow_cpu.RATE} texts/s. Its cost is the worker's CPU
+offered the dev texts (four times over) at {shadow_cpu.RATE} texts/s, each with the
+token ids the champion's tokenizer made of it (on the request path, not charged), which
+the shadow scores as they are since the challenger's tokenizer.json is the champion's;
+and again as from a champion with another tokenizer, the texts tokenized by the worker
+(`tokenizing again`). Its cost is the worker's CPU
 (`textops_shadow_cpu_seconds`) and the offering process's (handing texts over,
 receiving and logging the answers), per text scored, against the challenger's own
 inference CPU per text on the same texts in a process of its own, loaded as the
@@ -198,7 +207,8 @@ champion's batcher runs them and the shadow's are sent), a batch each time
 {shadow_cpu.RATE} texts/s fill one, as the worker gets them: the same batches at the
 same times, the shadow's machinery the only difference (and, shown beside, the same
 batches back to back, as no process serving this rate runs them); medians of {{rounds}}
-rounds of all three, in each order in turn, and the ratio (target at most
+rounds of all four, each first and each before and after each other in turn, and the
+ratio (target at most
 {CPU_TARGET}x) the median of the rounds' ratios, a shadow beside its own baseline: this
 machine's speed drifts between rounds by more than the shadow's cost. Run again:
 `python bench/bench_shadow.py --bundle models/current`."""
@@ -231,26 +241,34 @@ def as_result(payload: dict) -> Result:
          round(cpu["own"], 1), ""],
         ["shadow CPU / the challenger's own (median of the rounds')",
          f"{payload['cpu_ratio']:.2f}", f"<= {CPU_TARGET}"],
+        ["shadow CPU per scored text, tokenizing again (us)",
+         round(cpu["own_tokenizer"]["total"], 1), ""],
+        ["shadow CPU tokenizing again / the challenger's own (median of the rounds')",
+         f"{cpu['ratio_own_tokenizer']:.2f}", ""],
         ["the challenger's own, its batches back to back (us)",
          round(cpu["own_back_to_back"], 1), ""],
         ["shadow CPU / the challenger's own back to back (median of the rounds')",
          f"{cpu['ratio_back_to_back']:.2f}", ""]])
     measured = cpu["rounds"]
     per_round = Table("CPU per text in each round (us)",
-                      ["round", "challenger's own", "back to back", "shadow", "ratio"],
+                      ["round", "challenger's own", "back to back", "shadow", "ratio",
+                       "shadow tokenizing again", "ratio"],
                       [[i + 1, round(own, 1), round(flat, 1), round(shadow["total"], 1),
-                        f"{shadow['total'] / own:.2f}"]
-                       for i, (own, flat, shadow) in enumerate(zip(
+                        f"{shadow['total'] / own:.2f}", round(again["total"], 1),
+                        f"{again['total'] / own:.2f}"]
+                       for i, (own, flat, shadow, again) in enumerate(zip(
                            measured["own"], measured["own_back_to_back"], measured["shadow"],
-                           strict=True))])
+                           measured["own_tokenizer"], strict=True))])
     concurrency = payload["args"]["concurrency"]
     summary = [[f"shadow mode: p99 on / off at concurrency {concurrency}",
                 f"{payload['p99_ratio']:.3f}"],
                [f"shadow mode within {cores:g} cores per worker (TEXTOPS_SHADOW_CPU): p99 "
                 f"on / off at concurrency {concurrency}",
                 f"{payload['capped_p99_ratio']:.3f}"],
-               ["shadow mode: CPU / the challenger's own inference",
-                f"{payload['cpu_ratio']:.2f}x"]]
+               ["shadow mode: CPU / the challenger's own inference (the champion's "
+                "tokenizer)", f"{payload['cpu_ratio']:.2f}x"],
+               ["shadow mode: CPU / the challenger's own inference (a tokenizer of its "
+                "own)", f"{cpu['ratio_own_tokenizer']:.2f}x"]]
     about = ABOUT.replace("{rounds}", str(len(cpu["rounds"]["own"]))).replace(
         "{concurrency}", str(concurrency)).replace("{cores}", f"{cores:g}")
     return Result("shadow", "What shadow mode costs", about, [table, cost, per_round],

@@ -8,7 +8,12 @@ prediction log on SQLite that stores the challenger's answers) is offered reques
 of one text each at a steady rate. Its cost is the worker's CPU
 (`textops_shadow_cpu_seconds`) plus this process's (offering, sending, receiving
 and logging; less what pacing the same requests costs with no shadow to offer them
-to, which a service spends on its requests anyway), per text scored.
+to, which a service spends on its requests anyway), per text scored. Each text is
+offered as a service offers it: with the token ids the champion's tokenizer made of it
+(computed beforehand: the champion's work, done on the request path anyway), which the
+shadow sends in its place when the challenger's tokenizer.json is the champion's (the
+challenger here is the champion's copy). Offered as from a champion with another
+tokenizer (`own_tokenizer`), the texts go and the worker tokenizes them.
 
 The challenger's own inference CPU is measured in a process of its own, loaded as
 the worker loads it (one thread, warmed up), on the same texts in batches of
@@ -24,18 +29,18 @@ the like-for-like baseline is a process like the worker's.
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from serving.bundle import Bundle, RuntimeOptions
-from serving.engine.batcher import infer
 from serving.engine.following import load_warm
+from serving.engine.inference import infer
 from serving.engine.shadow import Shadow
 from serving.monitoring.metrics import ServiceMetrics
 from serving.predlog.writer import PredictionLog
@@ -49,9 +54,13 @@ RATE = 1000  # texts per second offered: about what each of a loaded service's t
 
 
 def in_turn(names, rounds: int) -> list[tuple]:
-    """Each round's order of `names`: every order in turn, so that a drift of the
-    machine's speed over the run weighs on each name alike."""
-    orders = list(itertools.permutations(names))
+    """Each round's order of `names`: each rotation of them, then of them reversed,
+    in turn (every order of three), so that each goes first, and before and after each
+    other, equally often: a drift of the machine's speed over the run weighs on each
+    name alike."""
+    names = list(names)
+    orders = [tuple(ring[i:] + ring[:i]) for ring in (names, names[::-1])
+              for i in range(len(names))]
     return [orders[r % len(orders)] for r in range(rounds)]
 
 
@@ -88,14 +97,19 @@ def own_cpu_per_text(bundle_dir: Path, texts: list[str], passes: int = 3,
     return statistics.median(per_pass)
 
 
-def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path) -> dict[str, float]:
+def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path,
+                        same_tokenizer: bool = True) -> dict[str, float]:
     """Shadow scoring's CPU per text scored (microseconds): `worker`, `handover` (this
-    process: offering, sending, receiving, logging) and `total`."""
-    pacing = offered(texts, lambda *request: None)  # what a service pays anyway
+    process: offering, sending, receiving, logging) and `total`; the texts offered
+    with the champion's token ids, from a champion with the challenger's tokenizer
+    (`same_tokenizer`) or another."""
+    challenger = Bundle.load(bundle_dir, "int8", RuntimeOptions(intra_op_threads=1))
+    encoded = challenger.encode(texts)  # the champion's, on the request path
+    champion = challenger if same_tokenizer else SimpleNamespace(inputs=None)
+    pacing = offered(texts, encoded, champion, lambda *request, **named: None)
     metrics = ServiceMetrics(drift_window=10)
     log = PredictionLog(f"sqlite:///{where}/shadow-cpu.db", metrics)
     log.start()
-    challenger = Bundle.load(bundle_dir, "int8", RuntimeOptions(intra_op_threads=1))
     shadow = Shadow(challenger, Settings(), metrics, log, capacity=100_000, max_batch=BATCH)
     # read from the two counters alone: the registry's every collector costs this
     # process milliseconds a scrape
@@ -106,7 +120,7 @@ def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path) -> dict
         wait_for(lambda: scored() == 1, shadow)
         log.flush()
         worker_before, started = worker_cpu(), time.process_time()
-        offered(texts, shadow.offer)
+        offered(texts, encoded, champion, shadow.offer)
         wait_for(lambda: scored() == 1 + len(texts), shadow)
         log.flush()
         handover = (time.process_time() - started - pacing) / len(texts) * 1e6
@@ -117,13 +131,14 @@ def shadow_cpu_per_text(bundle_dir: Path, texts: list[str], where: Path) -> dict
     return {"worker": worker, "handover": handover, "total": worker + handover}
 
 
-def offered(texts: list[str], offer) -> float:
-    """Offer each text as a request of its own at a steady RATE; this process's CPU
-    seconds for it. Pacing alone (`offer` doing nothing) costs this process CPU too
-    (waking up a hundred times a second), which the shadow is not charged with."""
+def offered(texts: list[str], encoded: list, champion, offer) -> float:
+    """Offer each text as a request of its own at a steady RATE, with the ids
+    `champion` made of it; this process's CPU seconds for it. Pacing alone (`offer`
+    doing nothing) costs this process CPU too (waking up a hundred times a second),
+    which the shadow is not charged with."""
     started, tick = time.process_time(), time.monotonic()
     for i, text in enumerate(texts):
-        offer(f"r{i}", [text], CHAMPION)
+        offer(f"r{i}", [text], CHAMPION, encoded=encoded[i:i + 1], by=champion)
         if i % 10 == 9:  # ten at a time
             tick += 10 / RATE
             time.sleep(max(0.0, tick - time.monotonic()))
@@ -143,15 +158,18 @@ def wait_for(done, shadow: Shadow, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 6) -> dict:
-    """Shadow scoring's CPU per text and the challenger's own (paced, and back to
-    back), in rounds of all three, each order of the three in turn (six rounds: each
-    first twice); each figure the median of its rounds, and `ratio` the median of the
+def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 8) -> dict:
+    """Shadow scoring's CPU per text (the champion's ids scored, and, `own_tokenizer`,
+    the texts tokenized again) and the challenger's own (paced, and back to back), in
+    rounds of all four, in turn as `in_turn` orders them (eight rounds: each first
+    twice); each figure the median of its rounds, and a ratio the median of the
     rounds' ratios, a shadow measured beside its own baseline (their spread is on the
     page: this machine's speed drifts by more than the shadow's cost)."""
-    own, flat, shadow = [], [], []
+    own, flat, shadow, texts_shadow = [], [], [], []
     steps = {"own": lambda: own.append(own_cpu_per_text(bundle_dir, texts)),
              "shadow": lambda: shadow.append(shadow_cpu_per_text(bundle_dir, texts, where)),
+             "own_tokenizer": lambda: texts_shadow.append(
+                 shadow_cpu_per_text(bundle_dir, texts, where, same_tokenizer=False)),
              "flat": lambda: flat.append(own_cpu_per_text(bundle_dir, texts, paced=False))}
     for round_, order in enumerate(in_turn(steps, rounds)):
         for step in order:
@@ -159,10 +177,17 @@ def measure(bundle_dir: Path, texts: list[str], where: Path, rounds: int = 6) ->
         print(f"shadow CPU, round {round_ + 1}: own {own[-1]:.1f} us/text (back to back "
               f"{flat[-1]:.1f}), shadow {shadow[-1]['total']:.1f} (worker "
               f"{shadow[-1]['worker']:.1f}, handing over and logging "
-              f"{shadow[-1]['handover']:.1f})", flush=True)
+              f"{shadow[-1]['handover']:.1f}), tokenizing again "
+              f"{texts_shadow[-1]['total']:.1f}", flush=True)
+
+    def ratio(shadows: list[dict], baseline: list[float]) -> float:
+        return statistics.median(r["total"] / o for r, o in zip(shadows, baseline, strict=True))
+
     return {"own": statistics.median(own), "own_back_to_back": statistics.median(flat),
-            "ratio": statistics.median(r["total"] / o for r, o in zip(shadow, own, strict=True)),
-            "ratio_back_to_back": statistics.median(
-                r["total"] / o for r, o in zip(shadow, flat, strict=True)),
+            "ratio": ratio(shadow, own), "ratio_back_to_back": ratio(shadow, flat),
+            "ratio_own_tokenizer": ratio(texts_shadow, own),
             **{part: statistics.median(r[part] for r in shadow) for part in shadow[0]},
-            "rounds": {"own": own, "own_back_to_back": flat, "shadow": shadow}}
+            "own_tokenizer": {part: statistics.median(r[part] for r in texts_shadow)
+                              for part in texts_shadow[0]},
+            "rounds": {"own": own, "own_back_to_back": flat, "shadow": shadow,
+                       "own_tokenizer": texts_shadow}}

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from serving.bundle import Bundle, softmax
-from serving.engine.batcher import infer, length_groups
+from serving.engine.inference import infer, length_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_DATA = ROOT / "conf/data/fashion_mnist.yaml"  # its test split, its class names

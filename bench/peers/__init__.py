@@ -1,7 +1,7 @@
 """The serving frameworks a user would pick instead of our service, for the benchmark.
 
 Each peer wraps the SAME int8 ONNX bundle and computes its answers with our own code
-(`serving.bundle.Bundle` + `serving.engine.batcher.infer`), so the benchmark compares only what
+(`serving.bundle.Bundle` + `serving.engine.inference.infer`), so the benchmark compares only what
 the framework adds: its HTTP layer, its batching, its processes and their IPC. A text
 bundle takes texts; an image bundle takes PNG or JPEG files in base64, which each wrapper
 decodes with the bundle's own `bundle.inputs.pixels` before `infer`.

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.peers import BUILD, HOST, PeerServer, PeerUnavailable, free_port, prepare  # noqa: E402
 from bench.workload import ImageWorkload  # noqa: E402
 from serving.bundle import Bundle  # noqa: E402
-from serving.engine.batcher import infer  # noqa: E402
+from serving.engine.inference import infer  # noqa: E402
 
 TOLERANCE = 1e-4
 BATCH_LINE = re.compile(rb"textops-batch texts=(\d+)")

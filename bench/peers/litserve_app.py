@@ -40,7 +40,7 @@ from pathlib import Path
 import litserve as ls
 
 from serving.bundle import Bundle, RuntimeOptions
-from serving.engine.batcher import infer
+from serving.engine.inference import infer
 
 # Set by bench/peers/check.py only: one log line per model call, to see the batching.
 LOG_BATCHES = os.environ.get("TEXTOPS_PEER_LOG_BATCHES") == "1"

@@ -64,9 +64,9 @@ async def predict_answer(service: InferenceService, body: bytes, offered_id: str
         raise invalid(err) from None
     check_texts(request.texts, settings.max_texts, settings.max_chars)
     rid = request_id(offered_id)
-    probs, bundle = await service.predict(request.texts, client_key or rid)
+    probs, bundle, encoded = await service.predict(request.texts, client_key or rid)
     service.log_prediction(rid, bundle, request.texts, probs)
-    service.shadow_score(rid, request.texts, probs)
+    service.shadow_score(rid, request.texts, probs, bundle, encoded)
     answer = {"request_id": rid, "model_version": bundle.version, **service.role(bundle),
               "predictions": predictions(bundle.label_names, probs)}
     return orjson.dumps(answer), rid
@@ -86,11 +86,11 @@ async def predict_images(service: InferenceService, bundle: Bundle, body: bytes,
     images.check(files, settings)
     pixels = await images.decode(bundle, files)
     rid = request_id(offered_id)
-    probs, used = await service.predict(list(pixels), client_key or rid)
+    probs, used, _ = await service.predict(list(pixels), client_key or rid)
     logged = await images.log_keys(images.file_keys(files), pixels,
                                    settings.prediction_log_images)
     service.log_prediction(rid, used, logged, probs)
-    service.shadow_score(rid, list(pixels), probs)
+    service.shadow_score(rid, list(pixels), probs, used)
     answer = {"request_id": rid, "model_version": used.version, **service.role(used),
               "predictions": predictions(used.label_names, probs)}
     return orjson.dumps(answer), rid

@@ -115,11 +115,11 @@ async def top_next_words(service: InferenceService, bundle: Bundle, texts: list,
     batcher, and the bundle that computed them (in canary mode the challenger's for
     the `key`s it takes); 422 (400 on V2 routes) naming (`name(i)`) a text over the
     limits or the served model's context (a challenger's shorter context keeps the
-    latest tokens: serving/engine/batcher.py `infer_next_words`)."""
+    latest tokens: serving/engine/inference.py `infer_next_words`)."""
     settings = service.settings
     check_texts(texts, settings.max_texts, settings.max_chars, name)
     check_context(bundle, texts, name)
-    rows, used = await service.predict(texts, key)
+    rows, used, _ = await service.predict(texts, key)
     return [row[:k] for row in rows], used
 
 

@@ -102,9 +102,9 @@ def v2_router(service: InferenceService, require_key) -> APIRouter:
             check_texts(items, settings.max_texts, settings.max_chars,
                         name="input 'text' element {}".format)
         wanted = wanted_outputs(request, OUTPUTS)
-        probs, bundle = await service.predict(items, rid)
+        probs, bundle, encoded = await service.predict(items, rid)
         service.log_prediction(rid, bundle, keys, probs)
-        service.shadow_score(rid, items, probs)
+        service.shadow_score(rid, items, probs, bundle, encoded)
         tensors = output_tensors(probs, bundle)
         return [tensors[o] for o in wanted], bundle
 

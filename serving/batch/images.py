@@ -31,7 +31,7 @@ from serving.batch.readers import (
 )
 from serving.bundle.images import ImageError
 from serving.bundle.tasks import task_of
-from serving.engine.batcher import infer
+from serving.engine.inference import infer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 PATH_COLUMNS = ("path", "file")  # a table's image column, when none is named

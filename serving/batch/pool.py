@@ -3,7 +3,7 @@
 Each worker process loads the bundle once, with one onnxruntime thread, so that N
 processes use N cores without fighting over them (as the service's workers do), and
 scores a chunk exactly as the service scores a batch: `infer` from
-serving/engine/batcher.py (the same tokenizer, truncation, length grouping and model).
+serving/engine/inference.py (the same tokenizer, truncation, length grouping and model).
 With one worker the chunks are scored in the calling process: no process to start.
 What a chunk is scored with is the scorer's `work` (`score` for texts;
 serving/batch/images.py's `score_files` reads and decodes image files in the worker).
@@ -26,7 +26,7 @@ import numpy as np
 
 from serving.batch.readers import BatchError
 from serving.bundle import Bundle, BundleError, RuntimeOptions
-from serving.engine.batcher import infer
+from serving.engine.inference import infer
 
 T = TypeVar("T")
 

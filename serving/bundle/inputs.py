@@ -13,6 +13,7 @@ it cannot be used; Bundle.load turns that into a BundleError.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,8 @@ class TextInputs:
         except Exception as err:  # tokenizers raises a bare Exception
             raise ValueError(f"{tokenizer_file}: cannot load ({err})") from None
         self.pad_id = meta["pad_id"]
+        # bundles whose tokenizer.json has this digest make the same ids of a text
+        self.digest = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, normalised, masked and truncated exactly as in training."""

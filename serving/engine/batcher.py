@@ -2,8 +2,9 @@
 
 Requests put their texts on a bounded queue and await a future. Each inference thread
 (`workers` of them) takes everything that is waiting (up to `max_batch_size` texts),
-tokenizes it, groups it by length so that short texts do not pay for long ones'
-padding, runs the groups through onnxruntime and resolves each request's future. The
+runs it through onnxruntime (serving/engine/inference.py: texts tokenized and grouped by
+length, so that short texts do not pay for long ones' padding) and resolves each
+request's future with its rows of the answers (`Answered`). The
 event loop only queues and awaits: tokenization and inference never run on it. A
 next-word bundle's /predict is a batched prefill the same way (its top-k next words);
 its /generate runs in serving/engine/generation.py's decoding steps instead.
@@ -24,17 +25,28 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from serving.bundle import Bundle, softmax
-from serving.bundle.images import brightness_contrast
+from serving.bundle import Bundle
+from serving.engine.inference import infer
 from serving.monitoring.metrics import BatchStats
 
 
 class QueueFull(Exception):
     """The queue holds `max_queue` texts already."""
+
+
+class Answered(NamedTuple):
+    """A request's answers and the bundle that computed them (a reload may swap
+    bundles between requests)."""
+
+    probs: np.ndarray | list  # a classifier's probabilities; a next-word model's top words
+    bundle: Bundle
+    # a text classifier's token ids, as the bundle's tokenizer made them: a shadow
+    # challenger with the same tokenizer.json scores them without tokenizing again
+    encoded: list[list[int]] | None = None
 
 
 @dataclass
@@ -44,84 +56,6 @@ class Job:
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
     call: Callable[[Bundle], Any] | None = None  # set: run alone, not batched
-
-
-def length_groups(lengths: list[int], max_padding: float = 1.25) -> list[list[int]]:
-    """Indices grouped by length: in each group, padded tokens (longest x count) stay
-    within `max_padding` x the real tokens, so no group is mostly padding."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    groups, current, real = [], [], 0
-    for i in order:
-        longest = lengths[i]  # ascending: the newcomer is the longest
-        if current and longest * (len(current) + 1) > max_padding * (real + longest):
-            groups.append(current)
-            current, real = [], 0
-        current.append(i)
-        real += longest
-    if current:
-        groups.append(current)
-    return groups
-
-
-def infer(bundle: Bundle, texts: list, top_k: int = 20) -> tuple[np.ndarray, BatchStats]:
-    """Probabilities for texts, run as length groups; the rows come back in order. An
-    image bundle's items (decoded uint8 pixels) run as one batch; a next-word bundle
-    gives each text's `top_k` next words instead (`infer_next_words`)."""
-    if bundle.task.items == "images":
-        return infer_images(bundle, texts)
-    if bundle.decoder is not None:
-        return infer_next_words(bundle, texts, top_k)
-    started = time.perf_counter()
-    encoded = bundle.encode(texts)
-    lengths = [len(ids) for ids in encoded]
-    probs = np.empty((len(texts), len(bundle.label_names)), dtype=np.float32)
-    groups = length_groups(lengths)
-    padded = 0
-    for group in groups:
-        probs[group] = softmax(bundle.run([encoded[i] for i in group]))
-        padded += max(lengths[i] for i in group) * len(group)
-    unk = bundle.unk_id
-    stats = BatchStats(texts=len(texts), requests=1, groups=len(groups),
-                       real_tokens=sum(lengths), padded_tokens=padded,
-                       seconds=time.perf_counter() - started, lengths=lengths,
-                       unknown=[ids.count(unk) for ids in encoded],
-                       predicted=probs.argmax(axis=1).tolist(), bundle=bundle)
-    return probs, stats
-
-
-def infer_next_words(bundle: Bundle, texts: list[str], k: int
-                     ) -> tuple[list[list[tuple[str, float]]], BatchStats]:
-    """Each text's k most probable next words and their probabilities: one prefill
-    per length group (serving/bundle/decoding.py `Decoder.topk`), rows in order.
-    A prompt over the model's context (the route refuses those; a reload to a shorter
-    context may still slip one in) keeps its latest tokens."""
-    started = time.perf_counter()
-    decoder = bundle.decoder
-    encoded = decoder.inputs.encode(texts)
-    if decoder.max_len is not None:
-        encoded = [ids[len(ids) - decoder.max_len + 1:] if len(ids) >= decoder.max_len
-                   else ids for ids in encoded]
-    lengths = [len(ids) + 1 for ids in encoded]  # the [EOS] each prompt follows
-    rows: list = [None] * len(texts)
-    surprisal: list = [None] * len(texts)
-    groups = length_groups(lengths)
-    for group in groups:
-        best, measured = decoder.topk_surprisal([encoded[i] for i in group], k)
-        for i, top, value in zip(group, best, measured, strict=True):
-            rows[i] = [(word, p) for word, (_, p) in
-                       zip(decoder.inputs.words([t for t, _ in top]), top, strict=True)]
-            surprisal[i] = value
-    # drift: the prompts' lengths and unknown words, and how surprising the model
-    # found them (there are no classes to compare)
-    stats = BatchStats(texts=len(texts), requests=1, groups=len(groups),
-                       real_tokens=sum(lengths),
-                       padded_tokens=sum(max(lengths[i] for i in g) * len(g) for g in groups),
-                       seconds=time.perf_counter() - started,
-                       lengths=[len(ids) for ids in encoded],
-                       unknown=[ids.count(decoder.unk_id) for ids in encoded],
-                       predicted=[], bundle=bundle,
-                       features={"surprisal": [v for v in surprisal if v is not None]})
-    return rows, stats
 
 
 class Batcher:
@@ -152,9 +86,8 @@ class Batcher:
     def depth(self) -> int:
         return self.queued_texts
 
-    async def submit(self, texts: list[str]) -> tuple[np.ndarray, Bundle]:
-        """Probabilities for `texts` and the bundle that computed them (a reload may
-        swap bundles between requests); raises QueueFull when the queue is full."""
+    async def submit(self, texts: list[str]) -> Answered:
+        """The answers to `texts`; raises QueueFull when the queue is full."""
         self._admit(len(texts))
         if not self.enabled:
             return await self._alone(texts)
@@ -192,7 +125,7 @@ class Batcher:
         finally:
             self._taken_texts(len(texts))
         self.on_batch(stats)
-        return probs, bundle
+        return Answered(probs, bundle, stats.encoded)
 
     def close(self) -> None:
         """Finish what was accepted, then stop the thread."""
@@ -266,9 +199,11 @@ class Batcher:
         stats.requests = len(batch)
         start = 0
         for job in batch:
-            rows = probs[start : start + len(job.texts)]
-            start += len(job.texts)
-            job.loop.call_soon_threadsafe(_set_result, job.future, (rows, bundle))
+            end = start + len(job.texts)
+            answered = Answered(probs[start:end], bundle,
+                                None if stats.encoded is None else stats.encoded[start:end])
+            start = end
+            job.loop.call_soon_threadsafe(_set_result, job.future, answered)
         self.on_batch(stats)
 
 
@@ -280,16 +215,3 @@ def _set_result(future: asyncio.Future, value) -> None:
 def _set_exception(future: asyncio.Future, err: Exception) -> None:
     if not future.done():
         future.set_exception(err)
-
-
-def infer_images(bundle: Bundle, images: list[np.ndarray]) -> tuple[np.ndarray, BatchStats]:
-    """Probabilities for decoded images (uint8 at the spec's size), one model call."""
-    started = time.perf_counter()
-    probs = softmax(bundle.run(bundle.encode(images)))
-    brightness, contrast = brightness_contrast(np.stack(images))
-    stats = BatchStats(texts=len(images), requests=1, groups=1, real_tokens=0,
-                       padded_tokens=0, seconds=time.perf_counter() - started, lengths=[],
-                       unknown=[], predicted=probs.argmax(axis=1).tolist(), bundle=bundle,
-                       features={"brightness": brightness.tolist(),
-                                 "contrast": contrast.tolist()})
-    return probs, stats

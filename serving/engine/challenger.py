@@ -157,10 +157,12 @@ class Challenging:
 
     # ------------------------------------------------------------ the request path
 
-    def shadow_score(self, request_id: str, items: list, probs: np.ndarray) -> None:
-        """Offer an answered classifier request to the challenger; never blocks."""
+    def shadow_score(self, request_id: str, items: list, probs: np.ndarray, by: Bundle,
+                     encoded: list | None = None) -> None:
+        """Offer a classifier request that `by` answered to the challenger, with the
+        token ids `by`'s tokenizer made of its texts (`encoded`); never blocks."""
         if (shadow := self._shadowing(request_id)) is not None:
-            shadow.offer(request_id, items, probs)
+            shadow.offer(request_id, items, probs, encoded=encoded, by=by)
 
     def shadow_next_words(self, request_id: str, texts: list[str], top_words: list[str],
                           k: int) -> None:

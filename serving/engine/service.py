@@ -24,7 +24,7 @@ import numpy as np
 
 from serving.bundle import Bundle, BundleError
 from serving.bundle.sampling import Sampling
-from serving.engine.batcher import Batcher, QueueFull
+from serving.engine.batcher import Answered, Batcher, QueueFull
 from serving.engine.challenger import Challenging
 from serving.engine.explain import explain_item, grid
 from serving.engine.following import BundleFollowing
@@ -130,9 +130,8 @@ class InferenceService(BundleFollowing, Challenging):
         happened to load first."""
         return self.group.starting(self.workers) if self.group else (0, [])
 
-    async def predict(self, texts: list[str], key: str | None = None
-                      ) -> tuple[np.ndarray, Bundle]:
-        """Probabilities and the bundle that computed them: in canary mode the
+    async def predict(self, texts: list[str], key: str | None = None) -> Answered:
+        """The answers (serving/engine/batcher.py `Answered`): in canary mode the
         challenger's for the share of keys it takes (`key`: the client's, else the
         request id; serving/engine/challenger.py), the champion's otherwise."""
         self.require_bundle()

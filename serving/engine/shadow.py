@@ -11,7 +11,12 @@ more CPU than the challenger's scoring itself (bench/bench_shadow.py measures th
 whole). Batches of 256 made no difference there that stood out of the runs' spread,
 so the batches are the batcher's size. At most `capacity` texts wait
 (`TEXTOPS_SHADOW_QUEUE`); a request past that is dropped and its texts counted
-(`textops_shadow_texts{outcome="dropped"}`); the request path never waits. The
+(`textops_shadow_texts{outcome="dropped"}`); the request path never waits. A text
+classifier's texts go as the token ids the champion's tokenizer made of them when the
+challenger's tokenizer.json is the same file (a retrained model of the default
+pipeline, whose tokenizer is MiniLM's): tokenizing was about a third of the
+challenger's own CPU per text, paid twice for the same ids otherwise
+(bench/bench_shadow.py measures both ways). The
 challenger runs in a process of its own (serving/engine/shadow_worker.py, one per
 server process, one onnxruntime thread) at the lowest CPU priority: it takes what is
 queued, about `max_batch_size` texts at a time, only while the service leaves a core
@@ -27,7 +32,7 @@ then is dropped (counted), and the watch loop stops shadow mode and names the re
 
 A classifier's requests (texts or images) are scored, and a next-word service's: the
 challenger computes each text's top words as the batcher does for the champion
-(serving/engine/batcher.py `infer`), and its row is logged as the champion's
+(serving/engine/inference.py `infer`), and its row is logged as the champion's
 next-word rows are (its top word as the label, `{"next_words": [[word, p], ...]}`),
 so a label (the word typed next) pairs with both top words; `agreed` counts the
 texts whose top words are the same. /predict and V2 answers are offered with their
@@ -138,6 +143,8 @@ class Shadow:
         self.agreed = metrics.shadow.labels("agreed")
         self.failed = metrics.shadow.labels("failed")
         self.cpu = metrics.shadow_cpu
+        # ids made by a tokenizer with this digest are the challenger's own
+        self.tokenizer = getattr(challenger.inputs, "digest", None)  # a text classifier's
         context = multiprocessing.get_context("spawn")  # nothing of the server's state
         # a message holds a text at least: `waiting` is the bound, with room for STOP
         self.requests = context.Queue(maxsize=capacity + 1)
@@ -161,19 +168,25 @@ class Shadow:
         return self.challenger.version
 
     def offer(self, request_id: str, items: list, champion: np.ndarray | list[str],
-              k: int = 1) -> None:
+              k: int = 1, encoded: list | None = None, by: Bundle | None = None) -> None:
         """Add a request the champion answered to the batch for the worker; never
         blocks. `champion`: its probabilities (a classifier), or each text's top word
-        (a next-word model, whose challenger logs `k` next words per text)."""
+        (a next-word model, whose challenger logs `k` next words per text). `encoded`:
+        the token ids the champion (`by`) made of a text classifier's texts, sent in
+        their place when its tokenizer.json is the challenger's."""
         if isinstance(champion, np.ndarray):  # what agreement needs, not every number
             champion = champion.argmax(1).tolist()
+        tokenized = (encoded is not None and self.tokenizer is not None and by is not None
+                     and getattr(by.inputs, "digest", None) == self.tokenizer)
+        if tokenized:
+            items = encoded
         with self.lock:
             taken = (self.dead is None and not self.closing
                      and self.waiting + len(items) <= self.capacity)
             if taken:
                 if not self.batch:
                     self.batch_since = time.monotonic()
-                self.batch.append((request_id, items, champion, k))
+                self.batch.append((request_id, items, champion, k, tokenized))
                 self.batch_items += len(items)
                 self.waiting += len(items)
                 if self.batch_items >= self.max_batch:

@@ -38,8 +38,8 @@ import traceback
 
 import numpy as np
 
-from serving.engine.batcher import infer
 from serving.engine.following import load_warm
+from serving.engine.inference import infer, infer_ids
 from serving.predlog.rows import next_word_answers
 
 log = logging.getLogger("serving")
@@ -103,14 +103,19 @@ def score(bundle, batch: list) -> tuple[list[tuple], np.ndarray | list]:
     """Each request's (request_id, how many items, how many agreed), and the answers
     to all their items in order, as the log takes them (one array for a classifier:
     cheaper to send than an array per request). An entry is (request_id, items, the
-    champion's labels, k): class indices for a classifier, top words for a next-word
-    model, which answers `k` words per text."""
-    items = [item for _, request_items, _, _ in batch for item in request_items]
+    champion's labels, k, tokenized): class indices for a classifier, top words for a
+    next-word model, which answers `k` words per text; `tokenized`: a text classifier's
+    texts came as the ids the champion's tokenizer (the same file as ours) made."""
     # as the batcher scores the champion's: texts in length groups (a batch padded to
     # its longest text costs up to twice as much per text), a next-word model's top words
-    answers, _ = infer(bundle, items, max(k for *_, k in batch))
+    if any(tokenized for *_, tokenized in batch):
+        answers, _ = infer_ids(bundle, [ids for entry in batch
+                                        for ids in model_ids(bundle, entry)])
+    else:
+        items = [item for _, request_items, *_ in batch for item in request_items]
+        answers, _ = infer(bundle, items, max(k for _, _, _, k, _ in batch))
     requests, logged, start = [], [], 0
-    for request_id, request_items, champion, k in batch:
+    for request_id, request_items, champion, k, _ in batch:
         mine = answers[start:start + len(request_items)]
         start += len(request_items)
         if bundle.decoder is not None:
@@ -121,6 +126,13 @@ def score(bundle, batch: list) -> tuple[list[tuple], np.ndarray | list]:
             agreed = int((mine.argmax(1) == champion).sum())
         requests.append((request_id, len(request_items), agreed))
     return requests, logged if bundle.decoder is not None else answers
+
+
+def model_ids(bundle, entry: tuple) -> list[list[int]]:
+    """An entry's texts as token ids: as they came when the champion tokenized them,
+    else through our tokenizer (a reload may have swapped the champion meanwhile)."""
+    _, items, _, _, tokenized = entry
+    return items if tokenized else bundle.encode(items)
 
 
 def run(path: str, settings, requests, results, max_batch: int, parent: int,

@@ -47,6 +47,8 @@ class BatchStats:
     # per-item drift features: an image model's brightness and contrast, a next-word
     # model's surprisal of each prompt
     features: dict[str, list[float]] | None = None
+    # a text classifier's token ids per text (serving/engine/inference.py `infer_ids`)
+    encoded: list[list[int]] | None = None
 
 
 class ServiceMetrics:

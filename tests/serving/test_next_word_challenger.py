@@ -28,8 +28,8 @@ from pipeline.promotion.controller import canary_counts, paired_counts
 from pipeline.promotion.sequential import Paired, Unpaired
 from serving.bundle import Bundle, BundleError
 from serving.bundle.tasks import TASKS, TEXT_CLASSIFICATION
-from serving.engine.batcher import infer
 from serving.engine.canary import takes
+from serving.engine.inference import infer
 from serving.engine.shadow import check_beside
 
 PROMPTS = ["the cat", "a bird sang", "my old friend wrote", "we"]

@@ -27,7 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.tasks.parity import batch_tolerances
 from serving.bundle import Bundle
-from serving.engine.batcher import Batcher, infer, length_groups
+from serving.engine.batcher import Batcher
+from serving.engine.inference import infer, length_groups
 
 TEXTS = ["great superb film", "awful dull boring plot", "the cast, the story and the acting",
          "lovely", "weak weak weak film with a boring cast " * 3, "fine movie", "bad",
@@ -85,9 +86,11 @@ def test_batcher_merges_concurrent_requests(built_bundle):
     finally:
         batcher.close()
     expected = np.concatenate([infer(bundle, [t])[0] for t in TEXTS * 8])
-    merged = np.concatenate([probs for probs, _ in results])
+    merged = np.concatenate([probs for probs, _, _ in results])
     assert np.abs(merged - expected).max() <= TOLERANCE["int8"]
-    assert all(used is bundle for _, used in results)
+    assert all(used is bundle for _, used, _ in results)
+    # each request's own token ids, which a shadow challenger may score as they are
+    assert [encoded for *_, encoded in results] == [bundle.encode([t]) for t in TEXTS * 8]
     assert sum(s.texts for s in seen) == 64
     assert max(s.requests for s in seen) > 1  # requests did share model calls
 

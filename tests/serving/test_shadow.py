@@ -187,10 +187,10 @@ def test_only_the_requests_the_log_keeps_are_shadowed(sample):
     predictions = (SimpleNamespace(sample=sample, url="sqlite:///never-opened.db")
                    if sample is not None else None)
     service = Service(Settings(), None, predictions)
-    service.shadow = SimpleNamespace(offer=lambda request_id, *_: offered.append(request_id))
+    service.shadow = SimpleNamespace(offer=lambda request_id, *_, **__: offered.append(request_id))
     ids = [f"request-{i}" for i in range(200)]
     for request_id in ids:
-        service.shadow_score(request_id, ["good"], np.array([[0.2, 0.8]]))
+        service.shadow_score(request_id, ["good"], np.array([[0.2, 0.8]]), None)
         service.shadow_next_words(request_id, ["good"], ["film"], 1)
     kept = [i for i in ids if sample is None or sampled(i, sample)]
     assert offered == [i for i in kept for _ in range(2)]

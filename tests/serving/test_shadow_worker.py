@@ -23,6 +23,8 @@ import pytest
 from conftest import ROOT, eventually
 
 from serving.engine import shadow_worker
+from serving.engine.following import load_warm
+from serving.engine.inference import infer
 from serving.engine.shadow import Shadow
 from serving.monitoring.metrics import ServiceMetrics
 from serving.settings import Settings, SettingsError
@@ -55,10 +57,11 @@ def shadow_of(built_bundle, metrics):
     started = []
 
     def start(path: Path | None = None, capacity: int = 100, max_batch: int = 32,
-              settings: Settings | None = None) -> Shadow:
-        challenger = SimpleNamespace(path=path or built_bundle[0], version="challenger-1")
-        shadow = Shadow(challenger, settings or Settings(), metrics, None, capacity,
-                        max_batch)
+              settings: Settings | None = None, prediction_log=None) -> Shadow:
+        challenger = SimpleNamespace(path=path or built_bundle[0], version="challenger-1",
+                                     inputs=SimpleNamespace(digest="its-tokenizer"))
+        shadow = Shadow(challenger, settings or Settings(), metrics, prediction_log,
+                        capacity, max_batch)
         started.append(shadow)
         return shadow
 
@@ -74,6 +77,34 @@ def ready(shadow: Shadow, metrics: ServiceMetrics) -> None:
     before = counted(metrics, "scored")
     shadow.offer("ready", ["good film"], PROBS)
     eventually(lambda: counted(metrics, "scored") == before + 1)
+
+
+def test_a_champions_token_ids_are_scored_as_they_are_only_with_the_same_tokenizer(
+        shadow_of, metrics, built_bundle):
+    """A text classifier's texts go to the worker as the ids the champion's tokenizer
+    made of them when that tokenizer.json is the challenger's (no second tokenizing);
+    from a champion with another tokenizer, the texts go and the challenger's own
+    tokenizer reads them."""
+    logged = {}
+
+    def record(_, requests: list[tuple], answers: np.ndarray) -> None:
+        start = 0
+        for request_id, items in requests:
+            logged[request_id], start = answers[start:start + items], start + items
+
+    shadow = shadow_of(prediction_log=SimpleNamespace(record_shadow=record))
+    challenger = load_warm(built_bundle[0], Settings(intra_op_threads=1))
+    text, other = "a good film", "a dreadful, boring waste of time"
+    ids = challenger.encode([other])  # not the text's: which one was scored shows
+    same = SimpleNamespace(inputs=SimpleNamespace(digest="its-tokenizer"))
+    another = SimpleNamespace(inputs=SimpleNamespace(digest="another-tokenizer"))
+    shadow.offer("same", [text], PROBS, encoded=ids, by=same)
+    shadow.offer("another", [text], PROBS, encoded=ids, by=another)
+    eventually(lambda: counted(metrics, "scored") == 2)
+    of_text, of_other = infer(challenger, [text])[0], infer(challenger, [other])[0]
+    assert not np.allclose(of_text, of_other, atol=1e-3)
+    assert np.allclose(logged["same"], of_other, atol=1e-5)
+    assert np.allclose(logged["another"], of_text, atol=1e-5)
 
 
 def test_a_batch_the_challenger_fails_is_counted_and_the_worker_goes_on(shadow_of, metrics):
@@ -237,11 +268,11 @@ def test_a_worker_takes_no_batch_for_a_server_process_that_is_gone():
     """Its parent is no longer the server process: it stops before the next batch."""
     queue = multiprocessing.get_context("spawn").Queue()
     try:
-        queue.put([("r1", ["good film"], np.array([0]), 1)])
+        queue.put([("r1", ["good film"], np.array([0]), 1, False)])
         eventually(lambda: not queue.empty())
         assert shadow_worker.take(queue, 8, os.getppid() + 1) is shadow_worker.STOP
         batch = shadow_worker.take(queue, 8, os.getppid())
-        assert [(rid, items) for rid, items, _, _ in batch] == [("r1", ["good film"])]
+        assert [(rid, items) for rid, items, *_ in batch] == [("r1", ["good film"])]
     finally:
         queue.close()
         queue.join_thread()
