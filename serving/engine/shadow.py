@@ -14,9 +14,8 @@ so the batches are the batcher's size. At most `capacity` texts wait
 (`textops_shadow_texts{outcome="dropped"}`); the request path never waits. A text
 classifier's texts go as the token ids the champion's tokenizer made of them when the
 challenger's tokenizer.json is the same file (a retrained model of the default
-pipeline, whose tokenizer is MiniLM's): tokenizing was about a third of the
-challenger's own CPU per text, paid twice for the same ids otherwise
-(bench/bench_shadow.py measures both ways). The
+pipeline, whose tokenizer is MiniLM's), rather than the same ids computed twice
+(bench/bench_shadow.py measures the shadow's CPU both ways). The
 challenger runs in a process of its own (serving/engine/shadow_worker.py, one per
 server process, one onnxruntime thread) at the lowest CPU priority: it takes what is
 queued, about `max_batch_size` texts at a time, only while the service leaves a core
