@@ -141,7 +141,7 @@ class Shadow:
         self.dropped = metrics.shadow.labels("dropped")
         self.agreed = metrics.shadow.labels("agreed")
         self.failed = metrics.shadow.labels("failed")
-        self.cpu = metrics.shadow_cpu
+        self.cpu, self.champion_ids = metrics.shadow_cpu, metrics.shadow_ids
         # ids made by a tokenizer with this digest are the challenger's own
         self.tokenizer = getattr(challenger.inputs, "digest", None)  # a text classifier's
         context = multiprocessing.get_context("spawn")  # nothing of the server's state
@@ -157,7 +157,8 @@ class Shadow:
         self.process = context.Process(  # stops resting and scores what is left
             target=shadow_worker.run, name="textops-shadow", daemon=True,
             args=(str(challenger.path), settings.model_copy(update={"intra_op_threads": 1}),
-                  self.requests, self.results, max_batch, os.getpid(), self.hurry))
+                  self.requests, self.results, max_batch, os.getpid(), self.hurry,
+                  self.tokenizer))
         self.process.start()
         self.thread = threading.Thread(target=self._receive, name="shadow", daemon=True)
         self.thread.start()
@@ -192,6 +193,8 @@ class Shadow:
                     self._send()
         if not taken:
             self.dropped.inc(len(items))
+        elif tokenized:
+            self.champion_ids.inc(len(items))
 
     def _send(self) -> None:
         """Send the batch being filled and begin another (the lock held)."""

@@ -136,11 +136,14 @@ def model_ids(bundle, entry: tuple) -> list[list[int]]:
 
 
 def run(path: str, settings, requests, results, max_batch: int, parent: int,
-        hurry=None) -> None:
+        hurry=None, tokenizer: str | None = None) -> None:
     """The worker's main: load the challenger, then score until STOP. Each batch's
     outcome goes to `results`, with the CPU seconds this process spent since the last
     one (what shadow mode costs, on /metrics): ("scored", requests, answers, cpu)
-    (`score`) or ("failed", items, why, cpu)."""
+    (`score`) or ("failed", items, why, cpu). `tokenizer`: the digest of the
+    tokenizer.json the server process loaded with the challenger, whose ids it may
+    send; a challenger replaced on disk since then is refused, not fed ids from
+    another vocabulary."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     lowest_priority()
     # one thread in all: the tokenizer's own pool would spin on cores the service needs
@@ -149,6 +152,10 @@ def run(path: str, settings, requests, results, max_batch: int, parent: int,
         bundle = load_warm(path, settings)
     except Exception as err:  # noqa: BLE001 - reported to the server process
         results.put(("broken", 0, f"{type(err).__name__}: {err}"))
+        return
+    if tokenizer is not None and getattr(bundle.inputs, "digest", None) != tokenizer:
+        results.put(("broken", 0, f"{path}: its tokenizer.json changed after the "
+                     "service loaded it"))
         return
     counted = time.process_time()  # loading is not scoring
     while (batch := take(requests, max_batch, parent)) is not STOP:

@@ -123,6 +123,10 @@ class ServiceMetrics:
             self.shadow.labels(outcome)
         self.shadow_cpu = Counter("textops_shadow_cpu_seconds", "CPU time the shadow's "
                                   "challenger process spent scoring", registry=r)
+        self.shadow_ids = Counter("textops_shadow_champion_ids", "texts the shadow took "
+                                  "as the champion's token ids (the challenger's "
+                                  "tokenizer.json is the same file), not tokenized again",
+                                  registry=r)
         self.live_quality = LiveQuality()
         self.promotion = PromotionEvidence()  # the controller's latest decision
         # The collectors computed at scrape time, from this process's state (the live

@@ -68,6 +68,8 @@ def test_the_challenger_answers_beside_the_champion_and_is_logged_with_it(
         assert scored > 0
         # the same model under another name: it agrees on every text it scored
         assert counted['textops_shadow_texts_total{outcome="agreed"}'] == scored
+        # and has the same tokenizer.json: /predict and V2 hand it the champion's ids
+        assert counted["textops_shadow_champion_ids_total"] == scored
         rid = answers[0].json()["request_id"]
         assert post_json(service.url, "/feedback", {"request_id": rid, "position": 0,
                                                     "label": meta["label_names"][0]}

@@ -7,6 +7,7 @@ thread or queued data behind, whatever state the worker is in."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -57,9 +58,13 @@ def shadow_of(built_bundle, metrics):
     started = []
 
     def start(path: Path | None = None, capacity: int = 100, max_batch: int = 32,
-              settings: Settings | None = None, prediction_log=None) -> Shadow:
-        challenger = SimpleNamespace(path=path or built_bundle[0], version="challenger-1",
-                                     inputs=SimpleNamespace(digest="its-tokenizer"))
+              settings: Settings | None = None, prediction_log=None,
+              digest: str | None = None) -> Shadow:
+        path = path or built_bundle[0]
+        # the digest of the tokenizer.json loaded with it (serving/bundle/inputs.py)
+        digest = digest or (tokenizer_digest(path) if path.exists() else None)
+        challenger = SimpleNamespace(path=path, version="challenger-1",
+                                     inputs=SimpleNamespace(digest=digest))
         shadow = Shadow(challenger, settings or Settings(), metrics, prediction_log,
                         capacity, max_batch)
         started.append(shadow)
@@ -70,6 +75,10 @@ def shadow_of(built_bundle, metrics):
     for shadow in started:
         shadow.close(timeout=5)
     assert leftovers() == ([], [])
+
+
+def tokenizer_digest(bundle: Path) -> str:
+    return hashlib.sha256((bundle / "tokenizer.json").read_bytes()).hexdigest()
 
 
 def ready(shadow: Shadow, metrics: ServiceMetrics) -> None:
@@ -96,7 +105,7 @@ def test_a_champions_token_ids_are_scored_as_they_are_only_with_the_same_tokeniz
     challenger = load_warm(built_bundle[0], Settings(intra_op_threads=1))
     text, other = "a good film", "a dreadful, boring waste of time"
     ids = challenger.encode([other])  # not the text's: which one was scored shows
-    same = SimpleNamespace(inputs=SimpleNamespace(digest="its-tokenizer"))
+    same = SimpleNamespace(inputs=SimpleNamespace(digest=tokenizer_digest(built_bundle[0])))
     another = SimpleNamespace(inputs=SimpleNamespace(digest="another-tokenizer"))
     shadow.offer("same", [text], PROBS, encoded=ids, by=same)
     shadow.offer("another", [text], PROBS, encoded=ids, by=another)
@@ -105,6 +114,16 @@ def test_a_champions_token_ids_are_scored_as_they_are_only_with_the_same_tokeniz
     assert not np.allclose(of_text, of_other, atol=1e-3)
     assert np.allclose(logged["same"], of_other, atol=1e-5)
     assert np.allclose(logged["another"], of_text, atol=1e-5)
+
+
+def test_a_challenger_whose_tokenizer_changed_on_disk_is_refused(shadow_of, metrics):
+    """The worker loads the challenger again in its own process: one whose tokenizer.json
+    is no longer what the server process loaded would be fed ids from another
+    vocabulary, so it stops, saying why, and scores nothing."""
+    shadow = shadow_of(digest="the-tokenizer-the-service-loaded")
+    eventually(lambda: shadow.dead)
+    assert "tokenizer.json changed" in shadow.dead
+    assert counted(metrics, "scored") == 0
 
 
 def test_a_batch_the_challenger_fails_is_counted_and_the_worker_goes_on(shadow_of, metrics):
